@@ -1,0 +1,149 @@
+"""Cross-frame self-attention (Pix2Video sec. 3.1) and the UNet wrapper that exposes it.
+
+In the 9 decoder self-attention layers of SD2 (``attn1`` of ``up_blocks.1-3``) frame i's
+queries attend to keys and values built from the anchor's and the previous frame's features
+at the same step and CFG branch (paper: Q = W^Q f^i, K = W^K [f^a, f^{i-1}], V = W^V [f^a,
+f^{i-1}]); the current frame's own tokens are not in K/V. Encoder and mid-block layers are
+untouched.
+
+"Features" are the input of ``attn1``: the post-norm, pre-projection hidden states
+``[B, N_k, C_k]`` (N_k = tokens at that resolution, C_k = channels).
+
+The wrapper :class:`UNetWithFeatures` takes every tensor explicitly and returns every tensor
+explicitly, so the same module is exported to ONNX (``unet_anchor`` / ``unet_xframe``) and
+run eagerly: the processors only hold the tensors of the call in flight, set and cleared by
+the wrapper's ``forward`` (no state survives a call, so nothing is frozen into a graph).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# The 9 injected layers in SD2 (3 transformer blocks in each of up_blocks.1, .2, .3).
+_INJECTED = re.compile(r"^up_blocks\.[123]\.attentions\.\d+\.transformer_blocks\.\d+\.attn1$")
+
+
+def injected_layer_names(unet: nn.Module) -> list[str]:
+    """Module paths of the decoder self-attention layers that get cross-frame attention."""
+    return [name for name, _ in unet.named_modules() if _INJECTED.match(name)]
+
+
+class _CallSlot:
+    """Tensors of the UNet call in flight, shared by the wrapper and its processors."""
+
+    def __init__(self, n_layers: int) -> None:
+        self.refs: list[torch.Tensor] | None = None
+        self.feats: list[torch.Tensor | None] = [None] * n_layers
+
+
+class CrossFrameAttnProcessor:
+    """Self-attention that records its input and, when given ``ref``, attends to it instead.
+
+    Without a ``ref`` this is exactly diffusers' scaled-dot-product self-attention.
+    With ``ref`` [B, M, C] (anchor || previous, M = 2 N), K and V are projected from ``ref``.
+    """
+
+    def __init__(self, slot: _CallSlot, index: int) -> None:
+        self.slot = slot
+        self.index = index
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        **kwargs: object,
+    ) -> torch.Tensor:
+        # hidden_states: [B, N, C], the post-norm input of attn1 (SD2 has no group/spatial norm here)
+        self.slot.feats[self.index] = hidden_states
+        refs = self.slot.refs
+        context = hidden_states if refs is None else refs[self.index].to(hidden_states.dtype)
+        batch, _, _ = hidden_states.shape
+        heads = attn.heads
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(context)
+        value = attn.to_v(context)
+        head_dim = key.shape[-1] // heads
+        query = query.view(batch, -1, heads, head_dim).transpose(1, 2)
+        key = key.view(batch, -1, heads, head_dim).transpose(1, 2)
+        value = value.view(batch, -1, heads, head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)
+        out = attn.to_out[0](out)
+        out = attn.to_out[1](out)
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+
+class UNetWithFeatures(nn.Module):
+    """UNet wrapper: ``forward(sample, timestep, encoder_hidden_states, *refs)``.
+
+    Inputs:
+        sample: [B, 5, h, w] (4 latent channels + 1 depth channel).
+        timestep: [B] (per-sample timesteps, so frames at different steps can share a batch).
+        encoder_hidden_states: [B, 77, D].
+        refs: none (``unet_anchor``: plain self-attention) or 9 tensors ``ref_k`` [B, 2 N_k, C_k]
+            (``unet_xframe``: anchor || previous features of the same step and branch).
+    Returns:
+        ``(noise_pred [B, 4, h, w], feat_0, ..., feat_8)`` with ``feat_k`` [B, N_k, C_k].
+    """
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+        self.layer_names = injected_layer_names(unet)
+        if len(self.layer_names) == 0:
+            raise ValueError("the UNet has no decoder self-attention layers (up_blocks.1-3 attn1)")
+        self._slot = _CallSlot(len(self.layer_names))
+        modules = dict(unet.named_modules())
+        for i, name in enumerate(self.layer_names):
+            modules[name].set_processor(CrossFrameAttnProcessor(self._slot, i))
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layer_names)
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        *refs: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        if refs and len(refs) != self.n_layers:
+            raise ValueError(f"expected {self.n_layers} ref tensors, got {len(refs)}")
+        self._slot.refs = list(refs) if refs else None
+        self._slot.feats = [None] * self.n_layers
+        try:
+            noise = self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+            feats = tuple(f for f in self._slot.feats if f is not None)
+            if len(feats) != self.n_layers:
+                raise RuntimeError("not every injected layer ran; is this an SD2-shaped UNet?")
+        finally:
+            self._slot.refs = None
+            self._slot.feats = [None] * self.n_layers
+        return (noise, *feats)
+
+
+def feature_shapes(unet: nn.Module, latent_hw: tuple[int, int]) -> list[tuple[int, int]]:
+    """(N_k, C_k) of each injected layer for a latent of size (h, w).
+
+    up_blocks.j runs at latent / 2**(3-j) (SD2 has 3 downsamplings), with the channel count of
+    its attention blocks.
+    """
+    h, w = latent_hw
+    shapes = []
+    modules = dict(unet.named_modules())
+    for name in injected_layer_names(unet):
+        block = int(name.split(".")[1])
+        scale = 2 ** (len(unet.up_blocks) - 1 - block)
+        channels = modules[name].to_q.in_features
+        shapes.append((-(-h // scale) * -(-w // scale), channels))
+    return shapes

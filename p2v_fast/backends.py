@@ -1,0 +1,124 @@
+"""Runtimes of the networks behind one interface, chosen once per run.
+
+The edit loop calls a :class:`Backend` and never asks which one it is. Names and layouts are
+those of the engine contract (``unet_anchor`` / ``unet_xframe``, ``vae_encoder``,
+``vae_decoder``, ``depth``), so a graph exported from the torch path binds by the same names.
+
+Guided latent updates in ``autograd`` mode need gradients through the UNet; only
+:class:`TorchBackend` provides them (``supports_grad``), so those steps always run in PyTorch.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from p2v_fast.attention import UNetWithFeatures
+
+
+@dataclass
+class CallCounter:
+    """How much work a backend did: UNet calls, samples through the UNet, backward passes."""
+
+    unet_calls: int = 0
+    unet_samples: int = 0
+    unet_backward: int = 0
+    vae_encode: int = 0
+    vae_decode: int = 0
+    depth: int = 0
+
+    def reset(self) -> None:
+        for field in self.__dataclass_fields__:
+            setattr(self, field, 0)
+
+
+class Backend(ABC):
+    """One runtime for the edit's networks. Tensors are torch tensors on ``self.device``."""
+
+    name: str = "abstract"
+    supports_grad: bool = False
+
+    def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
+        self.device = device
+        self.dtype = dtype
+        self.counter = CallCounter()
+
+    @abstractmethod
+    def unet(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        refs: Sequence[torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """sample [B,5,h,w], timestep [B], ehs [B,77,D], refs 9 x [B,2N_k,C_k] or None (anchor).
+
+        Returns eps [B,4,h,w] (fp32) and the 9 decoder features [B,N_k,C_k].
+        """
+
+    @abstractmethod
+    def vae_encode(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B,3,H,W] in [-1,1] -> mean latents x scaling factor [B,4,H/8,W/8], fp32."""
+
+    @abstractmethod
+    def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents [B,4,h,w] (scaled) -> images [B,3,8h,8w] in [-1,1], fp32."""
+
+    @abstractmethod
+    def depth(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """DPT input [B,3,S,S] (its processor's normalisation) -> predicted depth [B,S',S'] fp32."""
+
+
+class TorchBackend(Backend):
+    """Eager PyTorch: the reference, and the only backend with gradients."""
+
+    name = "torch"
+    supports_grad = True
+
+    def __init__(self, models) -> None:  # models: p2v_fast.models.Models
+        super().__init__(models.device, models.dtype)
+        self.models = models
+        self.unet_module = UNetWithFeatures(models.unet)
+        self.scaling_factor = float(models.vae.config.scaling_factor)
+
+    def unet(self, sample, timestep, encoder_hidden_states, refs=None):
+        out = self.unet_forward(sample, timestep, encoder_hidden_states, refs)
+        return out[0].float(), list(out[1:])
+
+    def unet_forward(self, sample, timestep, encoder_hidden_states, refs=None) -> tuple[torch.Tensor, ...]:
+        """The raw wrapper call (differentiable when grad is enabled): (eps, *feats)."""
+        self.counter.unet_calls += 1
+        self.counter.unet_samples += sample.shape[0]
+        dtype = self.dtype
+        refs = [] if refs is None else [r.to(dtype) for r in refs]
+        return self.unet_module(sample.to(dtype), timestep, encoder_hidden_states.to(dtype), *refs)
+
+    @torch.no_grad()
+    def vae_encode(self, images):
+        self.counter.vae_encode += images.shape[0]
+        dist = self.models.vae.encode(images.to(self.device, self.dtype)).latent_dist
+        return dist.mean.float() * self.scaling_factor
+
+    @torch.no_grad()
+    def vae_decode(self, latents):
+        self.counter.vae_decode += latents.shape[0]
+        vae = self.models.vae
+        return vae.decode((latents / self.scaling_factor).to(self.device, self.dtype)).sample.float()
+
+    @torch.no_grad()
+    def depth(self, pixel_values):
+        self.counter.depth += pixel_values.shape[0]
+        est = self.models.depth_estimator  # fp32 always (batch norms)
+        return est(pixel_values=pixel_values.to(self.device, torch.float32)).predicted_depth.float()
+
+
+def make_backend(name: str, models, engines=None) -> Backend:
+    """The backend called ``name`` for ``models``."""
+    if name in ("torch", "auto"):
+        return TorchBackend(models)
+    from p2v_fast.errors import BackendUnavailableError
+
+    raise BackendUnavailableError(f"backend {name!r} is not available yet; use --backend torch")

@@ -1,0 +1,105 @@
+"""The options of an edit, in one frozen object, validated in one place."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from p2v_fast.errors import InputError
+
+DEFAULT_MODEL = "stabilityai/stable-diffusion-2-depth"
+LATENT_UPDATES = ("autograd", "detached", "off")
+REFS = ("anchor+prev", "anchor", "prev", "none")
+DEPTH_NORMS = ("frame", "clip")
+DTYPES = ("fp32", "fp16", "bf16")
+BACKENDS = ("torch", "onnxruntime", "tensorrt", "auto")
+# delta is given at 512x512 (a 64x64 latent); see EditConfig.update_weight.
+REFERENCE_LATENT_PIXELS = 64 * 64
+
+
+@dataclass(frozen=True)
+class EditConfig:
+    # --- prompts ---
+    prompt: str = ""  # target prompt P'
+    source_prompt: str | None = None  # inversion prompt; None: BLIP caption of the first frame
+    negative_prompt: str = ""  # replaces the empty unconditional prompt of CFG
+
+    # --- model and runtime ---
+    model: str = DEFAULT_MODEL  # hub id, local diffusers folder, or "tiny"
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    dtype: str = "auto"  # "auto" (fp16 on CUDA, fp32 on CPU), "fp32", "fp16", "bf16"
+    backend: str = "torch"  # runtime of the networks (see p2v_fast.backends)
+    engines: Path | None = None  # folder of exported graphs / engines for non-torch backends
+    cache_dir: Path | None = None  # inversion cache and tiny models; None: $P2V_CACHE or ~/.cache
+
+    # --- frames ---
+    size: int = 512  # short side of the working size, a multiple of 64
+    start: int = 0  # first source frame
+    max_frames: int | None = None  # at most this many frames (after stride)
+    stride: int = 1  # take every stride-th frame
+
+    # --- sampling (paper: 50 DDIM steps, CFG 7.5) ---
+    steps: int = 50
+    guidance_scale: float = 7.5
+    seed: int = 0
+    depth_norm: str = "frame"  # "frame" (paper) or "clip" (one min/max for the whole clip)
+
+    # --- Pix2Video (sec. 3.1, 3.2) ---
+    refs: str = "anchor+prev"  # K/V source of the 9 decoder self-attention layers
+    latent_update: str = "autograd"  # "autograd" (eq. 1), "detached" (authors' code), "off"
+    update_steps: int | None = None  # guided update on the first N steps; None: steps // 2 (paper: 25 of 50)
+    # delta of eq. 1 at 512x512. g is a mean over the latent's elements, so its gradient shrinks
+    # as 1/N; the delta applied is update_weight * N / (64*64) so that the per-element update does
+    # not depend on the resolution.
+    update_weight: float = 100.0
+
+    def __post_init__(self) -> None:
+        _verify(self)
+
+    def replace(self, **changes: object) -> EditConfig:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    @property
+    def guided_steps(self) -> int:
+        """Number of leading steps with the guided latent update."""
+        if self.latent_update == "off":
+            return 0
+        return self.steps // 2 if self.update_steps is None else self.update_steps
+
+    def effective_delta(self, latent_hw: tuple[int, int]) -> float:
+        h, w = latent_hw
+        return self.update_weight * (h * w) / REFERENCE_LATENT_PIXELS
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise InputError(f"--{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _verify(c: EditConfig) -> None:
+    """Raise InputError naming the first bad value."""
+    _choice("latent-update", c.latent_update, LATENT_UPDATES)
+    _choice("refs", c.refs, REFS)
+    _choice("depth-norm", c.depth_norm, DEPTH_NORMS)
+    _choice("backend", c.backend, BACKENDS)
+    if c.dtype != "auto":
+        _choice("dtype", c.dtype, DTYPES)
+    if c.size <= 0 or c.size % 64:
+        raise InputError(f"--size must be a positive multiple of 64; got {c.size}")
+    if c.start < 0:
+        raise InputError(f"--start must be >= 0; got {c.start}")
+    if c.max_frames is not None and c.max_frames < 1:
+        raise InputError(f"--max-frames must be >= 1; got {c.max_frames}")
+    if c.stride < 1:
+        raise InputError(f"--stride must be >= 1; got {c.stride}")
+    if not 1 <= c.steps <= 1000:
+        raise InputError(f"--steps must be between 1 and 1000; got {c.steps}")
+    if c.update_steps is not None and not 0 <= c.update_steps <= c.steps:
+        raise InputError(f"--update-steps must be between 0 and --steps ({c.steps}); got {c.update_steps}")
+    if c.guidance_scale < 1.0:
+        raise InputError(f"--guidance-scale must be >= 1; got {c.guidance_scale}")
+    if c.update_weight < 0:
+        raise InputError(f"--update-weight must be >= 0; got {c.update_weight}")
+    if not c.model.strip():
+        raise InputError("--model must not be empty")

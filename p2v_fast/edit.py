@@ -1,0 +1,195 @@
+"""The edit loop (Pix2Video Algorithm 1), written once for every backend and schedule.
+
+A frame's state (latent, step index) is explicit data (:class:`FrameState`); the features and
+x0-hat estimates that later frames need live in a :class:`FeatureStore`. :func:`run_step`
+advances any set of frames by one step in one batch, so the sequential schedule (one frame at a
+time) and a wavefront schedule (every ready frame at once) share it.
+
+Batch layout of a UNet call for F frames: 2F samples ordered [uncond_1, cond_1, uncond_2, ...],
+so a frame's two CFG branches are adjacent and its reference features are gathered per sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from p2v_fast.backends import Backend
+from p2v_fast.config import EditConfig
+from p2v_fast.ddim import DDIMSchedule
+from p2v_fast.latent_update import apply_update, autograd_gradient, detached_gradient
+
+Features = list[torch.Tensor]  # 9 tensors [2, N_k, C_k]: (uncond, cond) of one frame at one step
+
+
+@dataclass
+class FrameState:
+    """One frame in flight: ``latent`` is x_t [1,4,h,w] fp32 before step ``step``."""
+
+    index: int
+    latent: torch.Tensor
+    depth: torch.Tensor  # [1,1,h,w] in [-1, 1]
+    step: int = 0
+
+
+@dataclass
+class EditStats:
+    unet_calls: int = 0
+    unet_backward: int = 0
+    update_rms: dict[int, list[float]] = field(default_factory=dict)  # step -> RMS of delta*grad per frame
+    peak_feature_bytes: int = 0
+
+    def mean_update_rms(self) -> dict[int, float]:
+        return {s: float(np.mean(v)) for s, v in sorted(self.update_rms.items())}
+
+
+class FeatureStore:
+    """Anchor features for every step; other frames' features and x0-hat until the next frame
+    has used them (popped on read), so memory is constant in the length of the clip."""
+
+    def __init__(self, cfg: EditConfig, n_frames: int) -> None:
+        self.refs = cfg.refs
+        self.n_frames = n_frames
+        self.keep_anchor = cfg.refs in ("anchor+prev", "anchor") and n_frames > 1
+        self.keep_prev = cfg.refs in ("anchor+prev", "prev")
+        self.x0_steps = cfg.guided_steps
+        self.anchor: dict[int, Features] = {}
+        self.feats: dict[tuple[int, int], Features] = {}
+        self.x0: dict[tuple[int, int], torch.Tensor] = {}
+        self.peak_bytes = 0
+
+    def wants_features(self, frame: int) -> bool:
+        return (frame == 0 and self.keep_anchor) or (self.keep_prev and frame + 1 < self.n_frames)
+
+    def put(self, frame: int, step: int, feats: Features, x0: torch.Tensor) -> None:
+        if frame == 0 and self.keep_anchor:
+            self.anchor[step] = feats
+        elif self.keep_prev and frame + 1 < self.n_frames:
+            self.feats[(frame, step)] = feats
+        if step < self.x0_steps and frame + 1 < self.n_frames:
+            self.x0[(frame, step)] = x0
+        self.peak_bytes = max(self.peak_bytes, self.nbytes())
+
+    def refs_for(self, frame: int, step: int) -> Features | None:
+        """ref_k [2, 2N_k, C_k] for frame > 0: anchor || previous (or a mode's stand-in)."""
+        if frame == 0 or self.refs == "none":
+            return None
+        prev: Features | None = None
+        if self.keep_prev:
+            if frame == 1 and self.keep_anchor:
+                prev = self.anchor[step]
+            else:
+                prev = self.feats.pop((frame - 1, step))
+        anchor = self.anchor[step] if self.keep_anchor else prev
+        prev = anchor if prev is None else prev
+        assert anchor is not None and prev is not None
+        # Attention over [a, a] equals attention over a, so the single-reference ablations keep
+        # the engine's 2N-token layout.
+        return [torch.cat([a, p], dim=1) for a, p in zip(anchor, prev, strict=True)]
+
+    def x0_prev(self, frame: int, step: int) -> torch.Tensor:
+        return self.x0.pop((frame - 1, step))
+
+    def nbytes(self) -> int:
+        total = sum(t.numel() * t.element_size() for fs in self.anchor.values() for t in fs)
+        total += sum(t.numel() * t.element_size() for fs in self.feats.values() for t in fs)
+        return total + sum(t.numel() * t.element_size() for t in self.x0.values())
+
+
+@dataclass
+class EditContext:
+    """Everything a step needs besides the frames' own state."""
+
+    cfg: EditConfig
+    backend: Backend
+    grad_backend: Backend | None  # torch backend for autograd steps (may be ``backend`` itself)
+    schedule: DDIMSchedule
+    embeddings: torch.Tensor  # [2, 77, D]: (negative/empty, target prompt)
+    store: FeatureStore
+    delta: float
+    stats: EditStats
+
+
+def _guided(ctx: EditContext, st: FrameState) -> bool:
+    c = ctx.cfg
+    return st.index > 0 and st.step < c.guided_steps
+
+
+def run_step(frames: list[FrameState], ctx: EditContext) -> None:
+    """Advance every frame in ``frames`` by one DDIM step, in as few UNet calls as possible.
+
+    Frames are grouped by network variant (anchor vs cross-frame) and by whether they need a
+    differentiable call (``autograd`` guided steps); each group is one batched call.
+    """
+    groups: dict[tuple[bool, bool], list[FrameState]] = {}
+    for st in frames:
+        xframe = st.index > 0 and ctx.cfg.refs != "none"
+        needs_grad = _guided(ctx, st) and ctx.cfg.latent_update == "autograd"
+        groups.setdefault((xframe, needs_grad), []).append(st)
+    for (xframe, needs_grad), group in groups.items():
+        _step_group(group, ctx, xframe, needs_grad)
+
+
+def _step_group(frames: list[FrameState], ctx: EditContext, xframe: bool, needs_grad: bool) -> None:
+    sched, cfg = ctx.schedule, ctx.cfg
+    backend = ctx.grad_backend if needs_grad else ctx.backend
+    assert backend is not None
+    device = backend.device
+    idx = torch.tensor([st.step for st in frames], dtype=torch.long)
+    x = torch.cat([st.latent for st in frames]).to(device)  # [F,4,h,w] fp32
+    if needs_grad:
+        x = x.detach().requires_grad_(True)
+    depth = torch.cat([st.depth for st in frames]).to(device)
+    sample = torch.cat([x, depth], dim=1).repeat_interleave(2, dim=0)  # [2F,5,h,w]
+    t = sched.timesteps[idx].repeat_interleave(2).to(device)  # [2F]
+    ehs = ctx.embeddings.repeat(len(frames), 1, 1)  # [2F,77,D]
+    refs = None
+    if xframe:
+        per_frame = [ctx.store.refs_for(st.index, st.step) for st in frames]
+        refs = [torch.cat([r[k] for r in per_frame]) for k in range(len(per_frame[0]))]  # type: ignore[index]
+
+    with torch.set_grad_enabled(needs_grad):
+        if needs_grad:
+            out = backend.unet_forward(sample, t, ehs, refs)  # type: ignore[attr-defined]
+            eps_all, feats = out[0].float(), list(out[1:])
+            backend.counter.unet_backward += 1
+        else:
+            eps_all, feats = backend.unet(sample, t, ehs, refs)
+        eps_u, eps_c = eps_all[0::2], eps_all[1::2]
+        eps = eps_u + cfg.guidance_scale * (eps_c - eps_u)  # CFG, fp32
+        x_prev, x0 = sched.step(x, eps, idx)
+        guided = [i for i, st in enumerate(frames) if _guided(ctx, st)]
+        if guided:
+            x0_prev = torch.cat([ctx.store.x0_prev(frames[i].index, frames[i].step) for i in guided]).to(device)
+            rows = torch.tensor(guided, device=device)
+            if needs_grad:
+                grad = autograd_gradient(x, x0[rows], x0_prev)[rows]
+            else:
+                grad = detached_gradient(x0[rows], x0_prev)
+            x_prev = x_prev.detach().clone()
+            x_prev[rows], rms = apply_update(x_prev[rows], grad, ctx.delta)
+            for i, r in zip(guided, rms.tolist(), strict=True):
+                ctx.stats.update_rms.setdefault(frames[i].step, []).append(r)
+
+    x_prev, x0 = x_prev.detach(), x0.detach()
+    for i, st in enumerate(frames):
+        own = [f[2 * i : 2 * i + 2].detach() for f in feats] if ctx.store.wants_features(st.index) else []
+        ctx.store.put(st.index, st.step, own, x0[i : i + 1])
+        st.latent = x_prev[i : i + 1]
+        st.step += 1
+    ctx.stats.peak_feature_bytes = ctx.store.peak_bytes
+
+
+def sequential(
+    ctx: EditContext, initial: Iterator[FrameState], on_step=None
+) -> Iterator[FrameState]:
+    """Algorithm 1 as written: each frame through all steps, in order. Yields finished frames."""
+    for st in initial:
+        while st.step < ctx.schedule.steps:
+            run_step([st], ctx)
+            if on_step is not None:
+                on_step(1)
+        yield st

@@ -1,0 +1,236 @@
+"""The library's entry points: invert a clip, edit a clip, preview the anchor frame.
+
+The CLI parses options into an :class:`EditConfig`, calls one function here and renders its
+result. Frames stream from the reader through the edit to the writer: only the anchor's
+features, one frame's worth of features in flight and a few thumbnails are held.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from p2v_fast import video
+from p2v_fast.backends import Backend, TorchBackend, make_backend
+from p2v_fast.config import EditConfig
+from p2v_fast.ddim import DDIMSchedule
+from p2v_fast.edit import EditContext, EditStats, FeatureStore, FrameState, sequential
+from p2v_fast.errors import InputError
+from p2v_fast.inversion import ClipSelection, InvertedClip, frames_digest, invert_clip, select_clip
+from p2v_fast.progress import NullProgress, Progress
+from p2v_fast.prompts import check_prompt, encode_prompt, source_prompt_for
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {name!r}: CUDA is not available on this machine (see `p2v info`)")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+@dataclass
+class Runtime:
+    """Loaded models and the backends that run them."""
+
+    models: object
+    backend: Backend
+    grad_backend: Backend | None
+
+
+def load_runtime(cfg: EditConfig) -> Runtime:
+    from p2v_fast.models import load_models
+
+    device = resolve_device(cfg.device)
+    models = load_models(cfg.model, device=device, dtype=resolve_dtype(cfg.dtype, device))
+    backend = make_backend(cfg.backend, models, cfg.engines)
+    grad = backend if backend.supports_grad else (TorchBackend(models) if cfg.latent_update == "autograd" else None)
+    return Runtime(models, backend, grad)
+
+
+def default_output(input_path: Path, suffix: str = ".p2v.mp4") -> Path:
+    base = input_path.with_suffix("") if input_path.is_file() else input_path
+    return base.parent / f"{base.name}{suffix}"
+
+
+def check_output(input_path: Path, output: Path, overwrite: bool) -> Path:
+    """Validate the output path: not the input, not an existing file (unless overwrite), writable."""
+    output = Path(output)
+    if output.resolve() == Path(input_path).resolve():
+        raise InputError(f"output '{output}' is the input; choose another -o path")
+    if output.is_dir():
+        raise InputError(f"output '{output}' is a folder; give a file name such as out.mp4")
+    if output.exists() and not overwrite:
+        raise InputError(f"output '{output}' exists; pass --overwrite to replace it")
+    parent = output.parent if str(output.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"output folder '{parent}' does not exist")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"output folder '{parent}' is not writable")
+    return output
+
+
+@dataclass
+class PreparedClip:
+    selection: ClipSelection
+    inverted: InvertedClip
+    seconds: float
+
+
+def prepare(cfg: EditConfig, input_path: Path, rt: Runtime, progress: Progress) -> PreparedClip:
+    """Select frames, resolve the source prompt, invert (or hit the cache)."""
+    t0 = time.perf_counter()
+    selection = select_clip(input_path, cfg)
+    progress.log(f"{selection.n_frames} frames at {selection.size[0]}x{selection.size[1]} from '{input_path}'")
+    if cfg.source_prompt is None:
+        first = next(iter(selection.frames()))
+        source = source_prompt_for(rt.models, first, None)
+        progress.log(f"source prompt (BLIP caption of frame 1): {source!r}")
+    else:
+        source = cfg.source_prompt.strip()
+    inverted = invert_clip(cfg, selection, rt.models, rt.backend, source, digest=frames_digest(selection),
+                           progress=progress)
+    return PreparedClip(selection, inverted, time.perf_counter() - t0)
+
+
+def invert_video(cfg: EditConfig, input_path: Path, progress: Progress | None = None,
+                 runtime: Runtime | None = None) -> PreparedClip:
+    """`p2v invert`: DDIM-invert the clip into the cache."""
+    rt = runtime or load_runtime(cfg)
+    return prepare(cfg, Path(input_path), rt, progress or NullProgress())
+
+
+def _to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[B,3,H,W] in [-1,1] -> [B,H,W,3] uint8."""
+    arr = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return arr.permute(0, 2, 3, 1).cpu().numpy()
+
+
+@dataclass
+class EditResult:
+    output: Path
+    n_frames: int
+    fps: float
+    size: tuple[int, int]
+    seconds_total: float
+    seconds_inversion: float
+    seconds_edit: float
+    inversion_cache_hit: bool
+    source_prompt: str
+    side_by_side: Path | None = None
+    strip: Path | None = None
+    stats: EditStats = field(default_factory=EditStats)
+
+    @property
+    def seconds_per_frame(self) -> float:
+        return self.seconds_edit / max(self.n_frames, 1)
+
+
+def edit_video(
+    cfg: EditConfig,
+    input_path: str | Path,
+    output: str | Path | None = None,
+    *,
+    overwrite: bool = False,
+    preview: bool = False,
+    side_by_side: bool = False,
+    progress: Progress | None = None,
+    runtime: Runtime | None = None,
+) -> EditResult:
+    """Edit ``input_path`` with ``cfg.prompt``; write an H.264 mp4 (or, with ``preview``, a PNG of
+    the anchor frame). Outputs are written atomically; the input is only read."""
+    progress = progress or NullProgress()
+    input_path = Path(input_path)
+    prompt = check_prompt(cfg.prompt)
+    if preview:
+        cfg = cfg.replace(max_frames=1)
+    video.probe(input_path)  # fail fast on a bad input, before loading models
+    out = Path(output) if output else default_output(input_path, ".p2v-preview.png" if preview else ".p2v.mp4")
+    out = check_output(input_path, out, overwrite)
+    sbs_path = out.with_name(out.stem + ".side-by-side.mp4") if side_by_side and not preview else None
+    if sbs_path is not None:
+        check_output(input_path, sbs_path, overwrite)
+
+    t_start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    rt = runtime or load_runtime(cfg)
+    prep = prepare(cfg, input_path, rt, progress)
+    sel, inv = prep.selection, prep.inverted
+
+    embeds = torch.cat([encode_prompt(rt.models, cfg.negative_prompt), encode_prompt(rt.models, prompt)])
+    schedule = DDIMSchedule(rt.models.scheduler, cfg.steps)
+    stats = EditStats()
+    ctx = EditContext(cfg, rt.backend, rt.grad_backend, schedule, embeds, FeatureStore(cfg, sel.n_frames),
+                      cfg.effective_delta(sel.latent_hw), stats)
+    device = rt.backend.device
+
+    def initial():
+        for i in range(sel.n_frames):
+            d = inv.load(i, device)
+            yield FrameState(i, d["x_T"], d["depth"])
+
+    calls0 = rt.backend.counter.unet_calls + (rt.grad_backend.counter.unet_calls if rt.grad_backend
+                                              and rt.grad_backend is not rt.backend else 0)
+    t_edit = time.perf_counter()
+    advance = progress.stage("edit", sel.n_frames * cfg.steps)
+    thumbs_at = set(np.linspace(0, sel.n_frames - 1, min(4, sel.n_frames)).round().astype(int).tolist())
+    thumbs: list[tuple[np.ndarray, np.ndarray]] = []
+    source_frames = sel.frames()
+    finished = sequential(ctx, initial(), on_step=advance)
+
+    def edited_frames():
+        for st in finished:
+            frame = _to_uint8(rt.backend.vae_decode(st.latent))[0]
+            src = next(source_frames)
+            if st.index in thumbs_at:
+                thumbs.append((src, frame))
+            yield src, frame
+
+    strip_path = None
+    if preview:
+        src, frame = next(edited_frames())
+        video.save_png(out, frame)
+    else:
+        audio = sel.info.path if sel.info.has_audio else None
+        start_s = sel.start / sel.info.fps
+        duration = sel.n_frames * sel.stride / sel.info.fps
+        with video.VideoWriter(out, sel.fps, sel.size, audio_source=audio, audio_start=start_s,
+                               audio_duration=duration) as writer:
+            if sbs_path is not None:
+                with video.VideoWriter(sbs_path, sel.fps, (sel.size[0] * 2, sel.size[1])) as sbs:
+                    for src, frame in edited_frames():
+                        writer.write(frame)
+                        sbs.write(video.side_by_side(src, frame))
+            else:
+                for _, frame in edited_frames():
+                    writer.write(frame)
+        strip_path = out.with_name(out.stem + ".strip.png")
+        top = np.concatenate([s for s, _ in thumbs], axis=1)
+        bottom = np.concatenate([e for _, e in thumbs], axis=1)
+        video.save_png(strip_path, np.concatenate([top, bottom], axis=0))
+    t_end = time.perf_counter()
+    stats.unet_calls = rt.backend.counter.unet_calls + (
+        rt.grad_backend.counter.unet_calls if rt.grad_backend and rt.grad_backend is not rt.backend else 0
+    ) - calls0
+    stats.unet_backward = (rt.grad_backend or rt.backend).counter.unet_backward
+    progress.log(f"mean update RMS per guided step: {stats.mean_update_rms()}" if stats.update_rms else
+                 "no guided latent update")
+    return EditResult(out, sel.n_frames, sel.fps, sel.size, t_end - t_start, prep.seconds, t_end - t_edit,
+                      inv.cache_hit, inv.source_prompt, sbs_path, strip_path, stats)
+
+

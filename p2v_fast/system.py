@@ -1,0 +1,62 @@
+"""What this machine can run: versions, devices, runtimes (for `p2v info` and benchmarks)."""
+
+from __future__ import annotations
+
+import importlib
+import platform
+
+
+def _version(module: str) -> str | None:
+    try:
+        return getattr(importlib.import_module(module), "__version__", "installed")
+    except Exception:  # noqa: BLE001 - any import failure means "not usable"
+        return None
+
+
+def cuda_status() -> tuple[bool, str]:
+    import torch
+
+    if not torch.cuda.is_available():
+        why = "torch is a CPU build" if torch.version.cuda is None else "no CUDA device visible"
+        return False, f"not usable: {why}"
+    names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    cc = torch.cuda.get_device_capability(0)
+    return True, f"{', '.join(names)} (compute capability {cc[0]}.{cc[1]}, CUDA {torch.version.cuda})"
+
+
+def onnxruntime_status() -> tuple[bool, str]:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False, "not installed (pip install 'p2v-fast[onnx]')"
+    return True, f"{ort.__version__}, providers: {', '.join(ort.get_available_providers())}"
+
+
+def tensorrt_status() -> tuple[bool, str]:
+    try:
+        import tensorrt as trt  # noqa: F401
+        version = trt.__version__
+    except Exception as exc:  # noqa: BLE001 - the registry's placeholder package raises on import
+        return False, f"not usable: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else 'import failed'}"
+    ok, cuda = cuda_status()
+    if not ok:
+        return False, f"{version} installed, but {cuda}"
+    return True, version
+
+
+def system_report() -> list[tuple[str, str]]:
+    import torch
+
+    rows = [
+        ("python", platform.python_version()),
+        ("platform", platform.platform()),
+        ("p2v-fast", _version("p2v_fast") or "?"),
+        ("torch", torch.__version__),
+        ("diffusers", _version("diffusers") or "missing"),
+        ("transformers", _version("transformers") or "missing"),
+        ("av (PyAV)", _version("av") or "missing"),
+    ]
+    rows.append(("CUDA", cuda_status()[1]))
+    rows.append(("ONNX Runtime", onnxruntime_status()[1]))
+    rows.append(("TensorRT", tensorrt_status()[1]))
+    return rows

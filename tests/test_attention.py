@@ -1,0 +1,104 @@
+"""Cross-frame attention: identity when ref = [own, own], layer selection, feature shapes."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from p2v_fast.attention import UNetWithFeatures, feature_shapes, injected_layer_names
+from p2v_fast.tiny import TEXT_HIDDEN, UNET_CONFIG
+
+
+def _unet() -> UNet2DConditionModel:
+    torch.manual_seed(0)
+    return UNet2DConditionModel(**UNET_CONFIG).eval()
+
+
+def _inputs(b: int = 2, h: int = 8, w: int = 12):
+    g = torch.Generator().manual_seed(1)
+    sample = torch.randn(b, 5, h, w, generator=g)
+    t = torch.tensor([901, 41][:b])
+    ehs = torch.randn(b, 77, TEXT_HIDDEN, generator=g)
+    return sample, t, ehs
+
+
+def test_injected_layers_are_the_9_decoder_self_attentions() -> None:
+    unet = _unet()
+    names = injected_layer_names(unet)
+    all_attn1 = [n for n, _ in unet.named_modules() if n.endswith("attn1")]
+    assert len(all_attn1) == 16
+    assert len(names) == 9
+    assert all(n.startswith(("up_blocks.1.", "up_blocks.2.", "up_blocks.3.")) for n in names)
+    assert [n.split(".")[1] for n in names] == ["1"] * 3 + ["2"] * 3 + ["3"] * 3
+
+
+@torch.no_grad()
+def test_anchor_variant_equals_the_plain_unet_and_features_have_documented_shapes() -> None:
+    unet = _unet()
+    sample, t, ehs = _inputs(h=8, w=12)
+    expected = unet(sample, t, ehs).sample
+    wrapper = UNetWithFeatures(unet)
+    noise, *feats = wrapper(sample, t, ehs)
+    torch.testing.assert_close(noise, expected, rtol=1e-5, atol=1e-5)
+    shapes = feature_shapes(unet, (8, 12))
+    assert [tuple(f.shape) for f in feats] == [(2, n, c) for n, c in shapes]
+    # up_blocks.1 at 1/4 of the latent, .2 at 1/2, .3 at full size
+    assert [n for n, _ in shapes] == [2 * 3] * 3 + [4 * 6] * 3 + [8 * 12] * 3
+
+
+@torch.no_grad()
+def test_ref_own_own_equals_plain_self_attention() -> None:
+    unet = _unet()
+    wrapper = UNetWithFeatures(unet)
+    sample, t, ehs = _inputs()
+    noise, *feats = wrapper(sample, t, ehs)
+    refs = [torch.cat([f, f], dim=1) for f in feats]
+    noise_x, *feats_x = wrapper(sample, t, ehs, *refs)
+    torch.testing.assert_close(noise_x, noise, rtol=1e-5, atol=1e-5)
+    for a, b in zip(feats, feats_x, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_only_the_9_decoder_layers_change_behaviour() -> None:
+    unet = _unet()
+    wrapper = UNetWithFeatures(unet)
+    sample, t, ehs = _inputs()
+    _, *feats = wrapper(sample, t, ehs)
+    other = torch.randn_like(sample)
+    _, *other_feats = wrapper(other, t, ehs)
+    refs = [torch.cat([f, f], dim=1) for f in other_feats]
+
+    # Record every attn1 output with hooks, with and without foreign references.
+    outputs: dict[str, list[torch.Tensor]] = {}
+    hooks = [
+        m.register_forward_hook(lambda mod, inp, out, n=n: outputs.setdefault(n, []).append(out))
+        for n, m in unet.named_modules()
+        if n.endswith("attn1")
+    ]
+    noise_plain, *_ = wrapper(sample, t, ehs)
+    noise_ref, *_ = wrapper(sample, t, ehs, *refs)
+    for h in hooks:
+        h.remove()
+    assert not torch.allclose(noise_plain, noise_ref)
+    injected = set(injected_layer_names(unet))
+    first_changed = None
+    for name, (plain, ref) in outputs.items():
+        if name.startswith(("down_blocks", "mid_block")):
+            # encoder and mid block run before any injected layer: untouched
+            torch.testing.assert_close(plain, ref)
+        if not torch.allclose(plain, ref) and first_changed is None:
+            first_changed = name
+    assert first_changed in injected
+    assert first_changed == "up_blocks.1.attentions.0.transformer_blocks.0.attn1"
+
+
+def test_wrapper_rejects_wrong_number_of_refs() -> None:
+    wrapper = UNetWithFeatures(_unet())
+    sample, t, ehs = _inputs()
+    try:
+        wrapper(sample, t, ehs, torch.zeros(1))
+    except ValueError as exc:
+        assert "9" in str(exc)
+    else:
+        raise AssertionError("expected ValueError")

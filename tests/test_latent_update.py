@@ -1,0 +1,128 @@
+"""Guided latent update (eq. 1): autograd vs finite differences, detached closed form, off."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, UNet2DConditionModel
+
+from p2v_fast.attention import UNetWithFeatures
+from p2v_fast.backends import TorchBackend
+from p2v_fast.config import EditConfig
+from p2v_fast.ddim import DDIMSchedule
+from p2v_fast.edit import EditContext, EditStats, FeatureStore, FrameState, run_step
+from p2v_fast.latent_update import autograd_gradient, consistency_energy, detached_gradient
+from p2v_fast.tiny import SCHEDULER_CONFIG, TEXT_HIDDEN, UNET_CONFIG
+
+H, W = 8, 8
+
+
+@pytest.fixture(scope="module")
+def unet64() -> UNet2DConditionModel:
+    torch.manual_seed(0)
+    return UNet2DConditionModel(**UNET_CONFIG).eval().double().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def schedule() -> DDIMSchedule:
+    return DDIMSchedule(DDIMScheduler(**SCHEDULER_CONFIG), 10)
+
+
+def _ehs(dtype=torch.float64) -> torch.Tensor:
+    return torch.randn(2, 77, TEXT_HIDDEN, generator=torch.Generator().manual_seed(3), dtype=dtype)
+
+
+def test_autograd_gradient_matches_finite_differences(unet64, schedule) -> None:
+    wrapper = UNetWithFeatures(unet64)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, H, W, generator=g, dtype=torch.float64)
+    depth = torch.rand(1, 1, H, W, generator=g, dtype=torch.float64) * 2 - 1
+    x0_prev = torch.randn(1, 4, H, W, generator=g, dtype=torch.float64)
+    ehs = _ehs()
+    _, *feats = wrapper(torch.cat([x, depth], 1).repeat(2, 1, 1, 1), torch.tensor([500, 500]), ehs)
+    refs = [torch.cat([f, f.flip(1)], 1) for f in feats]  # fixed, detached references
+    idx = torch.tensor([2])
+
+    def energy(x_t: torch.Tensor) -> torch.Tensor:
+        sample = torch.cat([x_t, depth], 1).repeat(2, 1, 1, 1)
+        eps_all = wrapper(sample, schedule.timesteps[idx].repeat(2), ehs, *refs)[0]
+        eps = eps_all[0:1] + 7.5 * (eps_all[1:2] - eps_all[0:1])
+        return schedule.x0(x_t, eps, idx), eps
+
+    leaf = x.clone().requires_grad_(True)
+    x0, _ = energy(leaf)
+    grad = autograd_gradient(leaf, x0, x0_prev)
+    for k in range(3):
+        v = torch.randn(x.shape, generator=torch.Generator().manual_seed(10 + k), dtype=torch.float64)
+        h = 1e-5
+        gp = consistency_energy(energy(x + h * v)[0], x0_prev)
+        gm = consistency_energy(energy(x - h * v)[0], x0_prev)
+        fd = float((gp - gm) / (2 * h))
+        assert fd == pytest.approx(float((grad * v).sum()), rel=1e-5, abs=1e-9)
+    # The Jacobian of the UNet and the 1/sqrt(abar) factor make it differ from the detached form.
+    assert not torch.allclose(grad, detached_gradient(x0.detach(), x0_prev))
+
+
+def test_detached_gradient_is_the_closed_form() -> None:
+    x0 = torch.randn(2, 4, H, W, dtype=torch.float64, requires_grad=True)
+    x0_prev = torch.randn(2, 4, H, W, dtype=torch.float64)
+    (auto,) = torch.autograd.grad(consistency_energy(x0, x0_prev).sum(), x0)
+    torch.testing.assert_close(detached_gradient(x0.detach(), x0_prev), auto)
+    torch.testing.assert_close(detached_gradient(x0.detach(), x0_prev), 2 * (x0.detach() - x0_prev) / (4 * H * W))
+
+
+def _context(mode: str, schedule: DDIMSchedule) -> EditContext:
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**UNET_CONFIG).eval().requires_grad_(False)
+    models = SimpleNamespace(unet=unet, device=torch.device("cpu"), dtype=torch.float32,
+                             vae=SimpleNamespace(config=SimpleNamespace(scaling_factor=0.18215)))
+    backend = TorchBackend(models)
+    cfg = EditConfig(steps=schedule.steps, update_steps=5, latent_update=mode, refs="anchor+prev")
+    return EditContext(cfg, backend, backend, schedule, _ehs(torch.float32), FeatureStore(cfg, 3), 100.0, EditStats())
+
+
+@pytest.mark.parametrize("mode", ["off", "detached", "autograd"])
+def test_run_step_applies_the_update_of_each_mode(mode, schedule) -> None:
+    ctx = _context(mode, schedule)
+    g = torch.Generator().manual_seed(5)
+    x_anchor, x_1 = torch.randn(1, 4, H, W, generator=g), torch.randn(1, 4, H, W, generator=g)
+    depth = torch.rand(1, 1, H, W, generator=g) * 2 - 1
+    anchor = FrameState(0, x_anchor, depth)
+    run_step([anchor], ctx)  # stores the anchor's features and x0 for step 0
+    if mode == "off":
+        assert ctx.store.x0 == {}  # nothing kept for an update that never happens
+    else:
+        x0_anchor = ctx.store.x0[(0, 0)].clone()
+    refs = ctx.store.refs_for(1, 0)  # prev of frame 1 is the anchor: nothing popped
+
+    # Expected: plain DDIM step with the same references, then the mode's update.
+    sample = torch.cat([x_1, depth], 1).repeat(2, 1, 1, 1)
+    with torch.no_grad():
+        eps_all, _ = ctx.backend.unet(sample, schedule.timesteps[:1].repeat(2), ctx.embeddings, refs)
+    eps = eps_all[0:1] + 7.5 * (eps_all[1:2] - eps_all[0:1])
+    plain, x0 = schedule.step(x_1, eps, torch.tensor([0]))
+
+    frame = FrameState(1, x_1.clone(), depth)
+    run_step([frame], ctx)
+    if mode == "off":
+        torch.testing.assert_close(frame.latent, plain)
+    elif mode == "detached":
+        torch.testing.assert_close(frame.latent, plain - 100.0 * 2 * (x0 - x0_anchor) / x0.numel())
+    else:
+        assert not torch.allclose(frame.latent, plain)
+        assert ctx.backend.counter.unet_backward == 1
+        assert ctx.stats.update_rms[0][0] > 0
+    assert frame.step == 1
+    assert (0, 0) not in ctx.store.x0  # consumed
+
+
+def test_no_update_after_update_steps(schedule) -> None:
+    ctx = _context("detached", schedule)
+    ctx = EditContext(ctx.cfg.replace(update_steps=0), ctx.backend, ctx.grad_backend, schedule, ctx.embeddings,
+                      FeatureStore(ctx.cfg.replace(update_steps=0), 3), 100.0, EditStats())
+    depth = torch.zeros(1, 1, H, W)
+    run_step([FrameState(0, torch.randn(1, 4, H, W), depth)], ctx)
+    run_step([FrameState(1, torch.randn(1, 4, H, W), depth)], ctx)
+    assert ctx.stats.update_rms == {}
