@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -66,7 +67,7 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except P2VError as exc:
-            console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+            console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             console.print("[bold red]interrupted[/bold red]: finished inversion frames are kept in the cache")
@@ -104,7 +105,9 @@ def _config(**kw: Any):
 def edit(
     input: Annotated[Path, typer.Argument(help="Video (mp4, mov, webm, gif, ...) or folder of images.")],
     prompt: Annotated[str, typer.Argument(help="Target prompt, e.g. 'a crochet swan on the lake'.")],
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="Output mp4 (default: beside the input).")] = None,
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Output mp4 (default: beside the input).")
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
     preview: Annotated[bool, typer.Option(help="Edit only the anchor frame and write a PNG.")] = False,
     side_by_side: Annotated[bool, typer.Option("--side-by-side", help="Also write input|output video.")] = False,
@@ -118,7 +121,9 @@ def edit(
     negative_prompt: Annotated[str, typer.Option("--negative-prompt")] = "",
     source_prompt: SourcePrompt = None,
     depth_norm: DepthNorm = "frame",
-    latent_update: Annotated[str, typer.Option("--latent-update", help="autograd (paper eq. 1), detached, off.")] = "autograd",
+    latent_update: Annotated[
+        str, typer.Option("--latent-update", help="autograd (paper eq. 1), detached, off.")
+    ] = "autograd",
     update_steps: Annotated[
         int | None, typer.Option("--update-steps", help="Guided update on the first N steps (default: half).")
     ] = None,
@@ -159,6 +164,38 @@ def edit(
 
 @app.command()
 @user_errors
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for the sample clip and the edit.")] = Path("samples"),
+    frames: Annotated[int, typer.Option(help="Frames in the sample clip.")] = 16,
+    size: Size = 128,
+    steps: Steps = 50,
+) -> None:
+    """Offline end-to-end run: make a sample clip and edit it with the tiny random-weight model.
+
+    The output looks like noise (the weights are random); the run proves every stage works
+    without downloads. Use a real --model with `p2v edit` for real edits.
+    """
+    from p2v_fast import video
+    from p2v_fast.pipeline import edit_video
+
+    out.mkdir(parents=True, exist_ok=True)
+    clip = out / "sample.mp4"
+    if not clip.exists():
+        video.make_sample_clip(clip, n_frames=frames, size=(256, 192), fps=12.0, with_audio=True)
+    console.print(f"sample clip: {clip} ({frames} frames, with audio)")
+    cfg = _config(prompt="a crochet swan on the lake", model="tiny", size=size, steps=steps,
+                  source_prompt="a sample clip")
+    with _progress() as bar:
+        result = edit_video(cfg, clip, out / "sample.p2v.mp4", overwrite=True, side_by_side=True,
+                            progress=RichProgress(bar))
+    out_console.print(
+        f"edited {result.n_frames} frames in {result.seconds_total:.1f} s "
+        f"({result.seconds_per_frame:.2f} s/frame): {result.output}, {result.side_by_side}, {result.strip}"
+    )
+
+
+@app.command()
+@user_errors
 def invert(
     input: Annotated[Path, typer.Argument(help="Video or folder of images.")],
     model: Model = "stabilityai/stable-diffusion-2-depth",
@@ -186,17 +223,209 @@ def invert(
     out_console.print(f"inverted {prep.selection.n_frames} frames: {state}; cache {prep.inverted.root}")
 
 
+ClipModel = Annotated[
+    str, typer.Option("--clip-model", help="CLIP for the metrics: hub id, local folder, or 'tiny' (random, offline).")
+]
+Flow = Annotated[str, typer.Option(help="Optical flow for Pixel-MSE: dis (OpenCV, no weights) or raft (paper).")]
+
+
+@app.command("eval")
+@user_errors
+def eval_(
+    edited: Annotated[Path, typer.Argument(help="The edited video (or folder of frames).")],
+    source: Annotated[Path, typer.Option("--source", help="The video it was edited from.")],
+    prompt: Annotated[str, typer.Option("--prompt", help="The edit (target) prompt, for CLIP-Text.")],
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the scores to this JSON file.")] = None,
+    clip_model: ClipModel = "openai/clip-vit-large-patch14",
+    flow: Flow = "dis",
+    size: Annotated[
+        int | None, typer.Option(help="Compare at this short side (default: the edited video's size).")
+    ] = None,
+    start: Annotated[int, typer.Option(help="First source frame the edit was made from.")] = 0,
+    max_frames: Annotated[int | None, typer.Option("--max-frames", help="--max-frames the edit used.")] = None,
+    stride: Annotated[int, typer.Option(help="--stride the edit used.")] = 1,
+) -> None:
+    """Score EDITED against its source: CLIP-Text, CLIP-Image, Pixel-MSE (the paper's Table 2)."""
+    from p2v_fast.evaluate import check_output_file, evaluate_video, write_json_atomic
+
+    if json_path is not None:
+        check_output_file(json_path)
+    with _progress() as bar:
+        result = evaluate_video(edited, source, prompt, clip_model=clip_model, flow=flow, size=size, start=start,
+                                max_frames=max_frames, stride=stride, progress=RichProgress(bar))
+    table = Table(title=f"{result.n_frames} frames at {result.size[0]}x{result.size[1]}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("paper (ours, DAVIS 512²)", justify="right", style="dim")
+    table.add_row("CLIP-Text ↑", f"{result.clip_text:.4f}", "0.2891")
+    table.add_row("CLIP-Image ↑", f"{result.clip_image:.4f}", "0.9767")
+    table.add_row("Pixel-MSE ↓ (0-255)", f"{result.pixel_mse:.2f}", "228.62")
+    table.add_row("pixels masked (occluded)", f"{100 * result.masked_fraction:.1f} %", "")
+    table.caption = f"CLIP {result.clip_model}, flow {result.flow}"
+    out_console.print(table)
+    if json_path is not None:
+        write_json_atomic(json_path, result.to_dict())
+        out_console.print(f"wrote {json_path}", soft_wrap=True, highlight=False)
+
+
 @app.command()
 @user_errors
-def info() -> None:
-    """Versions, devices, and which runtimes (CUDA, ONNX Runtime, TensorRT) are usable."""
-    from p2v_fast.system import system_report
+def ablate(
+    input: Annotated[Path, typer.Argument(help="Video or folder of images.")],
+    prompt: Annotated[str, typer.Argument(help="Target prompt.")],
+    out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: INPUT.ablation/ beside it).")] = (
+        None
+    ),
+    settings: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated subset of: ours, no-update, anchor, prev, per-frame, detached "
+                          "(default: the first five, the paper's)."),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace the outputs of an earlier ablation in --out.")] = False,
+    clip_model: ClipModel = "openai/clip-vit-large-patch14",
+    flow: Flow = "dis",
+    sheet_frames: Annotated[int, typer.Option("--sheet-frames", help="Frames per contact-sheet row.")] = 4,
+    model: Model = "stabilityai/stable-diffusion-2-depth",
+    size: Size = 512,
+    start: Start = 0,
+    max_frames: MaxFrames = None,
+    stride: Stride = 1,
+    steps: Steps = 50,
+    guidance_scale: Annotated[float, typer.Option("--guidance-scale", help="Classifier-free guidance.")] = 7.5,
+    source_prompt: SourcePrompt = None,
+    depth_norm: DepthNorm = "frame",
+    update_weight: Annotated[float, typer.Option("--update-weight", help="delta of eq. 1 at 512x512.")] = 100.0,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    backend: Backend = "torch",
+    engines: Engines = None,
+) -> None:
+    """Run the paper's ablations on INPUT and print one table like its Table 2."""
+    from p2v_fast.ablation import METRICS, format_metric, run_ablation
+
+    cfg = _config(prompt=prompt, source_prompt=source_prompt, model=model, device=device, dtype=dtype,
+                  backend=backend, engines=engines, size=size, start=start, max_frames=max_frames, stride=stride,
+                  steps=steps, guidance_scale=guidance_scale, seed=seed, depth_norm=depth_norm,
+                  update_weight=update_weight)
+    with _progress() as bar:
+        result = run_ablation(cfg, input, out, settings=settings, clip_model=clip_model, flow=flow,
+                              overwrite=overwrite, sheet_frames=sheet_frames, progress=RichProgress(bar))
+    best = result.best()
+    table = Table(title=f"Pix2Video ablation: {result.n_frames} frames at {result.size[0]}x{result.size[1]}, "
+                        f"{result.steps} steps, {result.model}")
+    table.add_column("setting", no_wrap=True)
+    for _, header, _ in METRICS:
+        table.add_column(header, justify="right")
+    for r in result.rows:
+        cells = []
+        for name, _, _ in METRICS:
+            text = format_metric(getattr(r, name), name)
+            cells.append(f"[bold]{text}[/bold]" if best.get(name) == r.key else text)
+        table.add_row(r.label, *cells)
+    table.caption = (f"CLIP {result.clip_model}, flow {result.flow}; s/frame excludes inversion. "
+                     "Paper (DAVIS 512²): ours 0.2891 / 0.9767 / 228.62, w/o update 0.2893 / 0.9740 / 371.18")
+    out_console.print(table)
+    out_console.print(f"table: {result.table_md}\njson: {result.table_json}\ncontact sheet: {result.contact_sheet}",
+                      soft_wrap=True, highlight=False)
+
+
+@app.command()
+@user_errors
+def bench(
+    model: Annotated[str | None, typer.Option(help="Hub id, local folder or 'tiny' (default: --arch sd2-depth).")] = (
+        None
+    ),
+    arch: Annotated[str | None, typer.Option(help="sd2-depth: the full-size architecture, random weights.")] = None,
+    size: Size = 512,
+    steps: Steps = 50,
+    frames: Annotated[int, typer.Option(help="Frames in the synthetic clip (1 anchor + propagated).")] = 4,
+    backend: Annotated[list[str] | None, typer.Option("--backend", help="Repeatable (default: torch).")] = None,
+    latent_update: Annotated[
+        list[str] | None, typer.Option("--latent-update", help="Repeatable (default: autograd, detached, off).")
+    ] = None,
+    schedule: Annotated[
+        list[str] | None, typer.Option("--schedule", help="Repeatable (default: sequential, wavefront).")
+    ] = None,
+    batch_frames: Annotated[int | None, typer.Option("--batch-frames", help="Wavefront: frames in flight.")] = None,
+    dtype: Dtype = "auto",
+    device: Device = "auto",
+    engines: Engines = None,
+    repeats: Annotated[int, typer.Option(help="Timed runs per stage.")] = 3,
+    warmup: Annotated[int, typer.Option(help="Untimed runs per stage first.")] = 1,
+    threads: Annotated[int | None, typer.Option(help="CPU threads (default: torch's).")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the full report here.")] = None,
+) -> None:
+    """Time depth, inversion, anchor and propagated frames and VAE decode, in seconds per frame."""
+    from benchmarks.bench import BenchOptions, run_bench
+    from benchmarks.report import rich_tables
+    from p2v_fast.config import LATENT_UPDATES, SCHEDULES
+
+    opts = BenchOptions(
+        model=model, arch=arch, size=size, steps=steps, frames=frames, backends=tuple(backend or ("torch",)),
+        latent_updates=tuple(latent_update or LATENT_UPDATES), schedules=tuple(schedule or SCHEDULES),
+        batch_frames=batch_frames, dtype=dtype, device=device, engines=engines, repeats=repeats, warmup=warmup,
+        threads=threads, json_path=json_path,
+    )
+    with _progress() as bar:
+        report = run_bench(opts, RichProgress(bar))
+    for table in rich_tables(report):
+        out_console.print(table)
+    if json_path is not None:
+        out_console.print(f"wrote {json_path}")
+
+
+@app.command("export")
+@user_errors
+def export_(
+    model: Model = "stabilityai/stable-diffusion-2-depth",
+    size: Annotated[int | None, typer.Option(help="Square size (height = width), the profile's opt size.")] = None,
+    height: Annotated[int | None, typer.Option(help="Opt height in pixels (default: --size or 512).")] = None,
+    width: Annotated[int | None, typer.Option(help="Opt width in pixels (default: --size or 512).")] = None,
+    min_size: Annotated[int | None, typer.Option("--min-size", help="Smallest height/width accepted (dynamic).")] = None,
+    max_size: Annotated[int | None, typer.Option("--max-size", help="Largest height/width accepted (dynamic).")] = None,
+    out: Annotated[Path, typer.Option(help="Engine folder.")] = Path("engines"),
+    format: Annotated[str, typer.Option("--format", help="onnx (graphs only) or tensorrt (graphs + engines).")] = (
+        "tensorrt"
+    ),
+    precision: Annotated[str, typer.Option(help="fp16 or fp32 (UNet, VAE; DPT stays fp32).")] = "fp16",
+    workspace: Annotated[float | None, typer.Option(help="TensorRT builder workspace limit in GB.")] = None,
+    max_batch: Annotated[int, typer.Option("--max-batch", help="Most samples per call (frames x 2 CFG).")] = 8,
+    opset: Annotated[int, typer.Option(help="ONNX opset.")] = 18,
+    device: Device = "auto",
+    force: Annotated[bool, typer.Option(help="Redo every stage, even when its artifact is current.")] = False,
+) -> None:
+    """Export the networks to ONNX (validated against PyTorch) and build TensorRT engines."""
+    from export import ExportOptions, export_engines
+
+    opt = size or 512
+    options = ExportOptions(model=model, out=out, format=format, precision=precision, height=height or opt,
+                            width=width or opt, min_size=min_size, max_size=max_size, max_batch=max_batch,
+                            opset=opset, workspace_gb=workspace, device=device, force=force)
+    with _progress() as bar:
+        report = export_engines(options, RichProgress(bar))
+    table = Table(title=f"{report.folder} ({options.profile().describe()}, {precision})")
+    for col, justify in (("network", "left"), ("stage", "left"), ("file", "left"), ("size", "right"),
+                         ("seconds", "right"), ("status", "left"), ("check", "left")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for r in report.rows:
+        table.add_row(r.network, r.stage, r.file.name, f"{r.bytes / 2**20:.1f} MB", f"{r.seconds:.1f}", r.status,
+                      r.detail)
+    out_console.print(table)
+    out_console.print(f"manifest: {report.manifest} ({report.seconds:.1f} s in all)")
+
+
+@app.command()
+@user_errors
+def info(engines: Engines = None) -> None:
+    """Versions, devices, which runtimes (CUDA, ONNX Runtime, TensorRT) are usable, and engines found."""
+    from p2v_fast.system import engines_report, system_report
 
     table = Table(title="p2v-fast", show_header=True)
     table.add_column("component")
     table.add_column("status")
-    for name, status in system_report():
-        table.add_row(name, status)
+    for name, status in system_report() + engines_report(engines):
+        table.add_row(escape(name), escape(status))
     out_console.print(table)
 
 

@@ -116,9 +116,26 @@ class TorchBackend(Backend):
 
 
 def make_backend(name: str, models, engines=None) -> Backend:
-    """The backend called ``name`` for ``models``."""
-    if name in ("torch", "auto"):
+    """The backend called ``name`` for ``models``.
+
+    ``engines``: the folder ``p2v export`` wrote (default ``./engines``) for ``onnxruntime`` and
+    ``tensorrt``. ``auto``: tensorrt if TensorRT is usable and the folder holds engines built on
+    this machine for this model, else onnxruntime if it holds this model's ONNX graphs, else torch.
+    """
+    if name == "auto":
+        from p2v_fast.graph_backend import choose_auto
+
+        name = choose_auto(models, engines)
+    if name == "torch":
         return TorchBackend(models)
+    if name == "onnxruntime":
+        from p2v_fast.backend_onnx import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(models, engines)
+    if name == "tensorrt":
+        from p2v_fast.backend_tensorrt import TensorRTBackend
+
+        return TensorRTBackend(models, engines)
     from p2v_fast.errors import BackendUnavailableError
 
-    raise BackendUnavailableError(f"backend {name!r} is not available yet; use --backend torch")
+    raise BackendUnavailableError(f"backend {name!r} is unknown; use torch, onnxruntime, tensorrt or auto")

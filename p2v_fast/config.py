@@ -14,6 +14,7 @@ REFS = ("anchor+prev", "anchor", "prev", "none")
 DEPTH_NORMS = ("frame", "clip")
 DTYPES = ("fp32", "fp16", "bf16")
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "auto")
+SCHEDULES = ("sequential", "wavefront")
 # delta is given at 512x512 (a 64x64 latent); see EditConfig.update_weight.
 REFERENCE_LATENT_PIXELS = 64 * 64
 
@@ -44,6 +45,11 @@ class EditConfig:
     guidance_scale: float = 7.5
     seed: int = 0
     depth_norm: str = "frame"  # "frame" (paper) or "clip" (one min/max for the whole clip)
+
+    # --- scheduling (DESIGN.md sec. 3): same result, different batching ---
+    schedule: str = "sequential"  # "sequential" (Algorithm 1 as written) or "wavefront"
+    batch_frames: int | None = None  # wavefront: at most this many frames in flight (None: all ready)
+    invert_batch: int = 1  # frames per UNet call during inversion
 
     # --- Pix2Video (sec. 3.1, 3.2) ---
     refs: str = "anchor+prev"  # K/V source of the 9 decoder self-attention layers
@@ -83,6 +89,11 @@ def _verify(c: EditConfig) -> None:
     _choice("refs", c.refs, REFS)
     _choice("depth-norm", c.depth_norm, DEPTH_NORMS)
     _choice("backend", c.backend, BACKENDS)
+    _choice("schedule", c.schedule, SCHEDULES)
+    if c.batch_frames is not None and c.batch_frames < 1:
+        raise InputError(f"--batch-frames must be >= 1; got {c.batch_frames}")
+    if c.invert_batch < 1:
+        raise InputError(f"--invert-batch must be >= 1; got {c.invert_batch}")
     if c.dtype != "auto":
         _choice("dtype", c.dtype, DTYPES)
     if c.size <= 0 or c.size % 64:
@@ -93,8 +104,8 @@ def _verify(c: EditConfig) -> None:
         raise InputError(f"--max-frames must be >= 1; got {c.max_frames}")
     if c.stride < 1:
         raise InputError(f"--stride must be >= 1; got {c.stride}")
-    if not 1 <= c.steps <= 1000:
-        raise InputError(f"--steps must be between 1 and 1000; got {c.steps}")
+    if not 1 <= c.steps <= 500:
+        raise InputError(f"--steps must be between 1 and 500; got {c.steps}")
     if c.update_steps is not None and not 0 <= c.update_steps <= c.steps:
         raise InputError(f"--update-steps must be between 0 and --steps ({c.steps}); got {c.update_steps}")
     if c.guidance_scale < 1.0:

@@ -29,7 +29,8 @@ class DDIMSchedule:
         stride = sched.config.num_train_timesteps // steps
         prev = self.timesteps - stride
         self.abar = abar[self.timesteps].float()  # abar_t at each step
-        self.abar_prev = torch.where(prev >= 0, abar[prev.clamp(min=0)], torch.tensor(final, dtype=torch.float64)).float()
+        final_t = torch.tensor(final, dtype=torch.float64)
+        self.abar_prev = torch.where(prev >= 0, abar[prev.clamp(min=0)], final_t).float()  # abar before the step
 
     def _gather(self, table: torch.Tensor, idx: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return table[idx.cpu()].to(like.device).view(-1, *([1] * (like.ndim - 1)))

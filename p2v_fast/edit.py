@@ -193,3 +193,42 @@ def sequential(
             if on_step is not None:
                 on_step(1)
         yield st
+
+
+DEFAULT_WAVEFRONT_FRAMES = 16  # frames in flight when --batch-frames is not given
+
+
+def wavefront(
+    ctx: EditContext, initial: Iterator[FrameState], on_step=None, max_in_flight: int | None = None
+) -> Iterator[FrameState]:
+    """Exact wavefront schedule (DESIGN.md sec. 3): frame i at step s needs only (i-1, s) and
+    (i, s-1), so every tick advances each ready frame one step, all in one batched call per
+    network variant. Frames finish, and are yielded, in order; at most ``max_in_flight`` frames
+    hold state at once. The result equals :func:`sequential` up to float reassociation."""
+    steps = ctx.schedule.steps
+    cap = max_in_flight or DEFAULT_WAVEFRONT_FRAMES
+    pending = iter(initial)
+    in_flight: list[FrameState] = []
+    exhausted = False
+    last_finished_step = steps  # step count of the frame before in_flight[0] (finished)
+    while True:
+        # Admit the next frame once its predecessor has finished step 0.
+        while not exhausted and len(in_flight) < cap and (not in_flight or in_flight[-1].step >= 1):
+            nxt = next(pending, None)
+            if nxt is None:
+                exhausted = True
+            else:
+                in_flight.append(nxt)
+        if not in_flight:
+            return
+        ready = []
+        for k, st in enumerate(in_flight):
+            before = in_flight[k - 1].step if k > 0 else last_finished_step
+            if st.index == 0 or before > st.step:
+                ready.append(st)
+        run_step(ready, ctx)
+        if on_step is not None:
+            on_step(len(ready))
+        while in_flight and in_flight[0].step >= steps:
+            yield in_flight.pop(0)
+            last_finished_step = steps

@@ -284,10 +284,13 @@ class ClipScorer:
             from transformers import CLIPModel, CLIPProcessor
         except ImportError as exc:
             raise ModelLoadError(f"cannot load CLIP: {_one_line(exc)}") from exc
+        from p2v_fast.models import quiet_loading
+
         try:
-            path = str(ensure_tiny_clip()) if model == TINY_CLIP_NAME else model
-            self.model = CLIPModel.from_pretrained(path).to(device).eval()
-            self.processor = CLIPProcessor.from_pretrained(path)
+            with quiet_loading():  # no per-weight progress bars or load-time advice on stderr
+                path = str(ensure_tiny_clip()) if model == TINY_CLIP_NAME else model
+                self.model = CLIPModel.from_pretrained(path).to(device).eval()
+                self.processor = CLIPProcessor.from_pretrained(path)
         except Exception as exc:  # offline, missing, corrupt: all one user-facing error
             raise ModelLoadError(
                 f"cannot load CLIP model {model!r} ({_one_line(exc)}); "
@@ -440,6 +443,15 @@ class _RaftFlow:
         return f.float().cpu().numpy()
 
 
+def make_flow(flow: str) -> Any:
+    """The optical-flow callable ``f(a, b) -> [H, W, 2]`` (``a(p) ~ b(p + f(p))``) for ``flow``.
+
+    Build it once and pass it to :class:`StreamingEvaluator` to score several videos without
+    reloading RAFT's weights each time.
+    """
+    return _make_flow(flow)
+
+
 def _make_flow(flow: str) -> Any:
     if flow == "dis":
         return _DisFlow()
@@ -523,6 +535,20 @@ def _check_pairs(edited: Any, source: Any) -> tuple[list[np.ndarray], list[np.nd
     return ed, src
 
 
+def _pair_error(
+    flow_fn: Any, ed_a: np.ndarray, ed_b: np.ndarray, src_a: np.ndarray, src_b: np.ndarray
+) -> tuple[float, int, int]:
+    """One consecutive pair (t = a, t+1 = b) of Pixel-MSE: (error or NaN, valid pixels, pixels)."""
+    bw = flow_fn(src_b, src_a)  # src_b(p) ~ src_a(p + bw(p))
+    fw = flow_fn(src_a, src_b)  # src_a(p) ~ src_b(p + fw(p))
+    valid = consistency_mask(bw, fw)
+    warped, _, _, _ = warp_backward(ed_a, bw)
+    err = ((warped - ed_b.astype(np.float32)) ** 2).mean(-1)
+    n_valid = int(valid.sum())
+    value = float(err[valid].astype(np.float64).mean()) if n_valid else float("nan")
+    return value, n_valid, int(valid.size)
+
+
 def pixel_mse(edited: Any, source: Any, flow: str = "dis") -> PixelMSEResult:
     """Pixel-MSE: warp each edited frame to the next with the source video's flow.
 
@@ -541,17 +567,10 @@ def pixel_mse(edited: Any, source: Any, flow: str = "dis") -> PixelMSEResult:
     excluded = 0
     total = 0
     for t in range(len(ed) - 1):
-        bw = flow_fn(src[t + 1], src[t])  # src[t+1](p) ~ src[t](p + bw(p))
-        fw = flow_fn(src[t], src[t + 1])  # src[t](p) ~ src[t+1](p + fw(p))
-        valid = consistency_mask(bw, fw)
-        warped, _, _, _ = warp_backward(ed[t], bw)
-        err = ((warped - ed[t + 1].astype(np.float32)) ** 2).mean(-1)
-        n_valid = int(valid.sum())
-        total += valid.size
-        excluded += valid.size - n_valid
-        per_pair.append(
-            float(err[valid].astype(np.float64).mean()) if n_valid else float("nan")
-        )
+        value, n_valid, n_total = _pair_error(flow_fn, ed[t], ed[t + 1], src[t], src[t + 1])
+        total += n_total
+        excluded += n_total - n_valid
+        per_pair.append(value)
     finite = [v for v in per_pair if np.isfinite(v)]
     mse = float(np.mean(finite)) if finite else float("nan")
     return PixelMSEResult(mse=mse, masked_fraction=excluded / total, per_pair=per_pair)
@@ -585,3 +604,98 @@ def evaluate(
         "masked_fraction": mse.masked_fraction,
         "n_frames": len(ed),
     }
+
+
+class StreamingEvaluator:
+    """Table 2's metrics over frame pairs fed one at a time; holds O(1) frames.
+
+    Gives the same numbers as :func:`evaluate` on the full lists (up to float rounding), but keeps
+    only the previous (edited, source) pair and at most ``scorer.batch_size`` edited frames waiting
+    for CLIP, so a whole video never sits in memory::
+
+        ev = StreamingEvaluator(scorer, "a crochet swan", flow="dis")
+        for edited, source in zip(edited_frames, source_frames):
+            ev.add(edited, source)
+        scores = ev.result()
+    """
+
+    def __init__(
+        self, scorer: ClipScorer, prompt: str, flow: str = "dis", flow_fn: Any = None
+    ) -> None:
+        prompt = _check_prompt(prompt)
+        if flow not in FLOW_METHODS:
+            raise InputError(
+                f"unknown flow method {flow!r}; expected one of {', '.join(FLOW_METHODS)}"
+            )
+        self.scorer = scorer
+        self.prompt = prompt
+        self.flow = flow
+        self._flow_fn = flow_fn if flow_fn is not None else _make_flow(flow)
+        self._text = scorer.text_embeds([prompt])[0]
+        self._shape: tuple[int, ...] | None = None
+        self._prev: tuple[np.ndarray, np.ndarray] | None = None
+        self._pending: list[np.ndarray] = []
+        self._last_emb: torch.Tensor | None = None
+        self.n_frames = 0
+        self.per_pair: list[float] = []
+        self._excluded = 0
+        self._total = 0
+        self._text_sum = 0.0
+        self._image_sum = 0.0
+        self._n_image = 0
+
+    def add(self, edited: np.ndarray, source: np.ndarray) -> None:
+        """Feed frame t of the edited video and frame t of the source (uint8 [H, W, 3], same size)."""
+        i = self.n_frames
+        (ed,) = _check_frames([edited], f"edited frame {i}")
+        (src,) = _check_frames([source], f"source frame {i}")
+        if self._shape is None:
+            self._shape = src.shape
+        if src.shape != self._shape:
+            raise InputError(
+                f"source frame {i} has size {src.shape[1]}x{src.shape[0]}, "
+                f"frame 0 has {self._shape[1]}x{self._shape[0]}"
+            )
+        if ed.shape != src.shape:
+            raise InputError(
+                f"edited frame {i} is {ed.shape[1]}x{ed.shape[0]} but source frame {i} is "
+                f"{src.shape[1]}x{src.shape[0]} (WxH)"
+            )
+        if self._prev is not None:
+            value, n_valid, n_total = _pair_error(self._flow_fn, self._prev[0], ed, self._prev[1], src)
+            self.per_pair.append(value)
+            self._total += n_total
+            self._excluded += n_total - n_valid
+        self._prev = (ed, src)
+        self._pending.append(ed)
+        self.n_frames += 1
+        if len(self._pending) >= self.scorer.batch_size:
+            self._flush()
+
+    def _flush(self) -> None:
+        import torch
+
+        if not self._pending:
+            return
+        emb = self.scorer.image_embeds(self._pending)
+        self._pending = []
+        self._text_sum += float((emb @ self._text).double().sum())
+        chain = emb if self._last_emb is None else torch.cat([self._last_emb[None], emb])
+        if len(chain) > 1:
+            self._image_sum += float((chain[:-1] * chain[1:]).sum(-1).double().sum())
+            self._n_image += len(chain) - 1
+        self._last_emb = emb[-1]
+
+    def result(self) -> dict[str, float | int]:
+        """The scores so far, as :func:`evaluate` returns them; needs at least 2 frames."""
+        self._flush()
+        if self.n_frames < 2:
+            raise InputError(f"need at least 2 frames for temporal metrics, got {self.n_frames}")
+        finite = [v for v in self.per_pair if np.isfinite(v)]
+        return {
+            "clip_text": self._text_sum / self.n_frames,
+            "clip_image": self._image_sum / self._n_image,
+            "pixel_mse": float(np.mean(finite)) if finite else float("nan"),
+            "masked_fraction": self._excluded / self._total,
+            "n_frames": self.n_frames,
+        }

@@ -172,7 +172,8 @@ def _from_hub(repo_id: str, load: Callable[[bool], Any]) -> Any:
     """Run ``load(local_files_only)``: from the cache first, then online if reachable."""
     if not _looks_like_repo_id(repo_id):
         raise ModelLoadError(
-            f"model '{repo_id}' is neither a local folder nor a Hugging Face repo id (owner/name); pass a hub id, a local folder or 'tiny'"
+            f"model '{repo_id}' is neither a local folder nor a Hugging Face repo id (owner/name); "
+            "pass a hub id, a local folder or 'tiny'"
         )
     try:
         return load(True)

@@ -9,7 +9,7 @@ import platform
 def _version(module: str) -> str | None:
     try:
         return getattr(importlib.import_module(module), "__version__", "installed")
-    except Exception:  # noqa: BLE001 - any import failure means "not usable"
+    except Exception:
         return None
 
 
@@ -34,10 +34,11 @@ def onnxruntime_status() -> tuple[bool, str]:
 
 def tensorrt_status() -> tuple[bool, str]:
     try:
-        import tensorrt as trt  # noqa: F401
+        import tensorrt as trt
         version = trt.__version__
-    except Exception as exc:  # noqa: BLE001 - the registry's placeholder package raises on import
-        return False, f"not usable: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else 'import failed'}"
+    except Exception as exc:
+        first = str(exc).splitlines()[0][:120] if str(exc) else "import failed"
+        return False, f"not usable: {type(exc).__name__}: {first}"
     ok, cuda = cuda_status()
     if not ok:
         return False, f"{version} installed, but {cuda}"
@@ -60,3 +61,16 @@ def system_report() -> list[tuple[str, str]]:
     rows.append(("ONNX Runtime", onnxruntime_status()[1]))
     rows.append(("TensorRT", tensorrt_status()[1]))
     return rows
+
+
+def engines_report(folder=None) -> list[tuple[str, str]]:
+    """Rows for the engine folder (``./engines`` by default): model, profile, and per network its
+    files and whether its TensorRT engine matches this machine."""
+    from pathlib import Path
+
+    from export.manifest import DEFAULT_ENGINES, describe_folder
+
+    path = Path(folder) if folder is not None else DEFAULT_ENGINES
+    if folder is None and not (path / "manifest.json").exists():
+        return [("engines", f"none in ./{path} (create them with `p2v export`)")]
+    return describe_folder(path)

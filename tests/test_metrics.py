@@ -15,6 +15,7 @@ from p2v_fast.metrics import (
     TINY_CLIP_DIR,
     ClipScorer,
     PixelMSEResult,
+    StreamingEvaluator,
     clip_image_score,
     clip_text_score,
     evaluate,
@@ -214,6 +215,45 @@ def test_evaluate(tiny_scorer, clip6):
     assert out["clip_text"] == pytest.approx(
         clip_text_score(scorer, clip6, "a panning shot"), abs=1e-6
     )
+
+
+@pytest.mark.parametrize("batch_size", [1, 4, 16])
+def test_streaming_evaluator_matches_evaluate(tiny_scorer, clip6, batch_size):
+    """Frames fed one at a time, CLIP batches cut anywhere: the same numbers as evaluate()."""
+    scorer, _ = tiny_scorer
+    rng = np.random.default_rng(3)
+    edited = [np.clip(f.astype(int) + rng.integers(-20, 21, f.shape), 0, 255).astype(np.uint8) for f in clip6]
+    ref = evaluate(edited, clip6, "a panning shot", scorer)
+    old = scorer.batch_size
+    scorer.batch_size = batch_size
+    try:
+        ev = StreamingEvaluator(scorer, "a panning shot")
+        for e, s in zip(edited, clip6, strict=True):
+            ev.add(e, s)
+        out = ev.result()
+    finally:
+        scorer.batch_size = old
+    assert set(out) == set(ref) and out["n_frames"] == 6 and len(ev.per_pair) == 5
+    for k in ("clip_text", "clip_image"):
+        assert out[k] == pytest.approx(ref[k], abs=1e-6)
+    assert out["pixel_mse"] == pytest.approx(ref["pixel_mse"], rel=1e-9)
+    assert out["masked_fraction"] == ref["masked_fraction"]
+
+
+def test_streaming_evaluator_bad_inputs(tiny_scorer, clip6):
+    scorer, _ = tiny_scorer
+    with pytest.raises(InputError, match="empty"):
+        StreamingEvaluator(scorer, "  ")
+    with pytest.raises(InputError, match="farneback"):
+        StreamingEvaluator(scorer, "a cat", flow="farneback")
+    ev = StreamingEvaluator(scorer, "a cat")
+    ev.add(clip6[0], clip6[0])
+    with pytest.raises(InputError, match="at least 2"):
+        ev.result()
+    with pytest.raises(InputError, match="64x48"):
+        ev.add(cv2.resize(clip6[1], (64, 48)), clip6[1])
+    with pytest.raises(InputError, match="source frame 1"):
+        ev.add(clip6[1], cv2.resize(clip6[1], (64, 48)))
 
 
 # ------------------------------------------------------------------------------ errors

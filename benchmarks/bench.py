@@ -1,0 +1,486 @@
+"""`p2v bench`: seconds per frame of every stage, per backend, schedule and latent-update mode.
+
+Stages (all in seconds per frame, frames processed one at a time unless a schedule batches them):
+  depth       DPT depth of one frame (preprocessing, network, resize to latent size)
+  vae_encode  VAE mean latent of one frame
+  inversion   :func:`p2v_fast.inversion.invert_clip` on a cold cache, per frame: encode + depth +
+              ``steps`` DDIM-inversion UNet calls (batch 1, conditional branch) + cache writes
+  edit        the edit loop over the clip, per frame (Algorithm 1; ``anchor`` = frame 1 and
+              ``propagated`` = the mean of frames 2..n, split for the sequential schedule only,
+              since the wavefront schedule runs frames together)
+  vae_decode  VAE decode of one latent
+
+Every stage runs ``warmup`` times untimed, then ``repeats`` times; the device is synchronised
+before each clock mark (CUDA events on a GPU). Each row reports every repeat, the median, min/max
+and IQR, and the peak memory of the stage. UNet calls are counted from the backends' counters;
+UNet FLOPs per call come from :mod:`benchmarks.flops`. All backends run in one process on the
+same model set, built once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.arch import ARCHS, build_arch, parameter_counts
+from benchmarks.flops import UNetFlops, count_unet_flops
+from benchmarks.hardware import device_info, machine_info, versions
+from benchmarks.timing import Clock, PeakMemory, load_average, summarize
+from p2v_fast.backends import Backend, CallCounter, TorchBackend, make_backend
+from p2v_fast.config import BACKENDS, DTYPES, LATENT_UPDATES, SCHEDULES, EditConfig
+from p2v_fast.ddim import DDIMSchedule
+from p2v_fast.edit import EditContext, EditStats, FeatureStore, FrameState, sequential, wavefront
+from p2v_fast.errors import InputError, P2VError
+from p2v_fast.inversion import frames_digest, images_to_tensor, invert_clip, raw_depth, select_clip
+from p2v_fast.pipeline import resolve_device, resolve_dtype
+from p2v_fast.progress import NullProgress, Progress
+from p2v_fast.prompts import encode_prompt
+from p2v_fast.video import make_sample_clip
+
+SCHEMA = "p2v-bench/1"
+SOURCE_PROMPT = "a photo of a ball in a colourful room"
+TARGET_PROMPT = "a watercolor painting of a ball in a colourful room"
+#: Pix2Video's reported speed (paper sec. 4): 5 s per frame on an A100 once frames are inverted,
+#: 512x512, 50 DDIM steps, SD2-depth.
+PAPER = {"seconds_per_frame": 5.0, "device": "NVIDIA A100", "size": 512, "steps": 50,
+         "basis": "edit + VAE decode per frame, inversion excluded"}
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What to benchmark. ``model`` and ``arch`` are exclusive; with neither, ``arch`` is
+    ``sd2-depth`` (the real architecture with random weights: honest speed, no download)."""
+
+    # --- model ---
+    model: str | None = None  # hub id, local diffusers folder, or "tiny"
+    arch: str | None = None  # "sd2-depth": full-size, random weights, built in code
+    dtype: str = "auto"
+    device: str = "auto"
+    engines: Path | None = None  # exported graphs / engines for non-torch backends
+
+    # --- workload (paper: 512x512, 50 steps) ---
+    size: int = 512
+    steps: int = 50
+    frames: int = 4
+    update_steps: int | None = None  # guided steps; None: steps // 2
+
+    # --- what to compare, all in one run ---
+    backends: tuple[str, ...] = ("torch",)
+    latent_updates: tuple[str, ...] = LATENT_UPDATES
+    schedules: tuple[str, ...] = SCHEDULES
+    batch_frames: int | None = None  # wavefront: frames in flight
+    invert_batch: int = 1
+
+    # --- timing ---
+    repeats: int = 3
+    warmup: int = 1
+    threads: int | None = None  # CPU intra-op threads for the run (None: torch's default)
+    seed: int = 0
+    json_path: Path | None = None  # also write the report here (atomically)
+
+    def __post_init__(self) -> None:
+        _verify(self)
+
+    @property
+    def model_label(self) -> str:
+        return self.model if self.model is not None else f"arch:{self.arch or ARCHS[0]}"
+
+    def edit_config(self) -> EditConfig:
+        """The edit options every run starts from (validated by EditConfig itself)."""
+        return EditConfig(
+            prompt=TARGET_PROMPT, source_prompt=SOURCE_PROMPT, model=self.model or "tiny", device=self.device,
+            dtype=self.dtype, backend=self.backends[0], engines=self.engines, size=self.size,
+            max_frames=self.frames, steps=self.steps, seed=self.seed, schedule=self.schedules[0],
+            latent_update=self.latent_updates[0], update_steps=self.update_steps, batch_frames=self.batch_frames,
+            invert_batch=self.invert_batch,
+        )
+
+
+def _verify(o: BenchOptions) -> None:
+    def choices(flag: str, values: tuple[str, ...], allowed: tuple[str, ...]) -> None:
+        if not values:
+            raise InputError(f"--{flag} needs at least one value")
+        for v in values:
+            if v not in allowed:
+                raise InputError(f"--{flag} must be one of {', '.join(allowed)}; got {v!r}")
+        if len(set(values)) != len(values):
+            raise InputError(f"--{flag} lists a value twice: {', '.join(values)}")
+
+    if o.model is not None and o.arch is not None:
+        raise InputError(f"give --model or --arch, not both (got --model {o.model!r} --arch {o.arch!r})")
+    if o.arch is not None and o.arch not in ARCHS:
+        raise InputError(f"--arch must be one of {', '.join(ARCHS)}; got {o.arch!r}")
+    choices("backend", o.backends, BACKENDS)
+    choices("latent-update", o.latent_updates, LATENT_UPDATES)
+    choices("schedule", o.schedules, SCHEDULES)
+    if o.dtype != "auto" and o.dtype not in DTYPES:
+        raise InputError(f"--dtype must be auto or one of {', '.join(DTYPES)}; got {o.dtype!r}")
+    if o.frames < 1:
+        raise InputError(f"--frames must be >= 1; got {o.frames}")
+    if o.repeats < 1:
+        raise InputError(f"--repeats must be >= 1; got {o.repeats}")
+    if o.warmup < 0:
+        raise InputError(f"--warmup must be >= 0; got {o.warmup}")
+    if o.threads is not None and o.threads < 1:
+        raise InputError(f"--threads must be >= 1; got {o.threads}")
+    o.edit_config()  # size, steps, update_steps, batch sizes
+
+
+# ------------------------------------------------------------------------------------------
+# helpers
+
+
+def _schedule_runner(cfg: EditConfig) -> Callable[[EditContext, Iterator[FrameState]], Iterator[FrameState]]:
+    """The edit loop of ``cfg.schedule``, called as the pipeline calls it."""
+    if cfg.schedule == "wavefront":
+        return lambda ctx, initial: wavefront(ctx, initial, max_in_flight=cfg.batch_frames)
+    return lambda ctx, initial: sequential(ctx, initial)
+
+
+def _distinct(backends: list[Backend | None]) -> list[Backend]:
+    out: list[Backend] = []
+    for b in backends:
+        if b is not None and all(b is not o for o in out):
+            out.append(b)
+    return out
+
+
+def _snapshot(backends: list[Backend]) -> dict[str, int]:
+    """Summed counters of ``backends`` (a separate torch grad backend does the autograd steps)."""
+    total = CallCounter()
+    for b in backends:
+        for name in total.__dataclass_fields__:
+            setattr(total, name, getattr(total, name) + getattr(b.counter, name))
+    return dataclasses.asdict(total)
+
+
+def _diff(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    return {k: b[k] - a[k] for k in a}
+
+
+def _per_frame(counts: dict[str, int], n: int) -> dict[str, float]:
+    return {k: v / n for k, v in counts.items()}
+
+
+def _reset(backends: list[Backend]) -> None:
+    for b in backends:
+        b.counter.reset()
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` as JSON to ``path`` through a temporary file and a rename."""
+    path = Path(path)
+    if path.parent and not path.parent.is_dir():
+        raise InputError(f"--json folder '{path.parent}' does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load_models(opts: BenchOptions, device: torch.device, dtype: torch.dtype):
+    if opts.model is not None:
+        from p2v_fast.models import load_models
+
+        return load_models(opts.model, device=device, dtype=dtype)
+    return build_arch(opts.arch or ARCHS[0], device, dtype, seed=opts.seed)
+
+
+@dataclass
+class _Bench:
+    """State shared by the measurements of one backend."""
+
+    opts: BenchOptions
+    models: Any
+    backends: list[Backend]  # whose counters are summed
+    clock: Clock
+    memory: PeakMemory
+    advance: Callable[[int], None]
+    results: dict[str, Any] = field(default_factory=dict)
+
+    def measure(self, fn: Callable[[], object], n_frames: int) -> dict[str, Any]:
+        """``fn`` (one pass over ``n_frames`` frames) warm-up times untimed, then timed ``repeats``
+        times. Seconds per frame, peak memory, and the counters of the last repeat per frame."""
+        for _ in range(self.opts.warmup):
+            fn()
+            self.advance(1)
+        self.memory.reset()
+        samples = []
+        counts: dict[str, int] = {}
+        for _ in range(self.opts.repeats):
+            _reset(self.backends)
+            a = self.clock.mark()
+            fn()
+            b = self.clock.mark()
+            samples.append(self.clock.seconds(a, b) / n_frames)
+            counts = _snapshot(self.backends)
+            self.advance(1)
+        return {"seconds_per_frame": summarize(samples), "peak_memory_bytes": self.memory.peak(),
+                "counters_per_frame": _per_frame(counts, n_frames)}
+
+
+# ------------------------------------------------------------------------------------------
+# the edit
+
+
+def expected_unet_per_frame(cfg: EditConfig) -> dict[str, dict[str, int]]:
+    """UNet work of Algorithm 1 per frame: the anchor and each propagated frame run ``steps``
+    calls of 2 samples (the two CFG branches); a propagated frame adds one backward pass per
+    guided step in ``autograd`` mode."""
+    backward = cfg.guided_steps if cfg.latent_update == "autograd" else 0
+    return {
+        "anchor": {"unet_calls": cfg.steps, "unet_samples": 2 * cfg.steps, "unet_backward": 0},
+        "propagated": {"unet_calls": cfg.steps, "unet_samples": 2 * cfg.steps, "unet_backward": backward},
+    }
+
+
+def edit_flops(cfg: EditConfig, flops: UNetFlops, n_frames: int) -> dict[str, float]:
+    """UNet FLOPs per frame: per-call FLOPs x calls per frame (see :func:`expected_unet_per_frame`)."""
+    calls = expected_unet_per_frame(cfg)
+    xframe = cfg.refs != "none"
+    fwd = flops.xframe_call if xframe else flops.anchor_call
+    bwd = flops.xframe_backward if xframe else flops.anchor_backward
+    anchor = calls["anchor"]["unet_calls"] * flops.anchor_call
+    propagated = calls["propagated"]["unet_calls"] * fwd + calls["propagated"]["unet_backward"] * bwd
+    mean = (anchor + (n_frames - 1) * propagated) / n_frames
+    return {"anchor": float(anchor), "propagated": float(propagated), "mean": float(mean)}
+
+
+def _edit_once(cfg: EditConfig, bench: _Bench, runtime: tuple[Backend, Backend | None], schedule: DDIMSchedule,
+               embeds: torch.Tensor, inverted: list[dict[str, torch.Tensor]], latent_hw: tuple[int, int]):
+    """One edit of the clip: clock marks and counter snapshots at the start and after each
+    finished frame, and the run's stats."""
+    backend, grad = runtime
+    n = len(inverted)
+    stats = EditStats()
+    ctx = EditContext(cfg, backend, grad, schedule, embeds, FeatureStore(cfg, n), cfg.effective_delta(latent_hw),
+                      stats)
+    initial = (FrameState(i, d["x_T"].clone(), d["depth"]) for i, d in enumerate(inverted))
+    _reset(bench.backends)
+    marks, counts = [bench.clock.mark()], [_snapshot(bench.backends)]
+    for _ in _schedule_runner(cfg)(ctx, initial):
+        marks.append(bench.clock.mark())
+        counts.append(_snapshot(bench.backends))
+    return marks, counts, stats
+
+
+def _bench_edit(cfg: EditConfig, bench: _Bench, runtime: tuple[Backend, Backend | None], embeds: torch.Tensor,
+                inverted: list[dict[str, torch.Tensor]], latent_hw: tuple[int, int],
+                flops: UNetFlops) -> dict[str, Any]:
+    n = len(inverted)
+    schedule = DDIMSchedule(bench.models.scheduler, cfg.steps)
+    for _ in range(bench.opts.warmup):
+        _edit_once(cfg, bench, runtime, schedule, embeds, inverted, latent_hw)
+        bench.advance(1)
+    bench.memory.reset()
+    edit, anchor, propagated = [], [], []
+    marks: list = []
+    counts: list[dict[str, int]] = []
+    stats = EditStats()
+    for _ in range(bench.opts.repeats):
+        marks, counts, stats = _edit_once(cfg, bench, runtime, schedule, embeds, inverted, latent_hw)
+        secs = [bench.clock.seconds(a, b) for a, b in itertools.pairwise(marks)]
+        edit.append(sum(secs) / n)
+        if cfg.schedule == "sequential":
+            anchor.append(secs[0])
+            if n > 1:
+                propagated.append(sum(secs[1:]) / (n - 1))
+        bench.advance(1)
+    peak = bench.memory.peak()
+
+    total = _diff(counts[0], counts[-1])
+    per_frame = [_diff(a, b) for a, b in itertools.pairwise(counts)]
+    expected = expected_unet_per_frame(cfg)
+    unet: dict[str, Any] = {"mean": _per_frame(total, n), "total": total, "expected": expected}
+    keys = ("unet_calls", "unet_samples", "unet_backward")
+    if cfg.schedule == "sequential":
+        unet["frames"] = per_frame
+        unet["anchor"] = {k: per_frame[0][k] for k in keys}
+        unet["propagated"] = {k: sum(f[k] for f in per_frame[1:]) / (n - 1) for k in keys} if n > 1 else None
+        match = unet["anchor"] == expected["anchor"] and all(
+            {k: f[k] for k in keys} == expected["propagated"] for f in per_frame[1:])
+    else:  # batched: fewer, larger calls; the samples and backward frame-steps are the same work
+        unet["anchor"] = unet["propagated"] = None
+        match = total["unet_samples"] == 2 * cfg.steps * n
+    unet["counts_match_algorithm"] = bool(match)
+
+    return {
+        "schedule": cfg.schedule,
+        "latent_update": cfg.latent_update,
+        "refs": cfg.refs,
+        "guided_steps": cfg.guided_steps,
+        "delta": cfg.effective_delta(latent_hw),
+        "batch_frames": cfg.batch_frames if cfg.schedule == "wavefront" else None,
+        "seconds_per_frame": {
+            "edit": summarize(edit),
+            "anchor": summarize(anchor) if anchor else None,
+            "propagated": summarize(propagated) if propagated else None,
+        },
+        "peak_memory_bytes": peak,
+        "peak_feature_bytes": stats.peak_feature_bytes,
+        "unet_per_frame": unet,
+        "update_rms_per_step": {str(k): v for k, v in stats.mean_update_rms().items()},
+        "unet_flops_per_frame": edit_flops(cfg, flops, n),
+    }
+
+
+# ------------------------------------------------------------------------------------------
+# one backend
+
+
+def _bench_backend(name: str, opts: BenchOptions, base: EditConfig, models, selection, frames, flops: UNetFlops,
+                   peak_tflops: object, work: Path, progress: Progress) -> dict[str, Any]:
+    try:
+        backend = make_backend(name, models, opts.engines)
+    except P2VError as exc:
+        progress.log(f"{name}: skipped ({exc})")
+        return {"backend": name, "error": str(exc)}
+    grad = backend if backend.supports_grad else (
+        TorchBackend(models) if "autograd" in opts.latent_updates else None)
+    n, latent_hw, device = len(frames), selection.latent_hw, backend.device
+    edits = [(s, m) for s in opts.schedules for m in opts.latent_updates]
+    runs = (opts.warmup + opts.repeats) * (4 + len(edits))
+    bench = _Bench(opts, models, _distinct([backend, grad]), Clock(device), PeakMemory(device),
+                   progress.stage(f"bench {name}", runs))
+    cfg = base.replace(backend=name)
+    result: dict[str, Any] = {"backend": name, "runs_as": backend.name,
+                              "grad_backend": None if grad is None else grad.name,
+                              "clock": bench.clock.kind, "memory": bench.memory.kind, "stages": {}, "edits": []}
+    stages = result["stages"]
+
+    progress.log(f"{name}: depth")
+    stages["depth"] = bench.measure(lambda: [raw_depth(models, backend, [f], latent_hw) for f in frames], n)
+
+    progress.log(f"{name}: VAE encode")
+    images = [images_to_tensor([f]).to(device) for f in frames]
+    stages["vae_encode"] = bench.measure(lambda: [backend.vae_encode(im) for im in images], n)
+
+    progress.log(f"{name}: inversion ({opts.steps} steps, cold cache)")
+    digest = frames_digest(selection)
+    handles = []
+
+    def invert() -> None:
+        root = work / f"inversion-{name}-{len(handles)}"
+        if handles:  # keep only the latest cache on disk
+            shutil.rmtree(handles[-1][0], ignore_errors=True)
+        handle = invert_clip(cfg.replace(cache_dir=root), selection, models, backend, SOURCE_PROMPT, digest=digest,
+                             batch=cfg.invert_batch)
+        handles.append((root, handle))
+
+    stages["inversion"] = bench.measure(invert, n)
+    inverted = [handles[-1][1].load(i, device) for i in range(n)]
+
+    embeds = torch.cat([encode_prompt(models, cfg.negative_prompt), encode_prompt(models, cfg.prompt)])
+    for schedule, mode in edits:
+        progress.log(f"{name}: edit, {schedule} schedule, latent update {mode}")
+        result["edits"].append(_bench_edit(cfg.replace(schedule=schedule, latent_update=mode), bench,
+                                           (backend, grad), embeds, inverted, latent_hw, flops))
+
+    progress.log(f"{name}: VAE decode")
+    latents = [d["x_0"] for d in inverted]
+    stages["vae_decode"] = bench.measure(lambda: [backend.vae_decode(x) for x in latents], n)
+    _add_throughput(result, flops, base, peak_tflops)
+    return result
+
+
+def _add_throughput(result: dict[str, Any], flops: UNetFlops, base: EditConfig, peak: object) -> None:
+    """Achieved UNet TFLOP/s, the fraction of the device's peak (``peak`` TFLOP/s, or
+    ``"unknown"``), and the ratio to the paper's 5 s/frame."""
+    inv = result["stages"]["inversion"]
+    inv["unet_flops_per_frame"] = float(base.steps * flops.inversion_call)
+    decode = result["stages"]["vae_decode"]["seconds_per_frame"]["median"]
+    for e in [inv, *result["edits"]]:
+        secs = (e["seconds_per_frame"]["median"] if e is inv else e["seconds_per_frame"]["edit"]["median"])
+        per_frame = e["unet_flops_per_frame"] if e is inv else e["unet_flops_per_frame"]["mean"]
+        achieved = per_frame / secs / 1e12 if secs > 0 else None
+        e["achieved_unet_tflops"] = achieved
+        e["fraction_of_peak"] = (achieved / peak if isinstance(peak, float) and achieved is not None else "unknown")
+    for e in result["edits"]:
+        seconds = e["seconds_per_frame"]["edit"]["median"] + decode
+        e["seconds_per_frame_with_decode"] = seconds
+        e["paper_ratio"] = seconds / PAPER["seconds_per_frame"]
+
+
+# ------------------------------------------------------------------------------------------
+# entry point
+
+
+def run_bench(opts: BenchOptions, progress: Progress | None = None) -> dict[str, Any]:
+    """Run the benchmark described by ``opts``; returns the report (and writes it to
+    ``opts.json_path`` if set). A backend that cannot run here is reported with its error and
+    the others still run; if none can, :class:`~p2v_fast.errors.BackendUnavailableError`.
+    ``opts.threads`` applies for the run only; torch's thread count is restored afterwards."""
+    threads = torch.get_num_threads()
+    if opts.threads is not None:
+        torch.set_num_threads(opts.threads)
+    try:
+        return _run(opts, progress or NullProgress())
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(opts: BenchOptions, progress: Progress) -> dict[str, Any]:
+    from p2v_fast.errors import BackendUnavailableError
+
+    base = opts.edit_config()
+    device = resolve_device(opts.device)
+    dtype = resolve_dtype(opts.dtype, device)
+    torch.manual_seed(opts.seed)
+    dev_info = device_info(device, dtype)
+    report: dict[str, Any] = {
+        "schema": SCHEMA,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "load_average_start": load_average(),
+        "device": dev_info,
+        "versions": versions(),
+        "options": dataclasses.asdict(opts),
+        "config": dataclasses.asdict(base),
+        "dtype": str(dtype).removeprefix("torch."),
+        "paper": PAPER,
+        "timing": {"warmup": opts.warmup, "repeats": opts.repeats, "unit": "seconds per frame",
+                   "spread": "min/max and IQR over repeats"},
+    }
+    with tempfile.TemporaryDirectory(prefix="p2v-bench-") as tmp:
+        work = Path(tmp)
+        progress.log(f"building/loading {opts.model_label} ({report['dtype']} on {device})")
+        t0 = time.perf_counter()
+        models = _load_models(opts, device, dtype)
+        report["model"] = {"name": opts.model_label, "load_seconds": time.perf_counter() - t0,
+                           "parameters": parameter_counts(models)}
+        clip = make_sample_clip(work / "clip.mp4", n_frames=opts.frames, size=(opts.size, opts.size),
+                                with_audio=False)
+        selection = select_clip(clip, base)
+        frames = list(selection.frames())
+        report["clip"] = {"frames": len(frames), "size": list(selection.size), "latent_hw": list(selection.latent_hw),
+                          "source": "synthetic (p2v_fast.video.make_sample_clip)"}
+        flops = count_unet_flops(models.unet, selection.latent_hw)
+        report["unet_flops"] = flops.as_dict()
+        report["runs"] = []
+        for name in opts.backends:
+            report["runs"].append(_bench_backend(name, opts, base, models, selection, frames, flops,
+                                                 dev_info["peak_tflops"], work, progress))
+    report["load_average_end"] = load_average()
+    if opts.json_path is not None:
+        write_json_atomic(opts.json_path, report)
+    if all("error" in r for r in report["runs"]):
+        raise BackendUnavailableError("no requested backend can run here: " + "; ".join(
+            f"{r['backend']}: {r['error']}" for r in report["runs"]))
+    return report

@@ -1,0 +1,114 @@
+"""Rendering of a :func:`benchmarks.bench.run_bench` report: rich tables and Markdown.
+
+One table per backend. Rows are stages in seconds per frame (median, and min-max over the
+repeats; the JSON also has every repeat and the IQR); the edit has one section per schedule and
+latent-update mode with the anchor frame, the propagated frames and the mean over the clip.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+COLUMNS = ("stage", "s/frame", "min–max", "UNet calls/frame", "UNet TFLOP/frame", "TFLOP/s", "of peak",
+           "peak mem", "vs paper")
+
+_STAGES = (("depth", "depth"), ("vae_encode", "VAE encode"), ("inversion", "inversion, cold cache"))
+
+
+def _secs(x: float | None) -> str:
+    if x is None:
+        return ""
+    return f"{x:.3g}" if x < 1000 else f"{x:.0f}"
+
+
+def _row(stage: str, summary: dict[str, Any] | None, calls: dict[str, float] | None = None,
+         tflop: float | None = None, tflops: float | None = None, peak: object = None, memory: int | None = None,
+         ratio: float | None = None) -> list[str]:
+    back = f" + {calls['unet_backward']:.3g} bwd" if calls and calls["unet_backward"] else ""
+    return [
+        stage,
+        _secs(summary["median"]) if summary else "n/a",
+        f"{_secs(summary['min'])}–{_secs(summary['max'])}" if summary else "",
+        f"{calls['unet_calls']:.3g}{back}" if calls else "",
+        "" if tflop is None else f"{tflop / 1e12:.3g}",
+        "" if tflops is None else f"{tflops:.3g}",
+        f"{100 * peak:.1f} %" if isinstance(peak, float) else ("" if peak is None else str(peak)),
+        "" if memory is None else f"{memory / 2**30:.2f} GiB",
+        "" if ratio is None else f"{ratio:.3g}x",
+    ]
+
+
+def backend_rows(run: dict[str, Any]) -> list[list[str] | str]:
+    """Rows of one backend's table; a plain string is a section heading."""
+    st = run["stages"]
+    out: list[list[str] | str] = []
+    for key, label in _STAGES:
+        s = st[key]
+        if key == "inversion":
+            out.append(_row(label, s["seconds_per_frame"], s["counters_per_frame"], s["unet_flops_per_frame"],
+                            s["achieved_unet_tflops"], s["fraction_of_peak"], s["peak_memory_bytes"]))
+        else:
+            out.append(_row(label, s["seconds_per_frame"], memory=s["peak_memory_bytes"]))
+    for e in run["edits"]:
+        sp, unet, fl = e["seconds_per_frame"], e["unet_per_frame"], e["unet_flops_per_frame"]
+        out.append(f"edit · {e['schedule']} · {e['latent_update']}")
+        if sp["anchor"] is not None:
+            out.append(_row("  anchor frame", sp["anchor"], unet["anchor"], fl["anchor"]))
+        if sp["propagated"] is not None:
+            out.append(_row("  propagated frame", sp["propagated"], unet["propagated"], fl["propagated"]))
+        out.append(_row("  mean over the clip", sp["edit"], unet["mean"], fl["mean"], e["achieved_unet_tflops"],
+                        e["fraction_of_peak"], e["peak_memory_bytes"], e["paper_ratio"]))
+    d = st["vae_decode"]
+    out.append(_row("VAE decode", d["seconds_per_frame"], memory=d["peak_memory_bytes"]))
+    return out
+
+
+def title(report: dict[str, Any], backend: str) -> str:
+    o, dev = report["options"], report["device"]
+    return (f"p2v bench, {backend} backend: {report['model']['name']}, {o['size']}x{o['size']}, {o['steps']} steps, "
+            f"{report['clip']['frames']} frames, {report['dtype']} on {dev['name']}")
+
+
+def caption(report: dict[str, Any]) -> str:
+    o, p = report["options"], report["paper"]
+    return (f"seconds per frame: median of {o['repeats']} after {o['warmup']} warm-up. "
+            f"vs paper: (edit + VAE decode) / {p['seconds_per_frame']:g} s/frame ({p['device']}, {p['size']}², "
+            f"{p['steps']} steps). Load average {report.get('load_average_start')} -> "
+            f"{report.get('load_average_end')}.")
+
+
+def rich_tables(report: dict[str, Any]) -> list[Table | str]:
+    """One rich Table per backend that ran; an error line for one that did not."""
+    out: list[Table | str] = []
+    for run in report["runs"]:
+        if "error" in run:
+            out.append(f"[red]{run['backend']}: not run[/red]: {run['error']}")
+            continue
+        table = Table(title=title(report, run["backend"]), caption=caption(report), caption_justify="left")
+        for name in COLUMNS:
+            table.add_column(name, justify="left" if name == "stage" else "right", no_wrap=name != "stage")
+        for row in backend_rows(run):
+            if isinstance(row, str):
+                table.add_row(f"[bold]{row}[/bold]", end_section=False)
+            else:
+                table.add_row(*row)
+        out.append(table)
+    return out
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The same tables in Markdown (for a README)."""
+    lines: list[str] = []
+    for run in report["runs"]:
+        if "error" in run:
+            lines += [f"{run['backend']}: not run: {run['error']}", ""]
+            continue
+        lines += [f"**{title(report, run['backend'])}**", "", "| " + " | ".join(COLUMNS) + " |",
+                  "|---" * len(COLUMNS) + "|"]
+        for row in backend_rows(run):
+            cells = [f"*{row}*"] + [""] * (len(COLUMNS) - 1) if isinstance(row, str) else row
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", caption(report), ""]
+    return "\n".join(lines)

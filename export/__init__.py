@@ -1,0 +1,285 @@
+"""Export the five networks to ONNX and build TensorRT engines: ``export_engines``.
+
+Stages per network, each skipped when its artifact is current (its key, see
+:mod:`export.manifest`, matches and its file is whole) unless ``force``:
+
+1. ONNX: export through the wrapper module, clean, check, validate against PyTorch in ONNX
+   Runtime (:mod:`export.onnx_export`).
+2. TensorRT (``format="tensorrt"``): build the engine with the spec's profile
+   (:mod:`export.tensorrt_build`).
+
+``manifest.json`` is rewritten after every finished network, so an interrupted export keeps
+what it finished. ``p2v export`` is the CLI over this function.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from export.manifest import (
+    DEFAULT_ENGINES,
+    Artifact,
+    Machine,
+    Manifest,
+    ModelId,
+    NetworkEntry,
+    engine_key,
+    model_id,
+    onnx_key,
+    read_manifest,
+    write_manifest,
+)
+from export.specs import DEFAULT_OPSET, NETWORKS, PRECISIONS, SIZE_MULTIPLE, ExportProfile, network_specs
+from p2v_fast.errors import EngineError, InputError
+from p2v_fast.progress import NullProgress, Progress
+
+FORMATS = ("onnx", "tensorrt")
+DEFAULT_MODEL = "stabilityai/stable-diffusion-2-depth"
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    # --- what ---
+    model: str = DEFAULT_MODEL  # hub id, local diffusers folder, or "tiny"
+    networks: tuple[str, ...] = NETWORKS
+    out: Path = DEFAULT_ENGINES  # the engine folder
+    format: str = "tensorrt"  # "onnx" (graphs only) or "tensorrt" (graphs + engines)
+    precision: str = "fp16"  # UNet and VAE; DPT stays fp32
+    opset: int = DEFAULT_OPSET
+
+    # --- shapes: the optimisation profile (opt size = height x width) ---
+    height: int = 512
+    width: int = 512
+    min_size: int | None = None  # smallest height/width the engines accept (None: height/width)
+    max_size: int | None = None  # largest (None: height/width; fixed-size engines are fastest)
+    max_batch: int = 8  # samples per UNet call: frames in flight x 2 CFG branches
+    opt_batch: int = 2  # one frame, both CFG branches
+
+    # --- build ---
+    workspace_gb: float | None = None  # TensorRT builder workspace limit (None: TensorRT's default)
+    device: str = "auto"  # where PyTorch runs during export: auto, cpu, cuda, cuda:N
+    force: bool = False  # redo every stage even when its artifact is current
+
+    def __post_init__(self) -> None:
+        _verify(self)
+
+    def profile(self) -> ExportProfile:
+        """(min, opt, max) of batch, height and width."""
+        lo = lambda v: v if self.min_size is None else self.min_size  # noqa: E731
+        hi = lambda v: v if self.max_size is None else self.max_size  # noqa: E731
+        return ExportProfile(
+            batch=(1, min(self.opt_batch, self.max_batch), self.max_batch),
+            height=(lo(self.height), self.height, hi(self.height)),
+            width=(lo(self.width), self.width, hi(self.width)),
+        )
+
+    def recorded(self) -> dict:
+        """The options a rebuild needs (stored in the manifest)."""
+        d = asdict(self)
+        d["out"], d["networks"] = str(self.out), list(self.networks)
+        return d
+
+
+def _verify(o: ExportOptions) -> None:
+    """Raise InputError naming the first bad value."""
+    if o.format not in FORMATS:
+        raise InputError(f"--format must be one of {', '.join(FORMATS)}; got {o.format!r}")
+    if o.precision not in PRECISIONS:
+        raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}; got {o.precision!r}")
+    bad = [n for n in o.networks if n not in NETWORKS]
+    if bad or not o.networks:
+        raise InputError(f"unknown network {bad[0] if bad else '(none)'!r}; known: {', '.join(NETWORKS)}")
+    for name, v in (("height", o.height), ("width", o.width), ("min-size", o.min_size), ("max-size", o.max_size)):
+        if v is not None and (v <= 0 or v % SIZE_MULTIPLE):
+            raise InputError(f"--{name} must be a positive multiple of {SIZE_MULTIPLE}; got {v}")
+    if o.min_size is not None and o.min_size > min(o.height, o.width):
+        raise InputError(f"--min-size {o.min_size} is larger than the size {o.height}x{o.width}")
+    if o.max_size is not None and o.max_size < max(o.height, o.width):
+        raise InputError(f"--max-size {o.max_size} is smaller than the size {o.height}x{o.width}")
+    if o.max_batch < 1:
+        raise InputError(f"--max-batch must be >= 1; got {o.max_batch}")
+    if o.opt_batch < 1:
+        raise InputError(f"opt batch must be >= 1; got {o.opt_batch}")
+    if not 14 <= o.opset <= 21:
+        raise InputError(f"--opset must be between 14 and 21; got {o.opset}")
+    if o.workspace_gb is not None and o.workspace_gb <= 0:
+        raise InputError(f"--workspace must be > 0 GB; got {o.workspace_gb}")
+
+
+@dataclass
+class StageResult:
+    """One row of the summary: a network's artifact, what happened to it, and its cost."""
+
+    network: str
+    stage: str  # "onnx" or "tensorrt"
+    file: Path
+    bytes: int
+    seconds: float
+    status: str  # "exported", "built" or "cached"
+    detail: str = ""  # e.g. the validation error
+
+
+@dataclass
+class ExportReport:
+    folder: Path
+    manifest: Path
+    rows: list[StageResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _device(name: str):
+    import torch
+
+    from p2v_fast.pipeline import resolve_device
+
+    return resolve_device(name) if name != "auto" else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _current(art: Artifact | None, key: str, folder: Path) -> bool:
+    if art is None or art.key != key:
+        return False
+    files = [(art.file, art.bytes)] + ([(art.data_file, art.data_bytes)] if art.data_file else [])
+    return all((folder / f).is_file() and (folder / f).stat().st_size == n for f, n in files)
+
+
+def _previous(folder: Path, model: ModelId, precision: str, opset: int) -> dict[str, NetworkEntry]:
+    """Entries of an existing manifest that can be reused (same model, precision, opset)."""
+    try:
+        old = read_manifest(folder)
+    except EngineError:
+        return {}
+    if old.model.digest != model.digest or old.precision != precision or old.opset != opset:
+        return {}
+    return old.networks
+
+
+def export_engines(options: ExportOptions, progress: Progress | None = None, models=None) -> ExportReport:
+    """Export (and build) the engine folder ``options.out``; returns the summary.
+
+    ``models``: an already loaded model set in the export dtype (tests); by default the model is
+    loaded on ``options.device``. Raises :class:`~p2v_fast.errors.BackendUnavailableError`
+    before any work when TensorRT is asked for and absent,
+    :class:`~p2v_fast.errors.ExportValidationError` when a graph disagrees with PyTorch.
+    """
+    import torch
+
+    from export import onnx_export
+    from export.specs import geometry_of, sample_inputs
+
+    progress = progress or NullProgress()
+    t_start = time.perf_counter()
+    machine: Machine | None = None
+    if options.format == "tensorrt":
+        from export.manifest import this_machine
+        from export.tensorrt_build import import_tensorrt, timing_cache_path
+
+        import_tensorrt()  # fail before any work
+        if not torch.cuda.is_available():
+            raise EngineError("building TensorRT engines needs a CUDA GPU; none is visible (use --format onnx)")
+        machine = this_machine()
+
+    folder = Path(options.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    device = _device(options.device)
+    dtype = torch.float16 if options.precision == "fp16" else torch.float32
+    if models is None:
+        from p2v_fast.models import load_models
+
+        progress.log(f"loading {options.model} ({options.precision}) on {device}")
+        models = load_models(options.model, device=device, dtype=dtype)
+    else:
+        device = models.device
+    mid = model_id(models)
+    geometry = geometry_of(models)
+    profile = options.profile()
+    specs = network_specs(geometry, options.precision, options.networks)
+    entries = _previous(folder, mid, options.precision, options.opset)
+    if not options.force:
+        entries = {k: v for k, v in entries.items() if k not in specs or v.spec == specs[k]}
+    manifest = Manifest(
+        model=mid, precision=options.precision, opset=options.opset, geometry=geometry, profile=profile,
+        options=options.recorded(), machine=machine, networks=dict(entries),
+        versions=_versions(),
+    )
+    if machine is None:  # graphs only: engines from an earlier build stay listed only if still current
+        for e in manifest.networks.values():
+            e.engine = None
+    report = ExportReport(folder, folder / "manifest.json")
+    stages = len(specs) * (2 if options.format == "tensorrt" else 1)
+    advance = progress.stage("export", stages)
+
+    for name, spec in specs.items():
+        entry = manifest.networks.get(name) or NetworkEntry(spec)
+        entry.spec = spec
+        key = onnx_key(spec, mid, options.opset)
+        if not options.force and _current(entry.onnx, key, folder):
+            assert entry.onnx is not None
+            report.rows.append(StageResult(name, "onnx", folder / entry.onnx.file,
+                                           entry.onnx.bytes + entry.onnx.data_bytes, 0.0, "cached"))
+            progress.log(f"{name}: ONNX current, skipped")
+        else:
+            entry.engine = None  # a new graph invalidates the engine
+            module = onnx_export.graph_module(name, models)
+            b, h, w = profile.batch[1], profile.height[0], profile.width[0]  # trace and validate small
+            inputs = sample_inputs(spec, spec.dims(geometry, b, h, w), device=device)
+            result = onnx_export.export_onnx(spec, module, inputs, folder, options.opset, device, geometry)
+            entry.onnx = Artifact(
+                file=result.path.name, key=key, bytes=result.path.stat().st_size, seconds=round(result.seconds, 3),
+                data_file=result.data_path.name if result.data_path else None,
+                data_bytes=result.data_path.stat().st_size if result.data_path else 0,
+            )
+            entry.validation = result.worst
+            detail = f"max rel err {result.worst['rel']:.1e} ({result.worst['output']})"
+            report.rows.append(StageResult(name, "onnx", result.path, entry.onnx.bytes + entry.onnx.data_bytes,
+                                           result.seconds, "exported", detail))
+            progress.log(f"{name}: ONNX exported and validated in {result.seconds:.1f} s, {detail}")
+        advance(1)
+
+        if machine is not None:
+            shapes = spec.profile_shapes(geometry, profile)
+            entry.profile = {k: [list(s) for s in v] for k, v in shapes.items()}
+            ekey = engine_key(key, shapes, machine)
+            if not options.force and _current(entry.engine, ekey, folder):
+                assert entry.engine is not None
+                report.rows.append(StageResult(name, "tensorrt", folder / entry.engine.file, entry.engine.bytes,
+                                               0.0, "cached"))
+                progress.log(f"{name}: TensorRT engine current, skipped")
+            else:
+                from export.tensorrt_build import build_engine
+
+                assert entry.onnx is not None and machine.tensorrt and machine.compute_capability
+                path = folder / f"{name}.plan"
+                seconds = build_engine(folder / entry.onnx.file, path, shapes, workspace_gb=options.workspace_gb,
+                                       timing_cache=timing_cache_path(folder, machine.tensorrt,
+                                                                      machine.compute_capability))
+                entry.engine = Artifact(path.name, ekey, path.stat().st_size, round(seconds, 3))
+                report.rows.append(StageResult(name, "tensorrt", path, entry.engine.bytes, seconds, "built"))
+                progress.log(f"{name}: TensorRT engine built in {seconds:.1f} s")
+            advance(1)
+        manifest.networks[name] = entry
+        write_manifest(folder, manifest)
+
+    if machine is not None:  # engines of networks not rebuilt now must match the new profile too
+        for name, entry in manifest.networks.items():
+            if name not in specs and entry.engine is not None and entry.onnx is not None:
+                shapes = entry.spec.profile_shapes(geometry, profile)
+                if entry.engine.key != engine_key(entry.onnx.key, shapes, machine):
+                    entry.engine = None
+        write_manifest(folder, manifest)
+
+    report.seconds = time.perf_counter() - t_start
+    return report
+
+
+def _versions() -> dict:
+    import onnx
+    import torch
+
+    import p2v_fast
+
+    return {"p2v_fast": p2v_fast.__version__, "torch": torch.__version__, "onnx": onnx.__version__}
+
+
+__all__ = ["ExportOptions", "ExportReport", "StageResult", "export_engines"]

@@ -1,0 +1,376 @@
+"""``manifest.json`` beside the engines, cache keys, and the checks that refuse a mismatch.
+
+An engine folder holds one model's networks at one precision: ``<network>.onnx`` (plus
+``<network>.onnx.data`` when the weights pass protobuf's 2 GB limit), ``<network>.plan`` for
+TensorRT, ``manifest.json`` and a TensorRT timing cache. The manifest records what every
+artifact was made from; each artifact carries a key hashed from everything that invalidates it:
+
+- ONNX: network, model (identity + component configs), precision, opset, the spec's IO
+  signature and :data:`EXPORT_VERSION` (bumped when a wrapper module changes).
+- TensorRT engine: the ONNX key, the optimisation profile, TensorRT version and GPU compute
+  capability (an engine runs only on the architecture and TensorRT version that built it).
+
+Loading checks the model, the files' sizes (a truncated copy is caught before a parser sees
+it) and, for engines, this machine; every refusal is one line with the exact ``p2v export``
+command that rebuilds the folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from export.specs import ExportProfile, Geometry, NetworkSpec
+from p2v_fast.errors import EngineError
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+#: Bump when a wrapper module or the export recipe changes the graphs.
+EXPORT_VERSION = 1
+DEFAULT_ENGINES = Path("engines")
+
+
+def _digest(fields: Mapping, n: int = 16) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
+# ----------------------------------------------------------------------------------- identity
+
+
+@dataclass(frozen=True)
+class ModelId:
+    """What the graphs were exported from: ``source`` as the user named it, ``digest`` of the
+    weights' identity (hub id or absolute folder) and every component's config."""
+
+    source: str
+    digest: str
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "digest": self.digest}
+
+
+def model_id(models) -> ModelId:
+    """:class:`ModelId` of a loaded ``p2v_fast.models.Models``."""
+    from p2v_fast.inversion import model_identity
+
+    def config(module) -> dict:
+        cfg = getattr(module, "config", None)
+        if cfg is None:
+            return {}
+        d = dict(cfg) if isinstance(cfg, Mapping) else cfg.to_dict()
+        return {k: v for k, v in d.items() if not k.startswith("_") and k not in ("transformers_version", "dtype")}
+
+    fields = {
+        "identity": model_identity(models),
+        "unet": config(models.unet),
+        "vae": config(models.vae),
+        "depth": config(models.depth_estimator),
+    }
+    return ModelId(str(models.source), _digest(fields))
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What an engine must match: TensorRT version and GPU (None where absent)."""
+
+    tensorrt: str | None
+    compute_capability: str | None  # "9.0"
+    gpu: str | None = None
+
+    def describe(self) -> str:
+        trt = f"TensorRT {self.tensorrt}" if self.tensorrt else "no TensorRT"
+        gpu = f"{self.gpu} (compute capability {self.compute_capability})" if self.compute_capability else "no CUDA GPU"
+        return f"{trt}, {gpu}"
+
+
+def this_machine() -> Machine:
+    """TensorRT version (if importable) and compute capability of CUDA device 0 (if any)."""
+    import torch
+
+    try:
+        import tensorrt as trt
+
+        version: str | None = str(trt.__version__)
+    except Exception:  # noqa: BLE001 - PyPI's placeholder package raises on import
+        version = None
+    cc = gpu = None
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(0)
+        cc, gpu = f"{major}.{minor}", torch.cuda.get_device_name(0)
+    return Machine(version, cc, gpu)
+
+
+# ----------------------------------------------------------------------------------- keys
+
+
+def onnx_key(spec: NetworkSpec, model: ModelId, opset: int) -> str:
+    """Cache key of an exported ONNX graph."""
+    return _digest({
+        "network": spec.name,
+        "model": model.digest,
+        "precision": spec.precision,
+        "opset": opset,
+        "io": spec.to_dict(),
+        "export_version": EXPORT_VERSION,
+    })
+
+
+def engine_key(onnx: str, profile: Mapping[str, object], machine: Machine) -> str:
+    """Cache key of a TensorRT engine built from the ONNX graph with key ``onnx``."""
+    return _digest({
+        "onnx": onnx,
+        "profile": {k: [list(s) for s in v] for k, v in profile.items()},  # type: ignore[attr-defined]
+        "tensorrt": machine.tensorrt,
+        "compute_capability": machine.compute_capability,
+    })
+
+
+# ----------------------------------------------------------------------------------- manifest
+
+
+@dataclass
+class Artifact:
+    """One file of the folder and the key it was made for."""
+
+    file: str
+    key: str
+    bytes: int
+    seconds: float = 0.0
+    data_file: str | None = None  # external weights of a large ONNX graph
+    data_bytes: int = 0
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> Artifact:
+        return cls(**d)
+
+
+@dataclass
+class NetworkEntry:
+    spec: NetworkSpec
+    onnx: Artifact | None = None
+    engine: Artifact | None = None
+    profile: dict[str, list[list[int]]] | None = None  # TensorRT: input -> [min, opt, max]
+    validation: dict | None = None  # worst output: {"output", "max_abs", "rel", "tolerance"}
+
+    def to_dict(self) -> dict:
+        return {
+            "spec": self.spec.to_dict(),
+            "onnx": self.onnx.to_dict() if self.onnx else None,
+            "engine": self.engine.to_dict() if self.engine else None,
+            "profile": self.profile,
+            "validation": self.validation,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> NetworkEntry:
+        return cls(
+            spec=NetworkSpec.from_dict(d["spec"]),
+            onnx=Artifact.from_dict(d["onnx"]) if d.get("onnx") else None,
+            engine=Artifact.from_dict(d["engine"]) if d.get("engine") else None,
+            profile=d.get("profile"),
+            validation=d.get("validation"),
+        )
+
+
+@dataclass
+class Manifest:
+    """Contents of ``manifest.json``."""
+
+    model: ModelId
+    precision: str
+    opset: int
+    geometry: Geometry
+    profile: ExportProfile
+    options: dict  # the export options, to rebuild the folder (see rebuild_command)
+    machine: Machine | None = None  # TensorRT version and GPU that built the engines
+    networks: dict[str, NetworkEntry] = field(default_factory=dict)
+    versions: dict = field(default_factory=dict)  # torch, onnx, p2v-fast
+
+    @property
+    def has_engines(self) -> bool:
+        return any(e.engine is not None for e in self.networks.values())
+
+    def to_dict(self) -> dict:
+        return {
+            "format_version": FORMAT_VERSION,
+            "model": self.model.to_dict(),
+            "precision": self.precision,
+            "opset": self.opset,
+            "geometry": self.geometry.to_dict(),
+            "profile": self.profile.to_dict(),
+            "options": self.options,
+            "tensorrt": None if self.machine is None else {
+                "version": self.machine.tensorrt,
+                "compute_capability": self.machine.compute_capability,
+                "gpu": self.machine.gpu,
+            },
+            "versions": self.versions,
+            "networks": {k: v.to_dict() for k, v in self.networks.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> Manifest:
+        trt = d.get("tensorrt")
+        return cls(
+            model=ModelId(**d["model"]),
+            precision=d["precision"],
+            opset=int(d["opset"]),
+            geometry=Geometry.from_dict(d["geometry"]),
+            profile=ExportProfile.from_dict(d["profile"]),
+            options=dict(d.get("options", {})),
+            machine=None if not trt else Machine(trt.get("version"), trt.get("compute_capability"), trt.get("gpu")),
+            networks={k: NetworkEntry.from_dict(v) for k, v in d.get("networks", {}).items()},
+            versions=dict(d.get("versions", {})),
+        )
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> Path:
+    """Write ``folder/manifest.json`` atomically."""
+    path = Path(folder) / MANIFEST
+    tmp = path.with_name(f".{MANIFEST}.tmp")
+    tmp.write_text(json.dumps(manifest.to_dict(), indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def read_manifest(folder: str | Path) -> Manifest:
+    """Read ``folder/manifest.json``; one-line :class:`EngineError` if it is missing or unreadable."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise EngineError(
+            f"engine folder '{folder}' does not exist; create it with `p2v export --out {folder}` "
+            "or pass --engines"
+        )
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise EngineError(f"'{folder}' has no {MANIFEST}; it is not an engine folder (create one with "
+                          f"`p2v export --out {folder}`)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise EngineError(f"'{path}' has format version {version!r}, this p2v-fast reads {FORMAT_VERSION}; "
+                              f"re-export with `p2v export --out {folder} --force`")
+        return Manifest.from_dict(data)
+    except EngineError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any parse failure is a corrupt manifest
+        raise EngineError(f"'{path}' is corrupt ({type(exc).__name__}); re-export with "
+                          f"`p2v export --out {folder} --force`") from None
+
+
+# ----------------------------------------------------------------------------------- checks
+
+
+def rebuild_command(manifest: Manifest, folder: Path, **changes: object) -> str:
+    """The ``p2v export`` command that rebuilds ``folder`` from its recorded options (with changes).
+
+    ``changes`` override options: ``height``/``width`` (opt size; widens min/max to include it),
+    ``format``, ``model``.
+    """
+    o = {**manifest.options, **{k: v for k, v in changes.items() if v is not None}}
+    hr, wr = list(manifest.profile.height), list(manifest.profile.width)
+    if "height" in changes and changes["height"] is not None:
+        h = int(changes["height"])  # type: ignore[call-overload]
+        hr = [min(hr[0], h), h, max(hr[2], h)]
+    if "width" in changes and changes["width"] is not None:
+        w = int(changes["width"])  # type: ignore[call-overload]
+        wr = [min(wr[0], w), w, max(wr[2], w)]
+    parts = ["p2v export", f"--model {o.get('model', manifest.model.source)}"]
+    parts.append(f"--height {hr[1]} --width {wr[1]}")
+    lo, hi = min(hr[0], wr[0]), max(hr[2], wr[2])
+    if lo != min(hr[1], wr[1]) or hi != max(hr[1], wr[1]):
+        parts.append(f"--min-size {lo} --max-size {hi}")
+    parts.append(f"--max-batch {manifest.profile.batch[2]}")
+    parts.append(f"--precision {manifest.precision} --format {o.get('format', 'onnx')}")
+    parts.append(f"--out {folder} --force")
+    return " ".join(parts)
+
+
+def check_model(manifest: Manifest, model: ModelId, folder: Path) -> None:
+    if manifest.model.digest != model.digest:
+        raise EngineError(
+            f"engines in '{folder}' were exported from model '{manifest.model.source}', not '{model.source}'; "
+            f"rebuild: {rebuild_command(manifest, folder, model=model.source)}"
+        )
+
+
+def check_machine(manifest: Manifest, machine: Machine, folder: Path) -> None:
+    """Refuse TensorRT engines built with another TensorRT version or for another GPU architecture."""
+    built = manifest.machine
+    if built is None or not manifest.has_engines:
+        raise EngineError(f"'{folder}' holds ONNX graphs only, no TensorRT engines; build them: "
+                          f"{rebuild_command(manifest, folder, format='tensorrt')}")
+    if built.tensorrt != machine.tensorrt or built.compute_capability != machine.compute_capability:
+        raise EngineError(
+            f"engines in '{folder}' were built with {built.describe()}; this machine has {machine.describe()}; "
+            f"rebuild here: {rebuild_command(manifest, folder, format='tensorrt')}"
+        )
+
+
+def check_files(manifest: Manifest, folder: Path, kind: str) -> None:
+    """Every ``kind`` ("onnx" or "engine") artifact exists with its recorded size (catches truncation)."""
+    for name, entry in manifest.networks.items():
+        art = entry.onnx if kind == "onnx" else entry.engine
+        if art is None:
+            raise EngineError(f"'{folder}' has no {kind} for {name}; rebuild: "
+                              f"{rebuild_command(manifest, folder)}")
+        files = [(art.file, art.bytes)] + ([(art.data_file, art.data_bytes)] if art.data_file else [])
+        for file, size in files:
+            path = folder / file
+            if not path.is_file():
+                raise EngineError(f"'{path}' is missing; rebuild: {rebuild_command(manifest, folder)}")
+            actual = path.stat().st_size
+            if actual != size:
+                raise EngineError(f"'{path}' is truncated or altered ({actual} bytes, manifest says {size}); "
+                                  f"rebuild: {rebuild_command(manifest, folder)}")
+
+
+def check_size(manifest: Manifest, folder: Path, batch: int, height: int | None, width: int | None) -> None:
+    """Refuse a call outside the engines' optimisation profile, naming the command that widens it."""
+    if manifest.profile.contains(batch, height, width):
+        return
+    p = manifest.profile
+    if height is not None and width is not None and not p.contains(p.batch[0], height, width):
+        raise EngineError(
+            f"engines in '{folder}' accept {p.describe()}, not {height}x{width}; rebuild: "
+            f"{rebuild_command(manifest, folder, height=height, width=width)}"
+        )
+    raise EngineError(f"engines in '{folder}' accept {p.describe()}, not batch {batch}")
+
+
+def describe_folder(folder: Path, machine: Machine | None = None) -> list[tuple[str, str]]:
+    """Rows for ``p2v info``: the folder's model and profile, and per network whether its ONNX graph
+    and TensorRT engine are present and usable on this machine."""
+    try:
+        manifest = read_manifest(folder)
+    except EngineError as exc:
+        return [(f"engines {folder}", f"none: {exc}")]
+    machine = machine or this_machine()
+    rows = [(f"engines {folder}", f"model {manifest.model.source}, {manifest.precision}, "
+                                   f"opset {manifest.opset}, {manifest.profile.describe()}")]
+    if manifest.machine is not None and manifest.has_engines:
+        try:
+            check_machine(manifest, machine, folder)
+            trt_state = "matches this machine"
+        except EngineError:
+            trt_state = f"built for {manifest.machine.describe()}; not usable here ({machine.describe()})"
+        rows.append(("  tensorrt", trt_state))
+    for name, entry in manifest.networks.items():
+        parts = []
+        for kind, art in (("onnx", entry.onnx), ("engine", entry.engine)):
+            if art is None:
+                continue
+            path = folder / art.file
+            ok = path.is_file() and path.stat().st_size == art.bytes
+            size = (art.bytes + art.data_bytes) / 2**20
+            parts.append(f"{art.file} {size:.1f} MB" + ("" if ok else " (MISSING OR TRUNCATED)"))
+        rows.append((f"  {name}", ", ".join(parts) or "no artifacts"))
+    return rows

@@ -1,0 +1,258 @@
+"""Export one network to ONNX, clean it, check it, and prove it equals PyTorch.
+
+Each network goes through a wrapper module whose ``forward`` takes and returns every tensor
+explicitly (nothing held in a processor is frozen into the graph as a constant). Steps:
+
+1. ``torch.onnx.export`` (TorchScript tracer, named dynamic axes from the spec) into a
+   scratch folder. fp16 graphs come from a model cast to fp16 *before* export: TensorRT 11
+   networks are strongly typed, so the ONNX must carry the types the engine will run in.
+2. Clean: Polygraphy's constant folding (needs onnx-graphsurgeon) when installed, else the
+   ONNX project's own optimizer (onnxscript: constant folding, dead-code removal, shape
+   inference). Weights over protobuf's 2 GB limit go to one external ``.onnx.data`` file.
+3. ``onnx.checker`` on the *path* (required for graphs with external data).
+4. Run the saved graph in ONNX Runtime on the sample inputs and compare every output with the
+   wrapper's PyTorch output; :class:`ExportValidationError` names the network, the output and
+   the size of the error when it exceeds the spec's tolerance.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from export.specs import Geometry, NetworkSpec
+from p2v_fast.errors import EngineError, ExportValidationError
+
+#: Graphs whose weights exceed this are saved with external data (protobuf's limit is 2 GiB).
+EXTERNAL_DATA_BYTES = 1_800_000_000
+
+
+# ----------------------------------------------------------------------------------- wrappers
+
+
+class UNetGraph(nn.Module):
+    """``unet_anchor`` / ``unet_xframe``: the cross-frame UNet wrapper with a float timestep.
+
+    forward(sample [B,5,h,w], timestep [B] fp32, encoder_hidden_states [B,77,D], *ref_k [B,2N_k,C_k])
+    -> (noise_pred [B,4,h,w], feat_0 .. feat_8 [B,N_k,C_k]).
+    """
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        from p2v_fast.attention import UNetWithFeatures
+
+        self.inner = UNetWithFeatures(unet)
+
+    def forward(self, sample, timestep, encoder_hidden_states, *refs):
+        return self.inner(sample, timestep, encoder_hidden_states, *refs)
+
+
+class VaeEncoderGraph(nn.Module):
+    """images [B,3,H,W] in [-1, 1] -> mean latent x scaling factor [B,4,H/8,W/8]."""
+
+    def __init__(self, vae: nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+        self.scaling_factor = float(vae.config.scaling_factor)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(images).latent_dist.mean * self.scaling_factor
+
+
+class VaeDecoderGraph(nn.Module):
+    """latent [B,4,h,w] (scaled) -> images [B,3,8h,8w] in about [-1, 1]."""
+
+    def __init__(self, vae: nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+        self.scaling_factor = float(vae.config.scaling_factor)
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latent / self.scaling_factor).sample
+
+
+class DepthGraph(nn.Module):
+    """DPT-Hybrid: pixel_values [B,3,S,S] (its processor's normalisation) -> predicted_depth [B,S',S']."""
+
+    def __init__(self, dpt: nn.Module) -> None:
+        super().__init__()
+        self.dpt = dpt
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.dpt(pixel_values=pixel_values).predicted_depth
+
+
+def graph_module(name: str, models) -> nn.Module:
+    """The wrapper module of network ``name`` over ``models`` (in the models' dtype; DPT fp32)."""
+    if name in ("unet_anchor", "unet_xframe"):
+        module: nn.Module = UNetGraph(models.unet)
+    elif name == "vae_encoder":
+        module = VaeEncoderGraph(models.vae)
+    elif name == "vae_decoder":
+        module = VaeDecoderGraph(models.vae)
+    elif name == "depth":
+        module = DepthGraph(models.depth_estimator)
+    else:
+        raise KeyError(name)
+    return module.eval()
+
+
+# ----------------------------------------------------------------------------------- steps
+
+
+@dataclass
+class OnnxResult:
+    path: Path
+    data_path: Path | None
+    seconds: float
+    worst: dict  # {"output", "max_abs", "rel", "tolerance"}
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the exporter's tracer warnings (shape-dependent branches that are constant for
+    a fixed architecture, e.g. diffusers' upsample-size check)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _torch_export(module: nn.Module, spec: NetworkSpec, inputs: Mapping[str, torch.Tensor], path: Path,
+                  opset: int) -> None:
+    args = tuple(inputs[n] for n in spec.input_names)
+    with _quiet(), torch.no_grad():
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            input_names=spec.input_names,
+            output_names=spec.output_names,
+            dynamic_axes=spec.dynamic_axes(),
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,  # the tracer maps named dynamic_axes directly (as TensorRT's demo does)
+        )
+
+
+def _initializer_bytes(model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def clean_graph(src: Path, dst: Path) -> str:
+    """Fold constants and prune ``src`` into ``dst`` (external data when large). Returns the tool used.
+
+    Polygraphy's ``fold_constants`` (onnx-graphsurgeon + ONNX Runtime) when onnx-graphsurgeon is
+    installed; otherwise onnxscript's constant folding with onnx_ir's common passes (common
+    subexpressions, identities, unused nodes). onnxscript's full ``optimize`` also runs pattern
+    rewrites that cost ~30x more and that TensorRT does itself, so it is not used.
+    """
+    import onnx_ir as ir
+
+    model = ir.load(src)
+    large = _initializer_bytes(model) > EXTERNAL_DATA_BYTES
+    if importlib.util.find_spec("onnx_graphsurgeon") is not None and not large:
+        import onnx
+        from polygraphy.backend.onnx import fold_constants
+
+        proto = fold_constants(onnx.load(str(src)), allow_onnxruntime_shape_inference=True, error_ok=True)
+        onnx.save(proto, str(dst))
+        return "polygraphy"
+    import onnx_ir.passes.common as passes
+    import onnxscript.optimizer
+
+    logging.getLogger("onnxscript.optimizer._constant_folding").setLevel(logging.ERROR)  # BatchNorm notes
+    for _ in range(2):  # folding exposes identities and duplicates, whose removal exposes more folding
+        onnxscript.optimizer.fold_constants(model)
+        for cls in (passes.IdentityEliminationPass, passes.CommonSubexpressionEliminationPass,
+                    passes.RemoveUnusedNodesPass, passes.RemoveUnusedOpsetsPass):
+            cls()(model)
+    ir.save(model, dst, external_data=f"{dst.name}.data" if large else None)
+    return "onnxscript"
+
+
+def check_graph(path: Path, network: str) -> None:
+    """``onnx.checker`` on the path (works for graphs with external data)."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:  # noqa: BLE001 - checker raises several types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EngineError(f"{network}: exported ONNX graph fails onnx.checker: {first[:200]}") from None
+
+
+def compare_outputs(spec: NetworkSpec, got: Mapping[str, torch.Tensor], want: Mapping[str, torch.Tensor]) -> dict:
+    """Worst output by max |got - want| / max |want|; :class:`ExportValidationError` beyond tolerance."""
+    worst = {"output": None, "max_abs": 0.0, "rel": -1.0, "tolerance": spec.tolerance}
+    for name in spec.output_names:
+        a, b = got[name].float().cpu(), want[name].float().cpu()
+        if a.shape != b.shape:
+            raise ExportValidationError(f"{spec.name}: output '{name}' has shape {tuple(a.shape)} in ONNX Runtime, "
+                                        f"{tuple(b.shape)} in PyTorch")
+        if not torch.isfinite(a).all():
+            raise ExportValidationError(f"{spec.name}: output '{name}' has non-finite values in ONNX Runtime")
+        max_abs = float((a - b).abs().max())
+        rel = max_abs / max(float(b.abs().max()), 1e-6)
+        if rel > worst["rel"]:
+            worst = {"output": name, "max_abs": max_abs, "rel": rel, "tolerance": spec.tolerance}
+    if worst["rel"] > spec.tolerance:
+        raise ExportValidationError(
+            f"{spec.name}: output '{worst['output']}' differs from PyTorch by {worst['rel']:.2e} of its range "
+            f"(max abs error {worst['max_abs']:.3g}; tolerance {spec.tolerance:g})"
+        )
+    return worst
+
+
+def validate_graph(path: Path, spec: NetworkSpec, geometry: Geometry, module: nn.Module,
+                   inputs: Mapping[str, torch.Tensor], device: torch.device) -> dict:
+    """Run ``path`` in ONNX Runtime and compare with ``module`` on ``inputs``."""
+    from p2v_fast.backend_onnx import OnnxSession
+
+    session = OnnxSession(path, spec, geometry, device)
+    got = session.run(inputs)
+    with torch.no_grad():
+        out = module(*(inputs[n] for n in spec.input_names))
+    out = out if isinstance(out, tuple) else (out,)
+    want = dict(zip(spec.output_names, out, strict=True))
+    return compare_outputs(spec, got, want)
+
+
+def export_onnx(spec: NetworkSpec, module: nn.Module, inputs: Mapping[str, torch.Tensor], folder: Path,
+                opset: int, device: torch.device, geometry: Geometry) -> OnnxResult:
+    """Export, clean, check and validate ``spec.name`` into ``folder/<name>.onnx``.
+
+    ``inputs`` are the sample inputs (on ``device``, in the spec's dtypes) used to trace and to
+    validate. The files appear in ``folder`` only once every step has passed.
+    """
+    t0 = time.perf_counter()
+    scratch = folder / f".tmp-{spec.name}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    try:
+        raw, clean = scratch / "raw.onnx", scratch / f"{spec.name}.onnx"
+        _torch_export(module, spec, inputs, raw, opset)
+        clean_graph(raw, clean)
+        check_graph(clean, spec.name)
+        worst = validate_graph(clean, spec, geometry, module, inputs, device)
+        final = folder / clean.name
+        data = scratch / f"{clean.name}.data"
+        final_data = folder / data.name
+        if data.exists():
+            os.replace(data, final_data)
+        else:
+            final_data.unlink(missing_ok=True)
+        os.replace(clean, final)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return OnnxResult(final, final_data if final_data.exists() else None, time.perf_counter() - t0, worst)

@@ -1,0 +1,132 @@
+"""ONNX Runtime backend: the exported graphs on the CPU here, CUDA / TensorRT execution
+providers where installed.
+
+Every call goes through IO binding by the spec's names: inputs are bound where the torch
+tensors already live (no copy), outputs are preallocated torch tensors of the shapes the spec
+derives from the inputs, so results come back as torch tensors on the backend's device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from export.manifest import check_files, rebuild_command
+from export.specs import Geometry, NetworkSpec
+from p2v_fast.errors import BackendUnavailableError, EngineError
+from p2v_fast.graph_backend import GraphBackend, engines_folder, load_checked_manifest
+
+_NP = {"float16": np.float16, "float32": np.float32, "int64": np.int64, "int32": np.int32}
+
+
+def _ort():
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise BackendUnavailableError(
+            "ONNX Runtime is not installed (pip install 'p2v-fast[onnx]'); use --backend torch"
+        ) from None
+    return ort
+
+
+def providers_for(device: torch.device, cache_dir: Path | None = None) -> list:
+    """Execution providers for ``device``: TensorRT (when its libraries import) and CUDA on a
+    CUDA device, always CPU last. ``cache_dir`` keeps the TensorRT provider's engines."""
+    ort = _ort()
+    available = ort.get_available_providers()
+    providers: list = []
+    if device.type == "cuda":
+        index = device.index or 0
+        if "TensorrtExecutionProvider" in available and cache_dir is not None:
+            try:
+                import tensorrt  # noqa: F401 - the provider needs TensorRT's libraries
+            except Exception:  # noqa: BLE001
+                pass
+            else:
+                providers.append(("TensorrtExecutionProvider", {
+                    "device_id": index,
+                    "trt_engine_cache_enable": True,
+                    "trt_engine_cache_path": str(cache_dir),
+                    "trt_timing_cache_enable": True,
+                }))
+        if "CUDAExecutionProvider" in available:
+            providers.append(("CUDAExecutionProvider", {"device_id": index}))
+    providers.append("CPUExecutionProvider")
+    return providers
+
+
+def ort_device(device: torch.device) -> torch.device:
+    """Where ONNX Runtime can bind tensors: ``device`` if it is CUDA and the CUDA provider is
+    installed, else the CPU."""
+    if device.type == "cuda" and "CUDAExecutionProvider" in _ort().get_available_providers():
+        return device
+    return torch.device("cpu")
+
+
+class OnnxSession:
+    """One ONNX graph in ONNX Runtime, bound by its spec's names."""
+
+    def __init__(self, path: Path, spec: NetworkSpec, geometry: Geometry, device: torch.device,
+                 providers: list | None = None) -> None:
+        ort = _ort()
+        self.spec, self.geometry, self.device = spec, geometry, ort_device(device)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only: the CPU provider warns about fp16 folding
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers or providers_for(self.device))
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise EngineError(f"ONNX Runtime cannot load '{path}' (truncated or corrupt?): {first[:160]}") from None
+        names_in = [i.name for i in self.session.get_inputs()]
+        names_out = [o.name for o in self.session.get_outputs()]
+        if sorted(names_in) != sorted(spec.input_names) or sorted(names_out) != sorted(spec.output_names):
+            raise EngineError(f"'{path}' does not have the inputs/outputs of {spec.name}: {names_in} -> {names_out}")
+
+    def run(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Run on ``feeds`` (spec dtypes); outputs as torch tensors on ``self.device``."""
+        spec = self.spec
+        kind, index = self.device.type, self.device.index or 0
+        feeds = {t.name: feeds[t.name].to(self.device, getattr(torch, t.dtype)).contiguous() for t in spec.inputs}
+        dims = spec.bind(self.geometry, {n: tuple(t.shape) for n, t in feeds.items()})
+        binding = self.session.io_binding()
+        for t in spec.inputs:
+            x = feeds[t.name]
+            binding.bind_input(t.name, kind, index, _NP[t.dtype], tuple(x.shape), x.data_ptr())
+        outputs = {}
+        for t, shape in zip(spec.outputs, spec.output_shapes(dims).values(), strict=True):
+            y = torch.empty(shape, dtype=getattr(torch, t.dtype), device=self.device)
+            binding.bind_output(t.name, kind, index, _NP[t.dtype], shape, y.data_ptr())
+            outputs[t.name] = y
+        if kind == "cuda":
+            torch.cuda.synchronize(self.device)  # inputs written by torch kernels on its stream
+        self.session.run_with_iobinding(binding)
+        return outputs
+
+
+class OnnxRuntimeBackend(GraphBackend):
+    """The five networks of an engine folder in ONNX Runtime."""
+
+    name = "onnxruntime"
+
+    def __init__(self, models, engines: str | Path | None = None) -> None:
+        _ort()
+        folder = engines_folder(engines)
+        manifest = load_checked_manifest(models, folder)
+        check_files(manifest, folder, "onnx")
+        device = ort_device(models.device)
+        super().__init__(models, folder, manifest, device)
+        providers = providers_for(device, folder / "ort-tensorrt-cache")
+        self.sessions: dict[str, OnnxSession] = {}
+        for name, entry in manifest.networks.items():
+            assert entry.onnx is not None  # check_files
+            try:
+                self.sessions[name] = OnnxSession(folder / entry.onnx.file, entry.spec, self.geometry, device,
+                                                  providers)
+            except EngineError as exc:
+                raise EngineError(f"{exc}; rebuild: {rebuild_command(manifest, folder)}") from None
+
+    def _run(self, network: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.sessions[network].run(feeds)

@@ -1,0 +1,215 @@
+"""Evaluate an edited video against its source with the paper's Table 2 metrics, streamed.
+
+``p2v eval`` and ``p2v ablate`` both go through :func:`evaluate_video`, so the numbers an
+ablation prints are the ones ``p2v eval`` gives on its output videos.
+
+The comparison size is the edited video's size (or ``size``: its short side scaled to that, the
+aspect kept). Source frames are scaled to cover it and centre-cropped, which is how ``p2v edit``
+derives its working frames, so an edit and its source line up pixel for pixel. Frames are
+decoded one at a time from both videos; only the previous pair and one CLIP batch are held.
+
+The source frames compared are ``start, start + stride, ...`` (the options the edit was made
+with); their count must equal the edited video's frame count.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from p2v_fast import video
+from p2v_fast.errors import InputError
+from p2v_fast.metrics import DEFAULT_CLIP_MODEL, FLOW_METHODS, ClipScorer, StreamingEvaluator
+from p2v_fast.progress import NullProgress, Progress
+
+FrameCallback = Callable[[int, np.ndarray, np.ndarray], None]
+
+
+@dataclass(frozen=True)
+class VideoEval:
+    """Table 2's metrics for one edited video (Pixel-MSE on the 0-255 scale)."""
+
+    edited: str
+    source: str
+    prompt: str
+    clip_model: str
+    flow: str
+    size: tuple[int, int]  # (W, H) the metrics were computed at
+    n_frames: int
+    source_start: int
+    source_stride: int
+    clip_text: float
+    clip_image: float
+    pixel_mse: float
+    masked_fraction: float  # share of pixels excluded from Pixel-MSE (occluded, out of frame)
+    per_pair_pixel_mse: tuple[float, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return json_safe(asdict(self))
+
+
+def json_safe(obj: Any) -> Any:
+    """Tuples to lists and non-finite floats to None, so the JSON is strict (no NaN)."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def check_output_file(path: str | Path) -> Path:
+    """InputError unless ``path`` can be written as a file (checked before long work starts)."""
+    out = Path(path)
+    if out.is_dir():
+        raise InputError(f"output '{out}' is a folder; give a file name")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"output folder '{parent}' does not exist")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"output folder '{parent}' is not writable")
+    return out
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to a temporary file beside ``path`` and rename it into place."""
+    out = check_output_file(path)
+    parent = out.parent if str(out.parent) else Path(".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=parent)
+    except OSError as exc:
+        raise InputError(f"cannot write '{out}': {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> Path:
+    return write_text_atomic(path, json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n")
+
+
+def comparison_size(info: video.VideoInfo, size: int | None) -> tuple[int, int]:
+    """(W, H) of the comparison: the edited video's own size, or its short side scaled to ``size``."""
+    if size is None:
+        return info.width, info.height
+    if size < 2:
+        raise InputError(f"--size must be at least 2 pixels; got {size}")
+    return video.working_size(info.width, info.height, size, multiple=1)
+
+
+def check_inputs(
+    edited: str | Path,
+    source: str | Path,
+    *,
+    start: int = 0,
+    max_frames: int | None = None,
+    stride: int = 1,
+) -> tuple[video.VideoInfo, video.VideoInfo, int]:
+    """Probe both videos and check that they have the same number of frames (before any model loads)."""
+    for what, path in (("edited video", edited), ("source video", source)):
+        if not Path(path).exists():
+            raise InputError(f"{what} does not exist: '{path}'")
+    ed_info = video.probe(edited)
+    src_info = video.probe(source)
+    n_src = video.selected_count(src_info, start, max_frames, stride)
+    if ed_info.n_frames != n_src:
+        if (start, max_frames, stride) == (0, None, 1):
+            sel = f"source has {n_src}"
+        else:
+            sel = f"the selected source frames number {n_src} (of {src_info.n_frames})"
+        hint = ""
+        if ed_info.n_frames < n_src:
+            hint = "; if the edit used --start/--stride/--max-frames, pass the same options to eval"
+        raise InputError(
+            f"videos differ in length: edited '{ed_info.path}' has {ed_info.n_frames} frames, {sel} "
+            f"('{src_info.path}'){hint}"
+        )
+    if ed_info.n_frames < 2:
+        raise InputError(f"need at least 2 frames for temporal metrics; '{ed_info.path}' has {ed_info.n_frames}")
+    return ed_info, src_info, ed_info.n_frames
+
+
+def evaluate_video(
+    edited: str | Path,
+    source: str | Path,
+    prompt: str,
+    *,
+    scorer: ClipScorer | None = None,
+    clip_model: str = DEFAULT_CLIP_MODEL,
+    flow: str = "dis",
+    size: int | None = None,
+    start: int = 0,
+    max_frames: int | None = None,
+    stride: int = 1,
+    progress: Progress | None = None,
+    on_frame: FrameCallback | None = None,
+    flow_fn: Any = None,
+) -> VideoEval:
+    """CLIP-Text, CLIP-Image and Pixel-MSE of ``edited`` (edit prompt ``prompt``) against ``source``.
+
+    ``scorer``: a loaded :class:`ClipScorer` to reuse (else ``clip_model`` is loaded).
+    ``on_frame(i, edited_frame, source_frame)`` sees every compared pair (e.g. to keep thumbnails).
+    ``flow_fn``: a prebuilt :func:`p2v_fast.metrics.make_flow` for ``flow``, to reuse across videos.
+    Inputs are checked before CLIP is loaded; problems raise :class:`InputError`.
+    """
+    from p2v_fast.prompts import check_prompt
+
+    prompt = check_prompt(prompt, "edit prompt")
+    if flow not in FLOW_METHODS:
+        raise InputError(f"--flow must be one of {', '.join(FLOW_METHODS)}; got {flow!r}")
+    ed_info, src_info, n = check_inputs(edited, source, start=start, max_frames=max_frames, stride=stride)
+    wh = comparison_size(ed_info, size)
+    if scorer is None:
+        scorer = ClipScorer(clip_model)
+    progress = progress or NullProgress()
+    ev = StreamingEvaluator(scorer, prompt, flow=flow, flow_fn=flow_fn)
+    advance = progress.stage("evaluate", n)
+    ed_frames = video.read_frames(ed_info, size=None if wh == (ed_info.width, ed_info.height) else wh)
+    src_frames = video.read_frames(src_info, size=wh, start=start, max_frames=max_frames, stride=stride)
+    count = {"edited": 0, "source": 0}
+    for i, (e, s) in enumerate(itertools.zip_longest(ed_frames, src_frames)):
+        if e is None or s is None:  # a container's stored count was wrong: count the rest
+            count["edited"] = i + (e is not None) + sum(1 for _ in ed_frames)
+            count["source"] = i + (s is not None) + sum(1 for _ in src_frames)
+            raise InputError(
+                f"videos differ in length: edited '{ed_info.path}' decodes to {count['edited']} frames, "
+                f"source '{src_info.path}' to {count['source']}"
+            )
+        ev.add(e, s)
+        if on_frame is not None:
+            on_frame(i, e, s)
+        advance(1)
+    scores = ev.result()
+    return VideoEval(
+        edited=str(ed_info.path),
+        source=str(src_info.path),
+        prompt=prompt,
+        clip_model=scorer.name,
+        flow=flow,
+        size=wh,
+        n_frames=int(scores["n_frames"]),
+        source_start=start,
+        source_stride=stride,
+        clip_text=float(scores["clip_text"]),
+        clip_image=float(scores["clip_image"]),
+        pixel_mse=float(scores["pixel_mse"]),
+        masked_fraction=float(scores["masked_fraction"]),
+        per_pair_pixel_mse=tuple(ev.per_pair),
+    )

@@ -1,0 +1,117 @@
+"""What the ONNX Runtime and TensorRT backends share: running exported graphs by name.
+
+A :class:`GraphBackend` maps the :class:`~p2v_fast.backends.Backend` calls onto the networks of
+an engine folder (``export/``'s engine contract): it casts each input to the dtype the spec
+names, splits batches larger than the engines' profile, and returns torch tensors. A
+subclass only implements :meth:`GraphBackend._run` (one network, one batch). The folder's
+``manifest.json`` is checked once, when the backend is made: the model must be the one the
+graphs were exported from, and every file must be whole.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from export.manifest import DEFAULT_ENGINES, Manifest, check_model, model_id, read_manifest, rebuild_command
+from export.specs import NETWORKS
+from p2v_fast.backends import Backend
+from p2v_fast.errors import EngineError
+
+
+def engines_folder(engines: str | Path | None) -> Path:
+    """The engine folder: ``engines`` or ``./engines``."""
+    return Path(engines) if engines is not None else DEFAULT_ENGINES
+
+
+def load_checked_manifest(models, folder: Path) -> Manifest:
+    """The folder's manifest, checked against ``models`` and for all five networks."""
+    manifest = read_manifest(folder)
+    check_model(manifest, model_id(models), folder)
+    missing = [n for n in NETWORKS if n not in manifest.networks]
+    if missing:
+        raise EngineError(f"'{folder}' lacks {', '.join(missing)}; rebuild: {rebuild_command(manifest, folder)}")
+    return manifest
+
+
+class GraphBackend(Backend):
+    """Base of the backends that run exported graphs. Not differentiable."""
+
+    supports_grad = False
+
+    def __init__(self, models, folder: Path, manifest: Manifest, device: torch.device) -> None:
+        dtype = torch.float16 if manifest.precision == "fp16" else torch.float32
+        super().__init__(device, dtype)
+        self.models = models
+        self.folder = folder
+        self.manifest = manifest
+        self.specs = {name: entry.spec for name, entry in manifest.networks.items()}
+        self.geometry = manifest.geometry
+        self.max_batch: int | None = None  # engines with a profile split larger batches
+
+    @abstractmethod
+    def _run(self, network: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Run ``network`` on ``feeds`` (spec dtypes, contiguous, on ``self.device``); outputs by name."""
+
+    def run(self, network: str, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Run ``network`` on inputs named as in its spec (any float dtype/device); outputs by name."""
+        spec = self.specs[network]
+        cast = {
+            t.name: feeds[t.name].to(device=self.device, dtype=getattr(torch, t.dtype)).contiguous()
+            for t in spec.inputs
+        }
+        batch = int(next(iter(cast.values())).shape[0])
+        step = self.max_batch or batch
+        if batch <= step:
+            return self._run(network, cast)
+        parts = [self._run(network, {n: t[i : i + step] for n, t in cast.items()}) for i in range(0, batch, step)]
+        return {name: torch.cat([p[name] for p in parts]) for name in spec.output_names}
+
+    def unet(self, sample, timestep, encoder_hidden_states, refs: Sequence[torch.Tensor] | None = None):
+        self.counter.unet_calls += 1
+        self.counter.unet_samples += sample.shape[0]
+        feeds = {"sample": sample, "timestep": timestep, "encoder_hidden_states": encoder_hidden_states}
+        network = "unet_anchor"
+        if refs is not None:
+            network = "unet_xframe"
+            feeds.update({f"ref_{k}": r for k, r in enumerate(refs)})
+        out = self.run(network, feeds)
+        n = self.geometry.n_layers
+        return out["noise_pred"].float(), [out[f"feat_{k}"] for k in range(n)]
+
+    def vae_encode(self, images):
+        self.counter.vae_encode += images.shape[0]
+        return self.run("vae_encoder", {"images": images})["latent"].float()
+
+    def vae_decode(self, latents):
+        self.counter.vae_decode += latents.shape[0]
+        return self.run("vae_decoder", {"latent": latents})["images"].float()
+
+    def depth(self, pixel_values):
+        self.counter.depth += pixel_values.shape[0]
+        return self.run("depth", {"pixel_values": pixel_values})["predicted_depth"].float()
+
+
+def choose_auto(models, engines: str | Path | None) -> str:
+    """``auto``: tensorrt if TensorRT is usable and the folder holds engines that match this
+    machine and model; else onnxruntime if it holds ONNX graphs of this model; else torch."""
+    from export.manifest import check_machine, this_machine
+    from p2v_fast.system import onnxruntime_status, tensorrt_status
+
+    folder = engines_folder(engines)
+    try:
+        manifest = load_checked_manifest(models, folder)
+    except EngineError:
+        return "torch"
+    if tensorrt_status()[0] and manifest.has_engines:
+        try:
+            check_machine(manifest, this_machine(), folder)
+            return "tensorrt"
+        except EngineError:
+            pass
+    if onnxruntime_status()[0] and all(e.onnx is not None for e in manifest.networks.values()):
+        return "onnxruntime"
+    return "torch"

@@ -1,0 +1,145 @@
+"""`p2v edit` end to end on the tiny model, as a user meets it."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+from p2v_fast import video
+from tests.helpers import sample_clip
+
+runner = CliRunner()
+FAST = ["--model", "tiny", "--size", "64", "--steps", "4"]
+
+
+def _p2v(*args: str):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory, tiny_dir) -> Path:
+    return sample_clip(tmp_path_factory.mktemp("clip"), n_frames=6, size=(96, 64))
+
+
+def test_edit_preserves_frames_fps_and_audio_and_is_deterministic(clip, tmp_path) -> None:
+    before = _digest(clip)
+    out1, out2 = tmp_path / "a.mp4", tmp_path / "b.mp4"
+    r1 = _p2v("edit", clip, "a crochet swan", "-o", out1, *FAST, "--side-by-side", "--source-prompt", "a clip")
+    assert r1.exit_code == 0, r1.output
+    r2 = _p2v("edit", clip, "a crochet swan", "-o", out2, *FAST, "--source-prompt", "a clip")
+    assert r2.exit_code == 0, r2.output
+    assert "cache hit" in r2.output  # the second edit of the clip does no inversion work
+    src, info = video.probe(clip), video.probe(out1)
+    assert info.n_frames == src.n_frames == 6
+    assert info.fps == pytest.approx(src.fps)
+    assert info.has_audio and src.has_audio
+    assert (info.width, info.height) == (128, 64)  # 96x64 -> short side 64, long side 96 -> 128
+    frames1, frames2 = list(video.read_frames(out1)), list(video.read_frames(out2))
+    assert all(np.array_equal(a, b) for a, b in zip(frames1, frames2, strict=True))
+    assert (tmp_path / "a.side-by-side.mp4").exists() and (tmp_path / "a.strip.png").exists()
+    assert _digest(clip) == before  # the input is never touched
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_stride_start_and_max_frames(clip, tmp_path) -> None:
+    out = tmp_path / "s.mp4"
+    r = _p2v("edit", clip, "x", "-o", out, *FAST, "--start", "1", "--stride", "2", "--max-frames", "2",
+             "--source-prompt", "a clip", "--latent-update", "detached")
+    assert r.exit_code == 0, r.output
+    info = video.probe(out)
+    assert info.n_frames == 2
+    assert info.fps == pytest.approx(video.probe(clip).fps / 2)
+
+
+def test_preview_writes_the_anchor_frame(clip, tmp_path) -> None:
+    out = tmp_path / "p.png"
+    r = _p2v("edit", clip, "a swan", "--preview", "-o", out, *FAST, "--source-prompt", "a clip")
+    assert r.exit_code == 0, r.output
+    from PIL import Image
+
+    assert Image.open(out).size == (128, 64)
+
+
+def test_feature_memory_is_constant_in_clip_length(tmp_path, tiny_dir) -> None:
+    from p2v_fast.config import EditConfig
+    from p2v_fast.pipeline import edit_video, load_runtime
+
+    clip = sample_clip(tmp_path, n_frames=8, size=(64, 64), audio=False)
+    cfg = EditConfig(prompt="a swan", model="tiny", size=64, steps=3, source_prompt="a clip",
+                     latent_update="detached")
+    rt = load_runtime(cfg)
+    peaks = []
+    for n in (3, 8):
+        res = edit_video(cfg.replace(max_frames=n), clip, tmp_path / f"{n}.mp4", runtime=rt)
+        peaks.append(res.stats.peak_feature_bytes)
+    assert peaks[0] == peaks[1] > 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["edit", "{missing}", "a swan"], "does not exist"),
+        (["edit", "{text}", "a swan"], "not"),
+        (["edit", "{empty_dir}", "a swan"], "images in folder"),
+        (["edit", "{clip}", "   "], "prompt is empty"),
+        (["edit", "{clip}", "a swan", "--size", "100"], "--size"),
+        (["edit", "{clip}", "a swan", "--latent-update", "sideways"], "--latent-update"),
+        (["edit", "{clip}", "a swan", "--refs", "everything"], "--refs"),
+        (["edit", "{clip}", "a swan", "--steps", "0"], "--steps"),
+        (["edit", "{clip}", "a swan", "--start", "99"], "start"),
+        (["edit", "{clip}", "a swan", "-o", "{clip}"], "is the input"),
+        (["edit", "{clip}", "a swan", "-o", "{existing}"], "--overwrite"),
+        (["edit", "{clip}", "a swan", "-o", "{text}/out.mp4"], "does not exist"),
+        (["edit", "{clip}", "a swan", "--model", "./no/such/model"], "does not exist"),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero(clip, tmp_path, args, message) -> None:
+    text = tmp_path / "notes.mp4"
+    text.write_text("not a video")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    existing = tmp_path / "existing.mp4"
+    existing.write_bytes(b"keep me")
+    subst = {"missing": tmp_path / "nope.mp4", "text": text, "empty_dir": empty, "clip": clip, "existing": existing}
+    formatted = [a.format(**subst) for a in args]
+    defaults = ["--model", "tiny", "--size", "64", "--steps", "2"][0 if "--model" not in args else 2 :]
+    argv = formatted[:3] + defaults + formatted[3:]  # the case's own options come last and win
+    before = _digest(clip)
+    r = _p2v(*argv)
+    assert r.exit_code != 0
+    lines = [ln for ln in r.output.strip().splitlines() if ln.strip()]
+    assert "Traceback" not in r.output
+    assert lines and lines[-1].startswith("error:"), r.output
+    assert message in r.output.replace("\n", " ")
+    assert existing.read_bytes() == b"keep me"
+    assert _digest(clip) == before
+
+
+def test_unwritable_output_folder(clip, tmp_path, monkeypatch) -> None:
+    import os
+
+    from p2v_fast.errors import InputError
+    from p2v_fast.pipeline import check_output
+
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # root can write anywhere here
+    with pytest.raises(InputError, match="not writable"):
+        check_output(clip, tmp_path / "out.mp4", overwrite=False)
+
+
+def test_installed_command_reports_errors_without_traceback(tmp_path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "cli", "edit", str(tmp_path / "nope.mp4"), "x"],
+                          capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("error:")

@@ -1,0 +1,335 @@
+"""ONNX export of the tiny model's five networks: onnx.checker, ONNX Runtime == PyTorch (all 10
+UNet outputs, the 9 ref inputs), fp16 graphs, stage caching, specs, profiles, keys, the CLI.
+
+The export runs once per session (64x64, fp32) into ``<basetemp>/engines-tiny-fp32``;
+``tests/test_backends.py`` asks for the same folder and finds every stage current.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from export import ExportOptions, ExportReport, export_engines
+from export.manifest import (
+    EXPORT_VERSION,
+    Machine,
+    ModelId,
+    engine_key,
+    onnx_key,
+    read_manifest,
+)
+from export.onnx_export import compare_outputs, graph_module
+from export.specs import NETWORKS, ExportProfile, Geometry, network_spec, sample_inputs
+from p2v_fast.errors import EngineError, ExportValidationError, InputError
+
+SIZE = 64  # pixels: 8x8 latents
+
+# SD2-depth's geometry (stabilityai/stable-diffusion-2-depth), for profile arithmetic at real sizes.
+SD2 = Geometry(
+    latent_channels=4, unet_in_channels=5, vae_scale=8, text_tokens=77, text_dim=1024,
+    feature_scales=(4, 4, 4, 2, 2, 2, 1, 1, 1), feature_channels=(1280,) * 3 + (640,) * 3 + (320,) * 3,
+    depth_in=(384, 384), depth_out=(384, 384),
+)
+
+
+def export_tiny(base: Path, precision: str = "fp32", networks: tuple[str, ...] = NETWORKS,
+                name: str | None = None) -> tuple[Path, ExportReport]:
+    """Export the tiny set at 64x64 into ``base/<name>`` (cached across calls: same keys)."""
+    from p2v_fast.models import load_models
+
+    folder = base / (name or f"engines-tiny-{precision}")
+    # A model set of its own: the export wraps (re-wires) the UNet's attention processors.
+    models = load_models("tiny", dtype=torch.float16 if precision == "fp16" else torch.float32)
+    options = ExportOptions(model="tiny", out=folder, format="onnx", precision=precision, height=SIZE, width=SIZE,
+                            max_batch=4, networks=networks)
+    return folder, export_engines(options, models=models)
+
+
+@pytest.fixture(scope="session")
+def tiny_engines(tiny_dir, tmp_path_factory) -> tuple[Path, ExportReport]:
+    return export_tiny(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="module")
+def ref_models(tiny_dir):
+    from p2v_fast.models import load_models
+
+    return load_models("tiny")
+
+
+def _one_line(msg: str) -> str:
+    assert msg and "\n" not in msg and "Traceback" not in msg, msg
+    return msg
+
+
+# ------------------------------------------------------------------------------ export + validation
+
+
+def test_every_network_exports_checks_and_matches_pytorch(tiny_engines) -> None:
+    folder, report = tiny_engines
+    manifest = read_manifest(folder)
+    assert list(manifest.networks) == list(NETWORKS)
+    assert manifest.precision == "fp32" and manifest.opset == 18 and manifest.model.source == "tiny"
+    assert {r.network for r in report.rows} == set(NETWORKS)
+    for name, entry in manifest.networks.items():
+        assert entry.onnx is not None and entry.engine is None
+        onnx.checker.check_model(str(folder / entry.onnx.file), full_check=True)
+        assert entry.validation is not None
+        assert entry.validation["rel"] <= entry.spec.tolerance, (name, entry.validation)
+        graph = onnx.load(str(folder / entry.onnx.file), load_external_data=False)
+        assert [i.name for i in graph.graph.input] == entry.spec.input_names
+        assert [o.name for o in graph.graph.output] == entry.spec.output_names
+
+
+@pytest.mark.parametrize("name", NETWORKS)
+def test_graph_matches_pytorch_at_another_batch_and_size(tiny_engines, ref_models, name) -> None:
+    """Dynamic axes really are dynamic: batch 3 at 128x64 (export traced batch 2 at 64x64)."""
+    from p2v_fast.backend_onnx import OnnxSession
+
+    folder, _ = tiny_engines
+    manifest = read_manifest(folder)
+    spec, geometry = manifest.networks[name].spec, manifest.geometry
+    session = OnnxSession(folder / f"{name}.onnx", spec, geometry, torch.device("cpu"))
+    inputs = sample_inputs(spec, spec.dims(geometry, 3, 128, 64), seed=7)
+    got = session.run(inputs)
+    module = graph_module(name, ref_models)
+    with torch.no_grad():
+        out = module(*(inputs[n] for n in spec.input_names))
+    want = dict(zip(spec.output_names, out if isinstance(out, tuple) else (out,), strict=True))
+    if name == "unet_xframe":
+        assert len([n for n in spec.input_names if n.startswith("ref_")]) == 9
+        assert len([n for n in spec.output_names if n.startswith("feat_")]) == 9
+    worst = compare_outputs(spec, got, want)
+    assert worst["rel"] < 1e-4, worst
+
+
+def test_xframe_graph_uses_its_refs(tiny_engines) -> None:
+    """The refs are live graph inputs, not constants frozen at export: other refs, other output."""
+    from p2v_fast.backend_onnx import OnnxSession
+
+    folder, _ = tiny_engines
+    manifest = read_manifest(folder)
+    spec, geometry = manifest.networks["unet_xframe"].spec, manifest.geometry
+    session = OnnxSession(folder / "unet_xframe.onnx", spec, geometry, torch.device("cpu"))
+    inputs = sample_inputs(spec, spec.dims(geometry, 2, SIZE, SIZE), seed=1)
+    a = session.run(inputs)["noise_pred"]
+    inputs["ref_8"] = inputs["ref_8"] * -1.0
+    b = session.run(inputs)["noise_pred"]
+    assert float((a - b).abs().max()) > 1e-3
+
+
+def test_fp16_export_is_an_fp16_graph_and_validates(tiny_dir, tmp_path_factory, ref_models) -> None:
+    folder, report = export_tiny(tmp_path_factory.mktemp("fp16"), "fp16", ("unet_xframe", "depth"))
+    manifest = read_manifest(folder)
+    graph = onnx.load(str(folder / "unet_xframe.onnx"))
+    types = {i.name: i.type.tensor_type.elem_type for i in graph.graph.input}
+    assert types["sample"] == onnx.TensorProto.FLOAT16 and types["ref_0"] == onnx.TensorProto.FLOAT16
+    assert types["timestep"] == onnx.TensorProto.FLOAT
+    assert graph.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    depth = onnx.load(str(folder / "depth.onnx"))  # DPT stays fp32 (its batch norms)
+    assert depth.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    v = manifest.networks["unet_xframe"].validation
+    assert v is not None and 0 < v["rel"] <= 2e-2, v  # fp16 vs fp16 PyTorch: ~3e-3
+
+    # ... and against the fp32 model: the precision loss itself is ~1e-3 relative
+    from p2v_fast.backend_onnx import OnnxSession
+
+    spec = manifest.networks["unet_xframe"].spec
+    inputs = sample_inputs(spec, spec.dims(manifest.geometry, 2, SIZE, SIZE), seed=3)
+    got = OnnxSession(folder / "unet_xframe.onnx", spec, manifest.geometry, torch.device("cpu")).run(inputs)
+    with torch.no_grad():
+        out = graph_module("unet_xframe", ref_models)(*(inputs[n].float() for n in spec.input_names))
+    worst = compare_outputs(spec, got, dict(zip(spec.output_names, out, strict=True)))
+    assert worst["rel"] < 2e-2
+
+
+def test_stages_are_skipped_when_current_and_redone_with_force(tiny_engines, tmp_path) -> None:
+    folder, _ = tiny_engines
+    again = export_engines(ExportOptions(model="tiny", out=folder, format="onnx", precision="fp32", height=SIZE,
+                                         width=SIZE, max_batch=4))
+    assert [r.status for r in again.rows] == ["cached"] * len(NETWORKS)
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    before = read_manifest(copy)
+    forced = export_engines(ExportOptions(model="tiny", out=copy, format="onnx", precision="fp32", height=SIZE,
+                                          width=SIZE, max_batch=4, networks=("vae_decoder",), force=True))
+    assert [(r.network, r.status) for r in forced.rows] == [("vae_decoder", "exported")]
+    after = read_manifest(copy)
+    assert list(after.networks) == list(NETWORKS)  # the other networks stay listed
+    assert after.networks["vae_decoder"].onnx.key == before.networks["vae_decoder"].onnx.key  # type: ignore[union-attr]
+
+
+def test_validation_error_names_network_output_and_size() -> None:
+    spec = network_spec("vae_decoder", SD2, "fp32")
+    want = {"images": torch.ones(1, 3, 8, 8)}
+    got = {"images": torch.ones(1, 3, 8, 8) + 0.01}
+    with pytest.raises(ExportValidationError) as err:
+        compare_outputs(spec, got, want)
+    msg = _one_line(str(err.value))
+    assert "vae_decoder" in msg and "'images'" in msg and "1.00e-02" in msg
+
+
+# ------------------------------------------------------------------------------ specs and profiles
+
+
+def test_profile_shapes_at_sd2_sizes() -> None:
+    opts = ExportOptions(height=512, width=768, min_size=256, max_size=1024, max_batch=8)
+    profile = opts.profile()
+    assert profile == ExportProfile(batch=(1, 2, 8), height=(256, 512, 1024), width=(256, 768, 1024))
+    shapes = network_spec("unet_xframe", SD2, "fp16").profile_shapes(SD2, profile)
+    assert shapes["sample"] == ((1, 5, 32, 32), (2, 5, 64, 96), (8, 5, 128, 128))
+    assert shapes["timestep"] == ((1,), (2,), (8,))
+    assert shapes["encoder_hidden_states"] == ((1, 77, 1024), (2, 77, 1024), (8, 77, 1024))
+    # ref_0: up_blocks.1 at latent/4, 1280 channels, anchor || previous = 2 N tokens
+    assert shapes["ref_0"] == ((1, 2 * 8 * 8, 1280), (2, 2 * 16 * 24, 1280), (8, 2 * 32 * 32, 1280))
+    assert shapes["ref_8"] == ((1, 2 * 32 * 32, 320), (2, 2 * 64 * 96, 320), (8, 2 * 128 * 128, 320))
+    enc = network_spec("vae_encoder", SD2, "fp16").profile_shapes(SD2, profile)
+    assert enc["images"] == ((1, 3, 256, 256), (2, 3, 512, 768), (8, 3, 1024, 1024))
+    depth = network_spec("depth", SD2, "fp16").profile_shapes(SD2, profile)
+    assert depth["pixel_values"] == ((1, 3, 384, 384), (2, 3, 384, 384), (8, 3, 384, 384))
+    assert network_spec("depth", SD2, "fp16").inputs[0].dtype == "float32"  # DPT fp32 always
+    fixed = ExportOptions(height=512, width=512).profile()
+    assert fixed.fixed_size and fixed.describe() == "batch 1-8 at 512x512"
+
+
+def test_bind_solves_axes_and_names_the_inconsistent_input() -> None:
+    spec = network_spec("unet_xframe", SD2, "fp16")
+    dims = spec.dims(SD2, 2, 512, 640)
+    shapes = spec.input_shapes(dims)
+    assert spec.bind(SD2, shapes) == dims
+    assert spec.output_shapes(dims)["feat_3"] == (2, 32 * 40, 640)
+    bad = dict(shapes, ref_3=(2, 100, 640))
+    with pytest.raises(EngineError, match="'ref_3'"):
+        spec.bind(SD2, bad)
+    with pytest.raises(EngineError, match="missing"):
+        spec.bind(SD2, {k: v for k, v in shapes.items() if k != "ref_8"})
+
+
+def test_geometry_of_tiny_matches_feature_shapes(ref_models) -> None:
+    from export.specs import geometry_of
+    from p2v_fast.attention import feature_shapes
+
+    g = geometry_of(ref_models)
+    assert g.n_layers == 9 and g.text_dim == 32 and g.depth_in == (32, 32)
+    for hw in ((8, 8), (8, 16), (16, 24)):
+        assert g.tokens(*hw) == [n for n, _ in feature_shapes(ref_models.unet, hw)]
+        assert list(g.feature_channels) == [c for _, c in feature_shapes(ref_models.unet, hw)]
+
+
+@pytest.mark.parametrize(
+    ("kw", "needle"),
+    [
+        ({"precision": "int8"}, "--precision"),
+        ({"format": "tflite"}, "--format"),
+        ({"height": 500}, "500"),
+        ({"min_size": 1024}, "--min-size 1024"),
+        ({"max_size": 256}, "--max-size 256"),
+        ({"max_batch": 0}, "--max-batch"),
+        ({"networks": ("clip",)}, "'clip'"),
+    ],
+)
+def test_export_options_quote_the_bad_value(kw, needle) -> None:
+    with pytest.raises(InputError) as err:
+        ExportOptions(**kw)
+    assert needle in _one_line(str(err.value))
+
+
+def test_cache_keys_change_with_everything_that_invalidates() -> None:
+    spec = network_spec("unet_xframe", SD2, "fp16")
+    model = ModelId("stabilityai/stable-diffusion-2-depth", "abc")
+    base = onnx_key(spec, model, 18)
+    assert base == onnx_key(spec, model, 18)
+    assert base != onnx_key(spec, model, 17)
+    assert base != onnx_key(network_spec("unet_xframe", SD2, "fp32"), model, 18)
+    assert base != onnx_key(network_spec("unet_anchor", SD2, "fp16"), model, 18)
+    assert base != onnx_key(spec, ModelId("other", "def"), 18)
+    assert EXPORT_VERSION >= 1
+    profile = spec.profile_shapes(SD2, ExportProfile())
+    h100 = Machine("10.8.0", "9.0", "NVIDIA H100")
+    e = engine_key(base, profile, h100)
+    assert e == engine_key(base, profile, h100)
+    assert e != engine_key(base, profile, Machine("10.8.0", "8.9", "NVIDIA L4"))
+    assert e != engine_key(base, profile, Machine("11.0.0", "9.0", "NVIDIA H100"))
+    assert e != engine_key(base, spec.profile_shapes(SD2, ExportProfile(batch=(1, 2, 4))), h100)
+    assert e != engine_key("0" * 16, profile, h100)
+
+
+# ------------------------------------------------------------------------------ CLI
+
+
+def test_cli_export_reports_cached_stages(tiny_engines) -> None:
+    from cli import app
+
+    folder, _ = tiny_engines
+    result = CliRunner().invoke(app, ["export", "--model", "tiny", "--size", str(SIZE), "--out", str(folder),
+                                      "--format", "onnx", "--precision", "fp32", "--max-batch", "4"])
+    assert result.exit_code == 0, result.output
+    assert "cached" in result.output and "unet_xframe" in result.output and "manifest" in result.output
+
+
+def test_cli_export_tensorrt_without_tensorrt_is_one_clear_line(tmp_path) -> None:
+    from cli import app
+    from p2v_fast.system import tensorrt_status
+
+    if tensorrt_status()[0]:
+        pytest.skip("TensorRT is usable here; the refusal path is for machines without it")
+    result = CliRunner().invoke(app, ["export", "--model", "tiny", "--size", str(SIZE), "--out", str(tmp_path / "e"),
+                                      "--format", "tensorrt"])
+    assert result.exit_code != 0
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "TensorRT is not installed" in lines[0] and "--format onnx" in lines[0], result.output
+    assert "Traceback" not in result.output
+
+
+# ------------------------------------------------------------------------------ GPU tiers
+
+
+def _tensorrt_reason() -> str | None:
+    from p2v_fast.system import tensorrt_status
+
+    ok, status = tensorrt_status()
+    return None if ok else f"TensorRT not usable here ({status})"
+
+
+@pytest.mark.tensorrt
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_tensorrt_engines_match_pytorch(tiny_dir, tmp_path, precision) -> None:
+    """Build the tiny engines and compare every network with PyTorch on the GPU."""
+    reason = _tensorrt_reason()
+    if reason:
+        pytest.skip(reason)
+    from p2v_fast.backend_tensorrt import TensorRTBackend
+    from p2v_fast.backends import TorchBackend
+    from p2v_fast.models import load_models
+
+    dtype = torch.float16 if precision == "fp16" else torch.float32
+    models = load_models("tiny", device="cuda", dtype=dtype)
+    options = ExportOptions(model="tiny", out=tmp_path / "e", format="tensorrt", precision=precision, height=SIZE,
+                            width=SIZE, min_size=SIZE, max_size=2 * SIZE, max_batch=4)
+    report = export_engines(options, models=models)
+    assert {r.stage for r in report.rows} == {"onnx", "tensorrt"}
+    trt_backend = TensorRTBackend(models, tmp_path / "e")
+    torch_backend = TorchBackend(models)  # after the export: it re-wires the UNet's processors
+    tol = 1e-3 if precision == "fp32" else 2e-2
+    manifest = read_manifest(tmp_path / "e")
+    spec = manifest.networks["unet_xframe"].spec
+    for b, (h, w) in ((2, (SIZE, SIZE)), (3, (2 * SIZE, SIZE)), (6, (SIZE, 2 * SIZE))):  # 6 > max batch: split
+        x = sample_inputs(spec, spec.dims(manifest.geometry, b, h, w), device="cuda", seed=b)
+        refs = [x[f"ref_{k}"] for k in range(9)]
+        eps_t, feats_t = trt_backend.unet(x["sample"], x["timestep"], x["encoder_hidden_states"], refs)
+        with torch.no_grad():
+            eps_r, feats_r = torch_backend.unet(x["sample"], x["timestep"], x["encoder_hidden_states"], refs)
+        for a, r in zip([eps_t, *feats_t], [eps_r, *feats_r], strict=True):
+            assert float((a.float() - r.float()).abs().max()) <= tol * float(r.float().abs().max())
+    images = torch.rand(2, 3, SIZE, SIZE, device="cuda") * 2 - 1
+    with torch.no_grad():
+        lat_r = torch_backend.vae_encode(images)
+    lat_t = trt_backend.vae_encode(images)
+    assert float((lat_t - lat_r).abs().max()) <= tol * float(lat_r.abs().max())

@@ -1,0 +1,279 @@
+"""Model loading (tiny, local folder, hub cache, errors), depth and captioning."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from p2v_fast.caption import caption_frame
+from p2v_fast.depth import DepthEstimator, clip_range, normalize_per_frame, normalize_with
+from p2v_fast.errors import InputError, ModelLoadError
+from p2v_fast.models import Models, load_models
+from p2v_fast.paths import cache_root
+from p2v_fast.tiny import TINY_VERSION, tiny_model_dir
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _frames(n: int = 3, h: int = 64, w: int = 96, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+
+
+def _one_line_error(exc_info: pytest.ExceptionInfo) -> str:
+    msg = str(exc_info.value)
+    assert msg and "\n" not in msg and "Traceback" not in msg
+    return msg
+
+
+# ------------------------------------------------------------------------------ tiny set
+
+
+def test_tiny_unet_has_sd2_depth_layout(tiny_models: Models) -> None:
+    unet = tiny_models.unet
+    assert unet.config.in_channels == 5 and unet.config.out_channels == 4
+    assert unet.config.use_linear_projection
+    attn1 = [n for n, _ in unet.named_modules() if n.endswith(".attn1")]
+    assert len(attn1) == 16
+    assert sum(n.startswith("down_blocks.") for n in attn1) == 6
+    assert sum(n.startswith("mid_block.") for n in attn1) == 1
+    up = [n for n in attn1 if n.startswith("up_blocks.")]
+    assert len(up) == 9
+    for b in (1, 2, 3):
+        assert sum(n.startswith(f"up_blocks.{b}.") for n in up) == 3
+    assert unet.config.cross_attention_dim == tiny_models.text_encoder.config.hidden_size
+
+
+def test_tiny_components(tiny_models: Models, tiny_dir: Path) -> None:
+    m = tiny_models
+    assert m.source == "tiny" and m.local_dir == tiny_dir
+    assert tiny_dir.name == TINY_VERSION and tiny_dir.parent.parent == cache_root()
+    assert m.device == torch.device("cpu") and m.dtype == torch.float32
+    assert type(m.scheduler).__name__ == "DDIMScheduler"
+    cfg = m.scheduler.config
+    assert cfg.beta_schedule == "scaled_linear" and cfg.prediction_type == "epsilon"
+    assert (cfg.beta_start, cfg.beta_end, cfg.num_train_timesteps) == (0.00085, 0.012, 1000)
+    assert (cfg.clip_sample, cfg.set_alpha_to_one, cfg.steps_offset) == (False, False, 1)
+    assert m.vae.config.latent_channels == 4 and m.vae_scale_factor == 8
+    assert m.tokenizer.model_max_length == 77
+    ids = m.tokenizer("a cat on a skateboard", padding="max_length", max_length=77, return_tensors="pt").input_ids
+    assert ids.shape == (1, 77) and int(ids.max()) < m.text_encoder.config.vocab_size
+    assert m.text_encoder(ids).last_hidden_state.shape == (1, 77, m.unet.config.cross_attention_dim)
+    for mod in (m.vae, m.unet, m.text_encoder, m.depth_estimator):
+        assert not mod.training
+        assert not any(p.requires_grad for p in mod.parameters())
+    size = sum(f.stat().st_size for f in tiny_dir.rglob("*") if f.is_file())
+    assert size < 30e6
+    assert (tiny_dir / "captioner" / "config.json").is_file()
+
+
+def test_tiny_dir_is_reused(tiny_dir: Path) -> None:
+    stamp = (tiny_dir / "model_index.json").stat().st_mtime_ns
+    t0 = time.perf_counter()
+    assert tiny_model_dir() == tiny_dir
+    assert time.perf_counter() - t0 < 0.5
+    assert (tiny_dir / "model_index.json").stat().st_mtime_ns == stamp
+    # No leftover build folders beside it.
+    assert [p.name for p in tiny_dir.parent.iterdir()] == [TINY_VERSION]
+
+
+def test_tiny_build_is_deterministic(tiny_dir: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    other = tiny_model_dir(tmp_path)
+    assert other == tmp_path / "models" / TINY_VERSION
+    for rel in ("unet/diffusion_pytorch_model.safetensors", "depth_estimator/model.safetensors"):
+        a, b = load_file(tiny_dir / rel), load_file(other / rel)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_tiny_build_race_keeps_the_winner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import p2v_fast.tiny as tiny
+
+    target = tmp_path / "models" / TINY_VERSION
+
+    def racing_build(dest: Path) -> None:
+        # Another process finishes first, while we are still building ours.
+        target.mkdir(parents=True)
+        (target / "model_index.json").write_text("{}")
+        (target / "winner").write_text("")
+        dest.mkdir(parents=True)
+        (dest / "model_index.json").write_text("{}")
+
+    monkeypatch.setattr(tiny, "build_tiny_model_dir", racing_build)
+    assert tiny.tiny_model_dir(tmp_path) == target
+    assert (target / "winner").is_file()
+    assert [p.name for p in target.parent.iterdir()] == [TINY_VERSION]
+
+
+def test_cache_root_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("P2V_CACHE", str(tmp_path))
+    assert cache_root() == tmp_path
+    monkeypatch.delenv("P2V_CACHE")
+    assert cache_root() == Path.home() / ".cache" / "p2v-fast"
+
+
+# ------------------------------------------------------------------------------ loading
+
+
+def test_reload_offline_from_folder(tiny_dir: Path, tiny_models: Models, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    m = load_models(str(tiny_dir))
+    assert m.source == str(tiny_dir) and m.local_dir == tiny_dir.resolve()
+    a, b = m.unet.state_dict(), tiny_models.unet.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert load_models("tiny").source == "tiny"
+
+
+def test_fp16_keeps_depth_in_fp32(tiny_dir: Path) -> None:
+    m = load_models("tiny", dtype=torch.float16)
+    assert m.unet.dtype == m.vae.dtype == m.text_encoder.dtype == torch.float16
+    assert m.depth_estimator.dtype == torch.float32
+
+
+def test_sd2_feature_extractor_name_loads(tiny_dir: Path, tmp_path: Path) -> None:
+    """SD2-depth's model_index.json names DPTFeatureExtractor, which transformers 5 lacks."""
+    folder = tmp_path / "sd2like"
+    shutil.copytree(tiny_dir, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["feature_extractor"] = ["transformers", "DPTFeatureExtractor"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    m = load_models(str(folder))
+    assert "DPTImageProcessor" in type(m.feature_extractor).__name__
+
+
+def test_unknown_hub_id_offline_is_fast_and_clear(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t0 = time.perf_counter()
+    with pytest.raises(ModelLoadError) as ei:
+        load_models("p2v-test-no-such-owner/no-such-model")
+    assert time.perf_counter() - t0 < 5
+    msg = _one_line_error(ei)
+    assert "p2v-test-no-such-owner/no-such-model" in msg and "tiny" in msg and "cache" in msg
+
+
+def test_unknown_hub_id_online_fails_cleanly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without HF_HUB_OFFLINE: no hub here (unreachable) or, with one, repo not found."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    t0 = time.perf_counter()
+    with pytest.raises(ModelLoadError) as ei:
+        load_models("p2v-test-no-such-owner/no-such-model")
+    assert time.perf_counter() - t0 < 30
+    assert "p2v-test-no-such-owner/no-such-model" in _one_line_error(ei)
+
+
+@pytest.mark.parametrize("name", ["./p2v-no-such-folder", "/p2v/no/such/folder", "a/b/c"])
+def test_missing_folder(name: str) -> None:
+    with pytest.raises(ModelLoadError) as ei:
+        load_models(name)
+    assert _one_line_error(ei) == f"model folder '{name}' does not exist"
+
+
+def test_not_a_pipeline_folder(tmp_path: Path, tiny_dir: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ModelLoadError) as ei:
+        load_models(str(empty))
+    msg = _one_line_error(ei)
+    assert str(empty) in msg and "model_index.json" in msg
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    with pytest.raises(ModelLoadError) as ei:
+        load_models(str(other))
+    msg = _one_line_error(ei)
+    assert str(other) in msg and "StableDiffusionPipeline" in msg
+
+    partial = tmp_path / "partial"
+    shutil.copytree(tiny_dir, partial)
+    shutil.rmtree(partial / "depth_estimator")
+    with pytest.raises(ModelLoadError) as ei:
+        load_models(str(partial))
+    msg = _one_line_error(ei)
+    assert str(partial) in msg and "depth_estimator/" in msg and "unet/" not in msg
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir, broken)
+    (broken / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ModelLoadError) as ei:
+        load_models(str(broken))
+    assert str(broken) in _one_line_error(ei)
+
+
+def test_hub_cache_snapshot_loads_offline(tiny_dir: Path, tmp_path: Path) -> None:
+    """A hub id found in the HF cache loads with HF_HUB_OFFLINE=1 (subprocess: HF env is read at import)."""
+    rev = "0" * 40
+    repo = tmp_path / "hub" / "models--p2v-test--sd2-depth-tiny"
+    shutil.copytree(tiny_dir, repo / "snapshots" / rev)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(rev)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    code = (
+        "from p2v_fast.models import load_models\n"
+        "m = load_models('p2v-test/sd2-depth-tiny')\n"
+        "print(m.source, m.local_dir, m.unet.config.in_channels)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["p2v-test/sd2-depth-tiny", "None", "5"]
+
+
+# ------------------------------------------------------------------------------ depth
+
+
+def test_depth_shapes(tiny_models: Models) -> None:
+    est = DepthEstimator(tiny_models, batch_size=2)
+    d = est.raw(_frames(3, 64, 96))
+    assert d.shape == (3, 8, 12) and d.dtype == torch.float32 and d.device == tiny_models.device
+    assert torch.isfinite(d).all()
+    single = est.raw(_frames(1, 64, 96)[0])
+    assert single.shape == (1, 8, 12)
+    assert torch.allclose(single[0], d[0], atol=1e-6)  # batching does not change results
+    with pytest.raises(InputError):
+        est.raw(_frames(1, 60, 96))
+    with pytest.raises(InputError):
+        est.raw(_frames(1).astype(np.float32))
+
+
+def test_depth_per_frame_normalisation(tiny_models: Models) -> None:
+    d = DepthEstimator(tiny_models).raw(_frames(3, 64, 64))
+    n = normalize_per_frame(d)
+    assert n.shape == d.shape
+    assert torch.allclose(n.amin(dim=(1, 2)), torch.full((3,), -1.0))
+    assert torch.allclose(n.amax(dim=(1, 2)), torch.full((3,), 1.0))
+    flat = normalize_per_frame(torch.full((2, 4, 4), 3.0))
+    assert torch.equal(flat, torch.zeros(2, 4, 4))
+
+
+def test_depth_per_clip_normalisation() -> None:
+    d = torch.stack([torch.linspace(0, 1, 16).view(4, 4), torch.linspace(2, 4, 16).view(4, 4)])
+    lo, hi = clip_range(d)
+    assert (lo, hi) == (0.0, 4.0)
+    n = normalize_with(d, lo, hi)
+    assert n.shape == d.shape
+    assert float(n.min()) == -1.0 and float(n.max()) == 1.0
+    assert float(n[0].max()) == pytest.approx(-0.5)  # frame 0 keeps its place in the clip's range
+    assert float(normalize_with(d, 1.0, 3.0).min()) == -1.0  # clamped
+    assert float(normalize_with(d, 1.0, 3.0).max()) == 1.0
+    assert torch.equal(normalize_with(d, 2.0, 2.0), torch.zeros_like(d))
+
+
+# ------------------------------------------------------------------------------ caption
+
+
+def test_caption_returns_str(tiny_models: Models) -> None:
+    text = caption_frame(tiny_models, _frames(1, 48, 40)[0], max_new_tokens=8)
+    assert isinstance(text, str) and text == text.strip()
+    assert caption_frame(tiny_models, _frames(1, 48, 40)[0], max_new_tokens=8) == text  # greedy
+    with pytest.raises(InputError):
+        caption_frame(tiny_models, _frames(2))
