@@ -92,6 +92,9 @@ Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")]
 Dtype = Annotated[str, typer.Option(help="auto, fp32, fp16, bf16.")]
 Backend = Annotated[str, typer.Option(help="torch, onnxruntime, tensorrt or auto.")]
 Engines = Annotated[Path | None, typer.Option(help="Folder of exported engines (non-torch backends).")]
+Schedule = Annotated[str, typer.Option(help="sequential (Algorithm 1) or wavefront (same result, batched frames).")]
+BatchFrames = Annotated[int | None, typer.Option("--batch-frames", help="Wavefront: frames in flight (default 16).")]
+InvertBatch = Annotated[int, typer.Option("--invert-batch", help="Frames per UNet call during inversion.")]
 
 
 def _config(**kw: Any):
@@ -134,6 +137,9 @@ def edit(
     dtype: Dtype = "auto",
     backend: Backend = "torch",
     engines: Engines = None,
+    schedule: Schedule = "sequential",
+    batch_frames: BatchFrames = None,
+    invert_batch: InvertBatch = 1,
 ) -> None:
     """Edit INPUT so that it matches PROMPT, consistently across frames."""
     from p2v_fast.pipeline import edit_video
@@ -143,6 +149,7 @@ def edit(
         dtype=dtype, backend=backend, engines=engines, size=size, start=start, max_frames=max_frames, stride=stride,
         steps=steps, guidance_scale=guidance_scale, seed=seed, depth_norm=depth_norm, refs=refs,
         latent_update=latent_update, update_steps=update_steps, update_weight=update_weight,
+        schedule=schedule, batch_frames=batch_frames, invert_batch=invert_batch,
     )
     with _progress() as bar:
         result = edit_video(cfg, input, output, overwrite=overwrite, preview=preview, side_by_side=side_by_side,
@@ -210,13 +217,14 @@ def invert(
     dtype: Dtype = "auto",
     backend: Backend = "torch",
     engines: Engines = None,
+    invert_batch: InvertBatch = 1,
 ) -> None:
     """DDIM-invert INPUT into the cache, so later edits of it skip inversion."""
     from p2v_fast.pipeline import invert_video
 
     cfg = _config(model=model, device=device, dtype=dtype, backend=backend, engines=engines, size=size, start=start,
                   max_frames=max_frames, stride=stride, steps=steps, source_prompt=source_prompt,
-                  depth_norm=depth_norm, latent_update="off")
+                  depth_norm=depth_norm, latent_update="off", invert_batch=invert_batch)
     with _progress() as bar:
         prep = invert_video(cfg, input, RichProgress(bar))
     state = "cache hit (nothing to do)" if prep.inverted.cache_hit else f"{prep.seconds:.1f} s"
@@ -358,7 +366,7 @@ def bench(
 ) -> None:
     """Time depth, inversion, anchor and propagated frames and VAE decode, in seconds per frame."""
     from benchmarks.bench import BenchOptions, run_bench
-    from benchmarks.report import rich_tables
+    from benchmarks.report import print_report
     from p2v_fast.config import LATENT_UPDATES, SCHEDULES
 
     opts = BenchOptions(
@@ -369,8 +377,7 @@ def bench(
     )
     with _progress() as bar:
         report = run_bench(opts, RichProgress(bar))
-    for table in rich_tables(report):
-        out_console.print(table)
+    print_report(out_console, report)
     if json_path is not None:
         out_console.print(f"wrote {json_path}")
 
@@ -382,8 +389,8 @@ def export_(
     size: Annotated[int | None, typer.Option(help="Square size (height = width), the profile's opt size.")] = None,
     height: Annotated[int | None, typer.Option(help="Opt height in pixels (default: --size or 512).")] = None,
     width: Annotated[int | None, typer.Option(help="Opt width in pixels (default: --size or 512).")] = None,
-    min_size: Annotated[int | None, typer.Option("--min-size", help="Smallest height/width accepted (dynamic).")] = None,
-    max_size: Annotated[int | None, typer.Option("--max-size", help="Largest height/width accepted (dynamic).")] = None,
+    min_size: Annotated[int | None, typer.Option("--min-size", help="Smallest height/width accepted.")] = None,
+    max_size: Annotated[int | None, typer.Option("--max-size", help="Largest height/width accepted.")] = None,
     out: Annotated[Path, typer.Option(help="Engine folder.")] = Path("engines"),
     format: Annotated[str, typer.Option("--format", help="onnx (graphs only) or tensorrt (graphs + engines).")] = (
         "tensorrt"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,7 +28,7 @@ from torch import nn
 ARCHS = ("sd2-depth",)
 
 #: stabilityai/stable-diffusion-2-depth unet/config.json.
-SD2_DEPTH_UNET = dict(
+SD2_DEPTH_UNET: dict[str, Any] = dict(
     sample_size=96,
     in_channels=5,  # 4 latent + 1 depth
     out_channels=4,
@@ -51,7 +52,7 @@ SD2_DEPTH_UNET = dict(
 )
 
 #: The Stable Diffusion (v1/v2) KL autoencoder, vae/config.json.
-SD_VAE = dict(
+SD_VAE: dict[str, Any] = dict(
     in_channels=3,
     out_channels=3,
     down_block_types=("DownEncoderBlock2D",) * 4,
@@ -66,7 +67,7 @@ SD_VAE = dict(
 )
 
 #: OpenCLIP ViT-H/14 text tower as SD2 uses it (23 of its 24 layers; text_encoder/config.json).
-OPENCLIP_VIT_H_TEXT = dict(
+OPENCLIP_VIT_H_TEXT: dict[str, Any] = dict(
     vocab_size=49408,
     hidden_size=1024,
     intermediate_size=4096,
@@ -80,7 +81,7 @@ OPENCLIP_VIT_H_TEXT = dict(
 
 #: Intel/dpt-hybrid-midas (SD2-depth's depth_estimator): ViT-B/16 on a BiT-R50 stem, 384x384.
 DPT_IMAGE_SIZE = 384
-DPT_HYBRID_MIDAS = dict(
+DPT_HYBRID_MIDAS: dict[str, Any] = dict(
     is_hybrid=True,
     image_size=DPT_IMAGE_SIZE,
     patch_size=16,

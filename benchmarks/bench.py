@@ -3,8 +3,9 @@
 Stages (all in seconds per frame, frames processed one at a time unless a schedule batches them):
   depth       DPT depth of one frame (preprocessing, network, resize to latent size)
   vae_encode  VAE mean latent of one frame
-  inversion   :func:`p2v_fast.inversion.invert_clip` on a cold cache, per frame: encode + depth +
-              ``steps`` DDIM-inversion UNet calls (batch 1, conditional branch) + cache writes
+  inversion   :func:`p2v_fast.inversion.invert_clip` on a cold cache, per frame: frame decoding,
+              encode, depth, ``steps`` DDIM-inversion UNet calls (batch 1, conditional branch) and
+              the cache writes -- what a first edit of a clip pays once
   edit        the edit loop over the clip, per frame (Algorithm 1; ``anchor`` = frame 1 and
               ``propagated`` = the mean of frames 2..n, split for the sequential schedule only,
               since the wavefront schedule runs frames together)
@@ -374,7 +375,7 @@ def _bench_backend(name: str, opts: BenchOptions, base: EditConfig, models, sele
 
     progress.log(f"{name}: inversion ({opts.steps} steps, cold cache)")
     digest = frames_digest(selection)
-    handles = []
+    handles: list[tuple[Path, Any]] = []  # (cache folder, InvertedClip)
 
     def invert() -> None:
         root = work / f"inversion-{name}-{len(handles)}"

@@ -9,6 +9,7 @@ It covers matmuls, convolutions and attention (2 FLOPs per multiply-add); elemen
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -40,7 +41,7 @@ class UNetFlops:
         }
 
 
-def _meta_wrapper(unet: torch.nn.Module) -> UNetWithFeatures:
+def _meta_wrapper(unet: Any) -> UNetWithFeatures:
     with torch.device("meta"):
         copy = type(unet).from_config(unet.config)
     copy.requires_grad_(False)
@@ -54,7 +55,7 @@ def _count(fn) -> int:
     return int(counter.get_total_flops())
 
 
-def count_unet_flops(unet: torch.nn.Module, latent_hw: tuple[int, int]) -> UNetFlops:
+def count_unet_flops(unet: Any, latent_hw: tuple[int, int]) -> UNetFlops:
     """FLOPs of the calls the edit makes at ``latent_hw`` (h, w) with ``unet``'s architecture."""
     wrapper = _meta_wrapper(unet)
     h, w = latent_hw

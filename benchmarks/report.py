@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.console import Console
 from rich.table import Table
 
 COLUMNS = ("stage", "s/frame", "min–max", "UNet calls/frame", "UNet TFLOP/frame", "TFLOP/s", "of peak",
@@ -96,6 +97,15 @@ def rich_tables(report: dict[str, Any]) -> list[Table | str]:
                 table.add_row(*row)
         out.append(table)
     return out
+
+
+def print_report(console: Console, report: dict[str, Any]) -> None:
+    """Print the tables; when the output is not a terminal (a pipe, a log file, a test runner)
+    render them 160 columns wide instead of rich's default 80, which would squash them."""
+    if not console.is_terminal:
+        console = Console(file=console.file, width=max(console.width, 160), color_system=None)
+    for item in rich_tables(report):
+        console.print(item)
 
 
 def markdown(report: dict[str, Any]) -> str:

@@ -95,7 +95,7 @@ def this_machine() -> Machine:
         import tensorrt as trt
 
         version: str | None = str(trt.__version__)
-    except Exception:  # noqa: BLE001 - PyPI's placeholder package raises on import
+    except Exception:  # PyPI's placeholder package raises on import
         version = None
     cc = gpu = None
     if torch.cuda.is_available():
@@ -261,7 +261,7 @@ def read_manifest(folder: str | Path) -> Manifest:
         return Manifest.from_dict(data)
     except EngineError:
         raise
-    except Exception as exc:  # noqa: BLE001 - any parse failure is a corrupt manifest
+    except Exception as exc:  # any parse failure is a corrupt manifest
         raise EngineError(f"'{path}' is corrupt ({type(exc).__name__}); re-export with "
                           f"`p2v export --out {folder} --force`") from None
 
@@ -365,7 +365,7 @@ def describe_folder(folder: Path, machine: Machine | None = None) -> list[tuple[
         rows.append(("  tensorrt", trt_state))
     for name, entry in manifest.networks.items():
         parts = []
-        for kind, art in (("onnx", entry.onnx), ("engine", entry.engine)):
+        for art in (entry.onnx, entry.engine):
             if art is None:
                 continue
             path = folder / art.file

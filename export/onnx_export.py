@@ -187,7 +187,7 @@ def check_graph(path: Path, network: str) -> None:
 
     try:
         onnx.checker.check_model(str(path), full_check=True)
-    except Exception as exc:  # noqa: BLE001 - checker raises several types
+    except Exception as exc:  # checker raises several types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise EngineError(f"{network}: exported ONNX graph fails onnx.checker: {first[:200]}") from None
 

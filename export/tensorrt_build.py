@@ -30,7 +30,7 @@ def import_tensorrt(alternative: str = "use --format onnx"):
         import tensorrt as trt
 
         _ = trt.Builder  # PyPI's placeholder package imports but has no API
-    except Exception as exc:  # noqa: BLE001 - ImportError, or the placeholder's own error
+    except Exception as exc:  # ImportError, or the placeholder's own error
         why = type(exc).__name__
         raise BackendUnavailableError(
             f"TensorRT is not installed or not usable here ({why}; pip install 'p2v-fast[tensorrt]' on a machine "

@@ -43,7 +43,7 @@ def providers_for(device: torch.device, cache_dir: Path | None = None) -> list:
         if "TensorrtExecutionProvider" in available and cache_dir is not None:
             try:
                 import tensorrt  # noqa: F401 - the provider needs TensorRT's libraries
-            except Exception:  # noqa: BLE001
+            except Exception:
                 pass
             else:
                 providers.append(("TensorrtExecutionProvider", {
@@ -75,9 +75,13 @@ class OnnxSession:
         self.spec, self.geometry, self.device = spec, geometry, ort_device(device)
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only: the CPU provider warns about fp16 folding
+        # No busy-waiting between runs: the edit interleaves ONNX Runtime with PyTorch (autograd
+        # steps, scheduler arithmetic), and spinning ORT threads starve PyTorch's (5x slower here).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers or providers_for(self.device))
-        except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+        except Exception as exc:  # ORT raises its own exception types
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise EngineError(f"ONNX Runtime cannot load '{path}' (truncated or corrupt?): {first[:160]}") from None
         names_in = [i.name for i in self.session.get_inputs()]

@@ -10,6 +10,8 @@ the pipeline does) or per clip (one range for the whole video, which does not fl
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -20,9 +22,14 @@ from .models import Models
 class DepthEstimator:
     """Runs the model set's depth estimator on uint8 RGB frames."""
 
-    def __init__(self, models: Models, batch_size: int = 8) -> None:
+    def __init__(
+        self, models: Models, batch_size: int = 8, run: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> None:
+        """``run`` maps DPT pixel values [B,3,S,S] to predicted depth [B,S',S'] (a backend's
+        ``depth``); default: the model's own PyTorch module."""
         self.models = models
         self.batch_size = max(1, int(batch_size))
+        self.run = run or (lambda pv: models.depth_estimator(pixel_values=pv).predicted_depth)
 
     @torch.no_grad()
     def raw(self, frames: np.ndarray) -> torch.Tensor:
@@ -46,14 +53,13 @@ class DepthEstimator:
             raise InputError(f"frame size {width}x{height} is not a multiple of {f}")
         size = (height // f, width // f)
         device = self.models.device
-        model = self.models.depth_estimator
         out = []
         for start in range(0, arr.shape[0], self.batch_size):
             chunk = list(arr[start : start + self.batch_size])
             pixel_values = self.models.feature_extractor(images=chunk, return_tensors="pt")["pixel_values"].to(
                 device=device, dtype=torch.float32
             )
-            pred = model(pixel_values=pixel_values).predicted_depth.float()
+            pred = self.run(pixel_values).float()
             pred = torch.nn.functional.interpolate(pred.unsqueeze(1), size=size, mode="bicubic", align_corners=False)
             out.append(pred[:, 0])
         return torch.cat(out, dim=0)

@@ -21,13 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from p2v_fast import video
 from p2v_fast.backends import Backend
 from p2v_fast.config import EditConfig
 from p2v_fast.ddim import DDIMSchedule
+from p2v_fast.depth import DepthEstimator, normalize_per_frame, normalize_with
 from p2v_fast.paths import cache_root
 from p2v_fast.progress import NullProgress, Progress
 from p2v_fast.prompts import encode_prompt
@@ -108,15 +108,10 @@ def images_to_tensor(frames: list[np.ndarray]) -> torch.Tensor:
 
 
 def raw_depth(models, backend: Backend, frames: list[np.ndarray], latent_hw: tuple[int, int]) -> torch.Tensor:
-    """DPT depth of uint8 frames, bicubic-resized to latent size: [B, h, w] fp32, unnormalised."""
-    pixel_values = models.feature_extractor(images=list(frames), return_tensors="pt").pixel_values
-    pred = backend.depth(pixel_values)  # [B, S', S']
-    return F.interpolate(pred.unsqueeze(1), size=latent_hw, mode="bicubic", align_corners=False)[:, 0]
-
-
-def normalize_depth(depth: torch.Tensor, lo: torch.Tensor | float, hi: torch.Tensor | float) -> torch.Tensor:
-    """Min-max map to [-1, 1] (the range SD2-depth was trained on)."""
-    return 2.0 * (depth - lo) / torch.clamp(torch.as_tensor(hi - lo), min=1e-8) - 1.0
+    """DPT depth of uint8 frames through ``backend``, at latent size: [B, h, w] fp32, unnormalised."""
+    depth = DepthEstimator(models, batch_size=len(frames), run=backend.depth).raw(np.stack(frames))
+    assert tuple(depth.shape[-2:]) == tuple(latent_hw)
+    return depth
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -167,6 +162,7 @@ def invert_clip(
 
     # Pass 1: VAE latent and raw depth per frame (kept on disk, not in memory).
     advance = progress.stage("encode + depth", n)
+    depth_estimator = DepthEstimator(models, batch_size=batch, run=backend.depth)
     lo, hi = float("inf"), float("-inf")
     chunk: list[np.ndarray] = []
     index = 0
@@ -176,7 +172,7 @@ def invert_clip(
         todo = [i for i in range(index, index + len(chunk)) if not enc_path(i).exists()]
         if todo:
             x0 = backend.vae_encode(images_to_tensor(chunk).to(backend.device))
-            d = raw_depth(models, backend, chunk, latent_hw)
+            d = depth_estimator.raw(np.stack(chunk))  # [B,h,w], unnormalised
             for j in range(len(chunk)):
                 _save_atomic({"x_0": x0[j : j + 1], "depth_raw": d[j : j + 1]}, enc_path(index + j))
         for j in range(len(chunk)):
@@ -205,11 +201,7 @@ def invert_clip(
         encs = [load_file(str(enc_path(i))) for i in ids]
         x = torch.cat([e["x_0"] for e in encs]).to(backend.device)
         raw = torch.cat([e["depth_raw"] for e in encs])
-        if cfg.depth_norm == "clip":
-            depth = normalize_depth(raw, lo, hi)
-        else:
-            flat = raw.flatten(1)
-            depth = normalize_depth(raw, flat.min(1).values.view(-1, 1, 1), flat.max(1).values.view(-1, 1, 1))
+        depth = normalize_with(raw, lo, hi) if cfg.depth_norm == "clip" else normalize_per_frame(raw)
         depth = depth.unsqueeze(1).to(backend.device)  # [B,1,h,w]
         ehs = cond.expand(len(ids), -1, -1)
         x_0 = x.clone()

@@ -184,8 +184,8 @@ def edit_video(
             d = inv.load(i, device)
             yield FrameState(i, d["x_T"], d["depth"])
 
-    calls0 = rt.backend.counter.unet_calls + (rt.grad_backend.counter.unet_calls if rt.grad_backend
-                                              and rt.grad_backend is not rt.backend else 0)
+    counters = [rt.backend.counter] + ([rt.grad_backend.counter] if rt.grad_backend not in (None, rt.backend) else [])
+    calls0 = sum(c.unet_calls for c in counters), sum(c.unet_backward for c in counters)
     t_edit = time.perf_counter()
     advance = progress.stage("edit", sel.n_frames * cfg.steps)
     thumbs_at = set(np.linspace(0, sel.n_frames - 1, min(4, sel.n_frames)).round().astype(int).tolist())
@@ -227,10 +227,8 @@ def edit_video(
         bottom = np.concatenate([e for _, e in thumbs], axis=1)
         video.save_png(strip_path, np.concatenate([top, bottom], axis=0))
     t_end = time.perf_counter()
-    stats.unet_calls = rt.backend.counter.unet_calls + (
-        rt.grad_backend.counter.unet_calls if rt.grad_backend and rt.grad_backend is not rt.backend else 0
-    ) - calls0
-    stats.unet_backward = (rt.grad_backend or rt.backend).counter.unet_backward
+    stats.unet_calls = sum(c.unet_calls for c in counters) - calls0[0]
+    stats.unet_backward = sum(c.unet_backward for c in counters) - calls0[1]
     progress.log(f"mean update RMS per guided step: {stats.mean_update_rms()}" if stats.update_rms else
                  "no guided latent update")
     return EditResult(out, sel.n_frames, sel.fps, sel.size, t_end - t_start, prep.seconds, t_end - t_edit,

@@ -182,7 +182,8 @@ def test_peak_table_lookup(name, entry) -> None:
 
 
 def test_a100_peak_is_the_papers_device() -> None:
-    assert peak_tflops("NVIDIA A100-SXM4-40GB")[1] == {"fp16": 312.0, "bf16": 312.0, "tf32": 156.0, "fp32": 19.5}
+    found = peak_tflops("NVIDIA A100-SXM4-40GB")
+    assert found is not None and found[1] == {"fp16": 312.0, "bf16": 312.0, "tf32": 156.0, "fp32": 19.5}
 
 
 @pytest.mark.parametrize(
@@ -216,7 +217,7 @@ def test_sd2_depth_architecture_has_the_real_sizes() -> None:
     from benchmarks.arch import DPT_HYBRID_MIDAS, OPENCLIP_VIT_H_TEXT, SD2_DEPTH_UNET, SD_VAE
     from p2v_fast.attention import injected_layer_names
 
-    def count(build) -> int:
+    def count(build) -> tuple[torch.nn.Module, int]:
         with torch.device("meta"):
             module = build()
         return module, sum(p.numel() for p in module.parameters())

@@ -125,7 +125,7 @@ def test_xframe_graph_uses_its_refs(tiny_engines) -> None:
 
 
 def test_fp16_export_is_an_fp16_graph_and_validates(tiny_dir, tmp_path_factory, ref_models) -> None:
-    folder, report = export_tiny(tmp_path_factory.mktemp("fp16"), "fp16", ("unet_xframe", "depth"))
+    folder, _ = export_tiny(tmp_path_factory.mktemp("fp16"), "fp16", ("unet_xframe", "depth"))
     manifest = read_manifest(folder)
     graph = onnx.load(str(folder / "unet_xframe.onnx"))
     types = {i.name: i.type.tensor_type.elem_type for i in graph.graph.input}
