@@ -21,7 +21,6 @@ with the real architecture, tokenizer and image processor, so the whole path run
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -33,13 +32,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from p2v_fast.errors import InputError, ModelLoadError
+from p2v_fast.paths import cache_root
+from p2v_fast.tiny import build_clip_tokenizer
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 TINY_CLIP_NAME = "tiny"
-TINY_CLIP_DIR = "clip-tiny-v1"
+TINY_CLIP_DIR = "clip-tiny-v2"
 FLOW_METHODS = ("dis", "raft")
 
 # Forward-backward consistency check (Sundaram et al. 2010; Ruder et al. 2016):
@@ -52,37 +53,14 @@ FB_BETA = 0.5
 # cache
 
 
-def cache_root() -> Path:
-    """Root of p2v-fast's on-disk cache: ``$P2V_CACHE`` or ``~/.cache/p2v-fast``."""
-    env = os.environ.get("P2V_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "p2v-fast"
-
-
 # --------------------------------------------------------------------------------------------
 # tiny CLIP
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP byte-level mapping: every byte to a printable unicode character."""
-    bs = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs), strict=True))
 
 
 def _tiny_clip_config() -> Any:
     from transformers import CLIPConfig
 
-    vocab_size = 2 + 2 * 256  # 2 specials + every byte, alone and as a word end
+    vocab_size = 2 * 256 + 2  # every byte, alone and as a word end, then 2 specials (p2v_fast.tiny)
     text = {
         "vocab_size": vocab_size,
         "hidden_size": 32,
@@ -91,9 +69,9 @@ def _tiny_clip_config() -> Any:
         "num_attention_heads": 4,
         "max_position_embeddings": 77,
         "projection_dim": 16,
-        "bos_token_id": 0,
-        "eos_token_id": 1,
-        "pad_token_id": 1,
+        "bos_token_id": vocab_size - 2,
+        "eos_token_id": vocab_size - 1,
+        "pad_token_id": vocab_size - 1,
     }
     vision = {
         "image_size": 32,
@@ -125,26 +103,14 @@ def _image_processor_class() -> Any:
 
 def _write_tiny_clip(out_dir: Path, seed: int = 0) -> None:
     import torch
-    from transformers import CLIPModel, CLIPProcessor, CLIPTokenizer
+    from transformers import CLIPModel, CLIPProcessor
 
     cfg = _tiny_clip_config()
     size = cfg.vision_config.image_size
 
     # Byte-level vocabulary and no merges: every character is a token (offline, no hub).
-    tok_dir = out_dir / "_tokenizer_src"
-    tok_dir.mkdir(parents=True)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    chars = list(_bytes_to_unicode().values())
-    for c in chars:
-        vocab[c] = len(vocab)
-    for c in chars:
-        vocab[c + "</w>"] = len(vocab)
-    assert len(vocab) == cfg.text_config.vocab_size
-    (tok_dir / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-    (tok_dir / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-    tokenizer = CLIPTokenizer.from_pretrained(
-        str(tok_dir), model_max_length=cfg.text_config.max_position_embeddings
-    )
+    tokenizer = build_clip_tokenizer(out_dir / "_tokenizer_src")
+    assert len(tokenizer) == cfg.text_config.vocab_size
     # The standard CLIP preprocessing (bicubic shortest-edge resize, centre crop, CLIP mean/std),
     # at the tiny vision tower's input size.
     image_processor = _image_processor_class()(
@@ -161,11 +127,11 @@ def _write_tiny_clip(out_dir: Path, seed: int = 0) -> None:
         torch.random.set_rng_state(gen_state)
     model.save_pretrained(str(out_dir))
     processor.save_pretrained(str(out_dir))
-    shutil.rmtree(tok_dir)
+    shutil.rmtree(out_dir / "_tokenizer_src")
 
 
 def ensure_tiny_clip(root: Path | None = None) -> Path:
-    """Build the tiny random-weight CLIP once under ``<cache>/models/clip-tiny-v1``; return it.
+    """Build the tiny random-weight CLIP once under ``<cache>/models/clip-tiny-v2``; return it.
 
     Built in a temporary folder beside the target and renamed into place, so a reader never
     sees a half-written model and two concurrent builders do not clash.
