@@ -140,6 +140,8 @@ def edit(
     schedule: Schedule = "sequential",
     batch_frames: BatchFrames = None,
     invert_batch: InvertBatch = 1,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the UNet (CUDA graphs on GPU).")] = False,
+    channels_last: Annotated[bool, typer.Option("--channels-last", help="Channels-last UNet memory format.")] = False,
 ) -> None:
     """Edit INPUT so that it matches PROMPT, consistently across frames."""
     from p2v_fast.pipeline import edit_video
@@ -149,7 +151,8 @@ def edit(
         dtype=dtype, backend=backend, engines=engines, size=size, start=start, max_frames=max_frames, stride=stride,
         steps=steps, guidance_scale=guidance_scale, seed=seed, depth_norm=depth_norm, refs=refs,
         latent_update=latent_update, update_steps=update_steps, update_weight=update_weight,
-        schedule=schedule, batch_frames=batch_frames, invert_batch=invert_batch,
+        schedule=schedule, batch_frames=batch_frames, invert_batch=invert_batch, compile=compile,
+        channels_last=channels_last,
     )
     with _progress() as bar:
         result = edit_video(cfg, input, output, overwrite=overwrite, preview=preview, side_by_side=side_by_side,

@@ -122,3 +122,18 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", caption(report), ""]
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m benchmarks.report BENCH.json``: print a saved report as Markdown."""
+    import json
+    import sys
+
+    paths = sys.argv[1:] if argv is None else argv
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            print(markdown(json.load(f)))
+
+
+if __name__ == "__main__":
+    main()

@@ -191,6 +191,8 @@ def export_engines(options: ExportOptions, progress: Progress | None = None, mod
         models = load_models(options.model, device=device, dtype=dtype)
     else:
         device = models.device
+        if models.dtype != dtype:
+            raise InputError(f"models are loaded in {models.dtype}, but --precision {options.precision} needs {dtype}")
     mid = model_id(models)
     geometry = geometry_of(models)
     profile = options.profile()

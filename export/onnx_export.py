@@ -163,8 +163,10 @@ def clean_graph(src: Path, dst: Path) -> str:
     large = _initializer_bytes(model) > EXTERNAL_DATA_BYTES
     if importlib.util.find_spec("onnx_graphsurgeon") is not None and not large:
         import onnx
+        import onnxruntime
         from polygraphy.backend.onnx import fold_constants
 
+        onnxruntime.set_default_logger_severity(3)  # polygraphy's folding sessions warn per node
         proto = fold_constants(onnx.load(str(src)), allow_onnxruntime_shape_inference=True, error_ok=True)
         onnx.save(proto, str(dst))
         return "polygraphy"

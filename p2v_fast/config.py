@@ -51,6 +51,10 @@ class EditConfig:
     batch_frames: int | None = None  # wavefront: at most this many frames in flight (None: all ready)
     invert_batch: int = 1  # frames per UNet call during inversion
 
+    # --- PyTorch speed-ups (torch backend and autograd steps); results equal up to float error ---
+    compile: bool = False  # torch.compile the UNet (CUDA graphs via mode="reduce-overhead" on GPU)
+    channels_last: bool = False  # channels-last memory format for the UNet
+
     # --- Pix2Video (sec. 3.1, 3.2) ---
     refs: str = "anchor+prev"  # K/V source of the 9 decoder self-attention layers
     latent_update: str = "autograd"  # "autograd" (eq. 1), "detached" (authors' code), "off"

@@ -60,6 +60,8 @@ def load_runtime(cfg: EditConfig) -> Runtime:
     models = load_models(cfg.model, device=device, dtype=resolve_dtype(cfg.dtype, device))
     backend = make_backend(cfg.backend, models, cfg.engines)
     grad = backend if backend.supports_grad else (TorchBackend(models) if cfg.latent_update == "autograd" else None)
+    for b in {id(x): x for x in (backend, grad) if isinstance(x, TorchBackend)}.values():
+        b.optimize(compile=cfg.compile, channels_last=cfg.channels_last)
     return Runtime(models, backend, grad)
 
 

@@ -86,6 +86,15 @@ def test_json_is_the_report_and_has_every_field(bench_json) -> None:
             assert sorted(int(k) for k in e["update_rms_per_step"]) == list(range(GUIDED))
 
 
+def test_markdown_has_every_stage(bench_json) -> None:
+    from benchmarks.report import markdown
+
+    text = markdown(bench_json[1])
+    for label in ("depth", "VAE encode", "inversion", "anchor frame", "propagated frame", "mean over the clip",
+                  "edit · wavefront · off", "VAE decode", "tensorrt: not run"):
+        assert label in text
+
+
 def test_unavailable_backend_is_reported_not_fatal(bench_json) -> None:
     _, data = bench_json
     trt = next(r for r in data["runs"] if r["backend"] == "tensorrt")
