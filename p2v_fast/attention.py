@@ -18,6 +18,7 @@ the wrapper's ``forward`` (no state survives a call, so nothing is frozen into a
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +54,7 @@ class CrossFrameAttnProcessor:
 
     def __call__(
         self,
-        attn: nn.Module,
+        attn: Any,  # diffusers.models.attention_processor.Attention
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
@@ -95,7 +96,7 @@ class UNetWithFeatures(nn.Module):
         ``(noise_pred [B, 4, h, w], feat_0, ..., feat_8)`` with ``feat_k`` [B, N_k, C_k].
     """
 
-    def __init__(self, unet: nn.Module) -> None:
+    def __init__(self, unet: Any) -> None:  # a diffusers UNet2DConditionModel
         super().__init__()
         self.unet = unet
         self.layer_names = injected_layer_names(unet)
@@ -132,7 +133,7 @@ class UNetWithFeatures(nn.Module):
         return (noise, *feats)
 
 
-def feature_shapes(unet: nn.Module, latent_hw: tuple[int, int]) -> list[tuple[int, int]]:
+def feature_shapes(unet: Any, latent_hw: tuple[int, int]) -> list[tuple[int, int]]:
     """(N_k, C_k) of each injected layer for a latent of size (h, w).
 
     up_blocks.j runs at latent / 2**(3-j) (SD2 has 3 downsamplings), with the channel count of

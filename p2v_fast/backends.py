@@ -11,7 +11,7 @@ Guided latent updates in ``autograd`` mode need gradients through the UNet; only
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -82,7 +82,7 @@ class TorchBackend(Backend):
         super().__init__(models.device, models.dtype)
         self.models = models
         self.unet_module = UNetWithFeatures(models.unet)
-        self.unet_call: torch.nn.Module = self.unet_module  # what runs: eager, or compiled
+        self.unet_call: Callable[..., tuple[torch.Tensor, ...]] = self.unet_module  # eager, or compiled
         self.scaling_factor = float(models.vae.config.scaling_factor)
 
     def optimize(self, compile: bool = False, channels_last: bool = False) -> None:

@@ -12,6 +12,8 @@ abar of the step before the first timestep is the scheduler's ``final_alpha_cump
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from diffusers import DDIMScheduler
 
@@ -19,7 +21,7 @@ from diffusers import DDIMScheduler
 class DDIMSchedule:
     """Timesteps and abar values of an ``steps``-step DDIM run. Index 0 = noisiest step."""
 
-    def __init__(self, scheduler: DDIMScheduler, steps: int) -> None:
+    def __init__(self, scheduler: Any, steps: int) -> None:  # a DDIMScheduler (or any with its config)
         sched = DDIMScheduler.from_config(scheduler.config)
         sched.set_timesteps(steps)
         self.steps = steps

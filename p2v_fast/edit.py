@@ -148,8 +148,8 @@ def _step_group(frames: list[FrameState], ctx: EditContext, xframe: bool, needs_
     ehs = ctx.embeddings.repeat(len(frames), 1, 1)  # [2F,77,D]
     refs = None
     if xframe:
-        per_frame = [ctx.store.refs_for(st.index, st.step) for st in frames]
-        refs = [torch.cat([r[k] for r in per_frame]) for k in range(len(per_frame[0]))]  # type: ignore[index]
+        per_frame = [r for st in frames if (r := ctx.store.refs_for(st.index, st.step)) is not None]
+        refs = [torch.cat([r[k] for r in per_frame]) for k in range(len(per_frame[0]))]
 
     with torch.set_grad_enabled(needs_grad):
         if needs_grad:

@@ -255,7 +255,7 @@ class ClipScorer:
         try:
             with quiet_loading():  # no per-weight progress bars or load-time advice on stderr
                 path = str(ensure_tiny_clip()) if model == TINY_CLIP_NAME else model
-                self.model = CLIPModel.from_pretrained(path).to(device).eval()
+                self.model = CLIPModel.from_pretrained(path).to(device).eval()  # type: ignore[arg-type]
                 self.processor = CLIPProcessor.from_pretrained(path)
         except Exception as exc:  # offline, missing, corrupt: all one user-facing error
             raise ModelLoadError(
@@ -360,7 +360,7 @@ class _DisFlow:
         import cv2
 
         self._cv2 = cv2
-        self._dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+        self._dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)  # type: ignore[attr-defined]
 
     def __call__(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """Flow f [H, W, 2] (x, y) with ``a(p) ~ b(p + f(p))``."""

@@ -11,6 +11,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,7 +49,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 class Runtime:
     """Loaded models and the backends that run them."""
 
-    models: object
+    models: Any  # p2v_fast.models.Models
     backend: Backend
     grad_backend: Backend | None
 

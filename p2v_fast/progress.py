@@ -20,7 +20,10 @@ class NullProgress:
     """Reports nothing (tests, library use)."""
 
     def stage(self, description: str, total: int | None) -> Callable[[int], None]:
-        return lambda n=1: None
+        def advance(n: int = 1) -> None:
+            pass
+
+        return advance
 
     def log(self, message: str) -> None:
         pass

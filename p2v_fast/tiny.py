@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from .paths import cache_root
 
@@ -31,7 +32,7 @@ SEEDS = {"unet": 0, "vae": 1, "text_encoder": 2, "depth_estimator": 3, "captione
 TEXT_HIDDEN = 32
 MAX_TOKENS = 77
 
-UNET_CONFIG = dict(
+UNET_CONFIG: dict[str, Any] = dict(
     sample_size=32,
     in_channels=5,
     out_channels=4,
@@ -59,7 +60,7 @@ UNET_CONFIG = dict(
 )
 
 #: SD2's scheduler settings (stabilityai/stable-diffusion-2-depth/scheduler).
-SCHEDULER_CONFIG = dict(
+SCHEDULER_CONFIG: dict[str, Any] = dict(
     num_train_timesteps=1000,
     beta_start=0.00085,
     beta_end=0.012,
@@ -70,7 +71,7 @@ SCHEDULER_CONFIG = dict(
     prediction_type="epsilon",
 )
 
-VAE_CONFIG = dict(
+VAE_CONFIG: dict[str, Any] = dict(
     in_channels=3,
     out_channels=3,
     down_block_types=("DownEncoderBlock2D",) * 4,
@@ -83,7 +84,7 @@ VAE_CONFIG = dict(
     scaling_factor=0.18215,
 )
 
-TEXT_CONFIG = dict(
+TEXT_CONFIG: dict[str, Any] = dict(
     hidden_size=TEXT_HIDDEN,
     intermediate_size=37,
     num_hidden_layers=2,
@@ -96,7 +97,7 @@ TEXT_CONFIG = dict(
 
 DPT_IMAGE_SIZE = 32
 
-DPT_CONFIG = dict(
+DPT_CONFIG: dict[str, Any] = dict(
     is_hybrid=True,
     image_size=DPT_IMAGE_SIZE,
     patch_size=16,

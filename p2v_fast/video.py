@@ -314,7 +314,7 @@ def _tag_bt709(stream: av.video.stream.VideoStream, rate: Fraction) -> None:
     """Set the time base and tag BT.709 limited range, matching :func:`_yuv_frame`."""
     cc = stream.codec_context
     cc.time_base = 1 / rate
-    if stream.pix_fmt.startswith("yuv"):
+    if (stream.pix_fmt or "").startswith("yuv"):
         cc.colorspace = Colorspace.ITU709
         cc.color_primaries = ColorPrimaries.BT709
         cc.color_trc = ColorTrc.BT709
@@ -608,6 +608,10 @@ def make_sample_clip(
     out = _prepare_output(path)
     suffix = out.suffix.lower()
     codecs = av.codecs_available
+    vcodec: str | None
+    acodec: str | None
+    vs: Any
+    aud: Any
     if suffix in (".mp4", ".mov", ".mkv"):
         vcodec, pix_fmt, acodec = "libx264", "yuv420p", "aac"
     elif suffix == ".webm":
@@ -634,7 +638,7 @@ def make_sample_clip(
                 vs.width, vs.height = size
                 vs.pix_fmt = pix_fmt
                 _tag_bt709(vs, rate)
-            aud = None
+            aud = None  # an audio stream
             if with_audio and acodec is not None:
                 a_rate = 48000
                 aud = c.add_stream(acodec, rate=a_rate)
