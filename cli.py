@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -38,7 +37,10 @@ class RichProgress:
 
     def stage(self, description: str, total: int | None) -> Callable[[int], None]:
         task = self.progress.add_task(description, total=total)
-        return lambda n=1: self.progress.advance(task, n)
+        def advance(n: int = 1) -> None:
+            self.progress.advance(task, n)
+
+        return advance
 
     def log(self, message: str) -> None:
         self.progress.console.print(f"[dim]{message}[/dim]")
@@ -415,12 +417,11 @@ def export_(
     with _progress() as bar:
         report = export_engines(options, RichProgress(bar))
     table = Table(title=f"{report.folder} ({options.profile().describe()}, {precision})")
-    for col, justify in (("network", "left"), ("stage", "left"), ("file", "left"), ("size", "right"),
-                         ("seconds", "right"), ("status", "left"), ("check", "left")):
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for col, justify in (("network", "left"), ("file", "left"), ("size", "right"), ("seconds", "right"),
+                         ("status", "left"), ("max rel err", "left")):
+        table.add_column(col, justify=justify, no_wrap=col != "max rel err")  # type: ignore[arg-type]
     for r in report.rows:
-        table.add_row(r.network, r.stage, r.file.name, f"{r.bytes / 2**20:.1f} MB", f"{r.seconds:.1f}", r.status,
-                      r.detail)
+        table.add_row(r.network, r.file.name, f"{r.bytes / 2**20:.1f} MB", f"{r.seconds:.1f}", r.status, r.detail)
     out_console.print(table)
     out_console.print(f"manifest: {report.manifest} ({report.seconds:.1f} s in all)")
 
@@ -445,4 +446,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

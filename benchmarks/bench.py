@@ -28,7 +28,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -101,7 +101,7 @@ class BenchOptions:
     def edit_config(self) -> EditConfig:
         """The edit options every run starts from (validated by EditConfig itself)."""
         return EditConfig(
-            prompt=TARGET_PROMPT, source_prompt=SOURCE_PROMPT, model=self.model or "tiny", device=self.device,
+            prompt=TARGET_PROMPT, source_prompt=SOURCE_PROMPT, model=self.model_label, device=self.device,
             dtype=self.dtype, backend=self.backends[0], engines=self.engines, size=self.size,
             max_frames=self.frames, steps=self.steps, seed=self.seed, schedule=self.schedules[0],
             latent_update=self.latent_updates[0], update_steps=self.update_steps, batch_frames=self.batch_frames,
@@ -137,6 +137,8 @@ def _verify(o: BenchOptions) -> None:
     if o.threads is not None and o.threads < 1:
         raise InputError(f"--threads must be >= 1; got {o.threads}")
     o.edit_config()  # size, steps, update_steps, batch sizes
+    if o.json_path is not None:
+        _check_json_path(Path(o.json_path))  # before the run, not after it
 
 
 # ------------------------------------------------------------------------------------------
@@ -180,12 +182,20 @@ def _reset(backends: list[Backend]) -> None:
         b.counter.reset()
 
 
+def _check_json_path(path: Path) -> None:
+    if path.is_dir():
+        raise InputError(f"--json '{path}' is a folder; give a file name such as bench.json")
+    if not path.parent.is_dir():
+        raise InputError(f"--json folder '{path.parent}' does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise InputError(f"--json folder '{path.parent}' is not writable")
+
+
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     """Write ``data`` as JSON to ``path`` through a temporary file and a rename."""
     path = Path(path)
-    if path.parent and not path.parent.is_dir():
-        raise InputError(f"--json folder '{path.parent}' does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    _check_json_path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=2, default=str)
@@ -214,7 +224,6 @@ class _Bench:
     clock: Clock
     memory: PeakMemory
     advance: Callable[[int], None]
-    results: dict[str, Any] = field(default_factory=dict)
 
     def measure(self, fn: Callable[[], object], n_frames: int) -> dict[str, Any]:
         """``fn`` (one pass over ``n_frames`` frames) warm-up times untimed, then timed ``repeats``

@@ -233,10 +233,10 @@ def export_engines(options: ExportOptions, progress: Progress | None = None, mod
                 data_bytes=result.data_path.stat().st_size if result.data_path else 0,
             )
             entry.validation = result.worst
-            detail = f"max rel err {result.worst['rel']:.1e} ({result.worst['output']})"
+            detail = f"{result.worst['rel']:.1e} ({result.worst['output']})"
             report.rows.append(StageResult(name, "onnx", result.path, entry.onnx.bytes + entry.onnx.data_bytes,
                                            result.seconds, "exported", detail))
-            progress.log(f"{name}: ONNX exported and validated in {result.seconds:.1f} s, {detail}")
+            progress.log(f"{name}: ONNX exported and validated in {result.seconds:.1f} s, max rel err {detail}")
         advance(1)
 
         if machine is not None:

@@ -272,23 +272,20 @@ def read_manifest(folder: str | Path) -> Manifest:
 def rebuild_command(manifest: Manifest, folder: Path, **changes: object) -> str:
     """The ``p2v export`` command that rebuilds ``folder`` from its recorded options (with changes).
 
-    ``changes`` override options: ``height``/``width`` (opt size; widens min/max to include it),
-    ``format``, ``model``.
+    ``changes`` override options: ``model``, ``format``, and ``height``/``width``: a fixed-size
+    folder is rebuilt at the new size; a dynamic one has its range widened to include it.
     """
     o = {**manifest.options, **{k: v for k, v in changes.items() if v is not None}}
-    hr, wr = list(manifest.profile.height), list(manifest.profile.width)
-    if "height" in changes and changes["height"] is not None:
-        h = int(changes["height"])  # type: ignore[call-overload]
-        hr = [min(hr[0], h), h, max(hr[2], h)]
-    if "width" in changes and changes["width"] is not None:
-        w = int(changes["width"])  # type: ignore[call-overload]
-        wr = [min(wr[0], w), w, max(wr[2], w)]
-    parts = ["p2v export", f"--model {o.get('model', manifest.model.source)}"]
-    parts.append(f"--height {hr[1]} --width {wr[1]}")
-    lo, hi = min(hr[0], wr[0]), max(hr[2], wr[2])
-    if lo != min(hr[1], wr[1]) or hi != max(hr[1], wr[1]):
-        parts.append(f"--min-size {lo} --max-size {hi}")
-    parts.append(f"--max-batch {manifest.profile.batch[2]}")
+    p = manifest.profile
+    hr, wr = list(p.height), list(p.width)
+    for rng, key in ((hr, "height"), (wr, "width")):
+        if changes.get(key) is not None:
+            v = int(changes[key])  # type: ignore[call-overload]
+            rng[:] = [v, v, v] if p.fixed_size else [min(rng[0], v), v, max(rng[2], v)]
+    parts = ["p2v export", f"--model {o.get('model', manifest.model.source)}", f"--height {hr[1]} --width {wr[1]}"]
+    if hr[0] != hr[2] or wr[0] != wr[2]:
+        parts.append(f"--min-size {min(hr[0], wr[0])} --max-size {max(hr[2], wr[2])}")
+    parts.append(f"--max-batch {p.batch[2]}")
     parts.append(f"--precision {manifest.precision} --format {o.get('format', 'onnx')}")
     parts.append(f"--out {folder} --force")
     return " ".join(parts)

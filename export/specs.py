@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from p2v_fast.errors import EngineError, InputError
 
@@ -77,7 +78,8 @@ class Geometry:
     @classmethod
     def from_dict(cls, d: Mapping) -> Geometry:
         tuples = ("feature_scales", "feature_channels", "depth_in", "depth_out")
-        return cls(**{k: tuple(v) if k in tuples else v for k, v in d.items()})
+        kwargs: dict[str, Any] = {k: tuple(v) if k in tuples else int(v) for k, v in d.items()}
+        return cls(**kwargs)
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ def providers_for(device: torch.device, cache_dir: Path | None = None) -> list:
             except Exception:
                 pass
             else:
+                cache_dir.mkdir(parents=True, exist_ok=True)
                 providers.append(("TensorrtExecutionProvider", {
                     "device_id": index,
                     "trt_engine_cache_enable": True,
@@ -120,8 +121,10 @@ class OnnxRuntimeBackend(GraphBackend):
         folder = engines_folder(engines)
         manifest = load_checked_manifest(models, folder)
         check_files(manifest, folder, "onnx")
+        # Tensors of the edit live on models.device; the sessions bind where ONNX Runtime can
+        # (that device with the CUDA provider, else the CPU) and results come back to it.
+        super().__init__(models, folder, manifest, models.device)
         device = ort_device(models.device)
-        super().__init__(models, folder, manifest, device)
         providers = providers_for(device, folder / "ort-tensorrt-cache")
         self.sessions: dict[str, OnnxSession] = {}
         for name, entry in manifest.networks.items():
@@ -133,4 +136,4 @@ class OnnxRuntimeBackend(GraphBackend):
                 raise EngineError(f"{exc}; rebuild: {rebuild_command(manifest, folder)}") from None
 
     def _run(self, network: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return self.sessions[network].run(feeds)
+        return {name: y.to(self.device) for name, y in self.sessions[network].run(feeds).items()}

@@ -88,10 +88,13 @@ class EngineRunner:
             mode = "input" if self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else "output"
             io[name] = (mode, dtypes.get(self.engine.get_tensor_dtype(name), "?"))
         check_io(spec, io)
-        self.profiles = [
-            {t.name: tuple(tuple(s) for s in self.engine.get_tensor_profile_shape(t.name, p)) for t in spec.inputs}
-            for p in range(self.engine.num_optimization_profiles)
-        ]
+        self.profiles: list[dict[str, MinOptMax]] = []
+        for p in range(self.engine.num_optimization_profiles):
+            profile = {}
+            for t in spec.inputs:
+                lo, opt, hi = (tuple(int(d) for d in s) for s in self.engine.get_tensor_profile_shape(t.name, p))
+                profile[t.name] = (lo, opt, hi)
+            self.profiles.append(profile)
         self.active_profile = 0
 
     def run(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def p2v_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A fresh ``P2V_CACHE`` for the session; the previous value is restored afterwards."""
     root = tmp_path_factory.mktemp("p2v-cache")

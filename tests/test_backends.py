@@ -36,6 +36,16 @@ EDIT_ATOL = 1e-3
 CALL_REL = 1e-4
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """One intra-op thread while this module runs: on a shared 2-core machine, two OpenMP threads
+    with another busy process slow the tiny models ~100x (barrier waits); results are unchanged."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def engines(tiny_dir, tmp_path_factory) -> Path:
     """The session's fp32 tiny export (the same folder as tests/test_export.py: cached there)."""

@@ -210,6 +210,7 @@ def test_a100_peak_is_the_papers_device() -> None:
         dict(size=100),
         dict(dtype="int8"),
         dict(threads=0),
+        dict(json_path=Path("/nonexistent-folder/bench.json")),
     ],
 )
 def test_options_are_validated(kw) -> None:

@@ -38,6 +38,16 @@ SD2 = Geometry(
 )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """One intra-op thread while this module runs: on a shared 2-core machine, two OpenMP threads
+    with another busy process slow the tiny models ~100x (barrier waits); results are unchanged."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def export_tiny(base: Path, precision: str = "fp32", networks: tuple[str, ...] = NETWORKS,
                 name: str | None = None) -> tuple[Path, ExportReport]:
     """Export the tiny set at 64x64 into ``base/<name>`` (cached across calls: same keys)."""

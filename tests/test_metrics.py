@@ -54,11 +54,11 @@ def clip6() -> list[np.ndarray]:
 @pytest.fixture(scope="session")
 def tiny_scorer(tmp_path_factory: pytest.TempPathFactory):
     """Tiny random CLIP built once into a temporary P2V_CACHE (env restored afterwards)."""
-    cache = tmp_path_factory.mktemp("p2v-cache")
+    cache = tmp_path_factory.mktemp("clip-cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("P2V_CACHE", str(cache))
-        scorer = ClipScorer("tiny")
-        yield scorer, cache
+        scorer = ClipScorer("tiny")  # the env is restored as soon as the model is built
+    return scorer, cache
 
 
 # ------------------------------------------------------------------------------ Pixel-MSE
