@@ -27,7 +27,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,7 +42,7 @@ from benchmarks.timing import Clock, PeakMemory, load_average, summarize
 from p2v_fast.backends import Backend, CallCounter, TorchBackend, make_backend
 from p2v_fast.config import BACKENDS, DTYPES, LATENT_UPDATES, SCHEDULES, EditConfig
 from p2v_fast.ddim import DDIMSchedule
-from p2v_fast.edit import EditContext, EditStats, FeatureStore, FrameState, sequential, wavefront
+from p2v_fast.edit import EditContext, EditStats, FeatureStore, FrameState, run_schedule
 from p2v_fast.errors import InputError, P2VError
 from p2v_fast.inversion import frames_digest, images_to_tensor, invert_clip, raw_depth, select_clip
 from p2v_fast.pipeline import resolve_device, resolve_dtype
@@ -145,13 +145,6 @@ def _verify(o: BenchOptions) -> None:
 # helpers
 
 
-def _schedule_runner(cfg: EditConfig) -> Callable[[EditContext, Iterator[FrameState]], Iterator[FrameState]]:
-    """The edit loop of ``cfg.schedule``, called as the pipeline calls it."""
-    if cfg.schedule == "wavefront":
-        return lambda ctx, initial: wavefront(ctx, initial, max_in_flight=cfg.batch_frames)
-    return lambda ctx, initial: sequential(ctx, initial)
-
-
 def _distinct(backends: list[Backend | None]) -> list[Backend]:
     out: list[Backend] = []
     for b in backends:
@@ -195,14 +188,14 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     """Write ``data`` as JSON to ``path`` through a temporary file and a rename."""
     path = Path(path)
     _check_json_path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same folder: the rename is atomic
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=2, default=str)
             f.write("\n")
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -285,7 +278,7 @@ def _edit_once(cfg: EditConfig, bench: _Bench, runtime: tuple[Backend, Backend |
     initial = (FrameState(i, d["x_T"].clone(), d["depth"]) for i, d in enumerate(inverted))
     _reset(bench.backends)
     marks, counts = [bench.clock.mark()], [_snapshot(bench.backends)]
-    for _ in _schedule_runner(cfg)(ctx, initial):
+    for _ in run_schedule(ctx, initial):
         marks.append(bench.clock.mark())
         counts.append(_snapshot(bench.backends))
     return marks, counts, stats

@@ -314,20 +314,20 @@ def check_machine(manifest: Manifest, machine: Machine, folder: Path) -> None:
 
 def check_files(manifest: Manifest, folder: Path, kind: str) -> None:
     """Every ``kind`` ("onnx" or "engine") artifact exists with its recorded size (catches truncation)."""
+    fix = rebuild_command(manifest, folder, **({"format": "tensorrt"} if kind == "engine" else {}))
     for name, entry in manifest.networks.items():
         art = entry.onnx if kind == "onnx" else entry.engine
         if art is None:
-            raise EngineError(f"'{folder}' has no {kind} for {name}; rebuild: "
-                              f"{rebuild_command(manifest, folder)}")
+            raise EngineError(f"'{folder}' has no {kind} for {name}; rebuild: {fix}")
         files = [(art.file, art.bytes)] + ([(art.data_file, art.data_bytes)] if art.data_file else [])
         for file, size in files:
             path = folder / file
             if not path.is_file():
-                raise EngineError(f"'{path}' is missing; rebuild: {rebuild_command(manifest, folder)}")
+                raise EngineError(f"'{path}' is missing; rebuild: {fix}")
             actual = path.stat().st_size
             if actual != size:
                 raise EngineError(f"'{path}' is truncated or altered ({actual} bytes, manifest says {size}); "
-                                  f"rebuild: {rebuild_command(manifest, folder)}")
+                                  f"rebuild: {fix}")
 
 
 def check_size(manifest: Manifest, folder: Path, batch: int, height: int | None, width: int | None) -> None:

@@ -232,3 +232,10 @@ def wavefront(
         while in_flight and in_flight[0].step >= steps:
             yield in_flight.pop(0)
             last_finished_step = steps
+
+
+def run_schedule(ctx: EditContext, initial: Iterator[FrameState], on_step=None) -> Iterator[FrameState]:
+    """The edit loop that ``ctx.cfg.schedule`` names; yields finished frames in order."""
+    if ctx.cfg.schedule == "wavefront":
+        return wavefront(ctx, initial, on_step=on_step, max_in_flight=ctx.cfg.batch_frames)
+    return sequential(ctx, initial, on_step=on_step)

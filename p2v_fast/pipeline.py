@@ -20,7 +20,7 @@ from p2v_fast import video
 from p2v_fast.backends import Backend, TorchBackend, make_backend
 from p2v_fast.config import EditConfig
 from p2v_fast.ddim import DDIMSchedule
-from p2v_fast.edit import EditContext, EditStats, FeatureStore, FrameState, sequential, wavefront
+from p2v_fast.edit import EditContext, EditStats, FeatureStore, FrameState, run_schedule
 from p2v_fast.errors import InputError
 from p2v_fast.inversion import ClipSelection, InvertedClip, frames_digest, invert_clip, select_clip
 from p2v_fast.progress import NullProgress, Progress
@@ -194,10 +194,7 @@ def edit_video(
     thumbs_at = set(np.linspace(0, sel.n_frames - 1, min(4, sel.n_frames)).round().astype(int).tolist())
     thumbs: list[tuple[np.ndarray, np.ndarray]] = []
     source_frames = sel.frames()
-    if cfg.schedule == "wavefront":
-        finished = wavefront(ctx, initial(), on_step=advance, max_in_flight=cfg.batch_frames)
-    else:
-        finished = sequential(ctx, initial(), on_step=advance)
+    finished = run_schedule(ctx, initial(), on_step=advance)
 
     def edited_frames():
         for st in finished:
