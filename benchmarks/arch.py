@@ -176,8 +176,8 @@ def build_sd2_depth(device: torch.device, dtype: torch.dtype, seed: int = 0):
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, DPTConfig, DPTForDepthEstimation
 
-    from p2v_fast.models import Models, image_processor_class, quiet_loading
-    from p2v_fast.tiny import SCHEDULER_CONFIG, build_clip_tokenizer
+    from p2v_fast.models import Models, quiet_loading
+    from p2v_fast.tiny import SCHEDULER_CONFIG, build_clip_tokenizer, dpt_image_processor
 
     with quiet_loading(), tempfile.TemporaryDirectory(prefix="p2v-arch-tok-") as work:
         tokenizer = build_clip_tokenizer(Path(work))
@@ -192,16 +192,7 @@ def build_sd2_depth(device: torch.device, dtype: torch.dtype, seed: int = 0):
         text_encoder = materialize(_empty(lambda: CLIPTextModel(text_config)), device, dtype, seed + 2)
         depth = materialize(_empty(lambda: DPTForDepthEstimation(DPTConfig(**DPT_HYBRID_MIDAS))), device,
                             torch.float32, seed + 3)
-    feature_extractor = image_processor_class("DPTImageProcessor")(
-        do_resize=True,
-        size={"height": DPT_IMAGE_SIZE, "width": DPT_IMAGE_SIZE},
-        keep_aspect_ratio=False,
-        resample=3,  # bicubic
-        do_rescale=True,
-        do_normalize=True,
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
-    )
+    feature_extractor = dpt_image_processor(DPT_IMAGE_SIZE)
     return Models(
         vae=vae,
         unet=unet,

@@ -172,6 +172,8 @@ def edit_video(
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     rt = runtime or load_runtime(cfg)
+    grad = "" if rt.grad_backend in (None, rt.backend) else f" (guided autograd steps on {rt.grad_backend.name})"
+    progress.log(f"backend: {rt.backend.name} on {rt.backend.device}, {str(rt.backend.dtype).removeprefix('torch.')}{grad}")
     prep = prepare(cfg, input_path, rt, progress)
     sel, inv = prep.selection, prep.inverted
 

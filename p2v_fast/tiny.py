@@ -245,6 +245,22 @@ def build_captioner(workdir: Path):
     return model, processor
 
 
+def dpt_image_processor(size: int):
+    """DPT-Hybrid's preprocessing (bicubic resize to size x size, scale, normalise to [-1, 1])."""
+    from .models import image_processor_class  # lazy: models imports this module
+
+    return image_processor_class("DPTImageProcessor")(
+        do_resize=True,
+        size={"height": size, "width": size},
+        keep_aspect_ratio=False,
+        resample=3,  # bicubic, as DPT-Hybrid's processor
+        do_rescale=True,
+        do_normalize=True,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+
+
 def build_pipeline(workdir: Path):
     """Assemble the tiny ``StableDiffusionDepth2ImgPipeline`` (random, seeded weights)."""
     import torch
@@ -256,7 +272,6 @@ def build_pipeline(workdir: Path):
     )
     from transformers import CLIPTextConfig, CLIPTextModel, DPTConfig, DPTForDepthEstimation
 
-    from .models import image_processor_class
 
     tokenizer = build_clip_tokenizer(workdir)
 
@@ -281,16 +296,7 @@ def build_pipeline(workdir: Path):
 
     torch.manual_seed(SEEDS["depth_estimator"])
     depth_estimator = DPTForDepthEstimation(DPTConfig(**DPT_CONFIG))
-    feature_extractor = image_processor_class("DPTImageProcessor")(
-        do_resize=True,
-        size={"height": DPT_IMAGE_SIZE, "width": DPT_IMAGE_SIZE},
-        keep_aspect_ratio=False,
-        resample=3,  # bicubic, as DPT-Hybrid's processor
-        do_rescale=True,
-        do_normalize=True,
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
-    )
+    feature_extractor = dpt_image_processor(DPT_IMAGE_SIZE)
 
     return StableDiffusionDepth2ImgPipeline(
         vae=vae,
