@@ -173,7 +173,8 @@ def edit_video(
     torch.manual_seed(cfg.seed)
     rt = runtime or load_runtime(cfg)
     grad = "" if rt.grad_backend in (None, rt.backend) else f" (guided autograd steps on {rt.grad_backend.name})"
-    progress.log(f"backend: {rt.backend.name} on {rt.backend.device}, {str(rt.backend.dtype).removeprefix('torch.')}{grad}")
+    dtype = str(rt.backend.dtype).removeprefix("torch.")
+    progress.log(f"backend: {rt.backend.name} on {rt.backend.device}, {dtype}{grad}")
     prep = prepare(cfg, input_path, rt, progress)
     sel, inv = prep.selection, prep.inverted
 
