@@ -77,9 +77,7 @@ def test_tiny_components(tiny_models: Models, tiny_dir: Path) -> None:
 
 def test_tiny_dir_is_reused(tiny_dir: Path) -> None:
     stamp = (tiny_dir / "model_index.json").stat().st_mtime_ns
-    t0 = time.perf_counter()
     assert tiny_model_dir() == tiny_dir
-    assert time.perf_counter() - t0 < 0.5
     assert (tiny_dir / "model_index.json").stat().st_mtime_ns == stamp
     # No leftover build folders beside it.
     assert not [p.name for p in tiny_dir.parent.iterdir() if p.name.startswith(".")]
@@ -161,14 +159,23 @@ def test_unknown_hub_id_offline_is_fast_and_clear(monkeypatch: pytest.MonkeyPatc
     assert "p2v-test-no-such-owner/no-such-model" in msg and "tiny" in msg and "cache" in msg
 
 
-def test_unknown_hub_id_online_fails_cleanly(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without HF_HUB_OFFLINE: no hub here (unreachable) or, with one, repo not found."""
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+def test_unknown_hub_id_online_fails_cleanly() -> None:
+    """Without HF_HUB_OFFLINE, an unreachable hub gives one clear line. The hub endpoint is pointed at
+    a closed loopback port (in a subprocess: huggingface_hub reads it at import), so the test sends
+    nothing off this machine."""
+    code = (
+        "from p2v_fast.models import load_models\n"
+        "from p2v_fast.errors import ModelLoadError\n"
+        "try:\n    load_models('p2v-test-no-such-owner/no-such-model')\n"
+        "except ModelLoadError as e:\n    print('ERR', e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env["HF_ENDPOINT"] = "http://127.0.0.1:9"
     t0 = time.perf_counter()
-    with pytest.raises(ModelLoadError) as ei:
-        load_models("p2v-test-no-such-owner/no-such-model")
-    assert time.perf_counter() - t0 < 30
-    assert "p2v-test-no-such-owner/no-such-model" in _one_line_error(ei)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert time.perf_counter() - t0 < 60
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("ERR ")]
+    assert len(lines) == 1 and "p2v-test-no-such-owner/no-such-model" in lines[0], proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("name", ["./p2v-no-such-folder", "/p2v/no/such/folder", "a/b/c"])
