@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -38,3 +39,13 @@ def tiny_models(tiny_dir: Path):
     from p2v_fast.models import load_models
 
     return load_models("tiny")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread while a module runs: on a shared 2-core machine, two OpenMP threads
+    with another busy process slow the tiny models ~100x (barrier waits); results are unchanged."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -32,18 +32,12 @@ from p2v_fast.backends import TorchBackend, make_backend
 from p2v_fast.errors import BackendUnavailableError, EngineError
 from tests.test_export import SD2, SIZE, export_tiny
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 EDIT_ATOL = 1e-3
 CALL_REL = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One intra-op thread while this module runs: on a shared 2-core machine, two OpenMP threads
-    with another busy process slow the tiny models ~100x (barrier waits); results are unchanged."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

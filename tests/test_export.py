@@ -28,6 +28,8 @@ from export.onnx_export import compare_outputs, graph_module
 from export.specs import NETWORKS, ExportProfile, Geometry, network_spec, sample_inputs
 from p2v_fast.errors import EngineError, ExportValidationError, InputError
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SIZE = 64  # pixels: 8x8 latents
 
 # SD2-depth's geometry (stabilityai/stable-diffusion-2-depth), for profile arithmetic at real sizes.
@@ -38,14 +40,6 @@ SD2 = Geometry(
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One intra-op thread while this module runs: on a shared 2-core machine, two OpenMP threads
-    with another busy process slow the tiny models ~100x (barrier waits); results are unchanged."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def export_tiny(base: Path, precision: str = "fp32", networks: tuple[str, ...] = NETWORKS,
