@@ -259,7 +259,8 @@ def eval_(
     stride: Annotated[int, typer.Option(help="--stride the edit used.")] = 1,
 ) -> None:
     """Score EDITED against its source: CLIP-Text, CLIP-Image, Pixel-MSE (the paper's Table 2)."""
-    from p2v_fast.evaluate import check_output_file, evaluate_video, write_json_atomic
+    from p2v_fast.evaluate import evaluate_video, write_json_atomic
+    from p2v_fast.paths import check_output_file
 
     if json_path is not None:
         check_output_file(json_path)

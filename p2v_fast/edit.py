@@ -210,7 +210,6 @@ def wavefront(
     pending = iter(initial)
     in_flight: list[FrameState] = []
     exhausted = False
-    last_finished_step = steps  # step count of the frame before in_flight[0] (finished)
     while True:
         # Admit the next frame once its predecessor has finished step 0.
         while not exhausted and len(in_flight) < cap and (not in_flight or in_flight[-1].step >= 1):
@@ -221,17 +220,13 @@ def wavefront(
                 in_flight.append(nxt)
         if not in_flight:
             return
-        ready = []
-        for k, st in enumerate(in_flight):
-            before = in_flight[k - 1].step if k > 0 else last_finished_step
-            if st.index == 0 or before > st.step:
-                ready.append(st)
+        # Ready: the predecessor has done this step (in_flight[0]'s predecessor has finished).
+        ready = [st for k, st in enumerate(in_flight) if k == 0 or in_flight[k - 1].step > st.step]
         run_step(ready, ctx)
         if on_step is not None:
             on_step(len(ready))
         while in_flight and in_flight[0].step >= steps:
             yield in_flight.pop(0)
-            last_finished_step = steps
 
 
 def run_schedule(ctx: EditContext, initial: Iterator[FrameState], on_step=None) -> Iterator[FrameState]:

@@ -29,6 +29,7 @@ import numpy as np
 from p2v_fast import video
 from p2v_fast.errors import InputError
 from p2v_fast.metrics import DEFAULT_CLIP_MODEL, FLOW_METHODS, ClipScorer, StreamingEvaluator
+from p2v_fast.paths import check_output_file
 from p2v_fast.progress import NullProgress, Progress
 
 FrameCallback = Callable[[int, np.ndarray, np.ndarray], None]
@@ -68,19 +69,6 @@ def json_safe(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return obj
-
-
-def check_output_file(path: str | Path) -> Path:
-    """InputError unless ``path`` can be written as a file (checked before long work starts)."""
-    out = Path(path)
-    if out.is_dir():
-        raise InputError(f"output '{out}' is a folder; give a file name")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise InputError(f"output folder '{parent}' does not exist")
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"output folder '{parent}' is not writable")
-    return out
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:

@@ -58,13 +58,14 @@ class ClipSelection:
 
     def frames(self) -> Iterator[np.ndarray]:
         """Stream the selected frames, uint8 [H, W, 3]."""
-        return video.read_frames(
-            self.path, size=self.size, start=self.start, max_frames=self.max_frames, stride=self.stride
+        return video.read_frames(  # the probed info, so no pass probes (for webm: decodes) again
+            self.info, size=self.size, start=self.start, max_frames=self.max_frames, stride=self.stride
         )
 
 
-def select_clip(path: str | Path, cfg: EditConfig) -> ClipSelection:
-    info = video.probe(path)
+def select_clip(path: str | Path, cfg: EditConfig, info: video.VideoInfo | None = None) -> ClipSelection:
+    """The frames ``cfg`` selects from ``path`` (``info``: its probe, if already done)."""
+    info = info or video.probe(path)
     size = video.working_size(info.width, info.height, cfg.size)
     n = video.selected_count(info, cfg.start, cfg.max_frames, cfg.stride)
     return ClipSelection(Path(path), info, size, cfg.start, cfg.max_frames, cfg.stride, n)
@@ -169,15 +170,15 @@ def invert_clip(
 
     def flush() -> None:
         nonlocal index, lo, hi
-        todo = [i for i in range(index, index + len(chunk)) if not enc_path(i).exists()]
-        if todo:
+        done = all(enc_path(i).exists() for i in range(index, index + len(chunk)))
+        if done:  # resuming: this chunk was encoded by an interrupted run
+            d = torch.cat([load_file(str(enc_path(i)))["depth_raw"] for i in range(index, index + len(chunk))])
+        else:
             x0 = backend.vae_encode(images_to_tensor(chunk).to(backend.device))
             d = depth_estimator.raw(np.stack(chunk))  # [B,h,w], unnormalised
             for j in range(len(chunk)):
                 _save_atomic({"x_0": x0[j : j + 1], "depth_raw": d[j : j + 1]}, enc_path(index + j))
-        for j in range(len(chunk)):
-            d = load_file(str(enc_path(index + j)))["depth_raw"]
-            lo, hi = min(lo, float(d.min())), max(hi, float(d.max()))
+        lo, hi = min(lo, float(d.min())), max(hi, float(d.max()))
         index += len(chunk)
         advance(len(chunk))
         chunk.clear()

@@ -1,9 +1,11 @@
-"""Where p2v-fast keeps its on-disk caches."""
+"""Where p2v-fast keeps its on-disk caches, and the check every output path goes through."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+from p2v_fast.errors import InputError
 
 CACHE_ENV = "P2V_CACHE"
 
@@ -17,3 +19,16 @@ def cache_root() -> Path:
     if env:
         return Path(env).expanduser()
     return Path.home() / ".cache" / "p2v-fast"
+
+
+def check_output_file(path: str | Path) -> Path:
+    """InputError unless ``path`` can be written as a file (checked before long work starts)."""
+    out = Path(path)
+    if out.is_dir():
+        raise InputError(f"output '{out}' is a folder; give a file name")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"output folder '{parent}' does not exist")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"output folder '{parent}' is not writable")
+    return out

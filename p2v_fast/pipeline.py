@@ -7,7 +7,6 @@ features, one frame's worth of features in flight and a few thumbnails are held.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from p2v_fast.ddim import DDIMSchedule
 from p2v_fast.edit import EditContext, EditStats, FeatureStore, FrameState, run_schedule
 from p2v_fast.errors import InputError
 from p2v_fast.inversion import ClipSelection, InvertedClip, frames_digest, invert_clip, select_clip
+from p2v_fast.paths import check_output_file
 from p2v_fast.progress import NullProgress, Progress
 from p2v_fast.prompts import check_prompt, encode_prompt, source_prompt_for
 
@@ -76,16 +76,9 @@ def check_output(input_path: Path, output: Path, overwrite: bool) -> Path:
     output = Path(output)
     if output.resolve() == Path(input_path).resolve():
         raise InputError(f"output '{output}' is the input; choose another -o path")
-    if output.is_dir():
-        raise InputError(f"output '{output}' is a folder; give a file name such as out.mp4")
-    if output.exists() and not overwrite:
+    if output.exists() and not output.is_dir() and not overwrite:
         raise InputError(f"output '{output}' exists; pass --overwrite to replace it")
-    parent = output.parent if str(output.parent) else Path(".")
-    if not parent.is_dir():
-        raise InputError(f"output folder '{parent}' does not exist")
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"output folder '{parent}' is not writable")
-    return output
+    return check_output_file(output)
 
 
 @dataclass
@@ -95,10 +88,11 @@ class PreparedClip:
     seconds: float
 
 
-def prepare(cfg: EditConfig, input_path: Path, rt: Runtime, progress: Progress) -> PreparedClip:
+def prepare(cfg: EditConfig, input_path: Path, rt: Runtime, progress: Progress,
+            info: video.VideoInfo | None = None) -> PreparedClip:
     """Select frames, resolve the source prompt, invert (or hit the cache)."""
     t0 = time.perf_counter()
-    selection = select_clip(input_path, cfg)
+    selection = select_clip(input_path, cfg, info)
     progress.log(f"{selection.n_frames} frames at {selection.size[0]}x{selection.size[1]} from '{input_path}'")
     if cfg.source_prompt is None:
         first = next(iter(selection.frames()))
@@ -162,7 +156,7 @@ def edit_video(
     prompt = check_prompt(cfg.prompt)
     if preview:
         cfg = cfg.replace(max_frames=1)
-    video.probe(input_path)  # fail fast on a bad input, before loading models
+    info = video.probe(input_path)  # fail fast on a bad input, before loading models
     out = Path(output) if output else default_output(input_path, ".p2v-preview.png" if preview else ".p2v.mp4")
     out = check_output(input_path, out, overwrite)
     sbs_path = out.with_name(out.stem + ".side-by-side.mp4") if side_by_side and not preview else None
@@ -175,7 +169,7 @@ def edit_video(
     grad = "" if rt.grad_backend in (None, rt.backend) else f" (guided autograd steps on {rt.grad_backend.name})"
     dtype = str(rt.backend.dtype).removeprefix("torch.")
     progress.log(f"backend: {rt.backend.name} on {rt.backend.device}, {dtype}{grad}")
-    prep = prepare(cfg, input_path, rt, progress)
+    prep = prepare(cfg, input_path, rt, progress, info)
     sel, inv = prep.selection, prep.inverted
 
     embeds = torch.cat([encode_prompt(rt.models, cfg.negative_prompt), encode_prompt(rt.models, prompt)])
