@@ -75,7 +75,16 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             console.print("[bold red]interrupted[/bold red]: finished inversion frames are kept in the cache")
             raise typer.Exit(130) from None
         except MemoryError:
-            console.print("[bold red]error:[/bold red] out of memory; try a smaller --size or --max-frames")
+            console.print("[bold red]error:[/bold red] out of memory; try a smaller --size or --max-frames",
+                          soft_wrap=True)
+            raise typer.Exit(1) from None
+        except RuntimeError as exc:  # torch.OutOfMemoryError is one
+            from p2v_fast.memory import is_out_of_memory
+
+            if not is_out_of_memory(exc):
+                raise
+            console.print("[bold red]error:[/bold red] out of memory even at one frame per UNet call; try a smaller "
+                          "--size, --dtype fp16 or --latent-update detached", soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper
@@ -94,8 +103,9 @@ Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")]
 Dtype = Annotated[str, typer.Option(help="auto, fp32, fp16, bf16.")]
 Backend = Annotated[str, typer.Option(help="torch, onnxruntime, tensorrt or auto.")]
 Engines = Annotated[Path | None, typer.Option(help="Folder of exported engines (non-torch backends).")]
-Schedule = Annotated[str, typer.Option(help="sequential (Algorithm 1) or wavefront (same result, batched frames).")]
-BatchFrames = Annotated[int | None, typer.Option("--batch-frames", help="Wavefront: frames in flight (default 16).")]
+Schedule = Annotated[str, typer.Option(help="wavefront (batched frames) or sequential (Algorithm 1); same result.")]
+BatchFrames = Annotated[int | None, typer.Option(
+    "--batch-frames", help="Wavefront: most frames in flight (default: up to 16, in calls that fit in memory).")]
 InvertBatch = Annotated[int, typer.Option("--invert-batch", help="Frames per UNet call during inversion.")]
 
 
@@ -139,7 +149,7 @@ def edit(
     dtype: Dtype = "auto",
     backend: Backend = "torch",
     engines: Engines = None,
-    schedule: Schedule = "sequential",
+    schedule: Schedule = "wavefront",
     batch_frames: BatchFrames = None,
     invert_batch: InvertBatch = 1,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the UNet (CUDA graphs on GPU).")] = False,

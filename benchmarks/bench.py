@@ -69,7 +69,7 @@ class BenchOptions:
     arch: str | None = None  # "sd2-depth": full-size, random weights, built in code
     dtype: str = "auto"
     device: str = "auto"
-    engines: Path | None = None  # exported graphs / engines for non-torch backends
+    engines: Path | None = None  # exported graphs / engines for non-torch backends; None: export them
 
     # --- workload (paper: 512x512, 50 steps) ---
     size: int = 512
@@ -348,13 +348,53 @@ def _bench_edit(cfg: EditConfig, bench: _Bench, runtime: tuple[Backend, Backend 
 # one backend
 
 
+GRAPH_BACKENDS = {"onnxruntime": "onnx", "tensorrt": "tensorrt"}  # backend -> export format
+
+
+def export_options(opts: BenchOptions, name: str, dtype: torch.dtype, folder: Path):
+    """How the bench exports its own model for graph backend ``name`` when no ``--engines`` is
+    given: at the bench's size, with a batch profile up to every frame in flight (x 2 CFG
+    branches), so the wavefront's batches run unsplit (TensorRT tunes for that batch; ONNX
+    Runtime's graphs take any batch and are traced and validated at one frame)."""
+    from export import ExportOptions
+
+    if dtype not in (torch.float16, torch.float32):
+        raise InputError(f"--backend {name} needs fp16 or fp32 graphs; got --dtype {opts.dtype}")
+    in_flight = min(opts.frames, opts.batch_frames or opts.frames)
+    return ExportOptions(model=opts.model_label, out=folder, format=GRAPH_BACKENDS[name],
+                         precision="fp16" if dtype == torch.float16 else "fp32", height=opts.size, width=opts.size,
+                         max_batch=2 * in_flight, opt_batch=2 * in_flight if name == "tensorrt" else 2,
+                         device=opts.device)
+
+
+def _engines_for(name: str, opts: BenchOptions, models, work: Path, progress: Progress) -> tuple[Path | None, Any]:
+    """The engine folder for backend ``name``: ``--engines``, or (for a graph backend without
+    it) the bench's own model exported into the run's temporary folder. Also the export's
+    summary for the report (None when nothing was exported)."""
+    if name not in GRAPH_BACKENDS or opts.engines is not None:
+        return opts.engines, None
+    from export import export_engines
+
+    options = export_options(opts, name, models.dtype, work / "engines")
+    progress.log(f"{name}: exporting {opts.model_label} ({options.precision}, {options.profile().describe()})")
+    report = export_engines(options, progress, models=models)
+    return options.out, {
+        "format": options.format, "precision": options.precision, "profile": options.profile().describe(),
+        "seconds": report.seconds,
+        "networks": {f"{r.network}/{r.stage}": {"seconds": r.seconds, "bytes": r.bytes, "status": r.status,
+                                                "max_rel_err": r.detail} for r in report.rows},
+    }
+
+
 def _bench_backend(name: str, opts: BenchOptions, base: EditConfig, models, selection, frames, flops: UNetFlops,
                    peak_tflops: object, work: Path, progress: Progress) -> dict[str, Any]:
+    exported = None
     try:
-        backend = make_backend(name, models, opts.engines)
+        engines, exported = _engines_for(name, opts, models, work, progress)
+        backend = make_backend(name, models, engines)
     except P2VError as exc:
         progress.log(f"{name}: skipped ({exc})")
-        return {"backend": name, "error": str(exc)}
+        return {"backend": name, "error": str(exc), "export": exported}
     grad = backend if backend.supports_grad else (
         TorchBackend(models) if "autograd" in opts.latent_updates else None)
     n, latent_hw, device = len(frames), selection.latent_hw, backend.device
@@ -365,6 +405,8 @@ def _bench_backend(name: str, opts: BenchOptions, base: EditConfig, models, sele
     cfg = base.replace(backend=name)
     result: dict[str, Any] = {"backend": name, "runs_as": backend.name,
                               "grad_backend": None if grad is None else grad.name,
+                              "engines": "exported for this run" if exported else (str(engines) if engines else None),
+                              "export": exported,
                               "clock": bench.clock.kind, "memory": bench.memory.kind, "stages": {}, "edits": []}
     stages = result["stages"]
 

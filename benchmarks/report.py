@@ -3,6 +3,7 @@
 One table per backend. Rows are stages in seconds per frame (median, and min-max over the
 repeats; the JSON also has every repeat and the IQR); the edit has one section per schedule and
 latent-update mode with the anchor frame, the propagated frames and the mean over the clip.
+A last table sets the schedules side by side, per backend and latent-update mode.
 """
 
 from __future__ import annotations
@@ -99,6 +100,29 @@ def rich_tables(report: dict[str, Any]) -> list[Table | str]:
     return out
 
 
+SCHEDULE_COLUMNS = ("backend", "latent update", "sequential s/frame", "wavefront s/frame", "speed-up",
+                    "UNet calls/frame seq / wave", "peak mem seq / wave")
+
+
+def schedule_rows(report: dict[str, Any]) -> list[list[str]]:
+    """Sequential against wavefront, per backend and latent-update mode (edit medians)."""
+    rows = []
+    for run in report["runs"]:
+        if "error" in run:
+            continue
+        edits = {(e["schedule"], e["latent_update"]): e for e in run["edits"]}
+        for mode in dict.fromkeys(m for _, m in edits):
+            seq, wave = edits.get(("sequential", mode)), edits.get(("wavefront", mode))
+            if seq is None or wave is None:
+                continue
+            a, b = (e["seconds_per_frame"]["edit"]["median"] for e in (seq, wave))
+            calls = (e["unet_per_frame"]["mean"]["unet_calls"] for e in (seq, wave))
+            mem = (e["peak_memory_bytes"] / 2**30 for e in (seq, wave))
+            rows.append([run["backend"], mode, _secs(a), _secs(b), f"{a / b:.2f}x" if b > 0 else "",
+                         " / ".join(f"{c:.3g}" for c in calls), " / ".join(f"{m:.2f} GiB" for m in mem)])
+    return rows
+
+
 def print_report(console: Console, report: dict[str, Any]) -> None:
     """Print the tables; when the output is not a terminal (a pipe, a log file, a test runner)
     render them 160 columns wide instead of rich's default 80, which would squash them."""
@@ -106,6 +130,14 @@ def print_report(console: Console, report: dict[str, Any]) -> None:
         console = Console(file=console.file, width=max(console.width, 160), color_system=None)
     for item in rich_tables(report):
         console.print(item)
+    rows = schedule_rows(report)
+    if rows:
+        table = Table(title="sequential against wavefront (same result; edit seconds per frame, median)")
+        for name in SCHEDULE_COLUMNS:
+            table.add_column(name, justify="left" if name in ("backend", "latent update") else "right")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -121,6 +153,10 @@ def markdown(report: dict[str, Any]) -> str:
             cells = [f"*{row}*"] + [""] * (len(COLUMNS) - 1) if isinstance(row, str) else row
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", caption(report), ""]
+    rows = schedule_rows(report)
+    if rows:
+        lines += ["**sequential against wavefront**", "", "| " + " | ".join(SCHEDULE_COLUMNS) + " |",
+                  "|---" * len(SCHEDULE_COLUMNS) + "|", *("| " + " | ".join(r) + " |" for r in rows), ""]
     return "\n".join(lines)
 
 

@@ -9,7 +9,6 @@ on their own streams are timed too. On the CPU a mark is ``time.perf_counter()``
 from __future__ import annotations
 
 import os
-import re
 import resource
 import sys
 import time
@@ -17,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from p2v_fast import memory
 
 
 def synchronize(device: torch.device) -> None:
@@ -73,59 +74,39 @@ def summarize(samples: list[float]) -> dict[str, object]:
     }
 
 
-_HWM = re.compile(r"^VmHWM:\s+(\d+)\s+kB", re.MULTILINE)
-
-
-def _read_hwm() -> int | None:
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            m = _HWM.search(f.read())
-    except OSError:
-        return None
-    return int(m.group(1)) * 1024 if m else None
-
-
-def _reset_hwm() -> bool:
-    """Linux: writing 5 to clear_refs resets the process's peak RSS (VmHWM) to its current RSS."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return _read_hwm() is not None
-
-
 class PeakMemory:
     """Peak memory over a window: ``reset()``, run, ``peak()`` -> bytes.
 
     CUDA: ``torch.cuda.max_memory_allocated`` (tensors only, not the caching allocator's
     reserve or engines' own allocations). CPU on Linux: the process's peak resident set
     (VmHWM, reset through /proc/self/clear_refs), which includes the weights. Elsewhere: the
-    lifetime peak RSS from ``getrusage`` (it cannot be reset; ``kind`` says so).
+    lifetime peak RSS from ``getrusage`` (it cannot be reset; ``kind`` says so). Windows are
+    :mod:`p2v_fast.memory`'s, so the edit's own per-call measurements do not disturb them.
     """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
+        self.window: int | None = None
         if device.type == "cuda":
             self.kind = "torch.cuda.max_memory_allocated"
-        elif _reset_hwm():
+        elif memory.peaks_measurable(device):
             self.kind = "process peak RSS (VmHWM, reset per stage)"
         else:
             self.kind = "process peak RSS (getrusage, lifetime)"
 
+    @property
+    def windowed(self) -> bool:
+        return not self.kind.endswith("lifetime)")
+
     def reset(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        elif self.kind.startswith("process peak RSS (VmHWM"):
-            _reset_hwm()
+        if self.windowed:
+            if self.window is not None:
+                memory.close_window(self.device, self.window)
+            self.window = memory.open_window(self.device)
 
     def peak(self) -> int:
-        if self.device.type == "cuda":
-            return int(torch.cuda.max_memory_allocated(self.device))
-        if self.kind.startswith("process peak RSS (VmHWM"):
-            hwm = _read_hwm()
-            if hwm is not None:
-                return hwm
+        if self.windowed and self.window is not None:
+            return memory.window_peak(self.device, self.window)
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return int(rss if sys.platform == "darwin" else rss * 1024)  # bytes on macOS, KiB on Linux
 

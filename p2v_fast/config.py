@@ -47,8 +47,12 @@ class EditConfig:
     depth_norm: str = "frame"  # "frame" (paper) or "clip" (one min/max for the whole clip)
 
     # --- scheduling (DESIGN.md sec. 3): same result, different batching ---
-    schedule: str = "sequential"  # "sequential" (Algorithm 1 as written) or "wavefront"
-    batch_frames: int | None = None  # wavefront: at most this many frames in flight (None: all ready)
+    # wavefront (default; equal to sequential up to float reassociation, tests/test_schedule.py)
+    # or sequential (Algorithm 1 as written, one frame at a time)
+    schedule: str = "wavefront"
+    # wavefront: at most this many frames in flight. None: up to 16, each tick's frames in UNet
+    # calls of as many frames as fit in memory (measured: p2v_fast.memory.CallBudget)
+    batch_frames: int | None = None
     invert_batch: int = 1  # frames per UNet call during inversion
 
     # --- PyTorch speed-ups (torch backend and autograd steps); results equal up to float error ---

@@ -21,6 +21,7 @@ from p2v_fast.backends import Backend
 from p2v_fast.config import EditConfig
 from p2v_fast.ddim import DDIMSchedule
 from p2v_fast.latent_update import apply_update, autograd_gradient, detached_gradient
+from p2v_fast.memory import CallBudget, is_out_of_memory
 
 Features = list[torch.Tensor]  # 9 tensors [2, N_k, C_k]: (uncond, cond) of one frame at one step
 
@@ -74,7 +75,8 @@ class FeatureStore:
         self.peak_bytes = max(self.peak_bytes, self.nbytes())
 
     def refs_for(self, frame: int, step: int) -> Features | None:
-        """ref_k [2, 2N_k, C_k] for frame > 0: anchor || previous (or a mode's stand-in)."""
+        """ref_k [2, 2N_k, C_k] for frame > 0: anchor || previous (or a mode's stand-in).
+        Reading keeps the entries; :meth:`used` drops them once the step is done."""
         if frame == 0 or self.refs == "none":
             return None
         prev: Features | None = None
@@ -82,7 +84,7 @@ class FeatureStore:
             if frame == 1 and self.keep_anchor:
                 prev = self.anchor[step]
             else:
-                prev = self.feats.pop((frame - 1, step))
+                prev = self.feats[(frame - 1, step)]
         anchor = self.anchor[step] if self.keep_anchor else prev
         prev = anchor if prev is None else prev
         assert anchor is not None and prev is not None
@@ -91,7 +93,13 @@ class FeatureStore:
         return [torch.cat([a, p], dim=1) for a, p in zip(anchor, prev, strict=True)]
 
     def x0_prev(self, frame: int, step: int) -> torch.Tensor:
-        return self.x0.pop((frame - 1, step))
+        return self.x0[(frame - 1, step)]
+
+    def used(self, frame: int, step: int) -> None:
+        """``frame`` has finished ``step``: the previous frame's entries of that step are not
+        needed again."""
+        self.feats.pop((frame - 1, step), None)
+        self.x0.pop((frame - 1, step), None)
 
     def nbytes(self) -> int:
         total = sum(t.numel() * t.element_size() for fs in self.anchor.values() for t in fs)
@@ -111,6 +119,11 @@ class EditContext:
     store: FeatureStore
     delta: float
     stats: EditStats
+    budget: CallBudget | None = None  # frames per UNet call; None: what fits on the backend's device
+
+    def __post_init__(self) -> None:
+        if self.budget is None:
+            self.budget = CallBudget(self.backend.device)
 
 
 def _guided(ctx: EditContext, st: FrameState) -> bool:
@@ -134,9 +147,29 @@ def run_step(frames: list[FrameState], ctx: EditContext) -> None:
 
 
 def _step_group(frames: list[FrameState], ctx: EditContext, xframe: bool, needs_grad: bool) -> None:
-    sched, cfg = ctx.schedule, ctx.cfg
+    """``frames`` (all ready, independent of each other) in calls of as many frames as the
+    budget allows; a call that runs out of memory is retried smaller (a call changes no state
+    until it has returned)."""
+    budget, kind = ctx.budget, (xframe, needs_grad)
+    assert budget is not None
     backend = ctx.grad_backend if needs_grad else ctx.backend
     assert backend is not None
+    done = 0
+    while done < len(frames):
+        n = budget.frames_per_call(kind, len(frames) - done)
+        try:
+            with budget.measure(kind, n, backend.device):
+                _step_call(frames[done : done + n], ctx, backend, xframe, needs_grad)
+        except Exception as exc:
+            if n == 1 or not is_out_of_memory(exc):
+                raise
+            budget.out_of_memory(kind, n)
+            continue
+        done += n
+
+
+def _step_call(frames: list[FrameState], ctx: EditContext, backend: Backend, xframe: bool, needs_grad: bool) -> None:
+    sched, cfg = ctx.schedule, ctx.cfg
     device = backend.device
     idx = torch.tensor([st.step for st in frames], dtype=torch.long)
     x = torch.cat([st.latent for st in frames]).to(device)  # [F,4,h,w] fp32
@@ -177,6 +210,7 @@ def _step_group(frames: list[FrameState], ctx: EditContext, xframe: bool, needs_
     x_prev, x0 = x_prev.detach(), x0.detach()
     for i, st in enumerate(frames):
         own = [f[2 * i : 2 * i + 2].detach() for f in feats] if ctx.store.wants_features(st.index) else []
+        ctx.store.used(st.index, st.step)
         ctx.store.put(st.index, st.step, own, x0[i : i + 1])
         st.latent = x_prev[i : i + 1]
         st.step += 1

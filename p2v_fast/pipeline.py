@@ -228,6 +228,9 @@ def edit_video(
     stats.unet_backward = sum(c.unet_backward for c in counters) - calls0[1]
     progress.log(f"mean update RMS per guided step: {stats.mean_update_rms()}" if stats.update_rms else
                  "no guided latent update")
+    budget = ctx.budget
+    if budget is not None and (budget.splits or budget.ooms):
+        progress.log(f"{budget.splits} UNet calls split to fit in memory, {budget.ooms} retried after running out")
     return EditResult(out, sel.n_frames, sel.fps, sel.size, t_end - t_start, prep.seconds, t_end - t_edit,
                       inv.cache_hit, inv.source_prompt, sbs_path, strip_path, stats)
 

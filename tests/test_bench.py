@@ -91,8 +91,31 @@ def test_markdown_has_every_stage(bench_json) -> None:
 
     text = markdown(bench_json[1])
     for label in ("depth", "VAE encode", "inversion", "anchor frame", "propagated frame", "mean over the clip",
-                  "edit · wavefront · off", "VAE decode", "tensorrt: not run"):
+                  "edit · wavefront · off", "VAE decode", "tensorrt: not run", "sequential against wavefront"):
         assert label in text
+    for mode in MODES:
+        assert f"| torch | {mode} |" in text
+
+
+def test_graph_backend_without_engines_exports_the_bench_model(tiny_dir, tmp_path) -> None:
+    """No --engines: the bench exports its own model (validated against PyTorch) for ONNX
+    Runtime, with a batch profile for every frame in flight, and runs both schedules on it."""
+    pytest.importorskip("onnxruntime")
+    opts = BenchOptions(model="tiny", size=SIZE, steps=2, frames=3, repeats=1, warmup=0, threads=1,
+                        backends=("onnxruntime",), latent_updates=("detached",))
+    data = run_bench(opts)
+    run = data["runs"][0]
+    assert "error" not in run, run.get("error")
+    assert run["runs_as"] == "onnxruntime" and run["engines"] == "exported for this run"
+    export = run["export"]
+    assert export["format"] == "onnx" and export["precision"] == "fp32"
+    assert export["profile"] == f"batch 1-6 at {SIZE}x{SIZE}"
+    assert {k.split("/")[0] for k in export["networks"]} == {"unet_anchor", "unet_xframe", "vae_encoder",
+                                                             "vae_decoder", "depth"}
+    assert all(n["status"] == "exported" for n in export["networks"].values())
+    seq, wav = (next(e for e in run["edits"] if e["schedule"] == s) for s in ("sequential", "wavefront"))
+    assert wav["unet_per_frame"]["total"]["unet_samples"] == seq["unet_per_frame"]["total"]["unet_samples"]
+    assert wav["unet_per_frame"]["total"]["unet_calls"] < seq["unet_per_frame"]["total"]["unet_calls"]
 
 
 def test_unavailable_backend_is_reported_not_fatal(bench_json) -> None:

@@ -71,16 +71,19 @@ def test_preview_writes_the_anchor_frame(clip, tmp_path) -> None:
     assert Image.open(out).size == (128, 64)
 
 
-def test_feature_memory_is_constant_in_clip_length(tmp_path, tiny_dir) -> None:
+@pytest.mark.parametrize(("schedule", "lengths"), [("sequential", (3, 8)), ("wavefront", (5, 8))])
+def test_feature_memory_is_constant_in_clip_length(tmp_path, tiny_dir, schedule, lengths) -> None:
+    """Sequential: the anchor's features and one frame's. Wavefront (3 steps: at most 3 frames
+    in flight, so from 4 frames on): the anchor's and one step's per frame in flight."""
     from p2v_fast.config import EditConfig
     from p2v_fast.pipeline import edit_video, load_runtime
 
     clip = sample_clip(tmp_path, n_frames=8, size=(64, 64), audio=False)
     cfg = EditConfig(prompt="a swan", model="tiny", size=64, steps=3, source_prompt="a clip",
-                     latent_update="detached")
+                     latent_update="detached", schedule=schedule)
     rt = load_runtime(cfg)
     peaks = []
-    for n in (3, 8):
+    for n in lengths:
         res = edit_video(cfg.replace(max_frames=n), clip, tmp_path / f"{n}.mp4", runtime=rt)
         peaks.append(res.stats.peak_feature_bytes)
     assert peaks[0] == peaks[1] > 0
@@ -143,3 +146,18 @@ def test_installed_command_reports_errors_without_traceback(tmp_path) -> None:
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("error:")
+
+
+def test_out_of_memory_at_one_frame_is_one_line(clip, tmp_path, monkeypatch) -> None:
+    import p2v_fast.pipeline
+
+    def too_big(*args, **kwargs):
+        raise __import__("torch").OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(p2v_fast.pipeline, "run_schedule", too_big)
+    out = tmp_path / "oom.mp4"
+    r = _p2v("edit", clip, "a swan", "-o", out, *FAST, "--source-prompt", "a clip")
+    assert r.exit_code == 1
+    lines = r.output.strip().splitlines()
+    assert lines[-1].startswith("error: out of memory") and "Traceback" not in r.output
+    assert not out.exists()

@@ -1,0 +1,210 @@
+"""Memory on the device: peak windows, headroom, and how many frames one UNet call may take.
+
+Peak memory is read from what the device keeps: on CUDA the caching allocator's peak
+(``torch.cuda.max_memory_allocated``), on Linux CPUs the process's peak resident set (VmHWM,
+reset through ``/proc/self/clear_refs``). Both have one high-water mark per process, so
+windows are nested here (:func:`open_window` / :func:`window_peak` / :func:`close_window`):
+opening one folds the current mark into every open window before resetting it, so the
+benchmark's stage window and the edit's per-call windows do not spoil each other.
+
+:class:`CallBudget` is what ``--batch-frames``' default, "what fits", means for the wavefront:
+the frames of one tick go through the UNet in calls of as many frames as fit in the memory
+still free, measured rather than guessed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+
+# ------------------------------------------------------------------------------------------
+# high-water marks
+
+_HWM = re.compile(r"^VmHWM:\s+(\d+)\s+kB", re.MULTILINE)
+
+
+def read_hwm() -> int | None:
+    """The process's peak resident set in bytes (Linux), or None."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            m = _HWM.search(f.read())
+    except OSError:
+        return None
+    return int(m.group(1)) * 1024 if m else None
+
+
+def reset_hwm() -> bool:
+    """Linux: writing 5 to clear_refs resets the process's peak RSS (VmHWM) to its current RSS."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return read_hwm() is not None
+
+
+def resident_bytes() -> int:
+    """The process's current resident set in bytes."""
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def peaks_measurable(device: torch.device) -> bool:
+    """Whether peak windows work on ``device``: CUDA, or a CPU whose VmHWM can be reset."""
+    return device.type == "cuda" or (device.type == "cpu" and reset_hwm())
+
+
+def _mark(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return read_hwm() or 0
+
+
+def _reset(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        reset_hwm()
+
+
+_windows: dict[str, dict[int, int]] = {}  # device -> open window -> its peak so far
+_next_window = 0
+
+
+def _fold(device: torch.device) -> dict[int, int]:
+    windows = _windows.setdefault(str(device), {})
+    if windows:
+        mark = _mark(device)
+        for k, v in windows.items():
+            windows[k] = max(v, mark)
+    return windows
+
+
+def open_window(device: torch.device) -> int:
+    """Start measuring the peak on ``device``; returns the window's handle."""
+    global _next_window
+    windows = _fold(device)
+    _reset(device)
+    handle, _next_window = _next_window, _next_window + 1
+    windows[handle] = _mark(device)
+    return handle
+
+
+def window_peak(device: torch.device, handle: int) -> int:
+    """Peak bytes on ``device`` since ``handle`` was opened (the window stays open)."""
+    return _fold(device)[handle]
+
+
+def close_window(device: torch.device, handle: int) -> int:
+    """Peak bytes since ``handle`` was opened; the window is closed."""
+    peak = window_peak(device, handle)
+    del _windows[str(device)][handle]
+    return peak
+
+
+# ------------------------------------------------------------------------------------------
+# headroom
+
+
+def in_use(device: torch.device) -> int:
+    """Bytes in use now: tensors on a CUDA device, the resident set on the CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    return resident_bytes()
+
+
+def headroom(device: torch.device) -> int:
+    """Bytes that can still be taken: free device memory plus what the caching allocator holds
+    unused (CUDA), or the system's available memory (CPU)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A CUDA out-of-memory error, or the CPU allocator failing to allocate."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+
+
+# ------------------------------------------------------------------------------------------
+# frames per UNet call
+
+#: Share of the headroom a UNet call may plan to use; the rest absorbs fragmentation, the
+#: measurement's noise and what else runs beside the edit.
+SAFETY = 0.6
+
+Kind = tuple[bool, bool]  # (cross-frame network, differentiable call)
+
+
+class CallBudget:
+    """How many frames one UNet call of each kind may take.
+
+    Every call is measured: its peak bytes above what was in use before it, per frame (a
+    call's fixed cost is counted per frame too, so the estimate errs high). The first call
+    of a kind runs a single frame; later ones take ``floor(SAFETY x headroom / bytes per
+    frame)`` frames, at least one. Where the peak cannot be read (engines on a GPU allocate
+    outside PyTorch's allocator) calls are not split here; a TensorRT engine's batch profile
+    splits them instead. An out-of-memory error halves the kind's limit: the caller retries,
+    since nothing has changed yet (:func:`p2v_fast.edit.run_step` commits only after a call
+    returns).
+    """
+
+    def __init__(
+        self,
+        device: torch.device,
+        measurable: bool | None = None,
+        headroom_fn: Callable[[], int] | None = None,
+    ) -> None:
+        self.device = device
+        self.measurable = peaks_measurable(device) if measurable is None else measurable
+        self.headroom_fn = headroom_fn or (lambda: headroom(device))
+        self.bytes_per_frame: dict[Kind, float] = {}
+        self.ceiling: dict[Kind, int] = {}  # set by out-of-memory errors
+        self.splits = 0  # calls split because they would not fit
+        self.ooms = 0
+
+    def frames_per_call(self, kind: Kind, wanted: int) -> int:
+        """Frames the next call of ``kind`` may take, of ``wanted``."""
+        n = min(wanted, self.ceiling.get(kind, wanted))
+        if self.measurable:
+            per = self.bytes_per_frame.get(kind)
+            if per is None:
+                n = 1  # measure one frame first
+            elif per > 0:
+                n = min(n, int(SAFETY * self.headroom_fn() // per))
+        n = max(1, n)
+        if n < wanted:
+            self.splits += 1
+        return n
+
+    @contextmanager
+    def measure(self, kind: Kind, frames: int, backend_device: torch.device | None = None) -> Iterator[None]:
+        """Measure the call run inside on ``backend_device`` (default: the budget's device)."""
+        device = backend_device or self.device
+        if not self.measurable or device != self.device:
+            yield
+            return
+        before = in_use(device)
+        handle = open_window(device)
+        try:
+            yield
+        finally:
+            peak = close_window(device, handle)
+        per = max(0, peak - before) / frames
+        self.bytes_per_frame[kind] = max(self.bytes_per_frame.get(kind, 0.0), per)
+
+    def out_of_memory(self, kind: Kind, frames: int) -> None:
+        """A call of ``frames`` frames did not fit: later calls of ``kind`` take at most half."""
+        self.ooms += 1
+        self.ceiling[kind] = max(1, frames // 2)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
