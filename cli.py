@@ -106,7 +106,8 @@ Engines = Annotated[Path | None, typer.Option(help="Folder of exported engines (
 Schedule = Annotated[str, typer.Option(help="wavefront (batched frames) or sequential (Algorithm 1); same result.")]
 BatchFrames = Annotated[int | None, typer.Option(
     "--batch-frames", help="Wavefront: most frames in flight (default: up to 16, in calls that fit in memory).")]
-InvertBatch = Annotated[int, typer.Option("--invert-batch", help="Frames per UNet call during inversion.")]
+InvertBatch = Annotated[int | None, typer.Option(
+    "--invert-batch", help="Frames per UNet call during inversion (default: up to 16, as fit in memory).")]
 
 
 def _config(**kw: Any):
@@ -151,7 +152,7 @@ def edit(
     engines: Engines = None,
     schedule: Schedule = "wavefront",
     batch_frames: BatchFrames = None,
-    invert_batch: InvertBatch = 1,
+    invert_batch: InvertBatch = None,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the UNet (CUDA graphs on GPU).")] = False,
     channels_last: Annotated[bool, typer.Option("--channels-last", help="Channels-last UNet memory format.")] = False,
 ) -> None:
@@ -232,7 +233,7 @@ def invert(
     dtype: Dtype = "auto",
     backend: Backend = "torch",
     engines: Engines = None,
-    invert_batch: InvertBatch = 1,
+    invert_batch: InvertBatch = None,
 ) -> None:
     """DDIM-invert INPUT into the cache, so later edits of it skip inversion."""
     from p2v_fast.pipeline import invert_video
@@ -373,13 +374,17 @@ def bench(
     schedule: Annotated[
         list[str] | None, typer.Option("--schedule", help="Repeatable (default: sequential, wavefront).")
     ] = None,
-    batch_frames: Annotated[int | None, typer.Option("--batch-frames", help="Wavefront: frames in flight.")] = None,
+    batch_frames: BatchFrames = None,
+    invert_batch: InvertBatch = None,
     dtype: Dtype = "auto",
     device: Device = "auto",
     engines: Engines = None,
     repeats: Annotated[int, typer.Option(help="Timed runs per stage.")] = 3,
     warmup: Annotated[int, typer.Option(help="Untimed runs per stage first.")] = 1,
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: torch's).")] = None,
+    speedups: Annotated[list[str] | None, typer.Option(
+        "--speedups", help="Repeatable: time eager, sdpa-math, channels-last, compile, fp16, bf16 UNet calls "
+        "each on its own (alone unless --backend is given too).")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the full report here.")] = None,
 ) -> None:
     """Time depth, inversion, anchor and propagated frames and VAE decode, in seconds per frame."""
@@ -390,10 +395,12 @@ def bench(
     if size is None:  # the tiny model at 512 takes ~45 min on 2 CPU cores; its timings mean little anyway
         size = 128 if model == "tiny" else 512
     opts = BenchOptions(
-        model=model, arch=arch, size=size, steps=steps, frames=frames, backends=tuple(backend or ("torch",)),
+        model=model, arch=arch, size=size, steps=steps, frames=frames,
+        backends=tuple(backend or (() if speedups else ("torch",))),
         latent_updates=tuple(latent_update or LATENT_UPDATES), schedules=tuple(schedule or SCHEDULES),
-        batch_frames=batch_frames, dtype=dtype, device=device, engines=engines, repeats=repeats, warmup=warmup,
-        threads=threads, json_path=json_path,
+        batch_frames=batch_frames, invert_batch=invert_batch, dtype=dtype, device=device, engines=engines,
+        repeats=repeats, warmup=warmup,
+        threads=threads, json_path=json_path, speedups=tuple(speedups or ()),
     )
     with _progress() as bar:
         report = run_bench(opts, RichProgress(bar))

@@ -117,21 +117,27 @@ DPT_HYBRID_MIDAS: dict[str, Any] = dict(
 
 
 def _pool(device: torch.device, dtype: torch.dtype, seed: int) -> torch.Tensor:
-    """U(-1, 1) values to tile weights from: drawing 1.4 G fresh random numbers costs ~20 s on
-    2 CPU cores, copying a pool costs ~0.5 s. Its length is prime so rows and kernels do not
-    line up with its period."""
+    """U(-1, 1) values to tile weights from, twice over (so a window of ``_POOL`` values may
+    start anywhere in the first copy): drawing 1.4 G fresh random numbers costs ~20 s on 2 CPU
+    cores, copying a pool costs ~0.5 s. Its length is prime so rows and kernels do not line up
+    with its period."""
     gen = torch.Generator().manual_seed(seed)
-    return (torch.rand(_POOL, generator=gen) * 2 - 1).to(device=device, dtype=dtype)
+    pool = (torch.rand(_POOL, generator=gen) * 2 - 1).to(device=device, dtype=dtype)
+    return torch.cat([pool, pool])
 
 
 _POOL = 1_000_003
+_STRIDE = 7_919  # < _POOL, which is prime: the first _POOL tensors all start at different offsets
 
 
-def _fill(data: torch.Tensor, pool: torch.Tensor, bound: float) -> None:
+def _fill(data: torch.Tensor, pool: torch.Tensor, bound: float, offset: int) -> None:
+    """Tile ``data`` from ``pool`` starting at ``offset``. Each tensor gets its own offset, so no
+    two weights are equal: an exporter that deduplicates equal initializers (ONNX export does)
+    would otherwise shrink the model and flatter the speed of every graph backend."""
     flat = data.view(-1)
-    for start in range(0, flat.numel(), pool.numel()):
-        chunk = flat[start : start + pool.numel()]
-        chunk.copy_(pool[: chunk.numel()])
+    for start in range(0, flat.numel(), _POOL):
+        chunk = flat[start : start + _POOL]
+        chunk.copy_(pool[offset : offset + chunk.numel()])
     flat.mul_(bound)
 
 
@@ -141,13 +147,15 @@ def materialize(module: nn.Module, device: torch.device, dtype: torch.dtype, see
     buffers to ``device`` (floating ones to ``dtype``). Returns ``module`` in eval mode with
     gradients off."""
     pool = _pool(device, dtype, seed)
+    filled = 0
     for sub in module.modules():
         for name, p in list(sub._parameters.items()):
             if p is None or not p.is_meta:
                 continue
             data = torch.empty(p.shape, device=device, dtype=dtype if p.is_floating_point() else p.dtype)
             if p.ndim >= 2:  # weight matrix / conv kernel / embedding: [out, in, ...]
-                _fill(data, pool, 1.0 / math.sqrt(max(1, p[0].numel())))
+                _fill(data, pool, 1.0 / math.sqrt(max(1, p[0].numel())), (filled * _STRIDE) % _POOL)
+                filled += 1
             elif name.endswith("weight"):  # norm scale
                 data.fill_(1.0)
             else:  # bias

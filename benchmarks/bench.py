@@ -82,7 +82,8 @@ class BenchOptions:
     latent_updates: tuple[str, ...] = LATENT_UPDATES
     schedules: tuple[str, ...] = SCHEDULES
     batch_frames: int | None = None  # wavefront: frames in flight
-    invert_batch: int = 1
+    speedups: tuple[str, ...] = ()  # PyTorch speed-ups to time on their own (benchmarks.speedups)
+    invert_batch: int | None = None  # None: what fits (p2v_fast.memory.CallBudget)
 
     # --- timing ---
     repeats: int = 3
@@ -102,7 +103,7 @@ class BenchOptions:
         """The edit options every run starts from (validated by EditConfig itself)."""
         return EditConfig(
             prompt=TARGET_PROMPT, source_prompt=SOURCE_PROMPT, model=self.model_label, device=self.device,
-            dtype=self.dtype, backend=self.backends[0], engines=self.engines, size=self.size,
+            dtype=self.dtype, backend=(self.backends or ("torch",))[0], engines=self.engines, size=self.size,
             max_frames=self.frames, steps=self.steps, seed=self.seed, schedule=self.schedules[0],
             latent_update=self.latent_updates[0], update_steps=self.update_steps, batch_frames=self.batch_frames,
             invert_batch=self.invert_batch,
@@ -123,7 +124,12 @@ def _verify(o: BenchOptions) -> None:
         raise InputError(f"give --model or --arch, not both (got --model {o.model!r} --arch {o.arch!r})")
     if o.arch is not None and o.arch not in ARCHS:
         raise InputError(f"--arch must be one of {', '.join(ARCHS)}; got {o.arch!r}")
-    choices("backend", o.backends, BACKENDS)
+    if o.backends or not o.speedups:
+        choices("backend", o.backends, BACKENDS)
+    if o.speedups:
+        from benchmarks.speedups import check_speedups
+
+        check_speedups(o.speedups)
     choices("latent-update", o.latent_updates, LATENT_UPDATES)
     choices("schedule", o.schedules, SCHEDULES)
     if o.dtype != "auto" and o.dtype not in DTYPES:
@@ -519,13 +525,19 @@ def _run(opts: BenchOptions, progress: Progress) -> dict[str, Any]:
         flops = count_unet_flops(models.unet, selection.latent_hw)
         report["unet_flops"] = flops.as_dict()
         report["runs"] = []
+        if opts.speedups:
+            from benchmarks.speedups import run_speedups
+
+            report["speedups"] = run_speedups(models, selection.latent_hw, opts.speedups,
+                                              frames=opts.batch_frames or 1, warmup=opts.warmup,
+                                              repeats=opts.repeats, seed=opts.seed, log=progress.log)
         for name in opts.backends:
             report["runs"].append(_bench_backend(name, opts, base, models, selection, frames, flops,
                                                  dev_info["peak_tflops"], work, progress))
     report["load_average_end"] = load_average()
     if opts.json_path is not None:
         write_json_atomic(opts.json_path, report)
-    if all("error" in r for r in report["runs"]):
+    if report["runs"] and all("error" in r for r in report["runs"]):
         raise BackendUnavailableError("no requested backend can run here: " + "; ".join(
             f"{r['backend']}: {r['error']}" for r in report["runs"]))
     return report

@@ -123,6 +123,31 @@ def schedule_rows(report: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+SPEEDUP_COLUMNS = ("speed-up", "call", "s/call", "min–max", "first call s", "vs eager", "max rel err vs eager")
+
+
+def speedup_rows(report: dict[str, Any]) -> list[list[str]]:
+    """Each PyTorch speed-up on its own (``p2v bench --speedups``)."""
+    rows = []
+    for name, row in report.get("speedups", {}).get("variants", {}).items():
+        if "error" in row:
+            rows.append([name, "not run", row["error"], "", "", "", ""])
+            continue
+        for kind, r in row.items():
+            s = r["seconds_per_call"]
+            rows.append([name, kind, _secs(s["median"]), f"{_secs(s['min'])}–{_secs(s['max'])}",
+                         _secs(r["first_call_seconds"]), f"{r['speedup_vs_eager']:.2f}x",
+                         f"{r['max_rel_err_vs_eager']:.1e}"])
+    return rows
+
+
+def speedup_title(report: dict[str, Any]) -> str:
+    s = report["speedups"]
+    h, w = s["latent_hw"]
+    return (f"PyTorch speed-ups, each on its own: {report['model']['name']}, {8 * h}x{8 * w}, batch {s['batch']}, "
+            f"{s['dtype']} on {report['device']['name']} (median of {s['repeats']} after {s['warmup']} warm-up)")
+
+
 def print_report(console: Console, report: dict[str, Any]) -> None:
     """Print the tables; when the output is not a terminal (a pipe, a log file, a test runner)
     render them 160 columns wide instead of rich's default 80, which would squash them."""
@@ -130,6 +155,14 @@ def print_report(console: Console, report: dict[str, Any]) -> None:
         console = Console(file=console.file, width=max(console.width, 160), color_system=None)
     for item in rich_tables(report):
         console.print(item)
+    rows = speedup_rows(report)
+    if rows:
+        table = Table(title=speedup_title(report))
+        for name in SPEEDUP_COLUMNS:
+            table.add_column(name, justify="left" if name in ("speed-up", "call") else "right")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
     rows = schedule_rows(report)
     if rows:
         table = Table(title="sequential against wavefront (same result; edit seconds per frame, median)")
@@ -153,6 +186,10 @@ def markdown(report: dict[str, Any]) -> str:
             cells = [f"*{row}*"] + [""] * (len(COLUMNS) - 1) if isinstance(row, str) else row
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", caption(report), ""]
+    rows = speedup_rows(report)
+    if rows:
+        lines += [f"**{speedup_title(report)}**", "", "| " + " | ".join(SPEEDUP_COLUMNS) + " |",
+                  "|---" * len(SPEEDUP_COLUMNS) + "|", *("| " + " | ".join(r) + " |" for r in rows), ""]
     rows = schedule_rows(report)
     if rows:
         lines += ["**sequential against wavefront**", "", "| " + " | ".join(SCHEDULE_COLUMNS) + " |",

@@ -53,7 +53,7 @@ class EditConfig:
     # wavefront: at most this many frames in flight. None: up to 16, each tick's frames in UNet
     # calls of as many frames as fit in memory (measured: p2v_fast.memory.CallBudget)
     batch_frames: int | None = None
-    invert_batch: int = 1  # frames per UNet call during inversion
+    invert_batch: int | None = None  # frames per UNet call during inversion; None: up to 16, as fit
 
     # --- PyTorch speed-ups (torch backend and autograd steps); results equal up to float error ---
     compile: bool = False  # torch.compile the UNet (CUDA graphs via mode="reduce-overhead" on GPU)
@@ -100,7 +100,7 @@ def _verify(c: EditConfig) -> None:
     _choice("schedule", c.schedule, SCHEDULES)
     if c.batch_frames is not None and c.batch_frames < 1:
         raise InputError(f"--batch-frames must be >= 1; got {c.batch_frames}")
-    if c.invert_batch < 1:
+    if c.invert_batch is not None and c.invert_batch < 1:
         raise InputError(f"--invert-batch must be >= 1; got {c.invert_batch}")
     if c.dtype != "auto":
         _choice("dtype", c.dtype, DTYPES)

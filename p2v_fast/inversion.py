@@ -28,6 +28,7 @@ from p2v_fast.backends import Backend
 from p2v_fast.config import EditConfig
 from p2v_fast.ddim import DDIMSchedule
 from p2v_fast.depth import DepthEstimator, normalize_per_frame, normalize_with
+from p2v_fast.memory import CallBudget, is_out_of_memory
 from p2v_fast.paths import cache_root
 from p2v_fast.progress import NullProgress, Progress
 from p2v_fast.prompts import encode_prompt
@@ -142,10 +143,14 @@ def invert_clip(
     source_prompt: str,
     *,
     digest: str | None = None,
-    batch: int = 1,
+    batch: int | None = None,
     progress: Progress | None = None,
+    budget: CallBudget | None = None,
 ) -> InvertedClip:
-    """Invert every selected frame (or reuse the cache). ``batch`` frames share a UNet call."""
+    """Invert every selected frame (or reuse the cache). ``batch`` frames share a UNet call;
+    None: up to :data:`MAX_INVERT_BATCH`, as many as fit in memory (``budget``, measured on the
+    first frame's calls). Frames are independent here, so batching does not change the result
+    beyond float reassociation."""
     progress = progress or NullProgress()
     digest = digest or frames_digest(selection)
     key = cache_key(cfg, models, digest, source_prompt)
@@ -163,7 +168,8 @@ def invert_clip(
 
     # Pass 1: VAE latent and raw depth per frame (kept on disk, not in memory).
     advance = progress.stage("encode + depth", n)
-    depth_estimator = DepthEstimator(models, batch_size=batch, run=backend.depth)
+    encode_batch = batch or 1  # the VAE encoder's activations at full resolution are large
+    depth_estimator = DepthEstimator(models, batch_size=encode_batch, run=backend.depth)
     lo, hi = float("inf"), float("-inf")
     chunk: list[np.ndarray] = []
     index = 0
@@ -185,7 +191,7 @@ def invert_clip(
 
     for frame in selection.frames():
         chunk.append(frame)
-        if len(chunk) == batch:
+        if len(chunk) == encode_batch:
             flush()
     if chunk:
         flush()
@@ -194,27 +200,23 @@ def invert_clip(
     schedule = DDIMSchedule(models.scheduler, cfg.steps)
     cond = encode_prompt(models, source_prompt)
     advance = progress.stage("inversion", n * cfg.steps)
-    for first in range(0, n, batch):
-        ids = [i for i in range(first, min(first + batch, n)) if not inv_path(i).exists()]
-        if not ids:
-            advance(cfg.steps * min(batch, n - first))
-            continue
-        encs = [load_file(str(enc_path(i))) for i in ids]
-        x = torch.cat([e["x_0"] for e in encs]).to(backend.device)
-        raw = torch.cat([e["depth_raw"] for e in encs])
-        depth = normalize_with(raw, lo, hi) if cfg.depth_norm == "clip" else normalize_per_frame(raw)
-        depth = depth.unsqueeze(1).to(backend.device)  # [B,1,h,w]
-        ehs = cond.expand(len(ids), -1, -1)
-        x_0 = x.clone()
-        with torch.no_grad():
-            for s in reversed(range(cfg.steps)):  # from the cleanest step to the noisiest
-                idx = torch.full((len(ids),), s, dtype=torch.long)
-                t = schedule.timesteps[idx].to(backend.device)
-                eps, _ = backend.unet(torch.cat([x, depth], dim=1), t, ehs)
-                x = schedule.invert_step(x, eps, idx)
-                advance(len(ids))
-        for j, i in enumerate(ids):
-            _save_atomic({"x_T": x[j : j + 1], "depth": depth[j : j + 1], "x_0": x_0[j : j + 1]}, inv_path(i))
+    pending = [i for i in range(n) if not inv_path(i).exists()]  # resuming: finished frames are kept
+    advance(cfg.steps * (n - len(pending)))
+    if budget is None:
+        budget = CallBudget(backend.device)
+    if batch is not None:
+        budget.ceiling[INVERT_KIND] = batch
+        budget.measurable = False  # the user's batch, as given
+    while pending:
+        n_call = budget.frames_per_call(INVERT_KIND, min(len(pending), batch or MAX_INVERT_BATCH))
+        ids, pending = pending[:n_call], pending[n_call:]
+        try:
+            _invert_frames(ids, cfg, backend, schedule, cond, lo, hi, enc_path, inv_path, budget, advance)
+        except Exception as exc:
+            if n_call == 1 or not is_out_of_memory(exc):
+                raise
+            budget.out_of_memory(INVERT_KIND, n_call)
+            pending = ids + pending
     meta = {"n_frames": n, "latent_hw": list(latent_hw), "source_prompt": source_prompt, "steps": cfg.steps,
             "model": model_identity(models), "size": list(selection.size), "depth_norm": cfg.depth_norm}
     tmp = meta_path.with_name(".meta.json.tmp")
@@ -223,3 +225,30 @@ def invert_clip(
     for i in range(n):
         enc_path(i).unlink(missing_ok=True)
     return handle
+
+
+#: Most frames per inversion call when ``--invert-batch`` is not given.
+MAX_INVERT_BATCH = 16
+INVERT_KIND = ("inversion", False)
+
+
+def _invert_frames(ids: list[int], cfg: EditConfig, backend: Backend, schedule: DDIMSchedule, cond: torch.Tensor,
+                   lo: float, hi: float, enc_path, inv_path, budget: CallBudget, advance) -> None:
+    """DDIM-invert frames ``ids`` together through every step and save each one."""
+    encs = [load_file(str(enc_path(i))) for i in ids]
+    x = torch.cat([e["x_0"] for e in encs]).to(backend.device)
+    raw = torch.cat([e["depth_raw"] for e in encs])
+    depth = normalize_with(raw, lo, hi) if cfg.depth_norm == "clip" else normalize_per_frame(raw)
+    depth = depth.unsqueeze(1).to(backend.device)  # [B,1,h,w]
+    ehs = cond.expand(len(ids), -1, -1)
+    x_0 = x.clone()
+    with torch.no_grad():
+        for s in reversed(range(cfg.steps)):  # from the cleanest step to the noisiest
+            idx = torch.full((len(ids),), s, dtype=torch.long)
+            t = schedule.timesteps[idx].to(backend.device)
+            with budget.measure(INVERT_KIND, len(ids), backend.device):
+                eps, _ = backend.unet(torch.cat([x, depth], dim=1), t, ehs)
+            x = schedule.invert_step(x, eps, idx)
+            advance(len(ids))
+    for j, i in enumerate(ids):
+        _save_atomic({"x_T": x[j : j + 1], "depth": depth[j : j + 1], "x_0": x_0[j : j + 1]}, inv_path(i))

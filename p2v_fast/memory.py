@@ -15,7 +15,7 @@ still free, measured rather than guessed.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -142,7 +142,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
 #: measurement's noise and what else runs beside the edit.
 SAFETY = 0.6
 
-Kind = tuple[bool, bool]  # (cross-frame network, differentiable call)
+Kind = Hashable  # the edit: (cross-frame network, differentiable call); inversion: its own
 
 
 class CallBudget:

@@ -127,8 +127,9 @@ def test_unavailable_backend_is_reported_not_fatal(bench_json) -> None:
 
 def test_inversion_is_one_branch_batch_one(bench_json) -> None:
     counts = _torch_run(bench_json[1])["stages"]["inversion"]["counters_per_frame"]
-    assert counts["unet_calls"] == STEPS  # one call per step ...
-    assert counts["unet_samples"] == STEPS  # ... of batch 1: the conditional branch only
+    assert counts["unet_samples"] == STEPS  # one sample per frame and step: the conditional branch only
+    # the first frame alone (measured), then the others in one call per step (they fit)
+    assert counts["unet_calls"] == pytest.approx(2 * STEPS / FRAMES)
     assert counts["unet_backward"] == 0
     assert counts["vae_encode"] == 1 and counts["depth"] == 1
 
@@ -280,6 +281,16 @@ def test_materialize_fills_meta_parameters_within_default_bounds() -> None:
     assert not module.training
 
 
+def test_materialized_weights_are_all_different() -> None:
+    """Equal weights would be deduplicated by the ONNX exporter: a smaller, faster-looking model."""
+    from benchmarks.arch import _empty, materialize
+
+    module = materialize(_empty(lambda: torch.nn.Sequential(*[torch.nn.Linear(32, 32) for _ in range(4)])),
+                         torch.device("cpu"), torch.float32)
+    weights = [m.weight for m in module]
+    assert all(not torch.equal(a, b) for i, a in enumerate(weights) for b in weights[i + 1:])
+
+
 def test_cli_bench_writes_json(tiny_dir, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
@@ -304,3 +315,37 @@ def test_cli_bench_rejects_model_and_arch(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["bench", "--model", "tiny", "--arch", "sd2-depth"])
     assert result.exit_code == 2
     assert "not both" in result.output
+
+
+def test_speedups_are_timed_each_on_its_own(tiny_dir) -> None:
+    """--speedups without --backend: only the speed-up table. Every variant keeps the result
+    within its precision (fp32 variants ~1e-6, half precision ~1e-2)."""
+    from benchmarks.report import markdown
+
+    names = ("eager", "sdpa-math", "channels-last", "fp16", "bf16")
+    data = run_bench(BenchOptions(model="tiny", size=64, repeats=1, warmup=0, threads=1, speedups=names,
+                                  backends=()))
+    assert data["runs"] == []
+    rows = data["speedups"]["variants"]
+    assert list(rows) == list(names) and data["speedups"]["batch"] == 2
+    for name, row in rows.items():
+        assert set(row) == {"anchor", "xframe", "xframe+backward"}, (name, row)
+        for r in row.values():
+            assert r["seconds_per_call"]["median"] > 0 and r["speedup_vs_eager"] > 0
+            limit = 0.0 if name == "eager" else (1e-4 if name in ("sdpa-math", "channels-last") else 5e-2)
+            assert r["max_rel_err_vs_eager"] <= limit, (name, r["max_rel_err_vs_eager"])
+    assert "PyTorch speed-ups, each on its own" in markdown(data)
+    with pytest.raises(InputError, match="--speedups"):
+        BenchOptions(model="tiny", speedups=("turbo",), backends=())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+def test_speedups_on_cuda_keep_the_result(tiny_dir) -> None:
+    """On a GPU: torch.compile with CUDA graphs (reduce-overhead) and half precision."""
+    data = run_bench(BenchOptions(model="tiny", size=64, repeats=2, warmup=2, device="cuda", dtype="fp32",
+                                  speedups=("eager", "channels-last", "compile", "fp16", "bf16"), backends=()))
+    for name, row in data["speedups"]["variants"].items():
+        assert "error" not in row, (name, row)
+        for r in row.values():
+            assert r["max_rel_err_vs_eager"] <= (1e-3 if name in ("channels-last", "compile") else 5e-2)

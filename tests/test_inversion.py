@@ -74,6 +74,43 @@ def test_batched_inversion_equals_per_frame(tiny_models, tmp_path) -> None:
         torch.testing.assert_close(three.load(i)["x_T"], one.load(i)["x_T"], rtol=1e-4, atol=1e-4)
 
 
+def test_default_inversion_measures_one_frame_then_batches_what_fits(tiny_models, tmp_path) -> None:
+    """No --invert-batch: the first frame runs alone while its calls are measured, then the
+    rest together (the tiny model fits many times over); same latents as per-frame."""
+    clip = sample_clip(tmp_path, n_frames=3)
+    one, _, _ = _invert(tiny_models, clip, tmp_path / "c1", steps=5, batch=1)
+    auto, backend, _ = _invert(tiny_models, clip, tmp_path / "ca", steps=5, batch=None)
+    assert backend.counter.unet_calls == 5 + 5 and backend.counter.unet_samples == 3 * 5
+    for i in range(3):
+        torch.testing.assert_close(auto.load(i)["x_T"], one.load(i)["x_T"], rtol=1e-4, atol=1e-4)
+
+
+class _OneFrameDevice(TorchBackend):
+    """Runs out of memory on any call of more than one sample."""
+
+    refused = 0
+
+    def unet(self, sample, timestep, encoder_hidden_states, refs=None):
+        if sample.shape[0] > 1:
+            self.refused += 1
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return super().unet(sample, timestep, encoder_hidden_states, refs)
+
+
+def test_inversion_out_of_memory_is_retried_smaller(tiny_models, tmp_path) -> None:
+    from p2v_fast.memory import CallBudget
+
+    clip = sample_clip(tmp_path, n_frames=3)
+    one, _, _ = _invert(tiny_models, clip, tmp_path / "c1", steps=5, batch=1)
+    cfg = EditConfig(model="tiny", size=64, steps=5, source_prompt="a clip", cache_dir=tmp_path / "co")
+    backend = _OneFrameDevice(tiny_models)
+    budget = CallBudget(backend.device, measurable=False)
+    small = invert_clip(cfg, select_clip(clip, cfg), tiny_models, backend, "a clip", budget=budget)
+    assert backend.refused == budget.ooms == 1
+    for i in range(3):
+        torch.testing.assert_close(small.load(i)["x_T"], one.load(i)["x_T"], rtol=1e-4, atol=1e-4)
+
+
 def test_clip_depth_normalisation(tiny_models, tmp_path) -> None:
     clip = sample_clip(tmp_path, n_frames=3)
     per_frame, _, _ = _invert(tiny_models, clip, tmp_path / "c", steps=2)
