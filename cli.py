@@ -153,7 +153,8 @@ def edit(
     schedule: Schedule = "wavefront",
     batch_frames: BatchFrames = None,
     invert_batch: InvertBatch = None,
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the UNet (CUDA graphs on GPU).")] = False,
+    compile: Annotated[bool, typer.Option(
+        "--compile", help="torch.compile the UNet's calls without gradients (CUDA graphs on GPU).")] = False,
     channels_last: Annotated[bool, typer.Option("--channels-last", help="Channels-last UNet memory format.")] = False,
 ) -> None:
     """Edit INPUT so that it matches PROMPT, consistently across frames."""

@@ -7,7 +7,8 @@ in the model's dtype:
   eager          the reference: the model's dtype, PyTorch's default attention (SDPA)
   sdpa-math      the reference with SDPA forced to its math kernel: what SDPA's fused kernels buy
   channels-last  UNet weights and activations in channels-last memory format
-  compile        ``torch.compile`` of the UNet wrapper (``reduce-overhead`` on CUDA: CUDA graphs)
+  compile        ``torch.compile`` of the UNet wrapper (``reduce-overhead`` on CUDA: CUDA graphs),
+                 for the backward call too, although the edit runs gradient calls eager
   fp16 / bf16    a copy of the UNet in that dtype; scheduler arithmetic stays fp32 in the edit
 
 Calls timed (one frame = both CFG branches, batch 2): the anchor network, the cross-frame
@@ -56,6 +57,7 @@ def _variant(name: str, models) -> Iterator[TorchBackend]:
         ctx = sdpa_kernel(SDPBackend.MATH)
     try:
         backend.optimize(compile=name == "compile", channels_last=name == "channels-last")
+        backend.compile_grad = True  # measure what compiling the gradient calls would do (the edit does not)
         with ctx:
             yield backend
     finally:

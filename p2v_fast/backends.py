@@ -83,13 +83,18 @@ class TorchBackend(Backend):
         self.models = models
         self.unet_module = UNetWithFeatures(models.unet)
         self.unet_call: Callable[..., tuple[torch.Tensor, ...]] = self.unet_module  # eager, or compiled
+        # Calls with gradients run eager even when compiled: on torch 2.13 (CPU) inductor's
+        # gradient of the UNet differs from eager's by ~5 % of its largest value while eager
+        # fp32 matches fp64 to 1e-6 (`p2v bench --speedups compile`; aot_eager is exact).
+        self.compile_grad = False
         self.scaling_factor = float(models.vae.config.scaling_factor)
 
     def optimize(self, compile: bool = False, channels_last: bool = False) -> None:
         """Speed-ups that keep results (up to float reassociation): channels-last UNet weights and
         activations, and ``torch.compile`` of the UNet wrapper (mode ``reduce-overhead`` on CUDA,
         which replays CUDA graphs for static shapes). Shapes vary between the anchor and
-        cross-frame calls and the wavefront's batch sizes, so each is compiled on first use."""
+        cross-frame calls and the wavefront's batch sizes, so each is compiled on first use.
+        Only calls without gradients use the compiled module (see ``compile_grad``)."""
         if channels_last:
             self.models.unet.to(memory_format=torch.channels_last)
         if compile:
@@ -106,7 +111,8 @@ class TorchBackend(Backend):
         self.counter.unet_samples += sample.shape[0]
         dtype = self.dtype
         refs = [] if refs is None else [r.to(dtype) for r in refs]
-        return self.unet_call(sample.to(dtype), timestep, encoder_hidden_states.to(dtype), *refs)
+        call = self.unet_call if self.compile_grad or not torch.is_grad_enabled() else self.unet_module
+        return call(sample.to(dtype), timestep, encoder_hidden_states.to(dtype), *refs)
 
     @torch.no_grad()
     def vae_encode(self, images):
