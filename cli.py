@@ -97,6 +97,7 @@ Start = Annotated[int, typer.Option(help="First source frame (0-based).")]
 MaxFrames = Annotated[int | None, typer.Option("--max-frames", help="Edit at most this many frames.")]
 Stride = Annotated[int, typer.Option(help="Take every N-th frame.")]
 Steps = Annotated[int, typer.Option(help="DDIM steps (paper: 50).")]
+GuidanceScale = Annotated[float, typer.Option("--guidance-scale", help="Classifier-free guidance.")]
 SourcePrompt = Annotated[str | None, typer.Option("--source-prompt", help="Inversion prompt (default: BLIP caption).")]
 DepthNorm = Annotated[str, typer.Option("--depth-norm", help="Depth min-max per 'frame' (paper) or per 'clip'.")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")]
@@ -133,7 +134,7 @@ def edit(
     max_frames: MaxFrames = None,
     stride: Stride = 1,
     steps: Steps = 50,
-    guidance_scale: Annotated[float, typer.Option("--guidance-scale", help="Classifier-free guidance.")] = 7.5,
+    guidance_scale: GuidanceScale = 7.5,
     negative_prompt: Annotated[str, typer.Option("--negative-prompt")] = "",
     source_prompt: SourcePrompt = None,
     depth_norm: DepthNorm = "frame",
@@ -317,7 +318,7 @@ def ablate(
     max_frames: MaxFrames = None,
     stride: Stride = 1,
     steps: Steps = 50,
-    guidance_scale: Annotated[float, typer.Option("--guidance-scale", help="Classifier-free guidance.")] = 7.5,
+    guidance_scale: GuidanceScale = 7.5,
     source_prompt: SourcePrompt = None,
     depth_norm: DepthNorm = "frame",
     update_weight: Annotated[float, typer.Option("--update-weight", help="delta of eq. 1 at 512x512.")] = 100.0,

@@ -11,7 +11,7 @@ so a frame's two CFG branches are adjacent and its reference features are gather
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,7 +21,7 @@ from p2v_fast.backends import Backend
 from p2v_fast.config import EditConfig
 from p2v_fast.ddim import DDIMSchedule
 from p2v_fast.latent_update import apply_update, autograd_gradient, detached_gradient
-from p2v_fast.memory import CallBudget, is_out_of_memory
+from p2v_fast.memory import CallBudget
 
 Features = list[torch.Tensor]  # 9 tensors [2, N_k, C_k]: (uncond, cond) of one frame at one step
 
@@ -154,18 +154,12 @@ def _step_group(frames: list[FrameState], ctx: EditContext, xframe: bool, needs_
     assert budget is not None
     backend = ctx.grad_backend if needs_grad else ctx.backend
     assert backend is not None
-    done = 0
-    while done < len(frames):
-        n = budget.frames_per_call(kind, len(frames) - done)
-        try:
-            with budget.measure(kind, n, backend.device):
-                _step_call(frames[done : done + n], ctx, backend, xframe, needs_grad)
-        except Exception as exc:
-            if n == 1 or not is_out_of_memory(exc):
-                raise
-            budget.out_of_memory(kind, n)
-            continue
-        done += n
+
+    def run(chunk: Sequence[FrameState]) -> None:
+        with budget.measure(kind, len(chunk), backend.device):
+            _step_call(list(chunk), ctx, backend, xframe, needs_grad)
+
+    budget.run_in_calls(kind, frames, run)
 
 
 def _step_call(frames: list[FrameState], ctx: EditContext, backend: Backend, xframe: bool, needs_grad: bool) -> None:

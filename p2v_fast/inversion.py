@@ -28,7 +28,7 @@ from p2v_fast.backends import Backend
 from p2v_fast.config import EditConfig
 from p2v_fast.ddim import DDIMSchedule
 from p2v_fast.depth import DepthEstimator, normalize_per_frame, normalize_with
-from p2v_fast.memory import CallBudget, is_out_of_memory
+from p2v_fast.memory import CallBudget
 from p2v_fast.paths import cache_root
 from p2v_fast.progress import NullProgress, Progress
 from p2v_fast.prompts import encode_prompt
@@ -202,21 +202,11 @@ def invert_clip(
     advance = progress.stage("inversion", n * cfg.steps)
     pending = [i for i in range(n) if not inv_path(i).exists()]  # resuming: finished frames are kept
     advance(cfg.steps * (n - len(pending)))
-    if budget is None:
-        budget = CallBudget(backend.device)
-    if batch is not None:
-        budget.ceiling[INVERT_KIND] = batch
-        budget.measurable = False  # the user's batch, as given
-    while pending:
-        n_call = budget.frames_per_call(INVERT_KIND, min(len(pending), batch or MAX_INVERT_BATCH))
-        ids, pending = pending[:n_call], pending[n_call:]
-        try:
-            _invert_frames(ids, cfg, backend, schedule, cond, lo, hi, enc_path, inv_path, budget, advance)
-        except Exception as exc:
-            if n_call == 1 or not is_out_of_memory(exc):
-                raise
-            budget.out_of_memory(INVERT_KIND, n_call)
-            pending = ids + pending
+    if budget is None:  # the user's --invert-batch is taken as given (still retried smaller on OOM)
+        budget = CallBudget(backend.device, measurable=False if batch else None)
+    budget.run_in_calls(INVERT_KIND, pending, lambda ids: _invert_frames(
+        list(ids), cfg, backend, schedule, cond, lo, hi, enc_path, inv_path, budget, advance),
+        most=batch or MAX_INVERT_BATCH)
     meta = {"n_frames": n, "latent_hw": list(latent_hw), "source_prompt": source_prompt, "steps": cfg.steps,
             "model": model_identity(models), "size": list(selection.size), "depth_norm": cfg.depth_norm}
     tmp = meta_path.with_name(".meta.json.tmp")

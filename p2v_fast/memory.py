@@ -14,9 +14,12 @@ still free, measured rather than guessed.
 
 from __future__ import annotations
 
+import functools
+import os
 import re
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import TypeVar
 
 import torch
 
@@ -53,9 +56,15 @@ def resident_bytes() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
+@functools.cache
+def _hwm_resettable() -> bool:
+    return read_hwm() is not None and os.access("/proc/self/clear_refs", os.W_OK)
+
+
 def peaks_measurable(device: torch.device) -> bool:
-    """Whether peak windows work on ``device``: CUDA, or a CPU whose VmHWM can be reset."""
-    return device.type == "cuda" or (device.type == "cpu" and reset_hwm())
+    """Whether peak windows work on ``device``: CUDA, or a CPU whose VmHWM can be reset.
+    Asking resets nothing (a reset outside :func:`open_window` would lose open windows' peaks)."""
+    return device.type == "cuda" or (device.type == "cpu" and _hwm_resettable())
 
 
 def _mark(device: torch.device) -> int:
@@ -143,15 +152,16 @@ def is_out_of_memory(exc: BaseException) -> bool:
 SAFETY = 0.6
 
 Kind = Hashable  # the edit: (cross-frame network, differentiable call); inversion: its own
+T = TypeVar("T")
 
 
 class CallBudget:
     """How many frames one UNet call of each kind may take.
 
-    Every call is measured: its peak bytes above what was in use before it, per frame (a
-    call's fixed cost is counted per frame too, so the estimate errs high). The first call
-    of a kind runs a single frame; later ones take ``floor(SAFETY x headroom / bytes per
-    frame)`` frames, at least one. Where the peak cannot be read (engines on a GPU allocate
+    The first call of each kind runs a single frame and is measured: its peak bytes above what
+    was in use before it (its fixed cost counts as the frame's, so the estimate errs high).
+    Later calls take ``floor(SAFETY x headroom / bytes per frame)`` frames, at least one, and
+    are not measured again (no work on the hot path). Where the peak cannot be read (engines on a GPU allocate
     outside PyTorch's allocator) calls are not split here; a TensorRT engine's batch profile
     splits them instead. An out-of-memory error halves the kind's limit: the caller retries,
     since nothing has changed yet (:func:`p2v_fast.edit.run_step` commits only after a call
@@ -174,23 +184,42 @@ class CallBudget:
 
     def frames_per_call(self, kind: Kind, wanted: int) -> int:
         """Frames the next call of ``kind`` may take, of ``wanted``."""
+        if wanted <= 1:
+            return 1
+        if self.measurable and kind not in self.bytes_per_frame:
+            return 1  # measure one frame first
         n = min(wanted, self.ceiling.get(kind, wanted))
-        if self.measurable:
-            per = self.bytes_per_frame.get(kind)
-            if per is None:
-                n = 1  # measure one frame first
-            elif per > 0:
-                n = min(n, int(SAFETY * self.headroom_fn() // per))
+        per = self.bytes_per_frame.get(kind, 0.0) if self.measurable else 0.0
+        if per > 0:
+            n = min(n, int(SAFETY * self.headroom_fn() // per))
         n = max(1, n)
         if n < wanted:
             self.splits += 1
         return n
 
+    def run_in_calls(self, kind: Kind, items: Sequence[T], run: Callable[[Sequence[T]], None],
+                     most: int | None = None) -> None:
+        """``run`` over ``items`` (independent of each other) in calls of at most ``most`` and
+        of as many as fit; a call that runs out of memory is retried smaller, so ``run`` must
+        change no state before it returns."""
+        done = 0
+        while done < len(items):
+            n = self.frames_per_call(kind, min(len(items) - done, most or len(items)))
+            try:
+                run(items[done : done + n])
+            except Exception as exc:
+                if n == 1 or not is_out_of_memory(exc):
+                    raise
+                self.out_of_memory(kind, n)
+                continue
+            done += n
+
     @contextmanager
     def measure(self, kind: Kind, frames: int, backend_device: torch.device | None = None) -> Iterator[None]:
-        """Measure the call run inside on ``backend_device`` (default: the budget's device)."""
+        """Measure the call run inside on ``backend_device`` (default: the budget's device), if
+        ``kind`` has not been measured yet."""
         device = backend_device or self.device
-        if not self.measurable or device != self.device:
+        if not self.measurable or device != self.device or kind in self.bytes_per_frame:
             yield
             return
         before = in_use(device)
