@@ -134,6 +134,9 @@ def _verify(o: BenchOptions) -> None:
     choices("schedule", o.schedules, SCHEDULES)
     if o.dtype != "auto" and o.dtype not in DTYPES:
         raise InputError(f"--dtype must be auto or one of {', '.join(DTYPES)}; got {o.dtype!r}")
+    exported = [b for b in o.backends if b in GRAPH_BACKENDS] if o.engines is None else []
+    if exported and o.dtype == "bf16":
+        raise InputError(f"--backend {exported[0]} exports fp16 or fp32 graphs; use --dtype fp16 or fp32, not bf16")
     if o.frames < 1:
         raise InputError(f"--frames must be >= 1; got {o.frames}")
     if o.repeats < 1:
@@ -364,8 +367,6 @@ def export_options(opts: BenchOptions, name: str, dtype: torch.dtype, folder: Pa
     Runtime's graphs take any batch and are traced and validated at one frame)."""
     from export import ExportOptions
 
-    if dtype not in (torch.float16, torch.float32):
-        raise InputError(f"--backend {name} needs fp16 or fp32 graphs; got --dtype {opts.dtype}")
     in_flight = min(opts.frames, opts.batch_frames or opts.frames)
     return ExportOptions(model=opts.model_label, out=folder, format=GRAPH_BACKENDS[name],
                          precision="fp16" if dtype == torch.float16 else "fp32", height=opts.size, width=opts.size,

@@ -235,6 +235,10 @@ def test_a100_peak_is_the_papers_device() -> None:
         dict(dtype="int8"),
         dict(threads=0),
         dict(json_path=Path("/nonexistent-folder/bench.json")),
+        dict(backends=("onnxruntime",), dtype="bf16"),  # the bench would export bf16 graphs
+        dict(speedups=("turbo",), backends=()),
+        dict(batch_frames=0),
+        dict(invert_batch=0),
     ],
 )
 def test_options_are_validated(kw) -> None:
