@@ -10,9 +10,15 @@ untouched.
 ``[B, N_k, C_k]`` (N_k = tokens at that resolution, C_k = channels).
 
 The wrapper :class:`UNetWithFeatures` takes every tensor explicitly and returns every tensor
-explicitly, so the same module is exported to ONNX (``unet_anchor`` / ``unet_xframe``) and
+explicitly, so the same module is exported to ONNX (one ``unet`` graph for every frame) and
 run eagerly: the processors only hold the tensors of the call in flight, set and cleared by
 the wrapper's ``forward`` (no state survives a call, so nothing is frozen into a graph).
+
+One call serves the anchor and the cross-frame frames: a per-sample selector ``self_ref`` [B]
+(nonzero = attend to its own features) replaces, elementwise, sample b's ``ref_k`` by its own
+[h, h]. Attention over [h, h] equals attention over h (each key appears twice, so the softmax
+weights halve and the sum is unchanged), so a selected sample gets plain self-attention with no
+control flow in the graph.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ class _CallSlot:
 
     def __init__(self, n_layers: int) -> None:
         self.refs: list[torch.Tensor] | None = None
+        self.self_ref: torch.Tensor | None = None  # [B, 1, 1] bool: sample attends to its own features
         self.feats: list[torch.Tensor | None] = [None] * n_layers
 
 
@@ -45,7 +52,8 @@ class CrossFrameAttnProcessor:
     """Self-attention that records its input and, when given ``ref``, attends to it instead.
 
     Without a ``ref`` this is exactly diffusers' scaled-dot-product self-attention.
-    With ``ref`` [B, M, C] (anchor || previous, M = 2 N), K and V are projected from ``ref``.
+    With ``ref`` [B, M, C] (anchor || previous, M = 2 N), K and V are projected from ``ref``;
+    samples the call's ``self_ref`` selects use [h, h] instead (== self-attention).
     """
 
     def __init__(self, slot: _CallSlot, index: int) -> None:
@@ -64,7 +72,13 @@ class CrossFrameAttnProcessor:
         # hidden_states: [B, N, C], the post-norm input of attn1 (SD2 has no group/spatial norm here)
         self.slot.feats[self.index] = hidden_states
         refs = self.slot.refs
-        context = hidden_states if refs is None else refs[self.index].to(hidden_states.dtype)
+        if refs is None:
+            context = hidden_states
+        else:
+            context = refs[self.index].to(hidden_states.dtype)  # [B, 2N, C]
+            if self.slot.self_ref is not None:  # elementwise select, no control flow (one graph)
+                own = torch.cat([hidden_states, hidden_states], dim=1)
+                context = torch.where(self.slot.self_ref, own, context)
         batch, _, _ = hidden_states.shape
         heads = attn.heads
         query = attn.to_q(hidden_states)
@@ -84,14 +98,17 @@ class CrossFrameAttnProcessor:
 
 
 class UNetWithFeatures(nn.Module):
-    """UNet wrapper: ``forward(sample, timestep, encoder_hidden_states, *refs)``.
+    """UNet wrapper: ``forward(sample, timestep, encoder_hidden_states, self_ref, *refs)``.
 
     Inputs:
         sample: [B, 5, h, w] (4 latent channels + 1 depth channel).
         timestep: [B] (per-sample timesteps, so frames at different steps can share a batch).
         encoder_hidden_states: [B, 77, D].
-        refs: none (``unet_anchor``: plain self-attention) or 9 tensors ``ref_k`` [B, 2 N_k, C_k]
-            (``unet_xframe``: anchor || previous features of the same step and branch).
+        self_ref: None, or [B] (any dtype; nonzero = the sample attends to its own features, as
+            the anchor does, in place of its ``ref_k``). None with refs: every sample uses refs.
+        refs: none (every sample: plain self-attention) or 9 tensors ``ref_k`` [B, 2 N_k, C_k]
+            (anchor || previous features of the same step and branch; a selected sample's rows
+            are ignored and may hold anything finite, e.g. zeros).
     Returns:
         ``(noise_pred [B, 4, h, w], feat_0, ..., feat_8)`` with ``feat_k`` [B, N_k, C_k].
     """
@@ -116,11 +133,13 @@ class UNetWithFeatures(nn.Module):
         sample: torch.Tensor,
         timestep: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
+        self_ref: torch.Tensor | None = None,
         *refs: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
         if refs and len(refs) != self.n_layers:
             raise ValueError(f"expected {self.n_layers} ref tensors, got {len(refs)}")
         self._slot.refs = list(refs) if refs else None
+        self._slot.self_ref = None if self_ref is None or not refs else (self_ref != 0).view(-1, 1, 1)
         self._slot.feats = [None] * self.n_layers
         try:
             noise = self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
@@ -129,6 +148,7 @@ class UNetWithFeatures(nn.Module):
                 raise RuntimeError("not every injected layer ran; is this an SD2-shaped UNet?")
         finally:
             self._slot.refs = None
+            self._slot.self_ref = None
             self._slot.feats = [None] * self.n_layers
         return (noise, *feats)
 

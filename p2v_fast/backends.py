@@ -1,8 +1,8 @@
 """Runtimes of the networks behind one interface, chosen once per run.
 
 The edit loop calls a :class:`Backend` and never asks which one it is. Names and layouts are
-those of the engine contract (``unet_anchor`` / ``unet_xframe``, ``vae_encoder``,
-``vae_decoder``, ``depth``), so a graph exported from the torch path binds by the same names.
+those of the engine contract (``unet``, ``vae_encoder``, ``vae_decoder``, ``depth``), so a
+graph exported from the torch path binds by the same names.
 
 Guided latent updates in ``autograd`` mode need gradients through the UNet; only
 :class:`TorchBackend` provides them (``supports_grad``), so those steps always run in PyTorch.
@@ -53,8 +53,11 @@ class Backend(ABC):
         timestep: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
         refs: Sequence[torch.Tensor] | None = None,
+        self_ref: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """sample [B,5,h,w], timestep [B], ehs [B,77,D], refs 9 x [B,2N_k,C_k] or None (anchor).
+        """sample [B,5,h,w], timestep [B], ehs [B,77,D], refs 9 x [B,2N_k,C_k] or None (every
+        sample attends to itself), self_ref [B] or None (nonzero: that sample attends to its own
+        features, as the anchor does, and its rows of ``refs`` are ignored).
 
         Returns eps [B,4,h,w] (fp32) and the 9 decoder features [B,N_k,C_k].
         """
@@ -101,18 +104,19 @@ class TorchBackend(Backend):
             mode = "reduce-overhead" if self.device.type == "cuda" else "default"
             self.unet_call = torch.compile(self.unet_module, mode=mode, dynamic=False)
 
-    def unet(self, sample, timestep, encoder_hidden_states, refs=None):
-        out = self.unet_forward(sample, timestep, encoder_hidden_states, refs)
+    def unet(self, sample, timestep, encoder_hidden_states, refs=None, self_ref=None):
+        out = self.unet_forward(sample, timestep, encoder_hidden_states, refs, self_ref)
         return out[0].float(), list(out[1:])
 
-    def unet_forward(self, sample, timestep, encoder_hidden_states, refs=None) -> tuple[torch.Tensor, ...]:
+    def unet_forward(self, sample, timestep, encoder_hidden_states, refs=None,
+                     self_ref=None) -> tuple[torch.Tensor, ...]:
         """The raw wrapper call (differentiable when grad is enabled): (eps, *feats)."""
         self.counter.unet_calls += 1
         self.counter.unet_samples += sample.shape[0]
         dtype = self.dtype
         refs = [] if refs is None else [r.to(dtype) for r in refs]
         call = self.unet_call if self.compile_grad or not torch.is_grad_enabled() else self.unet_module
-        return call(sample.to(dtype), timestep, encoder_hidden_states.to(dtype), *refs)
+        return call(sample.to(dtype), timestep, encoder_hidden_states.to(dtype), self_ref, *refs)
 
     @torch.no_grad()
     def vae_encode(self, images):

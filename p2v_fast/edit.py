@@ -7,6 +7,9 @@ time) and a wavefront schedule (every ready frame at once) share it.
 
 Batch layout of a UNet call for F frames: 2F samples ordered [uncond_1, cond_1, uncond_2, ...],
 so a frame's two CFG branches are adjacent and its reference features are gathered per sample.
+The anchor shares calls with the other frames: its samples are marked ``self_ref`` (attend to
+their own features) and its ``ref_k`` rows are zeros, so a wavefront tick is one UNet call
+(two when some frames need a differentiable call for the ``autograd`` update).
 """
 
 from __future__ import annotations
@@ -134,35 +137,35 @@ def _guided(ctx: EditContext, st: FrameState) -> bool:
 def run_step(frames: list[FrameState], ctx: EditContext) -> None:
     """Advance every frame in ``frames`` by one DDIM step, in as few UNet calls as possible.
 
-    Frames are grouped by network variant (anchor vs cross-frame) and by whether they need a
-    differentiable call (``autograd`` guided steps); each group is one batched call.
+    Frames are grouped by whether they need a differentiable call (``autograd`` guided steps);
+    each group is one batched call (the anchor shares the other frames' call, see the module
+    docstring), split only where memory requires.
     """
-    groups: dict[tuple[bool, bool], list[FrameState]] = {}
+    groups: dict[bool, list[FrameState]] = {}
     for st in frames:
-        xframe = st.index > 0 and ctx.cfg.refs != "none"
         needs_grad = _guided(ctx, st) and ctx.cfg.latent_update == "autograd"
-        groups.setdefault((xframe, needs_grad), []).append(st)
-    for (xframe, needs_grad), group in groups.items():
-        _step_group(group, ctx, xframe, needs_grad)
+        groups.setdefault(needs_grad, []).append(st)
+    for needs_grad, group in groups.items():
+        _step_group(group, ctx, needs_grad)
 
 
-def _step_group(frames: list[FrameState], ctx: EditContext, xframe: bool, needs_grad: bool) -> None:
+def _step_group(frames: list[FrameState], ctx: EditContext, needs_grad: bool) -> None:
     """``frames`` (all ready, independent of each other) in calls of as many frames as the
     budget allows; a call that runs out of memory is retried smaller (a call changes no state
     until it has returned)."""
-    budget, kind = ctx.budget, (xframe, needs_grad)
+    budget, kind = ctx.budget, ("edit", needs_grad)
     assert budget is not None
     backend = ctx.grad_backend if needs_grad else ctx.backend
     assert backend is not None
 
     def run(chunk: Sequence[FrameState]) -> None:
         with budget.measure(kind, len(chunk), backend.device):
-            _step_call(list(chunk), ctx, backend, xframe, needs_grad)
+            _step_call(list(chunk), ctx, backend, needs_grad)
 
     budget.run_in_calls(kind, frames, run)
 
 
-def _step_call(frames: list[FrameState], ctx: EditContext, backend: Backend, xframe: bool, needs_grad: bool) -> None:
+def _step_call(frames: list[FrameState], ctx: EditContext, backend: Backend, needs_grad: bool) -> None:
     sched, cfg = ctx.schedule, ctx.cfg
     device = backend.device
     idx = torch.tensor([st.step for st in frames], dtype=torch.long)
@@ -173,18 +176,24 @@ def _step_call(frames: list[FrameState], ctx: EditContext, backend: Backend, xfr
     sample = torch.cat([x, depth], dim=1).repeat_interleave(2, dim=0)  # [2F,5,h,w]
     t = sched.timesteps[idx].repeat_interleave(2).to(device)  # [2F]
     ehs = ctx.embeddings.repeat(len(frames), 1, 1)  # [2F,77,D]
-    refs = None
-    if xframe:
-        per_frame = [r for st in frames if (r := ctx.store.refs_for(st.index, st.step)) is not None]
-        refs = [torch.cat([r[k] for r in per_frame]) for k in range(len(per_frame[0]))]
+    refs, self_ref = None, None
+    per_frame = [ctx.store.refs_for(st.index, st.step) for st in frames]  # None: attends to itself
+    template = next((r for r in per_frame if r is not None), None)
+    if template is not None:
+        if any(r is None for r in per_frame):  # the anchor in a cross-frame call: zeros, selected away
+            zeros = [torch.zeros_like(t) for t in template]
+            per_frame = [zeros if r is None else r for r in per_frame]
+            own = torch.tensor([st.index == 0 for st in frames], dtype=torch.float32)
+            self_ref = own.repeat_interleave(2).to(device)  # [2F]
+        refs = [torch.cat([r[k] for r in per_frame]) for k in range(len(template))]  # type: ignore[index]
 
     with torch.set_grad_enabled(needs_grad):
         if needs_grad:
-            out = backend.unet_forward(sample, t, ehs, refs)  # type: ignore[attr-defined]
+            out = backend.unet_forward(sample, t, ehs, refs, self_ref)  # type: ignore[attr-defined]
             eps_all, feats = out[0].float(), list(out[1:])
             backend.counter.unet_backward += 1
         else:
-            eps_all, feats = backend.unet(sample, t, ehs, refs)
+            eps_all, feats = backend.unet(sample, t, ehs, refs, self_ref)
         eps_u, eps_c = eps_all[0::2], eps_all[1::2]
         eps = eps_u + cfg.guidance_scale * (eps_c - eps_u)  # CFG, fp32
         x_prev, x0 = sched.step(x, eps, idx)

@@ -70,7 +70,26 @@ class GraphBackend(Backend):
         parts = [self._run(network, {n: t[i : i + step] for n, t in cast.items()}) for i in range(0, batch, step)]
         return {name: torch.cat([p[name] for p in parts]) for name in spec.output_names}
 
-    def unet(self, sample, timestep, encoder_hidden_states, refs: Sequence[torch.Tensor] | None = None):
+    def unet(self, sample, timestep, encoder_hidden_states, refs: Sequence[torch.Tensor] | None = None,
+             self_ref: torch.Tensor | None = None):
+        if refs is not None and self_ref is not None and bool((self_ref != 0).any()):
+            # TODO(engines issue): one `unet` graph takes self_ref; until then the selected
+            # samples run on unet_anchor and the rest on unet_xframe.
+            own = (self_ref != 0).nonzero().flatten()
+            other = (self_ref == 0).nonzero().flatten()
+            eps_a, feats_a = self.unet(sample[own], timestep[own], encoder_hidden_states[own])
+            eps = torch.empty((sample.shape[0], *eps_a.shape[1:]), dtype=eps_a.dtype, device=eps_a.device)
+            feats = [torch.empty((sample.shape[0], *f.shape[1:]), dtype=f.dtype, device=f.device) for f in feats_a]
+            eps[own] = eps_a
+            for f, fa in zip(feats, feats_a, strict=True):
+                f[own] = fa
+            if len(other):
+                eps_x, feats_x = self.unet(sample[other], timestep[other], encoder_hidden_states[other],
+                                           [r[other] for r in refs])
+                eps[other] = eps_x
+                for f, fx in zip(feats, feats_x, strict=True):
+                    f[other] = fx
+            return eps, feats
         self.counter.unet_calls += 1
         self.counter.unet_samples += sample.shape[0]
         feeds = {"sample": sample, "timestep": timestep, "encoder_hidden_states": encoder_hidden_states}

@@ -90,11 +90,11 @@ class _OneFrameDevice(TorchBackend):
 
     refused = 0
 
-    def unet(self, sample, timestep, encoder_hidden_states, refs=None):
+    def unet(self, sample, timestep, encoder_hidden_states, refs=None, self_ref=None):
         if sample.shape[0] > 1:
             self.refused += 1
             raise torch.OutOfMemoryError("CUDA out of memory")
-        return super().unet(sample, timestep, encoder_hidden_states, refs)
+        return super().unet(sample, timestep, encoder_hidden_states, refs, self_ref)
 
 
 def test_inversion_out_of_memory_is_retried_smaller(tiny_models, tmp_path) -> None:

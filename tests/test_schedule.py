@@ -59,10 +59,13 @@ def test_unet_calls_drop_to_frames_plus_steps(tiny_models, mode) -> None:
     _, ctx_w = _run(tiny_models, cfg, n, "wavefront")
     assert ctx_s.backend.counter.unet_calls == n * steps
     ticks = steps + n - 1
-    # one call per tick for the cross-frame frames, plus the anchor's own calls (another variant)
-    # during its `steps` ticks, plus (autograd) a split between guided and unguided frames.
+    # one call per tick, the anchor's samples included (self_ref); with autograd, ticks that hold
+    # both guided and unguided frames make one differentiable call and one plain call.
     calls = ctx_w.backend.counter.unet_calls
-    assert calls <= ticks + steps + (ticks if mode == "autograd" else 0)
+    if mode == "detached":
+        assert calls == ticks
+    else:
+        assert ticks < calls <= 2 * ticks
     assert calls < n * steps
     assert ctx_w.backend.counter.unet_samples == ctx_s.backend.counter.unet_samples == 2 * n * steps
 
