@@ -183,8 +183,8 @@ def _step_call(frames: list[FrameState], ctx: EditContext, backend: Backend, nee
         if any(r is None for r in per_frame):  # the anchor in a cross-frame call: zeros, selected away
             zeros = [torch.zeros_like(t) for t in template]
             per_frame = [zeros if r is None else r for r in per_frame]
-            own = torch.tensor([st.index == 0 for st in frames], dtype=torch.float32)
-            self_ref = own.repeat_interleave(2).to(device)  # [2F]
+            is_anchor = torch.tensor([st.index == 0 for st in frames], dtype=torch.float32)
+            self_ref = is_anchor.repeat_interleave(2).to(device)  # [2F]
         refs = [torch.cat([r[k] for r in per_frame]) for k in range(len(template))]  # type: ignore[index]
 
     with torch.set_grad_enabled(needs_grad):
