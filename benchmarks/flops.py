@@ -72,7 +72,7 @@ def count_unet_flops(unet: Any, latent_hw: tuple[int, int]) -> UNetFlops:
         return [torch.empty(batch, 2 * n, c, device=meta) for n, c in shapes]
 
     def forward(batch: int, xframe: bool) -> int:
-        return _count(lambda: wrapper(*inputs(batch), None, *(refs(batch) if xframe else [])))
+        return _count(lambda: wrapper(*inputs(batch), *(refs(batch) if xframe else [])))
 
     def backward(batch: int, xframe: bool) -> int:
         sample, t, ehs = inputs(batch)
@@ -81,7 +81,7 @@ def count_unet_flops(unet: Any, latent_hw: tuple[int, int]) -> UNetFlops:
 
         def fwd() -> None:
             with torch.enable_grad():
-                out.append(wrapper(x, t, ehs, None, *(refs(batch) if xframe else []))[0])
+                out.append(wrapper(x, t, ehs, *(refs(batch) if xframe else []))[0])
 
         fwd()  # outside the counter: only the backward pass is counted below
         return _count(lambda: torch.autograd.grad(out[0].sum(), x))

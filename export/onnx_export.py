@@ -56,7 +56,7 @@ class UNetGraph(nn.Module):
         self.inner = UNetWithFeatures(unet)
 
     def forward(self, sample, timestep, encoder_hidden_states, *refs):
-        return self.inner(sample, timestep, encoder_hidden_states, None, *refs)
+        return self.inner(sample, timestep, encoder_hidden_states, *refs)
 
 
 class VaeEncoderGraph(nn.Module):

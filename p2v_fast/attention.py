@@ -98,7 +98,7 @@ class CrossFrameAttnProcessor:
 
 
 class UNetWithFeatures(nn.Module):
-    """UNet wrapper: ``forward(sample, timestep, encoder_hidden_states, self_ref, *refs)``.
+    """UNet wrapper: ``forward(sample, timestep, encoder_hidden_states, *refs, self_ref=None)``.
 
     Inputs:
         sample: [B, 5, h, w] (4 latent channels + 1 depth channel).
@@ -133,8 +133,8 @@ class UNetWithFeatures(nn.Module):
         sample: torch.Tensor,
         timestep: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
-        self_ref: torch.Tensor | None = None,
         *refs: torch.Tensor,
+        self_ref: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ...]:
         if refs and len(refs) != self.n_layers:
             raise ValueError(f"expected {self.n_layers} ref tensors, got {len(refs)}")

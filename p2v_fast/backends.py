@@ -116,7 +116,7 @@ class TorchBackend(Backend):
         dtype = self.dtype
         refs = [] if refs is None else [r.to(dtype) for r in refs]
         call = self.unet_call if self.compile_grad or not torch.is_grad_enabled() else self.unet_module
-        return call(sample.to(dtype), timestep, encoder_hidden_states.to(dtype), self_ref, *refs)
+        return call(sample.to(dtype), timestep, encoder_hidden_states.to(dtype), *refs, self_ref=self_ref)
 
     @torch.no_grad()
     def vae_encode(self, images):

@@ -53,7 +53,7 @@ def test_ref_own_own_equals_plain_self_attention() -> None:
     sample, t, ehs = _inputs()
     noise, *feats = wrapper(sample, t, ehs)
     refs = [torch.cat([f, f], dim=1) for f in feats]
-    noise_x, *feats_x = wrapper(sample, t, ehs, None, *refs)
+    noise_x, *feats_x = wrapper(sample, t, ehs, *refs)
     torch.testing.assert_close(noise_x, noise, rtol=1e-5, atol=1e-5)
     for a, b in zip(feats, feats_x, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -77,7 +77,7 @@ def test_only_the_9_decoder_layers_change_behaviour() -> None:
         if n.endswith("attn1")
     ]
     noise_plain, *_ = wrapper(sample, t, ehs)
-    noise_ref, *_ = wrapper(sample, t, ehs, None, *refs)
+    noise_ref, *_ = wrapper(sample, t, ehs, *refs)
     for h in hooks:
         h.remove()
     assert not torch.allclose(noise_plain, noise_ref)
@@ -97,7 +97,7 @@ def test_wrapper_rejects_wrong_number_of_refs() -> None:
     wrapper = UNetWithFeatures(_unet())
     sample, t, ehs = _inputs()
     try:
-        wrapper(sample, t, ehs, None, torch.zeros(1))
+        wrapper(sample, t, ehs, torch.zeros(1))
     except ValueError as exc:
         assert "9" in str(exc)
     else:
@@ -114,12 +114,12 @@ def test_self_ref_mixes_anchor_and_cross_frame_samples_in_one_call() -> None:
     _, *other_feats = wrapper(other, t, ehs)
     refs = [torch.cat([f, f.flip(0)], dim=1) for f in other_feats]  # [2, 2N, C]
     plain, *plain_feats = wrapper(sample, t, ehs)
-    cross, *cross_feats = wrapper(sample, t, ehs, None, *refs)
+    cross, *cross_feats = wrapper(sample, t, ehs, *refs)
     assert not torch.allclose(plain[0], cross[0])
     garbage = [r.clone() for r in refs]
     for r in garbage:
         r[0] = 1e3  # sample 0 is selected: whatever its rows hold must not matter
-    mixed, *mixed_feats = wrapper(sample, t, ehs, torch.tensor([1.0, 0.0]), *garbage)
+    mixed, *mixed_feats = wrapper(sample, t, ehs, *garbage, self_ref=torch.tensor([1.0, 0.0]))
     torch.testing.assert_close(mixed[0], plain[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(mixed[1], cross[1], rtol=1e-5, atol=1e-5)
     for m, p, c in zip(mixed_feats, plain_feats, cross_feats, strict=True):

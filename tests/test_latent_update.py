@@ -47,7 +47,7 @@ def test_autograd_gradient_matches_finite_differences(unet64, schedule) -> None:
 
     def energy(x_t: torch.Tensor) -> torch.Tensor:
         sample = torch.cat([x_t, depth], 1).repeat(2, 1, 1, 1)
-        eps_all = wrapper(sample, schedule.timesteps[idx].repeat(2), ehs, None, *refs)[0]
+        eps_all = wrapper(sample, schedule.timesteps[idx].repeat(2), ehs, *refs)[0]
         eps = eps_all[0:1] + 7.5 * (eps_all[1:2] - eps_all[0:1])
         return schedule.x0(x_t, eps, idx), eps
 
