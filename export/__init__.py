@@ -23,16 +23,15 @@ from export.manifest import (
     Artifact,
     Machine,
     Manifest,
-    ModelId,
     NetworkEntry,
     engine_key,
-    model_id,
     onnx_key,
     read_manifest,
     write_manifest,
 )
 from export.specs import DEFAULT_OPSET, NETWORKS, PRECISIONS, SIZE_MULTIPLE, ExportProfile, network_specs
 from p2v_fast.errors import EngineError, InputError
+from p2v_fast.models import ModelId, model_id
 from p2v_fast.progress import NullProgress, Progress
 
 FORMATS = ("onnx", "tensorrt")

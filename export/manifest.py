@@ -26,6 +26,7 @@ from pathlib import Path
 
 from export.specs import ExportProfile, Geometry, NetworkSpec
 from p2v_fast.errors import EngineError
+from p2v_fast.models import ModelId
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -39,38 +40,6 @@ def _digest(fields: Mapping, n: int = 16) -> str:
 
 
 # ----------------------------------------------------------------------------------- identity
-
-
-@dataclass(frozen=True)
-class ModelId:
-    """What the graphs were exported from: ``source`` as the user named it, ``digest`` of the
-    weights' identity (hub id or absolute folder) and every component's config."""
-
-    source: str
-    digest: str
-
-    def to_dict(self) -> dict:
-        return {"source": self.source, "digest": self.digest}
-
-
-def model_id(models) -> ModelId:
-    """:class:`ModelId` of a loaded ``p2v_fast.models.Models``."""
-    from p2v_fast.inversion import model_identity
-
-    def config(module) -> dict:
-        cfg = getattr(module, "config", None)
-        if cfg is None:
-            return {}
-        d = dict(cfg) if isinstance(cfg, Mapping) else cfg.to_dict()
-        return {k: v for k, v in d.items() if not k.startswith("_") and k not in ("transformers_version", "dtype")}
-
-    fields = {
-        "identity": model_identity(models),
-        "unet": config(models.unet),
-        "vae": config(models.vae),
-        "depth": config(models.depth_estimator),
-    }
-    return ModelId(str(models.source), _digest(fields))
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import torch
 
-from export.manifest import DEFAULT_ENGINES, Manifest, check_model, model_id, read_manifest, rebuild_command
+from export.manifest import DEFAULT_ENGINES, Manifest, check_model, read_manifest, rebuild_command
 from export.specs import NETWORKS
 from p2v_fast.backends import Backend
 from p2v_fast.errors import EngineError
+from p2v_fast.models import model_id
 
 
 def engines_folder(engines: str | Path | None) -> Path:

@@ -29,6 +29,7 @@ from p2v_fast.config import EditConfig
 from p2v_fast.ddim import DDIMSchedule
 from p2v_fast.depth import DepthEstimator, normalize_per_frame, normalize_with
 from p2v_fast.memory import CallBudget
+from p2v_fast.models import model_identity
 from p2v_fast.paths import cache_root
 from p2v_fast.progress import NullProgress, Progress
 from p2v_fast.prompts import encode_prompt
@@ -79,13 +80,6 @@ def frames_digest(selection: ClipSelection) -> str:
         h.update(np.ascontiguousarray(frame).tobytes())
     h.update(repr(selection.size).encode())
     return h.hexdigest()
-
-
-def model_identity(models) -> str:
-    """What names the weights: 'tiny', a hub id, or an absolute local path."""
-    if models.local_dir is not None and models.source != "tiny":
-        return str(Path(models.local_dir).resolve())
-    return str(models.source)
 
 
 @dataclass

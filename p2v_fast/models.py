@@ -19,9 +19,10 @@ is not there.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -390,3 +391,47 @@ def _load_captioner(local_dir: Path | None, device: torch.device, dtype: torch.d
         raise ModelLoadError(f"could not move the captioner to {device}: {_one_line(exc)}") from None
     model.requires_grad_(False)
     return model, processor
+
+
+# --------------------------------------------------------------------------------------
+# identity: what names a model set (inversion cache keys, engine manifests)
+
+
+def model_identity(models) -> str:
+    """What names the weights: 'tiny', a hub id, or an absolute local path."""
+    if models.local_dir is not None and models.source != "tiny":
+        return str(Path(models.local_dir).resolve())
+    return str(models.source)
+
+
+@dataclass(frozen=True)
+class ModelId:
+    """What exported graphs were made from: ``source`` as the user named it, ``digest`` of the
+    weights' identity (:func:`model_identity`) and every exported component's config."""
+
+    source: str
+    digest: str
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "digest": self.digest}
+
+
+def component_config(module) -> dict:
+    """A module's config without private or version keys (diffusers FrozenDict or transformers config)."""
+    cfg = getattr(module, "config", None)
+    if cfg is None:
+        return {}
+    d = dict(cfg) if isinstance(cfg, Mapping) else cfg.to_dict()
+    return {k: v for k, v in d.items() if not k.startswith("_") and k not in ("transformers_version", "dtype")}
+
+
+def model_id(models) -> ModelId:
+    """:class:`ModelId` of a loaded :class:`Models`."""
+    fields = {
+        "identity": model_identity(models),
+        "unet": component_config(models.unet),
+        "vae": component_config(models.vae),
+        "depth": component_config(models.depth_estimator),
+    }
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return ModelId(str(models.source), digest)
