@@ -43,7 +43,7 @@ def test_compiled_backend_runs_gradient_calls_eager(tiny_models) -> None:
     backend.optimize(compile=True)
     assert backend.unet_call is not backend.unet_module
 
-    def compiled(*args):
+    def compiled(*args, **kwargs):
         raise AssertionError("compiled module called")
 
     backend.unet_call = compiled
