@@ -1,7 +1,7 @@
 """Export the five networks to ONNX and build TensorRT engines: ``export_engines``.
 
 Stages per network, each skipped when its artifact is current (its key, see
-:mod:`export.manifest`, matches and its file is whole) unless ``force``:
+:mod:`p2v_fast.manifest`, matches and its file is whole) unless ``force``:
 
 1. ONNX: export through the wrapper module, clean, check, validate against PyTorch in ONNX
    Runtime (:mod:`export.onnx_export`).
@@ -18,7 +18,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from export.manifest import (
+from p2v_fast.errors import EngineError, InputError
+from p2v_fast.manifest import (
     DEFAULT_ENGINES,
     Artifact,
     Machine,
@@ -29,10 +30,9 @@ from export.manifest import (
     read_manifest,
     write_manifest,
 )
-from export.specs import DEFAULT_OPSET, NETWORKS, PRECISIONS, SIZE_MULTIPLE, ExportProfile, network_specs
-from p2v_fast.errors import EngineError, InputError
 from p2v_fast.models import ModelId, model_id
 from p2v_fast.progress import NullProgress, Progress
+from p2v_fast.specs import DEFAULT_OPSET, NETWORKS, PRECISIONS, SIZE_MULTIPLE, ExportProfile, network_specs
 
 FORMATS = ("onnx", "tensorrt")
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-depth"
@@ -165,14 +165,15 @@ def export_engines(options: ExportOptions, progress: Progress | None = None, mod
     import torch
 
     from export import onnx_export
-    from export.specs import geometry_of, sample_inputs
+    from p2v_fast.specs import geometry_of, sample_inputs
 
     progress = progress or NullProgress()
     t_start = time.perf_counter()
     machine: Machine | None = None
     if options.format == "tensorrt":
-        from export.manifest import this_machine
-        from export.tensorrt_build import import_tensorrt, timing_cache_path
+        from export.tensorrt_build import timing_cache_path
+        from p2v_fast.manifest import this_machine
+        from p2v_fast.system import import_tensorrt
 
         import_tensorrt()  # fail before any work
         if not torch.cuda.is_available():

@@ -32,8 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from export.specs import Geometry, NetworkSpec
 from p2v_fast.errors import EngineError, ExportValidationError
+from p2v_fast.specs import Geometry, NetworkSpec
 
 #: Graphs whose weights exceed this are saved with external data (protobuf's limit is 2 GiB).
 EXTERNAL_DATA_BYTES = 1_800_000_000

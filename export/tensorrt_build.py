@@ -20,23 +20,9 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from export.specs import MinOptMax
-from p2v_fast.errors import BackendUnavailableError, EngineError
-
-
-def import_tensorrt(alternative: str = "use --format onnx"):
-    """The ``tensorrt`` module, or a one-line :class:`BackendUnavailableError`."""
-    try:
-        import tensorrt as trt
-
-        _ = trt.Builder  # PyPI's placeholder package imports but has no API
-    except Exception as exc:  # ImportError, or the placeholder's own error
-        why = type(exc).__name__
-        raise BackendUnavailableError(
-            f"TensorRT is not installed or not usable here ({why}; pip install 'p2v-fast[tensorrt]' on a machine "
-            f"with an NVIDIA GPU); {alternative}"
-        ) from None
-    return trt
+from p2v_fast.errors import EngineError
+from p2v_fast.specs import MinOptMax
+from p2v_fast.system import import_tensorrt
 
 
 def trt_major(trt) -> int:

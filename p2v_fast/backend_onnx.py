@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.manifest import check_files, rebuild_command
-from export.specs import Geometry, NetworkSpec
 from p2v_fast.errors import BackendUnavailableError, EngineError
 from p2v_fast.graph_backend import GraphBackend, engines_folder, load_checked_manifest
+from p2v_fast.manifest import check_files, rebuild_command
+from p2v_fast.specs import Geometry, NetworkSpec
 
 _NP = {"float16": np.float16, "float32": np.float32, "int64": np.int64, "int32": np.int32}
 

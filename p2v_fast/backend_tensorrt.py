@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from export.manifest import Machine, check_files, check_machine, check_size, rebuild_command, this_machine
-from export.specs import Geometry, MinOptMax, NetworkSpec, Shape
 from p2v_fast.errors import BackendUnavailableError, EngineError
 from p2v_fast.graph_backend import GraphBackend, engines_folder, load_checked_manifest
+from p2v_fast.manifest import Machine, check_files, check_machine, check_size, rebuild_command, this_machine
+from p2v_fast.specs import Geometry, MinOptMax, NetworkSpec, Shape
+from p2v_fast.system import import_tensorrt
 
 # ------------------------------------------------------------------------------ pure logic
 
@@ -135,8 +136,6 @@ class TensorRTBackend(GraphBackend):
         folder = engines_folder(engines)
         manifest = load_checked_manifest(models, folder)
         check_files(manifest, folder, "engine")
-        from export.tensorrt_build import import_tensorrt
-
         machine = machine or this_machine()
         if machine.tensorrt is None:
             import_tensorrt("use --backend onnxruntime or torch")  # raises, saying why

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from export.manifest import DEFAULT_ENGINES, Manifest, check_model, read_manifest, rebuild_command
-from export.specs import NETWORKS
 from p2v_fast.backends import Backend
 from p2v_fast.errors import EngineError
+from p2v_fast.manifest import DEFAULT_ENGINES, Manifest, check_model, read_manifest, rebuild_command
 from p2v_fast.models import model_id
+from p2v_fast.specs import NETWORKS
 
 
 def engines_folder(engines: str | Path | None) -> Path:
@@ -118,7 +118,7 @@ class GraphBackend(Backend):
 def choose_auto(models, engines: str | Path | None) -> str:
     """``auto``: tensorrt if TensorRT is usable and the folder holds engines that match this
     machine and model; else onnxruntime if it holds ONNX graphs of this model; else torch."""
-    from export.manifest import check_machine, this_machine
+    from p2v_fast.manifest import check_machine, this_machine
     from p2v_fast.system import onnxruntime_status, tensorrt_status
 
     folder = engines_folder(engines)

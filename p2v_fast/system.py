@@ -32,6 +32,24 @@ def onnxruntime_status() -> tuple[bool, str]:
     return True, f"{ort.__version__}, providers: {', '.join(ort.get_available_providers())}"
 
 
+def import_tensorrt(alternative: str = "use --format onnx"):
+    """The ``tensorrt`` module, or a one-line :class:`~p2v_fast.errors.BackendUnavailableError`
+    saying why it is not usable here and what to do instead (``alternative``)."""
+    from p2v_fast.errors import BackendUnavailableError
+
+    try:
+        import tensorrt as trt
+
+        _ = trt.Builder  # PyPI's placeholder package imports but has no API
+    except Exception as exc:  # ImportError, or the placeholder's own error
+        why = type(exc).__name__
+        raise BackendUnavailableError(
+            f"TensorRT is not installed or not usable here ({why}; pip install 'p2v-fast[tensorrt]' on a machine "
+            f"with an NVIDIA GPU); {alternative}"
+        ) from None
+    return trt
+
+
 def tensorrt_status() -> tuple[bool, str]:
     try:
         import tensorrt as trt
@@ -68,7 +86,7 @@ def engines_report(folder=None) -> list[tuple[str, str]]:
     files and whether its TensorRT engine matches this machine."""
     from pathlib import Path
 
-    from export.manifest import DEFAULT_ENGINES, describe_folder
+    from p2v_fast.manifest import DEFAULT_ENGINES, describe_folder
 
     path = Path(folder) if folder is not None else DEFAULT_ENGINES
     if folder is None and not (path / "manifest.json").exists():

@@ -17,7 +17,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from export.manifest import (
+from p2v_fast.backends import TorchBackend, make_backend
+from p2v_fast.errors import BackendUnavailableError, EngineError
+from p2v_fast.manifest import (
     Artifact,
     Machine,
     check_machine,
@@ -27,9 +29,7 @@ from export.manifest import (
     rebuild_command,
     write_manifest,
 )
-from export.specs import ExportProfile, network_spec
-from p2v_fast.backends import TorchBackend, make_backend
-from p2v_fast.errors import BackendUnavailableError, EngineError
+from p2v_fast.specs import ExportProfile, network_spec
 from tests.test_export import SD2, SIZE, export_tiny
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -284,6 +284,20 @@ def _trt_importable() -> bool:
     return True
 
 
+def test_the_runtime_imports_nothing_from_export() -> None:
+    """Layering: the library (runtime, specs, manifest) never imports export/; export/ builds on it."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "p2v_fast"
+    offenders = []
+    for path in sorted(root.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.name}: {n}" for n in names if n == "export" or n.startswith("export.")]
+    assert not offenders, offenders
+
+
 # ------------------------------------------------------------------------------ TensorRT runner logic
 
 
@@ -334,7 +348,7 @@ def test_size_outside_the_profile_names_the_widening_command(engines) -> None:
 
 
 def test_rebuild_command_and_machine_check() -> None:
-    from export.manifest import Manifest, ModelId
+    from p2v_fast.manifest import Manifest, ModelId
 
     m = Manifest(model=ModelId("stabilityai/stable-diffusion-2-depth", "x"), precision="fp16", opset=18,
                  geometry=SD2, profile=ExportProfile(batch=(1, 2, 8), height=(256, 512, 768), width=(256, 512, 768)),

@@ -16,7 +16,9 @@ import torch
 from typer.testing import CliRunner
 
 from export import ExportOptions, ExportReport, export_engines
-from export.manifest import (
+from export.onnx_export import compare_outputs, graph_module
+from p2v_fast.errors import EngineError, ExportValidationError, InputError
+from p2v_fast.manifest import (
     EXPORT_VERSION,
     Machine,
     ModelId,
@@ -24,9 +26,7 @@ from export.manifest import (
     onnx_key,
     read_manifest,
 )
-from export.onnx_export import compare_outputs, graph_module
-from export.specs import NETWORKS, ExportProfile, Geometry, network_spec, sample_inputs
-from p2v_fast.errors import EngineError, ExportValidationError, InputError
+from p2v_fast.specs import NETWORKS, ExportProfile, Geometry, network_spec, sample_inputs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -216,8 +216,8 @@ def test_bind_solves_axes_and_names_the_inconsistent_input() -> None:
 
 
 def test_geometry_of_tiny_matches_feature_shapes(ref_models) -> None:
-    from export.specs import geometry_of
     from p2v_fast.attention import feature_shapes
+    from p2v_fast.specs import geometry_of
 
     g = geometry_of(ref_models)
     assert g.n_layers == 9 and g.text_dim == 32 and g.depth_in == (32, 32)

@@ -24,9 +24,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from export.specs import ExportProfile, Geometry, NetworkSpec
 from p2v_fast.errors import EngineError
 from p2v_fast.models import ModelId
+from p2v_fast.specs import ExportProfile, Geometry, NetworkSpec
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
