@@ -109,6 +109,12 @@ BatchFrames = Annotated[int | None, typer.Option(
     "--batch-frames", help="Wavefront: most frames in flight (default: up to 16, in calls that fit in memory).")]
 InvertBatch = Annotated[int | None, typer.Option(
     "--invert-batch", help="Frames per UNet call during inversion (default: up to 16, as fit in memory).")]
+InvertDtype = Annotated[str, typer.Option(
+    "--invert-dtype", help="Precision of the DDIM inversion: fp32 (default, whatever --dtype is; fp16 engines "
+    "invert on PyTorch), fp16, bf16, or 'same' (the edit's --dtype and backend).")]
+Resize = Annotated[str, typer.Option(
+    help="Framing: crop (short side --size, aspect kept, centre-cropped), stretch (squashed to --size x --size, "
+    "as the paper), pad (fitted in --size x --size, letterboxed; the output drops the bars).")]
 
 
 def _config(**kw: Any):
@@ -130,6 +136,7 @@ def edit(
     side_by_side: Annotated[bool, typer.Option("--side-by-side", help="Also write input|output video.")] = False,
     model: Model = "stabilityai/stable-diffusion-2-depth",
     size: Size = 512,
+    resize: Resize = "crop",
     start: Start = 0,
     max_frames: MaxFrames = None,
     stride: Stride = 1,
@@ -154,6 +161,7 @@ def edit(
     schedule: Schedule = "wavefront",
     batch_frames: BatchFrames = None,
     invert_batch: InvertBatch = None,
+    invert_dtype: InvertDtype = "fp32",
     compile: Annotated[bool, typer.Option(
         "--compile", help="torch.compile the UNet's calls without gradients (CUDA graphs on GPU).")] = False,
     channels_last: Annotated[bool, typer.Option("--channels-last", help="Channels-last UNet memory format.")] = False,
@@ -167,7 +175,7 @@ def edit(
         steps=steps, guidance_scale=guidance_scale, seed=seed, depth_norm=depth_norm, refs=refs,
         latent_update=latent_update, update_steps=update_steps, update_weight=update_weight,
         schedule=schedule, batch_frames=batch_frames, invert_batch=invert_batch, compile=compile,
-        channels_last=channels_last,
+        channels_last=channels_last, resize=resize, invert_dtype=invert_dtype,
     )
     with _progress() as bar:
         result = edit_video(cfg, input, output, overwrite=overwrite, preview=preview, side_by_side=side_by_side,
@@ -180,8 +188,10 @@ def edit(
         table.add_row("strip", str(result.strip))
     table.add_row("frames", f"{result.n_frames} at {result.size[0]}x{result.size[1]}, {result.fps:.3g} fps")
     table.add_row("source prompt", repr(result.source_prompt))
+    from p2v_fast.inversion import describe_reconstruction
+
     inv = "cache hit (no inversion work)" if result.inversion_cache_hit else f"{result.seconds_inversion:.1f} s"
-    table.add_row("inversion", inv)
+    table.add_row("inversion", f"{inv}; {describe_reconstruction(result.reconstruction)}")
     table.add_row("edit", f"{result.seconds_edit:.1f} s, {result.seconds_per_frame:.2f} s/frame")
     table.add_row("total", f"{result.seconds_total:.1f} s")
     out_console.print(table)
@@ -225,6 +235,7 @@ def invert(
     input: Annotated[Path, typer.Argument(help="Video or folder of images.")],
     model: Model = "stabilityai/stable-diffusion-2-depth",
     size: Size = 512,
+    resize: Resize = "crop",
     start: Start = 0,
     max_frames: MaxFrames = None,
     stride: Stride = 1,
@@ -236,17 +247,24 @@ def invert(
     backend: Backend = "torch",
     engines: Engines = None,
     invert_batch: InvertBatch = None,
+    invert_dtype: InvertDtype = "fp32",
 ) -> None:
     """DDIM-invert INPUT into the cache, so later edits of it skip inversion."""
+    from p2v_fast.inversion import describe_reconstruction, describe_runtime
     from p2v_fast.pipeline import invert_video
 
     cfg = _config(model=model, device=device, dtype=dtype, backend=backend, engines=engines, size=size, start=start,
                   max_frames=max_frames, stride=stride, steps=steps, source_prompt=source_prompt,
-                  depth_norm=depth_norm, latent_update="off", invert_batch=invert_batch)
+                  depth_norm=depth_norm, latent_update="off", invert_batch=invert_batch, resize=resize,
+                  invert_dtype=invert_dtype)
     with _progress() as bar:
         prep = invert_video(cfg, input, RichProgress(bar))
-    state = "cache hit (nothing to do)" if prep.inverted.cache_hit else f"{prep.seconds:.1f} s"
-    out_console.print(f"inverted {prep.selection.n_frames} frames: {state}; cache {prep.inverted.root}")
+    inv, sel = prep.inverted, prep.selection
+    state = "cache hit (nothing to do)" if inv.cache_hit else f"{prep.seconds:.1f} s"
+    out_console.print(f"inverted {sel.n_frames} frames at {sel.size[0]}x{sel.size[1]} ({sel.resize}) on "
+                      f"{describe_runtime(inv.runtime)}: {state}; cache {inv.root}", soft_wrap=True, highlight=False)
+    out_console.print(f"reconstruction: {describe_reconstruction(inv.reconstruction)}", soft_wrap=True,
+                      highlight=False)
 
 
 ClipModel = Annotated[
@@ -270,6 +288,9 @@ def eval_(
     start: Annotated[int, typer.Option(help="First source frame the edit was made from.")] = 0,
     max_frames: Annotated[int | None, typer.Option("--max-frames", help="--max-frames the edit used.")] = None,
     stride: Annotated[int, typer.Option(help="--stride the edit used.")] = 1,
+    resize: Annotated[str, typer.Option(
+        help="--resize the edit used: how source frames map onto the edited frames (crop and pad: cover and "
+        "centre-crop, pad's output having no bars; stretch: squashed).")] = "crop",
 ) -> None:
     """Score EDITED against its source: CLIP-Text, CLIP-Image, Pixel-MSE (the paper's Table 2)."""
     from p2v_fast.evaluate import evaluate_video, write_json_atomic
@@ -279,7 +300,7 @@ def eval_(
         check_output_file(json_path)
     with _progress() as bar:
         result = evaluate_video(edited, source, prompt, clip_model=clip_model, flow=flow, size=size, start=start,
-                                max_frames=max_frames, stride=stride, progress=RichProgress(bar))
+                                max_frames=max_frames, stride=stride, resize=resize, progress=RichProgress(bar))
     table = Table(title=f"{result.n_frames} frames at {result.size[0]}x{result.size[1]}")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -314,6 +335,7 @@ def ablate(
     sheet_frames: Annotated[int, typer.Option("--sheet-frames", help="Frames per contact-sheet row.")] = 4,
     model: Model = "stabilityai/stable-diffusion-2-depth",
     size: Size = 512,
+    resize: Resize = "crop",
     start: Start = 0,
     max_frames: MaxFrames = None,
     stride: Stride = 1,
@@ -327,6 +349,7 @@ def ablate(
     dtype: Dtype = "auto",
     backend: Backend = "torch",
     engines: Engines = None,
+    invert_dtype: InvertDtype = "fp32",
 ) -> None:
     """Run the paper's ablations on INPUT and print one table like its Table 2."""
     from p2v_fast.ablation import METRICS, format_metric, run_ablation
@@ -334,7 +357,7 @@ def ablate(
     cfg = _config(prompt=prompt, source_prompt=source_prompt, model=model, device=device, dtype=dtype,
                   backend=backend, engines=engines, size=size, start=start, max_frames=max_frames, stride=stride,
                   steps=steps, guidance_scale=guidance_scale, seed=seed, depth_norm=depth_norm,
-                  update_weight=update_weight)
+                  update_weight=update_weight, resize=resize, invert_dtype=invert_dtype)
     with _progress() as bar:
         result = run_ablation(cfg, input, out, settings=settings, clip_model=clip_model, flow=flow,
                               overwrite=overwrite, sheet_frames=sheet_frames, progress=RichProgress(bar))
@@ -378,6 +401,7 @@ def bench(
     ] = None,
     batch_frames: BatchFrames = None,
     invert_batch: InvertBatch = None,
+    invert_dtype: InvertDtype = "fp32",
     dtype: Dtype = "auto",
     device: Device = "auto",
     engines: Engines = None,
@@ -400,7 +424,8 @@ def bench(
         model=model, arch=arch, size=size, steps=steps, frames=frames,
         backends=tuple(backend or (() if speedups else ("torch",))),
         latent_updates=tuple(latent_update or LATENT_UPDATES), schedules=tuple(schedule or SCHEDULES),
-        batch_frames=batch_frames, invert_batch=invert_batch, dtype=dtype, device=device, engines=engines,
+        batch_frames=batch_frames, invert_batch=invert_batch, invert_dtype=invert_dtype, dtype=dtype, device=device,
+        engines=engines,
         repeats=repeats, warmup=warmup,
         threads=threads, json_path=json_path, speedups=tuple(speedups or ()),
     )

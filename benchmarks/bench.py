@@ -44,8 +44,16 @@ from p2v_fast.config import BACKENDS, DTYPES, LATENT_UPDATES, SCHEDULES, EditCon
 from p2v_fast.ddim import DDIMSchedule
 from p2v_fast.edit import EditContext, EditStats, FeatureStore, FrameState, run_schedule
 from p2v_fast.errors import InputError, P2VError
-from p2v_fast.inversion import frames_digest, images_to_tensor, invert_clip, raw_depth, select_clip
-from p2v_fast.pipeline import resolve_device, resolve_dtype
+from p2v_fast.inversion import (
+    InversionRuntime,
+    frames_digest,
+    images_to_tensor,
+    invert_clip,
+    raw_depth,
+    reconstruction_error,
+    select_clip,
+)
+from p2v_fast.pipeline import inversion_runtime, resolve_device, resolve_dtype
 from p2v_fast.progress import NullProgress, Progress
 from p2v_fast.prompts import encode_prompt
 from p2v_fast.video import make_sample_clip
@@ -68,6 +76,7 @@ class BenchOptions:
     model: str | None = None  # hub id, local diffusers folder, or "tiny"
     arch: str | None = None  # "sd2-depth": full-size, random weights, built in code
     dtype: str = "auto"
+    invert_dtype: str = "fp32"  # the inversion's precision, as `p2v edit --invert-dtype`
     device: str = "auto"
     engines: Path | None = None  # exported graphs / engines for non-torch backends; None: export them
 
@@ -106,7 +115,7 @@ class BenchOptions:
             dtype=self.dtype, backend=(self.backends or ("torch",))[0], engines=self.engines, size=self.size,
             max_frames=self.frames, steps=self.steps, seed=self.seed, schedule=self.schedules[0],
             latent_update=self.latent_updates[0], update_steps=self.update_steps, batch_frames=self.batch_frames,
-            invert_batch=self.invert_batch,
+            invert_batch=self.invert_batch, invert_dtype=self.invert_dtype,
         )
 
 
@@ -424,7 +433,20 @@ def _bench_backend(name: str, opts: BenchOptions, base: EditConfig, models, sele
     images = [images_to_tensor([f]).to(device) for f in frames]
     stages["vae_encode"] = bench.measure(lambda: [backend.vae_encode(im) for im in images], n)
 
-    progress.log(f"{name}: inversion ({opts.steps} steps, cold cache)")
+    # The inversion runs where an edit's would (--invert-dtype: fp32 by default, on PyTorch when the
+    # backend computes in another precision); a backend made for it is made once, in the warm-up.
+    where = inversion_runtime(models, backend, grad,
+                              None if opts.invert_dtype == "same" else resolve_dtype(opts.invert_dtype, device))
+    made: list[Backend] = []
+
+    def inverter() -> Backend:
+        if not made:
+            made.append(where.make())
+            bench.backends[:] = _distinct([*bench.backends, made[0]])  # its UNet calls are counted too
+        return made[0]
+
+    runtime = InversionRuntime(where.identity, inverter)
+    progress.log(f"{name}: inversion ({opts.steps} steps, cold cache) on {runtime.describe()}")
     digest = frames_digest(selection)
     handles: list[tuple[Path, Any]] = []  # (cache folder, InvertedClip)
 
@@ -432,11 +454,16 @@ def _bench_backend(name: str, opts: BenchOptions, base: EditConfig, models, sele
         root = work / f"inversion-{name}-{len(handles)}"
         if handles:  # keep only the latest cache on disk
             shutil.rmtree(handles[-1][0], ignore_errors=True)
-        handle = invert_clip(cfg.replace(cache_dir=root), selection, models, backend, SOURCE_PROMPT, digest=digest,
-                             batch=cfg.invert_batch)
+        handle = invert_clip(cfg.replace(cache_dir=root), selection, models, runtime, SOURCE_PROMPT, digest=digest,
+                             batch=cfg.invert_batch, check=False)
         handles.append((root, handle))
 
     stages["inversion"] = bench.measure(invert, n)
+    inv_backend = runtime.make()
+    stages["inversion"]["runs_on"] = where.identity
+    stages["inversion"]["reconstruction"] = reconstruction_error(  # untimed: measured once, after the repeats
+        inv_backend, DDIMSchedule(models.scheduler, cfg.steps), encode_prompt(inv_backend.models, SOURCE_PROMPT),
+        handles[-1][1].load(0))
     inverted = [handles[-1][1].load(i, device) for i in range(n)]
 
     embeds = torch.cat([encode_prompt(models, cfg.negative_prompt), encode_prompt(models, cfg.prompt)])

@@ -97,7 +97,19 @@ def rich_tables(report: dict[str, Any]) -> list[Table | str]:
             else:
                 table.add_row(*row)
         out.append(table)
+        out.append(inversion_line(run))
     return out
+
+
+def inversion_line(run: dict[str, Any]) -> str:
+    """Where the inversion ran and its reconstruction error (p2v_fast.inversion.reconstruction_error)."""
+    from p2v_fast.inversion import describe_reconstruction, describe_runtime
+
+    inv = run["stages"]["inversion"]
+    if "runs_on" not in inv:
+        return ""
+    return (f"{run['backend']}: inversion on {describe_runtime(inv['runs_on'])}; "
+            f"{describe_reconstruction(inv.get('reconstruction'))}")
 
 
 SCHEDULE_COLUMNS = ("backend", "latent update", "sequential s/frame", "wavefront s/frame", "speed-up",
@@ -185,7 +197,7 @@ def markdown(report: dict[str, Any]) -> str:
         for row in backend_rows(run):
             cells = [f"*{row}*"] + [""] * (len(COLUMNS) - 1) if isinstance(row, str) else row
             lines.append("| " + " | ".join(cells) + " |")
-        lines += ["", caption(report), ""]
+        lines += ["", caption(report), "", inversion_line(run), ""]
     rows = speedup_rows(report)
     if rows:
         lines += [f"**{speedup_title(report)}**", "", "| " + " | ".join(SPEEDUP_COLUMNS) + " |",

@@ -324,7 +324,8 @@ def run_ablation(
 
         ev: VideoEval = evaluate_video(
             res.output, input_path, prompt, scorer=scorer, flow=flow, start=cfg.start,
-            max_frames=cfg.max_frames, stride=cfg.stride, progress=progress, on_frame=keep, flow_fn=flow_fn,
+            max_frames=cfg.max_frames, stride=cfg.stride, resize=cfg.resize, progress=progress, on_frame=keep,
+            flow_fn=flow_fn,
         )
         if result is None:
             result = AblationResult(

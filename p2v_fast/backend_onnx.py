@@ -135,5 +135,10 @@ class OnnxRuntimeBackend(GraphBackend):
             except EngineError as exc:
                 raise EngineError(f"{exc}; rebuild: {rebuild_command(manifest, folder)}") from None
 
+    def identity(self) -> dict[str, str]:
+        """Also the execution provider that runs the graphs (CPU, CUDA or TensorRT: other kernels)."""
+        session = next(iter(self.sessions.values()))
+        return {**super().identity(), "provider": session.session.get_providers()[0]}
+
     def _run(self, network: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {name: y.to(self.device) for name, y in self.sessions[network].run(feeds).items()}

@@ -131,6 +131,7 @@ class TensorRTBackend(GraphBackend):
     """The five networks as TensorRT engines on a CUDA device."""
 
     name = "tensorrt"
+    artifact = "engine"
 
     def __init__(self, models, engines: str | Path | None = None, machine: Machine | None = None) -> None:
         folder = engines_folder(engines)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -40,11 +41,17 @@ class Backend(ABC):
 
     name: str = "abstract"
     supports_grad: bool = False
+    models: Any  # the p2v_fast.models.Models whose networks this backend runs (text encoder, scheduler)
 
     def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
         self.device = device
         self.dtype = dtype
         self.counter = CallCounter()
+
+    def identity(self) -> dict[str, str]:
+        """What decides this backend's numbers beyond the model: runtime, precision, device (and,
+        for graph backends, which graphs). Cache keys of computed results (the inversion) use it."""
+        return runtime_identity(self.name, self.dtype, self.device)
 
     @abstractmethod
     def unet(
@@ -73,6 +80,11 @@ class Backend(ABC):
     @abstractmethod
     def depth(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """DPT input [B,3,S,S] (its processor's normalisation) -> predicted depth [B,S',S'] fp32."""
+
+
+def runtime_identity(name: str, dtype: torch.dtype, device: torch.device) -> dict[str, str]:
+    """:meth:`Backend.identity` of a backend not made yet (e.g. a PyTorch backend in another dtype)."""
+    return {"backend": name, "dtype": str(dtype).removeprefix("torch."), "device": torch.device(device).type}
 
 
 class TorchBackend(Backend):

@@ -13,6 +13,8 @@ LATENT_UPDATES = ("autograd", "detached", "off")
 REFS = ("anchor+prev", "anchor", "prev", "none")
 DEPTH_NORMS = ("frame", "clip")
 DTYPES = ("fp32", "fp16", "bf16")
+INVERT_DTYPES = (*DTYPES, "same")  # "same": the edit's --dtype
+RESIZES = ("crop", "stretch", "pad")
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "auto")
 SCHEDULES = ("sequential", "wavefront")
 # delta is given at 512x512 (a 64x64 latent); see EditConfig.update_weight.
@@ -30,12 +32,21 @@ class EditConfig:
     model: str = DEFAULT_MODEL  # hub id, local diffusers folder, or "tiny"
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     dtype: str = "auto"  # "auto" (fp16 on CUDA, fp32 on CPU), "fp32", "fp16", "bf16"
+    # DDIM inversion's precision. It runs once per clip and is cached, and its error accumulates
+    # over every step, so fp32 by default whatever --dtype is (graph backends with fp16 graphs
+    # invert on PyTorch in fp32); "same": the edit's dtype and backend.
+    invert_dtype: str = "fp32"
     backend: str = "torch"  # runtime of the networks (see p2v_fast.backends)
     engines: Path | None = None  # folder of exported graphs / engines for non-torch backends
     cache_dir: Path | None = None  # inversion cache and tiny models; None: $P2V_CACHE or ~/.cache
 
     # --- frames ---
     size: int = 512  # short side of the working size, a multiple of 64
+    # How a frame becomes a working frame (p2v_fast.video.frame_geometry): "crop" (short side
+    # --size, long side the nearest multiple of 64 to the aspect ratio, centre-cropped), "stretch"
+    # (squashed to --size x --size, as the paper and its code do), "pad" (fitted inside
+    # --size x --size, letterboxed; the output is the frame without its padding)
+    resize: str = "crop"
     start: int = 0  # first source frame
     max_frames: int | None = None  # at most this many frames (after stride)
     stride: int = 1  # take every stride-th frame
@@ -104,6 +115,8 @@ def _verify(c: EditConfig) -> None:
         raise InputError(f"--invert-batch must be >= 1; got {c.invert_batch}")
     if c.dtype != "auto":
         _choice("dtype", c.dtype, DTYPES)
+    _choice("invert-dtype", c.invert_dtype, INVERT_DTYPES)
+    _choice("resize", c.resize, RESIZES)
     if c.size <= 0 or c.size % 64:
         raise InputError(f"--size must be a positive multiple of 64; got {c.size}")
     if c.start < 0:

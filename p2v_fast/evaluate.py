@@ -4,8 +4,11 @@
 ablation prints are the ones ``p2v eval`` gives on its output videos.
 
 The comparison size is the edited video's size (or ``size``: its short side scaled to that, the
-aspect kept). Source frames are scaled to cover it and centre-cropped, which is how ``p2v edit``
-derives its working frames, so an edit and its source line up pixel for pixel. Frames are
+aspect kept). Source frames are mapped onto it the way ``p2v edit --resize`` framed them, so an
+edit and its source line up pixel for pixel: ``crop`` scales to cover and centre-crops;
+``stretch`` resizes (the paper's squashed 512x512); ``pad`` is ``crop``'s mapping, since a padded
+edit's output is its picture without the bars, and the edit framed that picture by cover and crop
+at its own size (the aspect ratios differ by under a pixel). Frames are
 decoded one at a time from both videos; only the previous pair and one CLIP batch are held.
 
 The source frames compared are ``start, start + stride, ...`` (the options the edit was made
@@ -146,6 +149,7 @@ def evaluate_video(
     start: int = 0,
     max_frames: int | None = None,
     stride: int = 1,
+    resize: str = "crop",
     progress: Progress | None = None,
     on_frame: FrameCallback | None = None,
     flow_fn: Any = None,
@@ -162,6 +166,8 @@ def evaluate_video(
     prompt = check_prompt(prompt, "edit prompt")
     if flow not in FLOW_METHODS:
         raise InputError(f"--flow must be one of {', '.join(FLOW_METHODS)}; got {flow!r}")
+    if resize not in video.RESIZE_MODES:
+        raise InputError(f"--resize must be one of {', '.join(video.RESIZE_MODES)}; got {resize!r}")
     ed_info, src_info, n = check_inputs(edited, source, start=start, max_frames=max_frames, stride=stride)
     wh = comparison_size(ed_info, size)
     if scorer is None:
@@ -170,7 +176,8 @@ def evaluate_video(
     ev = StreamingEvaluator(scorer, prompt, flow=flow, flow_fn=flow_fn)
     advance = progress.stage("evaluate", n)
     ed_frames = video.read_frames(ed_info, size=None if wh == (ed_info.width, ed_info.height) else wh)
-    src_frames = video.read_frames(src_info, size=wh, start=start, max_frames=max_frames, stride=stride)
+    src_frames = video.read_frames(src_info, size=wh, start=start, max_frames=max_frames, stride=stride,
+                                   resize="stretch" if resize == "stretch" else "crop")  # pad: the edit cut its bars
     count = {"edited": 0, "source": 0}
     for i, (e, s) in enumerate(itertools.zip_longest(ed_frames, src_frames)):
         if e is None or s is None:  # a container's stored count was wrong: count the rest

@@ -53,6 +53,20 @@ class GraphBackend(Backend):
         self.geometry = manifest.geometry
         self.max_batch: int | None = None  # engines with a profile split larger batches
 
+    #: Which artifact of each network this backend runs: "onnx" graphs or TensorRT "engine"s.
+    artifact = "onnx"
+
+    def identity(self) -> dict[str, str]:
+        """The base identity (precision = the graphs') plus a digest of the keys of the artifacts
+        run: another export (precision, opset, model, wrapper) or engine build changes it."""
+        import hashlib
+        import json
+
+        keys = {name: getattr(entry, self.artifact).key if getattr(entry, self.artifact) else None
+                for name, entry in sorted(self.manifest.networks.items())}
+        digest = hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
+        return {**super().identity(), "graphs": digest}
+
     @abstractmethod
     def _run(self, network: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Run ``network`` on ``feeds`` (spec dtypes, contiguous, on ``self.device``); outputs by name."""

@@ -6,17 +6,28 @@ never an unconditional pass), depth-conditioned.
 
 The cache lives under ``<cache>/inversions/<key>/``, one safetensors file per frame (written
 atomically, so an interrupted run resumes where it stopped) and ``meta.json`` written last. The
-key covers everything the result depends on: the frames' content (after resizing and frame
-selection), the model, the working size, steps, source prompt, depth normalisation and dtype.
+key covers everything the result depends on: the frames' content (after selection and the
+``--resize`` framing), the working size and framing, the model, steps, source prompt, depth
+normalisation, and the runtime the inversion ran on (:meth:`Backend.identity`: backend, the
+dtype it computed in, device, and for graph backends which graphs), so an inversion made on
+fp16 graphs is never reused by an fp32 edit. Batch size is not in the key: it changes results
+by float reassociation only.
+
+Precision: the inversion runs in ``cfg.invert_dtype`` (fp32 by default): on the edit's backend
+when that computes in it, else on PyTorch in it (:func:`inversion_runtime`; a graph backend with
+fp16 graphs inverts on PyTorch in fp32, with the same weights). Its quality is measured once,
+on the miss that computes it: frame 1 regenerated from its x_T (:func:`reconstruction_error`),
+recorded in ``meta.json`` and reported by ``p2v invert``, ``p2v edit`` and ``p2v bench``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +45,7 @@ from p2v_fast.paths import cache_root
 from p2v_fast.progress import NullProgress, Progress
 from p2v_fast.prompts import encode_prompt
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: keyed on the runtime (backend, dtype, device, graphs) and the framing
 
 
 @dataclass(frozen=True)
@@ -43,11 +54,13 @@ class ClipSelection:
 
     path: Path
     info: video.VideoInfo
-    size: tuple[int, int]  # (W, H), multiples of 64
+    size: tuple[int, int]  # (W, H) of the working frames, multiples of 64
     start: int
     max_frames: int | None
     stride: int
     n_frames: int
+    resize: str = "crop"  # how a source frame becomes a working frame (video.frame_geometry)
+    box: tuple[int, int, int, int] | None = None  # (x, y, w, h) of the picture; None: the whole frame
 
     @property
     def fps(self) -> float:
@@ -58,19 +71,33 @@ class ClipSelection:
     def latent_hw(self) -> tuple[int, int]:
         return self.size[1] // 8, self.size[0] // 8
 
+    @property
+    def output_size(self) -> tuple[int, int]:
+        """(W, H) of the output frames: the working frame without padding."""
+        return self.size if self.box is None else (self.box[2], self.box[3])
+
+    def to_output(self, frame: np.ndarray) -> np.ndarray:
+        """A working frame [H, W, 3] -> the output frame: ``--resize pad``'s bars cut off."""
+        if self.box is None:
+            return frame
+        x, y, w, h = self.box
+        return np.ascontiguousarray(frame[y : y + h, x : x + w])
+
     def frames(self) -> Iterator[np.ndarray]:
-        """Stream the selected frames, uint8 [H, W, 3]."""
+        """Stream the selected working frames, uint8 [H, W, 3]."""
         return video.read_frames(  # the probed info, so no pass probes (for webm: decodes) again
-            self.info, size=self.size, start=self.start, max_frames=self.max_frames, stride=self.stride
+            self.info, size=self.size, start=self.start, max_frames=self.max_frames, stride=self.stride,
+            resize=self.resize,
         )
 
 
 def select_clip(path: str | Path, cfg: EditConfig, info: video.VideoInfo | None = None) -> ClipSelection:
     """The frames ``cfg`` selects from ``path`` (``info``: its probe, if already done)."""
     info = info or video.probe(path)
-    size = video.working_size(info.width, info.height, cfg.size)
+    size, box = video.frame_geometry(info.width, info.height, cfg.size, cfg.resize)
     n = video.selected_count(info, cfg.start, cfg.max_frames, cfg.stride)
-    return ClipSelection(Path(path), info, size, cfg.start, cfg.max_frames, cfg.stride, n)
+    return ClipSelection(Path(path), info, size, cfg.start, cfg.max_frames, cfg.stride, n, cfg.resize,
+                         None if box == (0, 0, *size) else box)
 
 
 def frames_digest(selection: ClipSelection) -> str:
@@ -78,19 +105,23 @@ def frames_digest(selection: ClipSelection) -> str:
     h = hashlib.sha256()
     for frame in selection.frames():
         h.update(np.ascontiguousarray(frame).tobytes())
-    h.update(repr(selection.size).encode())
+    h.update(repr((selection.size, selection.resize, selection.box)).encode())
     return h.hexdigest()
 
 
 @dataclass
 class InvertedClip:
-    """Handle on a cached inversion; frames are loaded one at a time."""
+    """Handle on a cached inversion; frames are loaded one at a time. ``runtime``: the
+    :meth:`Backend.identity` it ran on; ``reconstruction``: :func:`reconstruction_error` of it
+    (None for an inversion run without the check, e.g. the benchmark's timed runs)."""
 
     root: Path
     n_frames: int
     latent_hw: tuple[int, int]
     source_prompt: str
     cache_hit: bool
+    runtime: dict[str, str] = field(default_factory=dict)
+    reconstruction: dict[str, float | None] | None = None
 
     def load(self, i: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """Frame i: ``x_T`` [1,4,h,w], ``depth`` [1,1,h,w] in [-1,1], ``x_0`` [1,4,h,w] (fp32)."""
@@ -116,12 +147,37 @@ def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def cache_key(cfg: EditConfig, models, digest: str, source_prompt: str) -> str:
+@dataclass(frozen=True)
+class InversionRuntime:
+    """The backend an inversion runs on, described before it exists: a backend in another
+    dtype (a copy of the weights) is made only on a cache miss."""
+
+    identity: dict[str, str]  # Backend.identity() of the backend make() returns
+    make: Callable[[], Backend]
+
+    @classmethod
+    def of(cls, backend: Backend) -> InversionRuntime:
+        return cls(backend.identity(), lambda: backend)
+
+    def describe(self) -> str:
+        return describe_runtime(self.identity)
+
+
+def describe_runtime(identity: dict[str, str]) -> str:
+    """A :meth:`Backend.identity` in words: "torch float32 on cpu", "onnxruntime float16 on cpu, graphs ..."."""
+    extra = "".join(f", {k} {v}" for k, v in identity.items() if k not in ("backend", "dtype", "device"))
+    return f"{identity.get('backend')} {identity.get('dtype')} on {identity.get('device')}{extra}"
+
+
+def cache_key(cfg: EditConfig, models, digest: str, source_prompt: str, runtime: dict[str, str],
+              selection: ClipSelection | None = None) -> str:
+    """Key of an inversion: everything that changes the inverted latents."""
     fields = {
         "version": CACHE_VERSION,
-        "frames": digest,
+        "frames": digest,  # content of the selected working frames, their size and framing
+        "framing": None if selection is None else [list(selection.size), selection.resize, selection.box],
         "model": model_identity(models),
-        "dtype": str(models.dtype),
+        "runtime": runtime,  # backend, dtype computed in, device (+ graphs / provider)
         "steps": cfg.steps,
         "source_prompt": source_prompt,
         "depth_norm": cfg.depth_norm,
@@ -133,29 +189,37 @@ def invert_clip(
     cfg: EditConfig,
     selection: ClipSelection,
     models,
-    backend: Backend,
+    backend: Backend | InversionRuntime,
     source_prompt: str,
     *,
     digest: str | None = None,
     batch: int | None = None,
     progress: Progress | None = None,
     budget: CallBudget | None = None,
+    check: bool = True,
 ) -> InvertedClip:
     """Invert every selected frame (or reuse the cache). ``batch`` frames share a UNet call;
     None: up to :data:`MAX_INVERT_BATCH`, as many as fit in memory (``budget``, measured on the
     first frame's calls). Frames are independent here, so batching does not change the result
-    beyond float reassociation."""
+    beyond float reassociation. ``backend``: the backend to run on, or an
+    :class:`InversionRuntime` that makes it on a cache miss. ``check``: on a miss, also measure
+    :func:`reconstruction_error` (``steps`` more batch-1 UNet calls) and record it."""
     progress = progress or NullProgress()
+    runtime = backend if isinstance(backend, InversionRuntime) else InversionRuntime.of(backend)
     digest = digest or frames_digest(selection)
-    key = cache_key(cfg, models, digest, source_prompt)
+    key = cache_key(cfg, models, digest, source_prompt, runtime.identity, selection)
     root = Path(cfg.cache_dir or cache_root()) / "inversions" / key
     meta_path = root / "meta.json"
     n, latent_hw = selection.n_frames, selection.latent_hw
-    handle = InvertedClip(root, n, latent_hw, source_prompt, cache_hit=True)
+    handle = InvertedClip(root, n, latent_hw, source_prompt, cache_hit=True, runtime=runtime.identity)
     if meta_path.exists():
+        handle.reconstruction = json.loads(meta_path.read_text()).get("reconstruction")
         progress.log(f"inversion: cache hit ({n} frames, {root})")
         return handle
     handle.cache_hit = False
+    progress.log(f"inversion: {runtime.describe()}")
+    backend = runtime.make()
+    models = backend.models
     root.mkdir(parents=True, exist_ok=True)
     enc_path = lambda i: root / f"encoded_{i:06d}.safetensors"  # noqa: E731
     inv_path = lambda i: root / f"frame_{i:06d}.safetensors"  # noqa: E731
@@ -201,8 +265,13 @@ def invert_clip(
     budget.run_in_calls(INVERT_KIND, pending, lambda ids: _invert_frames(
         list(ids), cfg, backend, schedule, cond, lo, hi, enc_path, inv_path, budget, advance),
         most=batch or MAX_INVERT_BATCH)
+    if check:
+        handle.reconstruction = reconstruction_error(backend, schedule, cond, handle.load(0, backend.device))
+        progress.log(f"inversion: {describe_reconstruction(handle.reconstruction)}")
     meta = {"n_frames": n, "latent_hw": list(latent_hw), "source_prompt": source_prompt, "steps": cfg.steps,
-            "model": model_identity(models), "size": list(selection.size), "depth_norm": cfg.depth_norm}
+            "model": model_identity(models), "size": list(selection.size), "resize": selection.resize,
+            "box": None if selection.box is None else list(selection.box), "depth_norm": cfg.depth_norm,
+            "runtime": runtime.identity, "reconstruction": handle.reconstruction}
     tmp = meta_path.with_name(".meta.json.tmp")
     tmp.write_text(json.dumps(meta, indent=2))
     os.replace(tmp, meta_path)
@@ -236,3 +305,39 @@ def _invert_frames(ids: list[int], cfg: EditConfig, backend: Backend, schedule: 
             advance(len(ids))
     for j, i in enumerate(ids):
         _save_atomic({"x_T": x[j : j + 1], "depth": depth[j : j + 1], "x_0": x_0[j : j + 1]}, inv_path(i))
+
+
+@torch.no_grad()
+def reconstruction_error(backend: Backend, schedule: DDIMSchedule, cond: torch.Tensor,
+                         frame: dict[str, torch.Tensor]) -> dict[str, float | None]:
+    """How well an inversion inverts: frame 1 regenerated from its x_T by the DDIM sampling
+    steps with the source prompt at guidance 1 (conditional branch only, the process the
+    inversion ran backwards), on the backend and in the precision the inversion used, against
+    the x_0 it was inverted from. Costs ``steps`` batch-1 UNet calls and one VAE decode of 2
+    latents: 1/n of the inversion of n frames, so the direct measure is affordable and no
+    proxy is needed.
+
+    ``frame``: :meth:`InvertedClip.load` of frame 1. Returns ``latent_rel_rms``:
+    RMS(x0_rec - x_0) / RMS(x_0) of the latents; ``psnr_db``: PSNR of the decoded regeneration
+    against the decoded x_0 (images in [-1, 1], peak-to-peak 2; the VAE's own round trip is
+    left out; None if they are equal).
+    """
+    device = backend.device
+    x, depth, x_0 = (frame[k].to(device) for k in ("x_T", "depth", "x_0"))
+    for s in range(schedule.steps):
+        idx = torch.tensor([s])
+        eps, _ = backend.unet(torch.cat([x, depth], dim=1), schedule.timesteps[idx].to(device), cond)
+        x, _ = schedule.step(x, eps, idx)
+    rel = float((x - x_0).pow(2).mean().sqrt() / x_0.pow(2).mean().sqrt().clamp_min(1e-12))
+    images = backend.vae_decode(torch.cat([x, x_0])).clamp(-1, 1)
+    mse = float((images[0] - images[1]).pow(2).mean())
+    return {"latent_rel_rms": rel, "psnr_db": 10 * math.log10(4.0 / mse) if mse > 0 else None}
+
+
+def describe_reconstruction(r: dict[str, float | None] | None) -> str:
+    """One line for logs and ``p2v invert``."""
+    if not r:
+        return "reconstruction error not measured"
+    psnr = r.get("psnr_db")
+    db = "identical images" if psnr is None else f"PSNR {psnr:.1f} dB decoded"
+    return f"frame 1 regenerated from x_T: latent error {100 * float(r['latent_rel_rms'] or 0):.2f} % RMS, {db}"

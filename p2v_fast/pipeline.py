@@ -16,12 +16,19 @@ import numpy as np
 import torch
 
 from p2v_fast import video
-from p2v_fast.backends import Backend, TorchBackend, make_backend
+from p2v_fast.backends import Backend, TorchBackend, make_backend, runtime_identity
 from p2v_fast.config import EditConfig
 from p2v_fast.ddim import DDIMSchedule
 from p2v_fast.edit import EditContext, EditStats, FeatureStore, FrameState, run_schedule
 from p2v_fast.errors import InputError
-from p2v_fast.inversion import ClipSelection, InvertedClip, frames_digest, invert_clip, select_clip
+from p2v_fast.inversion import (
+    ClipSelection,
+    InversionRuntime,
+    InvertedClip,
+    frames_digest,
+    invert_clip,
+    select_clip,
+)
 from p2v_fast.paths import check_output_file
 from p2v_fast.progress import NullProgress, Progress
 from p2v_fast.prompts import check_prompt, encode_prompt, source_prompt_for
@@ -66,6 +73,33 @@ def load_runtime(cfg: EditConfig) -> Runtime:
     return Runtime(models, backend, grad)
 
 
+def inversion_runtime(models, backend: Backend, grad_backend: Backend | None, dtype: torch.dtype | None,
+                      ) -> InversionRuntime:
+    """Where the inversion runs: the edit's backend if it computes in ``dtype`` (None: whatever it
+    computes in), else its PyTorch gradient backend if that does, else a PyTorch backend in
+    ``dtype`` made on a cache miss: on ``models`` themselves when they are in ``dtype``, else on
+    a copy of their UNet, VAE and text encoder cast to ``dtype`` (fp16 weights upcast exactly:
+    the inversion then inverts the very weights the edit samples with, in fp32 arithmetic)."""
+    for b in (backend, grad_backend):
+        if b is not None and (dtype is None or b.dtype == dtype):
+            return InversionRuntime.of(b)
+    assert dtype is not None
+    if models.dtype == dtype:  # no PyTorch backend yet (a graph backend without autograd steps)
+        return InversionRuntime(runtime_identity("torch", dtype, models.device), lambda: TorchBackend(models))
+    return InversionRuntime(runtime_identity("torch", dtype, models.device),
+                            lambda: TorchBackend(models_in_dtype(models, dtype)))
+
+
+def models_in_dtype(models, dtype: torch.dtype):
+    """A copy of ``models`` with the UNet, VAE and text encoder cast to ``dtype`` (the depth
+    estimator, fp32 always, and the rest shared)."""
+    import copy
+    import dataclasses
+
+    cast = {name: copy.deepcopy(getattr(models, name)).to(dtype) for name in ("unet", "vae", "text_encoder")}
+    return dataclasses.replace(models, dtype=dtype, **cast)
+
+
 def default_output(input_path: Path, suffix: str = ".p2v.mp4") -> Path:
     base = input_path.with_suffix("") if input_path.is_file() else input_path
     return base.parent / f"{base.name}{suffix}"
@@ -93,14 +127,21 @@ def prepare(cfg: EditConfig, input_path: Path, rt: Runtime, progress: Progress,
     """Select frames, resolve the source prompt, invert (or hit the cache)."""
     t0 = time.perf_counter()
     selection = select_clip(input_path, cfg, info)
-    progress.log(f"{selection.n_frames} frames at {selection.size[0]}x{selection.size[1]} from '{input_path}'")
+    (w, h), framing = selection.size, ""
+    if selection.resize != "crop":
+        framing = f" ({selection.resize}"
+        framing += f"; output {selection.output_size[0]}x{selection.output_size[1]}, the bars cut)" \
+            if selection.box is not None else ")"
+    progress.log(f"{selection.n_frames} frames at {w}x{h}{framing} from '{input_path}'")
     if cfg.source_prompt is None:
         first = next(iter(selection.frames()))
         source = source_prompt_for(rt.models, first, None)
         progress.log(f"source prompt (BLIP caption of frame 1): {source!r}")
     else:
         source = cfg.source_prompt.strip()
-    inverted = invert_clip(cfg, selection, rt.models, rt.backend, source, digest=frames_digest(selection),
+    dtype = None if cfg.invert_dtype == "same" else resolve_dtype(cfg.invert_dtype, rt.models.device)
+    where = inversion_runtime(rt.models, rt.backend, rt.grad_backend, dtype)
+    inverted = invert_clip(cfg, selection, rt.models, where, source, digest=frames_digest(selection),
                            batch=cfg.invert_batch, progress=progress)
     return PreparedClip(selection, inverted, time.perf_counter() - t0)
 
@@ -123,7 +164,7 @@ class EditResult:
     output: Path
     n_frames: int
     fps: float
-    size: tuple[int, int]
+    size: tuple[int, int]  # (W, H) of the output frames (the working frame less --resize pad's bars)
     seconds_total: float
     seconds_inversion: float
     seconds_edit: float
@@ -132,6 +173,8 @@ class EditResult:
     side_by_side: Path | None = None
     strip: Path | None = None
     stats: EditStats = field(default_factory=EditStats)
+    inversion_runtime: dict[str, str] = field(default_factory=dict)  # Backend.identity() it ran on
+    reconstruction: dict[str, float | None] | None = None  # inversion.reconstruction_error of the inversion
 
     @property
     def seconds_per_frame(self) -> float:
@@ -195,8 +238,8 @@ def edit_video(
 
     def edited_frames():
         for st in finished:
-            frame = _to_uint8(rt.backend.vae_decode(st.latent))[0]
-            src = next(source_frames)
+            frame = sel.to_output(_to_uint8(rt.backend.vae_decode(st.latent))[0])  # --resize pad: bars cut
+            src = sel.to_output(next(source_frames))
             if st.index in thumbs_at:
                 thumbs.append((src, frame))
             yield src, frame
@@ -209,10 +252,11 @@ def edit_video(
         audio = sel.info.path if sel.info.has_audio else None
         start_s = sel.start / sel.info.fps
         duration = sel.n_frames * sel.stride / sel.info.fps
-        with video.VideoWriter(out, sel.fps, sel.size, audio_source=audio, audio_start=start_s,
+        size = sel.output_size
+        with video.VideoWriter(out, sel.fps, size, audio_source=audio, audio_start=start_s,
                                audio_duration=duration) as writer:
             if sbs_path is not None:
-                with video.VideoWriter(sbs_path, sel.fps, (sel.size[0] * 2, sel.size[1])) as sbs:
+                with video.VideoWriter(sbs_path, sel.fps, (size[0] * 2, size[1])) as sbs:
                     for src, frame in edited_frames():
                         writer.write(frame)
                         sbs.write(video.side_by_side(src, frame))
@@ -231,7 +275,8 @@ def edit_video(
     budget = ctx.budget
     if budget is not None and (budget.splits or budget.ooms):
         progress.log(f"{budget.splits} UNet calls split to fit in memory, {budget.ooms} retried after running out")
-    return EditResult(out, sel.n_frames, sel.fps, sel.size, t_end - t_start, prep.seconds, t_end - t_edit,
-                      inv.cache_hit, inv.source_prompt, sbs_path, strip_path, stats)
+    return EditResult(out, sel.n_frames, sel.fps, sel.output_size, t_end - t_start, prep.seconds, t_end - t_edit,
+                      inv.cache_hit, inv.source_prompt, sbs_path, strip_path, stats, inv.runtime,
+                      inv.reconstruction)
 
 

@@ -210,10 +210,63 @@ def fit_cover(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     return image.resize((tw, th), Image.Resampling.LANCZOS, box=box)
 
 
-def _to_size(arr: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
-    if size is None or (arr.shape[1], arr.shape[0]) == tuple(size):
+RESIZE_MODES = ("crop", "stretch", "pad")
+
+
+def pad_box(source: tuple[int, int], size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Box ``(x, y, w, h)`` of a ``source`` = (W, H) picture fitted inside ``size`` = (W, H),
+    aspect kept, centred; ``w`` and ``h`` even (H.264 needs even sizes) and at least 2."""
+    (sw, sh), (tw, th) = source, size
+    scale = min(tw / sw, th / sh)
+    w = min(tw - tw % 2, max(2, 2 * round(sw * scale / 2)))
+    h = min(th - th % 2, max(2, 2 * round(sh * scale / 2)))
+    return (tw - w) // 2, (th - h) // 2, w, h
+
+
+def frame_geometry(width: int, height: int, size: int = 512,
+                   resize: str = "crop") -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+    """The working frame ``(W, H)`` for a ``width`` x ``height`` source at ``size``, and the box
+    ``(x, y, w, h)`` of the source's picture inside it (the whole frame unless ``pad``).
+
+    - ``crop``: short side ``size``, long side the nearest multiple of 64 to the aspect ratio
+      (:func:`working_size`); scaled to cover, centre-cropped. 854x480 at 512 -> 896x512.
+    - ``stretch``: ``size`` x ``size``, squashed (the paper's and its code's framing).
+      854x480 at 512 -> 512x512.
+    - ``pad``: ``size`` x ``size``, the picture fitted inside with its aspect kept and black
+      bars around it. 854x480 at 512 -> 512x512 holding a 512x288 picture at (0, 112).
+    """
+    if resize not in RESIZE_MODES:
+        raise InputError(f"--resize must be one of {', '.join(RESIZE_MODES)}; got {resize!r}")
+    if resize == "crop":
+        wh = working_size(width, height, size)
+        return wh, (0, 0, *wh)
+    working_size(size, size, size)  # validates size
+    if width <= 0 or height <= 0:
+        raise InputError(f"invalid frame size {width}x{height}")
+    box = pad_box((width, height), (size, size)) if resize == "pad" else (0, 0, size, size)
+    return (size, size), box
+
+
+def fit_frame(image: Image.Image, size: tuple[int, int], resize: str = "crop",
+              source: tuple[int, int] | None = None) -> Image.Image:
+    """``image`` as a ``size`` = (W, H) working frame by ``resize`` (see :func:`frame_geometry`).
+    ``pad`` places the picture in the box :func:`pad_box` gives for ``source`` (the clip's
+    probed size; default the image's own), so every frame of a clip gets the same box."""
+    if resize == "stretch":
+        return image if image.size == tuple(size) else image.resize(size, Image.Resampling.LANCZOS)
+    if resize == "pad":
+        x, y, w, h = pad_box(source or image.size, size)
+        canvas = Image.new("RGB", size, (0, 0, 0))
+        canvas.paste(fit_cover(image, (w, h)), (x, y))
+        return canvas
+    return fit_cover(image, size)
+
+
+def _to_size(arr: np.ndarray, size: tuple[int, int] | None, resize: str = "crop",
+             source: tuple[int, int] | None = None) -> np.ndarray:
+    if size is None or ((arr.shape[1], arr.shape[0]) == tuple(size) and resize != "pad"):
         return np.ascontiguousarray(arr)
-    return np.asarray(fit_cover(Image.fromarray(arr), size))
+    return np.asarray(fit_frame(Image.fromarray(arr), size, resize, source))
 
 
 # --------------------------------------------------------------------------- reading
@@ -225,12 +278,14 @@ def read_frames(
     start: int = 0,
     max_frames: int | None = None,
     stride: int = 1,
+    resize: str = "crop",
 ) -> Iterator[np.ndarray]:
     """Stream frames ``start, start+stride, ...`` (at most ``max_frames``) of a video/folder.
 
     Yields uint8 RGB ``[H, W, 3]`` arrays, one at a time. With ``size=(W, H)`` each frame is
-    scaled to cover it and centre-cropped to exactly that size; otherwise frames keep the
-    probed size (folder images that differ from the first image are fitted to it).
+    made exactly that size by ``resize`` (:func:`fit_frame`: scaled to cover and centre-cropped,
+    stretched, or fitted inside and padded); otherwise frames keep the probed size (folder
+    images that differ from the first image are fitted to it).
     Arguments are validated (InputError) when called, before the first frame is pulled.
     Passing the :class:`VideoInfo` from :func:`probe` instead of a path skips re-probing.
     """
@@ -238,22 +293,29 @@ def read_frames(
     count = selected_count(info, start, max_frames, stride)
     if size is not None and (size[0] <= 0 or size[1] <= 0):
         raise InputError(f"invalid output size {size[0]}x{size[1]}")
+    if resize not in RESIZE_MODES:
+        raise InputError(f"--resize must be one of {', '.join(RESIZE_MODES)}; got {resize!r}")
     wanted = range(start, start + count * stride, stride)
     if info.is_folder:
-        return _read_folder(info, size, wanted)
-    return _read_video(info, size, wanted)
+        return _read_folder(info, size, wanted, resize)
+    return _read_video(info, size, wanted, resize)
 
 
-def _read_folder(info: VideoInfo, size: tuple[int, int] | None, wanted: range) -> Iterator[np.ndarray]:
+def _read_folder(info: VideoInfo, size: tuple[int, int] | None, wanted: range, resize: str) -> Iterator[np.ndarray]:
     images = list_images(info.path)
     target = size or (info.width, info.height)
     for i in wanted:
         if i >= len(images):
             return
-        yield np.asarray(fit_cover(_open_image(images[i]), target))
+        image = _open_image(images[i])
+        if size is None:
+            yield np.asarray(fit_cover(image, target))
+        else:
+            yield np.asarray(fit_frame(image, target, resize, (info.width, info.height)))
 
 
-def _read_video(info: VideoInfo, size: tuple[int, int] | None, wanted: range) -> Iterator[np.ndarray]:
+def _read_video(info: VideoInfo, size: tuple[int, int] | None, wanted: range,
+                resize: str) -> Iterator[np.ndarray]:
     with _open_video(info.path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
@@ -267,7 +329,7 @@ def _read_video(info: VideoInfo, size: tuple[int, int] | None, wanted: range) ->
                     k = _rotation_k(frame)
                     if k:
                         arr = np.rot90(arr, k)
-                    yield _to_size(arr, size)
+                    yield _to_size(arr, size, resize, (info.width, info.height))
                 index += 1
         except av.error.FFmpegError as e:
             raise InputError(f"failed to decode '{info.path}' at frame {index}: {_why(e)}") from None

@@ -130,7 +130,8 @@ def _edit(models, clip: Path, out: Path, backend: str, mode: str, engines: Path 
 
     def recording_decode(latents: torch.Tensor) -> torch.Tensor:
         images = decode(latents)
-        seen.append((latents.detach().clone(), images.detach().clone()))
+        if latents.shape[0] == 1:  # the edit's frames (the inversion's reconstruction check decodes 2 at once)
+            seen.append((latents.detach().clone(), images.detach().clone()))
         return images
 
     rt_backend.vae_decode = recording_decode  # type: ignore[method-assign]
@@ -465,3 +466,46 @@ def test_tensorrt_edit_equals_torch(engines, clip, tmp_path) -> None:
         got, _ = _edit(cuda_models, clip, tmp_path / f"t-{mode}", "tensorrt", mode, folder)
         for (lat_r, _), (lat_t, _) in zip(ref, got, strict=True):
             assert float((lat_t - lat_r).abs().max()) <= 1e-2  # TF32 kernels on the GPU
+
+
+# ------------------------------------------------------------------------------ the inversion cache across backends
+
+
+@pytest.fixture(scope="module")
+def engines_fp16(tiny_dir, tmp_path_factory) -> Path:
+    folder, _ = export_tiny(tmp_path_factory.getbasetemp(), "fp16")
+    return folder
+
+
+def test_inversion_cache_across_backends_and_precisions(engines, engines_fp16, models, clip, tmp_path) -> None:
+    """The inversion is keyed on the runtime it ran on. Default (--invert-dtype fp32): torch fp32
+    inverts itself; fp32 graphs invert on ONNX Runtime (their own entry); fp16 graphs invert on
+    PyTorch in fp32, so they share torch's entry. --invert-dtype same: fp16 graphs invert on
+    themselves, an entry of their own, never reused by an fp32 edit."""
+    from p2v_fast.config import EditConfig
+    from p2v_fast.pipeline import Runtime, invert_video
+
+    cfg = EditConfig(model="tiny", size=SIZE, steps=3, source_prompt="a car", cache_dir=tmp_path / "cache")
+    torch32 = Runtime(models, TorchBackend(models), None)
+    torch32.grad_backend = torch32.backend
+    ort32 = Runtime(models, make_backend("onnxruntime", models, engines), None)
+    ort16 = Runtime(models, make_backend("onnxruntime", models, engines_fp16), None)
+    assert ort16.backend.dtype == torch.float16
+
+    def run(rt, invert_dtype="fp32"):
+        inv = invert_video(cfg.replace(invert_dtype=invert_dtype), clip, runtime=rt).inverted
+        return inv.cache_hit, inv.root, inv.runtime
+
+    hit, torch_root, ran = run(torch32)
+    assert not hit and ran == {"backend": "torch", "dtype": "float32", "device": "cpu"}
+    hit, root, ran = run(ort32)
+    assert not hit and root != torch_root and ran["backend"] == "onnxruntime" and ran["dtype"] == "float32"
+    ort32_root = root
+    calls = ort16.backend.counter.unet_calls
+    hit, root, ran = run(ort16)
+    assert hit and root == torch_root and ort16.backend.counter.unet_calls == calls  # fp16 graphs: torch fp32
+    hit, root, ran = run(ort16, "same")
+    assert not hit and root not in (torch_root, ort32_root) and ran["dtype"] == "float16"
+    assert ort16.backend.counter.unet_calls > calls
+    assert run(ort32, "same")[:2] == (True, ort32_root)
+    assert run(torch32, "same")[:2] == (True, torch_root)

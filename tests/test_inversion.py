@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from p2v_fast.backends import TorchBackend
@@ -12,11 +13,11 @@ from p2v_fast.prompts import encode_prompt
 from tests.helpers import sample_clip
 
 
-def _invert(models, clip, cache, steps=20, batch=1, **kw):
+def _invert(models, clip, cache, steps=20, batch=1, check=False, **kw):
     cfg = EditConfig(model="tiny", size=64, steps=steps, source_prompt="a clip", cache_dir=cache, **kw)
     backend = TorchBackend(models)
     sel = select_clip(clip, cfg)
-    return invert_clip(cfg, sel, models, backend, "a clip", batch=batch), backend, cfg
+    return invert_clip(cfg, sel, models, backend, "a clip", batch=batch, check=check), backend, cfg
 
 
 def _round_trip_error(models, clip, cache, steps) -> float:
@@ -105,7 +106,7 @@ def test_inversion_out_of_memory_is_retried_smaller(tiny_models, tmp_path) -> No
     cfg = EditConfig(model="tiny", size=64, steps=5, source_prompt="a clip", cache_dir=tmp_path / "co")
     backend = _OneFrameDevice(tiny_models)
     budget = CallBudget(backend.device, measurable=False)
-    small = invert_clip(cfg, select_clip(clip, cfg), tiny_models, backend, "a clip", budget=budget)
+    small = invert_clip(cfg, select_clip(clip, cfg), tiny_models, backend, "a clip", budget=budget, check=False)
     assert backend.refused == budget.ooms == 1
     for i in range(3):
         torch.testing.assert_close(small.load(i)["x_T"], one.load(i)["x_T"], rtol=1e-4, atol=1e-4)
@@ -120,3 +121,84 @@ def test_clip_depth_normalisation(tiny_models, tmp_path) -> None:
         assert float(d.min()) == -1.0 and float(d.max()) == 1.0
     clip_depths = torch.cat([per_clip.load(i)["depth"] for i in range(3)])
     assert float(clip_depths.min()) == -1.0 and float(clip_depths.max()) == 1.0
+
+
+def test_reconstruction_error_is_measured_once_and_kept_in_the_cache(tiny_models, tmp_path) -> None:
+    """On a miss, frame 1 is regenerated from its x_T (steps more batch-1 UNet calls, one decode
+    of 2 latents) and the error recorded; a hit reads it back without UNet work."""
+    clip = sample_clip(tmp_path, n_frames=2)
+    first, backend, _ = _invert(tiny_models, clip, tmp_path / "cache", steps=6, check=True)
+    assert backend.counter.unet_calls == 2 * 6 + 6 and backend.counter.vae_decode == 2
+    rec = first.reconstruction
+    assert rec is not None and first.runtime == backend.identity()
+    # the same measure, computed here by hand
+    schedule, d = DDIMSchedule(tiny_models.scheduler, 6), first.load(0)
+    x = d["x_T"]
+    with torch.no_grad():
+        for s in range(6):
+            idx = torch.tensor([s])
+            eps, _ = backend.unet(torch.cat([x, d["depth"]], 1), schedule.timesteps[idx], encode_prompt(tiny_models,
+                                                                                                         "a clip"))
+            x, _ = schedule.step(x, eps, idx)
+    expected = float((x - d["x_0"]).pow(2).mean().sqrt() / d["x_0"].pow(2).mean().sqrt())
+    assert rec["latent_rel_rms"] == pytest.approx(expected, rel=1e-4)
+    assert rec["psnr_db"] is not None and rec["psnr_db"] > 0
+    again, backend2, _ = _invert(tiny_models, clip, tmp_path / "cache", steps=6, check=True)
+    assert again.cache_hit and again.reconstruction == rec and backend2.counter.unet_calls == 0
+
+
+def test_cache_key_covers_the_runtime_and_the_framing(tiny_models, tmp_path) -> None:
+    from p2v_fast.inversion import cache_key, frames_digest
+
+    clip = sample_clip(tmp_path, n_frames=1)
+    cfg = EditConfig(model="tiny", size=64, steps=2)
+    torch32 = {"backend": "torch", "dtype": "float32", "device": "cpu"}
+    keys = set()
+    for resize in ("crop", "stretch", "pad"):
+        sel = select_clip(clip, cfg.replace(resize=resize))
+        digest = frames_digest(sel)
+        for runtime in (torch32, {**torch32, "dtype": "float16"}, {**torch32, "device": "cuda"},
+                        {"backend": "onnxruntime", "dtype": "float32", "device": "cpu", "graphs": "a"},
+                        {"backend": "onnxruntime", "dtype": "float32", "device": "cpu", "graphs": "b"}):
+            keys.add(cache_key(cfg, tiny_models, digest, "a clip", runtime, sel))
+    assert len(keys) == 15
+
+
+@pytest.fixture(scope="module")
+def bf16_models(tiny_dir):
+    from p2v_fast.models import load_models
+
+    return load_models("tiny", dtype=torch.bfloat16)
+
+
+def test_inversion_runs_in_fp32_by_default_whatever_the_edit_dtype(tiny_models, bf16_models, tmp_path) -> None:
+    """A bf16 edit inverts in fp32 (on a copy of its weights, upcast), so it shares the fp32 edit's
+    cache entry; --invert-dtype same inverts in bf16: a separate entry, far from an fp64 inversion
+    of the same weights where the fp32 one is close."""
+    from p2v_fast.pipeline import Runtime, invert_video, models_in_dtype
+
+    clip = sample_clip(tmp_path, n_frames=2)
+    cfg = EditConfig(model="tiny", size=64, steps=8, source_prompt="a clip", cache_dir=tmp_path / "cache")
+    bf16 = Runtime(bf16_models, TorchBackend(bf16_models), None)
+    bf16.grad_backend = bf16.backend
+    first = invert_video(cfg, clip, runtime=bf16)
+    assert not first.inverted.cache_hit and first.inverted.runtime["dtype"] == "float32"
+    assert first.inverted.reconstruction is not None
+    assert bf16.backend.counter.unet_calls == 0  # the fp32 copy did the work
+    assert bf16_models.unet.dtype == torch.bfloat16  # the edit's weights are untouched
+    fp32 = Runtime(tiny_models, TorchBackend(tiny_models), None)
+    shared = invert_video(cfg, clip, runtime=fp32)
+    assert shared.inverted.cache_hit and shared.inverted.root == first.inverted.root
+    same = invert_video(cfg.replace(invert_dtype="same"), clip, runtime=bf16)
+    assert not same.inverted.cache_hit and same.inverted.runtime["dtype"] == "bfloat16"
+    assert bf16.backend.counter.unet_calls == 2 * 8 + 8
+
+    exact = TorchBackend(models_in_dtype(bf16_models, torch.float64))  # the same weights, in fp64
+    ref = invert_clip(cfg, select_clip(clip, cfg), exact.models, exact, "a clip", check=False)
+
+    def deviation(inv) -> float:
+        return max(float((inv.load(i)["x_T"].double() - ref.load(i)["x_T"]).norm() / ref.load(i)["x_T"].norm())
+                   for i in range(2))
+
+    assert deviation(first.inverted) < deviation(same.inverted) / 10, (deviation(first.inverted),
+                                                                       deviation(same.inverted))
