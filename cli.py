@@ -452,6 +452,10 @@ def export_(
     precision: Annotated[str, typer.Option(help="fp16 or fp32 (UNet, VAE; DPT stays fp32).")] = "fp16",
     workspace: Annotated[float | None, typer.Option(help="TensorRT builder workspace limit in GB.")] = None,
     max_batch: Annotated[int, typer.Option("--max-batch", help="Most samples per call (frames x 2 CFG).")] = 8,
+    opt_batch: Annotated[int | None, typer.Option(
+        "--opt-batch", help="Batch TensorRT tunes for (default: --max-batch, what the wavefront sends).")] = None,
+    static_batch: Annotated[bool, typer.Option(
+        "--static-batch", help="Engines for --max-batch only (smaller calls padded); needed by --cuda-graph.")] = False,
     opset: Annotated[int, typer.Option(help="ONNX opset.")] = 18,
     device: Device = "auto",
     force: Annotated[bool, typer.Option(help="Redo every stage, even when its artifact is current.")] = False,
@@ -462,7 +466,8 @@ def export_(
     opt = size or 512
     options = ExportOptions(model=model, out=out, format=format, precision=precision, height=height or opt,
                             width=width or opt, min_size=min_size, max_size=max_size, max_batch=max_batch,
-                            opset=opset, workspace_gb=workspace, device=device, force=force)
+                            opt_batch=opt_batch, static_batch=static_batch, opset=opset, workspace_gb=workspace,
+                            device=device, force=force)
     with _progress() as bar:
         report = export_engines(options, RichProgress(bar))
     table = Table(title=f"{report.folder} ({options.profile().describe()}, {precision})")

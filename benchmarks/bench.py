@@ -372,15 +372,14 @@ GRAPH_BACKENDS = {"onnxruntime": "onnx", "tensorrt": "tensorrt"}  # backend -> e
 def export_options(opts: BenchOptions, name: str, dtype: torch.dtype, folder: Path):
     """How the bench exports its own model for graph backend ``name`` when no ``--engines`` is
     given: at the bench's size, with a batch profile up to every frame in flight (x 2 CFG
-    branches), so the wavefront's batches run unsplit (TensorRT tunes for that batch; ONNX
-    Runtime's graphs take any batch and are traced and validated at one frame)."""
+    branches), so the wavefront's batches run unsplit (TensorRT tunes for that batch, the
+    profile's opt; ONNX Runtime's graphs take any batch)."""
     from export import ExportOptions
 
     in_flight = min(opts.frames, opts.batch_frames or opts.frames)
     return ExportOptions(model=opts.model_label, out=folder, format=GRAPH_BACKENDS[name],
                          precision="fp16" if dtype == torch.float16 else "fp32", height=opts.size, width=opts.size,
-                         max_batch=2 * in_flight, opt_batch=2 * in_flight if name == "tensorrt" else 2,
-                         device=opts.device)
+                         max_batch=2 * in_flight, device=opts.device)
 
 
 def _engines_for(name: str, opts: BenchOptions, models, work: Path, progress: Progress) -> tuple[Path | None, Any]:

@@ -22,9 +22,9 @@ class UNetFlops:
     """FLOPs of one UNet call at one latent size, per variant and batch (see the engine contract)."""
 
     latent_hw: tuple[int, int]
-    inversion_call: int  # unet_anchor, batch 1 (conditional branch only)
-    anchor_call: int  # unet_anchor, batch 2 (CFG)
-    xframe_call: int  # unet_xframe (K/V over anchor || previous), batch 2
+    inversion_call: int  # self-attention only (no refs), batch 1 (conditional branch only)
+    anchor_call: int  # self-attention only (no refs), batch 2 (CFG)
+    xframe_call: int  # cross-frame (K/V over anchor || previous), batch 2
     xframe_backward: int  # gradient w.r.t. the input of one xframe call, batch 2 (autograd update)
     anchor_backward: int  # the same for the anchor variant (refs = "none")
 
@@ -32,10 +32,10 @@ class UNetFlops:
         return {
             "latent_hw": list(self.latent_hw),
             "per_call": {
-                "inversion (unet_anchor, batch 1)": self.inversion_call,
-                "anchor (unet_anchor, batch 2)": self.anchor_call,
-                "propagated (unet_xframe, batch 2)": self.xframe_call,
-                "autograd backward (unet_xframe, batch 2)": self.xframe_backward,
+                "inversion (self-attention, batch 1)": self.inversion_call,
+                "anchor (self-attention, batch 2)": self.anchor_call,
+                "propagated (cross-frame, batch 2)": self.xframe_call,
+                "autograd backward (cross-frame, batch 2)": self.xframe_backward,
             },
             "method": "torch.utils.flop_counter.FlopCounterMode on a meta-device copy of the UNet",
         }

@@ -32,7 +32,15 @@ from p2v_fast.manifest import (
 )
 from p2v_fast.models import ModelId, model_id
 from p2v_fast.progress import NullProgress, Progress
-from p2v_fast.specs import DEFAULT_OPSET, NETWORKS, PRECISIONS, SIZE_MULTIPLE, ExportProfile, network_specs
+from p2v_fast.specs import (
+    DEFAULT_OPSET,
+    LEGACY_NETWORKS,
+    NETWORKS,
+    PRECISIONS,
+    SIZE_MULTIPLE,
+    ExportProfile,
+    network_specs,
+)
 
 FORMATS = ("onnx", "tensorrt")
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-depth"
@@ -54,7 +62,10 @@ class ExportOptions:
     min_size: int | None = None  # smallest height/width the engines accept (None: height/width)
     max_size: int | None = None  # largest (None: height/width; fixed-size engines are fastest)
     max_batch: int = 8  # samples per UNet call: frames in flight x 2 CFG branches
-    opt_batch: int = 2  # one frame, both CFG branches
+    # The batch TensorRT tunes for. None: max_batch, the batch the wavefront sends once frames are
+    # in flight (it sends up to 2 x --batch-frames samples per tick, split into calls of max_batch).
+    opt_batch: int | None = None
+    static_batch: bool = False  # min = opt = max = max_batch (smaller calls are padded; CUDA graphs)
 
     # --- build ---
     workspace_gb: float | None = None  # TensorRT builder workspace limit (None: TensorRT's default)
@@ -68,8 +79,9 @@ class ExportOptions:
         """(min, opt, max) of batch, height and width."""
         lo = lambda v: v if self.min_size is None else self.min_size  # noqa: E731
         hi = lambda v: v if self.max_size is None else self.max_size  # noqa: E731
+        opt = min(self.opt_batch or self.max_batch, self.max_batch)
         return ExportProfile(
-            batch=(1, min(self.opt_batch, self.max_batch), self.max_batch),
+            batch=(self.max_batch,) * 3 if self.static_batch else (1, opt, self.max_batch),
             height=(lo(self.height), self.height, hi(self.height)),
             width=(lo(self.width), self.width, hi(self.width)),
         )
@@ -99,8 +111,10 @@ def _verify(o: ExportOptions) -> None:
         raise InputError(f"--max-size {o.max_size} is smaller than the size {o.height}x{o.width}")
     if o.max_batch < 1:
         raise InputError(f"--max-batch must be >= 1; got {o.max_batch}")
-    if o.opt_batch < 1:
-        raise InputError(f"opt batch must be >= 1; got {o.opt_batch}")
+    if o.opt_batch is not None and not 1 <= o.opt_batch <= o.max_batch:
+        raise InputError(f"--opt-batch must be between 1 and --max-batch ({o.max_batch}); got {o.opt_batch}")
+    if o.static_batch and o.opt_batch not in (None, o.max_batch):
+        raise InputError(f"--static-batch builds for batch {o.max_batch} only, not --opt-batch {o.opt_batch}")
     if not 14 <= o.opset <= 21:
         raise InputError(f"--opset must be between 14 and 21; got {o.opset}")
     if o.workspace_gb is not None and o.workspace_gb <= 0:
@@ -151,7 +165,19 @@ def _previous(folder: Path, model: ModelId, precision: str, opset: int) -> dict[
         return {}
     if old.model.digest != model.digest or old.precision != precision or old.opset != opset:
         return {}
-    return old.networks
+    return {k: v for k, v in old.networks.items() if k in NETWORKS}
+
+
+def _remove_legacy(folder: Path, progress: Progress) -> None:
+    """Delete wave 1's two UNet graphs/engines (``unet_anchor``, ``unet_xframe``: the same weights
+    twice, 3.3 GB each for SD2-depth in fp32): the folder's ``unet`` replaces both."""
+    for name in LEGACY_NETWORKS:
+        gone = [p for p in (folder / f"{name}.onnx", folder / f"{name}.onnx.data", folder / f"{name}.plan")
+                if p.is_file()]
+        for p in gone:
+            p.unlink()
+        if gone:
+            progress.log(f"removed {', '.join(p.name for p in gone)} (replaced by the one unet graph)")
 
 
 def export_engines(options: ExportOptions, progress: Progress | None = None, models=None) -> ExportReport:
@@ -182,6 +208,7 @@ def export_engines(options: ExportOptions, progress: Progress | None = None, mod
 
     folder = Path(options.out)
     folder.mkdir(parents=True, exist_ok=True)
+    _remove_legacy(folder, progress)
     device = _device(options.device)
     dtype = torch.float16 if options.precision == "fp16" else torch.float32
     if models is None:
@@ -224,7 +251,8 @@ def export_engines(options: ExportOptions, progress: Progress | None = None, mod
         else:
             entry.engine = None  # a new graph invalidates the engine
             module = onnx_export.graph_module(name, models)
-            b, h, w = profile.batch[1], profile.height[0], profile.width[0]  # trace and validate small
+            # trace and validate small: 2 samples (1 anchor-like, 1 cross-frame), or the static batch
+            b, h, w = min(profile.batch[2], max(profile.batch[0], 2)), profile.height[0], profile.width[0]
             inputs = sample_inputs(spec, spec.dims(geometry, b, h, w), device=device)
             result = onnx_export.export_onnx(spec, module, inputs, folder, options.opset, device, geometry)
             entry.onnx = Artifact(

@@ -43,10 +43,11 @@ EXTERNAL_DATA_BYTES = 1_800_000_000
 
 
 class UNetGraph(nn.Module):
-    """``unet_anchor`` / ``unet_xframe``: the cross-frame UNet wrapper with a float timestep.
+    """``unet``: the cross-frame UNet wrapper with the spec's input order.
 
-    forward(sample [B,5,h,w], timestep [B] fp32, encoder_hidden_states [B,77,D], *ref_k [B,2N_k,C_k])
-    -> (noise_pred [B,4,h,w], feat_0 .. feat_8 [B,N_k,C_k]).
+    forward(sample [B,5,h,w], timestep [B] fp32, encoder_hidden_states [B,77,D], self_ref [B] fp32,
+    *ref_k [B,2N_k,C_k]) -> (noise_pred [B,4,h,w], feat_0 .. feat_8 [B,N_k,C_k]). A sample with
+    self_ref != 0 attends to its own features (an elementwise select, no control flow).
     """
 
     def __init__(self, unet: nn.Module) -> None:
@@ -55,8 +56,8 @@ class UNetGraph(nn.Module):
 
         self.inner = UNetWithFeatures(unet)
 
-    def forward(self, sample, timestep, encoder_hidden_states, *refs):
-        return self.inner(sample, timestep, encoder_hidden_states, *refs)
+    def forward(self, sample, timestep, encoder_hidden_states, self_ref, *refs):
+        return self.inner(sample, timestep, encoder_hidden_states, *refs, self_ref=self_ref)
 
 
 class VaeEncoderGraph(nn.Module):
@@ -96,7 +97,7 @@ class DepthGraph(nn.Module):
 
 def graph_module(name: str, models) -> nn.Module:
     """The wrapper module of network ``name`` over ``models`` (in the models' dtype; DPT fp32)."""
-    if name in ("unet_anchor", "unet_xframe"):
+    if name == "unet":
         module: nn.Module = UNetGraph(models.unet)
     elif name == "vae_encoder":
         module = VaeEncoderGraph(models.vae)

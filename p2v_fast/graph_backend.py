@@ -87,34 +87,24 @@ class GraphBackend(Backend):
 
     def unet(self, sample, timestep, encoder_hidden_states, refs: Sequence[torch.Tensor] | None = None,
              self_ref: torch.Tensor | None = None):
-        if refs is not None and self_ref is not None and bool((self_ref != 0).any()):
-            # TODO(engines issue): one `unet` graph takes self_ref; until then the selected
-            # samples run on unet_anchor and the rest on unet_xframe.
-            own = (self_ref != 0).nonzero().flatten()
-            other = (self_ref == 0).nonzero().flatten()
-            eps_a, feats_a = self.unet(sample[own], timestep[own], encoder_hidden_states[own])
-            eps = torch.empty((sample.shape[0], *eps_a.shape[1:]), dtype=eps_a.dtype, device=eps_a.device)
-            feats = [torch.empty((sample.shape[0], *f.shape[1:]), dtype=f.dtype, device=f.device) for f in feats_a]
-            eps[own] = eps_a
-            for f, fa in zip(feats, feats_a, strict=True):
-                f[own] = fa
-            if len(other):
-                eps_x, feats_x = self.unet(sample[other], timestep[other], encoder_hidden_states[other],
-                                           [r[other] for r in refs])
-                eps[other] = eps_x
-                for f, fx in zip(feats, feats_x, strict=True):
-                    f[other] = fx
-            return eps, feats
+        """One call of the ``unet`` graph. ``refs`` None (every sample attends to itself, as the
+        anchor and inversion do): zero refs, every sample selected away from them (``self_ref`` 1)."""
         self.counter.unet_calls += 1
         self.counter.unet_samples += sample.shape[0]
-        feeds = {"sample": sample, "timestep": timestep, "encoder_hidden_states": encoder_hidden_states}
-        network = "unet_anchor"
-        if refs is not None:
-            network = "unet_xframe"
-            feeds.update({f"ref_{k}": r for k, r in enumerate(refs)})
-        out = self.run(network, feeds)
-        n = self.geometry.n_layers
-        return out["noise_pred"].float(), [out[f"feat_{k}"] for k in range(n)]
+        spec, batch = self.specs["unet"], sample.shape[0]
+        if refs is None:
+            dims = spec.dims(self.geometry, batch, sample.shape[-2] * self.geometry.vae_scale,
+                             sample.shape[-1] * self.geometry.vae_scale)
+            dtype = getattr(torch, spec.tensor("ref_0").dtype)
+            refs = [torch.zeros(spec.tensor(f"ref_{k}").resolve(dims), dtype=dtype, device=self.device)
+                    for k in range(self.geometry.n_layers)]
+            self_ref = torch.ones(batch)
+        elif self_ref is None:
+            self_ref = torch.zeros(batch)
+        feeds = {"sample": sample, "timestep": timestep, "encoder_hidden_states": encoder_hidden_states,
+                 "self_ref": self_ref, **{f"ref_{k}": r for k, r in enumerate(refs)}}
+        out = self.run("unet", feeds)
+        return out["noise_pred"].float(), [out[f"feat_{k}"] for k in range(self.geometry.n_layers)]
 
     def vae_encode(self, images):
         self.counter.vae_encode += images.shape[0]

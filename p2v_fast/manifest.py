@@ -29,9 +29,9 @@ from p2v_fast.models import ModelId
 from p2v_fast.specs import ExportProfile, Geometry, NetworkSpec
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: one `unet` network (was unet_anchor + unet_xframe)
 #: Bump when a wrapper module or the export recipe changes the graphs.
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2  # 2: one unet graph with self_ref
 DEFAULT_ENGINES = Path("engines")
 
 
@@ -255,6 +255,10 @@ def rebuild_command(manifest: Manifest, folder: Path, **changes: object) -> str:
     if hr[0] != hr[2] or wr[0] != wr[2]:
         parts.append(f"--min-size {min(hr[0], wr[0])} --max-size {max(hr[2], wr[2])}")
     parts.append(f"--max-batch {p.batch[2]}")
+    if o.get("static_batch"):
+        parts.append("--static-batch")
+    elif p.batch[1] != p.batch[2]:
+        parts.append(f"--opt-batch {p.batch[1]}")
     parts.append(f"--precision {manifest.precision} --format {o.get('format', 'onnx')}")
     parts.append(f"--out {folder} --force")
     return " ".join(parts)

@@ -21,7 +21,9 @@ from typing import Any
 
 from p2v_fast.errors import EngineError, InputError
 
-NETWORKS = ("unet_anchor", "unet_xframe", "vae_encoder", "vae_decoder", "depth")
+NETWORKS = ("unet", "vae_encoder", "vae_decoder", "depth")
+#: Wave 1 exported the UNet twice (same weights); a re-export removes their files.
+LEGACY_NETWORKS = ("unet_anchor", "unet_xframe")
 PRECISIONS = ("fp16", "fp32")
 DEFAULT_OPSET = 18
 #: Pixel sizes must be multiples of this (3 VAE downsamplings x 3 UNet downsamplings).
@@ -259,14 +261,21 @@ def network_spec(name: str, geometry: Geometry, precision: str) -> NetworkSpec:
         raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
     g, f = geometry, _float(precision)
     tol = TOLERANCE[precision]
-    if name in ("unet_anchor", "unet_xframe"):
+    if name == "unet":  # one graph for every frame: the anchor's samples select their own features
         inputs = [
             TensorSpec("sample", f, ("B", g.unet_in_channels, "h", "w")),  # 4 latent + 1 depth channel
             TensorSpec("timestep", "float32", ("B",)),  # per-sample timesteps (wavefront batches)
             TensorSpec("encoder_hidden_states", f, ("B", g.text_tokens, g.text_dim)),
+            # Per-sample selector, 1 = attend to its own features ([h, h] in place of ref_k), 0 = to
+            # ref_k. fp32 whatever the precision, like timestep: TensorRT 10/11 networks are strongly
+            # typed (no implicit casts), and an fp32 input compared with 0 gives the BOOL condition
+            # of the select with no cast in the graph; it can never be taken for a shape tensor (an
+            # integer input can), and the runtime binds the same float32 [B] tensor the edit loop
+            # builds, for fp16 and fp32 engines alike.
+            TensorSpec("self_ref", "float32", ("B",)),
         ]
-        if name == "unet_xframe":  # anchor || previous features of the same step and CFG branch
-            inputs += [TensorSpec(f"ref_{k}", f, ("B", f"m{k}", c)) for k, c in enumerate(g.feature_channels)]
+        # anchor || previous features of the same step and CFG branch (ignored where self_ref = 1)
+        inputs += [TensorSpec(f"ref_{k}", f, ("B", f"m{k}", c)) for k, c in enumerate(g.feature_channels)]
         outputs = [TensorSpec("noise_pred", f, ("B", g.latent_channels, "h", "w"))]
         outputs += [TensorSpec(f"feat_{k}", f, ("B", f"n{k}", c)) for k, c in enumerate(g.feature_channels)]
         return NetworkSpec(name, precision, tuple(inputs), tuple(outputs), tol)
@@ -338,7 +347,8 @@ def sample_inputs(spec: NetworkSpec, dims: Mapping[str, int], device="cpu", seed
     """Random inputs of the spec's shapes and dtypes, in each input's natural range.
 
     sample/latents ~ N(0, 1), images and DPT input ~ U(-1, 1), timesteps spread over [1, 999],
-    text embeddings and reference features ~ N(0, 1) (post-LayerNorm scale).
+    text embeddings and reference features ~ N(0, 1) (post-LayerNorm scale), ``self_ref``
+    1, 0, 1, ... (anchor-like and cross-frame samples in one batch).
     """
     import torch
 
@@ -348,6 +358,8 @@ def sample_inputs(spec: NetworkSpec, dims: Mapping[str, int], device="cpu", seed
         shape = t.resolve(dims)
         if t.name == "timestep":
             x = torch.linspace(999, 1, shape[0]).round()
+        elif t.name == "self_ref":  # a mixed batch: even samples attend to themselves, odd ones to ref_k
+            x = (torch.arange(shape[0]) % 2 == 0).float()
         elif t.name in ("images", "pixel_values"):
             x = torch.rand(shape, generator=g) * 2 - 1
         else:

@@ -191,12 +191,12 @@ def test_missing_engine_folder_is_one_line(models, tmp_path) -> None:
 
 def test_truncated_onnx_is_one_line_with_rebuild_command(engines, models, tmp_path) -> None:
     folder = _copy(engines, tmp_path / "trunc")
-    path = folder / "unet_anchor.onnx"
+    path = folder / "unet.onnx"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(EngineError) as err:
         make_backend("onnxruntime", models, folder)
     msg = _one_line(str(err.value))
-    assert "truncated" in msg and "unet_anchor.onnx" in msg
+    assert "truncated" in msg and "unet.onnx" in msg
     assert f"p2v export --model tiny --height {SIZE} --width {SIZE}" in msg and "--format onnx" in msg
 
 
@@ -250,11 +250,11 @@ def test_truncated_engine_file_is_one_line(engines, models, tmp_path) -> None:
     from p2v_fast.backend_tensorrt import TensorRTBackend
 
     h100 = Machine("10.8.0", "9.0", "NVIDIA H100")
-    folder = _fake_tensorrt_folder(engines, tmp_path / "trt", h100, truncate="unet_xframe")
+    folder = _fake_tensorrt_folder(engines, tmp_path / "trt", h100, truncate="unet")
     with pytest.raises(EngineError) as err:
         TensorRTBackend(models, folder, machine=h100)
     msg = _one_line(str(err.value))
-    assert "unet_xframe.plan" in msg and "truncated" in msg and "--format tensorrt" in msg
+    assert "unet.plan" in msg and "truncated" in msg and "--format tensorrt" in msg
 
 
 def test_engines_for_another_gpu_are_refused_with_the_rebuild_command(engines, models, tmp_path) -> None:
@@ -305,7 +305,7 @@ def test_the_runtime_imports_nothing_from_export() -> None:
 def test_select_profile_picks_the_profile_that_holds_every_input() -> None:
     from p2v_fast.backend_tensorrt import select_profile
 
-    spec = network_spec("unet_xframe", SD2, "fp16")
+    spec = network_spec("unet", SD2, "fp16")
     small = spec.profile_shapes(SD2, ExportProfile(batch=(1, 2, 4), height=(256, 512, 512), width=(256, 512, 512)))
     large = spec.profile_shapes(SD2, ExportProfile(batch=(1, 2, 8), height=(512, 768, 1024),
                                                    width=(512, 768, 1024)))
@@ -320,7 +320,7 @@ def test_select_profile_picks_the_profile_that_holds_every_input() -> None:
 def test_check_io_and_output_shapes() -> None:
     from p2v_fast.backend_tensorrt import batch_and_size, check_io, output_shapes
 
-    spec = network_spec("unet_anchor", SD2, "fp16")
+    spec = network_spec("unet", SD2, "fp16")
     io = {t.name: ("input", t.dtype) for t in spec.inputs} | {t.name: ("output", t.dtype) for t in spec.outputs}
     check_io(spec, io)
     with pytest.raises(EngineError, match="missing"):
@@ -357,7 +357,7 @@ def test_rebuild_command_and_machine_check() -> None:
                  machine=Machine("10.8.0", "9.0", "NVIDIA H100"))
     cmd = rebuild_command(m, Path("engines"))
     assert cmd == ("p2v export --model stabilityai/stable-diffusion-2-depth --height 512 --width 512 "
-                   "--min-size 256 --max-size 768 --max-batch 8 --precision fp16 --format tensorrt "
+                   "--min-size 256 --max-size 768 --max-batch 8 --opt-batch 2 --precision fp16 --format tensorrt "
                    "--out engines --force")
     assert "--height 1024 --width 512 --min-size 256 --max-size 1024" in rebuild_command(m, Path("e"), height=1024)
     with pytest.raises(EngineError, match="ONNX graphs only"):  # no engines listed yet
@@ -413,7 +413,7 @@ def test_cli_edit_with_engines_for_another_gpu(engines, clip, tmp_path, monkeypa
 def test_cli_info_lists_engines(engines) -> None:
     result = _cli(["info", "--engines", str(engines)])
     assert result.exit_code == 0, result.output
-    assert "model tiny, fp32" in result.output and "unet_xframe.onnx" in result.output
+    assert "model tiny, fp32" in result.output and "unet.onnx" in result.output
 
 
 # ------------------------------------------------------------------------------ GPU tiers

@@ -110,8 +110,7 @@ def test_graph_backend_without_engines_exports_the_bench_model(tiny_dir, tmp_pat
     export = run["export"]
     assert export["format"] == "onnx" and export["precision"] == "fp32"
     assert export["profile"] == f"batch 1-6 at {SIZE}x{SIZE}"
-    assert {k.split("/")[0] for k in export["networks"]} == {"unet_anchor", "unet_xframe", "vae_encoder",
-                                                             "vae_decoder", "depth"}
+    assert {k.split("/")[0] for k in export["networks"]} == {"unet", "vae_encoder", "vae_decoder", "depth"}
     assert all(n["status"] == "exported" for n in export["networks"].values())
     seq, wav = (next(e for e in run["edits"] if e["schedule"] == s) for s in ("sequential", "wavefront"))
     assert wav["unet_per_frame"]["total"]["unet_samples"] == seq["unet_per_frame"]["total"]["unet_samples"]
@@ -159,10 +158,10 @@ def test_wavefront_does_the_same_work_in_fewer_calls(bench_json, mode) -> None:
 def test_flops_per_frame_follow_the_calls(bench_json) -> None:
     data = bench_json[1]
     per_call = data["unet_flops"]["per_call"]
-    anchor_call = per_call["anchor (unet_anchor, batch 2)"]
-    xframe_call = per_call["propagated (unet_xframe, batch 2)"]
-    backward = per_call["autograd backward (unet_xframe, batch 2)"]
-    assert anchor_call == 2 * per_call["inversion (unet_anchor, batch 1)"]  # FLOPs are linear in batch
+    anchor_call = per_call["anchor (self-attention, batch 2)"]
+    xframe_call = per_call["propagated (cross-frame, batch 2)"]
+    backward = per_call["autograd backward (cross-frame, batch 2)"]
+    assert anchor_call == 2 * per_call["inversion (self-attention, batch 1)"]  # FLOPs are linear in batch
     assert xframe_call > anchor_call  # K/V over 2N tokens
     auto = _edit(data, "sequential", "autograd")["unet_flops_per_frame"]
     off = _edit(data, "sequential", "off")["unet_flops_per_frame"]
@@ -171,7 +170,7 @@ def test_flops_per_frame_follow_the_calls(bench_json) -> None:
     assert auto["propagated"] == STEPS * xframe_call + GUIDED * backward
     assert off["mean"] == pytest.approx((off["anchor"] + (FRAMES - 1) * off["propagated"]) / FRAMES)
     inv = _torch_run(data)["stages"]["inversion"]
-    assert inv["unet_flops_per_frame"] == STEPS * per_call["inversion (unet_anchor, batch 1)"]
+    assert inv["unet_flops_per_frame"] == STEPS * per_call["inversion (self-attention, batch 1)"]
 
 
 def test_expected_calls_follow_config() -> None:

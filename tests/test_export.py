@@ -106,49 +106,78 @@ def test_graph_matches_pytorch_at_another_batch_and_size(tiny_engines, ref_model
     with torch.no_grad():
         out = module(*(inputs[n] for n in spec.input_names))
     want = dict(zip(spec.output_names, out if isinstance(out, tuple) else (out,), strict=True))
-    if name == "unet_xframe":
+    if name == "unet":
+        assert inputs["self_ref"].tolist() == [1.0, 0.0, 1.0]  # anchor-like and cross-frame samples
         assert len([n for n in spec.input_names if n.startswith("ref_")]) == 9
         assert len([n for n in spec.output_names if n.startswith("feat_")]) == 9
     worst = compare_outputs(spec, got, want)
     assert worst["rel"] < 1e-4, worst
 
 
-def test_xframe_graph_uses_its_refs(tiny_engines) -> None:
-    """The refs are live graph inputs, not constants frozen at export: other refs, other output."""
+def test_unet_graph_uses_its_refs_only_where_self_ref_is_0(tiny_engines) -> None:
+    """The refs are live graph inputs, not constants frozen at export, and the selector is
+    per sample: other refs change the cross-frame sample's output and leave the anchor's as is."""
     from p2v_fast.backend_onnx import OnnxSession
 
     folder, _ = tiny_engines
     manifest = read_manifest(folder)
-    spec, geometry = manifest.networks["unet_xframe"].spec, manifest.geometry
-    session = OnnxSession(folder / "unet_xframe.onnx", spec, geometry, torch.device("cpu"))
+    spec, geometry = manifest.networks["unet"].spec, manifest.geometry
+    session = OnnxSession(folder / "unet.onnx", spec, geometry, torch.device("cpu"))
     inputs = sample_inputs(spec, spec.dims(geometry, 2, SIZE, SIZE), seed=1)
+    assert inputs["self_ref"].tolist() == [1.0, 0.0]
     a = session.run(inputs)["noise_pred"]
     inputs["ref_8"] = inputs["ref_8"] * -1.0
     b = session.run(inputs)["noise_pred"]
-    assert float((a - b).abs().max()) > 1e-3
+    assert float((a[1] - b[1]).abs().max()) > 1e-3  # cross-frame sample: its refs matter
+    assert torch.equal(a[0], b[0])  # anchor-like sample: its refs are selected away
+
+
+def test_one_unet_graph_serves_a_batch_of_anchor_and_cross_frame_samples(tiny_engines, ref_models) -> None:
+    """ONNX Runtime's ``unet`` on a batch mixing anchor (self_ref 1, zero refs) and cross-frame
+    samples equals PyTorch's plain self-attention UNet for the anchors and its cross-frame UNet
+    for the others, each called on its own samples."""
+    from p2v_fast.attention import UNetWithFeatures
+    from p2v_fast.backend_onnx import OnnxSession
+
+    folder, _ = tiny_engines
+    manifest = read_manifest(folder)
+    spec, geometry = manifest.networks["unet"].spec, manifest.geometry
+    x = sample_inputs(spec, spec.dims(geometry, 4, SIZE, SIZE), seed=5)
+    x["self_ref"] = torch.tensor([1.0, 1.0, 0.0, 0.0])  # one anchor (2 CFG branches), one other frame
+    for k in range(9):
+        x[f"ref_{k}"][:2] = 0.0  # what the edit loop sends for the anchor
+    got = OnnxSession(folder / "unet.onnx", spec, geometry, torch.device("cpu")).run(x)
+    wrapper = UNetWithFeatures(ref_models.unet)
+    refs = [x[f"ref_{k}"] for k in range(9)]
+    with torch.no_grad():
+        anchor = wrapper(x["sample"][:2], x["timestep"][:2], x["encoder_hidden_states"][:2])
+        other = wrapper(x["sample"][2:], x["timestep"][2:], x["encoder_hidden_states"][2:], *(r[2:] for r in refs))
+    want = {n: torch.cat([a, o]) for n, a, o in zip(spec.output_names, anchor, other, strict=True)}
+    worst = compare_outputs(spec, got, want)
+    assert worst["rel"] < 1e-4, worst
 
 
 def test_fp16_export_is_an_fp16_graph_and_validates(tiny_dir, tmp_path_factory, ref_models) -> None:
-    folder, _ = export_tiny(tmp_path_factory.mktemp("fp16"), "fp16", ("unet_xframe", "depth"))
+    folder, _ = export_tiny(tmp_path_factory.mktemp("fp16"), "fp16", ("unet", "depth"))
     manifest = read_manifest(folder)
-    graph = onnx.load(str(folder / "unet_xframe.onnx"))
+    graph = onnx.load(str(folder / "unet.onnx"))
     types = {i.name: i.type.tensor_type.elem_type for i in graph.graph.input}
     assert types["sample"] == onnx.TensorProto.FLOAT16 and types["ref_0"] == onnx.TensorProto.FLOAT16
-    assert types["timestep"] == onnx.TensorProto.FLOAT
+    assert types["timestep"] == types["self_ref"] == onnx.TensorProto.FLOAT  # fp32 in every precision
     assert graph.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
     depth = onnx.load(str(folder / "depth.onnx"))  # DPT stays fp32 (its batch norms)
     assert depth.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
-    v = manifest.networks["unet_xframe"].validation
+    v = manifest.networks["unet"].validation
     assert v is not None and 0 < v["rel"] <= 2e-2, v  # fp16 vs fp16 PyTorch: ~3e-3
 
     # ... and against the fp32 model: the precision loss itself is ~1e-3 relative
     from p2v_fast.backend_onnx import OnnxSession
 
-    spec = manifest.networks["unet_xframe"].spec
+    spec = manifest.networks["unet"].spec
     inputs = sample_inputs(spec, spec.dims(manifest.geometry, 2, SIZE, SIZE), seed=3)
-    got = OnnxSession(folder / "unet_xframe.onnx", spec, manifest.geometry, torch.device("cpu")).run(inputs)
+    got = OnnxSession(folder / "unet.onnx", spec, manifest.geometry, torch.device("cpu")).run(inputs)
     with torch.no_grad():
-        out = graph_module("unet_xframe", ref_models)(*(inputs[n].float() for n in spec.input_names))
+        out = graph_module("unet", ref_models)(*(inputs[n].float() for n in spec.input_names))
     worst = compare_outputs(spec, got, dict(zip(spec.output_names, out, strict=True)))
     assert worst["rel"] < 2e-2
 
@@ -169,6 +198,22 @@ def test_stages_are_skipped_when_current_and_redone_with_force(tiny_engines, tmp
     assert after.networks["vae_decoder"].onnx.key == before.networks["vae_decoder"].onnx.key  # type: ignore[union-attr]
 
 
+def test_reexport_removes_the_two_legacy_unet_graphs(tiny_engines, tmp_path) -> None:
+    """A folder from wave 1 held unet_anchor and unet_xframe (the same weights twice); exporting
+    into it leaves only the one unet graph."""
+    folder, _ = tiny_engines
+    copy = tmp_path / "old"
+    shutil.copytree(folder, copy)
+    legacy = [copy / "unet_anchor.onnx", copy / "unet_xframe.onnx", copy / "unet_xframe.onnx.data",
+              copy / "unet_anchor.plan"]
+    for p in legacy:
+        p.write_bytes(b"old")
+    export_engines(ExportOptions(model="tiny", out=copy, format="onnx", precision="fp32", height=SIZE, width=SIZE,
+                                 max_batch=4))
+    assert not any(p.exists() for p in legacy)
+    assert (copy / "unet.onnx").is_file() and "unet" in read_manifest(copy).networks
+
+
 def test_validation_error_names_network_output_and_size() -> None:
     spec = network_spec("vae_decoder", SD2, "fp32")
     want = {"images": torch.ones(1, 3, 8, 8)}
@@ -183,12 +228,12 @@ def test_validation_error_names_network_output_and_size() -> None:
 
 
 def test_profile_shapes_at_sd2_sizes() -> None:
-    opts = ExportOptions(height=512, width=768, min_size=256, max_size=1024, max_batch=8)
+    opts = ExportOptions(height=512, width=768, min_size=256, max_size=1024, max_batch=8, opt_batch=2)
     profile = opts.profile()
     assert profile == ExportProfile(batch=(1, 2, 8), height=(256, 512, 1024), width=(256, 768, 1024))
-    shapes = network_spec("unet_xframe", SD2, "fp16").profile_shapes(SD2, profile)
+    shapes = network_spec("unet", SD2, "fp16").profile_shapes(SD2, profile)
     assert shapes["sample"] == ((1, 5, 32, 32), (2, 5, 64, 96), (8, 5, 128, 128))
-    assert shapes["timestep"] == ((1,), (2,), (8,))
+    assert shapes["timestep"] == shapes["self_ref"] == ((1,), (2,), (8,))
     assert shapes["encoder_hidden_states"] == ((1, 77, 1024), (2, 77, 1024), (8, 77, 1024))
     # ref_0: up_blocks.1 at latent/4, 1280 channels, anchor || previous = 2 N tokens
     assert shapes["ref_0"] == ((1, 2 * 8 * 8, 1280), (2, 2 * 16 * 24, 1280), (8, 2 * 32 * 32, 1280))
@@ -202,8 +247,21 @@ def test_profile_shapes_at_sd2_sizes() -> None:
     assert fixed.fixed_size and fixed.describe() == "batch 1-8 at 512x512"
 
 
+def test_opt_batch_is_what_the_wavefront_sends_and_static_batch_fixes_it() -> None:
+    """Default opt batch = max batch: with frames in flight the wavefront's calls are split into
+    calls of max_batch samples, so that is the batch TensorRT should tune for (not 2)."""
+    assert ExportOptions(max_batch=8).profile().batch == (1, 8, 8)
+    assert ExportOptions(max_batch=32, opt_batch=16).profile().batch == (1, 16, 32)
+    static = ExportOptions(max_batch=4, static_batch=True).profile()
+    assert static.batch == (4, 4, 4) and static.describe() == "batch 4 at 512x512"
+    with pytest.raises(InputError, match="--opt-batch"):
+        ExportOptions(max_batch=4, opt_batch=8)
+    with pytest.raises(InputError, match="--static-batch"):
+        ExportOptions(max_batch=4, opt_batch=2, static_batch=True)
+
+
 def test_bind_solves_axes_and_names_the_inconsistent_input() -> None:
-    spec = network_spec("unet_xframe", SD2, "fp16")
+    spec = network_spec("unet", SD2, "fp16")
     dims = spec.dims(SD2, 2, 512, 640)
     shapes = spec.input_shapes(dims)
     assert spec.bind(SD2, shapes) == dims
@@ -245,13 +303,13 @@ def test_export_options_quote_the_bad_value(kw, needle) -> None:
 
 
 def test_cache_keys_change_with_everything_that_invalidates() -> None:
-    spec = network_spec("unet_xframe", SD2, "fp16")
+    spec = network_spec("unet", SD2, "fp16")
     model = ModelId("stabilityai/stable-diffusion-2-depth", "abc")
     base = onnx_key(spec, model, 18)
     assert base == onnx_key(spec, model, 18)
     assert base != onnx_key(spec, model, 17)
-    assert base != onnx_key(network_spec("unet_xframe", SD2, "fp32"), model, 18)
-    assert base != onnx_key(network_spec("unet_anchor", SD2, "fp16"), model, 18)
+    assert base != onnx_key(network_spec("unet", SD2, "fp32"), model, 18)
+    assert base != onnx_key(network_spec("vae_decoder", SD2, "fp16"), model, 18)
     assert base != onnx_key(spec, ModelId("other", "def"), 18)
     assert EXPORT_VERSION >= 1
     profile = spec.profile_shapes(SD2, ExportProfile())
@@ -274,7 +332,7 @@ def test_cli_export_reports_cached_stages(tiny_engines) -> None:
     result = CliRunner().invoke(app, ["export", "--model", "tiny", "--size", str(SIZE), "--out", str(folder),
                                       "--format", "onnx", "--precision", "fp32", "--max-batch", "4"])
     assert result.exit_code == 0, result.output
-    assert "cached" in result.output and "unet_xframe" in result.output and "manifest" in result.output
+    assert "cached" in result.output and "unet.onnx" in result.output and "manifest" in result.output
 
 
 def test_cli_export_tensorrt_without_tensorrt_is_one_clear_line(tmp_path) -> None:
@@ -323,7 +381,7 @@ def test_tensorrt_engines_match_pytorch(tiny_dir, tmp_path, precision) -> None:
     torch_backend = TorchBackend(models)  # after the export: it re-wires the UNet's processors
     tol = 1e-3 if precision == "fp32" else 2e-2
     manifest = read_manifest(tmp_path / "e")
-    spec = manifest.networks["unet_xframe"].spec
+    spec = manifest.networks["unet"].spec
     for b, (h, w) in ((2, (SIZE, SIZE)), (3, (2 * SIZE, SIZE)), (6, (SIZE, 2 * SIZE))):  # 6 > max batch: split
         x = sample_inputs(spec, spec.dims(manifest.geometry, b, h, w), device="cuda", seed=b)
         refs = [x[f"ref_{k}"] for k in range(9)]
