@@ -43,7 +43,10 @@ class RichProgress:
         return advance
 
     def log(self, message: str) -> None:
-        self.progress.console.print(f"[dim]{message}[/dim]")
+        if message.startswith("warning:"):
+            self.progress.console.print(f"[yellow]{escape(message)}[/yellow]", soft_wrap=True, highlight=False)
+        else:
+            self.progress.console.print(f"[dim]{message}[/dim]")
 
 
 def _progress() -> Progress:

@@ -339,5 +339,5 @@ def describe_reconstruction(r: dict[str, float | None] | None) -> str:
     if not r:
         return "reconstruction error not measured"
     psnr = r.get("psnr_db")
-    db = "identical images" if psnr is None else f"PSNR {psnr:.1f} dB decoded"
+    db = "identical images" if psnr is None else f"decoded PSNR {psnr:.1f} dB"
     return f"frame 1 regenerated from x_T: latent error {100 * float(r['latent_rel_rms'] or 0):.2f} % RMS, {db}"

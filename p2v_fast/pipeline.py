@@ -31,7 +31,7 @@ from p2v_fast.inversion import (
 )
 from p2v_fast.paths import check_output_file
 from p2v_fast.progress import NullProgress, Progress
-from p2v_fast.prompts import check_prompt, encode_prompt, source_prompt_for
+from p2v_fast.prompts import check_prompt, encode_prompt, source_prompt_for, warn_if_truncated
 
 
 def resolve_device(name: str) -> torch.device:
@@ -59,6 +59,7 @@ class Runtime:
     models: Any  # p2v_fast.models.Models
     backend: Backend
     grad_backend: Backend | None
+    warned: set[tuple[str, str]] = field(default_factory=set)  # prompts already warned about (too long)
 
 
 def load_runtime(cfg: EditConfig) -> Runtime:
@@ -139,6 +140,7 @@ def prepare(cfg: EditConfig, input_path: Path, rt: Runtime, progress: Progress,
         progress.log(f"source prompt (BLIP caption of frame 1): {source!r}")
     else:
         source = cfg.source_prompt.strip()
+    warn_if_truncated(rt.models, source, "source prompt", progress.log, rt.warned)
     dtype = None if cfg.invert_dtype == "same" else resolve_dtype(cfg.invert_dtype, rt.models.device)
     where = inversion_runtime(rt.models, rt.backend, rt.grad_backend, dtype)
     inverted = invert_clip(cfg, selection, rt.models, where, source, digest=frames_digest(selection),
@@ -212,6 +214,8 @@ def edit_video(
     grad = "" if rt.grad_backend in (None, rt.backend) else f" (guided autograd steps on {rt.grad_backend.name})"
     dtype = str(rt.backend.dtype).removeprefix("torch.")
     progress.log(f"backend: {rt.backend.name} on {rt.backend.device}, {dtype}{grad}")
+    warn_if_truncated(rt.models, prompt, "target prompt", progress.log, rt.warned)
+    warn_if_truncated(rt.models, cfg.negative_prompt, "negative prompt", progress.log, rt.warned)
     prep = prepare(cfg, input_path, rt, progress, info)
     sel, inv = prep.selection, prep.inverted
 

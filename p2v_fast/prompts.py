@@ -22,6 +22,29 @@ def encode_prompt(models, text: str) -> torch.Tensor:
     return models.text_encoder(ids)[0].to(models.dtype)
 
 
+def dropped_part(models, text: str) -> str | None:
+    """The part of ``text`` that CLIP's tokenizer cuts off (past its ``model_max_length``, 77
+    tokens with the start and end tokens), decoded as diffusers shows it; None if it all fits."""
+    tok = models.tokenizer
+    limit = int(tok.model_max_length)
+    ids = tok([text], padding="longest", return_tensors="pt", verbose=False).input_ids  # untruncated
+    if ids.shape[-1] <= limit:
+        return None
+    return str(tok.batch_decode(ids[:, limit - 1 : -1])[0])
+
+
+def warn_if_truncated(models, text: str, what: str, log, seen: set[tuple[str, str]] | None = None) -> None:
+    """One ``warning:`` line through ``log`` if ``text`` (the ``what`` prompt) is cut at CLIP's
+    token limit, showing the dropped part; once per (what, text) when ``seen`` is given."""
+    dropped = dropped_part(models, text) if text else None
+    if dropped is None or (seen is not None and (what, text) in seen):
+        return
+    if seen is not None:
+        seen.add((what, text))
+    limit = models.tokenizer.model_max_length
+    log(f"warning: the {what} is longer than CLIP's {limit} tokens; this part is dropped: {dropped!r}")
+
+
 def check_prompt(prompt: str, what: str = "prompt") -> str:
     """The prompt stripped; InputError if it is empty."""
     text = (prompt or "").strip()

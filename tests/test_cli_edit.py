@@ -161,3 +161,33 @@ def test_out_of_memory_at_one_frame_is_one_line(clip, tmp_path, monkeypatch) -> 
     lines = r.output.strip().splitlines()
     assert lines[-1].startswith("error: out of memory") and "Traceback" not in r.output
     assert not out.exists()
+
+
+def test_prompts_past_clips_token_limit_warn_once_each_with_the_dropped_part(clip, tmp_path) -> None:
+    """Target, negative and source prompts past 77 tokens: one warning line each, naming the
+    prompt and showing what CLIP cuts off (as diffusers does); a short prompt: no warning."""
+    from p2v_fast.models import load_models
+    from p2v_fast.prompts import dropped_part
+
+    tok = load_models("tiny").tokenizer
+    long = {what: f"{what} " + "and ever more words " * 8 + f"tail of the {what}" for what in ("target", "negative",
+                                                                                             "source")}
+    models = type("M", (), {"tokenizer": tok})()
+    for text in long.values():
+        dropped = dropped_part(models, text)
+        assert dropped and text.endswith(dropped.strip()[-8:])  # the end of the prompt is what is lost
+    assert dropped_part(models, "a crochet swan") is None
+
+    r = _p2v("edit", clip, long["target"], "-o", tmp_path / "long.mp4", *FAST, "--max-frames", "2",
+             "--negative-prompt", long["negative"], "--source-prompt", long["source"], "--latent-update", "off")
+    assert r.exit_code == 0, r.output
+    text = r.output.replace("\n", " ")
+    for what in ("target", "negative", "source"):
+        assert text.count(f"warning: the {what} prompt is longer than CLIP's 77 tokens") == 1, r.output
+        assert f"tail of the {what}" in text
+    r = _p2v("edit", clip, "a swan", "-o", tmp_path / "short.mp4", *FAST, "--max-frames", "2",
+             "--source-prompt", "a clip", "--latent-update", "off")
+    assert r.exit_code == 0 and "warning:" not in r.output
+    r = _p2v("invert", clip, "--model", "tiny", "--size", "64", "--steps", "2", "--max-frames", "2",
+             "--source-prompt", long["source"])
+    assert r.exit_code == 0 and r.output.count("warning: the source prompt is longer") == 1, r.output
