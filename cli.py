@@ -270,6 +270,134 @@ def invert(
                       highlight=False)
 
 
+class RichBatchReporter:
+    """p2v_fast.batch.BatchReporter rendered with rich: the jobs overall (ETA from frames edited
+    per second) and a bar per running job."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.credit: dict[int, float] = {}  # job -> frames counted as done overall
+        self.tasks: dict[int, Any] = {}
+        self.finished = 0
+
+    def start(self, jobs: list) -> None:
+        todo = [j for j in jobs if not j.done]
+        self.n_todo = len(todo)
+        if len(jobs) > len(todo):
+            self.log(f"{len(jobs) - len(todo)} of {len(jobs)} jobs already done (outputs complete): skipped")
+        self.overall = self.progress.add_task(f"jobs 0/{len(todo)}", total=max(sum(j.n_frames for j in todo), 1),
+                                              visible=bool(todo))
+
+    def job_started(self, job, worker: str) -> None:
+        self.log(f"job {job.index} ({job.label}) on {worker}")
+        if job.index in self.tasks:
+            self.progress.remove_task(self.tasks.pop(job.index))
+        self.credit[job.index] = 0.0
+        self.tasks[job.index] = self.progress.add_task(f"  job {job.index} starting", total=job.n_frames)
+        self._overall()
+
+    def job_progress(self, job, stage: str, frames: float) -> None:
+        if job.index in self.tasks:
+            self.progress.update(self.tasks[job.index], description=f"  job {job.index} {stage}", completed=frames)
+        if stage == "edit":
+            self.credit[job.index] = frames
+            self._overall()
+
+    def job_finished(self, job, result) -> None:
+        if job.index in self.tasks:
+            self.progress.remove_task(self.tasks.pop(job.index))
+        self.credit[job.index] = job.n_frames
+        self.finished += 1
+        style = "green" if result.status == "done" else "red"
+        self.progress.console.print(f"[{style}]job {job.index} {result.status}[/{style}] in {result.seconds:.1f} s: "
+                                    f"{escape(result.output if result.status == 'done' else result.detail)}",
+                                    highlight=False, soft_wrap=True)
+        self._overall()
+
+    def log(self, message: str) -> None:
+        self.progress.console.print(f"[dim]{escape(message)}[/dim]", highlight=False, soft_wrap=True)
+
+    def _overall(self) -> None:
+        self.progress.update(self.overall, description=f"jobs {self.finished}/{self.n_todo}",
+                             completed=sum(self.credit.values()))
+
+
+def _batch_table(result, jobs_file: Path) -> Table:
+    counts = ", ".join(f"{result.count(s)} {s}" for s in ("done", "skipped", "failed", "interrupted", "not run")
+                       if result.count(s))
+    table = Table(title=f"p2v batch {jobs_file.name}: {counts} in {result.seconds:.1f} s")
+    for col in ("job", "status", "frames", "seconds", "output", "detail"):
+        table.add_column(col, justify="right" if col in ("job", "frames", "seconds") else "left",
+                         overflow="fold")
+    colour = {"done": "green", "skipped": "cyan"}
+    for r in result.results:
+        ran = r.status == "done"
+        table.add_row(str(r.job), f"[{colour.get(r.status, 'red')}]{r.status}[/]", str(r.frames) if r.frames else "-",
+                      f"{r.seconds:.1f}" if ran else "-", escape(_short(r.output)), escape(r.detail))
+    return table
+
+
+def _short(path: str) -> str:
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return path
+
+
+@app.command()
+@user_errors
+def batch(
+    jobs: Annotated[Path, typer.Argument(help="Jobs file (YAML or JSON): 'defaults' and a list of 'jobs', each "
+                                              "with `p2v edit` options under their long names with underscores.")],
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the summary to this JSON file.")] = None,
+    ray: Annotated[bool, typer.Option("--ray", help="Run the jobs on Ray, one worker per GPU.")] = False,
+    ray_address: Annotated[str | None, typer.Option(
+        "--ray-address", help="Join this Ray cluster (e.g. auto, or HEAD_IP:6379); implies --ray. "
+                              "Default: start a local Ray.")] = None,
+    ray_cpus_per_worker: Annotated[int | None, typer.Option(
+        "--ray-cpus-per-worker", help="CPU-only cluster: one worker per N CPUs; implies --ray.")] = None,
+    workers: Annotated[int | None, typer.Option(
+        help="Ray workers (default: one per GPU in the cluster, or per --ray-cpus-per-worker CPUs).")] = None,
+) -> None:
+    """Edit many clips from one jobs file: models load once per worker, each clip inverts once.
+
+    Running the same command again skips the jobs whose output is complete."""
+    from p2v_fast.batch import BatchFileError, load_jobs, run_batch
+    from p2v_fast.evaluate import write_json_atomic
+    from p2v_fast.paths import check_output_file
+
+    ray = ray or ray_address is not None or ray_cpus_per_worker is not None
+    if workers is not None and not ray:
+        raise typer.BadParameter("needs --ray (without Ray the jobs run one after another in this process)",
+                                 param_hint="--workers")
+    if json_path is not None:
+        check_output_file(json_path)
+    try:
+        job_list = load_jobs(jobs)
+    except BatchFileError as e:
+        for line in e.lines:
+            console.print(f"[bold red]error:[/bold red] {escape(line)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(e.exit_code) from None
+    progress = Progress(TextColumn("[bold]{task.description:<22}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("frames"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                        console=console)
+    with progress:
+        reporter = RichBatchReporter(progress)
+        if ray:
+            from p2v_fast.batch_ray import run_batch_ray
+
+            result = run_batch_ray(job_list, reporter, address=ray_address, workers=workers,
+                                   cpus_per_worker=ray_cpus_per_worker)
+        else:
+            result = run_batch(job_list, reporter)
+    out_console.print(_batch_table(result, jobs))
+    if json_path is not None:
+        write_json_atomic(json_path, {"jobs_file": str(jobs.resolve()), **result.to_dict()})
+        out_console.print(f"wrote {json_path}", soft_wrap=True, highlight=False)
+    if result.exit_code:
+        raise typer.Exit(result.exit_code)
+
+
 ClipModel = Annotated[
     str, typer.Option("--clip-model", help="CLIP for the metrics: hub id, local folder, or 'tiny' (random, offline).")
 ]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from p2v_fast.errors import InputError
@@ -32,3 +34,23 @@ def check_output_file(path: str | Path) -> Path:
     if not os.access(parent, os.W_OK):
         raise InputError(f"output folder '{parent}' is not writable")
     return out
+
+
+@contextlib.contextmanager
+def cache_lock(name: str, root: str | Path | None = None) -> Iterator[None]:
+    """Hold ``<cache>/locks/<name>.lock`` exclusively (``fcntl.flock``) while the block runs, so
+    two processes sharing a cache (a batch's workers, two edits of one clip) do one piece of work
+    once instead of racing on its files. Released when the block ends or the process dies."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no cross-process lock
+        yield
+        return
+    folder = Path(root or cache_root()) / "locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{name}.lock", "a+b") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

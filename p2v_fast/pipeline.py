@@ -7,6 +7,7 @@ features, one frame's worth of features in flight and a few thumbnails are held.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from p2v_fast.inversion import (
     invert_clip,
     select_clip,
 )
-from p2v_fast.paths import check_output_file
+from p2v_fast.paths import cache_lock, check_output_file
 from p2v_fast.progress import NullProgress, Progress
 from p2v_fast.prompts import check_prompt, encode_prompt, source_prompt_for, warn_if_truncated
 
@@ -143,8 +144,10 @@ def prepare(cfg: EditConfig, input_path: Path, rt: Runtime, progress: Progress,
     warn_if_truncated(rt.models, source, "source prompt", progress.log, rt.warned)
     dtype = None if cfg.invert_dtype == "same" else resolve_dtype(cfg.invert_dtype, rt.models.device)
     where = inversion_runtime(rt.models, rt.backend, rt.grad_backend, dtype)
-    inverted = invert_clip(cfg, selection, rt.models, where, source, digest=frames_digest(selection),
-                           batch=cfg.invert_batch, progress=progress)
+    digest = frames_digest(selection)
+    with cache_lock(f"inversion-{digest[:24]}", cfg.cache_dir):  # another process inverting these frames:
+        inverted = invert_clip(cfg, selection, rt.models, where, source, digest=digest,  # wait, then reuse
+                               batch=cfg.invert_batch, progress=progress)
     return PreparedClip(selection, inverted, time.perf_counter() - t0)
 
 
@@ -177,6 +180,7 @@ class EditResult:
     stats: EditStats = field(default_factory=EditStats)
     inversion_runtime: dict[str, str] = field(default_factory=dict)  # Backend.identity() it ran on
     reconstruction: dict[str, float | None] | None = None  # inversion.reconstruction_error of the inversion
+    frames_sha256: str = ""  # of the edited uint8 frames before encoding (reproducibility checks)
 
     @property
     def seconds_per_frame(self) -> float:
@@ -240,9 +244,12 @@ def edit_video(
     source_frames = sel.frames()
     finished = run_schedule(ctx, initial(), on_step=advance)
 
+    raw = hashlib.sha256()
+
     def edited_frames():
         for st in finished:
             frame = sel.to_output(_to_uint8(rt.backend.vae_decode(st.latent))[0])  # --resize pad: bars cut
+            raw.update(frame.tobytes())
             src = sel.to_output(next(source_frames))
             if st.index in thumbs_at:
                 thumbs.append((src, frame))
@@ -281,6 +288,6 @@ def edit_video(
         progress.log(f"{budget.splits} UNet calls split to fit in memory, {budget.ooms} retried after running out")
     return EditResult(out, sel.n_frames, sel.fps, sel.output_size, t_end - t_start, prep.seconds, t_end - t_edit,
                       inv.cache_hit, inv.source_prompt, sbs_path, strip_path, stats, inv.runtime,
-                      inv.reconstruction)
+                      inv.reconstruction, raw.hexdigest())
 
 
