@@ -358,6 +358,7 @@ def _bench_edit(cfg: EditConfig, bench: _Bench, runtime: tuple[Backend, Backend 
         "peak_feature_bytes": stats.peak_feature_bytes,
         "unet_per_frame": unet,
         "update_rms_per_step": {str(k): v for k, v in stats.mean_update_rms().items()},
+        "detached_rms_at_same_latents_per_step": {str(k): v for k, v in stats.mean_detached_rms().items()},
         "unet_flops_per_frame": edit_flops(cfg, flops, n),
     }
 
@@ -471,11 +472,46 @@ def _bench_backend(name: str, opts: BenchOptions, base: EditConfig, models, sele
         result["edits"].append(_bench_edit(cfg.replace(schedule=schedule, latent_update=mode), bench,
                                            (backend, grad), embeds, inverted, latent_hw, flops))
 
+    result["update_rms"] = update_rms_table(result["edits"], DDIMSchedule(models.scheduler, cfg.steps))
+
     progress.log(f"{name}: VAE decode")
     latents = [d["x_0"] for d in inverted]
     stages["vae_decode"] = bench.measure(lambda: [backend.vae_decode(x) for x in latents], n)
     _add_throughput(result, flops, base, peak_tflops)
     return result
+
+
+def update_rms_table(edits: list[dict[str, Any]], schedule: DDIMSchedule) -> dict[str, Any] | None:
+    """Per guided step, the RMS size of the update x_{t-1} -= delta * grad in each mode, from the
+    run's first edit of each mode (both schedules give the same numbers), and the autograd
+    update against the detached form's at the same latents (no diverging trajectories). For an
+    ideal denoiser of unit-variance Gaussian latents dx0_hat/dx_t = sqrt(abar_t) I, so that ratio
+    would be sqrt(abar_t): ~0.07 at the first of 50 steps, ~0.5 at the 25th; a trained UNet's
+    Jacobian sets the real one. None when no guided mode ran."""
+    first: dict[str, dict[str, Any]] = {}
+    for e in edits:
+        first.setdefault(e["latent_update"], e)
+    auto, det = first.get("autograd"), first.get("detached")
+    if auto is None and det is None:
+        return None
+    steps = sorted({int(k) for e in (auto, det) if e is not None for k in e["update_rms_per_step"]})
+
+    def column(e: dict[str, Any] | None, key: str) -> list[float | None]:
+        return [None if e is None else e[key].get(str(s)) for s in steps]
+
+    same = column(auto, "detached_rms_at_same_latents_per_step")
+    autograd = column(auto, "update_rms_per_step")
+    return {
+        "delta": (auto or det)["delta"],  # type: ignore[index]
+        "steps": steps,
+        "timesteps": [int(schedule.timesteps[s]) for s in steps],
+        "sqrt_abar": [float(schedule.abar[s].sqrt()) for s in steps],
+        "autograd": autograd,
+        "detached": column(det, "update_rms_per_step"),
+        "detached_at_autograd_latents": same,
+        "autograd_over_detached_same_latents": [a / d if a is not None and d else None
+                                                for a, d in zip(autograd, same, strict=True)],
+    }
 
 
 def _add_throughput(result: dict[str, Any], flops: UNetFlops, base: EditConfig, peak: object) -> None:

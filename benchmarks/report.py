@@ -135,6 +135,31 @@ def schedule_rows(report: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+UPDATE_COLUMNS = ("step", "t", "sqrt(abar_t)", "autograd RMS", "detached RMS", "detached at autograd's latents",
+                  "autograd / detached, same latents")
+
+
+def update_rows(run: dict[str, Any]) -> list[list[str]]:
+    """The guided update's RMS per step in each mode (:func:`benchmarks.bench.update_rms_table`)."""
+    u = run.get("update_rms")
+    if not u:
+        return []
+
+    def cell(x: float | None) -> str:
+        return "" if x is None else f"{x:.3g}"
+
+    return [[str(s), str(t), f"{a:.3g}", cell(au), cell(de), cell(same), cell(r)]
+            for s, t, a, au, de, same, r in zip(u["steps"], u["timesteps"], u["sqrt_abar"], u["autograd"],
+                                                u["detached"], u["detached_at_autograd_latents"],
+                                                u["autograd_over_detached_same_latents"], strict=True)]
+
+
+def update_title(report: dict[str, Any], run: dict[str, Any]) -> str:
+    return (f"{run['backend']}: guided update RMS per step, delta {run['update_rms']['delta']:.3g} "
+            f"(--update-weight {report['config']['update_weight']:g} at {report['options']['size']}²); an ideal "
+            "Gaussian denoiser would give autograd/detached = sqrt(abar_t)")
+
+
 SPEEDUP_COLUMNS = ("speed-up", "call", "s/call", "min–max", "first call s", "vs eager", "max rel err vs eager")
 
 
@@ -175,6 +200,15 @@ def print_report(console: Console, report: dict[str, Any]) -> None:
         for row in rows:
             table.add_row(*row)
         console.print(table)
+    for run in report["runs"]:
+        rows = [] if "error" in run else update_rows(run)
+        if rows:
+            table = Table(title=update_title(report, run))
+            for name in UPDATE_COLUMNS:
+                table.add_column(name, justify="right")
+            for row in rows:
+                table.add_row(*row)
+            console.print(table)
     rows = schedule_rows(report)
     if rows:
         table = Table(title="sequential against wavefront (same result; edit seconds per frame, median)")
@@ -202,6 +236,11 @@ def markdown(report: dict[str, Any]) -> str:
     if rows:
         lines += [f"**{speedup_title(report)}**", "", "| " + " | ".join(SPEEDUP_COLUMNS) + " |",
                   "|---" * len(SPEEDUP_COLUMNS) + "|", *("| " + " | ".join(r) + " |" for r in rows), ""]
+    for run in report["runs"]:
+        rows = [] if "error" in run else update_rows(run)
+        if rows:
+            lines += [f"**{update_title(report, run)}**", "", "| " + " | ".join(UPDATE_COLUMNS) + " |",
+                      "|---" * len(UPDATE_COLUMNS) + "|", *("| " + " | ".join(r) + " |" for r in rows), ""]
     rows = schedule_rows(report)
     if rows:
         lines += ["**sequential against wavefront**", "", "| " + " | ".join(SCHEDULE_COLUMNS) + " |",

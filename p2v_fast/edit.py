@@ -44,10 +44,32 @@ class EditStats:
     unet_calls: int = 0
     unet_backward: int = 0
     update_rms: dict[int, list[float]] = field(default_factory=dict)  # step -> RMS of delta*grad per frame
+    # autograd mode: step -> RMS of the detached form's update (delta * 2 (x0 - x0_prev) / N) at the same
+    # latents, per frame: the two forms' strengths compared without their trajectories diverging
+    detached_rms: dict[int, list[float]] = field(default_factory=dict)
     peak_feature_bytes: int = 0
 
     def mean_update_rms(self) -> dict[int, float]:
         return {s: float(np.mean(v)) for s, v in sorted(self.update_rms.items())}
+
+    def mean_detached_rms(self) -> dict[int, float]:
+        return {s: float(np.mean(v)) for s, v in sorted(self.detached_rms.items())}
+
+    def describe_update(self, mode: str) -> str:
+        """One line on the guided update's size, for the end of an edit."""
+        rms = self.mean_update_rms()
+        if not rms:
+            return "no guided latent update"
+        steps = list(rms)
+        line = (f"guided update RMS ({mode}, steps {steps[0]}-{steps[-1]}): first {rms[steps[0]]:.3g}, "
+                f"last {rms[steps[-1]]:.3g}, mean {np.mean(list(rms.values())):.3g}")
+        same = self.mean_detached_rms()
+        if same:
+            ratio = [rms[s] / same[s] for s in steps if same.get(s)]
+            line += (f"; the detached form at the same latents: mean {np.mean(list(same.values())):.3g}, "
+                     f"autograd/detached {ratio[0]:.3g} at the first step, {ratio[-1]:.3g} at the last"
+                     if ratio else "")
+        return line
 
 
 class FeatureStore:
@@ -203,6 +225,9 @@ def _step_call(frames: list[FrameState], ctx: EditContext, backend: Backend, nee
             rows = torch.tensor(guided, device=device)
             if needs_grad:
                 grad = autograd_gradient(x, x0[rows], x0_prev)[rows]
+                same = ctx.delta * detached_gradient(x0[rows].detach(), x0_prev)
+                for i, r in zip(guided, same.pow(2).flatten(1).mean(1).sqrt().tolist(), strict=True):
+                    ctx.stats.detached_rms.setdefault(frames[i].step, []).append(r)
             else:
                 grad = detached_gradient(x0[rows], x0_prev)
             x_prev = x_prev.detach().clone()

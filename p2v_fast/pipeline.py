@@ -281,8 +281,7 @@ def edit_video(
     t_end = time.perf_counter()
     stats.unet_calls = sum(c.unet_calls for c in counters) - calls0[0]
     stats.unet_backward = sum(c.unet_backward for c in counters) - calls0[1]
-    progress.log(f"mean update RMS per guided step: {stats.mean_update_rms()}" if stats.update_rms else
-                 "no guided latent update")
+    progress.log(stats.describe_update(cfg.latent_update))
     budget = ctx.budget
     if budget is not None and (budget.splits or budget.ooms):
         progress.log(f"{budget.splits} UNet calls split to fit in memory, {budget.ooms} retried after running out")

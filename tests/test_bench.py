@@ -86,12 +86,37 @@ def test_json_is_the_report_and_has_every_field(bench_json) -> None:
             assert sorted(int(k) for k in e["update_rms_per_step"]) == list(range(GUIDED))
 
 
+def test_update_rms_of_both_modes_per_step_and_the_inversion(bench_json) -> None:
+    """Both modes' update RMS per guided step in one run, and the autograd update against the
+    detached form at the same latents. At step 0 no update has happened yet, so the detached
+    run's frames are where the autograd run's are: the two detached columns agree there."""
+    from p2v_fast.ddim import DDIMSchedule
+    from p2v_fast.models import load_models
+
+    run = _torch_run(bench_json[1])
+    u = run["update_rms"]
+    assert u["steps"] == list(range(GUIDED)) and u["delta"] == _edit(bench_json[1], "wavefront", "autograd")["delta"]
+    schedule = DDIMSchedule(load_models("tiny").scheduler, STEPS)
+    assert u["timesteps"] == schedule.timesteps[:GUIDED].tolist()
+    assert u["sqrt_abar"] == pytest.approx(schedule.abar[:GUIDED].sqrt().tolist())
+    for key in ("autograd", "detached", "detached_at_autograd_latents"):
+        assert len(u[key]) == GUIDED and all(x > 0 for x in u[key])
+    assert u["detached_at_autograd_latents"][0] == pytest.approx(u["detached"][0], rel=1e-4)
+    assert u["autograd_over_detached_same_latents"] == pytest.approx(
+        [a / d for a, d in zip(u["autograd"], u["detached_at_autograd_latents"], strict=True)])
+    inv = run["stages"]["inversion"]
+    assert inv["runs_on"] == {"backend": "torch", "dtype": "float32", "device": "cpu"}
+    assert inv["reconstruction"]["latent_rel_rms"] > 0
+
+
 def test_markdown_has_every_stage(bench_json) -> None:
     from benchmarks.report import markdown
 
     text = markdown(bench_json[1])
     for label in ("depth", "VAE encode", "inversion", "anchor frame", "propagated frame", "mean over the clip",
-                  "edit · wavefront · off", "VAE decode", "tensorrt: not run", "sequential against wavefront"):
+                  "edit · wavefront · off", "VAE decode", "tensorrt: not run", "sequential against wavefront",
+                  "guided update RMS per step", "autograd / detached, same latents", "inversion on torch float32",
+                  "frame 1 regenerated from x_T"):
         assert label in text
     for mode in MODES:
         assert f"| torch | {mode} |" in text
