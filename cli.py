@@ -168,6 +168,8 @@ def edit(
     compile: Annotated[bool, typer.Option(
         "--compile", help="torch.compile the UNet's calls without gradients (CUDA graphs on GPU).")] = False,
     channels_last: Annotated[bool, typer.Option("--channels-last", help="Channels-last UNet memory format.")] = False,
+    cuda_graph: Annotated[bool, typer.Option(
+        "--cuda-graph", help="tensorrt: replay engines as CUDA graphs (export them with --static-batch).")] = False,
 ) -> None:
     """Edit INPUT so that it matches PROMPT, consistently across frames."""
     from p2v_fast.pipeline import edit_video
@@ -178,7 +180,7 @@ def edit(
         steps=steps, guidance_scale=guidance_scale, seed=seed, depth_norm=depth_norm, refs=refs,
         latent_update=latent_update, update_steps=update_steps, update_weight=update_weight,
         schedule=schedule, batch_frames=batch_frames, invert_batch=invert_batch, compile=compile,
-        channels_last=channels_last, resize=resize, invert_dtype=invert_dtype,
+        channels_last=channels_last, resize=resize, invert_dtype=invert_dtype, cuda_graph=cuda_graph,
     )
     with _progress() as bar:
         result = edit_video(cfg, input, output, overwrite=overwrite, preview=preview, side_by_side=side_by_side,

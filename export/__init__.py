@@ -14,6 +14,7 @@ what it finished. ``p2v export`` is the CLI over this function.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -197,19 +198,19 @@ def export_engines(options: ExportOptions, progress: Progress | None = None, mod
     t_start = time.perf_counter()
     machine: Machine | None = None
     if options.format == "tensorrt":
-        from export.tensorrt_build import timing_cache_path
         from p2v_fast.manifest import this_machine
-        from p2v_fast.system import import_tensorrt
+        from p2v_fast.system import require_tensorrt
 
-        import_tensorrt()  # fail before any work
-        if not torch.cuda.is_available():
-            raise EngineError("building TensorRT engines needs a CUDA GPU; none is visible (use --format onnx)")
-        machine = this_machine()
+        require_tensorrt("use --format onnx")  # before any work: TensorRT and a CUDA GPU, or say why not
+    device = models.device if models is not None else _device(options.device)
+    if options.format == "tensorrt":
+        machine = this_machine(device)  # the GPU the engines are built (and pinned) on
+        if machine.gpu is None:
+            raise InputError(f"TensorRT engines are built on a CUDA device, not --device {device}")
 
     folder = Path(options.out)
     folder.mkdir(parents=True, exist_ok=True)
     _remove_legacy(folder, progress)
-    device = _device(options.device)
     dtype = torch.float16 if options.precision == "fp16" else torch.float32
     if models is None:
         from p2v_fast.models import load_models
@@ -217,7 +218,6 @@ def export_engines(options: ExportOptions, progress: Progress | None = None, mod
         progress.log(f"loading {options.model} ({options.precision}) on {device}")
         models = load_models(options.model, device=device, dtype=dtype)
     else:
-        device = models.device
         if models.dtype != dtype:
             raise InputError(f"models are loaded in {models.dtype}, but --precision {options.precision} needs {dtype}")
     mid = model_id(models)
@@ -277,16 +277,11 @@ def export_engines(options: ExportOptions, progress: Progress | None = None, mod
                                                0.0, "cached"))
                 progress.log(f"{name}: TensorRT engine current, skipped")
             else:
-                from export.tensorrt_build import build_engine
-
-                assert entry.onnx is not None and machine.tensorrt and machine.compute_capability
-                path = folder / f"{name}.plan"
-                seconds = build_engine(folder / entry.onnx.file, path, shapes, workspace_gb=options.workspace_gb,
-                                       timing_cache=timing_cache_path(folder, machine.tensorrt,
-                                                                      machine.compute_capability))
-                entry.engine = Artifact(path.name, ekey, path.stat().st_size, round(seconds, 3))
-                report.rows.append(StageResult(name, "tensorrt", path, entry.engine.bytes, seconds, "built"))
-                progress.log(f"{name}: TensorRT engine built in {seconds:.1f} s")
+                entry.engine = None
+                write_manifest(folder, manifest)  # the old engine is no longer listed while this one builds
+                entry.engine, entry.engine_validation, row = _build_and_validate(
+                    name, spec, entry, shapes, ekey, folder, machine, geometry, profile, device, options, progress)
+                report.rows.append(row)
             advance(1)
         manifest.networks[name] = entry
         write_manifest(folder, manifest)
@@ -301,6 +296,38 @@ def export_engines(options: ExportOptions, progress: Progress | None = None, mod
 
     report.seconds = time.perf_counter() - t_start
     return report
+
+
+def _build_and_validate(name: str, spec, entry: NetworkEntry, shapes, ekey: str, folder: Path, machine: Machine,
+                        geometry, profile: ExportProfile, device, options: ExportOptions,
+                        progress: Progress) -> tuple[Artifact, dict, StageResult]:
+    """Build ``name``'s engine on ``device``, then validate it against ONNX Runtime on the spec's
+    sample inputs; only an engine within the spec's tolerance is returned (to be recorded). A
+    failing engine file is deleted."""
+    import torch
+
+    from export import tensorrt_build
+    from p2v_fast.specs import sample_inputs
+
+    assert entry.onnx is not None
+    path = folder / f"{name}.plan"
+    onnx_path = folder / entry.onnx.file
+    pinned = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with pinned:  # TensorRT builds on the current CUDA device: pin it to --device
+        seconds = tensorrt_build.build_engine(onnx_path, path, shapes, workspace_gb=options.workspace_gb,
+                                              timing_cache=tensorrt_build.timing_cache_path(folder, machine),
+                                              log=progress.log)
+    b = min(profile.batch[2], max(profile.batch[0], 2))
+    inputs = sample_inputs(spec, spec.dims(geometry, b, profile.height[1], profile.width[1]), seed=1)
+    try:
+        worst = tensorrt_build.validate_engine(path, onnx_path, spec, geometry, inputs, device)
+    except EngineError:
+        path.unlink(missing_ok=True)  # never leave an engine that failed its check under its name
+        raise
+    detail = f"{worst['rel']:.1e} ({worst['output']})"
+    progress.log(f"{name}: TensorRT engine built in {seconds:.1f} s, equals ONNX Runtime to {detail}")
+    artifact = Artifact(path.name, ekey, path.stat().st_size, round(seconds, 3))
+    return artifact, worst, StageResult(name, "tensorrt", path, artifact.bytes, seconds, "built", detail)
 
 
 def _versions() -> dict:

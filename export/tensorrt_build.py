@@ -1,4 +1,6 @@
-"""Build a TensorRT engine from an exported ONNX graph (TensorRT 10 and 11 Python API).
+"""Build a TensorRT engine from an exported ONNX graph, and prove it equals ONNX Runtime.
+
+TensorRT 10 and 11 Python API:
 
 - Networks are strongly typed: the ONNX already carries fp16 where fp16 is wanted (TensorRT
   11 removed ``BuilderFlag.FP16``; its ``create_network()`` is strongly typed by default, and
@@ -6,9 +8,16 @@
   TensorRT 10.x to 11.x" guide, "Strongly Typed Networks Are Now Required".
 - One optimisation profile per engine, from the spec (min/opt/max shape of every input).
 - The workspace limit is exposed (building the SD UNet can exhaust GPU memory).
-- A timing cache per TensorRT version and GPU architecture is loaded before and saved after
-  every build, so rebuilding (another size, another profile) reuses measured tactics.
-- The parser reads from the file path, so graphs with external weights load.
+- A timing cache per TensorRT version and GPU (name and compute capability) is loaded before and
+  saved after every build, so rebuilding (another size, another profile) reuses measured
+  tactics. ``set_timing_cache``'s result is checked; a cache TensorRT refuses (made on another
+  device or version) is replaced by a new one, with a note, instead of failing the build.
+- The parser reads from the file path, so graphs with external weights load; every parser
+  error is kept in the message.
+- The caller pins the build to the chosen ``--device`` (TensorRT builds on the current CUDA
+  device).
+- :func:`validate_engine` runs the built engine and ONNX Runtime on the spec's sample inputs and
+  compares every output within the spec's tolerance, before the manifest records the engine.
 
 TensorRT is imported lazily: nothing here is needed for ``--format onnx``.
 """
@@ -16,12 +25,16 @@ TensorRT is imported lazily: nothing here is needed for ``--format onnx``.
 from __future__ import annotations
 
 import os
+import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import torch
+
 from p2v_fast.errors import EngineError
-from p2v_fast.specs import MinOptMax
+from p2v_fast.manifest import Machine
+from p2v_fast.specs import Geometry, MinOptMax, NetworkSpec
 from p2v_fast.system import import_tensorrt
 
 
@@ -29,9 +42,12 @@ def trt_major(trt) -> int:
     return int(str(trt.__version__).split(".")[0])
 
 
-def timing_cache_path(folder: Path, tensorrt_version: str, compute_capability: str) -> Path:
-    """Timing caches are only valid for one TensorRT version and GPU architecture: one file each."""
-    return Path(folder) / f"timing-trt{tensorrt_version}-sm{compute_capability.replace('.', '')}.cache"
+def timing_cache_path(folder: Path, machine: Machine) -> Path:
+    """Timing caches are only valid for one TensorRT version on one GPU: one file each, named by
+    TensorRT version, GPU name and compute capability."""
+    gpu = re.sub(r"[^a-z0-9]+", "-", (machine.gpu or "gpu").lower()).strip("-")
+    cc = (machine.compute_capability or "0").replace(".", "")
+    return Path(folder) / f"timing-trt{machine.tensorrt}-{gpu}-sm{cc}.cache"
 
 
 def network_flags(trt) -> int:
@@ -39,6 +55,22 @@ def network_flags(trt) -> int:
     if trt_major(trt) >= 11:
         return 0  # strongly typed is the default (and the only mode) in 11.x
     return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+
+
+def _one_line(text: object, limit: int = 300) -> str:
+    return " ".join(str(text).split())[:limit]
+
+
+def _set_timing_cache(config, cache_bytes: bytes, source: Path | None, log: Callable[[str], None]) -> None:
+    """Load ``cache_bytes`` into ``config``; a cache TensorRT refuses is replaced by an empty one."""
+    cache = config.create_timing_cache(cache_bytes) if cache_bytes else None
+    if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+        return
+    if cache_bytes:
+        log(f"timing cache '{source}' was made on another GPU or TensorRT version; starting a new one")
+    cache = config.create_timing_cache(b"")
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        raise EngineError("TensorRT refused a new, empty timing cache")
 
 
 def build_engine(
@@ -49,21 +81,24 @@ def build_engine(
     workspace_gb: float | None = None,
     timing_cache: Path | None = None,
     verbose: bool = False,
+    log: Callable[[str], None] = lambda message: None,
+    trt=None,
 ) -> float:
     """Build ``engine_path`` from ``onnx_path`` with one optimisation profile. Returns seconds.
 
-    ``profile``: input name -> (min, opt, max) shape. Writes the engine atomically; raises
-    :class:`EngineError` with the parser's or builder's first error.
+    ``profile``: input name -> (min, opt, max) shape. Writes the engine (and the timing cache)
+    atomically; raises :class:`EngineError` with every parser error, or the builder's failure.
+    ``trt``: the TensorRT module (tests pass a stand-in).
     """
-    trt = import_tensorrt()
+    trt = trt or import_tensorrt()
     t0 = time.perf_counter()
     logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(network_flags(trt))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):  # path: resolves external weights beside the graph
-        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise EngineError(f"TensorRT cannot parse '{onnx_path}': {(errors or ['unknown error'])[0][:200]}")
+        errors = [_one_line(parser.get_error(i)) for i in range(parser.num_errors)] or ["unknown error"]
+        raise EngineError(f"TensorRT cannot parse '{onnx_path}' ({len(errors)} error(s)): " + " | ".join(errors))
 
     config = builder.create_builder_config()
     if workspace_gb is not None:
@@ -71,11 +106,11 @@ def build_engine(
     trt_profile = builder.create_optimization_profile()
     for name, (lo, opt, hi) in profile.items():
         trt_profile.set_shape(name, tuple(lo), tuple(opt), tuple(hi))
-    config.add_optimization_profile(trt_profile)
+    if config.add_optimization_profile(trt_profile) < 0:
+        raise EngineError(f"TensorRT refused the optimisation profile {dict(profile)} for '{onnx_path}'")
 
     cache_bytes = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else b""
-    cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    _set_timing_cache(config, cache_bytes, timing_cache, log)
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
@@ -83,14 +118,42 @@ def build_engine(
             f"TensorRT could not build an engine from '{onnx_path}' (see its log above); if it ran out of "
             "memory, lower --max-batch or --max-size, or raise --workspace"
         )
-    tmp = engine_path.with_name(f".{engine_path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(serialized)
-    os.replace(tmp, engine_path)
+    _write_atomic(engine_path, serialized)
     if timing_cache is not None:
-        data = config.get_timing_cache().serialize()
-        tmp_cache = timing_cache.with_name(f".{timing_cache.name}.tmp")
-        with open(tmp_cache, "wb") as f:
-            f.write(data)
-        os.replace(tmp_cache, timing_cache)
+        _write_atomic(timing_cache, config.get_timing_cache().serialize())
     return time.perf_counter() - t0
+
+
+def _write_atomic(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def validate_engine(engine_path: Path, onnx_path: Path, spec: NetworkSpec, geometry: Geometry,
+                    inputs: Mapping[str, torch.Tensor], device: torch.device) -> dict:
+    """Run the engine at ``engine_path`` and the ONNX graph it was built from (ONNX Runtime) on
+    ``inputs`` (the spec's sample inputs) and compare every output within the spec's tolerance.
+
+    Returns the worst output (``compare_outputs``); raises
+    :class:`~p2v_fast.errors.ExportValidationError` naming the output and the error otherwise.
+    """
+    from export.onnx_export import compare_outputs
+    from p2v_fast.backend_onnx import OnnxSession
+    from p2v_fast.backend_tensorrt import EngineRunner, TorchCuda
+
+    trt = import_tensorrt()
+    ops = TorchCuda(device)
+    with ops.on_device():
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
+        if engine is None:
+            raise EngineError(f"TensorRT cannot load the engine it just built, '{engine_path}'")
+        runner = EngineRunner(trt, engine, spec, geometry, ops=ops, stream=ops.new_stream(), hint="")
+        runner.activate(ops.zeros((max(runner.device_memory_size, 1),), torch.uint8))
+        feeds = {n: x.to(device) for n, x in inputs.items()}
+        got = runner.run(feeds)
+        torch.cuda.synchronize(device)
+    want = OnnxSession(onnx_path, spec, geometry, device).run(feeds)
+    return compare_outputs(spec, got, want)

@@ -1,20 +1,45 @@
 """TensorRT backend: a thin runner over the engines ``p2v export --format tensorrt`` builds.
 
-TensorRT 10/11 runtime API: deserialize the engine, ``set_input_shape`` and
-``set_tensor_address`` per named tensor, ``execute_async_v3`` on the current torch CUDA stream,
-with torch CUDA tensors as the buffers (outputs preallocated at the shapes the context
-reports). The pure logic (profile selection, name/dtype/shape binding, manifest checks) is in
-functions that need no TensorRT, so it is tested on machines without it.
+Written against the TensorRT 10/11 runtime API, as NVIDIA's ``demo/Diffusion`` engine runner
+uses it:
 
-Refusals, each one line naming the ``p2v export`` command that fixes it: no TensorRT or no
-CUDA here, engines built with another TensorRT version or for another GPU architecture, for
-another model, truncated engine files, a frame size or batch outside the engines' profile.
+- **Aligned, preallocated I/O.** Each engine owns one set of input and output buffers per
+  (engine, shape), allocated once for the profile's largest batch; a call copies its inputs
+  into the first rows and copies its outputs out. Only these buffers are ever bound, so every
+  address is the start of an allocation (the CUDA caching allocator aligns to 512 bytes; the
+  runner checks the 256 bytes TensorRT requires and names the tensor otherwise). A batch
+  larger than the profile is split by the caller (:meth:`GraphBackend.run`) into slices that
+  are copied, never bound. Every ``set_input_shape`` / ``set_tensor_address`` /
+  ``execute_async_v3`` result is checked; shapes are set before addresses.
+- **A dedicated CUDA stream** per backend for the copies and ``execute_async_v3``, ordered with
+  torch's current stream: the engine stream waits for torch's (``wait_stream``) before reading
+  the inputs, torch's waits for the engine's before the outputs are used, and tensors crossing
+  streams are ``record_stream``-ed so the caching allocator does not reuse them early.
+- **Shared activation memory.** Contexts are created with the user-managed allocation strategy
+  and all share one buffer of the largest engine's device memory size (the engines run one at
+  a time on the one stream), instead of every engine holding its own.
+- **CUDA graphs for static shapes** (``cuda_graph=True``, the CLI's ``--cuda-graph``): engines
+  whose profile is one shape (``p2v export --static-batch`` at a fixed size) have their
+  ``execute_async_v3`` captured once, after a warm-up run, and replayed; smaller calls are padded
+  to the static batch. Dynamic-shape engines are refused with the rebuild command.
+
+The CUDA side (allocation, streams, graph capture) goes through :class:`TorchCuda`, so the
+runner's own logic is tested on the CPU with a recording stand-in for TensorRT's engine and
+context and for the CUDA operations (``tests/test_tensorrt_runner.py``); only the real thing is
+left to the ``tensorrt`` test tier.
+
+Refusals, each one line: TensorRT or CUDA not usable here (first, with the reason), engines
+built with another TensorRT version or for another GPU, for another model, truncated engine
+files, a frame size or batch outside the engines' profile (with the ``p2v export`` command that
+fixes it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -22,7 +47,10 @@ from p2v_fast.errors import BackendUnavailableError, EngineError
 from p2v_fast.graph_backend import GraphBackend, engines_folder, load_checked_manifest
 from p2v_fast.manifest import Machine, check_files, check_machine, check_size, rebuild_command, this_machine
 from p2v_fast.specs import Geometry, MinOptMax, NetworkSpec, Shape
-from p2v_fast.system import import_tensorrt
+from p2v_fast.system import require_tensorrt
+
+#: TensorRT requires every I/O address to be aligned to this many bytes.
+ALIGNMENT = 256
 
 # ------------------------------------------------------------------------------ pure logic
 
@@ -38,6 +66,11 @@ def select_profile(profiles: Sequence[Mapping[str, MinOptMax]], shapes: Mapping[
                for name, shape in shapes.items()):
             return i
     return None
+
+
+def is_static(profile: Mapping[str, MinOptMax]) -> bool:
+    """Every input has one shape (min == max): what a CUDA graph can replay."""
+    return all(tuple(lo) == tuple(hi) for lo, _, hi in profile.values())
 
 
 def check_io(spec: NetworkSpec, engine_io: Mapping[str, tuple[str, str]]) -> None:
@@ -63,6 +96,62 @@ def batch_and_size(spec: NetworkSpec, geometry: Geometry, shapes: Mapping[str, S
     return dims["B"], dims.get("H"), dims.get("W")
 
 
+def check_aligned(network: str, name: str, address: int) -> None:
+    if address % ALIGNMENT:
+        raise EngineError(f"{network}: buffer of '{name}' at 0x{address:x} is not {ALIGNMENT}-byte aligned, "
+                          "as TensorRT requires")
+
+
+# ------------------------------------------------------------------------------ CUDA side
+
+
+class TorchCuda:
+    """The CUDA operations the runner needs, on one device, through torch: buffers from the
+    caching allocator, streams, ``record_stream`` and CUDA graph capture. Tests substitute a
+    recording stand-in with the same methods."""
+
+    def __init__(self, device: torch.device) -> None:
+        if device.type != "cuda":
+            raise BackendUnavailableError(f"the tensorrt backend runs on a CUDA device, not {device}; "
+                                          "pass --device cuda")
+        self.device = device
+
+    def zeros(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        return torch.zeros(tuple(shape), dtype=dtype, device=self.device)
+
+    def empty(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(tuple(shape), dtype=dtype, device=self.device)
+
+    def new_stream(self) -> Any:
+        return torch.cuda.Stream(device=self.device)
+
+    def current_stream(self) -> Any:
+        return torch.cuda.current_stream(self.device)
+
+    @staticmethod
+    def handle(stream: Any) -> int:
+        return int(stream.cuda_stream)
+
+    @staticmethod
+    def use_stream(stream: Any) -> contextlib.AbstractContextManager:
+        return torch.cuda.stream(stream)  # also makes the stream's device current
+
+    def on_device(self) -> contextlib.AbstractContextManager:
+        return torch.cuda.device(self.device)
+
+    @staticmethod
+    def record_stream(tensor: torch.Tensor, stream: Any) -> None:
+        tensor.record_stream(stream)
+
+    @staticmethod
+    def capture(stream: Any, work: Callable[[], None]) -> Callable[[], None]:
+        """Capture ``work`` (enqueued on ``stream``) into a CUDA graph; returns its replay."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            work()
+        return graph.replay
+
+
 # ------------------------------------------------------------------------------ runtime
 
 
@@ -73,93 +162,225 @@ def _dtype_names(trt) -> dict:
     return {getattr(trt.DataType, k): v for k, v in names.items() if hasattr(trt.DataType, k)}
 
 
-class EngineRunner:
-    """One deserialized engine and its execution context."""
+def device_memory_size(engine) -> int:
+    """Activation memory an execution context of ``engine`` needs (``device_memory_size_v2`` from
+    TensorRT 10.1 on, ``device_memory_size`` before)."""
+    size = getattr(engine, "device_memory_size_v2", None)
+    return int(size if size is not None else engine.device_memory_size)
 
-    def __init__(self, trt, runtime, path: Path, spec: NetworkSpec, geometry: Geometry, hint: str) -> None:
-        self.spec, self.geometry, self.path, self.hint = spec, geometry, path, hint
-        self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
-        if self.engine is None:
-            raise EngineError(f"TensorRT cannot load '{path}' (corrupt, or built by another TensorRT); rebuild: {hint}")
-        self.context = self.engine.create_execution_context()
+
+def create_user_managed_context(trt, engine):
+    """An execution context without its own activation memory (TensorRT 10: the allocation
+    strategy argument; later releases: through an IRuntimeConfig)."""
+    strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
+    try:
+        context = engine.create_execution_context(strategy)
+    except TypeError:
+        config = engine.create_runtime_config()
+        config.set_execution_context_allocation_strategy(strategy)
+        context = engine.create_execution_context(config)
+    return context
+
+
+def set_device_memory(context, address: int, size: int) -> None:
+    """Give ``context`` ``size`` bytes at ``address`` (``set_device_memory(ptr, size)`` from
+    TensorRT 10.1 on, the ``device_memory`` attribute before)."""
+    try:
+        context.set_device_memory(address, size)
+    except (AttributeError, TypeError):
+        context.device_memory = address
+
+
+class EngineRunner:
+    """One deserialized engine: its context, its preallocated I/O buffers, its CUDA graph.
+
+    ``ops``: the CUDA side (:class:`TorchCuda`); ``stream``: the backend's engine stream.
+    Call :meth:`activate` with the shared activation memory before :meth:`run`.
+    """
+
+    def __init__(self, trt, engine, spec: NetworkSpec, geometry: Geometry, *, ops: Any, stream: Any, hint: str,
+                 cuda_graph: bool = False) -> None:
+        self.trt, self.engine, self.spec, self.geometry = trt, engine, spec, geometry
+        self.ops, self.stream, self.hint = ops, stream, hint
         dtypes = _dtype_names(trt)
         io = {}
-        for i in range(self.engine.num_io_tensors):
-            name = self.engine.get_tensor_name(i)
-            mode = "input" if self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else "output"
-            io[name] = (mode, dtypes.get(self.engine.get_tensor_dtype(name), "?"))
+        for i in range(engine.num_io_tensors):
+            name = engine.get_tensor_name(i)
+            mode = "input" if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else "output"
+            io[name] = (mode, dtypes.get(engine.get_tensor_dtype(name), "?"))
         check_io(spec, io)
         self.profiles: list[dict[str, MinOptMax]] = []
-        for p in range(self.engine.num_optimization_profiles):
+        for p in range(engine.num_optimization_profiles):
             profile = {}
             for t in spec.inputs:
-                lo, opt, hi = (tuple(int(d) for d in s) for s in self.engine.get_tensor_profile_shape(t.name, p))
+                lo, opt, hi = (tuple(int(d) for d in s) for s in engine.get_tensor_profile_shape(t.name, p))
                 profile[t.name] = (lo, opt, hi)
             self.profiles.append(profile)
+        if not self.profiles:
+            raise EngineError(f"{spec.name}: the engine has no optimisation profile; rebuild: {hint}")
+        self.static = len(self.profiles) == 1 and is_static(self.profiles[0])
+        if cuda_graph and not self.static:
+            raise EngineError(f"--cuda-graph needs static-shape engines, and {spec.name}'s profile is dynamic; "
+                              f"rebuild: {hint} --static-batch")
+        self.cuda_graph = cuda_graph
+        self.context: Any = None
         self.active_profile = 0
+        self._buffers: dict[str, torch.Tensor] = {}  # name -> [max batch, ...], for one shape key
+        self._key: tuple | None = None  # (profile, per-input shape without batch) of the buffers
+        self._bound: tuple | None = None  # (key, run batch) the context's shapes/addresses are set for
+        self._replay: Callable[[], None] | None = None
+
+    @property
+    def device_memory_size(self) -> int:
+        return device_memory_size(self.engine)
+
+    def activate(self, memory: torch.Tensor) -> None:
+        """Create the context (user-managed allocation) on the shared activation ``memory``."""
+        size = memory.numel() * memory.element_size()
+        if size < self.device_memory_size:
+            raise EngineError(f"{self.spec.name}: shared activation memory of {size} bytes is smaller than the "
+                              f"{self.device_memory_size} the engine needs")
+        check_aligned(self.spec.name, "activation memory", memory.data_ptr())
+        self.context = create_user_managed_context(self.trt, self.engine)
+        if self.context is None:
+            raise EngineError(f"TensorRT could not create an execution context for {self.spec.name}")
+        set_device_memory(self.context, memory.data_ptr(), size)
+
+    # --- one call -------------------------------------------------------------------------
+
+    def _buffers_for(self, profile: int, shapes: Mapping[str, Shape], batch: int) -> dict[str, torch.Tensor]:
+        """The buffer set for these shapes (batch axis aside), allocated at the profile's largest
+        batch the first time a shape is seen; one set is kept (an edit runs at one size)."""
+        key = (profile, tuple((n, tuple(s[1:])) for n, s in sorted(shapes.items())))
+        if key != self._key:
+            cap = self.profiles[profile][self.spec.inputs[0].name][2][0]  # the profile's max batch
+            at = {n: (cap, *s[1:]) for n, s in shapes.items()}
+            outs = output_shapes(self.spec, self.geometry, at)
+            self._buffers = {}  # free the old set first
+            for t in (*self.spec.inputs, *self.spec.outputs):
+                shape = at[t.name] if t.name in at else outs[t.name]
+                self._buffers[t.name] = self.ops.zeros(shape, getattr(torch, t.dtype))  # finite padding rows
+            self._key, self._bound, self._replay = key, None, None
+        return self._buffers
+
+    def _bind(self, profile: int, views: Mapping[str, torch.Tensor], key: tuple) -> None:
+        """Profile, then every input shape, then every address; each result checked."""
+        ctx, name = self.context, self.spec.name
+        if profile != self.active_profile:
+            if not ctx.set_optimization_profile_async(profile, self.ops.handle(self.stream)):
+                raise EngineError(f"{name}: TensorRT refused optimisation profile {profile}")
+            self.active_profile = profile
+        for t in self.spec.inputs:
+            shape = tuple(views[t.name].shape)
+            if not ctx.set_input_shape(t.name, shape):
+                raise EngineError(f"{name}: TensorRT refused shape {shape} for input '{t.name}'; rebuild: {self.hint}")
+        for t in self.spec.outputs:
+            got, want = tuple(ctx.get_tensor_shape(t.name)), tuple(views[t.name].shape)
+            if got != want:
+                raise EngineError(f"{name}: engine output '{t.name}' has shape {got}, the spec says {want}")
+        for t in (*self.spec.inputs, *self.spec.outputs):
+            address = views[t.name].data_ptr()
+            check_aligned(name, t.name, address)
+            if not ctx.set_tensor_address(t.name, address):
+                raise EngineError(f"{name}: TensorRT refused the address of '{t.name}'")
+        self._bound = key
+
+    def _execute(self) -> None:
+        if not self.context.execute_async_v3(self.ops.handle(self.stream)):
+            raise EngineError(f"{self.spec.name}: TensorRT execution failed")
 
     def run(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        shapes = {n: tuple(t.shape) for n, t in feeds.items()}
-        expected = output_shapes(self.spec, self.geometry, shapes)  # also checks the inputs agree
-        profile = select_profile(self.profiles, shapes)
+        """Run on ``feeds`` (the spec's inputs and dtypes, on the device, batch within the
+        profile); returns new output tensors, ready for torch's current stream."""
+        if self.context is None:
+            raise RuntimeError("EngineRunner.activate() was not called")
+        spec = self.spec
+        shapes = {t.name: tuple(feeds[t.name].shape) for t in spec.inputs}
+        expected = output_shapes(spec, self.geometry, shapes)  # also checks the inputs agree
+        batch = shapes[spec.inputs[0].name][0]
+        if self.static:  # one shape only: pad a smaller call to the static batch
+            run_batch = self.profiles[0][spec.inputs[0].name][0][0]
+            padded = {n: (run_batch, *s[1:]) for n, s in shapes.items()}
+            profile = select_profile(self.profiles, padded) if batch <= run_batch else None
+        else:
+            run_batch, profile = batch, select_profile(self.profiles, shapes)
         if profile is None:
-            raise EngineError(f"{self.spec.name}: input shapes {dict(shapes)} are outside the engine's profile; "
+            raise EngineError(f"{spec.name}: input shapes {dict(shapes)} are outside the engine's profile; "
                               f"rebuild: {self.hint}")
-        stream = torch.cuda.current_stream(next(iter(feeds.values())).device)
-        if profile != self.active_profile:
-            self.context.set_optimization_profile_async(profile, stream.cuda_stream)
-            self.active_profile = profile
-        for name, x in feeds.items():
-            if not self.context.set_input_shape(name, tuple(x.shape)):
-                raise EngineError(f"{self.spec.name}: TensorRT refused shape {tuple(x.shape)} for '{name}'")
-            self.context.set_tensor_address(name, x.data_ptr())
-        outputs = {}
-        for t in self.spec.outputs:
-            shape = tuple(self.context.get_tensor_shape(t.name))
-            if shape != expected[t.name]:
-                raise EngineError(f"{self.spec.name}: engine output '{t.name}' has shape {shape}, "
-                                  f"the spec says {expected[t.name]}")
-            y = torch.empty(shape, dtype=getattr(torch, t.dtype), device=next(iter(feeds.values())).device)
-            self.context.set_tensor_address(t.name, y.data_ptr())
-            outputs[t.name] = y
-        if not self.context.execute_async_v3(stream.cuda_stream):
-            raise EngineError(f"{self.spec.name}: TensorRT execution failed")
-        return outputs  # ordered on the torch stream: later torch ops see the results
+        buffers = self._buffers_for(profile, shapes, run_batch)
+        views = {n: b[:run_batch] for n, b in buffers.items()}  # prefixes: the allocation's own address
+        key = (self._key, run_batch)
+
+        caller = self.ops.current_stream()
+        outputs = {t.name: self.ops.empty(expected[t.name], getattr(torch, t.dtype)) for t in spec.outputs}
+        self.stream.wait_stream(caller)  # the inputs were written on torch's stream
+        with self.ops.use_stream(self.stream):
+            for t in spec.inputs:
+                x = feeds[t.name]
+                views[t.name][:batch].copy_(x, non_blocking=True)
+                self.ops.record_stream(x, self.stream)  # read here: not to be reused before
+            if self._bound != key:
+                self._bind(profile, views, key)
+            if self._replay is not None:
+                self._replay()
+            else:
+                self._execute()
+                if self.cuda_graph:  # after a warm-up run: capture the same work once, replay from now on
+                    self._replay = self.ops.capture(self.stream, self._execute)
+            for t in spec.outputs:
+                y = outputs[t.name]
+                y.copy_(views[t.name][:batch], non_blocking=True)
+                self.ops.record_stream(y, self.stream)  # written here, allocated on torch's stream
+        caller.wait_stream(self.stream)  # torch's later work sees the outputs
+        return outputs
 
 
 class TensorRTBackend(GraphBackend):
-    """The five networks as TensorRT engines on a CUDA device."""
+    """The engine folder's networks as TensorRT engines on one CUDA device.
+
+    ``trt``, ``machine`` and ``ops`` are for tests (a stand-in TensorRT module, machine, and CUDA
+    side); by default TensorRT is imported (first of all: without it the backend says why it is
+    not usable here), this machine is read and the CUDA side is torch's on ``models.device``.
+    """
 
     name = "tensorrt"
-    artifact = "engine"
 
-    def __init__(self, models, engines: str | Path | None = None, machine: Machine | None = None) -> None:
+    def __init__(self, models, engines: str | Path | None = None, *, cuda_graph: bool = False,
+                 machine: Machine | None = None, trt: Any = None, ops: Any = None) -> None:
+        trt = trt or require_tensorrt("use --backend onnxruntime or torch")
         folder = engines_folder(engines)
         manifest = load_checked_manifest(models, folder)
         check_files(manifest, folder, "engine")
-        machine = machine or this_machine()
-        if machine.tensorrt is None:
-            import_tensorrt("use --backend onnxruntime or torch")  # raises, saying why
-        check_machine(manifest, machine, folder)  # before loading: a mismatch gives one clear line
-        trt = import_tensorrt("use --backend onnxruntime or torch")
-        if models.device.type != "cuda":
-            raise BackendUnavailableError(
-                f"the tensorrt backend runs on a CUDA device, not {models.device}; pass --device cuda"
-            )
-        super().__init__(models, folder, manifest, models.device)
+        device = models.device
+        check_machine(manifest, machine or this_machine(device), folder)  # before loading anything
+        ops = ops or TorchCuda(device)
+        super().__init__(models, folder, manifest, device)
         self.max_batch = manifest.profile.batch[2]
         hint = rebuild_command(manifest, folder, format="tensorrt")
+        self.trt, self.ops = trt, ops
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
-        with torch.cuda.device(self.device):
-            self.runners = {
-                name: EngineRunner(trt, self.runtime, folder / entry.engine.file, entry.spec, self.geometry, hint)
-                for name, entry in manifest.networks.items()
-                if entry.engine is not None
-            }
+        with ops.on_device():  # TensorRT works on the current CUDA device: pin it to --device
+            self.stream = ops.new_stream()  # one stream for every engine: they share activation memory
+            self.runners: dict[str, EngineRunner] = {}
+            for name, entry in manifest.networks.items():
+                assert entry.engine is not None  # check_files
+                path = folder / entry.engine.file
+                engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
+                if engine is None:
+                    raise EngineError(f"TensorRT cannot load '{path}' (corrupt, or built by another TensorRT); "
+                                      f"rebuild: {hint}")
+                self.runners[name] = EngineRunner(trt, engine, entry.spec, self.geometry, ops=ops, stream=self.stream,
+                                                  hint=hint, cuda_graph=cuda_graph)
+            # One activation buffer of the largest engine's size, shared by every context.
+            size = max(r.device_memory_size for r in self.runners.values())
+            self.activation_memory = ops.zeros((max(size, 1),), torch.uint8)
+            for runner in self.runners.values():
+                runner.activate(self.activation_memory)
 
     def _run(self, network: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         spec = self.specs[network]
         batch, height, width = batch_and_size(spec, self.geometry, {n: tuple(t.shape) for n, t in feeds.items()})
         check_size(self.manifest, self.folder, batch, height, width)
-        return self.runners[network].run(feeds)
+        with self.ops.on_device():
+            return self.runners[network].run(feeds)

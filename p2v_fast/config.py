@@ -69,6 +69,7 @@ class EditConfig:
     # --- PyTorch speed-ups (torch backend and autograd steps); results equal up to float error ---
     compile: bool = False  # torch.compile the UNet (CUDA graphs via mode="reduce-overhead" on GPU)
     channels_last: bool = False  # channels-last memory format for the UNet
+    cuda_graph: bool = False  # tensorrt backend: replay each engine as a CUDA graph (static-shape engines)
 
     # --- Pix2Video (sec. 3.1, 3.2) ---
     refs: str = "anchor+prev"  # K/V source of the 9 decoder self-attention layers
@@ -109,6 +110,8 @@ def _verify(c: EditConfig) -> None:
     _choice("depth-norm", c.depth_norm, DEPTH_NORMS)
     _choice("backend", c.backend, BACKENDS)
     _choice("schedule", c.schedule, SCHEDULES)
+    if c.cuda_graph and c.backend not in ("tensorrt", "auto"):
+        raise InputError(f"--cuda-graph is for --backend tensorrt, not {c.backend} (PyTorch: --compile)")
     if c.batch_frames is not None and c.batch_frames < 1:
         raise InputError(f"--batch-frames must be >= 1; got {c.batch_frames}")
     if c.invert_batch is not None and c.invert_batch < 1:

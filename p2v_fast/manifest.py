@@ -56,8 +56,9 @@ class Machine:
         return f"{trt}, {gpu}"
 
 
-def this_machine() -> Machine:
-    """TensorRT version (if importable) and compute capability of CUDA device 0 (if any)."""
+def this_machine(device=None) -> Machine:
+    """TensorRT version (if usable) and the GPU ``device`` (a CUDA torch.device or index;
+    default: the current CUDA device) with its compute capability, where there is one."""
     import torch
 
     try:
@@ -67,9 +68,11 @@ def this_machine() -> Machine:
     except Exception:  # PyPI's placeholder package raises on import
         version = None
     cc = gpu = None
-    if torch.cuda.is_available():
-        major, minor = torch.cuda.get_device_capability(0)
-        cc, gpu = f"{major}.{minor}", torch.cuda.get_device_name(0)
+    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
+        index = torch.cuda.current_device() if device is None else torch.device(device).index
+        index = torch.cuda.current_device() if index is None else index
+        major, minor = torch.cuda.get_device_capability(index)
+        cc, gpu = f"{major}.{minor}", torch.cuda.get_device_name(index)
     return Machine(version, cc, gpu)
 
 
@@ -95,6 +98,7 @@ def engine_key(onnx: str, profile: Mapping[str, object], machine: Machine) -> st
         "profile": {k: [list(s) for s in v] for k, v in profile.items()},  # type: ignore[attr-defined]
         "tensorrt": machine.tensorrt,
         "compute_capability": machine.compute_capability,
+        "gpu": machine.gpu,  # two GPUs of one architecture can still differ (e.g. A100 and A30)
     })
 
 
@@ -126,7 +130,8 @@ class NetworkEntry:
     onnx: Artifact | None = None
     engine: Artifact | None = None
     profile: dict[str, list[list[int]]] | None = None  # TensorRT: input -> [min, opt, max]
-    validation: dict | None = None  # worst output: {"output", "max_abs", "rel", "tolerance"}
+    validation: dict | None = None  # ONNX vs PyTorch, worst output: {"output", "max_abs", "rel", "tolerance"}
+    engine_validation: dict | None = None  # TensorRT engine vs ONNX Runtime, the same fields
 
     def to_dict(self) -> dict:
         return {
@@ -135,6 +140,7 @@ class NetworkEntry:
             "engine": self.engine.to_dict() if self.engine else None,
             "profile": self.profile,
             "validation": self.validation,
+            "engine_validation": self.engine_validation,
         }
 
     @classmethod
@@ -145,6 +151,7 @@ class NetworkEntry:
             engine=Artifact.from_dict(d["engine"]) if d.get("engine") else None,
             profile=d.get("profile"),
             validation=d.get("validation"),
+            engine_validation=d.get("engine_validation"),
         )
 
 
@@ -273,12 +280,14 @@ def check_model(manifest: Manifest, model: ModelId, folder: Path) -> None:
 
 
 def check_machine(manifest: Manifest, machine: Machine, folder: Path) -> None:
-    """Refuse TensorRT engines built with another TensorRT version or for another GPU architecture."""
+    """Refuse TensorRT engines built with another TensorRT version or on another GPU (its name and
+    compute capability are recorded: TensorRT tunes kernels for the exact GPU that built them)."""
     built = manifest.machine
     if built is None or not manifest.has_engines:
         raise EngineError(f"'{folder}' holds ONNX graphs only, no TensorRT engines; build them: "
                           f"{rebuild_command(manifest, folder, format='tensorrt')}")
-    if built.tensorrt != machine.tensorrt or built.compute_capability != machine.compute_capability:
+    if (built.tensorrt, built.compute_capability, built.gpu) != (machine.tensorrt, machine.compute_capability,
+                                                                 machine.gpu):
         raise EngineError(
             f"engines in '{folder}' were built with {built.describe()}; this machine has {machine.describe()}; "
             f"rebuild here: {rebuild_command(manifest, folder, format='tensorrt')}"
@@ -304,10 +313,13 @@ def check_files(manifest: Manifest, folder: Path, kind: str) -> None:
 
 
 def check_size(manifest: Manifest, folder: Path, batch: int, height: int | None, width: int | None) -> None:
-    """Refuse a call outside the engines' optimisation profile, naming the command that widens it."""
-    if manifest.profile.contains(batch, height, width):
-        return
+    """Refuse a call outside the engines' optimisation profile, naming the command that widens it.
+    Static-batch engines take any batch up to theirs (the runner pads it)."""
     p = manifest.profile
+    if p.batch[0] == p.batch[2]:
+        batch = min(max(batch, p.batch[0]), p.batch[2]) if batch <= p.batch[2] else batch
+    if p.contains(batch, height, width):
+        return
     if height is not None and width is not None and not p.contains(p.batch[0], height, width):
         raise EngineError(
             f"engines in '{folder}' accept {p.describe()}, not {height}x{width}; rebuild: "

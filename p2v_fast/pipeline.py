@@ -66,9 +66,13 @@ class Runtime:
 def load_runtime(cfg: EditConfig) -> Runtime:
     from p2v_fast.models import load_models
 
+    if cfg.backend == "tensorrt":  # before loading anything: say why TensorRT cannot run here
+        from p2v_fast.system import require_tensorrt
+
+        require_tensorrt("use --backend onnxruntime or torch")
     device = resolve_device(cfg.device)
     models = load_models(cfg.model, device=device, dtype=resolve_dtype(cfg.dtype, device))
-    backend = make_backend(cfg.backend, models, cfg.engines)
+    backend = make_backend(cfg.backend, models, cfg.engines, cuda_graph=cfg.cuda_graph)
     grad = backend if backend.supports_grad else (TorchBackend(models) if cfg.latent_update == "autograd" else None)
     for b in {id(x): x for x in (backend, grad) if isinstance(x, TorchBackend)}.values():
         b.optimize(compile=cfg.compile, channels_last=cfg.channels_last)

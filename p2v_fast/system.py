@@ -32,34 +32,54 @@ def onnxruntime_status() -> tuple[bool, str]:
     return True, f"{ort.__version__}, providers: {', '.join(ort.get_available_providers())}"
 
 
-def import_tensorrt(alternative: str = "use --format onnx"):
-    """The ``tensorrt`` module, or a one-line :class:`~p2v_fast.errors.BackendUnavailableError`
-    saying why it is not usable here and what to do instead (``alternative``)."""
-    from p2v_fast.errors import BackendUnavailableError
-
+def _tensorrt_problem() -> tuple[object | None, str | None]:
+    """(the tensorrt module, None) or (None, why it cannot be imported)."""
     try:
         import tensorrt as trt
 
-        _ = trt.Builder  # PyPI's placeholder package imports but has no API
-    except Exception as exc:  # ImportError, or the placeholder's own error
-        why = type(exc).__name__
-        raise BackendUnavailableError(
-            f"TensorRT is not installed or not usable here ({why}; pip install 'p2v-fast[tensorrt]' on a machine "
-            f"with an NVIDIA GPU); {alternative}"
-        ) from None
+        _ = trt.Builder, trt.Runtime  # PyPI's placeholder package imports but has no API
+    except ModuleNotFoundError:
+        return None, "the tensorrt Python package is not installed"
+    except Exception as exc:  # missing libnvinfer, the placeholder's own error, ...
+        first = (str(exc).strip().splitlines() or [""])[0][:120]
+        return None, f"importing tensorrt failed ({type(exc).__name__}{': ' + first if first else ''})"
+    return trt, None
+
+
+_INSTALL = "pip install 'p2v-fast[tensorrt]' on a machine with an NVIDIA GPU"
+
+
+def import_tensorrt(alternative: str = "use --format onnx"):
+    """The ``tensorrt`` module, or a one-line :class:`~p2v_fast.errors.BackendUnavailableError`
+    that says first that TensorRT is not usable here and why, then what to do instead."""
+    from p2v_fast.errors import BackendUnavailableError
+
+    trt, why = _tensorrt_problem()
+    if trt is None:
+        raise BackendUnavailableError(f"TensorRT is not usable here: {why} ({_INSTALL}); {alternative}")
+    return trt
+
+
+def require_tensorrt(alternative: str):
+    """:func:`import_tensorrt`, and a CUDA GPU torch can use (TensorRT runs nowhere else)."""
+    from p2v_fast.errors import BackendUnavailableError
+
+    trt = import_tensorrt(alternative)
+    ok, cuda = cuda_status()
+    if not ok:
+        raise BackendUnavailableError(f"TensorRT is not usable here: it is installed ({trt.__version__}) but CUDA is "
+                                      f"{cuda.removeprefix('not usable: ')}; {alternative}")
     return trt
 
 
 def tensorrt_status() -> tuple[bool, str]:
-    try:
-        import tensorrt as trt
-        version = trt.__version__
-    except Exception as exc:
-        first = str(exc).splitlines()[0][:120] if str(exc) else "import failed"
-        return False, f"not usable: {type(exc).__name__}: {first}"
+    trt, why = _tensorrt_problem()
+    if trt is None:
+        return False, f"not usable: {why}"
+    version = str(getattr(trt, "__version__", "?"))
     ok, cuda = cuda_status()
     if not ok:
-        return False, f"{version} installed, but {cuda}"
+        return False, f"{version} installed, but CUDA is {cuda}"
     return True, version
 
 

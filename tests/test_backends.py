@@ -181,10 +181,19 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
+def _standin_trt():
+    from tests.trt_standin import StandInCuda, StandInTrt
+
+    return StandInTrt(StandInCuda())
+
+
 def test_missing_engine_folder_is_one_line(models, tmp_path) -> None:
-    for name in ("onnxruntime", "tensorrt"):
+    from p2v_fast.backend_tensorrt import TensorRTBackend
+
+    for make in (lambda f: make_backend("onnxruntime", models, f),
+                 lambda f: TensorRTBackend(models, f, trt=_standin_trt())):  # TensorRT usable: the folder is next
         with pytest.raises(EngineError) as err:
-            make_backend(name, models, tmp_path / "no-such-folder")
+            make(tmp_path / "no-such-folder")
         msg = _one_line(str(err.value))
         assert "does not exist" in msg and "p2v export" in msg
 
@@ -252,7 +261,7 @@ def test_truncated_engine_file_is_one_line(engines, models, tmp_path) -> None:
     h100 = Machine("10.8.0", "9.0", "NVIDIA H100")
     folder = _fake_tensorrt_folder(engines, tmp_path / "trt", h100, truncate="unet")
     with pytest.raises(EngineError) as err:
-        TensorRTBackend(models, folder, machine=h100)
+        TensorRTBackend(models, folder, machine=h100, trt=_standin_trt())
     msg = _one_line(str(err.value))
     assert "unet.plan" in msg and "truncated" in msg and "--format tensorrt" in msg
 
@@ -262,16 +271,19 @@ def test_engines_for_another_gpu_are_refused_with_the_rebuild_command(engines, m
 
     folder = _fake_tensorrt_folder(engines, tmp_path / "a100", Machine("10.3.0", "8.0", "NVIDIA A100"))
     with pytest.raises(EngineError) as err:
-        TensorRTBackend(models, folder, machine=Machine("10.8.0", "9.0", "NVIDIA H100"))
+        TensorRTBackend(models, folder, machine=Machine("10.8.0", "9.0", "NVIDIA H100"), trt=_standin_trt())
     msg = _one_line(str(err.value))
     assert "TensorRT 10.3.0" in msg and "compute capability 8.0" in msg and "compute capability 9.0" in msg
     assert f"p2v export --model tiny --height {SIZE} --width {SIZE}" in msg and "--format tensorrt" in msg
     assert f"--out {folder} --force" in msg
-    # On a machine without TensorRT the refusal says that, in one line.
+    # Same GPU architecture, another GPU: refused too (TensorRT tunes for the exact GPU)
+    with pytest.raises(EngineError, match="NVIDIA A30"):
+        TensorRTBackend(models, folder, machine=Machine("10.3.0", "8.0", "NVIDIA A30"), trt=_standin_trt())
+    # On a machine without TensorRT the refusal says that first, in one line.
     if not _trt_importable():
         with pytest.raises(BackendUnavailableError) as err2:
             TensorRTBackend(models, folder)
-        assert "TensorRT is not installed" in _one_line(str(err2.value))
+        assert _one_line(str(err2.value)).startswith("TensorRT is not usable here: ")
     # p2v info tells the same story
     rows = dict(describe_folder(folder, Machine("10.8.0", "9.0", "NVIDIA H100")))
     assert "not usable here" in rows["  tensorrt"] and "A100" in rows["  tensorrt"]
@@ -401,9 +413,12 @@ def test_cli_edit_with_a_truncated_graph(engines, clip, tmp_path) -> None:
 
 def test_cli_edit_with_engines_for_another_gpu(engines, clip, tmp_path, monkeypatch) -> None:
     import p2v_fast.backend_tensorrt as backend_tensorrt
+    import p2v_fast.system as system
 
     folder = _fake_tensorrt_folder(engines, tmp_path / "a100", Machine("10.3.0", "8.0", "NVIDIA A100"))
-    monkeypatch.setattr(backend_tensorrt, "this_machine", lambda: Machine("10.8.0", "9.0", "NVIDIA H100"))
+    monkeypatch.setattr(backend_tensorrt, "this_machine", lambda device=None: Machine("10.8.0", "9.0", "NVIDIA H100"))
+    for module in (system, backend_tensorrt):  # TensorRT usable (a stand-in): the machine check is next
+        monkeypatch.setattr(module, "require_tensorrt", lambda alternative: _standin_trt())
     result = _cli(["edit", str(clip), "a red car", "-o", str(tmp_path / "o.mp4"), "--model", "tiny", "--size",
                    str(SIZE), "--steps", "2", "--source-prompt", "a car", "--backend", "tensorrt",
                    "--engines", str(folder)])

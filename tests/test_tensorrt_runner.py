@@ -1,0 +1,444 @@
+"""The TensorRT runner's own logic, on the CPU, against a recording stand-in for TensorRT's engine
+and context and for the CUDA side (``tests/trt_standin.py``): every bound address is a 256-byte
+aligned buffer start, shapes are set before addresses, split batches come back in order, the
+engine stream is ordered with torch's, the shared activation memory is the largest engine's size,
+a CUDA graph is captured only for static shapes, and every refused call is a clear error. Also
+the builder's logic (parser errors, timing cache), the export's engine validation step, and the
+CLI's answer when TensorRT is not usable here.
+
+These tests check our logic, not TensorRT: the ``tensorrt`` tier (tests/test_export.py,
+tests/test_backends.py) runs the real thing on a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from p2v_fast.backend_tensorrt import ALIGNMENT, TensorRTBackend
+from p2v_fast.errors import EngineError, ExportValidationError
+from p2v_fast.manifest import Artifact, Machine, read_manifest, write_manifest
+from p2v_fast.specs import ExportProfile
+from tests.test_export import SIZE, export_tiny
+from tests.trt_standin import StandInCuda, StandInTrt, per_sample_value, write_plan
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+H100 = Machine("10.8.0", "9.0", "NVIDIA H100 80GB HBM3")
+MEMORY = {"unet": 250_000, "vae_encoder": 4096, "vae_decoder": 70_000, "depth": 77}
+
+
+@pytest.fixture(scope="module")
+def onnx_folder(tiny_dir, tmp_path_factory) -> Path:
+    folder, _ = export_tiny(tmp_path_factory.getbasetemp())  # the session's export (cached)
+    _TINY_GEOMETRY.update(read_manifest(folder).geometry.to_dict())
+    return folder
+
+
+def engine_folder(onnx_folder: Path, dst: Path, profile: ExportProfile | None = None) -> Path:
+    """The tiny ONNX folder plus stand-in engine files, as ``p2v export --format tensorrt`` lists them."""
+    shutil.copytree(onnx_folder, dst)
+    m = read_manifest(dst)
+    m.machine, m.options = H100, {**m.options, "format": "tensorrt"}
+    if profile is not None:
+        m.profile = profile
+        m.options["static_batch"] = profile.batch[0] == profile.batch[2]
+    for name, entry in m.networks.items():
+        shapes = entry.spec.profile_shapes(m.geometry, m.profile)
+        plan = dst / f"{name}.plan"
+        write_plan(plan, entry.spec, m.geometry, shapes, MEMORY[name])
+        entry.engine = Artifact(plan.name, "k" * 16, plan.stat().st_size)
+        entry.profile = {k: [list(s) for s in v] for k, v in shapes.items()}
+    write_manifest(dst, m)
+    return dst
+
+
+def make(models, folder: Path, cuda: StandInCuda | None = None, **kw) -> tuple[TensorRTBackend, StandInTrt]:
+    cuda = cuda or StandInCuda()
+    trt = StandInTrt(cuda, refuse=kw.pop("refuse", ()))
+    return TensorRTBackend(models, folder, machine=H100, trt=trt, ops=cuda, **kw), trt
+
+
+def unet_inputs(batch: int, seed: int = 0) -> dict:
+    """Inputs of the tiny model's unet at 64x64 (random refs; self_ref 1 for every third sample)."""
+    from p2v_fast.specs import Geometry
+
+    g = torch.Generator().manual_seed(seed)
+    geometry = Geometry.from_dict(_TINY_GEOMETRY)
+    tokens = geometry.tokens(SIZE // 8, SIZE // 8)
+    return {
+        "sample": torch.randn(batch, 5, SIZE // 8, SIZE // 8, generator=g),
+        "timestep": torch.arange(batch, dtype=torch.float32) * 10 + 1,
+        "encoder_hidden_states": torch.randn(batch, 77, geometry.text_dim, generator=g),
+        "self_ref": (torch.arange(batch) % 3 == 0).float(),
+        "refs": [torch.randn(batch, 2 * n, c, generator=g) for n, c in zip(tokens, geometry.feature_channels,
+                                                                          strict=True)],
+    }
+
+
+_TINY_GEOMETRY: dict = {}
+
+
+def call_unet(backend: TensorRTBackend, x: dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    return backend.unet(x["sample"], x["timestep"], x["encoder_hidden_states"], x["refs"], x["self_ref"])
+
+
+def expected(x: dict) -> torch.Tensor:
+    """What the stand-in engine computes per sample: the sum of every input row."""
+    feeds = {"sample": x["sample"], "timestep": x["timestep"], "encoder_hidden_states": x["encoder_hidden_states"],
+             "self_ref": x["self_ref"], **{f"ref_{k}": r for k, r in enumerate(x["refs"])}}
+    return per_sample_value(feeds)
+
+
+def calls(log: list, kind: str, network: str = "unet") -> list[tuple]:
+    return [e for e in log if e[0] == kind and e[1] == network]
+
+
+# ------------------------------------------------------------------------------ buffers
+
+
+def test_split_batches_come_back_in_order(tiny_models, onnx_folder, tmp_path) -> None:
+    backend, trt = make(tiny_models, engine_folder(onnx_folder, tmp_path / "e"))
+    assert backend.max_batch == 4
+    x = unet_inputs(9)  # 9 > the profile's 4: calls of 4, 4 and 1 samples
+    eps, feats = call_unet(backend, x)
+    want = expected(x)
+    assert len(calls(trt.log, "execute_async_v3")) == 3
+    torch.testing.assert_close(eps[:, 0, 0, 0].double(), want, rtol=1e-6, atol=1e-3)
+    for f in feats:
+        torch.testing.assert_close(f[:, 0, 0].double(), want, rtol=1e-6, atol=1e-3)
+    assert eps.shape == (9, 4, SIZE // 8, SIZE // 8) and not torch.isnan(eps).any()
+
+
+def test_every_bound_address_is_an_aligned_buffer_start(tiny_models, onnx_folder, tmp_path) -> None:
+    """Split batches are copied into the runner's own buffers: no slice of the caller's tensors
+    (e.g. ``timestep[4:]`` at +16 bytes) is ever bound."""
+    cuda = StandInCuda()
+    backend, trt = make(tiny_models, engine_folder(onnx_folder, tmp_path / "e"), cuda)
+    x = unet_inputs(9)
+    call_unet(backend, x)
+    backend.vae_decode(torch.randn(6, 4, SIZE // 8, SIZE // 8))
+    bound = [e[3] for e in trt.log if e[0] == "set_tensor_address"]
+    assert bound and all(a % ALIGNMENT == 0 for a in bound)
+    starts = {a for a, _ in cuda.allocated}
+    assert set(bound) <= starts  # the start of an allocation, never an offset into one
+    caller = {x["sample"].data_ptr(), x["timestep"].data_ptr(), x["self_ref"].data_ptr()}
+    assert not set(bound) & caller
+
+
+def test_a_misaligned_buffer_is_refused_naming_the_tensor(tiny_models, onnx_folder, tmp_path) -> None:
+    cuda = StandInCuda(misalign=True)  # allocations 32 bytes past a 256-byte boundary
+    with pytest.raises(EngineError, match=r"activation memory.*256-byte aligned"):
+        make(tiny_models, engine_folder(onnx_folder, tmp_path / "e"), cuda)
+    cuda = StandInCuda()
+    backend, trt = make(tiny_models, engine_folder(onnx_folder, tmp_path / "f"), cuda)
+    cuda.misalign = True  # I/O buffers are allocated at the first call
+    with pytest.raises(EngineError) as err:
+        call_unet(backend, unet_inputs(2))
+    assert "buffer of 'sample'" in str(err.value) and "not 256-byte aligned" in str(err.value)
+    assert not calls(trt.log, "set_tensor_address")  # nothing misaligned was bound
+
+
+def test_shapes_are_set_before_addresses(tiny_models, onnx_folder, tmp_path) -> None:
+    backend, trt = make(tiny_models, engine_folder(onnx_folder, tmp_path / "e"))
+    call_unet(backend, unet_inputs(3))
+    call_unet(backend, unet_inputs(2))  # a new batch: bound again
+    events = [e for e in trt.log if e[0] in ("set_input_shape", "set_tensor_address", "execute_async_v3")]
+    runs, current = [], []
+    for e in events:
+        current.append(e[0])
+        if e[0] == "execute_async_v3":
+            runs.append(current)
+            current = []
+    assert len(runs) == 2
+    for run in runs:
+        shapes = [i for i, k in enumerate(run) if k == "set_input_shape"]
+        addresses = [i for i, k in enumerate(run) if k == "set_tensor_address"]
+        assert len(shapes) == 13 and len(addresses) == 23  # 13 inputs; 13 inputs + 10 outputs
+        assert max(shapes) < min(addresses)
+    batch_shapes = [e[3][0] for e in calls(trt.log, "set_input_shape") if e[2] == "sample"]
+    assert batch_shapes == [3, 2]
+
+
+def test_repeated_shapes_are_not_bound_again(tiny_models, onnx_folder, tmp_path) -> None:
+    backend, trt = make(tiny_models, engine_folder(onnx_folder, tmp_path / "e"))
+    for seed in range(3):
+        x = unet_inputs(2, seed)
+        eps, _ = call_unet(backend, x)
+        torch.testing.assert_close(eps[:, 0, 0, 0].double(), expected(x), rtol=1e-6, atol=1e-3)
+    assert len(calls(trt.log, "set_input_shape")) == 13 and len(calls(trt.log, "execute_async_v3")) == 3
+
+
+# ------------------------------------------------------------------------------ streams and memory
+
+
+def test_the_engine_stream_is_ordered_with_torchs(tiny_models, onnx_folder, tmp_path) -> None:
+    cuda = StandInCuda()
+    backend, _ = make(tiny_models, engine_folder(onnx_folder, tmp_path / "e"), cuda)
+    cuda.log.clear()
+    x = unet_inputs(2)
+    eps, feats = call_unet(backend, x)
+    log = cuda.log
+    at = {kind: [i for i, e in enumerate(log) if e[:2] == kind] for kind in
+          (("wait_stream", "engine"), ("enter", "engine"), ("exit", "engine"), ("wait_stream", "torch"))}
+    execute = [i for i, e in enumerate(log) if e[0] == "execute_async_v3"]
+    assert len(execute) == 1
+    # engine waits for torch's producers -> copies and execute on the engine stream -> torch waits
+    assert at[("wait_stream", "engine")][0] < at[("enter", "engine")][0] < execute[0] < at[("exit", "engine")][0]
+    assert at[("exit", "engine")][0] < at[("wait_stream", "torch")][0]
+    assert log[at[("wait_stream", "engine")][0]] == ("wait_stream", "engine", "torch")
+    assert log[at[("wait_stream", "torch")][0]] == ("wait_stream", "torch", "engine")
+    _, _, handle, active, _ = log[execute[0]]
+    assert handle == 1001 and active == "engine"  # the dedicated stream, not the legacy default one
+    recorded = {e[2] for e in log if e[0] == "record_stream" and e[1] == "engine"}
+    assert {eps.data_ptr(), *(f.data_ptr() for f in feats)} <= recorded  # outputs written there
+
+
+def test_shared_activation_memory_is_the_largest_engines(tiny_models, onnx_folder, tmp_path) -> None:
+    backend, trt = make(tiny_models, engine_folder(onnx_folder, tmp_path / "e"))
+    largest = max(MEMORY.values())
+    assert backend.activation_memory.numel() == largest
+    contexts = [c for e in trt.engines for c in e.contexts]
+    assert len(contexts) == len(MEMORY)
+    assert {c.memory for c in contexts} == {(backend.activation_memory.data_ptr(), largest)}
+    assert all(c.strategy.name == "USER_MANAGED" for c in contexts)
+
+
+# ------------------------------------------------------------------------------ static shapes and CUDA graphs
+
+
+def test_cuda_graph_is_captured_once_for_static_shapes_and_replayed(tiny_models, onnx_folder, tmp_path) -> None:
+    static = ExportProfile(batch=(4, 4, 4), height=(SIZE,) * 3, width=(SIZE,) * 3)
+    backend, trt = make(tiny_models, engine_folder(onnx_folder, tmp_path / "e", static), cuda_graph=True)
+    results = []
+    for seed, batch in ((0, 4), (1, 2), (2, 3)):  # smaller calls are padded to the static batch
+        x = unet_inputs(batch, seed)
+        eps, _ = call_unet(backend, x)
+        results.append((eps, expected(x)))
+    for eps, want in results:
+        torch.testing.assert_close(eps[:, 0, 0, 0].double(), want, rtol=1e-6, atol=1e-3)
+    log = trt.log
+    assert [e for e in log if e[0] == "capture"] == [("capture", "engine")]
+    assert [e for e in log if e[0] == "replay"] == [("replay", "engine")] * 2
+    assert [e[3][0] for e in calls(log, "set_input_shape") if e[2] == "sample"] == [4]  # bound once, batch 4
+    executes = calls(log, "execute_async_v3")
+    assert [e[4] for e in executes] == [False, True, False, False]  # warm-up, captured, 2 replays
+
+
+def test_no_cuda_graph_without_the_option_or_for_dynamic_shapes(tiny_models, onnx_folder, tmp_path) -> None:
+    static = ExportProfile(batch=(4, 4, 4), height=(SIZE,) * 3, width=(SIZE,) * 3)
+    backend, trt = make(tiny_models, engine_folder(onnx_folder, tmp_path / "s", static))
+    call_unet(backend, unet_inputs(4))
+    call_unet(backend, unet_inputs(4, 1))
+    assert not [e for e in trt.log if e[0] in ("capture", "replay")]
+    with pytest.raises(EngineError) as err:  # dynamic batch: nothing to replay, refused with the fix
+        make(tiny_models, engine_folder(onnx_folder, tmp_path / "d"), cuda_graph=True)
+    msg = str(err.value)
+    assert "--cuda-graph needs static-shape engines" in msg and "--static-batch" in msg and "\n" not in msg
+
+
+# ------------------------------------------------------------------------------ refusals
+
+
+@pytest.mark.parametrize(("call", "needle"), [
+    ("set_input_shape", "refused shape (2, 5, 8, 8) for input 'sample'"),
+    ("set_tensor_address", "refused the address of 'sample'"),
+    ("execute_async_v3", "execution failed"),
+])
+def test_every_refused_call_is_a_clear_error(tiny_models, onnx_folder, tmp_path, call, needle) -> None:
+    backend, _ = make(tiny_models, engine_folder(onnx_folder, tmp_path / "e"), refuse=(call,))
+    with pytest.raises(EngineError) as err:
+        call_unet(backend, unet_inputs(2))
+    assert needle in str(err.value) and str(err.value).startswith("unet")
+
+
+# ------------------------------------------------------------------------------ TensorRT not usable here (CLI)
+
+
+def test_cli_edit_on_tensorrt_says_first_that_tensorrt_is_not_usable_here(tmp_path) -> None:
+    """Issue 13 item 12. Before: 'engine folder 'engines' does not exist; create it with `p2v
+    export --out engines`', an export that then failed. Now: TensorRT is not usable here, and why."""
+    from cli import app
+    from p2v_fast.system import tensorrt_status
+    from p2v_fast.video import make_sample_clip
+
+    ok, status = tensorrt_status()
+    if ok:
+        pytest.skip("TensorRT is usable here; this is the answer on machines without it")
+    clip = make_sample_clip(tmp_path / "c.mp4", n_frames=2, size=(SIZE, SIZE))
+    result = CliRunner().invoke(app, ["edit", str(clip), "a red car", "--model", "tiny", "--size", str(SIZE),
+                                      "--backend", "tensorrt", "--engines", str(tmp_path / "none")])
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert result.exit_code != 0 and len(lines) == 1, result.output
+    line = lines[0]
+    assert line.startswith("error: TensorRT is not usable here: ")
+    assert status.removeprefix("not usable: ").split(" (")[0] in line  # the reason p2v info gives
+    assert "use --backend onnxruntime or torch" in line
+    assert "p2v export" not in line and "does not exist" not in line
+
+
+# ------------------------------------------------------------------------------ builder logic
+
+
+class _Builder:
+    """Stand-in builder: parser errors, timing cache acceptance, serialization."""
+
+    def __init__(self, parse_errors=(), accepted_cache: bytes = b"") -> None:
+        self.parse_errors, self.accepted, self.log = list(parse_errors), accepted_cache, []
+
+    def module(self):
+        b = self
+
+        class Cache:
+            def __init__(self, data: bytes) -> None:
+                self.data = data
+
+            def serialize(self) -> bytes:
+                return self.data + b"+tuned"
+
+        class Config:
+            def __init__(self) -> None:
+                self.cache = None
+
+            def set_memory_pool_limit(self, *a) -> None:
+                b.log.append("workspace")
+
+            def add_optimization_profile(self, profile) -> int:
+                return 0
+
+            def create_timing_cache(self, data: bytes):
+                return Cache(data)
+
+            def set_timing_cache(self, cache, ignore_mismatch: bool) -> bool:
+                ok = cache.data in (b"", b.accepted)
+                b.log.append(("set_timing_cache", cache.data, ok))
+                if ok:
+                    self.cache = cache
+                return ok
+
+            def get_timing_cache(self):
+                return self.cache
+
+        class Profile:
+            def set_shape(self, *a) -> None:
+                pass
+
+        class Builder:
+            def __init__(self, logger) -> None:
+                pass
+
+            def create_network(self, flags: int):
+                b.log.append(("flags", flags))
+                return object()
+
+            def create_builder_config(self):
+                return Config()
+
+            def create_optimization_profile(self):
+                return Profile()
+
+            def build_serialized_network(self, network, config) -> bytes:
+                return b"engine"
+
+        class Parser:
+            def __init__(self, network, logger) -> None:
+                self.num_errors = len(b.parse_errors)
+
+            def parse_from_file(self, path: str) -> bool:
+                return not b.parse_errors
+
+            def get_error(self, i: int) -> str:
+                return b.parse_errors[i]
+
+        class Trt:
+            __version__ = "11.0.0"
+            Logger = type("Logger", (), {"WARNING": 2, "VERBOSE": 4, "__init__": lambda self, level: None})
+
+        Trt.Builder, Trt.OnnxParser = Builder, Parser  # type: ignore[attr-defined]
+        return Trt
+
+
+def test_build_keeps_every_parser_error(tmp_path) -> None:
+    from export.tensorrt_build import build_engine
+
+    b = _Builder(parse_errors=["In node 12 (Where): bad\ncondition type", "In node 40 (Concat): axis"])
+    with pytest.raises(EngineError) as err:
+        build_engine(tmp_path / "unet.onnx", tmp_path / "unet.plan", {}, trt=b.module())
+    msg = str(err.value)
+    assert "2 error(s)" in msg and "In node 12 (Where): bad condition type" in msg and "node 40 (Concat)" in msg
+    assert "\n" not in msg
+
+
+def test_a_timing_cache_from_another_device_is_replaced_not_fatal(tmp_path) -> None:
+    from export.tensorrt_build import build_engine, timing_cache_path
+
+    cache = timing_cache_path(tmp_path, H100)
+    assert cache.name == "timing-trt10.8.0-nvidia-h100-80gb-hbm3-sm90.cache"  # TensorRT, GPU name, arch
+    cache.write_bytes(b"from an A100")
+    b = _Builder(accepted_cache=b"ours")
+    notes: list[str] = []
+    build_engine(tmp_path / "unet.onnx", tmp_path / "unet.plan", {}, timing_cache=cache, log=notes.append,
+                 trt=b.module())
+    assert [e for e in b.log if e[0] == "set_timing_cache"] == [("set_timing_cache", b"from an A100", False),
+                                                                 ("set_timing_cache", b"", True)]
+    assert notes and "another GPU" in notes[0]
+    assert cache.read_bytes() == b"+tuned" and (tmp_path / "unet.plan").read_bytes() == b"engine"
+    assert ("flags", 0) in b.log  # TensorRT 11: strongly typed by default
+
+
+# ------------------------------------------------------------------------------ export: engines are validated first
+
+
+def test_export_records_an_engine_only_after_it_matches_onnxruntime(tiny_models, onnx_folder, tmp_path,
+                                                                    monkeypatch) -> None:
+    """The export flow around the TensorRT build, with the build and the engine run stood in: an
+    engine whose outputs differ from ONNX Runtime's is deleted and never recorded; one that
+    matches is recorded with its validation."""
+    import export as export_pkg
+    import p2v_fast.manifest as manifest_mod
+    import p2v_fast.system as system
+    from export import ExportOptions, tensorrt_build
+
+    monkeypatch.setattr(system, "require_tensorrt", lambda alternative: None)
+    monkeypatch.setattr(manifest_mod, "this_machine", lambda device=None: H100)
+    built: list[str] = []
+
+    def build(onnx_path, engine_path, shapes, **kw) -> float:
+        built.append(engine_path.name)
+        engine_path.write_bytes(b"plan")
+        return 0.5
+
+    error = {"rel": 0.5}
+
+    def validate(engine_path, onnx_path, spec, geometry, inputs, device) -> dict:
+        assert engine_path.is_file() and set(inputs) == set(spec.input_names)
+        from export.onnx_export import compare_outputs
+
+        want = {n: torch.ones(2) for n in spec.output_names}
+        got = {n: torch.ones(2) * (1 + error["rel"]) for n in spec.output_names}
+        return compare_outputs(spec, got, want)
+
+    monkeypatch.setattr(tensorrt_build, "build_engine", build)
+    monkeypatch.setattr(tensorrt_build, "validate_engine", validate)
+    folder = tmp_path / "e"
+    shutil.copytree(onnx_folder, folder)
+    options = ExportOptions(model="tiny", out=folder, format="tensorrt", precision="fp32", height=SIZE, width=SIZE,
+                            max_batch=4, networks=("vae_decoder",))
+    with pytest.raises(ExportValidationError, match="vae_decoder"):
+        export_pkg.export_engines(options, models=tiny_models)
+    assert not (folder / "vae_decoder.plan").exists()
+    assert read_manifest(folder).networks["vae_decoder"].engine is None
+    error["rel"] = 1e-6
+    report = export_pkg.export_engines(options, models=tiny_models)
+    entry = read_manifest(folder).networks["vae_decoder"]
+    assert entry.engine is not None and entry.engine_validation is not None
+    assert entry.engine_validation["rel"] == pytest.approx(1e-6, rel=0.1)
+    assert [(r.network, r.stage, r.status) for r in report.rows] == [("vae_decoder", "onnx", "cached"),
+                                                                     ("vae_decoder", "tensorrt", "built")]
+    assert built == ["vae_decoder.plan", "vae_decoder.plan"]
+    assert json.loads((folder / "manifest.json").read_text())["tensorrt"]["gpu"] == H100.gpu
