@@ -365,13 +365,13 @@ def batch(
 
     Running the same command again skips the jobs whose output is complete."""
     from p2v_fast.batch import BatchFileError, load_jobs, run_batch
+    from p2v_fast.errors import InputError
     from p2v_fast.evaluate import write_json_atomic
     from p2v_fast.paths import check_output_file
 
     ray = ray or ray_address is not None or ray_cpus_per_worker is not None
     if workers is not None and not ray:
-        raise typer.BadParameter("needs --ray (without Ray the jobs run one after another in this process)",
-                                 param_hint="--workers")
+        raise InputError("--workers needs --ray (without Ray the jobs run one after another in this process)")
     if json_path is not None:
         check_output_file(json_path)
     try:

@@ -242,9 +242,9 @@ def run_batch_ray(jobs: list[Job], reporter: BatchReporter | None = None, *, add
         for aid in list(actors):
             with contextlib.suppress(Exception):
                 ray.kill(actors[aid], no_restart=True)
-        for job, _ in busy.values():
-            _clean_after_death(job)
-            results[job.index] = JobResult.of(job, "interrupted", "interrupted; finished inversion frames are kept")
+        for job, _ in busy.values():  # its output, if it was complete before the actor stopped, is kept
+            results[job.index] = _clean_after_death(job) or JobResult.of(
+                job, "interrupted", "interrupted; finished inversion frames are kept in the cache")
     finally:
         for actor in actors.values():
             with contextlib.suppress(Exception):

@@ -68,6 +68,11 @@ def test_three_jobs_one_inversion_per_clip_then_nothing_recomputed(clips, tmp_pa
     ], {"source_prompt": "batch test one"}, name="three.yaml")
     summary = tmp_path / "summary.json"
     before = src.read_bytes()
+    import p2v_fast.pipeline
+
+    loads = []
+    load_runtime = p2v_fast.pipeline.load_runtime
+    monkeypatch.setattr(p2v_fast.pipeline, "load_runtime", lambda cfg: loads.append(cfg) or load_runtime(cfg))
     r = _p2v("batch", jobs, "--json", summary)
     assert r.exit_code == 0, r.output
     outs = [clips / "a.p2v.a-watercolor-painting.mp4", clips / "a.p2v.an-oil-painting.mp4", clips / "frames.p2v.mp4"]
@@ -78,6 +83,7 @@ def test_three_jobs_one_inversion_per_clip_then_nothing_recomputed(clips, tmp_pa
     assert sorted(row["inversion"] for row in rows[:2]) == ["cache hit", "inverted"]  # one inversion of a.mp4
     assert rows[2]["inversion"] == "inverted"
     assert len({row["worker"] for row in rows}) == 1
+    assert len(loads) == 1  # one model set for the three jobs (latent_update detached included)
     assert src.read_bytes() == before
     assert not list(clips.glob(".*partial*"))
 

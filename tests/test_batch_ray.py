@@ -157,3 +157,15 @@ def test_a_bad_job_on_ray_is_reported_and_the_others_finish(ray_session, clips, 
     assert "not-a-model" in rows[1]["detail"] and "Traceback" not in r.output
     assert (tmp_path / "good.mp4").exists() and (tmp_path / "good2.mp4").exists()
     assert not (tmp_path / "bad.mp4").exists()
+
+
+@pytest.mark.parametrize(("args", "device", "message"), [
+    (["--ray"], "auto", "the Ray cluster has no GPUs; pass --ray-cpus-per-worker"),
+    (["--ray-cpus-per-worker", "1", "--workers", "3"], "auto", "room for 1 to 2 workers (2 CPUs)"),
+    (["--ray-cpus-per-worker", "1"], "cuda:1", "device 'cuda:1' does not fit the Ray workers"),
+])
+def test_ray_worker_options_that_cannot_fit_are_one_line(ray_session, clips, tmp_path, args, device, message) -> None:
+    jobs = write_jobs(tmp_path, [{"input": str(clips / "b.mp4"), "prompt": "x", "device": device}])
+    r = runner.invoke(app, ["batch", str(jobs), *args], catch_exceptions=False)
+    assert r.exit_code == 2 and message in r.output.replace("\n", " ") and "Traceback" not in r.output
+    assert not list(tmp_path.glob("*.mp4"))
