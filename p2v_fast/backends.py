@@ -17,7 +17,21 @@ from typing import Any
 
 import torch
 
-from p2v_fast.attention import UNetWithFeatures
+from p2v_fast.attention import UNetWithFeatures, feature_shapes
+
+#: Batch sizes (samples; a frame is 2) the compiled UNet is specialised for. Every compiled call
+#: is padded up to one of them, and above the last to a multiple of it, so the wavefront's
+#: changing tick sizes and the inversion's batches reuse five graphs instead of recompiling
+#: (``dynamic=False``) until dynamo's recompile limit silently falls back to eager.
+COMPILE_BUCKETS = (2, 4, 8, 16, 32)
+
+
+def compile_bucket(batch: int) -> int:
+    """The padded batch of a compiled call of ``batch`` samples."""
+    for size in COMPILE_BUCKETS:
+        if batch <= size:
+            return size
+    return -(-batch // COMPILE_BUCKETS[-1]) * COMPILE_BUCKETS[-1]
 
 
 @dataclass
@@ -42,6 +56,9 @@ class Backend(ABC):
     name: str = "abstract"
     supports_grad: bool = False
     models: Any  # the p2v_fast.models.Models whose networks this backend runs (text encoder, scheduler)
+    #: The UNet's outputs live in buffers that the next call overwrites (CUDA graphs): a caller
+    #: that keeps them past the next call must copy them.
+    transient_outputs: bool = False
 
     def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
         self.device = device
@@ -102,19 +119,26 @@ class TorchBackend(Backend):
         # gradient of the UNet differs from eager's by ~5 % of its largest value while eager
         # fp32 matches fp64 to 1e-6 (`p2v bench --speedups compile`; aot_eager is exact).
         self.compile_grad = False
+        self.compiled = False
+        self.cuda_graphs = False
+        self._shapes: dict[tuple[int, int], list[tuple[int, int]]] = {}
         self.scaling_factor = float(models.vae.config.scaling_factor)
 
     def optimize(self, compile: bool = False, channels_last: bool = False) -> None:
         """Speed-ups that keep results (up to float reassociation): channels-last UNet weights and
-        activations, and ``torch.compile`` of the UNet wrapper (mode ``reduce-overhead`` on CUDA,
-        which replays CUDA graphs for static shapes). Shapes vary between the anchor and
-        cross-frame calls and the wavefront's batch sizes, so each is compiled on first use.
-        Only calls without gradients use the compiled module (see ``compile_grad``)."""
+        activations, and ``torch.compile`` of the UNet wrapper (mode ``reduce-overhead`` on CUDA:
+        CUDA graphs, whose outputs the next call overwrites, hence ``transient_outputs``).
+        Compiled calls all take one signature (references always, see :meth:`_compiled`) and a
+        few padded batch sizes (:data:`COMPILE_BUCKETS`); :meth:`warm_up` compiles them before
+        anything is timed. Only calls without gradients use the compiled module (``compile_grad``)."""
         if channels_last:
             self.models.unet.to(memory_format=torch.channels_last)
         if compile:
-            mode = "reduce-overhead" if self.device.type == "cuda" else "default"
+            self.cuda_graphs = self.device.type == "cuda"
+            mode = "reduce-overhead" if self.cuda_graphs else "default"
             self.unet_call = torch.compile(self.unet_module, mode=mode, dynamic=False)
+            self.compiled = True
+            self.transient_outputs = self.cuda_graphs
 
     def unet(self, sample, timestep, encoder_hidden_states, refs=None, self_ref=None):
         out = self.unet_forward(sample, timestep, encoder_hidden_states, refs, self_ref)
@@ -126,9 +150,57 @@ class TorchBackend(Backend):
         self.counter.unet_calls += 1
         self.counter.unet_samples += sample.shape[0]
         dtype = self.dtype
-        refs = [] if refs is None else [r.to(dtype) for r in refs]
-        call = self.unet_call if self.compile_grad or not torch.is_grad_enabled() else self.unet_module
-        return call(sample.to(dtype), timestep, encoder_hidden_states.to(dtype), *refs, self_ref=self_ref)
+        sample, encoder_hidden_states = sample.to(dtype), encoder_hidden_states.to(dtype)
+        refs = None if refs is None else [r.to(dtype) for r in refs]
+        if self.compiled and (self.compile_grad or not torch.is_grad_enabled()):
+            return self._compiled(sample, timestep, encoder_hidden_states, refs, self_ref)
+        return self.unet_module(sample, timestep, encoder_hidden_states, *(refs or []), self_ref=self_ref)
+
+    def _compiled(self, sample, timestep, ehs, refs, self_ref) -> tuple[torch.Tensor, ...]:
+        """The compiled call in its one signature: references always (a sample without any
+        attends to itself: zeros and ``self_ref`` 1, [h, h] attention == attention over h), the
+        batch padded to its bucket with samples that attend to themselves; outputs cut back."""
+        b = sample.shape[0]
+        if refs is None:
+            hw = (int(sample.shape[-2]), int(sample.shape[-1]))
+            if hw not in self._shapes:
+                self._shapes[hw] = feature_shapes(self.models.unet, hw)
+            refs = [sample.new_zeros(b, 2 * n, c) for n, c in self._shapes[hw]]
+            self_ref = sample.new_ones(b, dtype=torch.float32)
+        elif self_ref is None:
+            self_ref = sample.new_zeros(b, dtype=torch.float32)
+        self_ref = self_ref.to(torch.float32)
+        pad = compile_bucket(b) - b
+        if pad:
+            def padded(x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+                return torch.cat([x, x.new_full((pad, *x.shape[1:]), fill)])
+
+            sample, ehs, self_ref = padded(sample), padded(ehs), padded(self_ref, 1.0)
+            timestep = torch.cat([timestep, timestep[:1].expand(pad)])
+            refs = [padded(r) for r in refs]
+        if self.cuda_graphs:  # a new step: the previous call's output buffers may be reused
+            torch.compiler.cudagraph_mark_step_begin()
+        out = self.unet_call(sample, timestep, ehs, *refs, self_ref=self_ref)
+        return tuple(o[:b] for o in out) if pad else tuple(out)
+
+    @torch.no_grad()
+    def warm_up(self, latent_hw: tuple[int, int], frames: int, text_dim: int | None = None) -> int:
+        """Compile (and, on CUDA, record the graphs of) every bucket a call of up to ``frames``
+        frames uses, before anything is timed; returns the number of buckets. No-op unless
+        compiled."""
+        if not self.compiled:
+            return 0
+        unet = self.models.unet
+        h, w = latent_hw
+        dim = int(text_dim or unet.config.cross_attention_dim)
+        buckets = [b for b in COMPILE_BUCKETS if b < compile_bucket(2 * frames)] + [compile_bucket(2 * frames)]
+        for b in buckets:
+            sample = torch.zeros(b, int(unet.config.in_channels), h, w, device=self.device, dtype=self.dtype)
+            t = torch.ones(b, dtype=torch.long, device=self.device)
+            ehs = torch.zeros(b, 77, dim, device=self.device, dtype=self.dtype)
+            for _ in range(3):  # CUDA graph trees: warm-up run, recording, first replay
+                self._compiled(sample, t, ehs, None, None)
+        return len(buckets)
 
     @torch.no_grad()
     def vae_encode(self, images):

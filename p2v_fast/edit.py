@@ -14,7 +14,7 @@ their own features) and its ``ref_k`` rows are zeros, so a wavefront tick is one
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,7 +23,7 @@ import torch
 from p2v_fast.backends import Backend
 from p2v_fast.config import EditConfig
 from p2v_fast.ddim import DDIMSchedule
-from p2v_fast.latent_update import apply_update, autograd_gradient, detached_gradient
+from p2v_fast.latent_update import apply_update, autograd_gradient, detached_gradient, loss_scale
 from p2v_fast.memory import CallBudget
 
 Features = list[torch.Tensor]  # 9 tensors [2, N_k, C_k]: (uncond, cond) of one frame at one step
@@ -41,19 +41,29 @@ class FrameState:
 
 @dataclass
 class EditStats:
+    """What an edit did. Per-step update sizes stay on the device until they are read (one
+    copy per table, by :meth:`mean_update_rms` / :meth:`mean_detached_rms`), so the step loop
+    never waits for the device."""
+
     unet_calls: int = 0
     unet_backward: int = 0
-    update_rms: dict[int, list[float]] = field(default_factory=dict)  # step -> RMS of delta*grad per frame
+    update_rms: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # step -> RMS of delta*grad per frame
     # autograd mode: step -> RMS of the detached form's update (delta * 2 (x0 - x0_prev) / N) at the same
     # latents, per frame: the two forms' strengths compared without their trajectories diverging
-    detached_rms: dict[int, list[float]] = field(default_factory=dict)
+    detached_rms: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     peak_feature_bytes: int = 0
+    # samples sent through the UNet, by what they cost (benchmarks.flops): in calls with
+    # references (the anchor's [h, h] included) and without; samples differentiated
+    samples_xframe: int = 0
+    samples_plain: int = 0
+    samples_backward: int = 0
 
     def mean_update_rms(self) -> dict[int, float]:
-        return {s: float(np.mean(v)) for s, v in sorted(self.update_rms.items())}
+        """Mean RMS of the guided update per step (read from the device once)."""
+        return _step_means(self.update_rms)
 
     def mean_detached_rms(self) -> dict[int, float]:
-        return {s: float(np.mean(v)) for s, v in sorted(self.detached_rms.items())}
+        return _step_means(self.detached_rms)
 
     def describe_update(self, mode: str) -> str:
         """One line on the guided update's size, for the end of an edit."""
@@ -72,9 +82,23 @@ class EditStats:
         return line
 
 
+def _step_means(table: dict[int, list[torch.Tensor]]) -> dict[int, float]:
+    """step -> mean of its per-frame device scalars, read back in one copy."""
+    steps = sorted(table)
+    if not steps:
+        return {}
+    means = torch.stack([torch.stack(table[s]).float().mean() for s in steps])
+    return dict(zip(steps, means.cpu().tolist(), strict=True))
+
+
+def _nbytes(tensors: Sequence[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 class FeatureStore:
     """Anchor features for every step; other frames' features and x0-hat until the next frame
-    has used them (popped on read), so memory is constant in the length of the clip."""
+    has used them (popped on read), so memory is constant in the length of the clip. The bytes
+    held are counted as entries come and go (``nbytes``), never by walking the store."""
 
     def __init__(self, cfg: EditConfig, n_frames: int) -> None:
         self.refs = cfg.refs
@@ -85,6 +109,7 @@ class FeatureStore:
         self.anchor: dict[int, Features] = {}
         self.feats: dict[tuple[int, int], Features] = {}
         self.x0: dict[tuple[int, int], torch.Tensor] = {}
+        self._bytes = 0
         self.peak_bytes = 0
 
     def wants_features(self, frame: int) -> bool:
@@ -93,11 +118,14 @@ class FeatureStore:
     def put(self, frame: int, step: int, feats: Features, x0: torch.Tensor) -> None:
         if frame == 0 and self.keep_anchor:
             self.anchor[step] = feats
+            self._bytes += _nbytes(feats)
         elif self.keep_prev and frame + 1 < self.n_frames:
             self.feats[(frame, step)] = feats
+            self._bytes += _nbytes(feats)
         if step < self.x0_steps and frame + 1 < self.n_frames:
             self.x0[(frame, step)] = x0
-        self.peak_bytes = max(self.peak_bytes, self.nbytes())
+            self._bytes += _nbytes([x0])
+        self.peak_bytes = max(self.peak_bytes, self._bytes)
 
     def refs_for(self, frame: int, step: int) -> Features | None:
         """ref_k [2, 2N_k, C_k] for frame > 0: anchor || previous (or a mode's stand-in).
@@ -123,13 +151,16 @@ class FeatureStore:
     def used(self, frame: int, step: int) -> None:
         """``frame`` has finished ``step``: the previous frame's entries of that step are not
         needed again."""
-        self.feats.pop((frame - 1, step), None)
-        self.x0.pop((frame - 1, step), None)
+        feats = self.feats.pop((frame - 1, step), None)
+        if feats is not None:
+            self._bytes -= _nbytes(feats)
+        x0 = self.x0.pop((frame - 1, step), None)
+        if x0 is not None:
+            self._bytes -= _nbytes([x0])
 
     def nbytes(self) -> int:
-        total = sum(t.numel() * t.element_size() for fs in self.anchor.values() for t in fs)
-        total += sum(t.numel() * t.element_size() for fs in self.feats.values() for t in fs)
-        return total + sum(t.numel() * t.element_size() for t in self.x0.values())
+        """Bytes held now: features (every branch) and x0-hat estimates."""
+        return self._bytes
 
 
 @dataclass
@@ -149,11 +180,24 @@ class EditContext:
     def __post_init__(self) -> None:
         if self.budget is None:
             self.budget = CallBudget(self.backend.device)
+        for b in (self.backend, self.grad_backend):  # the step loop indexes its tables on the device
+            if b is not None:
+                self.schedule.to(b.device)
 
 
 def _guided(ctx: EditContext, st: FrameState) -> bool:
     c = ctx.cfg
     return st.index > 0 and st.step < c.guided_steps
+
+
+def call_groups(frames: list[FrameState], ctx: EditContext) -> list[tuple[bool, list[FrameState]]]:
+    """``frames`` by kind of UNet call, in order of first appearance: (needs a differentiable
+    call, its frames). Differentiable calls are the ``autograd`` mode's guided steps."""
+    groups: dict[bool, list[FrameState]] = {}
+    for st in frames:
+        needs_grad = _guided(ctx, st) and ctx.cfg.latent_update == "autograd"
+        groups.setdefault(needs_grad, []).append(st)
+    return list(groups.items())
 
 
 def run_step(frames: list[FrameState], ctx: EditContext) -> None:
@@ -163,11 +207,7 @@ def run_step(frames: list[FrameState], ctx: EditContext) -> None:
     each group is one batched call (the anchor shares the other frames' call, see the module
     docstring), split only where memory requires.
     """
-    groups: dict[bool, list[FrameState]] = {}
-    for st in frames:
-        needs_grad = _guided(ctx, st) and ctx.cfg.latent_update == "autograd"
-        groups.setdefault(needs_grad, []).append(st)
-    for needs_grad, group in groups.items():
+    for needs_grad, group in call_groups(frames, ctx):
         _step_group(group, ctx, needs_grad)
 
 
@@ -187,27 +227,45 @@ def _step_group(frames: list[FrameState], ctx: EditContext, needs_grad: bool) ->
     budget.run_in_calls(kind, frames, run)
 
 
+def per_branch(x: torch.Tensor) -> torch.Tensor:
+    """[F, ...] -> [2F, ...], each row twice (uncond, cond): ``repeat_interleave(2, 0)`` as a
+    broadcast, so no repeat count is ever copied to the device."""
+    return x.unsqueeze(1).expand(x.shape[0], 2, *x.shape[1:]).reshape(2 * x.shape[0], *x.shape[1:])
+
+
+def _references(frames: list[FrameState], store: FeatureStore,
+                device: torch.device) -> tuple[list[torch.Tensor] | None, torch.Tensor | None]:
+    """The call's ``refs`` (9 x [2F, 2N_k, C_k]) and ``self_ref`` [2F] (1 = attends to itself:
+    the anchor, whose rows of ``refs`` are zeros); (None, None) when no frame has references."""
+    per_frame = [store.refs_for(st.index, st.step) for st in frames]
+    template = next((r for r in per_frame if r is not None), None)
+    if template is None:
+        return None, None
+    self_ref = None
+    if any(r is None for r in per_frame):
+        zeros = [torch.zeros_like(t) for t in template]
+        self_ref = torch.zeros(2 * len(frames), device=device)
+        for i, r in enumerate(per_frame):
+            if r is None:
+                self_ref[2 * i : 2 * i + 2].fill_(1.0)  # a fill on the device, not a copy from the host
+        per_frame = [zeros if r is None else r for r in per_frame]
+    return [torch.cat([r[k] for r in per_frame]) for k in range(len(template))], self_ref  # type: ignore[index]
+
+
 def _step_call(frames: list[FrameState], ctx: EditContext, backend: Backend, needs_grad: bool) -> None:
-    sched, cfg = ctx.schedule, ctx.cfg
+    """One UNet call for ``frames`` and their DDIM step (and guided update). Nothing here reads
+    a value back from the device or copies one to it (tests/test_gpu.py checks on CUDA)."""
+    sched, cfg, store = ctx.schedule, ctx.cfg, ctx.store
     device = backend.device
-    idx = torch.tensor([st.step for st in frames], dtype=torch.long)
+    idx = sched.index([st.step for st in frames], device)  # [F], made on the device
     x = torch.cat([st.latent for st in frames]).to(device)  # [F,4,h,w] fp32
     if needs_grad:
         x = x.detach().requires_grad_(True)
     depth = torch.cat([st.depth for st in frames]).to(device)
-    sample = torch.cat([x, depth], dim=1).repeat_interleave(2, dim=0)  # [2F,5,h,w]
-    t = sched.timesteps[idx].repeat_interleave(2).to(device)  # [2F]
+    sample = per_branch(torch.cat([x, depth], dim=1))  # [2F,5,h,w]
+    t = per_branch(sched.timesteps_at(idx))  # [2F]
     ehs = ctx.embeddings.repeat(len(frames), 1, 1)  # [2F,77,D]
-    refs, self_ref = None, None
-    per_frame = [ctx.store.refs_for(st.index, st.step) for st in frames]  # None: attends to itself
-    template = next((r for r in per_frame if r is not None), None)
-    if template is not None:
-        if any(r is None for r in per_frame):  # the anchor in a cross-frame call: zeros, selected away
-            zeros = [torch.zeros_like(t) for t in template]
-            per_frame = [zeros if r is None else r for r in per_frame]
-            is_anchor = torch.tensor([st.index == 0 for st in frames], dtype=torch.float32)
-            self_ref = is_anchor.repeat_interleave(2).to(device)  # [2F]
-        refs = [torch.cat([r[k] for r in per_frame]) for k in range(len(template))]  # type: ignore[index]
+    refs, self_ref = _references(frames, store, device)
 
     with torch.set_grad_enabled(needs_grad):
         if needs_grad:
@@ -219,30 +277,58 @@ def _step_call(frames: list[FrameState], ctx: EditContext, backend: Backend, nee
         eps_u, eps_c = eps_all[0::2], eps_all[1::2]
         eps = eps_u + cfg.guidance_scale * (eps_c - eps_u)  # CFG, fp32
         x_prev, x0 = sched.step(x, eps, idx)
-        guided = [i for i, st in enumerate(frames) if _guided(ctx, st)]
-        if guided:
-            x0_prev = torch.cat([ctx.store.x0_prev(frames[i].index, frames[i].step) for i in guided]).to(device)
-            rows = torch.tensor(guided, device=device)
+        guided = [_guided(ctx, st) for st in frames]
+        if any(guided):
+            # Every row is updated; an unguided row compares x0 with itself: zero gradient, so the
+            # batch needs no row gather (whose indices would be a copy from the host).
+            x0_ref = torch.cat([store.x0_prev(st.index, st.step).to(device) if g else x0[i : i + 1].detach()
+                                for i, (st, g) in enumerate(zip(frames, guided, strict=True))])
             if needs_grad:
-                grad = autograd_gradient(x, x0[rows], x0_prev)[rows]
-                same = ctx.delta * detached_gradient(x0[rows].detach(), x0_prev)
-                for i, r in zip(guided, same.pow(2).flatten(1).mean(1).sqrt().tolist(), strict=True):
-                    ctx.stats.detached_rms.setdefault(frames[i].step, []).append(r)
+                scale = None
+                if backend.dtype == torch.float16:  # keep the backward pass out of fp16's subnormals
+                    gain = max(cfg.guidance_scale, abs(1.0 - cfg.guidance_scale))
+                    abar = sched.abar_at(idx)
+                    scale = loss_scale(x0, x0_ref, gain * ((1 - abar) / abar).sqrt())
+                grad = autograd_gradient(x, x0, x0_ref, scale)
+                same = ctx.delta * detached_gradient(x0.detach(), x0_ref)
+                same_rms = same.pow(2).flatten(1).mean(1).sqrt()  # [F], stays on the device
+                for i, st in enumerate(frames):
+                    if guided[i]:
+                        ctx.stats.detached_rms.setdefault(st.step, []).append(same_rms[i])
             else:
-                grad = detached_gradient(x0[rows], x0_prev)
-            x_prev = x_prev.detach().clone()
-            x_prev[rows], rms = apply_update(x_prev[rows], grad, ctx.delta)
-            for i, r in zip(guided, rms.tolist(), strict=True):
-                ctx.stats.update_rms.setdefault(frames[i].step, []).append(r)
+                grad = detached_gradient(x0, x0_ref)
+            x_prev, rms = apply_update(x_prev, grad, ctx.delta)
+            for i, st in enumerate(frames):
+                if guided[i]:
+                    ctx.stats.update_rms.setdefault(st.step, []).append(rms[i])
 
-    x_prev, x0 = x_prev.detach(), x0.detach()
+    stats = ctx.stats
+    samples = 2 * len(frames)
+    if refs is None:
+        stats.samples_plain += samples
+    else:
+        stats.samples_xframe += samples
+    if needs_grad:
+        stats.samples_backward += samples
+    commit(frames, store, feats, x0.detach(), x_prev.detach(), clone=backend.transient_outputs)
+    stats.peak_feature_bytes = store.peak_bytes
+
+
+def commit(frames: list[FrameState], store: FeatureStore, feats: Sequence[torch.Tensor], x0: torch.Tensor,
+           x_prev: torch.Tensor, clone: bool = False) -> None:
+    """A call's results into the frames and the store, in frame order: ``feats`` 9 x [2F, N_k,
+    C_k], ``x0`` and ``x_prev`` [F, 4, h, w]. ``clone``: the backend reuses its output buffers
+    (CUDA graphs), so the features kept for later frames are copied out of them."""
     for i, st in enumerate(frames):
-        own = [f[2 * i : 2 * i + 2].detach() for f in feats] if ctx.store.wants_features(st.index) else []
-        ctx.store.used(st.index, st.step)
-        ctx.store.put(st.index, st.step, own, x0[i : i + 1])
+        own: Features = []
+        if store.wants_features(st.index):
+            own = [f[2 * i : 2 * i + 2].detach() for f in feats]
+            if clone:
+                own = [f.clone() for f in own]
+        store.used(st.index, st.step)
+        store.put(st.index, st.step, own, x0[i : i + 1])
         st.latent = x_prev[i : i + 1]
         st.step += 1
-    ctx.stats.peak_feature_bytes = ctx.store.peak_bytes
 
 
 def sequential(
@@ -257,23 +343,23 @@ def sequential(
         yield st
 
 
-DEFAULT_WAVEFRONT_FRAMES = 16  # frames in flight when --batch-frames is not given
+#: Frames in flight when --batch-frames is not given. Chosen from p2v_fast.plan's simulation
+#: (README, "Speed: the wavefront schedule"): at 50 steps, 16 frames take a 60-frame edit in 211
+#: ticks (4 frames: 753, 50: 109), the compiled UNet's largest batch bucket; stored features
+#: peak at ~T steps' worth whatever the cap.
+DEFAULT_WAVEFRONT_FRAMES = 16
 
 
-def wavefront(
-    ctx: EditContext, initial: Iterator[FrameState], on_step=None, max_in_flight: int | None = None
-) -> Iterator[FrameState]:
-    """Exact wavefront schedule (DESIGN.md sec. 3): frame i at step s needs only (i-1, s) and
-    (i, s-1), so every tick advances each ready frame one step, all in one batched call per
-    network variant. Frames finish, and are yielded, in order; at most ``max_in_flight`` frames
-    hold state at once. The result equals :func:`sequential` up to float reassociation."""
-    steps = ctx.schedule.steps
-    cap = max_in_flight or DEFAULT_WAVEFRONT_FRAMES
+def wavefront_ticks(initial: Iterator[FrameState], steps: int, cap: int,
+                    advance: Callable[[list[FrameState]], None]) -> Iterator[FrameState]:
+    """The wavefront's admission and readiness (DESIGN.md sec. 3), apart from what a tick does:
+    each tick ``advance`` moves every ready frame one step. The next frame is admitted once its
+    predecessor has finished step 0 and fewer than ``cap`` frames are in flight; a frame is
+    ready when its predecessor has done the step it is at. Yields finished frames, in order."""
     pending = iter(initial)
     in_flight: list[FrameState] = []
     exhausted = False
     while True:
-        # Admit the next frame once its predecessor has finished step 0.
         while not exhausted and len(in_flight) < cap and (not in_flight or in_flight[-1].step >= 1):
             nxt = next(pending, None)
             if nxt is None:
@@ -283,12 +369,26 @@ def wavefront(
         if not in_flight:
             return
         # Ready: the predecessor has done this step (in_flight[0]'s predecessor has finished).
-        ready = [st for k, st in enumerate(in_flight) if k == 0 or in_flight[k - 1].step > st.step]
+        advance([st for k, st in enumerate(in_flight) if k == 0 or in_flight[k - 1].step > st.step])
+        while in_flight and in_flight[0].step >= steps:
+            yield in_flight.pop(0)
+
+
+def wavefront(
+    ctx: EditContext, initial: Iterator[FrameState], on_step=None, max_in_flight: int | None = None
+) -> Iterator[FrameState]:
+    """Exact wavefront schedule: frame i at step s needs only (i-1, s) and (i, s-1), so every
+    tick advances each ready frame one step, all in one batched UNet call (two when the
+    ``autograd`` update needs a differentiable one). Frames finish, and are yielded, in order;
+    at most ``max_in_flight`` frames hold state at once. The result equals :func:`sequential`
+    up to float reassociation."""
+
+    def tick(ready: list[FrameState]) -> None:
         run_step(ready, ctx)
         if on_step is not None:
             on_step(len(ready))
-        while in_flight and in_flight[0].step >= steps:
-            yield in_flight.pop(0)
+
+    return wavefront_ticks(initial, ctx.schedule.steps, max_in_flight or DEFAULT_WAVEFRONT_FRAMES, tick)
 
 
 def run_schedule(ctx: EditContext, initial: Iterator[FrameState], on_step=None) -> Iterator[FrameState]:

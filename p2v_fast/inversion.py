@@ -262,8 +262,14 @@ def invert_clip(
     advance(cfg.steps * (n - len(pending)))
     if budget is None:  # the user's --invert-batch is taken as given (still retried smaller on OOM)
         budget = CallBudget(backend.device, measurable=False if batch else None)
+    schedule.to(backend.device)
+    inputs = lambda ids: _inputs(ids, cfg, backend, lo, hi, enc_path)  # noqa: E731
+    # A call's frames run every step together, so measure on the first step before choosing
+    # how many: one call of 1 frame and one of 2, results discarded (3 of n x steps frame-steps).
+    budget.calibrate(INVERT_KIND, lambda k: _first_step(inputs(pending[:k]), backend, schedule, cond, cfg.steps),
+                     len(pending))
     budget.run_in_calls(INVERT_KIND, pending, lambda ids: _invert_frames(
-        list(ids), cfg, backend, schedule, cond, lo, hi, enc_path, inv_path, budget, advance),
+        list(ids), inputs(list(ids)), backend, schedule, cond, cfg.steps, inv_path, advance),
         most=batch or MAX_INVERT_BATCH)
     if check:
         handle.reconstruction = reconstruction_error(backend, schedule, cond, handle.load(0, backend.device))
@@ -285,22 +291,39 @@ MAX_INVERT_BATCH = 16
 INVERT_KIND = ("inversion", False)
 
 
-def _invert_frames(ids: list[int], cfg: EditConfig, backend: Backend, schedule: DDIMSchedule, cond: torch.Tensor,
-                   lo: float, hi: float, enc_path, inv_path, budget: CallBudget, advance) -> None:
-    """DDIM-invert frames ``ids`` together through every step and save each one."""
+def _inputs(ids: list[int], cfg: EditConfig, backend: Backend, lo: float, hi: float,
+            enc_path) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_0 [B,4,h,w] and normalised depth [B,1,h,w] of frames ``ids``, on the backend's device."""
     encs = [load_file(str(enc_path(i))) for i in ids]
     x = torch.cat([e["x_0"] for e in encs]).to(backend.device)
     raw = torch.cat([e["depth_raw"] for e in encs])
     depth = normalize_with(raw, lo, hi) if cfg.depth_norm == "clip" else normalize_per_frame(raw)
-    depth = depth.unsqueeze(1).to(backend.device)  # [B,1,h,w]
-    ehs = cond.expand(len(ids), -1, -1)
+    return x, depth.unsqueeze(1).to(backend.device)
+
+
+def _eps(x: torch.Tensor, depth: torch.Tensor, s: int, backend: Backend, schedule: DDIMSchedule,
+         cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The UNet's eps at step ``s`` for every frame of ``x`` (one call), and the step indices."""
+    idx = schedule.index([s] * x.shape[0], backend.device)  # on the device: no copy from the host
+    eps, _ = backend.unet(torch.cat([x, depth], dim=1), schedule.timesteps_at(idx), cond.expand(x.shape[0], -1, -1))
+    return eps, idx
+
+
+@torch.no_grad()
+def _first_step(inputs: tuple[torch.Tensor, torch.Tensor], backend: Backend, schedule: DDIMSchedule,
+                cond: torch.Tensor, steps: int) -> None:
+    """The inversion's first UNet call for these frames, its result discarded (to measure it)."""
+    _eps(*inputs, steps - 1, backend, schedule, cond)
+
+
+def _invert_frames(ids: list[int], inputs: tuple[torch.Tensor, torch.Tensor], backend: Backend,
+                   schedule: DDIMSchedule, cond: torch.Tensor, steps: int, inv_path, advance) -> None:
+    """DDIM-invert frames ``ids`` together through every step and save each one."""
+    x, depth = inputs
     x_0 = x.clone()
     with torch.no_grad():
-        for s in reversed(range(cfg.steps)):  # from the cleanest step to the noisiest
-            idx = torch.full((len(ids),), s, dtype=torch.long)
-            t = schedule.timesteps[idx].to(backend.device)
-            with budget.measure(INVERT_KIND, len(ids), backend.device):
-                eps, _ = backend.unet(torch.cat([x, depth], dim=1), t, ehs)
+        for s in reversed(range(steps)):  # from the cleanest step to the noisiest
+            eps, idx = _eps(x, depth, s, backend, schedule, cond)
             x = schedule.invert_step(x, eps, idx)
             advance(len(ids))
     for j, i in enumerate(ids):

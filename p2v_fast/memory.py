@@ -158,14 +158,18 @@ T = TypeVar("T")
 class CallBudget:
     """How many frames one UNet call of each kind may take.
 
-    The first call of each kind runs a single frame and is measured: its peak bytes above what
-    was in use before it (its fixed cost counts as the frame's, so the estimate errs high).
-    Later calls take ``floor(SAFETY x headroom / bytes per frame)`` frames, at least one, and
-    are not measured again (no work on the hot path). Where the peak cannot be read (engines on a GPU allocate
-    outside PyTorch's allocator) calls are not split here; a TensorRT engine's batch profile
-    splits them instead. An out-of-memory error halves the kind's limit: the caller retries,
-    since nothing has changed yet (:func:`p2v_fast.edit.run_step` commits only after a call
-    returns).
+    Bytes per frame are measured, not guessed, as the difference between the peaks of a 2-frame
+    and a 1-frame call of the kind (each above what was in use before it), so fixed costs (a
+    workspace, the first use of a kernel) are not charged to the frame: the first call of a
+    kind takes one frame, the second two (:meth:`calibrate` runs both up front where the
+    caller's own calls would not). Later calls take ``floor(SAFETY x headroom / bytes per
+    frame)`` frames, at least one, and are not measured again (no work on the hot path). Where
+    the difference is not positive (noise of a CPU's resident-set peak), the 2-frame call's
+    whole peak is charged to its two frames. Where the peak cannot be read (engines on a GPU
+    allocate outside PyTorch's allocator) calls are not split here; a TensorRT engine's batch
+    profile splits them instead. An out-of-memory error halves the kind's limit: the caller
+    retries, since nothing has changed yet (:func:`p2v_fast.edit.run_step` commits only after a
+    call returns). ``splits`` counts the calls added by splitting (measurement included).
     """
 
     def __init__(
@@ -177,25 +181,40 @@ class CallBudget:
         self.device = device
         self.measurable = peaks_measurable(device) if measurable is None else measurable
         self.headroom_fn = headroom_fn or (lambda: headroom(device))
+        self.one_frame_peak: dict[Kind, int] = {}  # peak of the kind's 1-frame call
         self.bytes_per_frame: dict[Kind, float] = {}
         self.ceiling: dict[Kind, int] = {}  # set by out-of-memory errors
-        self.splits = 0  # calls split because they would not fit
+        self.splits = 0  # calls added by splitting (to measure, or to fit)
         self.ooms = 0
+
+    def _measuring(self, kind: Kind) -> bool:
+        return self.measurable and kind not in self.bytes_per_frame
 
     def frames_per_call(self, kind: Kind, wanted: int) -> int:
         """Frames the next call of ``kind`` may take, of ``wanted``."""
         if wanted <= 1:
             return 1
-        if self.measurable and kind not in self.bytes_per_frame:
-            return 1  # measure one frame first
-        n = min(wanted, self.ceiling.get(kind, wanted))
-        per = self.bytes_per_frame.get(kind, 0.0) if self.measurable else 0.0
-        if per > 0:
-            n = min(n, int(SAFETY * self.headroom_fn() // per))
-        n = max(1, n)
+        if self._measuring(kind):
+            n = 1 if kind not in self.one_frame_peak else 2  # measure one frame, then two
+        else:
+            n = min(wanted, self.ceiling.get(kind, wanted))
+            per = self.bytes_per_frame.get(kind, 0.0) if self.measurable else 0.0
+            if per > 0:
+                n = min(n, int(SAFETY * self.headroom_fn() // per))
+        n = max(1, min(n, wanted))
         if n < wanted:
             self.splits += 1
         return n
+
+    def calibrate(self, kind: Kind, call: Callable[[int], object], available: int) -> None:
+        """Measure ``kind`` with ``call(1)`` and ``call(2)`` (one call of 1 and of 2 frames,
+        results discarded) before the caller's own calls, where those would run a frame alone
+        for long (inversion runs every step of a call's frames). Needs ``available`` >= 2."""
+        if not self._measuring(kind) or available < 2:
+            return
+        for frames in (1, 2):
+            with self.measure(kind, frames):
+                call(frames)
 
     def run_in_calls(self, kind: Kind, items: Sequence[T], run: Callable[[Sequence[T]], None],
                      most: int | None = None) -> None:
@@ -216,10 +235,11 @@ class CallBudget:
 
     @contextmanager
     def measure(self, kind: Kind, frames: int, backend_device: torch.device | None = None) -> Iterator[None]:
-        """Measure the call run inside on ``backend_device`` (default: the budget's device), if
-        ``kind`` has not been measured yet."""
+        """Measure the call run inside on ``backend_device`` (default: the budget's device) while
+        ``kind``'s bytes per frame are unknown: a 1-frame call's peak, then a 2-frame call's."""
         device = backend_device or self.device
-        if not self.measurable or device != self.device or kind in self.bytes_per_frame:
+        done = kind in self.one_frame_peak if frames == 1 else frames > 2
+        if not self._measuring(kind) or device != self.device or done:
             yield
             return
         before = in_use(device)
@@ -227,9 +247,12 @@ class CallBudget:
         try:
             yield
         finally:
-            peak = close_window(device, handle)
-        per = max(0, peak - before) / frames
-        self.bytes_per_frame[kind] = max(self.bytes_per_frame.get(kind, 0.0), per)
+            peak = max(0, close_window(device, handle) - before)
+        if frames == 1:
+            self.one_frame_peak[kind] = peak
+        elif kind in self.one_frame_peak:
+            per = peak - self.one_frame_peak[kind]
+            self.bytes_per_frame[kind] = float(per if per > 0 else peak / 2)
 
     def out_of_memory(self, kind: Kind, frames: int) -> None:
         """A call of ``frames`` frames did not fit: later calls of ``kind`` take at most half."""

@@ -7,6 +7,7 @@ features, one frame's worth of features in flight and a few thumbnails are held.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from p2v_fast.inversion import (
     invert_clip,
     select_clip,
 )
+from p2v_fast.output import FrameSink
 from p2v_fast.paths import cache_lock, check_output_file
 from p2v_fast.progress import NullProgress, Progress
 from p2v_fast.prompts import check_prompt, encode_prompt, source_prompt_for, warn_if_truncated
@@ -121,6 +123,23 @@ def check_output(input_path: Path, output: Path, overwrite: bool) -> Path:
     return check_output_file(output)
 
 
+def warm_up(cfg: EditConfig, rt: Runtime, selection: ClipSelection, progress: Progress) -> None:
+    """With ``--compile``: compile every batch bucket the clip's calls will use (inversion and
+    edit) before the first is timed, rather than in the middle of the run."""
+    from p2v_fast.edit import DEFAULT_WAVEFRONT_FRAMES
+    from p2v_fast.inversion import MAX_INVERT_BATCH
+
+    backend = rt.backend  # a separate grad backend runs only gradient calls, which run eager
+    if not isinstance(backend, TorchBackend) or not backend.compiled:
+        return
+    n = selection.n_frames
+    edit_frames = 1 if cfg.schedule == "sequential" else (cfg.batch_frames or DEFAULT_WAVEFRONT_FRAMES)
+    invert_samples = min(n, cfg.invert_batch or MAX_INVERT_BATCH)  # 1 sample per frame: no CFG
+    t0 = time.perf_counter()
+    buckets = backend.warm_up(selection.latent_hw, max(min(edit_frames, n), -(-invert_samples // 2)))
+    progress.log(f"compiled the UNet for {buckets} batch sizes in {time.perf_counter() - t0:.1f} s")
+
+
 @dataclass
 class PreparedClip:
     selection: ClipSelection
@@ -139,6 +158,7 @@ def prepare(cfg: EditConfig, input_path: Path, rt: Runtime, progress: Progress,
         framing += f"; output {selection.output_size[0]}x{selection.output_size[1]}, the bars cut)" \
             if selection.box is not None else ")"
     progress.log(f"{selection.n_frames} frames at {w}x{h}{framing} from '{input_path}'")
+    warm_up(cfg, rt, selection, progress)
     if cfg.source_prompt is None:
         first = next(iter(selection.frames()))
         source = source_prompt_for(rt.models, first, None)
@@ -162,10 +182,11 @@ def invert_video(cfg: EditConfig, input_path: Path, progress: Progress | None = 
     return prepare(cfg, Path(input_path), rt, progress or NullProgress())
 
 
-def _to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[B,3,H,W] in [-1,1] -> [B,H,W,3] uint8."""
-    arr = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return arr.permute(0, 2, 3, 1).cpu().numpy()
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``; to CUDA through pinned memory, without blocking the host."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass
@@ -185,6 +206,9 @@ class EditResult:
     inversion_runtime: dict[str, str] = field(default_factory=dict)  # Backend.identity() it ran on
     reconstruction: dict[str, float | None] | None = None  # inversion.reconstruction_error of the inversion
     frames_sha256: str = ""  # of the edited uint8 frames before encoding (reproducibility checks)
+    # busy seconds of the stages that overlap the edit (p2v_fast.output.FrameSink): VAE decode
+    # (device time) and writing (encode + mux, writer thread)
+    overlapped: dict[str, float] = field(default_factory=dict)
 
     @property
     def seconds_per_frame(self) -> float:
@@ -236,8 +260,8 @@ def edit_video(
 
     def initial():
         for i in range(sel.n_frames):
-            d = inv.load(i, device)
-            yield FrameState(i, d["x_T"], d["depth"])
+            d = inv.load(i)  # on the host; pinned and copied without blocking the edit
+            yield FrameState(i, _to_device(d["x_T"], device), _to_device(d["depth"], device))
 
     counters = [rt.backend.counter] + ([rt.grad_backend.counter] if rt.grad_backend not in (None, rt.backend) else [])
     calls0 = sum(c.unet_calls for c in counters), sum(c.unet_backward for c in counters)
@@ -247,37 +271,39 @@ def edit_video(
     thumbs: list[tuple[np.ndarray, np.ndarray]] = []
     source_frames = sel.frames()
     finished = run_schedule(ctx, initial(), on_step=advance)
+    writers: list[video.VideoWriter] = []  # the edit, then the side-by-side
 
     raw = hashlib.sha256()
 
-    def edited_frames():
-        for st in finished:
-            frame = sel.to_output(_to_uint8(rt.backend.vae_decode(st.latent))[0])  # --resize pad: bars cut
-            raw.update(frame.tobytes())
-            src = sel.to_output(next(source_frames))
-            if st.index in thumbs_at:
-                thumbs.append((src, frame))
-            yield src, frame
+    def consume(index: int, frame: np.ndarray) -> None:  # in the sink's writer thread, in order
+        frame = sel.to_output(frame)  # --resize pad: bars cut
+        raw.update(frame.tobytes())
+        src = sel.to_output(next(source_frames))
+        if index in thumbs_at:
+            thumbs.append((src, frame))
+        if preview:
+            video.save_png(out, frame)
+            return
+        writers[0].write(frame)
+        if len(writers) > 1:
+            writers[1].write(video.side_by_side(src, frame))
 
     strip_path = None
-    if preview:
-        src, frame = next(edited_frames())
-        video.save_png(out, frame)
-    else:
-        audio = sel.info.path if sel.info.has_audio else None
-        start_s = sel.start / sel.info.fps
-        duration = sel.n_frames * sel.stride / sel.info.fps
-        size = sel.output_size
-        with video.VideoWriter(out, sel.fps, size, audio_source=audio, audio_start=start_s,
-                               audio_duration=duration) as writer:
+    with contextlib.ExitStack() as stack:
+        if not preview:
+            audio = sel.info.path if sel.info.has_audio else None
+            size = sel.output_size
+            writers.append(stack.enter_context(video.VideoWriter(
+                out, sel.fps, size, audio_source=audio, audio_start=sel.start / sel.info.fps,
+                audio_duration=sel.n_frames * sel.stride / sel.info.fps)))
             if sbs_path is not None:
-                with video.VideoWriter(sbs_path, sel.fps, (size[0] * 2, size[1])) as sbs:
-                    for src, frame in edited_frames():
-                        writer.write(frame)
-                        sbs.write(video.side_by_side(src, frame))
-            else:
-                for _, frame in edited_frames():
-                    writer.write(frame)
+                sbs_size = (size[0] * 2, size[1])
+                writers.append(stack.enter_context(video.VideoWriter(sbs_path, sel.fps, sbs_size)))
+        # entered last, so it is drained (or cancelled) before the writers finish (or abort)
+        sink = stack.enter_context(FrameSink(rt.backend, consume))
+        for st in finished:
+            sink.submit(st.index, st.latent)
+    if not preview:
         strip_path = out.with_name(out.stem + ".strip.png")
         top = np.concatenate([s for s, _ in thumbs], axis=1)
         bottom = np.concatenate([e for _, e in thumbs], axis=1)
@@ -289,8 +315,9 @@ def edit_video(
     budget = ctx.budget
     if budget is not None and (budget.splits or budget.ooms):
         progress.log(f"{budget.splits} UNet calls split to fit in memory, {budget.ooms} retried after running out")
+    busy = {"decode_busy": sink.seconds["decode"], "encode_busy": sink.seconds["encode"]}
     return EditResult(out, sel.n_frames, sel.fps, sel.output_size, t_end - t_start, prep.seconds, t_end - t_edit,
                       inv.cache_hit, inv.source_prompt, sbs_path, strip_path, stats, inv.runtime,
-                      inv.reconstruction, raw.hexdigest())
+                      inv.reconstruction, raw.hexdigest(), busy)
 
 

@@ -76,12 +76,13 @@ def test_batched_inversion_equals_per_frame(tiny_models, tmp_path) -> None:
 
 
 def test_default_inversion_measures_one_frame_then_batches_what_fits(tiny_models, tmp_path) -> None:
-    """No --invert-batch: the first frame runs alone while its calls are measured, then the
-    rest together (the tiny model fits many times over); same latents as per-frame."""
+    """No --invert-batch: one call of 1 frame and one of 2 at the first step are measured (and
+    discarded), then every frame runs together (the tiny model fits many times over); same
+    latents as per-frame."""
     clip = sample_clip(tmp_path, n_frames=3)
     one, _, _ = _invert(tiny_models, clip, tmp_path / "c1", steps=5, batch=1)
     auto, backend, _ = _invert(tiny_models, clip, tmp_path / "ca", steps=5, batch=None)
-    assert backend.counter.unet_calls == 5 + 5 and backend.counter.unet_samples == 3 * 5
+    assert backend.counter.unet_calls == 2 + 5 and backend.counter.unet_samples == 1 + 2 + 3 * 5
     for i in range(3):
         torch.testing.assert_close(auto.load(i)["x_T"], one.load(i)["x_T"], rtol=1e-4, atol=1e-4)
 
@@ -191,7 +192,9 @@ def test_inversion_runs_in_fp32_by_default_whatever_the_edit_dtype(tiny_models, 
     assert shared.inverted.cache_hit and shared.inverted.root == first.inverted.root
     same = invert_video(cfg.replace(invert_dtype="same"), clip, runtime=bf16)
     assert not same.inverted.cache_hit and same.inverted.runtime["dtype"] == "bfloat16"
-    assert bf16.backend.counter.unet_calls == 2 * 8 + 8
+    # 2 calls measuring memory at the first step (1 and 2 frames), 8 steps for both frames
+    # together, 8 for the reconstruction check
+    assert bf16.backend.counter.unet_calls == 2 + 8 + 8
 
     exact = TorchBackend(models_in_dtype(bf16_models, torch.float64))  # the same weights, in fp64
     ref = invert_clip(cfg, select_clip(clip, cfg), exact.models, exact, "a clip", check=False)

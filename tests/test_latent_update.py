@@ -126,3 +126,61 @@ def test_no_update_after_update_steps(schedule) -> None:
     run_step([FrameState(0, torch.randn(1, 4, H, W), depth)], ctx)
     run_step([FrameState(1, torch.randn(1, 4, H, W), depth)], ctx)
     assert ctx.stats.update_rms == {}
+
+
+def _tiny_gradient(models, schedule, step: int, diff: float, scaled: bool) -> torch.Tensor:
+    """dg/dx_t at ``step`` for 2 frames of the tiny model in ``models``' dtype, with x0_prev =
+    x0 + ``diff`` x noise (the size of g's gradient follows ``diff``)."""
+    from p2v_fast.edit import per_branch
+    from p2v_fast.latent_update import loss_scale
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, H, W, generator=g).requires_grad_(True)
+    depth = torch.rand(2, 1, H, W, generator=g) * 2 - 1
+    idx = schedule.index([step, step], "cpu")
+    out = TorchBackend(models).unet_forward(per_branch(torch.cat([x, depth], 1)),
+                                            per_branch(schedule.timesteps_at(idx)), _ehs(torch.float32).repeat(2, 1, 1))
+    eps_all = out[0].float()
+    eps = eps_all[0::2] + 7.5 * (eps_all[1::2] - eps_all[0::2])
+    _, x0 = schedule.step(x, eps, idx)
+    x0_prev = x0.detach() + diff * torch.randn(x0.shape, generator=g)
+    scale = None
+    if scaled:
+        abar = schedule.abar_at(idx)
+        scale = loss_scale(x0, x0_prev, 7.5 * ((1 - abar) / abar).sqrt())
+    return autograd_gradient(x, x0, x0_prev, scale)
+
+
+@pytest.mark.parametrize("diff", [1.0, 1e-4])
+def test_fp16_gradient_matches_fp32_with_loss_scaling(tiny_dir, diff) -> None:
+    """The autograd update's gradient through the fp16 UNet against fp32's, on the tiny model
+    (fp16 weights = the fp32 ones, cast). Small differences between frames (diff 1e-4 here; at
+    512x512, with 64x more latent elements, 1e-2 is as small) put the unscaled fp16 gradient in
+    fp16's subnormals: ~20 % off. Scaled by a power of two, it stays at fp16's own ~0.6 %."""
+    from p2v_fast.models import load_models
+
+    schedule = DDIMSchedule(load_models("tiny").scheduler, 50)
+    ref = _tiny_gradient(load_models("tiny"), schedule, 10, diff, scaled=False)
+    half = load_models("tiny", dtype=torch.float16)
+    err = lambda g: float((g - ref).norm() / ref.norm())  # noqa: E731
+    scaled = err(_tiny_gradient(half, schedule, 10, diff, scaled=True))
+    assert scaled < 2e-2
+    if diff < 1e-2:
+        assert err(_tiny_gradient(half, schedule, 10, diff, scaled=False)) > 5e-2  # what the scaling fixes
+
+
+def test_the_fp16_edit_scales_its_gradient(tiny_dir, monkeypatch) -> None:
+    """An autograd step through an fp16 backend takes the scaled path (and an fp32 one does not)."""
+    from p2v_fast import edit as edit_module
+    from p2v_fast.models import load_models
+    from tests.helpers import make_context, random_frames
+
+    used: list[torch.dtype] = []
+    real = edit_module.loss_scale
+    monkeypatch.setattr(edit_module, "loss_scale", lambda *a: used.append(a[0].dtype) or real(*a))
+    cfg = EditConfig(prompt="a swan", model="tiny", steps=2, latent_update="autograd")
+    for dtype in (torch.float32, torch.float16):
+        ctx = make_context(cfg, load_models("tiny", dtype=dtype), 2)
+        out = list(edit_module.sequential(ctx, iter(random_frames(2))))
+        assert bool(torch.isfinite(out[1].latent).all())
+    assert used == [torch.float32]  # once: the fp16 edit's one guided step (x0 is fp32 either way)
