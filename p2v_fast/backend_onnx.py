@@ -17,7 +17,7 @@ import torch
 from p2v_fast.errors import BackendUnavailableError, EngineError
 from p2v_fast.graph_backend import GraphBackend, engines_folder, load_checked_manifest
 from p2v_fast.manifest import check_files, rebuild_command
-from p2v_fast.specs import Geometry, NetworkSpec
+from p2v_fast.specs import Geometry, MinOptMax, NetworkSpec
 
 _NP = {"float16": np.float16, "float32": np.float32, "int64": np.int64, "int32": np.int32}
 
@@ -32,9 +32,34 @@ def _ort():
     return ort
 
 
-def providers_for(device: torch.device, cache_dir: Path | None = None) -> list:
-    """Execution providers for ``device``: TensorRT (when its libraries import) and CUDA on a
-    CUDA device, always CPU last. ``cache_dir`` keeps the TensorRT provider's engines."""
+def profile_option(shapes: Mapping[str, tuple[int, ...]]) -> str:
+    """A TensorRT provider profile string: ``"sample:2x5x64x64,timestep:2,..."``."""
+    return ",".join(f"{name}:{'x'.join(str(d) for d in shape)}" for name, shape in shapes.items())
+
+
+def tensorrt_provider_options(device_id: int, cache_dir: Path, profile: Mapping[str, MinOptMax] | None) -> dict:
+    """Options of ONNX Runtime's TensorRT provider: engine and timing caches in ``cache_dir``, and,
+    given ``profile`` (input -> (min, opt, max), the export's), that profile explicitly: without
+    it the provider builds for the first shapes it sees and rebuilds whenever a batch or size
+    falls outside them."""
+    options: dict = {
+        "device_id": device_id,
+        "trt_engine_cache_enable": True,
+        "trt_engine_cache_path": str(cache_dir),
+        "trt_timing_cache_enable": True,
+    }
+    if profile:
+        for i, key in enumerate(("trt_profile_min_shapes", "trt_profile_opt_shapes", "trt_profile_max_shapes")):
+            options[key] = profile_option({name: mom[i] for name, mom in profile.items()})
+    return options
+
+
+def providers_for(device: torch.device, cache_dir: Path | None = None,
+                  profile: Mapping[str, MinOptMax] | None = None) -> list:
+    """Execution providers for ``device``: TensorRT (when its libraries import; with ``profile``,
+    the network's min/opt/max input shapes, explicitly) and CUDA on a CUDA device, always CPU
+    last. ``cache_dir`` keeps the TensorRT provider's engines. (The CUDA provider runs any shape:
+    it has no profile to give.)"""
     ort = _ort()
     available = ort.get_available_providers()
     providers: list = []
@@ -47,12 +72,7 @@ def providers_for(device: torch.device, cache_dir: Path | None = None) -> list:
                 pass
             else:
                 cache_dir.mkdir(parents=True, exist_ok=True)
-                providers.append(("TensorrtExecutionProvider", {
-                    "device_id": index,
-                    "trt_engine_cache_enable": True,
-                    "trt_engine_cache_path": str(cache_dir),
-                    "trt_timing_cache_enable": True,
-                }))
+                providers.append(("TensorrtExecutionProvider", tensorrt_provider_options(index, cache_dir, profile)))
         if "CUDAExecutionProvider" in available:
             providers.append(("CUDAExecutionProvider", {"device_id": index}))
     providers.append("CPUExecutionProvider")
@@ -125,15 +145,18 @@ class OnnxRuntimeBackend(GraphBackend):
         # (that device with the CUDA provider, else the CPU) and results come back to it.
         super().__init__(models, folder, manifest, models.device)
         device = ort_device(models.device)
-        providers = providers_for(device, folder / "ort-tensorrt-cache")
         self.sessions: dict[str, OnnxSession] = {}
         for name, entry in manifest.networks.items():
             assert entry.onnx is not None  # check_files
+            profile = entry.spec.profile_shapes(self.geometry, manifest.profile)
+            providers = providers_for(device, folder / "ort-tensorrt-cache", profile)
             try:
                 self.sessions[name] = OnnxSession(folder / entry.onnx.file, entry.spec, self.geometry, device,
                                                   providers)
             except EngineError as exc:
                 raise EngineError(f"{exc}; rebuild: {rebuild_command(manifest, folder)}") from None
+        if any(s.session.get_providers()[0] == "TensorrtExecutionProvider" for s in self.sessions.values()):
+            self.max_batch = manifest.profile.batch[2]  # its engines hold the profile's batches: split larger calls
 
     def identity(self) -> dict[str, str]:
         """Also the execution provider that runs the graphs (CPU, CUDA or TensorRT: other kernels)."""

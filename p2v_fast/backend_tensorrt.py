@@ -379,7 +379,7 @@ class TensorRTBackend(GraphBackend):
                 runner.activate(self.activation_memory)
 
     def _run(self, network: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        spec = self.specs[network]
+        spec = self.specs[network]  # (the frame size was checked by run(); the batch is split to fit)
         batch, height, width = batch_and_size(spec, self.geometry, {n: tuple(t.shape) for n, t in feeds.items()})
         check_size(self.manifest, self.folder, batch, height, width)
         with self.ops.on_device():

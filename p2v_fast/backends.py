@@ -70,6 +70,10 @@ class Backend(ABC):
         for graph backends, which graphs). Cache keys of computed results (the inversion) use it."""
         return runtime_identity(self.name, self.dtype, self.device)
 
+    def check_frame_size(self, width: int, height: int) -> None:
+        """Refuse a working size this backend cannot run (exported graphs have a size range)."""
+        return None
+
     @abstractmethod
     def unet(
         self,

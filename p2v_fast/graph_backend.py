@@ -18,7 +18,7 @@ import torch
 
 from p2v_fast.backends import Backend
 from p2v_fast.errors import EngineError
-from p2v_fast.manifest import DEFAULT_ENGINES, Manifest, check_model, read_manifest, rebuild_command
+from p2v_fast.manifest import DEFAULT_ENGINES, Manifest, check_model, check_size, read_manifest, rebuild_command
 from p2v_fast.models import model_id
 from p2v_fast.specs import NETWORKS
 
@@ -67,6 +67,9 @@ class GraphBackend(Backend):
         digest = hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
         return {**super().identity(), "graphs": digest}
 
+    def check_frame_size(self, width: int, height: int) -> None:
+        check_size(self.manifest, self.folder, None, height, width)
+
     @abstractmethod
     def _run(self, network: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Run ``network`` on ``feeds`` (spec dtypes, contiguous, on ``self.device``); outputs by name."""
@@ -78,6 +81,9 @@ class GraphBackend(Backend):
             t.name: feeds[t.name].to(device=self.device, dtype=getattr(torch, t.dtype)).contiguous()
             for t in spec.inputs
         }
+        if spec.spatial:  # a frame size outside the exported profile is refused, with the command that widens it
+            dims = spec.bind(self.geometry, {n: tuple(t.shape) for n, t in cast.items()})
+            check_size(self.manifest, self.folder, None, dims["H"], dims["W"])
         batch = int(next(iter(cast.values())).shape[0])
         step = self.max_batch or batch
         if batch <= step:

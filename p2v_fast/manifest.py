@@ -312,11 +312,14 @@ def check_files(manifest: Manifest, folder: Path, kind: str) -> None:
                                   f"rebuild: {fix}")
 
 
-def check_size(manifest: Manifest, folder: Path, batch: int, height: int | None, width: int | None) -> None:
+def check_size(manifest: Manifest, folder: Path, batch: int | None, height: int | None, width: int | None) -> None:
     """Refuse a call outside the engines' optimisation profile, naming the command that widens it.
-    Static-batch engines take any batch up to theirs (the runner pads it)."""
+    ``batch`` None: any batch (callers that split batches). Static-batch engines take any batch
+    up to theirs (the runner pads it)."""
     p = manifest.profile
-    if p.batch[0] == p.batch[2]:
+    if batch is None:
+        batch = p.batch[0]
+    elif p.batch[0] == p.batch[2]:
         batch = min(max(batch, p.batch[0]), p.batch[2]) if batch <= p.batch[2] else batch
     if p.contains(batch, height, width):
         return

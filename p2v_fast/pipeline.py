@@ -152,6 +152,7 @@ def prepare(cfg: EditConfig, input_path: Path, rt: Runtime, progress: Progress,
     """Select frames, resolve the source prompt, invert (or hit the cache)."""
     t0 = time.perf_counter()
     selection = select_clip(input_path, cfg, info)
+    rt.backend.check_frame_size(*selection.size)  # engines for another size: refused before any work
     (w, h), framing = selection.size, ""
     if selection.resize != "crop":
         framing = f" ({selection.resize}"

@@ -349,15 +349,57 @@ def test_check_io_and_output_shapes() -> None:
 
 def test_size_outside_the_profile_names_the_widening_command(engines) -> None:
     m = read_manifest(engines)
-    check_size(m, engines, 4, SIZE, SIZE)
+    assert m.profile.height == (SIZE, SIZE, 2 * SIZE)
+    check_size(m, engines, 4, SIZE, 2 * SIZE)
+    check_size(m, engines, None, 2 * SIZE, 2 * SIZE)  # None: any batch (split by the caller)
     with pytest.raises(EngineError) as err:
-        check_size(m, engines, 2, SIZE, 2 * SIZE)
+        check_size(m, engines, 2, SIZE, 4 * SIZE)
     msg = _one_line(str(err.value))
-    assert f"not {SIZE}x{2 * SIZE}" in msg
-    assert f"--height {SIZE} --width {2 * SIZE}" in msg
-    assert "--min-size" not in msg  # a fixed-size rebuild is enough
+    assert f"not {SIZE}x{4 * SIZE}" in msg
+    assert f"--height {SIZE} --width {4 * SIZE} --min-size {SIZE} --max-size {4 * SIZE}" in msg
     with pytest.raises(EngineError, match="not batch 9"):
         check_size(m, engines, 9, SIZE, SIZE)
+    static = type(m.profile)(batch=(4, 4, 4), height=(SIZE,) * 3, width=(SIZE,) * 3)
+    m.profile, m.options = static, {**m.options, "static_batch": True}
+    check_size(m, engines, 2, SIZE, SIZE)  # static-batch engines: smaller calls are padded
+    with pytest.raises(EngineError, match="not batch 5"):
+        check_size(m, engines, 5, SIZE, SIZE)
+    with pytest.raises(EngineError, match=f"--height {2 * SIZE} --width {2 * SIZE} --max-batch 4 --static-batch"):
+        check_size(m, engines, 4, 2 * SIZE, 2 * SIZE)  # a fixed-size folder is rebuilt at the new size
+
+
+def test_onnxruntime_refuses_a_size_outside_the_exported_profile(engines, models) -> None:
+    """As the tensorrt backend does (before: ONNX Runtime ran any size silently)."""
+    ort = make_backend("onnxruntime", models, engines)
+    with pytest.raises(EngineError) as err:
+        ort.vae_encode(torch.rand(1, 3, 4 * SIZE, 4 * SIZE))
+    msg = _one_line(str(err.value))
+    assert f"not {4 * SIZE}x{4 * SIZE}" in msg and f"--max-size {4 * SIZE}" in msg and "--format onnx" in msg
+    ort.depth(torch.rand(1, 3, 32, 32))  # DPT runs at its one fixed size: nothing to refuse
+
+
+def test_tensorrt_provider_gets_the_profile_explicitly(engines) -> None:
+    from p2v_fast.backend_onnx import tensorrt_provider_options
+
+    m = read_manifest(engines)
+    spec = m.networks["unet"].spec
+    options = tensorrt_provider_options(0, engines / "cache", spec.profile_shapes(m.geometry, m.profile))
+    assert options["trt_profile_min_shapes"].startswith("sample:1x5x8x8,timestep:1,encoder_hidden_states:1x77x32,"
+                                                        "self_ref:1,ref_0:1x8x")
+    assert options["trt_profile_opt_shapes"].startswith("sample:4x5x8x8,")  # opt batch = max batch
+    assert options["trt_profile_max_shapes"].startswith("sample:4x5x16x16,")
+    assert options["trt_engine_cache_enable"] and options["device_id"] == 0
+
+
+def test_cli_edit_on_onnxruntime_refuses_a_size_outside_the_profile(engines, clip, tmp_path) -> None:
+    result = _cli(["edit", str(clip), "a red car", "-o", str(tmp_path / "o.mp4"), "--model", "tiny", "--size",
+                   str(4 * SIZE), "--steps", "2", "--source-prompt", "a car", "--backend", "onnxruntime",
+                   "--engines", str(engines)])
+    assert result.exit_code != 0 and "Traceback" not in result.output, result.output
+    last = [ln for ln in result.output.splitlines() if ln.strip()][-1]
+    assert last.startswith("error: ") and f"not {4 * SIZE}x{4 * SIZE}" in last and "p2v export --model tiny" in last
+    assert "encode" not in result.output  # refused before any work
+    assert not (tmp_path / "o.mp4").exists()
 
 
 def test_rebuild_command_and_machine_check() -> None:

@@ -44,14 +44,15 @@ SD2 = Geometry(
 
 def export_tiny(base: Path, precision: str = "fp32", networks: tuple[str, ...] = NETWORKS,
                 name: str | None = None) -> tuple[Path, ExportReport]:
-    """Export the tiny set at 64x64 into ``base/<name>`` (cached across calls: same keys)."""
+    """Export the tiny set at 64x64 (64 to 128 pixels a side) into ``base/<name>`` (cached across
+    calls: same keys)."""
     from p2v_fast.models import load_models
 
     folder = base / (name or f"engines-tiny-{precision}")
     # A model set of its own: the export wraps (re-wires) the UNet's attention processors.
     models = load_models("tiny", dtype=torch.float16 if precision == "fp16" else torch.float32)
     options = ExportOptions(model="tiny", out=folder, format="onnx", precision=precision, height=SIZE, width=SIZE,
-                            max_batch=4, networks=networks)
+                            max_size=2 * SIZE, max_batch=4, networks=networks)
     return folder, export_engines(options, models=models)
 
 
@@ -185,13 +186,14 @@ def test_fp16_export_is_an_fp16_graph_and_validates(tiny_dir, tmp_path_factory, 
 def test_stages_are_skipped_when_current_and_redone_with_force(tiny_engines, tmp_path) -> None:
     folder, _ = tiny_engines
     again = export_engines(ExportOptions(model="tiny", out=folder, format="onnx", precision="fp32", height=SIZE,
-                                         width=SIZE, max_batch=4))
+                                         width=SIZE, max_size=2 * SIZE, max_batch=4))
     assert [r.status for r in again.rows] == ["cached"] * len(NETWORKS)
     copy = tmp_path / "copy"
     shutil.copytree(folder, copy)
     before = read_manifest(copy)
     forced = export_engines(ExportOptions(model="tiny", out=copy, format="onnx", precision="fp32", height=SIZE,
-                                          width=SIZE, max_batch=4, networks=("vae_decoder",), force=True))
+                                          width=SIZE, max_size=2 * SIZE, max_batch=4, networks=("vae_decoder",),
+                                          force=True))
     assert [(r.network, r.status) for r in forced.rows] == [("vae_decoder", "exported")]
     after = read_manifest(copy)
     assert list(after.networks) == list(NETWORKS)  # the other networks stay listed
@@ -330,7 +332,8 @@ def test_cli_export_reports_cached_stages(tiny_engines) -> None:
 
     folder, _ = tiny_engines
     result = CliRunner().invoke(app, ["export", "--model", "tiny", "--size", str(SIZE), "--out", str(folder),
-                                      "--format", "onnx", "--precision", "fp32", "--max-batch", "4"])
+                                      "--format", "onnx", "--precision", "fp32", "--max-batch", "4",
+                                      "--max-size", str(2 * SIZE)])
     assert result.exit_code == 0, result.output
     assert "cached" in result.output and "unet.onnx" in result.output and "manifest" in result.output
 
