@@ -539,7 +539,10 @@ class BatchWorker:
             seconds=time.perf_counter() - t0, inversion="cache hit" if res.inversion_cache_hit else "inverted",
             seconds_inversion=res.seconds_inversion, frames_sha256=res.frames_sha256, worker=self.name,
             attempts=attempt)
-        write_sidecar(job, result)
+        try:
+            write_sidecar(job, result)
+        except (OSError, P2VError) as exc:  # the output is done; a rerun will ask before redoing it
+            result.detail = f"job record not written ({failure_message(exc)})"
         return result
 
 

@@ -14,6 +14,7 @@ actor), so the driver shows each running job's frames while it runs.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -50,6 +51,9 @@ class RayWorker:
 
             torch.set_num_threads(threads)
         self.worker = BatchWorker()
+        # Ray may call `run` on either of its two threads; the edits all run on this one thread
+        # (CUDA graphs and other per-thread state of a compiled UNet stay valid across jobs).
+        self._edit_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="p2v-edit")
         self._lock = threading.Lock()
         self._state: tuple[int, str, float] | None = None
         self._logs: list[tuple[int, str]] = []
@@ -74,7 +78,7 @@ class RayWorker:
                 self._logs.append((job.index, message))
 
         try:
-            result = self.worker.run(job, on_progress, on_log, attempt=attempt)
+            result = self._edit_thread.submit(self.worker.run, job, on_progress, on_log, attempt).result()
         finally:
             with self._lock:
                 self._state = None
