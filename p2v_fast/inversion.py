@@ -152,7 +152,7 @@ class InversionRuntime:
     """The backend an inversion runs on, described before it exists: a backend in another
     dtype (a copy of the weights) is made only on a cache miss."""
 
-    identity: dict[str, str]  # Backend.identity() of the backend make() returns
+    identity: dict[str, str]  # Backend.identity() of the backend make() returns (+ "weights" if cast)
     make: Callable[[], Backend]
 
     @classmethod

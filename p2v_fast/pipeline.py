@@ -87,15 +87,17 @@ def inversion_runtime(models, backend: Backend, grad_backend: Backend | None, dt
     computes in), else its PyTorch gradient backend if that does, else a PyTorch backend in
     ``dtype`` made on a cache miss: on ``models`` themselves when they are in ``dtype``, else on
     a copy of their UNet, VAE and text encoder cast to ``dtype`` (fp16 weights upcast exactly:
-    the inversion then inverts the very weights the edit samples with, in fp32 arithmetic)."""
+    the inversion then inverts the very weights the edit samples with, in fp32 arithmetic). The
+    identity of such a copy also names the precision its weights were loaded in: fp16-rounded
+    weights are other weights, so their inversion is not the fp32 model's."""
     for b in (backend, grad_backend):
         if b is not None and (dtype is None or b.dtype == dtype):
             return InversionRuntime.of(b)
     assert dtype is not None
     if models.dtype == dtype:  # no PyTorch backend yet (a graph backend without autograd steps)
         return InversionRuntime(runtime_identity("torch", dtype, models.device), lambda: TorchBackend(models))
-    return InversionRuntime(runtime_identity("torch", dtype, models.device),
-                            lambda: TorchBackend(models_in_dtype(models, dtype)))
+    identity = {**runtime_identity("torch", dtype, models.device), "weights": str(models.dtype).removeprefix("torch.")}
+    return InversionRuntime(identity, lambda: TorchBackend(models_in_dtype(models, dtype)))
 
 
 def models_in_dtype(models, dtype: torch.dtype):
@@ -104,7 +106,10 @@ def models_in_dtype(models, dtype: torch.dtype):
     import copy
     import dataclasses
 
-    cast = {name: copy.deepcopy(getattr(models, name)).to(dtype) for name in ("unet", "vae", "text_encoder")}
+    from p2v_fast.models import quiet_loading
+
+    with quiet_loading():  # diffusers advises against casting with .to(); here the cast is the point
+        cast = {name: copy.deepcopy(getattr(models, name)).to(dtype) for name in ("unet", "vae", "text_encoder")}
     return dataclasses.replace(models, dtype=dtype, **cast)
 
 

@@ -173,9 +173,10 @@ def bf16_models(tiny_dir):
 
 
 def test_inversion_runs_in_fp32_by_default_whatever_the_edit_dtype(tiny_models, bf16_models, tmp_path) -> None:
-    """A bf16 edit inverts in fp32 (on a copy of its weights, upcast), so it shares the fp32 edit's
-    cache entry; --invert-dtype same inverts in bf16: a separate entry, far from an fp64 inversion
-    of the same weights where the fp32 one is close."""
+    """A bf16 edit inverts in fp32 (on a copy of its weights, upcast): an entry of its own (its
+    weights are bf16-rounded, not the fp32 model's), which a second bf16 edit reuses;
+    --invert-dtype same inverts in bf16: another entry, far from an fp64 inversion of the same
+    weights where the fp32 one is close."""
     from p2v_fast.pipeline import Runtime, invert_video, models_in_dtype
 
     clip = sample_clip(tmp_path, n_frames=2)
@@ -184,12 +185,15 @@ def test_inversion_runs_in_fp32_by_default_whatever_the_edit_dtype(tiny_models, 
     bf16.grad_backend = bf16.backend
     first = invert_video(cfg, clip, runtime=bf16)
     assert not first.inverted.cache_hit and first.inverted.runtime["dtype"] == "float32"
+    assert first.inverted.runtime["weights"] == "bfloat16"
     assert first.inverted.reconstruction is not None
     assert bf16.backend.counter.unet_calls == 0  # the fp32 copy did the work
     assert bf16_models.unet.dtype == torch.bfloat16  # the edit's weights are untouched
+    again = invert_video(cfg, clip, runtime=Runtime(bf16_models, bf16.backend, bf16.backend))
+    assert again.inverted.cache_hit and again.inverted.root == first.inverted.root
     fp32 = Runtime(tiny_models, TorchBackend(tiny_models), None)
-    shared = invert_video(cfg, clip, runtime=fp32)
-    assert shared.inverted.cache_hit and shared.inverted.root == first.inverted.root
+    other = invert_video(cfg, clip, runtime=fp32)
+    assert not other.inverted.cache_hit and other.inverted.runtime == fp32.backend.identity()
     same = invert_video(cfg.replace(invert_dtype="same"), clip, runtime=bf16)
     assert not same.inverted.cache_hit and same.inverted.runtime["dtype"] == "bfloat16"
     # 2 calls measuring memory at the first step (1 and 2 frames), 8 steps for both frames
