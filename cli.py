@@ -615,14 +615,19 @@ def export_(
 
 @app.command()
 @user_errors
-def info(engines: Engines = None) -> None:
-    """Versions, devices, which runtimes (CUDA, ONNX Runtime, TensorRT) are usable, and engines found."""
+def info(
+    engines: Engines = None,
+    model: Annotated[str | None, typer.Option(
+        help="Check --engines against this model (default: the one they were exported from).")] = None,
+) -> None:
+    """Versions, devices, which runtimes (CUDA, ONNX Runtime, TensorRT) are usable, and whether the
+    engines found match this machine and model."""
     from p2v_fast.system import engines_report, system_report
 
     table = Table(title="p2v-fast", show_header=True)
     table.add_column("component")
     table.add_column("status")
-    for name, status in system_report() + engines_report(engines):
+    for name, status in system_report() + engines_report(engines, model):
         table.add_row(escape(name), escape(status))
     out_console.print(table)
 

@@ -331,31 +331,73 @@ def check_size(manifest: Manifest, folder: Path, batch: int | None, height: int 
     raise EngineError(f"engines in '{folder}' accept {p.describe()}, not batch {batch}")
 
 
-def describe_folder(folder: Path, machine: Machine | None = None) -> list[tuple[str, str]]:
-    """Rows for ``p2v info``: the folder's model and profile, and per network whether its ONNX graph
-    and TensorRT engine are present and usable on this machine."""
+def _file_ok(folder: Path, art: Artifact) -> bool:
+    files = [(art.file, art.bytes)] + ([(art.data_file, art.data_bytes)] if art.data_file else [])
+    return all((folder / f).is_file() and (folder / f).stat().st_size == n for f, n in files)
+
+
+def describe_folder(folder: Path, machine: Machine | None = None, model: str | None = None) -> list[tuple[str, str]]:
+    """Rows for ``p2v info --engines``: the folder's precision and profile; whether the model it was
+    exported from matches ``model`` as it is here (default: the model it names; read from its
+    config files, no weights loaded); whether its TensorRT engines were built on this machine;
+    and per network, for its ONNX graph and its engine, "usable here" or why not."""
+    from p2v_fast.errors import ModelLoadError
+    from p2v_fast.models import model_id_at
+
+    label = "engine folder"
     try:
         manifest = read_manifest(folder)
     except EngineError as exc:
-        return [(f"engines {folder}", f"none: {exc}")]
+        return [(label, f"none: {exc}")]
     machine = machine or this_machine()
-    rows = [(f"engines {folder}", f"model {manifest.model.source}, {manifest.precision}, "
-                                   f"opset {manifest.opset}, {manifest.profile.describe()}")]
+    rows = [(label, f"{folder}: {manifest.precision}, opset {manifest.opset}, {manifest.profile.describe()}")]
+
+    target = model or manifest.model.source
+    model_ok: bool | None = None  # None: could not be checked here
+    try:
+        here = model_id_at(target)
+    except ModelLoadError as exc:
+        rows.append(("  model", f"exported from {manifest.model.source}; not checked: {exc}"))
+    else:
+        model_ok = here.digest == manifest.model.digest
+        if model_ok:
+            what = "" if target == manifest.model.source else f"exported from {manifest.model.source}; "
+            rows.append(("  model", f"{what}{target}: matches the model here"))
+        else:
+            rows.append(("  model", f"exported from {manifest.model.source}, but {target} here is another model "
+                                    f"(its identity or configs differ); re-export: "
+                                    f"{rebuild_command(manifest, folder, model=target)}"))
+
     if manifest.machine is not None and manifest.has_engines:
-        try:
-            check_machine(manifest, machine, folder)
-            trt_state = "matches this machine"
-        except EngineError:
-            trt_state = f"built for {manifest.machine.describe()}; not usable here ({machine.describe()})"
-        rows.append(("  tensorrt", trt_state))
+        same = (manifest.machine.tensorrt, manifest.machine.compute_capability, manifest.machine.gpu) == (
+            machine.tensorrt, machine.compute_capability, machine.gpu)
+        rows.append(("  TensorRT", f"engines built with {manifest.machine.describe()}; this machine: "
+                                   f"{'the same' if same else machine.describe()}"))
+
+    def state(ok_file: bool, extra: str | None) -> str:
+        if not ok_file:
+            return "MISSING OR TRUNCATED"
+        if model_ok is False:
+            return "not usable here: another model"
+        if extra:
+            return f"not usable here: {extra}"
+        return "usable here" if model_ok else "files whole (model not checked)"
+
     for name, entry in manifest.networks.items():
         parts = []
-        for art in (entry.onnx, entry.engine):
-            if art is None:
-                continue
-            path = folder / art.file
-            ok = path.is_file() and path.stat().st_size == art.bytes
-            size = (art.bytes + art.data_bytes) / 2**20
-            parts.append(f"{art.file} {size:.1f} MB" + ("" if ok else " (MISSING OR TRUNCATED)"))
-        rows.append((f"  {name}", ", ".join(parts) or "no artifacts"))
+        if entry.onnx is not None:
+            size = (entry.onnx.bytes + entry.onnx.data_bytes) / 2**20
+            parts.append(f"{entry.onnx.file} {size:.1f} MB {state(_file_ok(folder, entry.onnx), None)}")
+        if entry.engine is not None:
+            why = None
+            built = manifest.machine
+            if built is None or (built.tensorrt, built.compute_capability, built.gpu) != (
+                    machine.tensorrt, machine.compute_capability, machine.gpu):
+                why = "built on another machine" if machine.tensorrt else "no TensorRT on this machine"
+            elif entry.onnx is None or entry.engine.key != engine_key(
+                    entry.onnx.key, entry.spec.profile_shapes(manifest.geometry, manifest.profile), machine):
+                why = "stale (built from another graph or profile)"
+            size = entry.engine.bytes / 2**20
+            parts.append(f"{entry.engine.file} {size:.1f} MB {state(_file_ok(folder, entry.engine), why)}")
+        rows.append((f"  {name}", "; ".join(parts) or "no artifacts"))
     return rows

@@ -416,22 +416,69 @@ class ModelId:
         return {"source": self.source, "digest": self.digest}
 
 
+_NOT_IDENTITY = ("transformers_version", "dtype", "torch_dtype")  # set by loading, not by the model
+
+
+def _clean_config(d: Mapping) -> dict:
+    return {k: _clean_config(v) if isinstance(v, Mapping) else v for k, v in d.items()
+            if not (isinstance(k, str) and (k.startswith("_") or k in _NOT_IDENTITY))}
+
+
 def component_config(module) -> dict:
-    """A module's config without private or version keys (diffusers FrozenDict or transformers config)."""
+    """A module's config (diffusers FrozenDict or transformers config, nested configs included)
+    without private keys or what loading sets (dtype, library version)."""
     cfg = getattr(module, "config", None)
     if cfg is None:
         return {}
-    d = dict(cfg) if isinstance(cfg, Mapping) else cfg.to_dict()
-    return {k: v for k, v in d.items() if not k.startswith("_") and k not in ("transformers_version", "dtype")}
+    return _clean_config(dict(cfg) if isinstance(cfg, Mapping) else cfg.to_dict())
+
+
+def _model_id(source: str, identity: str, unet, vae, depth) -> ModelId:
+    fields = {"identity": identity, "unet": component_config(unet), "vae": component_config(vae),
+              "depth": component_config(depth)}
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return ModelId(str(source), digest)
 
 
 def model_id(models) -> ModelId:
     """:class:`ModelId` of a loaded :class:`Models`."""
-    fields = {
-        "identity": model_identity(models),
-        "unet": component_config(models.unet),
-        "vae": component_config(models.vae),
-        "depth": component_config(models.depth_estimator),
-    }
-    digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return ModelId(str(models.source), digest)
+    return _model_id(models.source, model_identity(models), models.unet, models.vae, models.depth_estimator)
+
+
+def model_id_at(model: str) -> ModelId:
+    """:class:`ModelId` of ``model`` (named as for :func:`load_models`) from its config files
+    alone: no weights are loaded and nothing is downloaded (the UNet and VAE are built on the
+    meta device, the depth estimator's config is read). Raises :class:`ModelLoadError` when the
+    model is not available here. Equals ``model_id(load_models(model))``."""
+    from types import SimpleNamespace
+
+    model = str(model)
+    if model == TINY:
+        from .tiny import tiny_model_dir
+
+        folder, identity = tiny_model_dir(), TINY
+    elif Path(model).expanduser().is_dir():
+        folder = Path(model).expanduser().resolve()
+        identity = str(folder)
+    else:
+        if _looks_like_path(model) or not _looks_like_repo_id(model):
+            raise ModelLoadError(f"model '{model}' is not available here (no such folder)")
+        try:
+            with quiet_loading():
+                from diffusers import StableDiffusionDepth2ImgPipeline
+
+                folder = Path(StableDiffusionDepth2ImgPipeline.download(model, local_files_only=True))
+        except Exception:
+            raise ModelLoadError(f"model '{model}' is not in the hub cache here") from None
+        identity = model
+    try:
+        with quiet_loading(), torch.device("meta"):
+            from diffusers import AutoencoderKL, UNet2DConditionModel
+            from transformers import AutoConfig
+
+            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
+            depth = SimpleNamespace(config=AutoConfig.from_pretrained(folder / "depth_estimator"))
+    except Exception as exc:
+        raise ModelLoadError(f"could not read the configs of model '{model}': {_one_line(exc)}") from None
+    return _model_id(model, identity, unet, vae, depth)

@@ -101,14 +101,15 @@ def system_report() -> list[tuple[str, str]]:
     return rows
 
 
-def engines_report(folder=None) -> list[tuple[str, str]]:
-    """Rows for the engine folder (``./engines`` by default): model, profile, and per network its
-    files and whether its TensorRT engine matches this machine."""
+def engines_report(folder=None, model: str | None = None) -> list[tuple[str, str]]:
+    """Rows for the engine folder (``./engines`` by default): precision and profile, whether the
+    model (``model``, default: the one exported) and this machine match, and per network its
+    files and whether each is usable here."""
     from pathlib import Path
 
     from p2v_fast.manifest import DEFAULT_ENGINES, describe_folder
 
     path = Path(folder) if folder is not None else DEFAULT_ENGINES
     if folder is None and not (path / "manifest.json").exists():
-        return [("engines", f"none in ./{path} (create them with `p2v export`)")]
-    return describe_folder(path)
+        return [("engine folder", f"none in ./{path} (create one with `p2v export`)")]
+    return describe_folder(path, model=model)

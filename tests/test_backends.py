@@ -286,7 +286,8 @@ def test_engines_for_another_gpu_are_refused_with_the_rebuild_command(engines, m
         assert _one_line(str(err2.value)).startswith("TensorRT is not usable here: ")
     # p2v info tells the same story
     rows = dict(describe_folder(folder, Machine("10.8.0", "9.0", "NVIDIA H100")))
-    assert "not usable here" in rows["  tensorrt"] and "A100" in rows["  tensorrt"]
+    assert "A100" in rows["  TensorRT"] and "this machine: TensorRT 10.8.0, NVIDIA H100" in rows["  TensorRT"]
+    assert "unet.plan 0.0 MB not usable here: built on another machine" in rows["  unet"]
 
 
 def _trt_importable() -> bool:
@@ -467,10 +468,55 @@ def test_cli_edit_with_engines_for_another_gpu(engines, clip, tmp_path, monkeypa
     _assert_one_error_line(result, "compute capability 8.0", "--format tensorrt", "p2v export")
 
 
-def test_cli_info_lists_engines(engines) -> None:
-    result = _cli(["info", "--engines", str(engines)])
+def _info(*args: str) -> str:
+    """``p2v info`` output with the table's borders and wrapping removed (one line of text)."""
+    result = _cli(["info", *args])
     assert result.exit_code == 0, result.output
-    assert "model tiny, fp32" in result.output and "unet.onnx" in result.output
+    return " ".join(result.output.replace("│", " ").replace("┃", " ").split())
+
+
+def test_cli_info_says_whether_each_engine_matches_this_machine_and_model(engines, tmp_path, monkeypatch) -> None:
+    """Issue 13 item 13. Before: a row labelled 'engines engines' (for ./engines), the files of each
+    network, and no word on the model. Now: per network and artifact, 'usable here' or why not."""
+    import p2v_fast.manifest as manifest_mod
+    from p2v_fast.manifest import engine_key
+
+    _copy(engines, tmp_path / "engines")
+    monkeypatch.chdir(tmp_path)
+    out = _info("--engines", "engines")  # the case the issue saw: ./engines
+    assert "engines engines" not in out and "engine folder engines: fp32, opset 18" in out
+    assert "model tiny: matches the model here" in out
+    for name in ("unet", "vae_encoder", "vae_decoder", "depth"):
+        assert f"{name} {name}.onnx" in out and f"{name}.onnx" in out
+    assert out.count("MB usable here") == 4
+
+    # TensorRT engines built on an H100, read on an A100, then on the H100 itself
+    h100, a100 = Machine("10.8.0", "9.0", "NVIDIA H100"), Machine("10.8.0", "8.0", "NVIDIA A100")
+    trt = _fake_tensorrt_folder(engines, tmp_path / "trt", h100)
+    m = read_manifest(trt)
+    for entry in m.networks.values():  # the keys a real build records
+        assert entry.engine is not None and entry.onnx is not None
+        entry.engine.key = engine_key(entry.onnx.key, entry.spec.profile_shapes(m.geometry, m.profile), h100)
+    write_manifest(trt, m)
+    monkeypatch.setattr(manifest_mod, "this_machine", lambda device=None: a100)
+    out = _info("--engines", str(trt))
+    assert "engines built with TensorRT 10.8.0, NVIDIA H100 (compute capability 9.0); this machine: " \
+           "TensorRT 10.8.0, NVIDIA A100 (compute capability 8.0)" in out
+    assert "unet.plan 0.0 MB not usable here: built on another machine" in out
+    monkeypatch.setattr(manifest_mod, "this_machine", lambda device=None: h100)
+    out = _info("--engines", str(trt))
+    assert "this machine: the same" in out and out.count("MB usable here") == 8  # 4 graphs + 4 engines
+
+    # another model: named, with the re-export command; a model not available here: said so
+    out = _info("--engines", str(trt), "--model", str(tmp_path / "no-such-model"))
+    assert "not checked: model" in out and "is not available here" in out
+    other = _copy(engines, tmp_path / "other")
+    m = read_manifest(other)
+    m.model = type(m.model)("tiny", "0" * 16)
+    write_manifest(other, m)
+    out = _info("--engines", str(other))
+    assert "exported from tiny, but tiny here is another model" in out and "re-export: p2v export --model tiny" in out
+    assert out.count("not usable here: another model") == 4
 
 
 # ------------------------------------------------------------------------------ GPU tiers
