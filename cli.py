@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -17,9 +20,43 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from typer.core import TyperGroup
+
+try:  # typer >= 0.20 carries its own copy of click
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover - older typer on click
+    from click import exceptions as click_errors  # type: ignore[no-redef]
+
+
+class _Group(TyperGroup):
+    """The app's command group: usage errors from the option parser (a missing argument, an
+    unknown option, a value of the wrong type) are one ``error:`` line, like every other error."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        try:
+            rv = super().main(*args, **kwargs)
+        except click_errors.NoArgsIsHelpError as exc:  # bare `p2v`: the help text
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click_errors.UsageError as exc:
+            where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+            console.print(f"[bold red]error:[/bold red] {escape(exc.format_message())}{escape(where)}",
+                          highlight=False, soft_wrap=True)
+            sys.exit(exc.exit_code)
+        except click_errors.ClickException as exc:
+            console.print(f"[bold red]error:[/bold red] {escape(exc.format_message())}", highlight=False,
+                          soft_wrap=True)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            console.print("[bold red]error:[/bold red] aborted", highlight=False)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
 
 app = typer.Typer(
     name="p2v",
+    cls=_Group,
     help="Edit a video from a text prompt with Pix2Video on Stable Diffusion 2 depth.",
     no_args_is_help=True,
     add_completion=False,
@@ -28,42 +65,146 @@ app = typer.Typer(
 console = Console(stderr=True)
 out_console = Console()
 
+#: Seconds between progress lines when stderr is not a terminal (a log file, CI).
+PROGRESS_INTERVAL_S = 10.0
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("p2v-fast")
+    except PackageNotFoundError:
+        from p2v_fast import __version__
+
+        return __version__
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        out_console.print(f"p2v-fast {_version()}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Edit a video from a text prompt with Pix2Video on Stable Diffusion 2 depth."""
+
 
 class RichProgress:
-    """p2v_fast.progress.Progress rendered with rich bars (ETA included)."""
+    """p2v_fast.progress.Progress on a terminal: rich bars with ETA, shown from the first stage
+    on (a run that fails before any stage prints no empty bar block)."""
 
-    def __init__(self, progress: Progress) -> None:
-        self.progress = progress
+    def __init__(self) -> None:
+        self.bars = Progress(
+            TextColumn("[bold]{task.description:<16}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+        self.started = False
 
     def stage(self, description: str, total: int | None) -> Callable[[int], None]:
-        task = self.progress.add_task(description, total=total)
+        if not self.started:
+            self.bars.start()
+            self.started = True
+        task = self.bars.add_task(escape(description), total=total)
+
         def advance(n: int = 1) -> None:
-            self.progress.advance(task, n)
+            self.bars.advance(task, n)
 
         return advance
 
     def log(self, message: str) -> None:
-        if message.startswith("warning:"):
-            self.progress.console.print(f"[yellow]{escape(message)}[/yellow]", soft_wrap=True, highlight=False)
-        else:
-            self.progress.console.print(f"[dim]{message}[/dim]")
+        style = "yellow" if message.startswith("warning:") else "dim"
+        console.print(escape(message), style=style, highlight=False, soft_wrap=True)
+
+    def __enter__(self) -> RichProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.started:
+            self.bars.stop()
 
 
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description:<16}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        console=console,
-        transient=False,
-    )
+def _clock(seconds: float) -> str:
+    s = round(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+class LogProgress:
+    """p2v_fast.progress.Progress when stderr is not a terminal (a log file, a pipe, CI): plain
+    lines, one when a stage starts, then one every :data:`PROGRESS_INTERVAL_S` seconds at most
+    (done/total, elapsed, time left), and one when it ends."""
+
+    def __init__(self, interval: float | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = PROGRESS_INTERVAL_S if interval is None else interval
+        self.clock = clock
+
+    def _line(self, text: str) -> None:
+        console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+    def stage(self, description: str, total: int | None) -> Callable[[int], None]:
+        t0 = self.clock()
+        state = {"done": 0, "shown": t0}
+        self._line(f"{description}: started" + (f", {total} steps" if total else ""))
+
+        def advance(n: int = 1) -> None:
+            state["done"] += n
+            done, now = state["done"], self.clock()
+            if total and done >= total:
+                if done - n < total:
+                    self._line(f"{description}: {done}/{total} done in {_clock(now - t0)}")
+                return
+            if now - state["shown"] < self.interval:
+                return
+            state["shown"] = now
+            if total:
+                left = (now - t0) * (total - done) / max(done, 1)
+                self._line(f"{description}: {done}/{total} ({100 * done // total}%), {_clock(now - t0)} elapsed, "
+                           f"about {_clock(left)} left")
+            else:
+                self._line(f"{description}: {done} done, {_clock(now - t0)} elapsed")
+
+        return advance
+
+    def log(self, message: str) -> None:
+        self._line(message)
+
+    def __enter__(self) -> LogProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def _progress() -> RichProgress | LogProgress:
+    """Bars on a terminal, plain lines at an interval otherwise (so a log shows progress too)."""
+    return RichProgress() if console.is_terminal else LogProgress()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C, so the same cleanup runs."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def _error(message: str, code: int) -> typer.Exit:
+    console.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn library errors (and Ctrl-C) into one line and an exit code, never a traceback."""
+    """Turn library errors (and Ctrl-C, SIGTERM) into one line and an exit code, never a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -72,23 +213,20 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except P2VError as exc:
-            console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            console.print("[bold red]interrupted[/bold red]: finished inversion frames are kept in the cache")
-            raise typer.Exit(130) from None
+            raise _error(str(exc), exc.exit_code) from None
+        except KeyboardInterrupt as exc:
+            what, code = ("terminated (SIGTERM)", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
+            raise _error(f"{what}; no partial output was kept, finished inversion frames are kept in the cache",
+                         code) from None
         except MemoryError:
-            console.print("[bold red]error:[/bold red] out of memory; try a smaller --size or --max-frames",
-                          soft_wrap=True)
-            raise typer.Exit(1) from None
+            raise _error("out of memory; try a smaller --size or --max-frames", 1) from None
         except RuntimeError as exc:  # torch.OutOfMemoryError is one
             from p2v_fast.memory import is_out_of_memory
 
             if not is_out_of_memory(exc):
                 raise
-            console.print("[bold red]error:[/bold red] out of memory even at one frame per UNet call; try a smaller "
-                          "--size, --dtype fp16 or --latent-update detached", soft_wrap=True)
-            raise typer.Exit(1) from None
+            raise _error("out of memory even at one frame per UNet call; try a smaller --size, --dtype fp16 or "
+                         "--latent-update detached", 1) from None
 
     return wrapper
 
@@ -112,6 +250,13 @@ BatchFrames = Annotated[int | None, typer.Option(
     "--batch-frames", help="Wavefront: most frames in flight (default: up to 16, in calls that fit in memory).")]
 InvertBatch = Annotated[int | None, typer.Option(
     "--invert-batch", help="Frames per UNet call during inversion (default: up to 16, as fit in memory).")]
+Fps = Annotated[float | None, typer.Option(
+    help="Frame rate of an image-folder input (default 24); a video keeps its own.")]
+
+
+def _n(count: int, noun: str) -> str:
+    """'1 frame', '2 frames'."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 InvertDtype = Annotated[str, typer.Option(
     "--invert-dtype", help="Precision of the DDIM inversion: fp32 (default, whatever --dtype is; fp16 engines "
     "invert on PyTorch), fp16, bf16, or 'same' (the edit's --dtype and backend).")]
@@ -131,9 +276,9 @@ def _config(**kw: Any):
 def edit(
     input: Annotated[Path, typer.Argument(help="Video (mp4, mov, webm, gif, ...) or folder of images.")],
     prompt: Annotated[str, typer.Argument(help="Target prompt, e.g. 'a crochet swan on the lake'.")],
-    output: Annotated[
-        Path | None, typer.Option("-o", "--output", help="Output mp4 (default: beside the input).")
-    ] = None,
+    output: Annotated[Path | None, typer.Option(
+        "-o", "--output", help="Output video: .mp4, .mov, .mkv or .webm (default: INPUT.p2v.mp4 beside the input; "
+        "with --preview a .png).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
     preview: Annotated[bool, typer.Option(help="Edit only the anchor frame and write a PNG.")] = False,
     side_by_side: Annotated[bool, typer.Option("--side-by-side", help="Also write input|output video.")] = False,
@@ -145,7 +290,9 @@ def edit(
     stride: Stride = 1,
     steps: Steps = 50,
     guidance_scale: GuidanceScale = 7.5,
-    negative_prompt: Annotated[str, typer.Option("--negative-prompt")] = "",
+    negative_prompt: Annotated[str, typer.Option(
+        "--negative-prompt", help="What to steer away from: replaces the empty prompt of classifier-free "
+        "guidance (e.g. 'blurry, low quality').")] = "",
     source_prompt: SourcePrompt = None,
     depth_norm: DepthNorm = "frame",
     latent_update: Annotated[
@@ -170,6 +317,10 @@ def edit(
     channels_last: Annotated[bool, typer.Option("--channels-last", help="Channels-last UNet memory format.")] = False,
     cuda_graph: Annotated[bool, typer.Option(
         "--cuda-graph", help="tensorrt: replay engines as CUDA graphs (export them with --static-batch).")] = False,
+    fps: Fps = None,
+    json_path: Annotated[Path | None, typer.Option(
+        "--json", help="Also write the result here: paths, timings, UNet calls and the guided update's size per "
+        "step and frame.")] = None,
 ) -> None:
     """Edit INPUT so that it matches PROMPT, consistently across frames."""
     from p2v_fast.pipeline import edit_video
@@ -180,26 +331,33 @@ def edit(
         steps=steps, guidance_scale=guidance_scale, seed=seed, depth_norm=depth_norm, refs=refs,
         latent_update=latent_update, update_steps=update_steps, update_weight=update_weight,
         schedule=schedule, batch_frames=batch_frames, invert_batch=invert_batch, compile=compile,
-        channels_last=channels_last, resize=resize, invert_dtype=invert_dtype, cuda_graph=cuda_graph,
+        channels_last=channels_last, resize=resize, invert_dtype=invert_dtype, cuda_graph=cuda_graph, fps=fps,
     )
-    with _progress() as bar:
+    with _progress() as progress:
         result = edit_video(cfg, input, output, overwrite=overwrite, preview=preview, side_by_side=side_by_side,
-                            progress=RichProgress(bar))
+                            progress=progress, json_path=json_path)
     table = Table(show_header=False, box=None)
-    table.add_row("output", str(result.output))
+    table.add_row("output", escape(str(result.output)))
     if result.side_by_side:
-        table.add_row("side by side", str(result.side_by_side))
+        table.add_row("side by side", escape(str(result.side_by_side)))
     if result.strip:
-        table.add_row("strip", str(result.strip))
-    table.add_row("frames", f"{result.n_frames} at {result.size[0]}x{result.size[1]}, {result.fps:.3g} fps")
-    table.add_row("source prompt", repr(result.source_prompt))
+        table.add_row("strip", escape(str(result.strip)))
+    from p2v_fast.video import format_fps
+
+    rate = "variable frame rate (the source's timestamps)" if result.variable_rate else f"{format_fps(result.fps)} fps"
+    table.add_row("frames", f"{_n(result.n_frames, 'frame')} at {result.size[0]}x{result.size[1]}, {rate}")
+    caption = " (BLIP caption: random weights in the tiny model, so word salad)" if (
+        source_prompt is None and model == "tiny") else " (BLIP caption)" if source_prompt is None else ""
+    table.add_row("source prompt", escape(repr(result.source_prompt) + caption))
     from p2v_fast.inversion import describe_reconstruction
 
     inv = "cache hit (no inversion work)" if result.inversion_cache_hit else f"{result.seconds_inversion:.1f} s"
-    table.add_row("inversion", f"{inv}; {describe_reconstruction(result.reconstruction)}")
+    table.add_row("inversion", escape(f"{inv}; {describe_reconstruction(result.reconstruction)}"))
     table.add_row("edit", f"{result.seconds_edit:.1f} s, {result.seconds_per_frame:.2f} s/frame")
     table.add_row("total", f"{result.seconds_total:.1f} s")
     out_console.print(table)
+    if json_path is not None:
+        out_console.print(f"wrote {json_path}", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -222,15 +380,17 @@ def demo(
     clip = out / "sample.mp4"
     if not clip.exists():
         video.make_sample_clip(clip, n_frames=frames, size=(256, 192), fps=12.0, with_audio=True)
-    console.print(f"sample clip: {clip} ({frames} frames, with audio)")
+    console.print(f"sample clip: {clip} ({_n(frames, 'frame')}, with audio)", markup=False, highlight=False,
+                  soft_wrap=True)
     cfg = _config(prompt="a crochet swan on the lake", model="tiny", size=size, steps=steps,
                   source_prompt="a sample clip")
-    with _progress() as bar:
+    with _progress() as progress:
         result = edit_video(cfg, clip, out / "sample.p2v.mp4", overwrite=True, side_by_side=True,
-                            progress=RichProgress(bar))
+                            progress=progress)
     out_console.print(
-        f"edited {result.n_frames} frames in {result.seconds_total:.1f} s "
-        f"({result.seconds_per_frame:.2f} s/frame): {result.output}, {result.side_by_side}, {result.strip}"
+        f"edited {_n(result.n_frames, 'frame')} in {result.seconds_total:.1f} s "
+        f"({result.seconds_per_frame:.2f} s/frame): {result.output}, {result.side_by_side}, {result.strip}",
+        markup=False, highlight=False, soft_wrap=True,
     )
 
 
@@ -253,6 +413,7 @@ def invert(
     engines: Engines = None,
     invert_batch: InvertBatch = None,
     invert_dtype: InvertDtype = "fp32",
+    fps: Fps = None,
 ) -> None:
     """DDIM-invert INPUT into the cache, so later edits of it skip inversion."""
     from p2v_fast.inversion import describe_reconstruction, describe_runtime
@@ -261,15 +422,16 @@ def invert(
     cfg = _config(model=model, device=device, dtype=dtype, backend=backend, engines=engines, size=size, start=start,
                   max_frames=max_frames, stride=stride, steps=steps, source_prompt=source_prompt,
                   depth_norm=depth_norm, latent_update="off", invert_batch=invert_batch, resize=resize,
-                  invert_dtype=invert_dtype)
-    with _progress() as bar:
-        prep = invert_video(cfg, input, RichProgress(bar))
+                  invert_dtype=invert_dtype, fps=fps)
+    with _progress() as progress:
+        prep = invert_video(cfg, input, progress)
     inv, sel = prep.inverted, prep.selection
     state = "cache hit (nothing to do)" if inv.cache_hit else f"{prep.seconds:.1f} s"
-    out_console.print(f"inverted {sel.n_frames} frames at {sel.size[0]}x{sel.size[1]} ({sel.resize}) on "
-                      f"{describe_runtime(inv.runtime)}: {state}; cache {inv.root}", soft_wrap=True, highlight=False)
-    out_console.print(f"reconstruction: {describe_reconstruction(inv.reconstruction)}", soft_wrap=True,
+    out_console.print(f"inverted {_n(sel.n_frames, 'frame')} at {sel.size[0]}x{sel.size[1]} ({sel.resize}) on "
+                      f"{describe_runtime(inv.runtime)}: {state}; cache {inv.root}", markup=False, soft_wrap=True,
                       highlight=False)
+    out_console.print(f"reconstruction: {describe_reconstruction(inv.reconstruction)}", markup=False,
+                      soft_wrap=True, highlight=False)
 
 
 class RichBatchReporter:
@@ -395,7 +557,7 @@ def batch(
     out_console.print(_batch_table(result, jobs))
     if json_path is not None:
         write_json_atomic(json_path, {"jobs_file": str(jobs.resolve()), **result.to_dict()})
-        out_console.print(f"wrote {json_path}", soft_wrap=True, highlight=False)
+        out_console.print(f"wrote {json_path}", markup=False, soft_wrap=True, highlight=False)
     if result.exit_code:
         raise typer.Exit(result.exit_code)
 
@@ -431,10 +593,10 @@ def eval_(
 
     if json_path is not None:
         check_output_file(json_path)
-    with _progress() as bar:
+    with _progress() as progress:
         result = evaluate_video(edited, source, prompt, clip_model=clip_model, flow=flow, size=size, start=start,
-                                max_frames=max_frames, stride=stride, resize=resize, progress=RichProgress(bar))
-    table = Table(title=f"{result.n_frames} frames at {result.size[0]}x{result.size[1]}")
+                                max_frames=max_frames, stride=stride, resize=resize, progress=progress)
+    table = Table(title=f"{_n(result.n_frames, 'frame')} at {result.size[0]}x{result.size[1]}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_column("paper (ours, DAVIS 512²)", justify="right", style="dim")
@@ -442,11 +604,11 @@ def eval_(
     table.add_row("CLIP-Image ↑", f"{result.clip_image:.4f}", "0.9767")
     table.add_row("Pixel-MSE ↓ (0-255)", f"{result.pixel_mse:.2f}", "228.62")
     table.add_row("pixels masked (occluded)", f"{100 * result.masked_fraction:.1f} %", "")
-    table.caption = f"CLIP {result.clip_model}, flow {result.flow}"
+    table.caption = escape(f"CLIP {result.clip_model}, flow {result.flow}")
     out_console.print(table)
     if json_path is not None:
         write_json_atomic(json_path, result.to_dict())
-        out_console.print(f"wrote {json_path}", soft_wrap=True, highlight=False)
+        out_console.print(f"wrote {json_path}", markup=False, soft_wrap=True, highlight=False)
 
 
 @app.command()
@@ -483,6 +645,7 @@ def ablate(
     backend: Backend = "torch",
     engines: Engines = None,
     invert_dtype: InvertDtype = "fp32",
+    fps: Fps = None,
 ) -> None:
     """Run the paper's ablations on INPUT and print one table like its Table 2."""
     from p2v_fast.ablation import METRICS, format_metric, run_ablation
@@ -490,13 +653,13 @@ def ablate(
     cfg = _config(prompt=prompt, source_prompt=source_prompt, model=model, device=device, dtype=dtype,
                   backend=backend, engines=engines, size=size, start=start, max_frames=max_frames, stride=stride,
                   steps=steps, guidance_scale=guidance_scale, seed=seed, depth_norm=depth_norm,
-                  update_weight=update_weight, resize=resize, invert_dtype=invert_dtype)
-    with _progress() as bar:
+                  update_weight=update_weight, resize=resize, invert_dtype=invert_dtype, fps=fps)
+    with _progress() as progress:
         result = run_ablation(cfg, input, out, settings=settings, clip_model=clip_model, flow=flow,
-                              overwrite=overwrite, sheet_frames=sheet_frames, progress=RichProgress(bar))
+                              overwrite=overwrite, sheet_frames=sheet_frames, progress=progress)
     best = result.best()
-    table = Table(title=f"Pix2Video ablation: {result.n_frames} frames at {result.size[0]}x{result.size[1]}, "
-                        f"{result.steps} steps, {result.model}")
+    table = Table(title=escape(f"Pix2Video ablation: {_n(result.n_frames, 'frame')} at "
+                               f"{result.size[0]}x{result.size[1]}, {result.steps} steps, {result.model}"))
     table.add_column("setting", no_wrap=True)
     for _, header, _ in METRICS:
         table.add_column(header, justify="right")
@@ -506,11 +669,11 @@ def ablate(
             text = format_metric(getattr(r, name), name)
             cells.append(f"[bold]{text}[/bold]" if best.get(name) == r.key else text)
         table.add_row(r.label, *cells)
-    table.caption = (f"CLIP {result.clip_model}, flow {result.flow}; s/frame excludes inversion. "
+    table.caption = (f"CLIP {escape(result.clip_model)}, flow {result.flow}; s/frame excludes inversion. "
                      "Paper (DAVIS 512²): ours 0.2891 / 0.9767 / 228.62, w/o update 0.2893 / 0.9740 / 371.18")
     out_console.print(table)
     out_console.print(f"table: {result.table_md}\njson: {result.table_json}\ncontact sheet: {result.contact_sheet}",
-                      soft_wrap=True, highlight=False)
+                      markup=False, soft_wrap=True, highlight=False)
 
 
 @app.command()
@@ -562,11 +725,11 @@ def bench(
         repeats=repeats, warmup=warmup,
         threads=threads, json_path=json_path, speedups=tuple(speedups or ()),
     )
-    with _progress() as bar:
-        report = run_bench(opts, RichProgress(bar))
+    with _progress() as progress:
+        report = run_bench(opts, progress)
     print_report(out_console, report)
     if json_path is not None:
-        out_console.print(f"wrote {json_path}")
+        out_console.print(f"wrote {json_path}", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command("export")
@@ -601,16 +764,17 @@ def export_(
                             width=width or opt, min_size=min_size, max_size=max_size, max_batch=max_batch,
                             opt_batch=opt_batch, static_batch=static_batch, opset=opset, workspace_gb=workspace,
                             device=device, force=force)
-    with _progress() as bar:
-        report = export_engines(options, RichProgress(bar))
-    table = Table(title=f"{report.folder} ({options.profile().describe()}, {precision})")
+    with _progress() as progress:
+        report = export_engines(options, progress)
+    table = Table(title=escape(f"{report.folder} ({options.profile().describe()}, {precision})"))
     for col, justify in (("network", "left"), ("file", "left"), ("size", "right"), ("seconds", "right"),
                          ("status", "left"), ("max rel err", "left")):
         table.add_column(col, justify=justify, no_wrap=col != "max rel err")  # type: ignore[arg-type]
     for r in report.rows:
-        table.add_row(r.network, r.file.name, f"{r.bytes / 2**20:.1f} MB", f"{r.seconds:.1f}", r.status, r.detail)
+        table.add_row(r.network, escape(r.file.name), f"{r.bytes / 2**20:.1f} MB", f"{r.seconds:.1f}", r.status,
+                      escape(r.detail))
     out_console.print(table)
-    out_console.print(f"manifest: {report.manifest} ({report.seconds:.1f} s in all)")
+    out_console.print(f"manifest: {report.manifest} ({report.seconds:.1f} s in all)", markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -634,6 +798,7 @@ def info(
 
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    signal.signal(signal.SIGTERM, _on_sigterm)  # clean up (partial files, locks) as on Ctrl-C
     app()
 
 

@@ -269,7 +269,7 @@ def run_ablation(
     Everything the user can get wrong is checked before any model loads; the CLIP model loads
     before the first edit, so a bad ``clip_model`` fails in seconds, not after the edits.
     """
-    from p2v_fast.pipeline import edit_video, load_runtime
+    from p2v_fast.pipeline import edit_video, load_runtime, probe_input
     from p2v_fast.prompts import check_prompt
 
     progress = progress or NullProgress()
@@ -280,13 +280,16 @@ def run_ablation(
         raise InputError(f"--flow must be one of {', '.join(FLOW_METHODS)}; got {flow!r}")
     if sheet_frames < 1:
         raise InputError(f"--sheet-frames must be >= 1; got {sheet_frames}")
-    info = video.probe(input_path)
+    info = probe_input(input_path, cfg)
     n_sel = video.selected_count(info, cfg.start, cfg.max_frames, cfg.stride)
     if n_sel < 2:
         raise InputError(f"an ablation needs at least 2 frames (temporal metrics); the selection has {n_sel}")
     out = Path(out_dir) if out_dir is not None else default_out_dir(input_path)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out '{out}' is a file; give a folder")
+    if input_path.is_dir() and out.resolve() == input_path.resolve():
+        raise InputError(f"--out '{out}' is the input image folder (its outputs would be read as frames); "
+                         "give another folder")
     paths = output_paths(out, keys)
     if not overwrite:
         existing = [p for p in paths.values() if p.exists()]

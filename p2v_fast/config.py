@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,7 @@ class EditConfig:
     start: int = 0  # first source frame
     max_frames: int | None = None  # at most this many frames (after stride)
     stride: int = 1  # take every stride-th frame
+    fps: float | None = None  # frame rate of an image-folder input (None: 24); a video keeps its own
 
     # --- sampling (paper: 50 DDIM steps, CFG 7.5) ---
     steps: int = 50
@@ -132,9 +134,13 @@ def _verify(c: EditConfig) -> None:
         raise InputError(f"--steps must be between 1 and 500; got {c.steps}")
     if c.update_steps is not None and not 0 <= c.update_steps <= c.steps:
         raise InputError(f"--update-steps must be between 0 and --steps ({c.steps}); got {c.update_steps}")
-    if c.guidance_scale < 1.0:
-        raise InputError(f"--guidance-scale must be >= 1; got {c.guidance_scale}")
-    if c.update_weight < 0:
-        raise InputError(f"--update-weight must be >= 0; got {c.update_weight}")
+    if not math.isfinite(c.guidance_scale) or c.guidance_scale < 1.0:
+        raise InputError(f"--guidance-scale must be a finite number >= 1; got {c.guidance_scale}")
+    if not math.isfinite(c.update_weight) or c.update_weight < 0:
+        raise InputError(f"--update-weight must be a finite number >= 0; got {c.update_weight}")
+    if not 0 <= c.seed < 2**64:
+        raise InputError(f"--seed must be between 0 and 2**64 - 1; got {c.seed}")
+    if c.fps is not None and not (math.isfinite(c.fps) and 0 < c.fps <= 1000):
+        raise InputError(f"--fps must be a frame rate between 0 and 1000; got {c.fps}")
     if not c.model.strip():
         raise InputError("--model must not be empty")

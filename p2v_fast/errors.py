@@ -21,6 +21,10 @@ class InputError(P2VError):
     exit_code = 2
 
 
+class OutputError(P2VError):
+    """An output or cache file could not be written (out of space, a file size limit, ...)."""
+
+
 class ModelLoadError(P2VError):
     """A model could not be found or loaded."""
 

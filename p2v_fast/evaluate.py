@@ -20,8 +20,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,7 +30,7 @@ import numpy as np
 from p2v_fast import video
 from p2v_fast.errors import InputError
 from p2v_fast.metrics import DEFAULT_CLIP_MODEL, FLOW_METHODS, ClipScorer, StreamingEvaluator
-from p2v_fast.paths import check_output_file
+from p2v_fast.paths import check_output_file, write_bytes_atomic
 from p2v_fast.progress import NullProgress, Progress
 
 FrameCallback = Callable[[int, np.ndarray, np.ndarray], None]
@@ -75,21 +73,9 @@ def json_safe(obj: Any) -> Any:
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` to a temporary file beside ``path`` and rename it into place."""
-    out = check_output_file(path)
-    parent = out.parent if str(out.parent) else Path(".")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=parent)
-    except OSError as exc:
-        raise InputError(f"cannot write '{out}': {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    """Write ``text`` to a temporary file beside ``path`` and rename it into place (mode 0666 less
+    the umask, like the videos and images; a full disk is one :class:`OutputError` line)."""
+    return write_bytes_atomic(check_output_file(path), text.encode("utf-8"))
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> Path:

@@ -18,6 +18,12 @@ when that computes in it, else on PyTorch in it (:func:`inversion_runtime`; a gr
 fp16 graphs inverts on PyTorch in fp32, with the same weights). Its quality is measured once,
 on the miss that computes it: frame 1 regenerated from its x_T (:func:`reconstruction_error`),
 recorded in ``meta.json`` and reported by ``p2v invert``, ``p2v edit`` and ``p2v bench``.
+
+Integrity: ``meta.json`` records each frame file's size and sha256, and an entry is checked
+before it is used (frame count, sizes, checksums; a resumed frame's shapes and finite values);
+a damaged one is recomputed with a one-line notice, reusing its intact frames. One run at a time
+fills an entry (a lock file in it): a second run of the same clip waits, then uses the result.
+Non-finite values are never cached, and a full disk is one line with no partial file kept.
 """
 
 from __future__ import annotations
@@ -25,23 +31,23 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from p2v_fast import video
 from p2v_fast.backends import Backend
 from p2v_fast.config import EditConfig
 from p2v_fast.ddim import DDIMSchedule
 from p2v_fast.depth import DepthEstimator, normalize_per_frame, normalize_with
+from p2v_fast.errors import InputError, P2VError
 from p2v_fast.memory import CallBudget
 from p2v_fast.models import model_identity
-from p2v_fast.paths import cache_root
+from p2v_fast.paths import FileLock, cache_root, write_bytes_atomic
 from p2v_fast.progress import NullProgress, Progress
 from p2v_fast.prompts import encode_prompt
 
@@ -103,10 +109,21 @@ def select_clip(path: str | Path, cfg: EditConfig, info: video.VideoInfo | None 
 def frames_digest(selection: ClipSelection) -> str:
     """sha256 of the selected, resized frames (one decode pass, nothing kept)."""
     h = hashlib.sha256()
+    count = 0
     for frame in selection.frames():
         h.update(np.ascontiguousarray(frame).tobytes())
+        count += 1
+    if count != selection.n_frames:
+        raise InputError(short_clip_message(selection, count))
     h.update(repr((selection.size, selection.resize, selection.box)).encode())
     return h.hexdigest()
+
+
+def short_clip_message(selection: ClipSelection, decoded: int) -> str:
+    """The error for a clip whose container promises more frames than decode (a truncated copy)."""
+    return (f"'{selection.path}' should give {selection.n_frames} frames here but only {decoded} decode "
+            f"(a truncated or damaged file?); pass --max-frames {decoded} to edit the frames it has"
+            if decoded else f"no frame of '{selection.path}' decodes (a truncated or damaged file?)")
 
 
 @dataclass
@@ -125,7 +142,12 @@ class InvertedClip:
 
     def load(self, i: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """Frame i: ``x_T`` [1,4,h,w], ``depth`` [1,1,h,w] in [-1,1], ``x_0`` [1,4,h,w] (fp32)."""
-        return load_file(self.root / f"frame_{i:06d}.safetensors", device=str(device))
+        path = self.root / f"frame_{i:06d}.safetensors"
+        try:
+            return load_file(path, device=str(device))
+        except Exception as exc:  # deleted or damaged after the entry was checked
+            raise P2VError(f"inversion cache file '{path}' became unreadable during the edit ({_why(exc)}); "
+                           "run again to recompute it") from None
 
 
 def images_to_tensor(frames: list[np.ndarray]) -> torch.Tensor:
@@ -142,9 +164,111 @@ def raw_depth(models, backend: Backend, frames: list[np.ndarray], latent_hw: tup
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    """Write one cache file atomically; refuse non-finite values (they would poison every later edit)."""
+    bad = [k for k, v in tensors.items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise P2VError(f"the inversion produced non-finite values (NaN or inf) in {', '.join(bad)} for "
+                       f"'{path.name}'; nothing was cached for it (in fp16, try --dtype fp32)")
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+    write_bytes_atomic(path, data, "the inversion cache")
+
+
+def _why(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+#: Tensors of a finished frame file and of a pass-1 ``encoded_*`` file: name -> shape, with
+#: "h" and "w" the latent size.
+FRAME_TENSORS = {"x_T": (1, 4, "h", "w"), "depth": (1, 1, "h", "w"), "x_0": (1, 4, "h", "w")}
+ENCODED_TENSORS = {"x_0": (1, 4, "h", "w"), "depth_raw": (1, "h", "w")}
+
+
+def file_problem(path: Path, latent_hw: tuple[int, int], spec: dict[str, tuple] | None = None) -> str | None:
+    """What is wrong with one cache file (None: it loads, has ``spec``'s tensors and shapes, all finite)."""
+    spec = FRAME_TENSORS if spec is None else spec
+    if not path.is_file():
+        return "missing"
+    try:
+        tensors = load_file(path)
+    except Exception as exc:
+        return f"unreadable ({_why(exc)})"
+    h, w = latent_hw
+    for name, shape in spec.items():
+        want = tuple(h if d == "h" else w if d == "w" else d for d in shape)
+        t = tensors.get(name)
+        if t is None:
+            return f"no {name}"
+        if tuple(t.shape) != want:
+            return f"{name} has shape {list(t.shape)}, expected {list(want)}"
+        if not bool(torch.isfinite(t).all()):
+            return f"non-finite values in {name}"
+    return None
+
+
+def _file_record(path: Path) -> dict[str, int | str]:
+    data = path.read_bytes()
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def entry_problems(root: Path, n: int, latent_hw: tuple[int, int]) -> tuple[str | None, list[Path]]:
+    """Check a cache entry: ``(None, [])`` if complete and intact, else a one-line description of
+    the first problem ("missing" when there is no entry) and the frame files that are damaged.
+
+    Checked: ``meta.json`` reads and describes ``n`` frames at ``latent_hw``; every frame file has
+    the size and sha256 recorded there (entries without records: loads, shapes, finite values).
+    """
+    meta_path = root / "meta.json"
+    if not meta_path.is_file():
+        return "missing", []
+    try:
+        meta = json.loads(meta_path.read_text())
+        records = meta.get("files") or {}
+        if int(meta["n_frames"]) != n or list(meta["latent_hw"]) != list(latent_hw):
+            return (f"it describes {meta['n_frames']} frames at latent size {meta['latent_hw']}, not {n} at "
+                    f"{list(latent_hw)}"), []
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"unreadable meta.json ({_why(exc)})", []
+    damaged: list[tuple[Path, str]] = []
+    for i in range(n):
+        path = root / f"frame_{i:06d}.safetensors"
+        record = records.get(path.name)
+        if record is None:
+            why = file_problem(path, latent_hw)
+        elif not path.is_file():
+            why = "missing"
+        else:
+            got = _file_record(path)
+            why = (None if got == record else f"{got['bytes']} bytes, expected {record['bytes']}"
+                   if got["bytes"] != record["bytes"] else "checksum mismatch")
+        if why is not None:
+            damaged.append((path, f"frame {i}: {why}"))
+    if damaged:
+        more = f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
+        return damaged[0][1] + more, [p for p, _ in damaged]
+    return None, []
+
+
+def claim_entry(root: Path, n: int, latent_hw: tuple[int, int], progress: Progress) -> FileLock | None:
+    """None if ``root`` holds a complete, intact inversion (a cache hit). Otherwise the entry's
+    lock, held (waiting while another run fills the entry, whose result may then be a hit), with
+    a damaged entry's ``meta.json`` and damaged frame files removed (intact frames are reused)."""
+    problem, _ = entry_problems(root, n, latent_hw)
+    if problem is None:
+        return None
+    root.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(root / ".lock")
+    lock.acquire(on_wait=lambda: progress.log("inversion: waiting for another p2v run that is inverting this clip"))
+    problem, damaged = entry_problems(root, n, latent_hw)
+    if problem is None:
+        lock.release()
+        return None
+    if problem != "missing":
+        progress.log(f"inversion: cache entry {root.name} is damaged ({problem}); recomputing it")
+        (root / "meta.json").unlink(missing_ok=True)
+        for path in damaged:
+            path.unlink(missing_ok=True)
+    return lock
 
 
 @dataclass(frozen=True)
@@ -212,9 +336,10 @@ def invert_clip(
     meta_path = root / "meta.json"
     n, latent_hw = selection.n_frames, selection.latent_hw
     handle = InvertedClip(root, n, latent_hw, source_prompt, cache_hit=True, runtime=runtime.identity)
-    if meta_path.exists():
+    lock = claim_entry(root, n, latent_hw, progress)  # held until the entry is complete (or this process ends)
+    if lock is None:
         handle.reconstruction = json.loads(meta_path.read_text()).get("reconstruction")
-        progress.log(f"inversion: cache hit ({n} frames, {root})")
+        progress.log(f"inversion: cache hit ({n} frame{'' if n == 1 else 's'}, {root})")
         return handle
     handle.cache_hit = False
     progress.log(f"inversion: {runtime.describe()}")
@@ -234,7 +359,8 @@ def invert_clip(
 
     def flush() -> None:
         nonlocal index, lo, hi
-        done = all(enc_path(i).exists() for i in range(index, index + len(chunk)))
+        done = all(file_problem(enc_path(i), latent_hw, ENCODED_TENSORS) is None
+                   for i in range(index, index + len(chunk)))
         if done:  # resuming: this chunk was encoded by an interrupted run
             d = torch.cat([load_file(str(enc_path(i)))["depth_raw"] for i in range(index, index + len(chunk))])
         else:
@@ -253,12 +379,14 @@ def invert_clip(
             flush()
     if chunk:
         flush()
+    if index != n:  # fewer frames decoded than the container promised
+        raise InputError(short_clip_message(selection, index))
 
     # Pass 2: DDIM inversion, conditional branch only.
     schedule = DDIMSchedule(models.scheduler, cfg.steps)
     cond = encode_prompt(models, source_prompt)
     advance = progress.stage("inversion", n * cfg.steps)
-    pending = [i for i in range(n) if not inv_path(i).exists()]  # resuming: finished frames are kept
+    pending = [i for i in range(n) if file_problem(inv_path(i), latent_hw)]  # resuming: intact frames are kept
     advance(cfg.steps * (n - len(pending)))
     if budget is None:  # the user's --invert-batch is taken as given (still retried smaller on OOM)
         budget = CallBudget(backend.device, measurable=False if batch else None)
@@ -278,11 +406,11 @@ def invert_clip(
             "model": model_identity(models), "size": list(selection.size), "resize": selection.resize,
             "box": None if selection.box is None else list(selection.box), "depth_norm": cfg.depth_norm,
             "runtime": runtime.identity, "reconstruction": handle.reconstruction}
-    tmp = meta_path.with_name(".meta.json.tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, meta_path)
+    meta["files"] = {inv_path(i).name: _file_record(inv_path(i)) for i in range(n)}
+    write_bytes_atomic(meta_path, json.dumps(meta, indent=2).encode(), "the inversion cache")
     for i in range(n):
         enc_path(i).unlink(missing_ok=True)
+    lock.release()
     return handle
 
 

@@ -8,6 +8,7 @@ features, one frame's worth of features in flight and a few thumbnails are held.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import time
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from p2v_fast.inversion import (
     select_clip,
 )
 from p2v_fast.output import FrameSink
-from p2v_fast.paths import cache_lock, check_output_file
+from p2v_fast.paths import OutputClaim, check_name_length, check_output_file
 from p2v_fast.progress import NullProgress, Progress
 from p2v_fast.prompts import check_prompt, encode_prompt, source_prompt_for, warn_if_truncated
 
@@ -43,9 +44,13 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise InputError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+        raise InputError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"--device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"--device {name!r}: CUDA is not available on this machine (see `p2v info`)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise InputError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -113,19 +118,45 @@ def models_in_dtype(models, dtype: torch.dtype):
     return dataclasses.replace(models, dtype=dtype, **cast)
 
 
+def probe_input(input_path: Path, cfg: EditConfig) -> video.VideoInfo:
+    """Probe the input (an image folder plays at ``cfg.fps``, 24 by default); --fps is refused for
+    a video file, which keeps its own rate."""
+    info = video.probe(input_path, folder_fps=cfg.fps or 24.0)
+    if cfg.fps is not None and not info.is_folder:
+        raise InputError(f"--fps is for an image-folder input; '{input_path}' is a video and keeps its own rate "
+                         f"({video.format_fps(info.fps)} fps)")
+    return info
+
+
 def default_output(input_path: Path, suffix: str = ".p2v.mp4") -> Path:
     base = input_path.with_suffix("") if input_path.is_file() else input_path
     return base.parent / f"{base.name}{suffix}"
 
 
-def check_output(input_path: Path, output: Path, overwrite: bool) -> Path:
-    """Validate the output path: not the input, not an existing file (unless overwrite), writable."""
-    output = Path(output)
+def check_output(input_path: Path, output: Path, overwrite: bool, kind: str | None = None,
+                 side_files: tuple[str, ...] = ()) -> Path:
+    """Validate the output path: not the input, not inside an input image folder, not an existing
+    file (unless overwrite), writable, a name the file system takes (``side_files``: names that
+    will be written beside it). ``kind``: "video" (an extension :data:`video.OUTPUT_FORMATS`
+    knows) or "png"."""
+    output = check_name_length(output, side_files)
     if output.resolve() == Path(input_path).resolve():
         raise InputError(f"output '{output}' is the input; choose another -o path")
+    if Path(input_path).is_dir() and output.resolve().parent == Path(input_path).resolve():
+        raise InputError(f"output '{output}' is inside the input image folder '{input_path}' (the next run would "
+                         "read it as a frame); write it elsewhere")
+    if kind == "png" and output.suffix.lower() != ".png":
+        raise InputError(f"--preview writes a PNG image; give -o a .png name, not '{output.name}'")
+    if kind == "video":
+        video.output_format(output)
     if output.exists() and not output.is_dir() and not overwrite:
         raise InputError(f"output '{output}' exists; pass --overwrite to replace it")
-    return check_output_file(output)
+    return check_output_file(output, extra_names=side_files)
+
+
+def side_paths(out: Path) -> tuple[Path, Path]:
+    """The side-by-side video and the contact strip written beside the edit ``out``."""
+    return out.with_name(f"{out.stem}.side-by-side{out.suffix}"), out.with_name(f"{out.stem}.strip.png")
 
 
 def warm_up(cfg: EditConfig, rt: Runtime, selection: ClipSelection, progress: Progress) -> None:
@@ -163,29 +194,33 @@ def prepare(cfg: EditConfig, input_path: Path, rt: Runtime, progress: Progress,
         framing = f" ({selection.resize}"
         framing += f"; output {selection.output_size[0]}x{selection.output_size[1]}, the bars cut)" \
             if selection.box is not None else ")"
-    progress.log(f"{selection.n_frames} frames at {w}x{h}{framing} from '{input_path}'")
+    n = selection.n_frames
+    progress.log(f"{n} frame{'' if n == 1 else 's'} at {w}x{h}{framing} from '{input_path}'")
     warm_up(cfg, rt, selection, progress)
     if cfg.source_prompt is None:
         first = next(iter(selection.frames()))
         source = source_prompt_for(rt.models, first, None)
-        progress.log(f"source prompt (BLIP caption of frame 1): {source!r}")
+        note = " (the tiny model's captioner has random weights: word salad by design)" \
+            if rt.models.source == "tiny" else ""
+        progress.log(f"source prompt (BLIP caption of frame 1): {source!r}{note}")
     else:
         source = cfg.source_prompt.strip()
     warn_if_truncated(rt.models, source, "source prompt", progress.log, rt.warned)
     dtype = None if cfg.invert_dtype == "same" else resolve_dtype(cfg.invert_dtype, rt.models.device)
     where = inversion_runtime(rt.models, rt.backend, rt.grad_backend, dtype)
-    digest = frames_digest(selection)
-    with cache_lock(f"inversion-{digest[:24]}", cfg.cache_dir):  # another process inverting these frames:
-        inverted = invert_clip(cfg, selection, rt.models, where, source, digest=digest,  # wait, then reuse
-                               batch=cfg.invert_batch, progress=progress)
+    # another process inverting the same entry: invert_clip waits for it (the entry's lock), then reuses it
+    inverted = invert_clip(cfg, selection, rt.models, where, source, digest=frames_digest(selection),
+                           batch=cfg.invert_batch, progress=progress)
     return PreparedClip(selection, inverted, time.perf_counter() - t0)
 
 
 def invert_video(cfg: EditConfig, input_path: Path, progress: Progress | None = None,
                  runtime: Runtime | None = None) -> PreparedClip:
     """`p2v invert`: DDIM-invert the clip into the cache."""
+    info = probe_input(Path(input_path), cfg)
+    select_clip(input_path, cfg, info)  # a bad size or frame selection fails before models load
     rt = runtime or load_runtime(cfg)
-    return prepare(cfg, Path(input_path), rt, progress or NullProgress())
+    return prepare(cfg, Path(input_path), rt, progress or NullProgress(), info)
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -215,10 +250,30 @@ class EditResult:
     # busy seconds of the stages that overlap the edit (p2v_fast.output.FrameSink): VAE decode
     # (device time) and writing (encode + mux, writer thread)
     overlapped: dict[str, float] = field(default_factory=dict)
+    variable_rate: bool = False  # the source's frame rate varies: its timestamps were kept
 
     @property
     def seconds_per_frame(self) -> float:
         return self.seconds_edit / max(self.n_frames, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything, with the guided update's RMS per step (mean over frames) and per step and frame."""
+        st = self.stats
+        per_frame = {str(k): [float(v) for v in vs] for k, vs in sorted(st.update_rms.items())}
+        return {
+            "output": str(self.output), "side_by_side": self.side_by_side and str(self.side_by_side),
+            "strip": self.strip and str(self.strip), "n_frames": self.n_frames, "fps": self.fps,
+            "variable_rate": self.variable_rate, "size": list(self.size), "source_prompt": self.source_prompt,
+            "inversion_cache_hit": self.inversion_cache_hit, "inversion_runtime": self.inversion_runtime,
+            "reconstruction": self.reconstruction, "seconds_total": self.seconds_total,
+            "seconds_inversion": self.seconds_inversion, "seconds_edit": self.seconds_edit,
+            "seconds_per_frame": self.seconds_per_frame, "overlapped": self.overlapped,
+            "unet_calls": st.unet_calls, "unet_backward": st.unet_backward,
+            "peak_feature_bytes": st.peak_feature_bytes, "frames_sha256": self.frames_sha256,
+            "update_rms_per_step": {str(k): v for k, v in st.mean_update_rms().items()},
+            "detached_rms_per_step": {str(k): v for k, v in st.mean_detached_rms().items()},
+            "update_rms_per_step_and_frame": per_frame,
+        }
 
 
 def edit_video(
@@ -231,20 +286,29 @@ def edit_video(
     side_by_side: bool = False,
     progress: Progress | None = None,
     runtime: Runtime | None = None,
+    json_path: str | Path | None = None,
 ) -> EditResult:
-    """Edit ``input_path`` with ``cfg.prompt``; write an H.264 mp4 (or, with ``preview``, a PNG of
-    the anchor frame). Outputs are written atomically; the input is only read."""
+    """Edit ``input_path`` with ``cfg.prompt``; write a video in the container ``output``'s
+    extension names (or, with ``preview``, a PNG of the anchor frame), and with ``json_path``
+    the config and :meth:`EditResult.to_dict`. Outputs are written atomically; the input is only
+    read."""
     progress = progress or NullProgress()
     input_path = Path(input_path)
     prompt = check_prompt(cfg.prompt)
     if preview:
         cfg = cfg.replace(max_frames=1)
-    info = video.probe(input_path)  # fail fast on a bad input, before loading models
+    info = probe_input(input_path, cfg)  # fail fast on a bad input, before loading models
+    select_clip(input_path, cfg, info)  # and on a bad size or frame selection
     out = Path(output) if output else default_output(input_path, ".p2v-preview.png" if preview else ".p2v.mp4")
-    out = check_output(input_path, out, overwrite)
-    sbs_path = out.with_name(out.stem + ".side-by-side.mp4") if side_by_side and not preview else None
-    if sbs_path is not None:
-        check_output(input_path, sbs_path, overwrite)
+    sbs_name, strip = side_paths(out)
+    sides = () if preview else (strip, sbs_name) if side_by_side else (strip,)
+    out = check_output(input_path, out, overwrite, "png" if preview else "video", tuple(p.name for p in sides))
+    for side in sides:
+        check_output(input_path, side, overwrite)
+    sbs_path = sbs_name if side_by_side and not preview else None
+    if json_path is not None:
+        check_output(input_path, Path(json_path), overwrite=True)
+    claim = OutputClaim(out).acquire(overwrite)  # a second run writing `out` is refused; released on return
 
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
@@ -295,22 +359,23 @@ def edit_video(
             writers[1].write(video.side_by_side(src, frame))
 
     strip_path = None
+    variable = False
     with contextlib.ExitStack() as stack:
         if not preview:
             audio = sel.info.path if sel.info.has_audio else None
             size = sel.output_size
-            writers.append(stack.enter_context(video.VideoWriter(
-                out, sel.fps, size, audio_source=audio, audio_start=sel.start / sel.info.fps,
-                audio_duration=sel.n_frames * sel.stride / sel.info.fps)))
+            timing = video.output_timing(sel.info, sel.start, sel.n_frames, sel.stride)  # source times if VFR
+            variable = timing.variable
+            writers.append(stack.enter_context(video.VideoWriter(out, timing, size, audio_source=audio)))
             if sbs_path is not None:
                 sbs_size = (size[0] * 2, size[1])
-                writers.append(stack.enter_context(video.VideoWriter(sbs_path, sel.fps, sbs_size)))
+                writers.append(stack.enter_context(video.VideoWriter(sbs_path, timing, sbs_size, audio_source=audio)))
         # entered last, so it is drained (or cancelled) before the writers finish (or abort)
         sink = stack.enter_context(FrameSink(rt.backend, consume))
         for st in finished:
             sink.submit(st.index, st.latent)
     if not preview:
-        strip_path = out.with_name(out.stem + ".strip.png")
+        strip_path = strip
         top = np.concatenate([s for s, _ in thumbs], axis=1)
         bottom = np.concatenate([e for _, e in thumbs], axis=1)
         video.save_png(strip_path, np.concatenate([top, bottom], axis=0))
@@ -322,8 +387,14 @@ def edit_video(
     if budget is not None and (budget.splits or budget.ooms):
         progress.log(f"{budget.splits} UNet calls split to fit in memory, {budget.ooms} retried after running out")
     busy = {"decode_busy": sink.seconds["decode"], "encode_busy": sink.seconds["encode"]}
-    return EditResult(out, sel.n_frames, sel.fps, sel.output_size, t_end - t_start, prep.seconds, t_end - t_edit,
-                      inv.cache_hit, inv.source_prompt, sbs_path, strip_path, stats, inv.runtime,
-                      inv.reconstruction, raw.hexdigest(), busy)
+    result = EditResult(out, sel.n_frames, sel.fps, sel.output_size, t_end - t_start, prep.seconds, t_end - t_edit,
+                        inv.cache_hit, inv.source_prompt, sbs_path, strip_path, stats, inv.runtime,
+                        inv.reconstruction, raw.hexdigest(), busy, variable_rate=variable)
+    if json_path is not None:
+        from p2v_fast.evaluate import write_json_atomic
+
+        write_json_atomic(json_path, {"config": dataclasses.asdict(cfg), **result.to_dict()})
+    claim.release()
+    return result
 
 

@@ -8,9 +8,12 @@ and more -- or a folder of .png/.jpg/.jpeg/.webp images taken in natural sort or
 streaming: :func:`read_frames` decodes one frame at a time and never holds the whole clip.
 Display rotation (phone videos) is applied, so frames come out the way a player shows them.
 
-Output is H.264 (libx264, yuv420p, BT.709 tags) in an .mp4 written by :class:`VideoWriter`
-to a hidden temporary file and moved into place with :func:`os.replace` only when it is
-complete; the source's audio, trimmed to the edited time window, is re-encoded as AAC.
+Output is written by :class:`VideoWriter` in the container its name asks for (:data:`OUTPUT_FORMATS`:
+.mp4/.m4v, .mov and .mkv hold H.264 (libx264, yuv420p, BT.709 tags) with AAC audio, .webm holds
+VP9 with Opus), to a hidden temporary file moved into place with :func:`os.replace` only when
+it is complete; the source's audio, trimmed to the edited time window, is re-encoded. Frames
+keep the source's timestamps where the source's frame rate is variable (:func:`output_timing`),
+so the audio stays in sync.
 
 User-caused problems raise :class:`~p2v_fast.errors.InputError` with a one-line message.
 """
@@ -26,7 +29,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import av
 import av.error
@@ -35,11 +38,49 @@ from av.video.reformatter import ColorPrimaries, ColorRange, Colorspace, ColorTr
 from PIL import Image, ImageOps
 
 from p2v_fast.errors import InputError
+from p2v_fast.paths import disk_full, write_error
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".gif", ".mkv", ".avi")
 _AAC_RATES = (96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000)
 _AUDIO_LAG_S = 1.0  # audio is muxed this far behind the video so no chunk outruns the picture
+#: Largest working frame side in pixels (SD2 is trained at 512 and 768; 2048 is a 256x256 latent).
+MAX_SIDE = 2048
+#: Time base of a variable-frame-rate output (90 kHz, as MPEG uses; exact for 24, 25, 30, 30000/1001, ...).
+VFR_TIME_BASE = Fraction(1, 90000)
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """A container :class:`VideoWriter` writes, chosen by the output's extension."""
+
+    container: str  # FFmpeg muxer name
+    video: tuple[str, ...]  # encoders, first available wins
+    audio: tuple[str, ...]
+
+
+OUTPUT_FORMATS = {
+    ".mp4": OutputFormat("mp4", ("libx264",), ("aac",)),
+    ".m4v": OutputFormat("mp4", ("libx264",), ("aac",)),
+    ".mov": OutputFormat("mov", ("libx264",), ("aac",)),
+    ".mkv": OutputFormat("matroska", ("libx264",), ("aac",)),
+    ".webm": OutputFormat("webm", ("libvpx-vp9", "libvpx"), ("libopus", "opus", "libvorbis")),
+}
+
+
+def output_format(path: str | Path) -> OutputFormat:
+    """The container and codecs for ``path``'s extension; InputError (listing the supported ones) if
+    there is none, or if this PyAV build lacks its encoders."""
+    out = Path(path)
+    fmt = OUTPUT_FORMATS.get(out.suffix.lower())
+    if fmt is None:
+        got = f"'{out.suffix}'" if out.suffix else "no extension"
+        raise InputError(f"output '{out}' has {got}; a video output must end in "
+                         f"{', '.join(OUTPUT_FORMATS)}")
+    if not any(c in av.codecs_available for c in fmt.video):
+        raise InputError(f"this PyAV build cannot encode {out.suffix} (no {' or '.join(fmt.video)} encoder); "
+                         "use .mp4")
+    return fmt
 
 
 @dataclass(frozen=True)
@@ -53,6 +94,25 @@ class VideoInfo:
     n_frames: int  # exact: container count for mp4/mov, else counted by decoding
     has_audio: bool
     is_folder: bool
+
+
+@dataclass(frozen=True)
+class Timing:
+    """When the selected frames play: :func:`output_timing`."""
+
+    fps: float  # nominal output rate: the source's (average) rate / stride
+    start: float  # seconds: source time of the first selected frame (where its audio starts)
+    duration: float  # seconds of source time the selected frames cover
+    frame_times: tuple[float, ...] | None = None  # variable rate: each frame's time from ``start``; None: i / fps
+
+    @property
+    def variable(self) -> bool:
+        return self.frame_times is not None
+
+
+def format_fps(fps: float) -> str:
+    """A frame rate as a source states it: 12 -> "12", 30000/1001 -> "29.97", 24000/1001 -> "23.976"."""
+    return f"{fps:.3f}".rstrip("0").rstrip(".")
 
 
 # --------------------------------------------------------------------------- probing
@@ -126,6 +186,9 @@ def probe(path: str | Path, folder_fps: float = 24.0) -> VideoInfo:
             raise InputError(f"no {'/'.join(IMAGE_SUFFIXES)} images in folder '{p}'")
         w, h = _open_image(images[0]).size
         return VideoInfo(p, w, h, float(folder_fps), len(images), False, True)
+    if not p.is_file():  # a FIFO or a device would be read forever
+        raise InputError(f"input '{p}' is not a regular file or a folder (a FIFO, device or socket); "
+                         "give a video file or a folder of images")
     if not os.access(p, os.R_OK):
         raise InputError(f"cannot read '{p}': permission denied")
 
@@ -165,9 +228,11 @@ def probe(path: str | Path, folder_fps: float = 24.0) -> VideoInfo:
 # --------------------------------------------------------------------------- sizes & selection
 
 
-def working_size(width: int, height: int, short_side: int = 512, multiple: int = 64) -> tuple[int, int]:
+def working_size(width: int, height: int, short_side: int = 512, multiple: int = 64,
+                 max_side: int | None = MAX_SIDE) -> tuple[int, int]:
     """``(W, H)`` with the short side = ``short_side`` and the long side a multiple of
-    ``multiple`` as close to the source aspect ratio as possible (halves round up)."""
+    ``multiple`` as close to the source aspect ratio as possible (halves round up). Neither side
+    may exceed ``max_side`` (InputError naming the limit and the largest ``--size`` that fits)."""
     if multiple <= 0:
         raise InputError(f"size multiple must be positive, got {multiple}")
     if short_side <= 0 or short_side % multiple:
@@ -175,7 +240,18 @@ def working_size(width: int, height: int, short_side: int = 512, multiple: int =
     if width <= 0 or height <= 0:
         raise InputError(f"invalid frame size {width}x{height}")
     short, long = min(width, height), max(width, height)
-    long_out = max(multiple, math.floor(long * short_side / short / multiple + 0.5) * multiple)
+
+    def long_side(s: int) -> int:
+        return max(multiple, math.floor(long * s / short / multiple + 0.5) * multiple)
+
+    long_out = long_side(short_side)
+    if max_side is not None and long_out > max_side:
+        fits = [s for s in range(multiple, max_side + 1, multiple) if long_side(s) <= max_side]
+        hint = (f"the largest --size that fits this {width}x{height} source is {fits[-1]}" if fits else
+                f"no --size fits this {width}x{height} source (its aspect ratio is too extreme)")
+        w, h = (short_side, long_out) if width <= height else (long_out, short_side)
+        raise InputError(f"working size {w}x{h} (--size {short_side}) is over the limit of {max_side} pixels per "
+                         f"side; {hint}")
     return (short_side, long_out) if width <= height else (long_out, short_side)
 
 
@@ -187,6 +263,9 @@ def selected_count(info: VideoInfo, start: int = 0, max_frames: int | None = Non
         raise InputError(f"stride must be >= 1, got {stride}")
     if max_frames is not None and max_frames < 1:
         raise InputError(f"max frames must be >= 1, got {max_frames}")
+    if stride > 1 and start < info.n_frames and stride > info.n_frames - start:
+        raise InputError(f"--stride {stride} is longer than the clip: '{info.path}' has {info.n_frames - start} "
+                         f"frames from frame {start}, so it would select one frame")
     n = len(range(start, info.n_frames, stride))
     if max_frames is not None:
         n = min(n, max_frames)
@@ -335,6 +414,46 @@ def _read_video(info: VideoInfo, size: tuple[int, int] | None, wanted: range,
             raise InputError(f"failed to decode '{info.path}' at frame {index}: {_why(e)}") from None
 
 
+# --------------------------------------------------------------------------- timing
+
+
+def _packet_times(path: Path) -> list[float]:
+    """Presentation times (seconds, sorted) of the first video stream's packets; no decoding."""
+    with _open_video(path) as container:
+        stream = container.streams.video[0]
+        tb = stream.time_base or Fraction(1, 1)
+        return sorted(float(pk.pts * tb) for pk in container.demux(stream) if pk.pts is not None and pk.size)
+
+
+def output_timing(info: VideoInfo, start: int = 0, count: int = 1, stride: int = 1) -> Timing:
+    """When the ``count`` frames ``start, start+stride, ...`` play, and the source window their
+    audio is cut from.
+
+    A constant-rate source (every frame within 2 ms of a constant grid; the packets' timestamps
+    are read, nothing decoded) plays them at ``fps / stride``. A variable-rate source keeps each
+    frame's own time, so the audio cut from the same window stays in sync (re-timing it to a
+    constant rate drifts by up to the rate's variation times the clip's length). Folders play at
+    their ``fps``.
+    """
+    times: list[float] = []
+    if not info.is_folder:
+        try:
+            times = _packet_times(info.path)
+        except (InputError, av.error.FFmpegError):
+            times = []
+    if len(times) <= start:  # a folder, or no timestamps: the nominal rate from time 0
+        return Timing(info.fps / stride, start / info.fps, count * stride / info.fps)
+    first = times[start]
+    off_grid = max(abs(t - times[0] - i / info.fps) for i, t in enumerate(times))
+    if off_grid <= 0.002:
+        return Timing(info.fps / stride, first, count * stride / info.fps)
+    picked = [times[start + k * stride] for k in range(count) if start + k * stride < len(times)]
+    end_at = start + count * stride
+    mean_frame = (times[-1] - times[0]) / max(len(times) - 1, 1)
+    end = times[end_at] if end_at < len(times) else times[-1] + mean_frame
+    return Timing(info.fps / stride, first, end - first, tuple(t - first for t in picked))
+
+
 # --------------------------------------------------------------------------- writing
 
 
@@ -350,6 +469,8 @@ def _prepare_output(out_path: str | Path) -> Path:
         raise InputError(f"cannot create output folder '{out.parent}': {e.strerror or e}") from None
     if out.is_dir():
         raise InputError(f"output path is a folder: '{out}'")
+    if out.exists() and not out.is_file():
+        raise InputError(f"output '{out}' exists and is not a regular file (a device, FIFO or socket)")
     if not os.access(out.parent, os.W_OK | os.X_OK):
         raise InputError(f"output folder is not writable: '{out.parent}'")
     return out
@@ -361,21 +482,44 @@ def _check_frame(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.ascontiguousarray(frame)
 
 
+def _rate(fps: float) -> Fraction:
+    """``fps`` as a fraction: 30000/1001 for 29.97; exact enough for very low rates too."""
+    rate = Fraction(fps).limit_denominator(1001)
+    if rate <= 0 or abs(float(rate) - fps) > 1e-6 * fps:
+        rate = Fraction(fps).limit_denominator(1_000_000)
+    return rate
+
+
 def _h264_stream(
-    container: av.container.OutputContainer, rate: Fraction, size: tuple[int, int], crf: int
+    container: av.container.OutputContainer, rate: Fraction, size: tuple[int, int], crf: int,
+    time_base: Fraction | None = None,
 ) -> av.video.stream.VideoStream:
     stream = container.add_stream("libx264", rate=rate)
     stream.width, stream.height = size
     stream.pix_fmt = "yuv420p"
-    _tag_bt709(stream, rate)
+    _tag_bt709(stream, rate, time_base)
     stream.options = {"crf": str(crf), "preset": "medium"}
     return stream
 
 
-def _tag_bt709(stream: av.video.stream.VideoStream, rate: Fraction) -> None:
+def _video_stream(container: av.container.OutputContainer, fmt: OutputFormat, rate: Fraction,
+                  size: tuple[int, int], crf: int, time_base: Fraction | None) -> av.video.stream.VideoStream:
+    codec = next(c for c in fmt.video if c in av.codecs_available)
+    if codec == "libx264":
+        return _h264_stream(container, rate, size, crf, time_base)
+    stream: Any = container.add_stream(codec, rate=rate)
+    stream.width, stream.height = size
+    stream.pix_fmt = "yuv420p"
+    _tag_bt709(stream, rate, time_base)
+    # constant quality (VP9's crf 0..63; x264's 18 looks about like VP9's 28), multithreaded rows
+    stream.options = {"crf": str(min(63, crf + 10)), "b": "0", "deadline": "good", "cpu-used": "4", "row-mt": "1"}
+    return stream
+
+
+def _tag_bt709(stream: av.video.stream.VideoStream, rate: Fraction, time_base: Fraction | None = None) -> None:
     """Set the time base and tag BT.709 limited range, matching :func:`_yuv_frame`."""
     cc = stream.codec_context
-    cc.time_base = 1 / rate
+    cc.time_base = time_base or 1 / rate
     if (stream.pix_fmt or "").startswith("yuv"):
         cc.colorspace = Colorspace.ITU709
         cc.color_primaries = ColorPrimaries.BT709
@@ -383,19 +527,23 @@ def _tag_bt709(stream: av.video.stream.VideoStream, rate: Fraction) -> None:
         cc.color_range = ColorRange.MPEG
 
 
-def _yuv_frame(frame: np.ndarray, pts: int, pix_fmt: str = "yuv420p") -> av.VideoFrame:
+def _yuv_frame(frame: np.ndarray, pts: int, pix_fmt: str = "yuv420p", time_base: Fraction | None = None
+               ) -> av.VideoFrame:
     vf = av.VideoFrame.from_ndarray(frame, format="rgb24")
     if pix_fmt.startswith("yuv"):
         vf = vf.reformat(format=pix_fmt, dst_colorspace=Colorspace.ITU709, dst_color_range=ColorRange.MPEG)
     else:
         vf = vf.reformat(format=pix_fmt)
     vf.pts = pts
+    if time_base is not None:
+        vf.time_base = time_base
     return vf
 
 
 class _AudioTrack:
     """Decode the first audio stream of ``source``, keep the samples in
-    ``[start, start + duration)`` seconds and encode them as AAC into ``out``.
+    ``[start, start + duration)`` seconds and encode them with ``codecs``' first available
+    encoder (AAC; Opus or Vorbis for webm) into ``out``.
 
     Chunks are float planar ``[channels, samples]`` at the output rate; ``pos`` counts samples
     from the source's time zero. Output pts are samples from the window start.
@@ -407,13 +555,23 @@ class _AudioTrack:
         out: av.container.OutputContainer,
         start: float,
         duration: float | None,
+        codecs: tuple[str, ...] = ("aac",),
     ) -> None:
         self._in = _open_audio(source)
         in_stream = self._in.streams.audio[0]
         in_rate = in_stream.rate or 48000
-        self.rate = in_rate if in_rate in _AAC_RATES else 48000
+        codec = next((c for c in codecs if c in av.codecs_available), None)
+        if codec is None:
+            self._in.close()
+            raise InputError(f"this PyAV build has no audio encoder for the output ({' or '.join(codecs)})")
+        if codec == "aac":
+            self.rate = in_rate if in_rate in _AAC_RATES else 48000
+        elif codec in ("libopus", "opus"):
+            self.rate = 48000  # Opus codes at 48 kHz
+        else:
+            self.rate = in_rate
         self.layout = "mono" if in_stream.channels == 1 else "stereo"
-        self.stream = out.add_stream("aac", rate=self.rate)
+        self.stream = cast(Any, out.add_stream(codec, rate=self.rate))
         self.stream.layout = self.layout
         self.stream.bit_rate = 96_000 if self.layout == "mono" else 192_000
         self._out = out
@@ -494,40 +652,53 @@ def _has_audio(source: Path, start: float) -> bool:
 
 
 class VideoWriter:
-    """Write uint8 RGB ``[H, W, 3]`` frames to an H.264 .mp4, atomically.
+    """Write uint8 RGB ``[H, W, 3]`` frames to a video file, atomically.
 
-    Frames go to ``.NAME.partial.SUFFIX`` next to ``out_path``; a clean ``with`` exit flushes
-    the encoders and renames it to ``out_path`` (os.replace), an exception deletes it.
-    ``size`` is (W, H), both even. If ``audio_source`` has audio, the window
-    ``[audio_start, audio_start + audio_duration]`` seconds of it (clipped to the length of
-    the written video; ``None`` = as long as the video) is re-encoded as AAC into the output.
+    The container and codecs follow ``out_path``'s extension (:data:`OUTPUT_FORMATS`; others are
+    refused). Frames go to ``.NAME.partial.SUFFIX`` next to ``out_path``, created on entry; a
+    clean ``with`` exit flushes the encoders and renames it to ``out_path`` (os.replace), an
+    exception (Ctrl-C, SIGTERM, a full disk: :class:`OutputError`) deletes it. ``size`` is
+    (W, H), both even.
+
+    ``fps``: the frame rate, or a :class:`Timing` (:func:`output_timing`) that also gives the
+    audio window and, for a variable-rate source, each frame's time (kept, in a 90 kHz time
+    base). If ``audio_source`` has audio, the window ``[audio_start, audio_start +
+    audio_duration]`` seconds of it (clipped to the length of the written video; ``None`` = as
+    long as the video) is re-encoded into the output.
     """
 
     def __init__(
         self,
         out_path: str | Path,
-        fps: float,
+        fps: float | Timing,
         size: tuple[int, int],
         audio_source: Path | None = None,
         audio_start: float = 0.0,
         audio_duration: float | None = None,
         crf: int = 18,
     ) -> None:
-        if not fps > 0:
+        self.timing = fps if isinstance(fps, Timing) else None
+        if self.timing is not None:
+            fps, audio_start, audio_duration = self.timing.fps, self.timing.start, self.timing.duration
+        assert not isinstance(fps, Timing)
+        if not fps > 0 or not math.isfinite(fps):
             raise InputError(f"fps must be positive, got {fps}")
         w, h = size
         if w <= 0 or h <= 0 or w % 2 or h % 2:
-            raise InputError(f"H.264 output needs a positive even size, got {w}x{h}")
+            raise InputError(f"video output needs a positive even size, got {w}x{h}")
         if not 0 <= crf <= 51:
             raise InputError(f"crf must be in 0..51, got {crf}")
         if audio_start < 0:
             raise InputError(f"audio start must be >= 0, got {audio_start}")
         if audio_duration is not None and audio_duration <= 0:
             raise InputError(f"audio duration must be positive, got {audio_duration}")
+        self.format = output_format(out_path)
         self.out_path = _prepare_output(out_path)
         self.tmp_path = _partial_path(self.out_path)
         self.size = (w, h)
-        self.rate = Fraction(fps).limit_denominator(1001)
+        self.rate = _rate(fps)
+        self.times = self.timing.frame_times if self.timing is not None else None
+        self.time_base = VFR_TIME_BASE if self.times is not None else None
         self.crf = crf
         self.audio_source = Path(audio_source) if audio_source is not None else None
         self.audio_start = audio_start
@@ -537,30 +708,59 @@ class VideoWriter:
         self._stream: av.video.stream.VideoStream | None = None
         self._audio: _AudioTrack | None = None
 
+    def _io(self, what: str, fn: Any, *args: Any) -> Any:
+        """Run a container call; a write failure (a full disk, ...) becomes one OutputError line."""
+        try:
+            return fn(*args)
+        except OSError as e:  # av.error.OSError is one
+            raise write_error(e, self.out_path) from None
+
     def __enter__(self) -> VideoWriter:
         try:
-            self._container = av.open(str(self.tmp_path), mode="w", format="mp4", options={"movflags": "+faststart"})
+            self._container = av.open(str(self.tmp_path), mode="w", format=self.format.container,
+                                      options={"movflags": "+faststart"} if self.format.container in ("mp4", "mov")
+                                      else {})
         except (av.error.FFmpegError, OSError) as e:
+            if disk_full(e):
+                raise write_error(e, self.out_path) from None
             raise InputError(f"cannot write '{self.tmp_path}': {_why(e)}") from None
         try:
-            self._stream = _h264_stream(self._container, self.rate, self.size, self.crf)
+            self._stream = _video_stream(self._container, self.format, self.rate, self.size, self.crf,
+                                         self.time_base)
             src = self.audio_source
             if src is not None and _has_audio(src, self.audio_start):
-                self._audio = _AudioTrack(src, self._container, self.audio_start, self.audio_duration)
+                self._audio = _AudioTrack(src, self._container, self.audio_start, self.audio_duration,
+                                          self.format.audio)
+            self._io("start", self._container.start_encoding)  # the partial file exists from here on
         except BaseException:
             self._abort()
             raise
         return self
 
+    def _seconds(self, frames: int) -> float:
+        """Video time at which frame ``frames`` starts (the end of the ones before it)."""
+        if self.times is None:
+            return float(frames / self.rate)
+        if frames < len(self.times):
+            return self.times[frames]
+        assert self.timing is not None
+        return self.timing.duration
+
     def write(self, frame: np.ndarray) -> None:
         """Encode one uint8 RGB ``[H, W, 3]`` frame (H, W = the writer's size)."""
         if self._container is None or self._stream is None:
             raise RuntimeError("VideoWriter.write() called outside its 'with' block")
-        vf = _yuv_frame(_check_frame(frame, self.size), self.frames_written)
-        self._container.mux(self._stream.encode(vf))
+        if self.times is None:
+            pts = self.frames_written
+        elif self.frames_written < len(self.times):
+            pts = round(self.times[self.frames_written] / VFR_TIME_BASE)
+        else:
+            raise ValueError(f"more frames than the {len(self.times)} timestamps given")
+        vf = _yuv_frame(_check_frame(frame, self.size), pts, time_base=self.time_base)
+        self._io("write", self._container.mux, self._stream.encode(vf))
         self.frames_written += 1
         if self._audio is not None:
-            self._audio.mux_until(float(self.frames_written / self.rate) - _AUDIO_LAG_S)
+            self._io("write", self._audio.mux_until, self._seconds(self.frames_written) - _AUDIO_LAG_S)
 
     def __exit__(
         self,
@@ -575,12 +775,14 @@ class VideoWriter:
             if self.frames_written == 0:
                 raise ValueError(f"no frames were written to '{self.out_path}'")
             assert self._container is not None and self._stream is not None
-            self._container.mux(self._stream.encode(None))
+            self._io("flush", self._container.mux, self._stream.encode(None))
             if self._audio is not None:
-                self._audio.finish(float(self.frames_written / self.rate))
+                self._io("flush", self._audio.finish, self._seconds(self.frames_written))
                 self._audio.close()
-            self._container.close()
-            os.replace(self.tmp_path, self.out_path)
+            self._io("close", self._container.close)
+            if self.out_path.exists() and not self.out_path.is_file():
+                raise InputError(f"output '{self.out_path}' is not a regular file; nothing was replaced")
+            self._io("rename", os.replace, self.tmp_path, self.out_path)
         except BaseException:
             self._abort()
             raise
@@ -592,7 +794,8 @@ class VideoWriter:
                 with contextlib.suppress(Exception):
                     closable.close()
         self._audio = self._container = None
-        self.tmp_path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.tmp_path.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- images & samples
@@ -607,7 +810,7 @@ def save_png(path: str | Path, frame: np.ndarray) -> Path:
         os.replace(tmp, out)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise InputError(f"cannot write '{out}': {e.strerror or e}") from None
+        raise write_error(e, out) from None
     return out
 
 
@@ -689,7 +892,7 @@ def make_sample_clip(
     if n_frames < 1 or fps <= 0:
         raise InputError(f"sample clip needs n_frames >= 1 and fps > 0, got {n_frames}, {fps}")
 
-    rate = Fraction(fps).limit_denominator(1001)
+    rate = _rate(fps)
     tmp = _partial_path(out)
     try:
         with av.open(str(tmp), mode="w", format={".mkv": "matroska"}.get(suffix, suffix[1:])) as c:

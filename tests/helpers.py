@@ -30,3 +30,15 @@ def sample_clip(tmp: Path, n_frames: int = 6, size=(96, 64), audio: bool = True)
     from p2v_fast.video import make_sample_clip
 
     return make_sample_clip(tmp / "clip.mp4", n_frames=n_frames, size=size, fps=12.0, with_audio=audio)
+
+
+def one_line_error(result) -> str:
+    """Assert a CLI result failed with one ``error:`` line as its last stderr line and no
+    traceback; return that line."""
+    assert result.exit_code not in (0, None), result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
+    return errors[0]
