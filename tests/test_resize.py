@@ -45,7 +45,7 @@ def test_invert_stretch_gives_the_papers_512_square_for_a_davis_sized_clip(tmp_p
         r = _p2v("invert", davis, "--model", "tiny", "--size", "512", "--steps", "1", "--source-prompt", "a swan",
                  "--resize", resize)
         assert r.exit_code == 0, r.output
-        assert f"1 frames at {size} ({resize})" in r.output, r.output
+        assert f"1 frame at {size} ({resize})" in r.output, r.output
 
 
 def test_pad_working_frames_are_letterboxed_and_eval_sees_their_picture(clip) -> None:
