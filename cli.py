@@ -753,6 +753,8 @@ def export_(
     static_batch: Annotated[bool, typer.Option(
         "--static-batch", help="Engines for --max-batch only (smaller calls padded); needed by --cuda-graph.")] = False,
     opset: Annotated[int, typer.Option(help="ONNX opset.")] = 18,
+    exporter: Annotated[str, typer.Option(
+        help="torchscript (dynamic batch and size) or dynamo (torch.export; one fixed size).")] = "torchscript",
     device: Device = "auto",
     force: Annotated[bool, typer.Option(help="Redo every stage, even when its artifact is current.")] = False,
 ) -> None:
@@ -762,7 +764,8 @@ def export_(
     opt = size or 512
     options = ExportOptions(model=model, out=out, format=format, precision=precision, height=height or opt,
                             width=width or opt, min_size=min_size, max_size=max_size, max_batch=max_batch,
-                            opt_batch=opt_batch, static_batch=static_batch, opset=opset, workspace_gb=workspace,
+                            opt_batch=opt_batch, static_batch=static_batch, opset=opset, exporter=exporter,
+                            workspace_gb=workspace,
                             device=device, force=force)
     with _progress() as progress:
         report = export_engines(options, progress)

@@ -19,6 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from export.onnx_export import EXPORTERS
 from p2v_fast.errors import EngineError, InputError
 from p2v_fast.manifest import (
     DEFAULT_ENGINES,
@@ -56,6 +57,8 @@ class ExportOptions:
     format: str = "tensorrt"  # "onnx" (graphs only) or "tensorrt" (graphs + engines)
     precision: str = "fp16"  # UNet and VAE; DPT stays fp32
     opset: int = DEFAULT_OPSET
+    # "torchscript" (dynamic batch, height and width) or "dynamo" (torch.export: fixed size only)
+    exporter: str = "torchscript"
 
     # --- shapes: the optimisation profile (opt size = height x width) ---
     height: int = 512
@@ -116,6 +119,14 @@ def _verify(o: ExportOptions) -> None:
         raise InputError(f"--opt-batch must be between 1 and --max-batch ({o.max_batch}); got {o.opt_batch}")
     if o.static_batch and o.opt_batch not in (None, o.max_batch):
         raise InputError(f"--static-batch builds for batch {o.max_batch} only, not --opt-batch {o.opt_batch}")
+    if o.exporter not in EXPORTERS:
+        raise InputError(f"--exporter must be one of {', '.join(EXPORTERS)}; got {o.exporter!r}")
+    if o.exporter == "dynamo" and (o.min_size is not None or o.max_size is not None):
+        raise InputError("--exporter dynamo traces one frame size (torch.export specialises the UNet's height and "
+                         "width); drop --min-size/--max-size, or use the default torchscript exporter")
+    if o.exporter == "dynamo" and o.max_batch > 63:
+        raise InputError(f"--exporter dynamo guards the batch below 64 (diffusers' Upsample2D); got --max-batch "
+                         f"{o.max_batch}")
     if not 14 <= o.opset <= 21:
         raise InputError(f"--opset must be between 14 and 21; got {o.opset}")
     if o.workspace_gb is not None and o.workspace_gb <= 0:
@@ -242,7 +253,7 @@ def export_engines(options: ExportOptions, progress: Progress | None = None, mod
     for name, spec in specs.items():
         entry = manifest.networks.get(name) or NetworkEntry(spec)
         entry.spec = spec
-        key = onnx_key(spec, mid, options.opset)
+        key = onnx_key(spec, mid, options.opset, options.exporter)
         if not options.force and _current(entry.onnx, key, folder):
             assert entry.onnx is not None
             report.rows.append(StageResult(name, "onnx", folder / entry.onnx.file,
@@ -254,7 +265,8 @@ def export_engines(options: ExportOptions, progress: Progress | None = None, mod
             # trace and validate small: 2 samples (1 anchor-like, 1 cross-frame), or the static batch
             b, h, w = min(profile.batch[2], max(profile.batch[0], 2)), profile.height[0], profile.width[0]
             inputs = sample_inputs(spec, spec.dims(geometry, b, h, w), device=device)
-            result = onnx_export.export_onnx(spec, module, inputs, folder, options.opset, device, geometry)
+            result = onnx_export.export_onnx(spec, module, inputs, folder, options.opset, device, geometry,
+                                             options.exporter)
             entry.onnx = Artifact(
                 file=result.path.name, key=key, bytes=result.path.stat().st_size, seconds=round(result.seconds, 3),
                 data_file=result.data_path.name if result.data_path else None,

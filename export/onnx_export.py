@@ -3,9 +3,10 @@
 Each network goes through a wrapper module whose ``forward`` takes and returns every tensor
 explicitly (nothing held in a processor is frozen into the graph as a constant). Steps:
 
-1. ``torch.onnx.export`` (TorchScript tracer, named dynamic axes from the spec) into a
-   scratch folder. fp16 graphs come from a model cast to fp16 *before* export: TensorRT 11
-   networks are strongly typed, so the ONNX must carry the types the engine will run in.
+1. ``torch.onnx.export`` (TorchScript tracer, named dynamic axes from the spec; or, with
+   ``exporter="dynamo"``, torch.export for fixed-size profiles) into a scratch folder. fp16
+   graphs come from a model cast to fp16 *before* export: TensorRT 11 networks are strongly
+   typed, so the ONNX must carry the types the engine will run in.
 2. Clean: Polygraphy's constant folding (needs onnx-graphsurgeon) when installed, else the
    ONNX project's own optimizer (onnxscript: constant folding, dead-code removal, shape
    inference). Weights over protobuf's 2 GB limit go to one external ``.onnx.data`` file.
@@ -130,21 +131,67 @@ def _quiet() -> Iterator[None]:
         yield
 
 
+EXPORTERS = ("torchscript", "dynamo")
+
+
 def _torch_export(module: nn.Module, spec: NetworkSpec, inputs: Mapping[str, torch.Tensor], path: Path,
-                  opset: int) -> None:
+                  opset: int, exporter: str = "torchscript") -> None:
+    """``torch.onnx.export`` with the spec's names and dynamic axes.
+
+    ``torchscript`` (the default): the tracer maps the spec's named dynamic axes directly (as
+    TensorRT's demo does): batch, height, width and token counts stay dynamic. ``dynamo``
+    (torch.export): measured on torch 2.13 with diffusers' UNet, it keeps the batch dynamic but
+    specialises height and width (and so every token count) to the traced size, and guards the
+    batch below 64 (diffusers' Upsample2D branches on ``shape[0] >= 64``); so it serves
+    fixed-size profiles only (see :func:`export.ExportOptions`).
+    """
     args = tuple(inputs[n] for n in spec.input_names)
     with _quiet(), torch.no_grad():
-        torch.onnx.export(
-            module,
-            args,
-            str(path),
-            input_names=spec.input_names,
-            output_names=spec.output_names,
-            dynamic_axes=spec.dynamic_axes(),
-            opset_version=opset,
-            do_constant_folding=True,
-            dynamo=False,  # the tracer maps named dynamic_axes directly (as TensorRT's demo does)
-        )
+        if exporter == "torchscript":
+            torch.onnx.export(
+                module,
+                args,
+                str(path),
+                input_names=spec.input_names,
+                output_names=spec.output_names,
+                dynamic_axes=spec.dynamic_axes(),
+                opset_version=opset,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+        elif exporter == "dynamo":
+            torch.onnx.export(
+                module,
+                args,
+                str(path),
+                input_names=spec.input_names,
+                output_names=spec.output_names,
+                dynamic_shapes=_batch_dynamic_shapes(module, spec),
+                opset_version=opset,
+                dynamo=True,
+                external_data=True,
+                verbose=False,
+            )
+        else:
+            raise ValueError(f"unknown exporter {exporter!r}")
+
+
+def _batch_dynamic_shapes(module: nn.Module, spec: NetworkSpec) -> tuple:
+    """torch.export ``dynamic_shapes`` for ``module.forward``'s positional parameters: the batch
+    axis of every input dynamic (inputs gathered by a ``*args`` parameter form one tuple)."""
+    import inspect
+
+    from torch.export import Dim
+
+    per_input = [{axis: Dim.DYNAMIC for axis, name in t.dynamic_axes().items() if name == "B"} for t in spec.inputs]
+    params = list(inspect.signature(module.forward).parameters.values())
+    shapes: list = []
+    for i, p in enumerate(params):
+        if p.kind == inspect.Parameter.VAR_POSITIONAL:
+            shapes.append(tuple(per_input[i:]))
+            break
+        shapes.append(per_input[i])
+    return tuple(shapes)
 
 
 def _initializer_bytes(model) -> int:
@@ -181,6 +228,10 @@ def clean_graph(src: Path, dst: Path) -> str:
         for cls in (passes.IdentityEliminationPass, passes.CommonSubexpressionEliminationPass,
                     passes.RemoveUnusedNodesPass, passes.RemoveUnusedOpsetsPass):
             cls()(model)
+    for node in model.graph.all_nodes():  # the dynamo exporter's provenance (4.7 MB on the tiny UNet)
+        node.metadata_props.clear()
+    if not large:  # keep every weight in the one file (an exporter may have written them beside src)
+        ir.external_data.load_to_model(model)
     ir.save(model, dst, external_data=f"{dst.name}.data" if large else None)
     return "onnxscript"
 
@@ -234,7 +285,7 @@ def validate_graph(path: Path, spec: NetworkSpec, geometry: Geometry, module: nn
 
 
 def export_onnx(spec: NetworkSpec, module: nn.Module, inputs: Mapping[str, torch.Tensor], folder: Path,
-                opset: int, device: torch.device, geometry: Geometry) -> OnnxResult:
+                opset: int, device: torch.device, geometry: Geometry, exporter: str = "torchscript") -> OnnxResult:
     """Export, clean, check and validate ``spec.name`` into ``folder/<name>.onnx``.
 
     ``inputs`` are the sample inputs (on ``device``, in the spec's dtypes) used to trace and to
@@ -246,7 +297,7 @@ def export_onnx(spec: NetworkSpec, module: nn.Module, inputs: Mapping[str, torch
     scratch.mkdir(parents=True)
     try:
         raw, clean = scratch / "raw.onnx", scratch / f"{spec.name}.onnx"
-        _torch_export(module, spec, inputs, raw, opset)
+        _torch_export(module, spec, inputs, raw, opset, exporter)
         clean_graph(raw, clean)
         check_graph(clean, spec.name)
         worst = validate_graph(clean, spec, geometry, module, inputs, device)

@@ -79,16 +79,19 @@ def this_machine(device=None) -> Machine:
 # ----------------------------------------------------------------------------------- keys
 
 
-def onnx_key(spec: NetworkSpec, model: ModelId, opset: int) -> str:
+def onnx_key(spec: NetworkSpec, model: ModelId, opset: int, exporter: str = "torchscript") -> str:
     """Cache key of an exported ONNX graph."""
-    return _digest({
+    fields = {
         "network": spec.name,
         "model": model.digest,
         "precision": spec.precision,
         "opset": opset,
         "io": spec.to_dict(),
         "export_version": EXPORT_VERSION,
-    })
+    }
+    if exporter != "torchscript":  # the default leaves keys as they were
+        fields["exporter"] = exporter
+    return _digest(fields)
 
 
 def engine_key(onnx: str, profile: Mapping[str, object], machine: Machine) -> str:
@@ -267,6 +270,8 @@ def rebuild_command(manifest: Manifest, folder: Path, **changes: object) -> str:
     elif p.batch[1] != p.batch[2]:
         parts.append(f"--opt-batch {p.batch[1]}")
     parts.append(f"--precision {manifest.precision} --format {o.get('format', 'onnx')}")
+    if o.get("exporter", "torchscript") != "torchscript":
+        parts.append(f"--exporter {o['exporter']}")
     parts.append(f"--out {folder} --force")
     return " ".join(parts)
 

@@ -25,6 +25,7 @@ from p2v_fast.manifest import (
     engine_key,
     onnx_key,
     read_manifest,
+    rebuild_command,
 )
 from p2v_fast.specs import NETWORKS, ExportProfile, Geometry, network_spec, sample_inputs
 
@@ -322,6 +323,45 @@ def test_cache_keys_change_with_everything_that_invalidates() -> None:
     assert e != engine_key(base, profile, Machine("11.0.0", "9.0", "NVIDIA H100"))
     assert e != engine_key(base, spec.profile_shapes(SD2, ExportProfile(batch=(1, 2, 4))), h100)
     assert e != engine_key("0" * 16, profile, h100)
+
+
+# ------------------------------------------------------------------------------ exporters
+
+
+def test_the_dynamo_exporter_is_offered_for_fixed_sizes_only() -> None:
+    """torch.export specialises the UNet's height and width (torch 2.13, diffusers 0.42; measured:
+    a dynamo graph traced at 64x64 refuses 128x64) and guards the batch below 64."""
+    with pytest.raises(InputError, match="--exporter dynamo traces one frame size"):
+        ExportOptions(exporter="dynamo", max_size=1024)
+    with pytest.raises(InputError, match="below 64"):
+        ExportOptions(exporter="dynamo", max_batch=64)
+    with pytest.raises(InputError, match="--exporter"):
+        ExportOptions(exporter="jit")
+    spec = network_spec("unet", SD2, "fp16")
+    model = ModelId("m", "abc")
+    assert onnx_key(spec, model, 18, "dynamo") != onnx_key(spec, model, 18) == onnx_key(spec, model, 18, "torchscript")
+
+
+@pytest.mark.skipif(__import__("os").environ.get("P2V_SLOW") != "1",
+                    reason="the dynamo export of the tiny UNet takes ~30 s on 2 CPU cores; P2V_SLOW=1")
+def test_dynamo_export_of_the_unet_validates(tiny_dir, tmp_path, ref_models) -> None:
+    from p2v_fast.backend_onnx import OnnxSession
+    from p2v_fast.models import load_models
+
+    folder = tmp_path / "dyn"
+    options = ExportOptions(model="tiny", out=folder, format="onnx", precision="fp32", height=SIZE, width=SIZE,
+                            max_batch=4, networks=("unet",), exporter="dynamo")
+    export_engines(options, models=load_models("tiny"))
+    manifest = read_manifest(folder)
+    spec, geometry = manifest.networks["unet"].spec, manifest.geometry
+    assert manifest.networks["unet"].validation["rel"] < 1e-4  # type: ignore[index]
+    x = sample_inputs(spec, spec.dims(geometry, 3, SIZE, SIZE), seed=4)  # another batch than traced
+    got = OnnxSession(folder / "unet.onnx", spec, geometry, torch.device("cpu")).run(x)
+    with torch.no_grad():
+        want = dict(zip(spec.output_names, graph_module("unet", ref_models)(*(x[n] for n in spec.input_names)),
+                        strict=True))
+    assert compare_outputs(spec, got, want)["rel"] < 1e-4
+    assert "--exporter dynamo" in rebuild_command(manifest, folder)
 
 
 # ------------------------------------------------------------------------------ CLI
