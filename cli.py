@@ -6,6 +6,7 @@ The CLI only parses options, calls one library function and renders its result. 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import signal
@@ -254,6 +255,13 @@ Fps = Annotated[float | None, typer.Option(
     help="Frame rate of an image-folder input (default 24); a video keeps its own.")]
 
 
+def _print_rows(rows: list[tuple[str, str]]) -> None:
+    """Label / value lines on stdout, values whole (never cut to the terminal's width) and as typed."""
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        out_console.print(f"{key:<{width}}  {value}", markup=False, highlight=False, soft_wrap=True)
+
+
 def _n(count: int, noun: str) -> str:
     """'1 frame', '2 frames'."""
     return f"{count} {noun}{'' if count == 1 else 's'}"
@@ -336,26 +344,24 @@ def edit(
     with _progress() as progress:
         result = edit_video(cfg, input, output, overwrite=overwrite, preview=preview, side_by_side=side_by_side,
                             progress=progress, json_path=json_path)
-    table = Table(show_header=False, box=None)
-    table.add_row("output", escape(str(result.output)))
-    if result.side_by_side:
-        table.add_row("side by side", escape(str(result.side_by_side)))
-    if result.strip:
-        table.add_row("strip", escape(str(result.strip)))
+    from p2v_fast.inversion import describe_reconstruction
     from p2v_fast.video import format_fps
 
+    rows = [("output", str(result.output))]
+    if result.side_by_side:
+        rows.append(("side by side", str(result.side_by_side)))
+    if result.strip:
+        rows.append(("strip", str(result.strip)))
     rate = "variable frame rate (the source's timestamps)" if result.variable_rate else f"{format_fps(result.fps)} fps"
-    table.add_row("frames", f"{_n(result.n_frames, 'frame')} at {result.size[0]}x{result.size[1]}, {rate}")
+    rows.append(("frames", f"{_n(result.n_frames, 'frame')} at {result.size[0]}x{result.size[1]}, {rate}"))
     caption = " (BLIP caption: random weights in the tiny model, so word salad)" if (
         source_prompt is None and model == "tiny") else " (BLIP caption)" if source_prompt is None else ""
-    table.add_row("source prompt", escape(repr(result.source_prompt) + caption))
-    from p2v_fast.inversion import describe_reconstruction
-
+    rows.append(("source prompt", repr(result.source_prompt) + caption))
     inv = "cache hit (no inversion work)" if result.inversion_cache_hit else f"{result.seconds_inversion:.1f} s"
-    table.add_row("inversion", escape(f"{inv}; {describe_reconstruction(result.reconstruction)}"))
-    table.add_row("edit", f"{result.seconds_edit:.1f} s, {result.seconds_per_frame:.2f} s/frame")
-    table.add_row("total", f"{result.seconds_total:.1f} s")
-    out_console.print(table)
+    rows.append(("inversion", f"{inv}; {describe_reconstruction(result.reconstruction)}"))
+    rows.append(("edit", f"{result.seconds_edit:.1f} s, {result.seconds_per_frame:.2f} s/frame"))
+    rows.append(("total", f"{result.seconds_total:.1f} s"))
+    _print_rows(rows)
     if json_path is not None:
         out_console.print(f"wrote {json_path}", markup=False, highlight=False, soft_wrap=True)
 
@@ -486,6 +492,38 @@ class RichBatchReporter:
                              completed=sum(self.credit.values()))
 
 
+class LogBatchReporter:
+    """p2v_fast.batch.BatchReporter in a log (stderr not a terminal): a line when a job starts and
+    ends, and for a running job one every :data:`PROGRESS_INTERVAL_S` seconds at most."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.shown: dict[int, float] = {}
+
+    def start(self, jobs: list) -> None:
+        todo = [j for j in jobs if not j.done]
+        if len(jobs) > len(todo):
+            self.log(f"{len(jobs) - len(todo)} of {len(jobs)} jobs already done (outputs complete): skipped")
+        self.log(f"{len(todo)} jobs to run, {sum(j.n_frames for j in todo)} frames")
+
+    def job_started(self, job, worker: str) -> None:
+        self.shown[job.index] = self.clock()
+        self.log(f"job {job.index} ({job.label}) on {worker}")
+
+    def job_progress(self, job, stage: str, frames: float) -> None:
+        now = self.clock()
+        if now - self.shown.get(job.index, now) >= PROGRESS_INTERVAL_S:
+            self.shown[job.index] = now
+            self.log(f"job {job.index} {stage}: {frames:.0f}/{job.n_frames} frames")
+
+    def job_finished(self, job, result) -> None:
+        what = result.output if result.status == "done" else result.detail
+        self.log(f"job {job.index} {result.status} in {result.seconds:.1f} s: {what}")
+
+    def log(self, message: str) -> None:
+        console.print(message, markup=False, highlight=False, soft_wrap=True)
+
+
 def _batch_table(result, jobs_file: Path) -> Table:
     counts = ", ".join(f"{result.count(s)} {s}" for s in ("done", "skipped", "failed", "interrupted", "not run")
                        if result.count(s))
@@ -545,8 +583,9 @@ def batch(
     progress = Progress(TextColumn("[bold]{task.description:<22}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("frames"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
                         console=console)
-    with progress:
-        reporter = RichBatchReporter(progress)
+    with progress if console.is_terminal else contextlib.nullcontext():
+        reporter: RichBatchReporter | LogBatchReporter = (
+            RichBatchReporter(progress) if console.is_terminal else LogBatchReporter())
         if ray:
             from p2v_fast.batch_ray import run_batch_ray
 

@@ -1,20 +1,23 @@
 """Rendering of a :func:`benchmarks.bench.run_bench` report: rich tables and Markdown.
 
-One table per backend. Rows are stages in seconds per frame (median, and min-max over the
-repeats; the JSON also has every repeat and the IQR); the edit has one section per schedule and
-latent-update mode with the anchor frame, the propagated frames and the mean over the clip.
-A last table sets the schedules side by side, per backend and latent-update mode.
+One table per backend. Rows are stages in seconds per frame (the median; min-max, every
+repeat and the IQR are in the JSON); the edit has one section per schedule and latent-update
+mode with the anchor frame, the propagated frames and the mean over the clip. A last table sets
+the schedules side by side, per backend and latent-update mode. Tables fit :data:`WIDTH`
+columns when the output is not a terminal (a log); the JSON has every number in full.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
-COLUMNS = ("stage", "s/frame", "min–max", "UNet calls/frame", "UNet TFLOP/frame", "TFLOP/s", "of peak",
-           "peak mem", "vs paper")
+#: Columns of the printed tables when the output is not a terminal.
+WIDTH = 100
+COLUMNS = ("stage", "s/frame", "UNet calls", "TFLOP", "TFLOP/s", "peak mem", "vs paper")
 
 _STAGES = (("depth", "depth"), ("vae_encode", "VAE encode"), ("inversion", "inversion, cold cache"))
 
@@ -29,14 +32,13 @@ def _row(stage: str, summary: dict[str, Any] | None, calls: dict[str, float] | N
          tflop: float | None = None, tflops: float | None = None, peak: object = None, memory: int | None = None,
          ratio: float | None = None) -> list[str]:
     back = f" + {calls['unet_backward']:.3g} bwd" if calls and calls["unet_backward"] else ""
+    of_peak = f" ({100 * peak:.0f} %)" if isinstance(peak, float) else ""  # the exact share: in the JSON
     return [
         stage,
         _secs(summary["median"]) if summary else "n/a",
-        f"{_secs(summary['min'])}–{_secs(summary['max'])}" if summary else "",
         f"{calls['unet_calls']:.3g}{back}" if calls else "",
         "" if tflop is None else f"{tflop / 1e12:.3g}",
-        "" if tflops is None else f"{tflops:.3g}",
-        f"{100 * peak:.1f} %" if isinstance(peak, float) else ("" if peak is None else str(peak)),
+        "" if tflops is None else f"{tflops:.3g}{of_peak}",
         "" if memory is None else f"{memory / 2**30:.2f} GiB",
         "" if ratio is None else f"{ratio:.3g}x",
     ]
@@ -55,7 +57,7 @@ def backend_rows(run: dict[str, Any]) -> list[list[str] | str]:
             out.append(_row(label, s["seconds_per_frame"], memory=s["peak_memory_bytes"]))
     for e in run["edits"]:
         sp, unet, fl = e["seconds_per_frame"], e["unet_per_frame"], e["unet_flops_per_frame"]
-        out.append(f"edit · {e['schedule']} · {e['latent_update']}")
+        out.append(f"{e['schedule']} · {e['latent_update']}")  # an edit section
         if sp["anchor"] is not None:
             out.append(_row("  anchor frame", sp["anchor"], unet["anchor"], fl["anchor"]))
         if sp["propagated"] is not None:
@@ -75,9 +77,10 @@ def title(report: dict[str, Any], backend: str) -> str:
 
 def caption(report: dict[str, Any]) -> str:
     o, p = report["options"], report["paper"]
-    return (f"seconds per frame: median of {o['repeats']} after {o['warmup']} warm-up. "
-            f"vs paper: (edit + VAE decode) / {p['seconds_per_frame']:g} s/frame ({p['device']}, {p['size']}², "
-            f"{p['steps']} steps). Load average {report.get('load_average_start')} -> "
+    return (f"per frame: seconds (median of {o['repeats']} after {o['warmup']} warm-up; min-max and every repeat "
+            "in --json), UNet calls (+ backward passes) and UNet TFLOP; TFLOP/s (share of the device's peak, "
+            f"where known). vs paper: (edit + VAE decode) / {p['seconds_per_frame']:g} s/frame ({p['device']}, "
+            f"{p['size']}², {p['steps']} steps). Load average {report.get('load_average_start')} -> "
             f"{report.get('load_average_end')}.")
 
 
@@ -88,9 +91,10 @@ def rich_tables(report: dict[str, Any]) -> list[Table | str]:
         if "error" in run:
             out.append(f"[red]{run['backend']}: not run[/red]: {run['error']}")
             continue
-        table = Table(title=title(report, run["backend"]), caption=caption(report), caption_justify="left")
+        table = Table(title=title(report, run["backend"]), caption=caption(report), caption_justify="left",
+                      box=box.SIMPLE_HEAD, pad_edge=False)
         for name in COLUMNS:
-            table.add_column(name, justify="left" if name == "stage" else "right", no_wrap=name != "stage")
+            table.add_column(name, justify="left" if name == "stage" else "right", no_wrap=True)
         for row in backend_rows(run):
             if isinstance(row, str):
                 table.add_row(f"[bold]{row}[/bold]", end_section=False)
@@ -112,8 +116,8 @@ def inversion_line(run: dict[str, Any]) -> str:
             f"{describe_reconstruction(inv.get('reconstruction'))}")
 
 
-SCHEDULE_COLUMNS = ("backend", "latent update", "sequential s/frame", "wavefront s/frame", "speed-up",
-                    "UNet calls/frame seq / wave", "peak mem seq / wave")
+SCHEDULE_COLUMNS = ("backend", "update", "seq s/frame", "wave s/frame", "speed-up", "UNet calls/frame seq / wave",
+                    "peak GiB seq / wave")
 
 
 def schedule_rows(report: dict[str, Any]) -> list[list[str]]:
@@ -131,7 +135,7 @@ def schedule_rows(report: dict[str, Any]) -> list[list[str]]:
             calls = (e["unet_per_frame"]["mean"]["unet_calls"] for e in (seq, wave))
             mem = (e["peak_memory_bytes"] / 2**30 for e in (seq, wave))
             rows.append([run["backend"], mode, _secs(a), _secs(b), f"{a / b:.2f}x" if b > 0 else "",
-                         " / ".join(f"{c:.3g}" for c in calls), " / ".join(f"{m:.2f} GiB" for m in mem)])
+                         " / ".join(f"{c:.3g}" for c in calls), " / ".join(f"{m:.2f}" for m in mem)])
     return rows
 
 
@@ -186,15 +190,15 @@ def speedup_title(report: dict[str, Any]) -> str:
 
 
 def print_report(console: Console, report: dict[str, Any]) -> None:
-    """Print the tables; when the output is not a terminal (a pipe, a log file, a test runner)
-    render them 160 columns wide instead of rich's default 80, which would squash them."""
+    """Print the tables, :data:`WIDTH` columns wide when the output is not a terminal (a pipe, a
+    log file, a test runner) instead of rich's default 80, which would squash them."""
     if not console.is_terminal:
-        console = Console(file=console.file, width=max(console.width, 160), color_system=None)
+        console = Console(file=console.file, width=WIDTH, color_system=None)
     for item in rich_tables(report):
         console.print(item)
     rows = speedup_rows(report)
     if rows:
-        table = Table(title=speedup_title(report))
+        table = Table(title=speedup_title(report), box=box.SIMPLE_HEAD, pad_edge=False)
         for name in SPEEDUP_COLUMNS:
             table.add_column(name, justify="left" if name in ("speed-up", "call") else "right")
         for row in rows:
@@ -203,7 +207,7 @@ def print_report(console: Console, report: dict[str, Any]) -> None:
     for run in report["runs"]:
         rows = [] if "error" in run else update_rows(run)
         if rows:
-            table = Table(title=update_title(report, run))
+            table = Table(title=update_title(report, run), box=box.SIMPLE_HEAD, pad_edge=False)
             for name in UPDATE_COLUMNS:
                 table.add_column(name, justify="right")
             for row in rows:
@@ -211,9 +215,10 @@ def print_report(console: Console, report: dict[str, Any]) -> None:
             console.print(table)
     rows = schedule_rows(report)
     if rows:
-        table = Table(title="sequential against wavefront (same result; edit seconds per frame, median)")
+        table = Table(title="sequential against wavefront (same result; edit seconds per frame, median)",
+                      box=box.SIMPLE_HEAD, pad_edge=False)
         for name in SCHEDULE_COLUMNS:
-            table.add_column(name, justify="left" if name in ("backend", "latent update") else "right")
+            table.add_column(name, justify="left" if name in ("backend", "update") else "right")
         for row in rows:
             table.add_row(*row)
         console.print(table)

@@ -250,19 +250,21 @@ class ClipScorer:
             from transformers import CLIPModel, CLIPProcessor
         except ImportError as exc:
             raise ModelLoadError(f"cannot load CLIP: {_one_line(exc)}") from exc
-        from p2v_fast.models import quiet_loading
+        from p2v_fast.models import load_from_hub_or_folder, quiet_loading
 
-        try:
+        def load(source: str, local_only: bool) -> tuple[Any, Any]:
             with quiet_loading():  # no per-weight progress bars or load-time advice on stderr
-                path = str(ensure_tiny_clip()) if model == TINY_CLIP_NAME else model
-                self.model = CLIPModel.from_pretrained(path).to(device).eval()  # type: ignore[arg-type]
-                self.processor = CLIPProcessor.from_pretrained(path)
-        except Exception as exc:  # offline, missing, corrupt: all one user-facing error
-            raise ModelLoadError(
-                f"cannot load CLIP model {model!r} ({_one_line(exc)}); "
-                "if it is not downloaded or you are offline, use --clip-model tiny "
-                "(random weights, for testing only)"
-            ) from exc
+                clip = CLIPModel.from_pretrained(source, local_files_only=local_only)
+                return clip, CLIPProcessor.from_pretrained(source, local_files_only=local_only)
+
+        # a hub id: the cache first, then the hub only if it answers (offline: one line at once)
+        source = str(ensure_tiny_clip()) if model == TINY_CLIP_NAME else model
+        clip, self.processor = load_from_hub_or_folder(
+            source, load, "use --clip-model tiny (random weights, for testing only)")
+        try:
+            self.model = clip.to(device).eval()
+        except Exception as exc:
+            raise ModelLoadError(f"cannot move CLIP model {model!r} to {device}: {_one_line(exc)}") from None
         cfg = self.model.config
         self.image_size = int(cfg.vision_config.image_size)
         tok_max = int(getattr(self.processor.tokenizer, "model_max_length", 77) or 77)
@@ -381,14 +383,20 @@ class _RaftFlow:
                 "flow 'raft' needs torchvision (not installed: "
                 f"{_one_line(exc)}); use --flow dis"
             ) from exc
+        import torch
+
+        from p2v_fast.models import fetch_url_file
+
+        weights = Raft_Large_Weights.DEFAULT
+        # torchvision downloads into torch hub's checkpoints folder without a timeout: fetch the
+        # file there first (offline: one line at once), so torchvision then finds it
+        fetch_url_file(weights.url, Path(torch.hub.get_dir()) / "checkpoints", "RAFT's weights",
+                       "use --flow dis (no weights needed)")
         try:
-            weights = Raft_Large_Weights.DEFAULT
             self._model = raft_large(weights=weights, progress=False).to(device).eval()
             self._transforms = weights.transforms()
         except Exception as exc:
-            raise ModelLoadError(
-                f"cannot load RAFT weights ({_one_line(exc)}); offline? use --flow dis"
-            ) from exc
+            raise ModelLoadError(f"cannot load RAFT weights ({_one_line(exc)}); use --flow dis") from None
         self._device = device
 
     def __call__(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:

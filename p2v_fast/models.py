@@ -134,15 +134,15 @@ def _hub_offline() -> bool:
         return False
 
 
-def _not_cached_message(repo_id: str) -> str:
+def _not_cached_message(repo_id: str, instead: str = "use --model tiny") -> str:
     why = "offline mode (HF_HUB_OFFLINE) is on" if _hub_offline() else "the hub cannot be reached"
     return (
         f"model '{repo_id}' is not in the local Hugging Face cache and {why}; download it on a "
-        "connected machine, pass a local folder, or use --model tiny"
+        f"connected machine, pass a local folder, or {instead}"
     )
 
 
-def _probe_hub(repo_id: str) -> None:
+def _probe_hub(repo_id: str, instead: str = "use --model tiny") -> None:
     """Fail fast, with one line, when the hub is unreachable or the repo does not exist."""
     from huggingface_hub import model_info
     from huggingface_hub.errors import (
@@ -166,11 +166,13 @@ def _probe_hub(repo_id: str) -> None:
     except HFValidationError:
         raise ModelLoadError(f"model '{repo_id}' is neither a local folder nor a valid Hugging Face repo id") from None
     except Exception:
-        raise ModelLoadError(_not_cached_message(repo_id)) from None
+        raise ModelLoadError(_not_cached_message(repo_id, instead)) from None
 
 
-def _from_hub(repo_id: str, load: Callable[[bool], Any]) -> Any:
-    """Run ``load(local_files_only)``: from the cache first, then online if reachable."""
+def _from_hub(repo_id: str, load: Callable[[bool], Any], instead: str = "use --model tiny") -> Any:
+    """Run ``load(local_files_only)``: from the cache first, then online if reachable (one
+    probe with a short timeout, so an offline machine fails at once instead of retrying for
+    half a minute). ``instead``: the way around a model that cannot be had, for the error."""
     if not _looks_like_repo_id(repo_id):
         raise ModelLoadError(
             f"model '{repo_id}' is neither a local folder nor a Hugging Face repo id (owner/name); "
@@ -183,14 +185,62 @@ def _from_hub(repo_id: str, load: Callable[[bool], Any]) -> Any:
     except Exception:
         pass  # not (fully) cached: try the hub below
     if _hub_offline():
-        raise ModelLoadError(_not_cached_message(repo_id))
-    _probe_hub(repo_id)
+        raise ModelLoadError(_not_cached_message(repo_id, instead))
+    _probe_hub(repo_id, instead)
     try:
         return load(False)
     except ModelLoadError:
         raise
     except Exception as exc:
         raise ModelLoadError(f"could not download model '{repo_id}': {_one_line(exc)}") from None
+
+
+def load_from_hub_or_folder(model: str, load: Callable[[str, bool], Any], instead: str) -> Any:
+    """``load(source, local_files_only)`` for a local folder (as is) or a hub id (the cache first,
+    then the hub if it answers; see :func:`_from_hub`). Every failure is one ModelLoadError line."""
+    folder = Path(model).expanduser()
+    if folder.is_dir():
+        try:
+            return load(str(folder), True)
+        except Exception as exc:
+            raise ModelLoadError(f"could not load '{model}': {_one_line(exc)}; {instead}") from None
+    if _looks_like_path(model):
+        raise ModelLoadError(f"model folder '{model}' does not exist; {instead}")
+    return _from_hub(model, lambda local_only: load(model, local_only), instead)
+
+
+def fetch_url_file(url: str, folder: Path, what: str, instead: str, timeout: float = HUB_TIMEOUT_S) -> Path:
+    """The file ``url`` names, from ``folder`` (a download cache such as torch hub's) or
+    downloaded into it. Offline (HF_HUB_OFFLINE) or when the host does not answer within
+    ``timeout`` seconds: one ModelLoadError line at once, never a long wait."""
+    import shutil
+    import tempfile
+    import urllib.request
+    from urllib.parse import urlparse
+
+    target = folder / Path(urlparse(url).path).name
+    if target.is_file():
+        return target
+    host = urlparse(url).netloc or url
+    if _hub_offline():
+        raise ModelLoadError(f"{what} is not downloaded ({target} is missing) and offline mode (HF_HUB_OFFLINE) "
+                             f"is on; {instead}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=folder)
+            try:
+                with open(fd, "wb") as f:
+                    shutil.copyfileobj(response, f)
+                Path(tmp).replace(target)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+    except (TimeoutError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise ModelLoadError(f"{what} is not downloaded and {host} cannot be reached ({_one_line(reason)}); "
+                             f"{instead}") from None
+    return target
 
 
 def image_processor_class(name: str):
@@ -384,7 +434,8 @@ def _load_captioner(local_dir: Path | None, device: torch.device, dtype: torch.d
         except Exception as exc:
             raise ModelLoadError(f"could not load the captioner in '{src}': {_one_line(exc)}") from None
     else:
-        model, processor = _from_hub(DEFAULT_CAPTIONER, lambda lo: load(DEFAULT_CAPTIONER, lo))
+        model, processor = _from_hub(DEFAULT_CAPTIONER, lambda lo: load(DEFAULT_CAPTIONER, lo),
+                                     "pass --source-prompt (then no captioner is needed)")
     try:
         model = model.to(device).eval()
     except Exception as exc:

@@ -308,8 +308,18 @@ def edit_video(
     sbs_path = sbs_name if side_by_side and not preview else None
     if json_path is not None:
         check_output(input_path, Path(json_path), overwrite=True)
-    claim = OutputClaim(out).acquire(overwrite)  # a second run writing `out` is refused; released on return
+    claim = OutputClaim(out).acquire(overwrite)  # a second run writing `out` is refused
+    try:
+        return _edit(cfg, input_path, info, prompt, out, sbs_path, strip, preview=preview, progress=progress,
+                     runtime=runtime, json_path=json_path)
+    finally:
+        claim.release()
 
+
+def _edit(cfg: EditConfig, input_path: Path, info: video.VideoInfo, prompt: str, out: Path, sbs_path: Path | None,
+          strip: Path, *, preview: bool, progress: Progress, runtime: Runtime | None,
+          json_path: str | Path | None) -> EditResult:
+    """:func:`edit_video` once its options are checked and its output is claimed."""
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     rt = runtime or load_runtime(cfg)
@@ -394,7 +404,6 @@ def edit_video(
         from p2v_fast.evaluate import write_json_atomic
 
         write_json_atomic(json_path, {"config": dataclasses.asdict(cfg), **result.to_dict()})
-    claim.release()
     return result
 
 

@@ -114,7 +114,7 @@ def test_markdown_has_every_stage(bench_json) -> None:
 
     text = markdown(bench_json[1])
     for label in ("depth", "VAE encode", "inversion", "anchor frame", "propagated frame", "mean over the clip",
-                  "edit · wavefront · off", "VAE decode", "tensorrt: not run", "sequential against wavefront",
+                  "wavefront · off", "VAE decode", "tensorrt: not run", "sequential against wavefront",
                   "guided update RMS per step", "autograd / detached, same latents", "inversion on torch float32",
                   "frame 1 regenerated from x_T"):
         assert label in text

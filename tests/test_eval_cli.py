@@ -105,6 +105,15 @@ def test_eval_clip_against_itself(runner: CliRunner, clips: dict[str, Path], tmp
     assert -1.0 <= data["clip_text"] <= 1.0
     assert 0.0 <= data["masked_fraction"] < 0.5
     assert not list(tmp_path.glob(".*partial*"))  # the atomic write left nothing behind
+    assert out.stat().st_mode & 0o777 == 0o666 & ~_umask()  # like the videos (before: 0600)
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_eval_source_selection_and_size(runner: CliRunner, clips: dict[str, Path], tmp_path: Path) -> None:
@@ -182,6 +191,8 @@ def test_ablate_tiny(runner: CliRunner, clips: dict[str, Path], tmp_path: Path) 
     # One inversion shared by all settings: everything after the first is a cache hit.
     assert all(row["inversion_cache_hit"] for row in table["rows"][1:])
 
+    for name in ("table.json", "table.md", "contact_sheet.png", "ours.mp4"):
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~_umask(), name
     md = (out / "table.md").read_text()
     body = [ln for ln in md.splitlines() if ln.startswith("| ") and not ln.startswith("| setting")]
     assert len(body) == 5 and [ln.split(" | ")[0][2:] for ln in body] == labels

@@ -286,3 +286,48 @@ def test_save_png_and_side_by_side(tmp_path: Path) -> None:
     assert (folder_info.width, folder_info.height, folder_info.n_frames) == (128, 48, 1)
     np.testing.assert_array_equal(next(read_frames(tmp_path)), both)
     assert path == tmp_path / "pair.png"
+
+
+# --------------------------------------------------------------------------- issue 13: timing, containers
+
+
+def test_output_timing_constant_and_variable(tmp_path: Path, clips: dict[str, Path]) -> None:
+    from p2v_fast.video import output_timing
+
+    info = probe(clips["mp4"])
+    t = output_timing(info, start=3, count=5, stride=2)
+    assert (t.fps, t.start, t.duration, t.frame_times) == (6.0, pytest.approx(0.25), pytest.approx(10 / 12), None)
+    folder = output_timing(probe(clips["folder"], folder_fps=30), start=0, count=4)
+    assert (folder.fps, folder.start, folder.duration) == (30, 0, pytest.approx(4 / 30))
+
+    vfr = tmp_path / "vfr.mkv"
+    times = [0.0, 0.05, 0.1, 0.3, 0.5, 0.7, 0.75]
+    with av.open(str(vfr), "w") as c:
+        s = c.add_stream("libx264", rate=10)
+        s.width, s.height, s.pix_fmt = 64, 64, "yuv420p"
+        s.codec_context.time_base = Fraction(1, 1000)
+        for i, ts in enumerate(times):
+            f = av.VideoFrame.from_ndarray(sample_frame(i, (64, 64)), format="rgb24").reformat(format="yuv420p")
+            f.pts, f.time_base = round(ts * 1000), Fraction(1, 1000)
+            c.mux(s.encode(f))
+        c.mux(s.encode(None))
+    t = output_timing(probe(vfr), start=1, count=3, stride=2)  # frames 1, 3, 5
+    assert t.variable and t.start == pytest.approx(0.05)
+    # to where frame 7 would start: frame 6 (0.75 s) plus a mean frame (0.75 / 6 s)
+    assert t.frame_times == pytest.approx((0.0, 0.25, 0.65)) and t.duration == pytest.approx(0.825)
+
+
+def test_writer_refuses_unknown_extensions(tmp_path: Path) -> None:
+    for name in ("x.txt", "x", "x.gif", "x.avi"):
+        with pytest.raises(InputError, match=r"must end in \.mp4, \.m4v, \.mov, \.mkv, \.webm"):
+            VideoWriter(tmp_path / name, FPS, SIZE)
+    assert os.listdir(tmp_path) == []
+
+
+def test_working_size_limit() -> None:
+    assert working_size(1920, 1080, 1152) == (2048, 1152)
+    with pytest.raises(InputError, match=r"3648x2048 \(--size 2048\) is over the limit of 2048.*largest --size that "
+                                         r"fits this 1920x1080 source is 1152"):
+        working_size(1920, 1080, 2048)
+    with pytest.raises(InputError, match="no --size fits"):
+        working_size(16, 1000, 64)
