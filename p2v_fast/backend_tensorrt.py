@@ -344,6 +344,7 @@ class TensorRTBackend(GraphBackend):
     """
 
     name = "tensorrt"
+    artifact = "engine"  # identity(): the engines' keys (an inversion on another build is another result)
 
     def __init__(self, models, engines: str | Path | None = None, *, cuda_graph: bool = False,
                  machine: Machine | None = None, trt: Any = None, ops: Any = None) -> None:

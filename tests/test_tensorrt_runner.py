@@ -209,6 +209,33 @@ def test_shared_activation_memory_is_the_largest_engines(tiny_models, onnx_folde
     assert all(c.strategy.name == "USER_MANAGED" for c in contexts)
 
 
+def test_identity_names_the_engines_not_the_graphs(tiny_models, onnx_folder, tmp_path) -> None:
+    """The inversion cache keys on Backend.identity(): a TensorRT backend is identified by its
+    engines' keys (another build, another result), not by the ONNX graphs they came from."""
+    from p2v_fast.backends import make_backend
+
+    folder = engine_folder(onnx_folder, tmp_path / "e")
+    backend, _ = make(tiny_models, folder)
+    ort = make_backend("onnxruntime", tiny_models, folder)
+    assert backend.artifact == "engine" and backend.identity()["graphs"] != ort.identity()["graphs"]
+    m = read_manifest(folder)
+    m.networks["unet"].engine.key = "e" * 16  # type: ignore[union-attr]
+    write_manifest(folder, m)
+    assert make(tiny_models, folder)[0].identity()["graphs"] != backend.identity()["graphs"]
+
+
+def test_cuda_graph_is_an_option_of_the_tensorrt_backend_only(tiny_models, onnx_folder) -> None:
+    from p2v_fast.backends import make_backend
+    from p2v_fast.config import EditConfig
+    from p2v_fast.errors import InputError
+
+    with pytest.raises(InputError, match="--cuda-graph is for --backend tensorrt, not torch"):
+        EditConfig(cuda_graph=True)
+    EditConfig(cuda_graph=True, backend="tensorrt")
+    with pytest.raises(InputError, match="--cuda-graph needs the tensorrt backend; onnxruntime runs here"):
+        make_backend("onnxruntime", tiny_models, onnx_folder, cuda_graph=True)
+
+
 # ------------------------------------------------------------------------------ static shapes and CUDA graphs
 
 
