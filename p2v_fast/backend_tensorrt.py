@@ -349,12 +349,12 @@ class TensorRTBackend(GraphBackend):
     def __init__(self, models, engines: str | Path | None = None, *, cuda_graph: bool = False,
                  machine: Machine | None = None, trt: Any = None, ops: Any = None) -> None:
         trt = trt or require_tensorrt("use --backend onnxruntime or torch")
+        device = models.device
+        ops = ops or TorchCuda(device)  # refuses a non-CUDA --device
         folder = engines_folder(engines)
         manifest = load_checked_manifest(models, folder)
         check_files(manifest, folder, "engine")
-        device = models.device
         check_machine(manifest, machine or this_machine(device), folder)  # before loading anything
-        ops = ops or TorchCuda(device)
         super().__init__(models, folder, manifest, device)
         self.max_batch = manifest.profile.batch[2]
         hint = rebuild_command(manifest, folder, format="tensorrt")

@@ -187,11 +187,19 @@ def _standin_trt():
     return StandInTrt(StandInCuda())
 
 
+def _standin(**kw) -> dict:
+    """TensorRTBackend arguments for a machine without TensorRT or CUDA: stand-ins for both."""
+    from tests.trt_standin import StandInCuda, StandInTrt
+
+    cuda = StandInCuda()
+    return {"trt": StandInTrt(cuda), "ops": cuda, **kw}
+
+
 def test_missing_engine_folder_is_one_line(models, tmp_path) -> None:
     from p2v_fast.backend_tensorrt import TensorRTBackend
 
     for make in (lambda f: make_backend("onnxruntime", models, f),
-                 lambda f: TensorRTBackend(models, f, trt=_standin_trt())):  # TensorRT usable: the folder is next
+                 lambda f: TensorRTBackend(models, f, **_standin())):  # TensorRT usable: the folder is next
         with pytest.raises(EngineError) as err:
             make(tmp_path / "no-such-folder")
         msg = _one_line(str(err.value))
@@ -261,7 +269,7 @@ def test_truncated_engine_file_is_one_line(engines, models, tmp_path) -> None:
     h100 = Machine("10.8.0", "9.0", "NVIDIA H100")
     folder = _fake_tensorrt_folder(engines, tmp_path / "trt", h100, truncate="unet")
     with pytest.raises(EngineError) as err:
-        TensorRTBackend(models, folder, machine=h100, trt=_standin_trt())
+        TensorRTBackend(models, folder, **_standin(machine=h100))
     msg = _one_line(str(err.value))
     assert "unet.plan" in msg and "truncated" in msg and "--format tensorrt" in msg
 
@@ -271,14 +279,14 @@ def test_engines_for_another_gpu_are_refused_with_the_rebuild_command(engines, m
 
     folder = _fake_tensorrt_folder(engines, tmp_path / "a100", Machine("10.3.0", "8.0", "NVIDIA A100"))
     with pytest.raises(EngineError) as err:
-        TensorRTBackend(models, folder, machine=Machine("10.8.0", "9.0", "NVIDIA H100"), trt=_standin_trt())
+        TensorRTBackend(models, folder, **_standin(machine=Machine("10.8.0", "9.0", "NVIDIA H100")))
     msg = _one_line(str(err.value))
     assert "TensorRT 10.3.0" in msg and "compute capability 8.0" in msg and "compute capability 9.0" in msg
     assert f"p2v export --model tiny --height {SIZE} --width {SIZE}" in msg and "--format tensorrt" in msg
     assert f"--out {folder} --force" in msg
     # Same GPU architecture, another GPU: refused too (TensorRT tunes for the exact GPU)
     with pytest.raises(EngineError, match="NVIDIA A30"):
-        TensorRTBackend(models, folder, machine=Machine("10.3.0", "8.0", "NVIDIA A30"), trt=_standin_trt())
+        TensorRTBackend(models, folder, **_standin(machine=Machine("10.3.0", "8.0", "NVIDIA A30")))
     # On a machine without TensorRT the refusal says that first, in one line.
     if not _trt_importable():
         with pytest.raises(BackendUnavailableError) as err2:
@@ -462,6 +470,9 @@ def test_cli_edit_with_engines_for_another_gpu(engines, clip, tmp_path, monkeypa
     monkeypatch.setattr(backend_tensorrt, "this_machine", lambda device=None: Machine("10.8.0", "9.0", "NVIDIA H100"))
     for module in (system, backend_tensorrt):  # TensorRT usable (a stand-in): the machine check is next
         monkeypatch.setattr(module, "require_tensorrt", lambda alternative: _standin_trt())
+    from tests.trt_standin import StandInCuda
+
+    monkeypatch.setattr(backend_tensorrt, "TorchCuda", lambda device: StandInCuda())  # a CUDA device, stood in
     result = _cli(["edit", str(clip), "a red car", "-o", str(tmp_path / "o.mp4"), "--model", "tiny", "--size",
                    str(SIZE), "--steps", "2", "--source-prompt", "a car", "--backend", "tensorrt",
                    "--engines", str(folder)])

@@ -224,6 +224,13 @@ def test_identity_names_the_engines_not_the_graphs(tiny_models, onnx_folder, tmp
     assert make(tiny_models, folder)[0].identity()["graphs"] != backend.identity()["graphs"]
 
 
+def test_a_cpu_device_is_refused_before_the_engine_folder_is_read(tiny_models, tmp_path) -> None:
+    from p2v_fast.errors import BackendUnavailableError
+
+    with pytest.raises(BackendUnavailableError, match="runs on a CUDA device, not cpu; pass --device cuda"):
+        TensorRTBackend(tiny_models, tmp_path / "missing", machine=H100, trt=StandInTrt(StandInCuda()))
+
+
 def test_cuda_graph_is_an_option_of_the_tensorrt_backend_only(tiny_models, onnx_folder) -> None:
     from p2v_fast.backends import make_backend
     from p2v_fast.config import EditConfig
