@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -273,6 +273,34 @@ Resize = Annotated[str, typer.Option(
     "as the paper), pad (fitted in --size x --size, letterboxed; the output drops the bars).")]
 
 
+Threads = Annotated[int | None, typer.Option(
+    help="CPU threads for PyTorch (default: one per core; OpenMP threads wait passively, see README).")]
+
+
+def _check_threads(n: int | None) -> None:
+    if n is not None and n < 1:
+        from p2v_fast.errors import InputError
+
+        raise InputError(f"--threads must be >= 1; got {n}")
+
+
+@contextlib.contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    """PyTorch's intra-op threads for one command: ``n``, or its default (one per physical core).
+    Either way OpenMP's idle threads sleep rather than spin (:func:`main` sets
+    OMP_WAIT_POLICY=PASSIVE before torch loads, unless the environment sets it)."""
+    _check_threads(n)
+    import torch
+
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _config(**kw: Any):
     from p2v_fast.config import EditConfig
 
@@ -329,6 +357,7 @@ def edit(
     json_path: Annotated[Path | None, typer.Option(
         "--json", help="Also write the result here: paths, timings, UNet calls and the guided update's size per "
         "step and frame.")] = None,
+    threads: Threads = None,
 ) -> None:
     """Edit INPUT so that it matches PROMPT, consistently across frames."""
     from p2v_fast.pipeline import edit_video
@@ -341,7 +370,7 @@ def edit(
         schedule=schedule, batch_frames=batch_frames, invert_batch=invert_batch, compile=compile,
         channels_last=channels_last, resize=resize, invert_dtype=invert_dtype, cuda_graph=cuda_graph, fps=fps,
     )
-    with _progress() as progress:
+    with _threads(threads), _progress() as progress:
         result = edit_video(cfg, input, output, overwrite=overwrite, preview=preview, side_by_side=side_by_side,
                             progress=progress, json_path=json_path)
     from p2v_fast.inversion import describe_reconstruction
@@ -373,6 +402,7 @@ def demo(
     frames: Annotated[int, typer.Option(help="Frames in the sample clip.")] = 16,
     size: Size = 128,
     steps: Steps = 50,
+    threads: Threads = None,
 ) -> None:
     """Offline end-to-end run: make a sample clip and edit it with the tiny random-weight model.
 
@@ -382,6 +412,7 @@ def demo(
     from p2v_fast import video
     from p2v_fast.pipeline import edit_video
 
+    _check_threads(threads)  # before the sample clip is made
     out.mkdir(parents=True, exist_ok=True)
     clip = out / "sample.mp4"
     if not clip.exists():
@@ -390,7 +421,7 @@ def demo(
                   soft_wrap=True)
     cfg = _config(prompt="a crochet swan on the lake", model="tiny", size=size, steps=steps,
                   source_prompt="a sample clip")
-    with _progress() as progress:
+    with _threads(threads), _progress() as progress:
         result = edit_video(cfg, clip, out / "sample.p2v.mp4", overwrite=True, side_by_side=True,
                             progress=progress)
     out_console.print(
@@ -420,6 +451,7 @@ def invert(
     invert_batch: InvertBatch = None,
     invert_dtype: InvertDtype = "fp32",
     fps: Fps = None,
+    threads: Threads = None,
 ) -> None:
     """DDIM-invert INPUT into the cache, so later edits of it skip inversion."""
     from p2v_fast.inversion import describe_reconstruction, describe_runtime
@@ -429,7 +461,7 @@ def invert(
                   max_frames=max_frames, stride=stride, steps=steps, source_prompt=source_prompt,
                   depth_norm=depth_norm, latent_update="off", invert_batch=invert_batch, resize=resize,
                   invert_dtype=invert_dtype, fps=fps)
-    with _progress() as progress:
+    with _threads(threads), _progress() as progress:
         prep = invert_video(cfg, input, progress)
     inv, sel = prep.inverted, prep.selection
     state = "cache hit (nothing to do)" if inv.cache_hit else f"{prep.seconds:.1f} s"
@@ -625,6 +657,7 @@ def eval_(
     resize: Annotated[str, typer.Option(
         help="--resize the edit used: how source frames map onto the edited frames (crop and pad: cover and "
         "centre-crop, pad's output having no bars; stretch: squashed).")] = "crop",
+    threads: Threads = None,
 ) -> None:
     """Score EDITED against its source: CLIP-Text, CLIP-Image, Pixel-MSE (the paper's Table 2)."""
     from p2v_fast.evaluate import evaluate_video, write_json_atomic
@@ -632,7 +665,7 @@ def eval_(
 
     if json_path is not None:
         check_output_file(json_path)
-    with _progress() as progress:
+    with _threads(threads), _progress() as progress:
         result = evaluate_video(edited, source, prompt, clip_model=clip_model, flow=flow, size=size, start=start,
                                 max_frames=max_frames, stride=stride, resize=resize, progress=progress)
     table = Table(title=f"{_n(result.n_frames, 'frame')} at {result.size[0]}x{result.size[1]}")
@@ -685,6 +718,7 @@ def ablate(
     engines: Engines = None,
     invert_dtype: InvertDtype = "fp32",
     fps: Fps = None,
+    threads: Threads = None,
 ) -> None:
     """Run the paper's ablations on INPUT and print one table like its Table 2."""
     from p2v_fast.ablation import METRICS, format_metric, run_ablation
@@ -693,7 +727,7 @@ def ablate(
                   backend=backend, engines=engines, size=size, start=start, max_frames=max_frames, stride=stride,
                   steps=steps, guidance_scale=guidance_scale, seed=seed, depth_norm=depth_norm,
                   update_weight=update_weight, resize=resize, invert_dtype=invert_dtype, fps=fps)
-    with _progress() as progress:
+    with _threads(threads), _progress() as progress:
         result = run_ablation(cfg, input, out, settings=settings, clip_model=clip_model, flow=flow,
                               overwrite=overwrite, sheet_frames=sheet_frames, progress=progress)
     best = result.best()
@@ -725,8 +759,9 @@ def bench(
     size: Annotated[
         int | None, typer.Option(help="Short side (multiple of 64); default 512, or 128 for --model tiny.")
     ] = None,
-    steps: Steps = 50,
-    frames: Annotated[int, typer.Option(help="Frames in the synthetic clip (1 anchor + propagated).")] = 4,
+    steps: Annotated[int | None, typer.Option(help="DDIM steps (default 50, the paper's).")] = None,
+    frames: Annotated[int | None, typer.Option(
+        help="Frames in the synthetic clip (1 anchor + propagated; default 4).")] = None,
     backend: Annotated[list[str] | None, typer.Option("--backend", help="Repeatable (default: torch).")] = None,
     latent_update: Annotated[
         list[str] | None, typer.Option("--latent-update", help="Repeatable (default: autograd, detached, off).")
@@ -746,6 +781,15 @@ def bench(
     speedups: Annotated[list[str] | None, typer.Option(
         "--speedups", help="Repeatable: time eager, sdpa-math, channels-last, compile, fp16, bf16 UNet calls "
         "each on its own (alone unless --backend is given too).")] = None,
+    compile: Annotated[bool, typer.Option(
+        "--compile", help="torch.compile the torch backend's UNet calls without gradients (warmed up untimed).")
+    ] = False,
+    plan: Annotated[bool, typer.Option(
+        "--plan", help="Only simulate the wavefront (ticks, UNet calls, peak features per cap) for --frames x "
+        "--steps at --size; no weights, no timing.")] = False,
+    protocol: Annotated[str | None, typer.Option(
+        "--protocol", help="v2v120: 120 frames at 512x512, 50 steps, end to end per latent-update mode, against "
+        "the peers' reported times. --frames/--size/--steps override it (labelled: not the protocol).")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the full report here.")] = None,
 ) -> None:
     """Time depth, inversion, anchor and propagated frames and VAE decode, in seconds per frame."""
@@ -753,10 +797,30 @@ def bench(
     from benchmarks.report import print_report
     from p2v_fast.config import LATENT_UPDATES, SCHEDULES
 
+    if json_path is not None:
+        from benchmarks.bench import _check_json_path
+
+        _check_json_path(json_path)
+    if protocol is not None:
+        _bench_protocol(protocol, model, arch, size, steps, frames, backend, latent_update, dtype, device, engines,
+                        threads, compile, json_path)
+        return
     if size is None:  # the tiny model at 512 takes ~45 min on 2 CPU cores; its timings mean little anyway
         size = 128 if model == "tiny" else 512
+    steps, frames = steps or 50, frames or 4
+    if plan:
+        from benchmarks.plan import CAPS, plan_report, plan_table
+
+        report = plan_report(frames, steps, size, dtype, caps=(batch_frames,) if batch_frames else CAPS,
+                             arch=arch, model=model)
+        _wide().print(plan_table(report))
+        if json_path is not None:
+            from benchmarks.bench import write_json_atomic
+
+            write_json_atomic(json_path, report)
+        return
     opts = BenchOptions(
-        model=model, arch=arch, size=size, steps=steps, frames=frames,
+        model=model, arch=arch, size=size, steps=steps, frames=frames, compile=compile,
         backends=tuple(backend or (() if speedups else ("torch",))),
         latent_updates=tuple(latent_update or LATENT_UPDATES), schedules=tuple(schedule or SCHEDULES),
         batch_frames=batch_frames, invert_batch=invert_batch, invert_dtype=invert_dtype, dtype=dtype, device=device,
@@ -769,6 +833,41 @@ def bench(
     print_report(out_console, report)
     if json_path is not None:
         out_console.print(f"wrote {json_path}", markup=False, highlight=False, soft_wrap=True)
+
+
+def _bench_protocol(name: str, model, arch, size, steps, frames, backend, latent_update, dtype, device, engines,
+                    threads, compile, json_path) -> None:
+    """`p2v bench --protocol NAME`: see benchmarks/protocol.py."""
+    from benchmarks.bench import write_json_atomic
+    from benchmarks.protocol import ProtocolOptions, protocol_table, run_protocol
+    from p2v_fast.config import LATENT_UPDATES
+
+    overrides = {k: v for k, v in (("frames", frames), ("size", size), ("steps", steps)) if v is not None}
+    if backend and len(backend) > 1:
+        from p2v_fast.errors import InputError
+
+        raise InputError("--protocol runs one backend; give --backend once")
+    opts = ProtocolOptions(name=name, model=model, arch=arch, device=device, dtype=dtype,
+                           backend=(backend or ["torch"])[0], engines=engines,
+                           latent_updates=tuple(latent_update or LATENT_UPDATES), compile=compile,
+                           overrides=overrides)
+    if not opts.faithful:
+        console.print(f"[yellow]not the protocol[/yellow]: {overrides} overrides {name}'s fixed workload; "
+                      "the report says so")
+    with _threads(threads):
+        report = run_protocol(opts, log=lambda m: console.print(f"[dim]{escape(m)}[/dim]"))
+    _wide().print(protocol_table(report))
+    if json_path is not None:
+        write_json_atomic(json_path, report)
+        out_console.print(f"wrote {json_path}")
+
+
+def _wide() -> Console:
+    """``out_console``, or, when the output is not a terminal (a pipe, a log), one 200 columns
+    wide: rich's default 80 would squash a wide table."""
+    if out_console.is_terminal:
+        return out_console
+    return Console(file=out_console.file, width=max(out_console.width, 200), color_system=None)
 
 
 @app.command("export")
@@ -841,6 +940,9 @@ def info(
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     signal.signal(signal.SIGTERM, _on_sigterm)  # clean up (partial files, locks) as on Ctrl-C
+    # OpenMP (libgomp) reads this once, when torch loads: idle threads sleep instead of spinning,
+    # which on a busy CPU made a tiny edit 6-27x slower (README, "CPU threads").
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     app()
 
 

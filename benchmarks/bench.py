@@ -39,10 +39,11 @@ from benchmarks.arch import ARCHS, build_arch, parameter_counts
 from benchmarks.flops import UNetFlops, count_unet_flops
 from benchmarks.hardware import device_info, machine_info, versions
 from benchmarks.timing import Clock, PeakMemory, load_average, summarize
+from p2v_fast.attention import feature_shapes
 from p2v_fast.backends import Backend, CallCounter, TorchBackend, make_backend
 from p2v_fast.config import BACKENDS, DTYPES, LATENT_UPDATES, SCHEDULES, EditConfig
 from p2v_fast.ddim import DDIMSchedule
-from p2v_fast.edit import EditContext, EditStats, FeatureStore, FrameState, run_schedule
+from p2v_fast.edit import DEFAULT_WAVEFRONT_FRAMES, EditContext, EditStats, FeatureStore, FrameState, run_schedule
 from p2v_fast.errors import InputError, P2VError
 from p2v_fast.inversion import (
     InversionRuntime,
@@ -54,6 +55,7 @@ from p2v_fast.inversion import (
     select_clip,
 )
 from p2v_fast.pipeline import inversion_runtime, resolve_device, resolve_dtype
+from p2v_fast.plan import simulate_wavefront
 from p2v_fast.progress import NullProgress, Progress
 from p2v_fast.prompts import encode_prompt
 from p2v_fast.video import make_sample_clip
@@ -92,6 +94,7 @@ class BenchOptions:
     schedules: tuple[str, ...] = SCHEDULES
     batch_frames: int | None = None  # wavefront: frames in flight
     speedups: tuple[str, ...] = ()  # PyTorch speed-ups to time on their own (benchmarks.speedups)
+    compile: bool = False  # torch.compile the torch backend's gradient-free UNet calls (warmed up untimed)
     invert_batch: int | None = None  # None: what fits (p2v_fast.memory.CallBudget)
 
     # --- timing ---
@@ -272,8 +275,14 @@ def expected_unet_per_frame(cfg: EditConfig) -> dict[str, dict[str, int]]:
     }
 
 
-def edit_flops(cfg: EditConfig, flops: UNetFlops, n_frames: int) -> dict[str, float]:
-    """UNet FLOPs per frame: per-call FLOPs x calls per frame (see :func:`expected_unet_per_frame`)."""
+def edit_flops(cfg: EditConfig, flops: UNetFlops, n_frames: int, stats: EditStats | None = None) -> dict[str, float]:
+    """UNet FLOPs per frame. ``anchor`` and ``propagated``: Algorithm 1 run sequentially (see
+    :func:`expected_unet_per_frame`; the anchor alone, in plain self-attention). ``mean``: the
+    work that ran, from the samples the edit sent (``stats``), each at its cost: a sample in a
+    call with references costs a cross-frame sample (the anchor's too, when it shares the
+    wavefront's call and attends to [h, h]), one in a call without costs a plain one, and a
+    differentiated sample adds a backward pass. FLOPs are linear in the batch (batch-2 counts
+    halved). Without ``stats``: the sequential expectation."""
     calls = expected_unet_per_frame(cfg)
     xframe = cfg.refs != "none"
     fwd = flops.xframe_call if xframe else flops.anchor_call
@@ -281,13 +290,16 @@ def edit_flops(cfg: EditConfig, flops: UNetFlops, n_frames: int) -> dict[str, fl
     anchor = calls["anchor"]["unet_calls"] * flops.anchor_call
     propagated = calls["propagated"]["unet_calls"] * fwd + calls["propagated"]["unet_backward"] * bwd
     mean = (anchor + (n_frames - 1) * propagated) / n_frames
+    if stats is not None:
+        mean = (stats.samples_plain * flops.anchor_call + stats.samples_xframe * flops.xframe_call
+                + stats.samples_backward * bwd) / 2 / n_frames
     return {"anchor": float(anchor), "propagated": float(propagated), "mean": float(mean)}
 
 
 def _edit_once(cfg: EditConfig, bench: _Bench, runtime: tuple[Backend, Backend | None], schedule: DDIMSchedule,
                embeds: torch.Tensor, inverted: list[dict[str, torch.Tensor]], latent_hw: tuple[int, int]):
     """One edit of the clip: clock marks and counter snapshots at the start and after each
-    finished frame, and the run's stats."""
+    finished frame, and the run's context (stats, feature store, call budget)."""
     backend, grad = runtime
     n = len(inverted)
     stats = EditStats()
@@ -299,7 +311,7 @@ def _edit_once(cfg: EditConfig, bench: _Bench, runtime: tuple[Backend, Backend |
     for _ in run_schedule(ctx, initial):
         marks.append(bench.clock.mark())
         counts.append(_snapshot(bench.backends))
-    return marks, counts, stats
+    return marks, counts, ctx
 
 
 def _bench_edit(cfg: EditConfig, bench: _Bench, runtime: tuple[Backend, Backend | None], embeds: torch.Tensor,
@@ -314,9 +326,9 @@ def _bench_edit(cfg: EditConfig, bench: _Bench, runtime: tuple[Backend, Backend 
     edit, anchor, propagated = [], [], []
     marks: list = []
     counts: list[dict[str, int]] = []
-    stats = EditStats()
+    ctx: EditContext | None = None
     for _ in range(bench.opts.repeats):
-        marks, counts, stats = _edit_once(cfg, bench, runtime, schedule, embeds, inverted, latent_hw)
+        marks, counts, ctx = _edit_once(cfg, bench, runtime, schedule, embeds, inverted, latent_hw)
         secs = [bench.clock.seconds(a, b) for a, b in itertools.pairwise(marks)]
         edit.append(sum(secs) / n)
         if cfg.schedule == "sequential":
@@ -325,6 +337,8 @@ def _bench_edit(cfg: EditConfig, bench: _Bench, runtime: tuple[Backend, Backend 
                 propagated.append(sum(secs[1:]) / (n - 1))
         bench.advance(1)
     peak = bench.memory.peak()
+    assert ctx is not None and ctx.budget is not None
+    stats, budget = ctx.stats, ctx.budget
 
     total = _diff(counts[0], counts[-1])
     per_frame = [_diff(a, b) for a, b in itertools.pairwise(counts)]
@@ -339,7 +353,14 @@ def _bench_edit(cfg: EditConfig, bench: _Bench, runtime: tuple[Backend, Backend 
             {k: f[k] for k in keys} == expected["propagated"] for f in per_frame[1:])
     else:  # batched: fewer, larger calls; the samples and backward frame-steps are the same work
         unet["anchor"] = unet["propagated"] = None
-        match = total["unet_samples"] == 2 * cfg.steps * n
+        # the calls the simulation of this wavefront predicts (p2v_fast.plan), plus those that
+        # memory added (measuring calls of 1 and 2 frames, splits, retries after running out)
+        plan = simulate_wavefront(cfg, n, feature_shapes(bench.models.unet, latent_hw), bench.models.dtype, latent_hw)
+        unet["plan"] = plan.as_dict()
+        unet["calls_added_by_memory"] = {"splits": budget.splits, "out_of_memory_retries": budget.ooms}
+        unet["feature_bytes_match_plan"] = stats.peak_feature_bytes == plan.peak_feature_bytes
+        match = (total["unet_samples"] == 2 * cfg.steps * n
+                 and total["unet_calls"] == plan.calls + budget.splits + budget.ooms)
     unet["counts_match_algorithm"] = bool(match)
 
     return {
@@ -359,7 +380,7 @@ def _bench_edit(cfg: EditConfig, bench: _Bench, runtime: tuple[Backend, Backend 
         "unet_per_frame": unet,
         "update_rms_per_step": {str(k): v for k, v in stats.mean_update_rms().items()},
         "detached_rms_at_same_latents_per_step": {str(k): v for k, v in stats.mean_detached_rms().items()},
-        "unet_flops_per_frame": edit_flops(cfg, flops, n),
+        "unet_flops_per_frame": edit_flops(cfg, flops, n, stats),
     }
 
 
@@ -414,6 +435,15 @@ def _bench_backend(name: str, opts: BenchOptions, base: EditConfig, models, sele
     grad = backend if backend.supports_grad else (
         TorchBackend(models) if "autograd" in opts.latent_updates else None)
     n, latent_hw, device = len(frames), selection.latent_hw, backend.device
+    compiled = None
+    if opts.compile and isinstance(backend, TorchBackend):
+        backend.optimize(compile=True)
+        t0 = time.perf_counter()
+        most = max(min(n, opts.batch_frames or DEFAULT_WAVEFRONT_FRAMES), -(-min(n, opts.invert_batch or 16) // 2))
+        buckets = backend.warm_up(latent_hw, most)
+        compiled = {"buckets": buckets, "warm_up_seconds": time.perf_counter() - t0,
+                    "mode": "reduce-overhead (CUDA graphs)" if backend.cuda_graphs else "default (inductor)"}
+        progress.log(f"{name}: compiled the UNet for {buckets} batch sizes in {compiled['warm_up_seconds']:.1f} s")
     edits = [(s, m) for s in opts.schedules for m in opts.latent_updates]
     runs = (opts.warmup + opts.repeats) * (4 + len(edits))
     bench = _Bench(opts, models, _distinct([backend, grad]), Clock(device), PeakMemory(device),
@@ -422,7 +452,7 @@ def _bench_backend(name: str, opts: BenchOptions, base: EditConfig, models, sele
     result: dict[str, Any] = {"backend": name, "runs_as": backend.name,
                               "grad_backend": None if grad is None else grad.name,
                               "engines": "exported for this run" if exported else (str(engines) if engines else None),
-                              "export": exported,
+                              "export": exported, "compiled": compiled,
                               "clock": bench.clock.kind, "memory": bench.memory.kind, "stages": {}, "edits": []}
     stages = result["stages"]
 

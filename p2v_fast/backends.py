@@ -173,7 +173,11 @@ class TorchBackend(Backend):
             self_ref = sample.new_ones(b, dtype=torch.float32)
         elif self_ref is None:
             self_ref = sample.new_zeros(b, dtype=torch.float32)
-        self_ref = self_ref.to(torch.float32)
+        # contiguous, as the graphs were traced: dynamo guards on strides, and a one-frame batch
+        # made by broadcasting (edit.per_branch) has stride 0 on its batch axis
+        sample, timestep, ehs = sample.contiguous(), timestep.contiguous(), ehs.contiguous()
+        refs = [r.contiguous() for r in refs]
+        self_ref = self_ref.to(torch.float32).contiguous()
         pad = compile_bucket(b) - b
         if pad:
             def padded(x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:

@@ -185,17 +185,16 @@ class EditContext:
                 self.schedule.to(b.device)
 
 
-def _guided(ctx: EditContext, st: FrameState) -> bool:
-    c = ctx.cfg
-    return st.index > 0 and st.step < c.guided_steps
+def _guided(cfg: EditConfig, st: FrameState) -> bool:
+    return st.index > 0 and st.step < cfg.guided_steps
 
 
-def call_groups(frames: list[FrameState], ctx: EditContext) -> list[tuple[bool, list[FrameState]]]:
+def call_groups(frames: list[FrameState], cfg: EditConfig) -> list[tuple[bool, list[FrameState]]]:
     """``frames`` by kind of UNet call, in order of first appearance: (needs a differentiable
     call, its frames). Differentiable calls are the ``autograd`` mode's guided steps."""
     groups: dict[bool, list[FrameState]] = {}
     for st in frames:
-        needs_grad = _guided(ctx, st) and ctx.cfg.latent_update == "autograd"
+        needs_grad = _guided(cfg, st) and cfg.latent_update == "autograd"
         groups.setdefault(needs_grad, []).append(st)
     return list(groups.items())
 
@@ -207,7 +206,7 @@ def run_step(frames: list[FrameState], ctx: EditContext) -> None:
     each group is one batched call (the anchor shares the other frames' call, see the module
     docstring), split only where memory requires.
     """
-    for needs_grad, group in call_groups(frames, ctx):
+    for needs_grad, group in call_groups(frames, ctx.cfg):
         _step_group(group, ctx, needs_grad)
 
 
@@ -277,7 +276,7 @@ def _step_call(frames: list[FrameState], ctx: EditContext, backend: Backend, nee
         eps_u, eps_c = eps_all[0::2], eps_all[1::2]
         eps = eps_u + cfg.guidance_scale * (eps_c - eps_u)  # CFG, fp32
         x_prev, x0 = sched.step(x, eps, idx)
-        guided = [_guided(ctx, st) for st in frames]
+        guided = [_guided(cfg, st) for st in frames]
         if any(guided):
             # Every row is updated; an unguided row compares x0 with itself: zero gradient, so the
             # batch needs no row gather (whose indices would be a copy from the host).

@@ -78,7 +78,11 @@ def load_runtime(cfg: EditConfig) -> Runtime:
 
         require_tensorrt("use --backend onnxruntime or torch")
     device = resolve_device(cfg.device)
-    models = load_models(cfg.model, device=device, dtype=resolve_dtype(cfg.dtype, device))
+    return runtime_for(cfg, load_models(cfg.model, device=device, dtype=resolve_dtype(cfg.dtype, device)))
+
+
+def runtime_for(cfg: EditConfig, models) -> Runtime:
+    """The backends ``cfg`` asks for, running ``models`` (already loaded or built)."""
     backend = make_backend(cfg.backend, models, cfg.engines, cuda_graph=cfg.cuda_graph)
     grad = backend if backend.supports_grad else (TorchBackend(models) if cfg.latent_update == "autograd" else None)
     for b in {id(x): x for x in (backend, grad) if isinstance(x, TorchBackend)}.values():

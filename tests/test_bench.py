@@ -181,6 +181,35 @@ def test_wavefront_does_the_same_work_in_fewer_calls(bench_json, mode) -> None:
     assert (wav["unet_backward"] > 0) == (mode == "autograd")
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_wavefront_calls_and_features_follow_the_plan(bench_json, mode) -> None:
+    """The wavefront's calls are what p2v_fast.plan simulates (one per tick, two on autograd
+    ticks with guided and unguided frames) plus those memory measurement added; its stored
+    features peak at exactly the simulated bytes."""
+    unet = _edit(bench_json[1], "wavefront", mode)["unet_per_frame"]
+    plan = unet["plan"]
+    assert unet["counts_match_algorithm"] and unet["feature_bytes_match_plan"]
+    assert plan["ticks"] == STEPS + FRAMES - 1  # the default cap (16) holds every frame
+    added = unet["calls_added_by_memory"]
+    assert unet["total"]["unet_calls"] == plan["calls"] + added["splits"] + added["out_of_memory_retries"]
+    assert (plan["calls"] > plan["ticks"]) == (mode == "autograd")
+
+
+def test_wavefront_flops_count_the_anchor_in_shared_calls(bench_json) -> None:
+    """In the wavefront the anchor's samples share cross-frame calls (attending to [h, h]) after
+    its first step, so each costs a cross-frame sample: (steps - 1) x the difference per clip."""
+    data = bench_json[1]
+    per_call = data["unet_flops"]["per_call"]
+    anchor_call = per_call["anchor (self-attention, batch 2)"]
+    xframe_call = per_call["propagated (cross-frame, batch 2)"]
+    for mode in ("off", "detached"):
+        seq = _edit(data, "sequential", mode)["unet_flops_per_frame"]["mean"]
+        wave = _edit(data, "wavefront", mode)["unet_flops_per_frame"]["mean"]
+        assert wave == pytest.approx(seq + (STEPS - 1) * (xframe_call - anchor_call) / FRAMES)
+    auto_seq = _edit(data, "sequential", "autograd")["unet_flops_per_frame"]["mean"]
+    assert auto_seq <= _edit(data, "wavefront", "autograd")["unet_flops_per_frame"]["mean"]
+
+
 def test_flops_per_frame_follow_the_calls(bench_json) -> None:
     data = bench_json[1]
     per_call = data["unet_flops"]["per_call"]

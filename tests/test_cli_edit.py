@@ -73,8 +73,9 @@ def test_preview_writes_the_anchor_frame(clip, tmp_path) -> None:
 
 @pytest.mark.parametrize(("schedule", "lengths"), [("sequential", (3, 8)), ("wavefront", (5, 8))])
 def test_feature_memory_is_constant_in_clip_length(tmp_path, tiny_dir, schedule, lengths) -> None:
-    """Sequential: the anchor's features and one frame's. Wavefront (3 steps: at most 3 frames
-    in flight, so from 4 frames on): the anchor's and one step's per frame in flight."""
+    """Either schedule: the anchor's features for every step and about one frame's steps' worth
+    of the other frames' (for each step, the frame whose successor has not reached it keeps it;
+    p2v_fast.plan), the same for 5 or 8 frames."""
     from p2v_fast.config import EditConfig
     from p2v_fast.pipeline import edit_video, load_runtime
 

@@ -77,3 +77,44 @@ def test_wavefront_memory_is_bounded(tiny_models) -> None:
         _, ctx = _run(tiny_models, cfg, n, "wavefront", cap=3)
         peaks.append(ctx.stats.peak_feature_bytes)
     assert peaks[0] == peaks[1]
+
+
+@pytest.mark.parametrize(("mode", "refs", "n", "cap"), [
+    ("detached", "anchor+prev", 7, 3), ("autograd", "anchor+prev", 6, 2), ("off", "prev", 5, None),
+    ("autograd", "anchor", 5, 4)])
+def test_plan_simulates_the_real_wavefront(tiny_models, mode, refs, n, cap) -> None:
+    """p2v_fast.plan runs the edit loop's code on shape-only tensors: its ticks, calls and peak
+    stored bytes are the real edit's (memory splitting off, as the plan assumes)."""
+    from p2v_fast.attention import feature_shapes
+    from p2v_fast.memory import CallBudget
+    from p2v_fast.plan import simulate_wavefront
+
+    cfg = EditConfig(prompt="a swan", model="tiny", steps=6, latent_update=mode, refs=refs, batch_frames=cap)
+    ctx = make_context(cfg, tiny_models, n)
+    ctx.budget = CallBudget(torch.device("cpu"), measurable=False)
+    ticks: list[int] = []
+    list(wavefront(ctx, iter(random_frames(n)), on_step=ticks.append, max_in_flight=cap))
+    plan = simulate_wavefront(cfg, n, feature_shapes(tiny_models.unet, (8, 8)), tiny_models.dtype, (8, 8))
+    assert (plan.ticks, plan.frame_steps) == (len(ticks), sum(ticks))
+    assert plan.calls == ctx.backend.counter.unet_calls
+    assert plan.peak_feature_bytes == ctx.stats.peak_feature_bytes > 0
+    assert plan.largest_call <= (cap or 16)
+
+
+def test_plan_at_sd2_sizes_is_what_the_readme_states() -> None:
+    """README, "Speed: the wavefront schedule": a 60-frame, 50-step edit at 512x512 fp16 with the
+    default cap of 16 takes 211 ticks (336 calls with autograd), not "n + T", and its stored
+    features peak at the anchor's 50 steps plus ~50 frame-steps (2.75 GB), whatever the cap."""
+    from benchmarks.plan import plan_report
+
+    report = plan_report(60, 50, 512, "fp16", caps=(4, 16, 50))
+    plans = {(p["latent_update"], p["cap"]): p for p in report["plans"]}
+    assert plans[("detached", 16)]["ticks"] == plans[("autograd", 16)]["ticks"] == 211
+    assert (plans[("detached", 16)]["calls"], plans[("autograd", 16)]["calls"]) == (211, 336)
+    assert (plans[("detached", 4)]["ticks"], plans[("detached", 50)]["ticks"]) == (753, 60 + 50 - 1)
+    step = plans[("detached", 16)]["feature_step_bytes"]
+    assert step == 2 * 2 * 3 * (256 * 1280 + 1024 * 640 + 4096 * 320)  # 27.5 MB: both branches, 9 layers, fp16
+    for p in plans.values():
+        assert p["anchor_feature_bytes"] == 50 * step
+        assert 49 <= p["peak_stored_steps"] <= 51  # ~T frame-steps stored beside the anchor, whatever the cap
+        assert abs(p["peak_feature_bytes"] - 2.754e9) < 0.01e9

@@ -56,6 +56,7 @@ def test_compiled_calls_are_padded_to_buckets_and_cut_back(tiny_models) -> None:
     replaced by the eager one here: what is tested is the padding around it.)"""
     from p2v_fast.attention import feature_shapes
     from p2v_fast.backends import COMPILE_BUCKETS, TorchBackend
+    from p2v_fast.edit import per_branch
 
     padded = TorchBackend(tiny_models)  # one wrapper per UNet: its processors are the UNet's
     seen: list[int] = []
@@ -63,15 +64,20 @@ def test_compiled_calls_are_padded_to_buckets_and_cut_back(tiny_models) -> None:
     def bucketed(*args, self_ref):
         seen.append(args[0].shape[0])
         assert self_ref is not None and len(args) == 3 + len(feature_shapes(tiny_models.unet, (8, 8)))
+        # as traced: dynamo guards on strides, so a broadcast batch (stride 0) would recompile
+        assert all(a.is_contiguous() for a in (*args, self_ref))
         return padded.unet_module(*args, self_ref=self_ref)
 
     padded.unet_call = bucketed
     g = torch.Generator().manual_seed(0)
     dim = tiny_models.text_encoder.config.hidden_size
     shapes = feature_shapes(tiny_models.unet, (8, 8))
-    for b, with_refs in ((1, False), (3, True), (6, True), (5, False)):
+    for b, with_refs in ((1, False), (3, True), (6, True), (5, False), (2, True)):
         sample, ehs = torch.randn(b, 5, 8, 8, generator=g), torch.randn(b, 77, dim, generator=g)
         t = torch.randint(1, 999, (b,), generator=g)
+        if b == 2:  # one frame's two CFG branches, as the edit makes them: a broadcast (stride 0)
+            sample, t = per_branch(sample[:1]), per_branch(t[:1])
+            assert sample.stride(0) == 0
         refs = [torch.randn(b, 2 * n, c, generator=g) for n, c in shapes] if with_refs else None
         self_ref = (torch.arange(b) % 3 == 0).float() if with_refs else None
         with torch.no_grad():
@@ -82,4 +88,4 @@ def test_compiled_calls_are_padded_to_buckets_and_cut_back(tiny_models) -> None:
         for w, o in zip([want[0], *want[1]], [got[0], *got[1]], strict=True):
             assert o.shape == w.shape
             torch.testing.assert_close(o, w, rtol=1e-4, atol=1e-5)
-    assert seen == [2, 4, 8, 8] and set(seen) <= set(COMPILE_BUCKETS)
+    assert seen == [2, 4, 8, 8, 2] and set(seen) <= set(COMPILE_BUCKETS)
