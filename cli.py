@@ -277,28 +277,20 @@ Threads = Annotated[int | None, typer.Option(
     help="CPU threads for PyTorch (default: one per core; OpenMP threads wait passively, see README).")]
 
 
-def _check_threads(n: int | None) -> None:
+@contextlib.contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    """PyTorch's CPU threads for a command that takes no EditConfig (whose ``threads`` the
+    library applies itself): ``n``, or its default (one per physical core). Either way OpenMP's
+    idle threads sleep rather than spin (:func:`main` sets OMP_WAIT_POLICY=PASSIVE before torch
+    loads, unless the environment sets it)."""
     if n is not None and n < 1:
         from p2v_fast.errors import InputError
 
         raise InputError(f"--threads must be >= 1; got {n}")
+    from p2v_fast.pipeline import torch_threads
 
-
-@contextlib.contextmanager
-def _threads(n: int | None) -> Iterator[None]:
-    """PyTorch's intra-op threads for one command: ``n``, or its default (one per physical core).
-    Either way OpenMP's idle threads sleep rather than spin (:func:`main` sets
-    OMP_WAIT_POLICY=PASSIVE before torch loads, unless the environment sets it)."""
-    _check_threads(n)
-    import torch
-
-    before = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
+    with torch_threads(n):
         yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _config(**kw: Any):
@@ -369,8 +361,9 @@ def edit(
         latent_update=latent_update, update_steps=update_steps, update_weight=update_weight,
         schedule=schedule, batch_frames=batch_frames, invert_batch=invert_batch, compile=compile,
         channels_last=channels_last, resize=resize, invert_dtype=invert_dtype, cuda_graph=cuda_graph, fps=fps,
+        threads=threads,
     )
-    with _threads(threads), _progress() as progress:
+    with _progress() as progress:
         result = edit_video(cfg, input, output, overwrite=overwrite, preview=preview, side_by_side=side_by_side,
                             progress=progress, json_path=json_path)
     from p2v_fast.inversion import describe_reconstruction
@@ -412,16 +405,15 @@ def demo(
     from p2v_fast import video
     from p2v_fast.pipeline import edit_video
 
-    _check_threads(threads)  # before the sample clip is made
+    cfg = _config(prompt="a crochet swan on the lake", model="tiny", size=size, steps=steps,
+                  source_prompt="a sample clip", threads=threads)  # checked before the sample clip is made
     out.mkdir(parents=True, exist_ok=True)
     clip = out / "sample.mp4"
     if not clip.exists():
         video.make_sample_clip(clip, n_frames=frames, size=(256, 192), fps=12.0, with_audio=True)
     console.print(f"sample clip: {clip} ({_n(frames, 'frame')}, with audio)", markup=False, highlight=False,
                   soft_wrap=True)
-    cfg = _config(prompt="a crochet swan on the lake", model="tiny", size=size, steps=steps,
-                  source_prompt="a sample clip")
-    with _threads(threads), _progress() as progress:
+    with _progress() as progress:
         result = edit_video(cfg, clip, out / "sample.p2v.mp4", overwrite=True, side_by_side=True,
                             progress=progress)
     out_console.print(
@@ -460,8 +452,8 @@ def invert(
     cfg = _config(model=model, device=device, dtype=dtype, backend=backend, engines=engines, size=size, start=start,
                   max_frames=max_frames, stride=stride, steps=steps, source_prompt=source_prompt,
                   depth_norm=depth_norm, latent_update="off", invert_batch=invert_batch, resize=resize,
-                  invert_dtype=invert_dtype, fps=fps)
-    with _threads(threads), _progress() as progress:
+                  invert_dtype=invert_dtype, fps=fps, threads=threads)
+    with _progress() as progress:
         prep = invert_video(cfg, input, progress)
     inv, sel = prep.inverted, prep.selection
     state = "cache hit (nothing to do)" if inv.cache_hit else f"{prep.seconds:.1f} s"
@@ -726,8 +718,8 @@ def ablate(
     cfg = _config(prompt=prompt, source_prompt=source_prompt, model=model, device=device, dtype=dtype,
                   backend=backend, engines=engines, size=size, start=start, max_frames=max_frames, stride=stride,
                   steps=steps, guidance_scale=guidance_scale, seed=seed, depth_norm=depth_norm,
-                  update_weight=update_weight, resize=resize, invert_dtype=invert_dtype, fps=fps)
-    with _threads(threads), _progress() as progress:
+                  update_weight=update_weight, resize=resize, invert_dtype=invert_dtype, fps=fps, threads=threads)
+    with _threads(threads), _progress() as progress:  # the metrics too, not only the edits
         result = run_ablation(cfg, input, out, settings=settings, clip_model=clip_model, flow=flow,
                               overwrite=overwrite, sheet_frames=sheet_frames, progress=progress)
     best = result.best()

@@ -72,6 +72,9 @@ class EditConfig:
     compile: bool = False  # torch.compile the UNet (CUDA graphs via mode="reduce-overhead" on GPU)
     channels_last: bool = False  # channels-last memory format for the UNet
     cuda_graph: bool = False  # tensorrt backend: replay each engine as a CUDA graph (static-shape engines)
+    # PyTorch's CPU threads for the run; None: its default, one per physical core (OpenMP's idle
+    # threads wait passively either way: cli.main sets OMP_WAIT_POLICY=PASSIVE; README, "CPU threads")
+    threads: int | None = None
 
     # --- Pix2Video (sec. 3.1, 3.2) ---
     refs: str = "anchor+prev"  # K/V source of the 9 decoder self-attention layers
@@ -112,6 +115,8 @@ def _verify(c: EditConfig) -> None:
     _choice("depth-norm", c.depth_norm, DEPTH_NORMS)
     _choice("backend", c.backend, BACKENDS)
     _choice("schedule", c.schedule, SCHEDULES)
+    if c.threads is not None and c.threads < 1:
+        raise InputError(f"--threads must be >= 1; got {c.threads}")
     if c.cuda_graph and c.backend not in ("tensorrt", "auto"):
         raise InputError(f"--cuda-graph is for --backend tensorrt, not {c.backend} (PyTorch: --compile)")
     if c.batch_frames is not None and c.batch_frames < 1:

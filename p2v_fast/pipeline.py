@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import hashlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -223,8 +224,21 @@ def invert_video(cfg: EditConfig, input_path: Path, progress: Progress | None = 
     """`p2v invert`: DDIM-invert the clip into the cache."""
     info = probe_input(Path(input_path), cfg)
     select_clip(input_path, cfg, info)  # a bad size or frame selection fails before models load
-    rt = runtime or load_runtime(cfg)
-    return prepare(cfg, Path(input_path), rt, progress or NullProgress(), info)
+    with torch_threads(cfg.threads):
+        rt = runtime or load_runtime(cfg)
+        return prepare(cfg, Path(input_path), rt, progress or NullProgress(), info)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """PyTorch's CPU intra-op threads set to ``n`` while the block runs (None: unchanged)."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -314,8 +328,9 @@ def edit_video(
         check_output(input_path, Path(json_path), overwrite=True)
     claim = OutputClaim(out).acquire(overwrite)  # a second run writing `out` is refused
     try:
-        return _edit(cfg, input_path, info, prompt, out, sbs_path, strip, preview=preview, progress=progress,
-                     runtime=runtime, json_path=json_path)
+        with torch_threads(cfg.threads):
+            return _edit(cfg, input_path, info, prompt, out, sbs_path, strip, preview=preview, progress=progress,
+                         runtime=runtime, json_path=json_path)
     finally:
         claim.release()
 
