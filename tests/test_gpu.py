@@ -141,3 +141,17 @@ def test_compiled_edit_equals_eager_on_cuda(tiny_dir) -> None:
 def test_compiled_edit_equals_eager_on_cpu(tiny_dir, one_torch_thread) -> None:
     """The same code on the CPU (inductor, no CUDA graphs)."""
     _check_compiled_equals_eager(torch.device("cpu"))
+
+
+@pytest.mark.slow
+@slow
+def test_bench_compile_warms_up_before_timing(tiny_dir, one_torch_thread) -> None:
+    """`p2v bench --compile`: the buckets are compiled before the first timed run and reported."""
+    from benchmarks.bench import BenchOptions, run_bench
+
+    data = run_bench(BenchOptions(model="tiny", size=64, steps=2, frames=3, compile=True, schedules=("wavefront",),
+                                  latent_updates=("detached",), repeats=1, warmup=1, threads=1))
+    run = data["runs"][0]
+    assert run["compiled"]["buckets"] == 3 and run["compiled"]["warm_up_seconds"] > 0  # 2, 4 and 8 samples
+    assert run["edits"][0]["unet_per_frame"]["counts_match_algorithm"]
+    torch._dynamo.reset()
