@@ -579,8 +579,9 @@ class _AudioTrack:
         self._s1 = math.inf if duration is None else round((start + duration) * self.rate)
         if start > 1.0 and in_stream.time_base:
             self._in.seek(int((start - 0.5) / in_stream.time_base), stream=in_stream)
-        self._chunks = self._decode(in_stream)
+        self._chunks: Iterator[tuple[int, np.ndarray]] | None = self._decode(in_stream)
         self._pending: tuple[int, np.ndarray] | None = None
+        self._decoded = False
 
     def _decode(self, in_stream: av.audio.stream.AudioStream) -> Iterator[tuple[int, np.ndarray]]:
         resampler = av.AudioResampler(format="fltp", layout=self.layout, rate=self.rate)
@@ -594,11 +595,14 @@ class _AudioTrack:
                 pos = (pos or 0) + arr.shape[1]
 
     def _next(self) -> tuple[int, np.ndarray] | None:
-        if self._pending is None:
+        if self._pending is None and self._chunks is not None:
             try:
                 self._pending = next(self._chunks, None)
             except av.error.FFmpegError as e:
-                raise InputError(f"cannot decode audio of '{self._in.name}': {_why(e)}") from None
+                if not self._decoded:
+                    raise InputError(f"cannot decode audio of '{self._in.name}': {_why(e)}") from None
+                self._chunks = None  # a damaged tail (a truncated copy): the audio ends where it decoded
+            self._decoded = self._decoded or self._pending is not None
         return self._pending
 
     def mux_until(self, seconds: float) -> None:

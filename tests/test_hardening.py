@@ -86,8 +86,9 @@ def test_damaged_cache_entry_is_recomputed_with_a_notice(clip, cache, tmp_path, 
 
 def test_truncated_copy_of_a_video_is_one_line_and_max_frames_works(tmp_path, cache) -> None:
     full = tmp_path / "full.mp4"
-    with video.VideoWriter(full, 12.0, (96, 64)) as w:  # faststart: the frame count is at the front
-        for i in range(12):
+    sound = sample_clip(tmp_path, n_frames=12, size=(96, 64))  # for its audio
+    with video.VideoWriter(full, 12.0, (96, 64), audio_source=sound) as w:  # faststart: the frame count is
+        for i in range(12):                                                  # at the front
             w.write(video.sample_frame(i, (96, 64)))
     cut = tmp_path / "cut.mp4"
     cut.write_bytes(full.read_bytes()[: full.stat().st_size * 6 // 10])
@@ -100,7 +101,8 @@ def test_truncated_copy_of_a_video_is_one_line_and_max_frames_works(tmp_path, ca
     assert f"only {decodable} decode" in msg and f"--max-frames {decodable}" in msg
     assert not (tmp_path / "o.mp4").exists() and _digest(cut) == before
     r = _p2v("edit", cut, "a swan", "-o", tmp_path / "o.mp4", *FAST, "--max-frames", decodable)
-    assert r.exit_code == 0, r.output
+    assert r.exit_code == 0, r.output  # the audio's damaged tail too is cut, not fatal
+    assert video.probe(tmp_path / "o.mp4").has_audio
 
 
 def test_two_inversions_of_one_clip_at_once_share_the_work(tiny_models, clip, tmp_path) -> None:
@@ -636,3 +638,7 @@ def test_small_things(tmp_path, tiny_dir) -> None:
     r = _p2v("edit", frames, "a swan", "-o", tmp_path / "c.mp4", *FAST[:-2])
     assert r.exit_code == 0, r.output
     assert "random weights" in r.stdout and "word salad" in r.stderr
+
+
+def test_demo_threads_must_be_positive() -> None:
+    assert "--threads must be >= 1" in one_line_error(runner.invoke(app, ["demo", "--threads", "0"]))
