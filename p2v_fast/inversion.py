@@ -336,7 +336,9 @@ def invert_clip(
     meta_path = root / "meta.json"
     n, latent_hw = selection.n_frames, selection.latent_hw
     handle = InvertedClip(root, n, latent_hw, source_prompt, cache_hit=True, runtime=runtime.identity)
-    lock = claim_entry(root, n, latent_hw, progress)  # held until the entry is complete (or this process ends)
+    # held until the entry is complete; on an error, until this call's frame is freed (CPython: when the
+    # exception is handled) or the process ends
+    lock = claim_entry(root, n, latent_hw, progress)
     if lock is None:
         handle.reconstruction = json.loads(meta_path.read_text()).get("reconstruction")
         progress.log(f"inversion: cache hit ({n} frame{'' if n == 1 else 's'}, {root})")

@@ -3,6 +3,7 @@ writes, out-of-space errors and the locks that keep two runs from writing the sa
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -183,7 +184,8 @@ class FileLock:
         self.release()
 
     def __del__(self) -> None:
-        self.release()
+        with contextlib.suppress(Exception):  # at interpreter exit the kernel drops it anyway
+            self.release()
 
 
 class OutputClaim:
@@ -227,4 +229,5 @@ class OutputClaim:
             self._lock = None
 
     def __del__(self) -> None:
-        self.release()
+        with contextlib.suppress(Exception):
+            self.release()
