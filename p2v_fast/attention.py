@@ -121,8 +121,13 @@ class UNetWithFeatures(nn.Module):
             raise ValueError("the UNet has no decoder self-attention layers (up_blocks.1-3 attn1)")
         self._slot = _CallSlot(len(self.layer_names))
         modules = dict(unet.named_modules())
-        for i, name in enumerate(self.layer_names):
-            modules[name].set_processor(CrossFrameAttnProcessor(self._slot, i))
+        self._layers = [modules[name] for name in self.layer_names]  # a plain list: not submodules
+        self._processors = [CrossFrameAttnProcessor(self._slot, i) for i in range(len(self._layers))]
+        self._install()
+
+    def _install(self) -> None:
+        for layer, proc in zip(self._layers, self._processors, strict=True):
+            layer.set_processor(proc)
 
     @property
     def n_layers(self) -> int:
@@ -141,6 +146,8 @@ class UNetWithFeatures(nn.Module):
         self._slot.refs = list(refs) if refs else None
         self._slot.self_ref = None if self_ref is None or not refs else (self_ref != 0).view(-1, 1, 1)
         self._slot.feats = [None] * self.n_layers
+        if any(layer.processor is not proc for layer, proc in zip(self._layers, self._processors, strict=True)):
+            self._install()  # another wrapper of the same UNet (a second backend) took the layers over
         try:
             noise = self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
             feats = tuple(f for f in self._slot.feats if f is not None)

@@ -125,3 +125,18 @@ def test_self_ref_mixes_anchor_and_cross_frame_samples_in_one_call() -> None:
     for m, p, c in zip(mixed_feats, plain_feats, cross_feats, strict=True):
         torch.testing.assert_close(m[0], p[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(m[1], c[1], rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_two_wrappers_of_one_unet_each_get_their_own_features() -> None:
+    """A second wrapper (e.g. a second backend over the same models) installs its processors on
+    the shared UNet; the first one must still work when called after it."""
+    unet = _unet()
+    first = UNetWithFeatures(unet)
+    sample, t, ehs = _inputs()
+    want, *want_feats = first(sample, t, ehs)
+    second = UNetWithFeatures(unet)
+    second(sample, t, ehs)
+    got, *got_feats = first(sample, t, ehs)
+    torch.testing.assert_close(got, want)
+    assert len(got_feats) == len(want_feats) == 9
