@@ -336,83 +336,84 @@ def invert_clip(
     meta_path = root / "meta.json"
     n, latent_hw = selection.n_frames, selection.latent_hw
     handle = InvertedClip(root, n, latent_hw, source_prompt, cache_hit=True, runtime=runtime.identity)
-    # held until the entry is complete; on an error, until this call's frame is freed (CPython: when the
-    # exception is handled) or the process ends
+    # held while this run fills the entry (released on success, error or interrupt; by the kernel if killed)
     lock = claim_entry(root, n, latent_hw, progress)
     if lock is None:
         handle.reconstruction = json.loads(meta_path.read_text()).get("reconstruction")
         progress.log(f"inversion: cache hit ({n} frame{'' if n == 1 else 's'}, {root})")
         return handle
-    handle.cache_hit = False
-    progress.log(f"inversion: {runtime.describe()}")
-    backend = runtime.make()
-    models = backend.models
-    root.mkdir(parents=True, exist_ok=True)
-    enc_path = lambda i: root / f"encoded_{i:06d}.safetensors"  # noqa: E731
-    inv_path = lambda i: root / f"frame_{i:06d}.safetensors"  # noqa: E731
+    try:
+        handle.cache_hit = False
+        progress.log(f"inversion: {runtime.describe()}")
+        backend = runtime.make()
+        models = backend.models
+        root.mkdir(parents=True, exist_ok=True)
+        enc_path = lambda i: root / f"encoded_{i:06d}.safetensors"  # noqa: E731
+        inv_path = lambda i: root / f"frame_{i:06d}.safetensors"  # noqa: E731
 
-    # Pass 1: VAE latent and raw depth per frame (kept on disk, not in memory).
-    advance = progress.stage("encode + depth", n)
-    encode_batch = batch or 1  # the VAE encoder's activations at full resolution are large
-    depth_estimator = DepthEstimator(models, batch_size=encode_batch, run=backend.depth)
-    lo, hi = float("inf"), float("-inf")
-    chunk: list[np.ndarray] = []
-    index = 0
+        # Pass 1: VAE latent and raw depth per frame (kept on disk, not in memory).
+        advance = progress.stage("encode + depth", n)
+        encode_batch = batch or 1  # the VAE encoder's activations at full resolution are large
+        depth_estimator = DepthEstimator(models, batch_size=encode_batch, run=backend.depth)
+        lo, hi = float("inf"), float("-inf")
+        chunk: list[np.ndarray] = []
+        index = 0
 
-    def flush() -> None:
-        nonlocal index, lo, hi
-        done = all(file_problem(enc_path(i), latent_hw, ENCODED_TENSORS) is None
-                   for i in range(index, index + len(chunk)))
-        if done:  # resuming: this chunk was encoded by an interrupted run
-            d = torch.cat([load_file(str(enc_path(i)))["depth_raw"] for i in range(index, index + len(chunk))])
-        else:
-            x0 = backend.vae_encode(images_to_tensor(chunk).to(backend.device))
-            d = depth_estimator.raw(np.stack(chunk))  # [B,h,w], unnormalised
-            for j in range(len(chunk)):
-                _save_atomic({"x_0": x0[j : j + 1], "depth_raw": d[j : j + 1]}, enc_path(index + j))
-        lo, hi = min(lo, float(d.min())), max(hi, float(d.max()))
-        index += len(chunk)
-        advance(len(chunk))
-        chunk.clear()
+        def flush() -> None:
+            nonlocal index, lo, hi
+            done = all(file_problem(enc_path(i), latent_hw, ENCODED_TENSORS) is None
+                       for i in range(index, index + len(chunk)))
+            if done:  # resuming: this chunk was encoded by an interrupted run
+                d = torch.cat([load_file(str(enc_path(i)))["depth_raw"] for i in range(index, index + len(chunk))])
+            else:
+                x0 = backend.vae_encode(images_to_tensor(chunk).to(backend.device))
+                d = depth_estimator.raw(np.stack(chunk))  # [B,h,w], unnormalised
+                for j in range(len(chunk)):
+                    _save_atomic({"x_0": x0[j : j + 1], "depth_raw": d[j : j + 1]}, enc_path(index + j))
+            lo, hi = min(lo, float(d.min())), max(hi, float(d.max()))
+            index += len(chunk)
+            advance(len(chunk))
+            chunk.clear()
 
-    for frame in selection.frames():
-        chunk.append(frame)
-        if len(chunk) == encode_batch:
+        for frame in selection.frames():
+            chunk.append(frame)
+            if len(chunk) == encode_batch:
+                flush()
+        if chunk:
             flush()
-    if chunk:
-        flush()
-    if index != n:  # fewer frames decoded than the container promised
-        raise InputError(short_clip_message(selection, index))
+        if index != n:  # fewer frames decoded than the container promised
+            raise InputError(short_clip_message(selection, index))
 
-    # Pass 2: DDIM inversion, conditional branch only.
-    schedule = DDIMSchedule(models.scheduler, cfg.steps)
-    cond = encode_prompt(models, source_prompt)
-    advance = progress.stage("inversion", n * cfg.steps)
-    pending = [i for i in range(n) if file_problem(inv_path(i), latent_hw)]  # resuming: intact frames are kept
-    advance(cfg.steps * (n - len(pending)))
-    if budget is None:  # the user's --invert-batch is taken as given (still retried smaller on OOM)
-        budget = CallBudget(backend.device, measurable=False if batch else None)
-    schedule.to(backend.device)
-    inputs = lambda ids: _inputs(ids, cfg, backend, lo, hi, enc_path)  # noqa: E731
-    # A call's frames run every step together, so measure on the first step before choosing
-    # how many: one call of 1 frame and one of 2, results discarded (3 of n x steps frame-steps).
-    budget.calibrate(INVERT_KIND, lambda k: _first_step(inputs(pending[:k]), backend, schedule, cond, cfg.steps),
-                     len(pending))
-    budget.run_in_calls(INVERT_KIND, pending, lambda ids: _invert_frames(
-        list(ids), inputs(list(ids)), backend, schedule, cond, cfg.steps, inv_path, advance),
-        most=batch or MAX_INVERT_BATCH)
-    if check:
-        handle.reconstruction = reconstruction_error(backend, schedule, cond, handle.load(0, backend.device))
-        progress.log(f"inversion: {describe_reconstruction(handle.reconstruction)}")
-    meta = {"n_frames": n, "latent_hw": list(latent_hw), "source_prompt": source_prompt, "steps": cfg.steps,
-            "model": model_identity(models), "size": list(selection.size), "resize": selection.resize,
-            "box": None if selection.box is None else list(selection.box), "depth_norm": cfg.depth_norm,
-            "runtime": runtime.identity, "reconstruction": handle.reconstruction}
-    meta["files"] = {inv_path(i).name: _file_record(inv_path(i)) for i in range(n)}
-    write_bytes_atomic(meta_path, json.dumps(meta, indent=2).encode(), "the inversion cache")
-    for i in range(n):
-        enc_path(i).unlink(missing_ok=True)
-    lock.release()
+        # Pass 2: DDIM inversion, conditional branch only.
+        schedule = DDIMSchedule(models.scheduler, cfg.steps)
+        cond = encode_prompt(models, source_prompt)
+        advance = progress.stage("inversion", n * cfg.steps)
+        pending = [i for i in range(n) if file_problem(inv_path(i), latent_hw)]  # resuming: intact frames are kept
+        advance(cfg.steps * (n - len(pending)))
+        if budget is None:  # the user's --invert-batch is taken as given (still retried smaller on OOM)
+            budget = CallBudget(backend.device, measurable=False if batch else None)
+        schedule.to(backend.device)
+        inputs = lambda ids: _inputs(ids, cfg, backend, lo, hi, enc_path)  # noqa: E731
+        # A call's frames run every step together, so measure on the first step before choosing
+        # how many: one call of 1 frame and one of 2, results discarded (3 of n x steps frame-steps).
+        budget.calibrate(INVERT_KIND, lambda k: _first_step(inputs(pending[:k]), backend, schedule, cond, cfg.steps),
+                         len(pending))
+        budget.run_in_calls(INVERT_KIND, pending, lambda ids: _invert_frames(
+            list(ids), inputs(list(ids)), backend, schedule, cond, cfg.steps, inv_path, advance),
+            most=batch or MAX_INVERT_BATCH)
+        if check:
+            handle.reconstruction = reconstruction_error(backend, schedule, cond, handle.load(0, backend.device))
+            progress.log(f"inversion: {describe_reconstruction(handle.reconstruction)}")
+        meta = {"n_frames": n, "latent_hw": list(latent_hw), "source_prompt": source_prompt, "steps": cfg.steps,
+                "model": model_identity(models), "size": list(selection.size), "resize": selection.resize,
+                "box": None if selection.box is None else list(selection.box), "depth_norm": cfg.depth_norm,
+                "runtime": runtime.identity, "reconstruction": handle.reconstruction}
+        meta["files"] = {inv_path(i).name: _file_record(inv_path(i)) for i in range(n)}
+        write_bytes_atomic(meta_path, json.dumps(meta, indent=2).encode(), "the inversion cache")
+        for i in range(n):
+            enc_path(i).unlink(missing_ok=True)
+    finally:
+        lock.release()
     return handle
 
 
@@ -478,8 +479,7 @@ def reconstruction_error(backend: Backend, schedule: DDIMSchedule, cond: torch.T
     device = backend.device
     x, depth, x_0 = (frame[k].to(device) for k in ("x_T", "depth", "x_0"))
     for s in range(schedule.steps):
-        idx = torch.tensor([s])
-        eps, _ = backend.unet(torch.cat([x, depth], dim=1), schedule.timesteps[idx].to(device), cond)
+        eps, idx = _eps(x, depth, s, backend, schedule, cond)
         x, _ = schedule.step(x, eps, idx)
     rel = float((x - x_0).pow(2).mean().sqrt() / x_0.pow(2).mean().sqrt().clamp_min(1e-12))
     images = backend.vae_decode(torch.cat([x, x_0])).clamp(-1, 1)
