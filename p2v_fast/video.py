@@ -490,29 +490,18 @@ def _rate(fps: float) -> Fraction:
     return rate
 
 
-def _h264_stream(
-    container: av.container.OutputContainer, rate: Fraction, size: tuple[int, int], crf: int,
-    time_base: Fraction | None = None,
-) -> av.video.stream.VideoStream:
-    stream = container.add_stream("libx264", rate=rate)
-    stream.width, stream.height = size
-    stream.pix_fmt = "yuv420p"
-    _tag_bt709(stream, rate, time_base)
-    stream.options = {"crf": str(crf), "preset": "medium"}
-    return stream
-
-
-def _video_stream(container: av.container.OutputContainer, fmt: OutputFormat, rate: Fraction,
-                  size: tuple[int, int], crf: int, time_base: Fraction | None) -> av.video.stream.VideoStream:
-    codec = next(c for c in fmt.video if c in av.codecs_available)
-    if codec == "libx264":
-        return _h264_stream(container, rate, size, crf, time_base)
+def _video_stream(container: av.container.OutputContainer, codec: str, rate: Fraction, size: tuple[int, int],
+                  crf: int, time_base: Fraction | None = None) -> av.video.stream.VideoStream:
+    """A yuv420p ``codec`` stream (libx264, or VP9/VP8 for webm) at constant quality ``crf``
+    (x264's scale; VP9's 0..63 is offset: x264's 18 looks about like VP9's 28), BT.709 tagged."""
     stream: Any = container.add_stream(codec, rate=rate)
     stream.width, stream.height = size
     stream.pix_fmt = "yuv420p"
     _tag_bt709(stream, rate, time_base)
-    # constant quality (VP9's crf 0..63; x264's 18 looks about like VP9's 28), multithreaded rows
-    stream.options = {"crf": str(min(63, crf + 10)), "b": "0", "deadline": "good", "cpu-used": "4", "row-mt": "1"}
+    if codec == "libx264":
+        stream.options = {"crf": str(crf), "preset": "medium"}
+    else:  # libvpx: constant quality, multithreaded rows
+        stream.options = {"crf": str(min(63, crf + 10)), "b": "0", "deadline": "good", "cpu-used": "4", "row-mt": "1"}
     return stream
 
 
@@ -729,7 +718,8 @@ class VideoWriter:
                 raise write_error(e, self.out_path) from None
             raise InputError(f"cannot write '{self.tmp_path}': {_why(e)}") from None
         try:
-            self._stream = _video_stream(self._container, self.format, self.rate, self.size, self.crf,
+            codec = next(c for c in self.format.video if c in av.codecs_available)
+            self._stream = _video_stream(self._container, codec, self.rate, self.size, self.crf,
                                          self.time_base)
             src = self.audio_source
             if src is not None and _has_audio(src, self.audio_start):
@@ -901,7 +891,7 @@ def make_sample_clip(
     try:
         with av.open(str(tmp), mode="w", format={".mkv": "matroska"}.get(suffix, suffix[1:])) as c:
             if vcodec == "libx264":
-                vs = _h264_stream(c, rate, size, crf=18)
+                vs = _video_stream(c, vcodec, rate, size, crf=18)
             else:
                 vs = c.add_stream(vcodec, rate=rate)
                 vs.width, vs.height = size
