@@ -255,6 +255,16 @@ Fps = Annotated[float | None, typer.Option(
     help="Frame rate of an image-folder input (default 24); a video keeps its own.")]
 
 
+InvertDtype = Annotated[str, typer.Option(
+    "--invert-dtype", help="Precision of the DDIM inversion: fp32 (default, whatever --dtype is; fp16 engines "
+    "invert on PyTorch), fp16, bf16, or 'same' (the edit's --dtype and backend).")]
+Resize = Annotated[str, typer.Option(
+    help="Framing: crop (short side --size, aspect kept, centre-cropped), stretch (squashed to --size x --size, "
+    "as the paper), pad (fitted in --size x --size, letterboxed; the output drops the bars).")]
+Threads = Annotated[int | None, typer.Option(
+    help="CPU threads for PyTorch (default: one per core; OpenMP threads wait passively, see README).")]
+
+
 def _print_rows(rows: list[tuple[str, str]]) -> None:
     """Label / value lines on stdout, values whole (never cut to the terminal's width) and as typed."""
     width = max(len(k) for k, _ in rows)
@@ -265,16 +275,6 @@ def _print_rows(rows: list[tuple[str, str]]) -> None:
 def _n(count: int, noun: str) -> str:
     """'1 frame', '2 frames'."""
     return f"{count} {noun}{'' if count == 1 else 's'}"
-InvertDtype = Annotated[str, typer.Option(
-    "--invert-dtype", help="Precision of the DDIM inversion: fp32 (default, whatever --dtype is; fp16 engines "
-    "invert on PyTorch), fp16, bf16, or 'same' (the edit's --dtype and backend).")]
-Resize = Annotated[str, typer.Option(
-    help="Framing: crop (short side --size, aspect kept, centre-cropped), stretch (squashed to --size x --size, "
-    "as the paper), pad (fitted in --size x --size, letterboxed; the output drops the bars).")]
-
-
-Threads = Annotated[int | None, typer.Option(
-    help="CPU threads for PyTorch (default: one per core; OpenMP threads wait passively, see README).")]
 
 
 @contextlib.contextmanager
