@@ -51,17 +51,22 @@ def check_name_length(path: str | Path, extra_names: tuple[str, ...] = ()) -> Pa
     return out
 
 
-def check_output_file(path: str | Path, *, extra_names: tuple[str, ...] = ()) -> Path:
+def check_output_file(path: str | Path, *, extra_names: tuple[str, ...] = (), create_folder: bool = False) -> Path:
     """InputError unless ``path`` can be written as a file (checked before long work starts).
 
     Refused: a folder, a device, FIFO or socket (only a regular file is ever replaced), a missing
     or unwritable folder, and a name longer than the file system allows, counting the temporary
     ``.NAME.partial`` name it is written under and ``extra_names`` (side files) beside it.
+    ``create_folder``: a missing folder is fine if its nearest existing ancestor is a writable
+    folder (the caller creates it).
     """
     out = check_name_length(path, extra_names)
     if out.is_dir():
         raise InputError(f"output '{out}' is a folder; give a file name")
     parent = out.parent if str(out.parent) else Path(".")
+    if create_folder:
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
     if not parent.is_dir():
         raise InputError(f"output folder '{parent}' does not exist")
     if not os.access(parent, os.W_OK):

@@ -139,11 +139,11 @@ def default_output(input_path: Path, suffix: str = ".p2v.mp4") -> Path:
 
 
 def check_output(input_path: Path, output: Path, overwrite: bool, kind: str | None = None,
-                 side_files: tuple[str, ...] = ()) -> Path:
+                 side_files: tuple[str, ...] = (), create_folder: bool = False) -> Path:
     """Validate the output path: not the input, not inside an input image folder, not an existing
     file (unless overwrite), writable, a name the file system takes (``side_files``: names that
     will be written beside it). ``kind``: "video" (an extension :data:`video.OUTPUT_FORMATS`
-    knows) or "png"."""
+    knows) or "png". ``create_folder``: its folder may not exist yet (the caller creates it)."""
     output = check_name_length(output, side_files)
     if output.resolve() == Path(input_path).resolve():
         raise InputError(f"output '{output}' is the input; choose another -o path")
@@ -156,12 +156,54 @@ def check_output(input_path: Path, output: Path, overwrite: bool, kind: str | No
         video.output_format(output)
     if output.exists() and not output.is_dir() and not overwrite:
         raise InputError(f"output '{output}' exists; pass --overwrite to replace it")
-    return check_output_file(output, extra_names=side_files)
+    return check_output_file(output, extra_names=side_files, create_folder=create_folder)
 
 
 def side_paths(out: Path) -> tuple[Path, Path]:
     """The side-by-side video and the contact strip written beside the edit ``out``."""
     return out.with_name(f"{out.stem}.side-by-side{out.suffix}"), out.with_name(f"{out.stem}.strip.png")
+
+
+@dataclass(frozen=True)
+class EditPaths:
+    """Every file an edit writes: the output, the side-by-side video (``--side-by-side``), the
+    contact strip (not with ``--preview``) and the ``--json`` report."""
+
+    output: Path
+    side_by_side: Path | None
+    strip: Path | None
+    json: Path | None
+    preview: bool = False
+
+    @classmethod
+    def of(cls, input_path: Path, output: str | Path | None, *, preview: bool = False, side_by_side: bool = False,
+           json_path: str | Path | None = None) -> EditPaths:
+        """The paths ``p2v edit`` writes for these options (``output`` None: beside the input)."""
+        out = Path(output) if output else default_output(Path(input_path),
+                                                         ".p2v-preview.png" if preview else ".p2v.mp4")
+        sbs, strip = side_paths(out)
+        return cls(out, sbs if side_by_side and not preview else None, None if preview else strip,
+                   None if json_path is None else Path(json_path), preview)
+
+    @property
+    def sides(self) -> tuple[Path, ...]:
+        """The side files written beside the output."""
+        return tuple(p for p in (self.strip, self.side_by_side) if p is not None)
+
+    @property
+    def all(self) -> tuple[Path, ...]:
+        return (self.output, *self.sides, *(() if self.json is None else (self.json,)))
+
+    def check(self, input_path: Path, overwrite: bool, create_folders: bool = False) -> None:
+        """InputError (one line) unless every file can be written: not the input, not in an
+        input image folder, a container the extension names, a name the file system takes, and
+        not an existing file unless ``overwrite`` (the JSON report is always replaced)."""
+        names = tuple(p.name for p in self.sides)
+        check_output(input_path, self.output, overwrite, "png" if self.preview else "video", names, create_folders)
+        for side in self.sides:
+            check_output(input_path, side, overwrite, create_folder=create_folders)
+        if self.json is not None:
+            check_output(input_path, self.json, overwrite=True, create_folder=create_folders)
 
 
 def warm_up(cfg: EditConfig, rt: Runtime, selection: ClipSelection, progress: Progress) -> None:
@@ -317,20 +359,14 @@ def edit_video(
         cfg = cfg.replace(max_frames=1)
     info = probe_input(input_path, cfg)  # fail fast on a bad input, before loading models
     select_clip(input_path, cfg, info)  # and on a bad size or frame selection
-    out = Path(output) if output else default_output(input_path, ".p2v-preview.png" if preview else ".p2v.mp4")
-    sbs_name, strip = side_paths(out)
-    sides = () if preview else (strip, sbs_name) if side_by_side else (strip,)
-    out = check_output(input_path, out, overwrite, "png" if preview else "video", tuple(p.name for p in sides))
-    for side in sides:
-        check_output(input_path, side, overwrite)
-    sbs_path = sbs_name if side_by_side and not preview else None
-    if json_path is not None:
-        check_output(input_path, Path(json_path), overwrite=True)
+    paths = EditPaths.of(input_path, output, preview=preview, side_by_side=side_by_side, json_path=json_path)
+    paths.check(input_path, overwrite)
+    out = paths.output
     claim = OutputClaim(out).acquire(overwrite)  # a second run writing `out` is refused
     try:
         with torch_threads(cfg.threads):
-            return _edit(cfg, input_path, info, prompt, out, sbs_path, strip, preview=preview, progress=progress,
-                         runtime=runtime, json_path=json_path)
+            return _edit(cfg, input_path, info, prompt, out, paths.side_by_side, side_paths(out)[1], preview=preview,
+                         progress=progress, runtime=runtime, json_path=json_path)
     finally:
         claim.release()
 
