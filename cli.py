@@ -191,11 +191,9 @@ def _progress() -> RichProgress | LogProgress:
     return RichProgress() if console.is_terminal else LogProgress()
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread like Ctrl-C, so the same cleanup runs."""
-
-
 def _on_sigterm(signum: int, frame: Any) -> None:
+    from p2v_fast.errors import Terminated
+
     raise Terminated()
 
 
@@ -216,6 +214,8 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except P2VError as exc:
             raise _error(str(exc), exc.exit_code) from None
         except KeyboardInterrupt as exc:
+            from p2v_fast.errors import Terminated
+
             what, code = ("terminated (SIGTERM)", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
             raise _error(f"{what}; no partial output was kept, finished inversion frames are kept in the cache",
                          code) from None
@@ -588,7 +588,7 @@ def batch(
     """Edit many clips from one jobs file: models load once per worker, each clip inverts once.
 
     Running the same command again skips the jobs whose output is complete."""
-    from p2v_fast.batch import BatchFileError, load_jobs, run_batch
+    from p2v_fast.batch import BatchFileError, check_summary_path, load_jobs, run_batch
     from p2v_fast.errors import InputError
     from p2v_fast.evaluate import write_json_atomic
     from p2v_fast.paths import check_output_file
@@ -596,6 +596,8 @@ def batch(
     ray = ray or ray_address is not None or ray_cpus_per_worker is not None
     if workers is not None and not ray:
         raise InputError("--workers needs --ray (without Ray the jobs run one after another in this process)")
+    if ray_cpus_per_worker is not None and ray_cpus_per_worker < 1:
+        raise InputError(f"--ray-cpus-per-worker must be >= 1; got {ray_cpus_per_worker}")
     if json_path is not None:
         check_output_file(json_path)
     try:
@@ -604,6 +606,8 @@ def batch(
         for line in e.lines:
             console.print(f"[bold red]error:[/bold red] {escape(line)}", highlight=False, soft_wrap=True)
         raise typer.Exit(e.exit_code) from None
+    if json_path is not None:
+        check_summary_path(json_path, jobs, job_list)
     progress = Progress(TextColumn("[bold]{task.description:<22}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("frames"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
                         console=console)

@@ -36,7 +36,10 @@ from typing import Any, Protocol
 
 from p2v_fast import video
 from p2v_fast.config import EditConfig
-from p2v_fast.errors import InputError, P2VError
+from p2v_fast.errors import InputError, P2VError, Terminated
+
+if typing.TYPE_CHECKING:
+    from p2v_fast.pipeline import EditPaths
 
 # edit_video's keyword options that are the library's plumbing, not options of an edit
 _NOT_JOB_OPTIONS = ("progress", "runtime")
@@ -89,6 +92,8 @@ def _coerce(key: str, value: Any, hint: Any, base: Path) -> Any:
         if optional:
             return None
         raise InputError(f"{key} must not be empty")
+    if Path in core:  # e.g. json_path: str | Path | None -- a path, relative to the jobs file
+        core = [Path]
     if len(core) != 1 or core[0] not in (bool, int, float, str, Path):
         return value
     t = core[0]
@@ -118,7 +123,9 @@ class Job:
     options: dict[str, Any]  # edit_video keyword options (overwrite, preview, side_by_side, ...)
     n_frames: int  # frames the edit writes
     done: bool = False  # a complete output of this very job exists (found at validation)
-    output_existed: bool = False  # the output was there before this run
+    # some of its files were there before this run and may be replaced (overwrite: true, or left
+    # by an earlier batch run of this output)
+    output_existed: bool = False
 
     @property
     def clip(self) -> str:
@@ -130,10 +137,13 @@ class Job:
         return f"{self.input.name}: {self.cfg.prompt}"
 
     @property
-    def side_by_side_path(self) -> Path | None:
-        if self.options.get("side_by_side") and not self.options.get("preview"):
-            return self.output.with_name(self.output.stem + ".side-by-side.mp4")
-        return None
+    def paths(self) -> EditPaths:
+        """Every file the job writes, named as ``p2v edit`` names them."""
+        from p2v_fast.pipeline import EditPaths
+
+        opts = self.options
+        return EditPaths.of(self.input, self.output, preview=bool(opts.get("preview")),
+                            side_by_side=bool(opts.get("side_by_side")), json_path=opts.get("json_path"))
 
     def spec(self) -> dict[str, Any]:
         """What the output depends on (recorded beside it, compared on a rerun)."""
@@ -182,6 +192,23 @@ class _Draft:
     n_frames: int
 
 
+def _yaml_load(text: str) -> Any:
+    """``yaml.safe_load`` with YAML 1.2's booleans (true/false only): YAML 1.1 reads on, off,
+    yes and no as booleans, so ``latent_update: off`` would not be the option's value "off"."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                 list("tTfF"))
+    return yaml.load(text, Loader=Loader)  # a SafeLoader subclass: safe
+
+
 def _parse_file(path: Path) -> Any:
     try:
         text = path.read_text(encoding="utf-8")
@@ -197,7 +224,7 @@ def _parse_file(path: Path) -> Any:
     import yaml
 
     try:
-        return yaml.safe_load(text)
+        return _yaml_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
@@ -227,10 +254,11 @@ def load_jobs(path: str | Path) -> list[Job]:
         errors.append(f"{name}: 'jobs' must be a non-empty list")
         raise BatchFileError(errors)
     keys = job_key_types()
+    opt_names = set(edit_option_types())
     for k in defaults:
         if k not in keys:
             errors.append(f"{name}: defaults: {_unknown(k, keys)}")
-    probes: dict[Path, video.VideoInfo | str] = {}
+    probes: dict[tuple[Path, float | None], video.VideoInfo | str] = {}
     drafts: list[_Draft] = []
     for i, raw in enumerate(raw_jobs, start=1):
         where = f"{name}: job {i}"
@@ -242,7 +270,8 @@ def load_jobs(path: str | Path) -> list[Job]:
             errors.extend(bad)
             continue
         try:
-            drafts.append(_draft(i, {**{k: v for k, v in defaults.items() if k in keys}, **raw}, keys, base, probes))
+            merged = {**{k: v for k, v in defaults.items() if k in keys}, **raw}
+            drafts.append(_draft(i, merged, keys, opt_names, base, probes))
         except InputError as e:
             errors.append(f"{where}: {e}")
     jobs = _place_outputs(drafts, name, errors)
@@ -252,14 +281,34 @@ def load_jobs(path: str | Path) -> list[Job]:
     return jobs
 
 
+def check_summary_path(path: str | Path, jobs_file: str | Path, jobs: list[Job]) -> Path:
+    """``p2v batch --json PATH``: a file that is not the jobs file, an input, inside an input
+    image folder, or a file a job writes (InputError, one line)."""
+    from p2v_fast.paths import check_output_file
+
+    out = check_output_file(path).resolve()
+    if out == Path(jobs_file).resolve():
+        raise InputError(f"--json '{path}' is the jobs file; choose another file for the summary")
+    for j in jobs:
+        if out == j.input or (j.input.is_dir() and out.parent == j.input):
+            raise InputError(f"--json '{path}' is (in) job {j.index}'s input; choose another file for the summary")
+        if out in j.paths.all:
+            raise InputError(f"--json '{path}' is written by job {j.index}; choose another file for the summary")
+    return out
+
+
 def _unknown(key: Any, keys: dict[str, Any]) -> str:
     close = difflib.get_close_matches(str(key), list(keys), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return f"unknown key {key!r}{hint}"
 
 
-def _draft(index: int, merged: dict[str, Any], keys: dict[str, Any], base: Path,
-           probes: dict[Path, video.VideoInfo | str]) -> _Draft:
+def _draft(index: int, merged: dict[str, Any], keys: dict[str, Any], opt_names: set[str], base: Path,
+           probes: dict[tuple[Path, float | None], video.VideoInfo | str]) -> _Draft:
+    """One job checked as ``p2v edit`` checks it before loading a model: values, prompt, the
+    input's probe (``--fps`` included) and the frame selection (size, framing, stride)."""
+    from p2v_fast.inversion import select_clip
+    from p2v_fast.pipeline import probe_input
     from p2v_fast.prompts import check_prompt
 
     for required in ("input", "prompt"):
@@ -278,21 +327,19 @@ def _draft(index: int, merged: dict[str, Any], keys: dict[str, Any], base: Path,
             raise InputError(f"model folder '{model}' does not exist (relative to the jobs file)")
     input_path: Path = values.pop("input")
     output: Path | None = values.pop("output", None)
-    opt_names = edit_option_types()
     options = {k: values.pop(k) for k in list(values) if k in opt_names}
     cfg = EditConfig(**values)
-    info = probes.get(input_path)
+    info = probes.get((input_path, cfg.fps))
     if info is None:
         try:
-            info = video.probe(input_path)
+            info = probe_input(input_path, cfg)
         except InputError as e:
             info = str(e)
-        probes[input_path] = info
+        probes[(input_path, cfg.fps)] = info
     if isinstance(info, str):
         raise InputError(info)
-    max_frames = 1 if options.get("preview") else cfg.max_frames
-    n_frames = video.selected_count(info, cfg.start, max_frames, cfg.stride)
-    return _Draft(index, input_path, output, cfg, options, n_frames)
+    selection = select_clip(input_path, cfg.replace(max_frames=1) if options.get("preview") else cfg, info)
+    return _Draft(index, input_path, output, cfg, options, selection.n_frames)
 
 
 def _place_outputs(drafts: list[_Draft], name: str, errors: list[str]) -> list[Job]:
@@ -324,15 +371,17 @@ def _place_outputs(drafts: list[_Draft], name: str, errors: list[str]) -> list[J
         where = f"{name}: job {d.index}"
         job = Job(d.index, d.input, d.output, d.cfg, d.options, d.n_frames)
         problem = None
-        for target in (job.output, job.side_by_side_path):
-            if target is None:
-                continue
-            if target in writers:
+        for target in job.paths.all:
+            if problem is None and target in writers:
                 problem = f"writes '{target}', as job {writers[target]} does; give each job its own output"
-            elif target in inputs:
+            elif problem is None and target in inputs:
                 problem = f"output '{target}' is an input of this batch"
             writers.setdefault(target, d.index)
-        problem = problem or _output_problem(job.output)
+        if problem is None:
+            try:  # as p2v edit checks it; existing files are _existing's question
+                job.paths.check(job.input, overwrite=True, create_folders=True)
+            except InputError as e:
+                problem = str(e)
         if problem is None:
             job, problem = _existing(job)
         if problem is not None:
@@ -342,30 +391,21 @@ def _place_outputs(drafts: list[_Draft], name: str, errors: list[str]) -> list[J
     return jobs
 
 
-def _output_problem(out: Path) -> str | None:
-    """Why ``out`` cannot be written (its folder may not exist yet: it is created)."""
-    if out.is_dir():
-        return f"output '{out}' is a folder; give a file name"
-    parent = out.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        return f"output folder '{parent}' is not a folder"
-    if not os.access(parent, os.W_OK):
-        return f"output folder '{parent}' is not writable"
-    return None
-
-
 def _existing(job: Job) -> tuple[Job, str | None]:
-    """A job whose output exists: done (made by this very job), or a problem unless overwrite."""
-    if not job.output.exists():
+    """A job some of whose files exist: done (its output made by this very job), to be redone
+    (overwrite: true, or files left by an earlier batch run of this output whose output is gone),
+    or a problem."""
+    present = [p for p in (job.output, *job.paths.sides) if p.exists()]
+    if not present:
         return job, None
     record = _read_sidecar(job.output)
     spec = job.spec()
-    if record is not None and record["spec"] == spec:
+    if job.output.exists() and record is not None and record["spec"] == spec:
         return dataclasses.replace(job, done=True, output_existed=True), None
-    if job.options.get("overwrite"):
+    if job.options.get("overwrite") or (record is not None and not job.output.exists()):
         return dataclasses.replace(job, output_existed=True), None
+    if not job.output.exists():
+        return job, f"'{present[0]}' exists and was not made by p2v batch; delete it or set overwrite: true"
     if record is None:
         why = "was not made by p2v batch"
     else:
@@ -465,6 +505,7 @@ class BatchResult:
     seconds: float
     workers: list[str] = field(default_factory=list)
     interrupted: bool = False
+    terminated: bool = False  # the interruption was SIGTERM (exit 143, as p2v edit)
 
     def count(self, status: str) -> int:
         return sum(r.status == status for r in self.results)
@@ -472,7 +513,7 @@ class BatchResult:
     @property
     def exit_code(self) -> int:
         if self.interrupted:
-            return 130
+            return 143 if self.terminated else 130
         return 1 if any(r.status != "done" and r.status != "skipped" for r in self.results) else 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -488,14 +529,15 @@ class BatchResult:
 # one runtime for every combination of them. Any other field (new ones included) keys it.
 _EDIT_ONLY = ("prompt", "source_prompt", "negative_prompt", "size", "start", "max_frames", "stride", "steps",
               "guidance_scale", "seed", "depth_norm", "schedule", "batch_frames", "invert_batch", "refs",
-              "latent_update", "update_steps", "update_weight", "cache_dir", "invert_dtype", "resize")
+              "latent_update", "update_steps", "update_weight", "cache_dir", "invert_dtype", "resize", "fps",
+              "threads")
 
 
 def runtime_config(cfg: EditConfig) -> EditConfig:
     """The config a worker loads models for: edit-only fields at their defaults, and the
     autograd update on, so one runtime serves every latent-update mode."""
     defaults = EditConfig()
-    reset = {k: getattr(defaults, k) for k in _EDIT_ONLY if hasattr(defaults, k)}
+    reset = {k: getattr(defaults, k) for k in _EDIT_ONLY}
     return cfg.replace(**{**reset, "latent_update": "autograd"})
 
 
@@ -527,7 +569,8 @@ class BatchWorker:
         t0 = time.perf_counter()
         progress = JobProgress(job.n_frames, on_progress or (lambda s, f: None), on_log or (lambda m: None))
         try:
-            job.output.parent.mkdir(parents=True, exist_ok=True)
+            for path in job.paths.all:
+                path.parent.mkdir(parents=True, exist_ok=True)
             options = {**job.options, "overwrite": bool(job.options.get("overwrite")) or job.output_existed}
             res = edit_video(job.cfg, job.input, job.output, **options, progress=progress,
                              runtime=self.runtime(job.cfg))
@@ -573,7 +616,7 @@ def run_batch(jobs: list[Job], reporter: BatchReporter | None = None) -> BatchRe
     results = {j.index: skipped(j) for j in jobs if j.done}
     reporter.start(jobs)
     worker: BatchWorker | None = None
-    interrupted = False
+    interrupted = terminated = False
     for job in (j for j in jobs if not j.done):
         if interrupted:
             results[job.index] = JobResult.of(job, "not run", "interrupted before it started")
@@ -588,10 +631,10 @@ def run_batch(jobs: list[Job], reporter: BatchReporter | None = None) -> BatchRe
 
         try:
             res = worker.run(job, on_progress, on_log)
-        except KeyboardInterrupt:
-            interrupted = True
+        except KeyboardInterrupt as exc:
+            interrupted, terminated = True, isinstance(exc, Terminated)
             res = JobResult.of(job, "interrupted", "interrupted; finished inversion frames are kept in the cache")
         results[job.index] = res
         reporter.job_finished(job, res)
     return BatchResult([results[j.index] for j in jobs], time.perf_counter() - t0,
-                       [worker.name] if worker else [], interrupted)
+                       [worker.name] if worker else [], interrupted, terminated)

@@ -31,10 +31,11 @@ from p2v_fast.batch import (
     Job,
     JobResult,
     NullReporter,
+    failure_message,
     skipped,
     write_sidecar,
 )
-from p2v_fast.errors import BackendUnavailableError, InputError
+from p2v_fast.errors import BackendUnavailableError, InputError, P2VError, Terminated
 
 #: Variables passed from where `p2v batch` runs to its workers, when set (never tokens).
 FORWARDED_ENV = ("P2V_CACHE", "HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
@@ -194,15 +195,16 @@ def check_devices(jobs: list[Job], cpus_per_worker: int | None) -> None:
 def _clean_after_death(job: Job) -> JobResult | None:
     """A dead actor's job: remove its partial files; the result if its output was already
     complete (finished just before the actor died), else None (to be retried)."""
-    outputs = [job.output, job.output.with_name(job.output.stem + ".strip.png"), job.side_by_side_path]
-    for out in outputs:
-        if out is not None:
-            video._partial_path(out).unlink(missing_ok=True)
+    for out in job.paths.all:
+        video._partial_path(out).unlink(missing_ok=True)
     if job.output.exists() and not job.output_existed:
         result = JobResult.of(job, "done", "finished before its worker died", frames=job.n_frames)
-        write_sidecar(job, result)
+        try:
+            write_sidecar(job, result)
+        except (OSError, P2VError) as exc:  # the output is done; a rerun will ask before redoing it
+            result.detail += f"; job record not written ({failure_message(exc)})"
         return result
-    sbs = job.side_by_side_path
+    sbs = job.paths.side_by_side
     if sbs is not None and sbs.exists() and not job.options.get("overwrite"):
         sbs.unlink()  # written by the dead attempt (a new one would refuse to replace it)
     return None
@@ -229,7 +231,7 @@ def run_batch_ray(jobs: list[Job], reporter: BatchReporter | None = None, *, add
     actors: dict[int, Any] = {}
     names: dict[int, str] = {}
     busy: dict[int, tuple[Job, int]] = {}
-    interrupted = False
+    interrupted = terminated = False
     try:
         options, n = actor_resources(cpus_per_worker, workers)
         env = worker_env()
@@ -241,8 +243,8 @@ def run_batch_ray(jobs: list[Job], reporter: BatchReporter | None = None, *, add
         reporter.log(f"Ray: {len(actors)} workers ({each} each); the cluster has {res.get('CPU', 0):.0f} CPUs, "
                      f"{res.get('GPU', 0):.0f} GPUs")
         _Driver(actors, names, busy, results, reporter, poll_s, start_timeout_s).run(todo)
-    except KeyboardInterrupt:
-        interrupted = True
+    except KeyboardInterrupt as exc:
+        interrupted, terminated = True, isinstance(exc, Terminated)
         for aid in list(actors):
             with contextlib.suppress(Exception):
                 ray.kill(actors[aid], no_restart=True)
@@ -258,7 +260,7 @@ def run_batch_ray(jobs: list[Job], reporter: BatchReporter | None = None, *, add
     for j in todo:
         results.setdefault(j.index, JobResult.of(j, "not run", "interrupted before it started"))
     return BatchResult([results[j.index] for j in jobs], time.perf_counter() - t0, sorted(names.values()),
-                       interrupted)
+                       interrupted, terminated)
 
 
 class _Driver:

@@ -39,3 +39,8 @@ class ExportValidationError(EngineError):
 
 class BackendUnavailableError(P2VError):
     """A requested backend or device cannot run on this machine."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C (the CLI installs the handler), so the same
+    cleanup runs; the exit code is 143 instead of 130."""

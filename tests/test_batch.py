@@ -39,12 +39,17 @@ def write_jobs(folder: Path, jobs: list[dict], defaults: dict | None = None, nam
     return path
 
 
+class ModelLoaded(BaseException):
+    """Not an Exception: a batch worker reports every Exception as a failed job, and this must
+    fail the test instead."""
+
+
 def no_model_loads(monkeypatch) -> None:
     """Fail the test if anything loads a model (validation and skipped jobs must not)."""
     import p2v_fast.pipeline
 
     def refuse(cfg):
-        raise AssertionError("a model was loaded")
+        raise ModelLoaded("a model was loaded")
 
     monkeypatch.setattr(p2v_fast.pipeline, "load_runtime", refuse)
 
@@ -95,6 +100,14 @@ def test_three_jobs_one_inversion_per_clip_then_nothing_recomputed(clips, tmp_pa
     assert "3 of 3 jobs already done" in r.output
     assert [row["status"] for row in json.loads(summary.read_text())["jobs"]] == ["skipped"] * 3
     assert [(o.stat().st_mtime_ns, o.read_bytes()) for o in outs] == stamps
+    monkeypatch.undo()
+
+    # An output deleted to be remade: its strip (made by this batch) is replaced, not refused.
+    outs[2].unlink()
+    r = _p2v("batch", jobs, "--json", summary)
+    assert r.exit_code == 0, r.output
+    assert [row["status"] for row in json.loads(summary.read_text())["jobs"]] == ["skipped", "skipped", "done"]
+    assert outs[2].exists() and not list(clips.glob(".*partial*"))
 
 
 def test_changed_settings_are_refused_until_overwrite(clips, tmp_path) -> None:
@@ -163,16 +176,64 @@ def test_the_whole_file_is_validated_before_any_work(clips, tmp_path, monkeypatc
 
 @pytest.mark.parametrize(("text", "message"), [
     ("jobs: []", "'jobs' must be a non-empty list"),
-    ("jobs: [{input: a.mp4, prompt: x}]\nextra: 1", "unknown top-level key 'extra'"),
-    ("jobs: [{input: a.mp4, prompt: x}", "not valid YAML"),
-    ("defaults: {sizes: 64}\njobs: [{input: a.mp4, prompt: x}]", "defaults: unknown key 'sizes'"),
+    ("jobs: [{input: CLIP, prompt: x}]\nextra: 1", "unknown top-level key 'extra'"),
+    ("jobs: [{input: CLIP, prompt: x}", "not valid YAML"),
+    ("defaults: {sizes: 64}\njobs: [{input: CLIP, prompt: x}]", "defaults: unknown key 'sizes'"),
 ])
-def test_a_malformed_jobs_file_is_one_line(tmp_path, text, message) -> None:
+def test_a_malformed_jobs_file_is_one_line(clips, tmp_path, monkeypatch, text, message) -> None:
+    no_model_loads(monkeypatch)
     path = tmp_path / "jobs.yaml"
-    path.write_text(text)
+    path.write_text(text.replace("CLIP", str(clips / "a.mp4")))
     r = _p2v("batch", path)
     assert r.exit_code == 2
     assert r.output.startswith("error:") and message in r.output and "Traceback" not in r.output
+    assert len([ln for ln in r.output.splitlines() if ln.strip()]) == 1, r.output
+
+
+@pytest.mark.parametrize(("jobs", "message"), [
+    ([{"output": "out.txt"}], "a video output must end in .mp4"),
+    ([{"preview": True, "output": "p.mp4"}], "--preview writes a PNG image"),
+    ([{"input": "frames", "output": "frames/o.mp4"}], "inside the input image folder"),
+    ([{"fps": 10}], "--fps is for an image-folder input"),
+    ([{"output": "a" * 250 + ".mp4"}], "too long for the file system"),
+    ([{"output": "x.mkv", "side_by_side": True}, {"output": "x.side-by-side.mkv"}], "as job 1 does"),
+    ([{"output": "y.mp4"}, {"output": "y.strip.png"}], "as job 1 does"),
+    ([{"output": "j1.mp4", "json_path": "r.json"}, {"output": "j2.mp4", "json_path": "r.json"}], "as job 1 does"),
+    ([{"json_path": 5}], "json_path must be a path"),
+])
+def test_each_job_is_checked_as_p2v_edit_checks_it(clips, monkeypatch, jobs, message) -> None:
+    """What `p2v edit` would refuse before loading a model, validation refuses for every job:
+    the file names it writes (side-by-side, strip, JSON report included) and the input's options."""
+    no_model_loads(monkeypatch)
+    full = [{"input": "a.mp4", "prompt": f"p{i}", **j} for i, j in enumerate(jobs)]
+    r = _p2v("batch", write_jobs(clips, full, name="checks.yaml"))
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: checks.yaml: job "), r.output
+    assert message in r.output.replace("\n", " ")
+
+
+def test_yaml_off_is_the_option_value_and_json_path_is_relative(clips, tmp_path, monkeypatch) -> None:
+    from p2v_fast.batch import load_jobs
+
+    no_model_loads(monkeypatch)
+    path = tmp_path / "jobs.yaml"
+    path.write_text(f"jobs:\n  - {{input: {clips / 'a.mp4'}, prompt: x, model: tiny, size: 64, latent_update: off, "
+                    "json_path: r.json, output: o.mp4}\n")
+    (job,) = load_jobs(path)
+    assert job.cfg.latent_update == "off" and job.options["json_path"] == tmp_path / "r.json"
+
+
+@pytest.mark.parametrize("target", ["jobs", "input", "output"])
+def test_the_summary_never_replaces_the_jobs_file_an_input_or_an_output(clips, tmp_path, monkeypatch,
+                                                                        target) -> None:
+    no_model_loads(monkeypatch)
+    jobs = write_jobs(tmp_path, [{"input": str(clips / "a.mp4"), "prompt": "x", "output": "o.mp4"}])
+    path = {"jobs": jobs, "input": clips / "a.mp4", "output": tmp_path / "o.mp4"}[target]
+    before = path.read_bytes() if path.exists() else None
+    r = _p2v("batch", jobs, "--json", path)
+    assert r.exit_code == 2 and r.output.startswith("error: --json"), r.output
+    assert (path.read_bytes() if path.exists() else None) == before
 
 
 def test_json_jobs_file_and_missing_file(clips, tmp_path, monkeypatch) -> None:
