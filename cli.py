@@ -895,7 +895,7 @@ def export_(
     """Export the networks to ONNX (validated against PyTorch) and build TensorRT engines."""
     from export import ExportOptions, export_engines
 
-    opt = size or 512
+    opt = 512 if size is None else size
     options = ExportOptions(model=model, out=out, format=format, precision=precision, height=height or opt,
                             width=width or opt, min_size=min_size, max_size=max_size, max_batch=max_batch,
                             opt_batch=opt_batch, static_batch=static_batch, opset=opset, exporter=exporter,

@@ -163,21 +163,20 @@ def _device(name: str):
 
 
 def _current(art: Artifact | None, key: str, folder: Path) -> bool:
-    if art is None or art.key != key:
-        return False
-    files = [(art.file, art.bytes)] + ([(art.data_file, art.data_bytes)] if art.data_file else [])
-    return all((folder / f).is_file() and (folder / f).stat().st_size == n for f, n in files)
+    return art is not None and art.key == key and art.problem(folder) is None
 
 
-def _previous(folder: Path, model: ModelId, precision: str, opset: int) -> dict[str, NetworkEntry]:
-    """Entries of an existing manifest that can be reused (same model, precision, opset)."""
+def _previous(folder: Path, model: ModelId, precision: str,
+              opset: int) -> tuple[dict[str, NetworkEntry], Machine | None]:
+    """Entries of an existing manifest that can be reused (same model, precision, opset), and
+    the machine its engines were built on."""
     try:
         old = read_manifest(folder)
     except EngineError:
-        return {}
+        return {}, None
     if old.model.digest != model.digest or old.precision != precision or old.opset != opset:
-        return {}
-    return {k: v for k, v in old.networks.items() if k in NETWORKS}
+        return {}, None
+    return {k: v for k, v in old.networks.items() if k in NETWORKS}, old.machine
 
 
 def _remove_legacy(folder: Path, progress: Progress) -> None:
@@ -220,8 +219,8 @@ def export_engines(options: ExportOptions, progress: Progress | None = None, mod
             raise InputError(f"TensorRT engines are built on a CUDA device, not --device {device}")
 
     folder = Path(options.out)
-    folder.mkdir(parents=True, exist_ok=True)
-    _remove_legacy(folder, progress)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"--out '{folder}' is a file, not a folder")
     dtype = torch.float16 if options.precision == "fp16" else torch.float32
     if models is None:
         from p2v_fast.models import load_models
@@ -231,21 +230,23 @@ def export_engines(options: ExportOptions, progress: Progress | None = None, mod
     else:
         if models.dtype != dtype:
             raise InputError(f"models are loaded in {models.dtype}, but --precision {options.precision} needs {dtype}")
+    try:  # only once the model has loaded: a failed export leaves no empty folder
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create --out '{folder}': {e.strerror or e}") from None
+    _remove_legacy(folder, progress)
     mid = model_id(models)
     geometry = geometry_of(models)
     profile = options.profile()
     specs = network_specs(geometry, options.precision, options.networks)
-    entries = _previous(folder, mid, options.precision, options.opset)
+    entries, built_on = _previous(folder, mid, options.precision, options.opset)
     if not options.force:
         entries = {k: v for k, v in entries.items() if k not in specs or v.spec == specs[k]}
     manifest = Manifest(
         model=mid, precision=options.precision, opset=options.opset, geometry=geometry, profile=profile,
-        options=options.recorded(), machine=machine, networks=dict(entries),
+        options=options.recorded(), machine=machine or built_on, networks=dict(entries),
         versions=_versions(),
     )
-    if machine is None:  # graphs only: engines from an earlier build stay listed only if still current
-        for e in manifest.networks.values():
-            e.engine = None
     report = ExportReport(folder, folder / "manifest.json")
     stages = len(specs) * (2 if options.format == "tensorrt" else 1)
     advance = progress.stage("export", stages)
@@ -253,6 +254,7 @@ def export_engines(options: ExportOptions, progress: Progress | None = None, mod
     for name, spec in specs.items():
         entry = manifest.networks.get(name) or NetworkEntry(spec)
         entry.spec = spec
+        earlier_engine = entry.engine
         key = onnx_key(spec, mid, options.opset, options.exporter)
         if not options.force and _current(entry.onnx, key, folder):
             assert entry.onnx is not None
@@ -279,6 +281,11 @@ def export_engines(options: ExportOptions, progress: Progress | None = None, mod
             progress.log(f"{name}: ONNX exported and validated in {result.seconds:.1f} s, max rel err {detail}")
         advance(1)
 
+        if machine is None and earlier_engine is not None:  # graphs only: an earlier engine stays if still current
+            shapes = spec.profile_shapes(geometry, profile)
+            if built_on is None or not _current(entry.engine, engine_key(key, shapes, built_on), folder):
+                (folder / earlier_engine.file).unlink(missing_ok=True)  # not left behind unlisted
+                entry.engine = None
         if machine is not None:
             shapes = spec.profile_shapes(geometry, profile)
             entry.profile = {k: [list(s) for s in v] for k, v in shapes.items()}
@@ -304,6 +311,9 @@ def export_engines(options: ExportOptions, progress: Progress | None = None, mod
                 shapes = entry.spec.profile_shapes(geometry, profile)
                 if entry.engine.key != engine_key(entry.onnx.key, shapes, machine):
                     entry.engine = None
+        write_manifest(folder, manifest)
+    elif manifest.machine is not None and not manifest.has_engines:
+        manifest.machine = None  # no engine is left from the earlier build
         write_manifest(folder, manifest)
 
     report.seconds = time.perf_counter() - t_start

@@ -45,7 +45,7 @@ import torch
 
 from p2v_fast.errors import BackendUnavailableError, EngineError
 from p2v_fast.graph_backend import GraphBackend, engines_folder, load_checked_manifest
-from p2v_fast.manifest import Machine, check_files, check_machine, check_size, rebuild_command, this_machine
+from p2v_fast.manifest import Machine, check_files, check_machine, rebuild_command, this_machine
 from p2v_fast.specs import Geometry, MinOptMax, NetworkSpec, Shape
 from p2v_fast.system import require_tensorrt
 
@@ -199,7 +199,7 @@ class EngineRunner:
     """
 
     def __init__(self, trt, engine, spec: NetworkSpec, geometry: Geometry, *, ops: Any, stream: Any, hint: str,
-                 cuda_graph: bool = False) -> None:
+                 static_hint: str | None = None, cuda_graph: bool = False) -> None:
         self.trt, self.engine, self.spec, self.geometry = trt, engine, spec, geometry
         self.ops, self.stream, self.hint = ops, stream, hint
         dtypes = _dtype_names(trt)
@@ -221,7 +221,7 @@ class EngineRunner:
         self.static = len(self.profiles) == 1 and is_static(self.profiles[0])
         if cuda_graph and not self.static:
             raise EngineError(f"--cuda-graph needs static-shape engines, and {spec.name}'s profile is dynamic; "
-                              f"rebuild: {hint} --static-batch")
+                              f"rebuild: {static_hint or hint}")
         self.cuda_graph = cuda_graph
         self.context: Any = None
         self.active_profile = 0
@@ -358,6 +358,7 @@ class TensorRTBackend(GraphBackend):
         super().__init__(models, folder, manifest, device)
         self.max_batch = manifest.profile.batch[2]
         hint = rebuild_command(manifest, folder, format="tensorrt")
+        static_hint = rebuild_command(manifest, folder, format="tensorrt", static_batch=True)
         self.trt, self.ops = trt, ops
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
@@ -372,7 +373,7 @@ class TensorRTBackend(GraphBackend):
                     raise EngineError(f"TensorRT cannot load '{path}' (corrupt, or built by another TensorRT); "
                                       f"rebuild: {hint}")
                 self.runners[name] = EngineRunner(trt, engine, entry.spec, self.geometry, ops=ops, stream=self.stream,
-                                                  hint=hint, cuda_graph=cuda_graph)
+                                                  hint=hint, static_hint=static_hint, cuda_graph=cuda_graph)
             # One activation buffer of the largest engine's size, shared by every context.
             size = max(r.device_memory_size for r in self.runners.values())
             self.activation_memory = ops.zeros((max(size, 1),), torch.uint8)
@@ -380,8 +381,6 @@ class TensorRTBackend(GraphBackend):
                 runner.activate(self.activation_memory)
 
     def _run(self, network: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        spec = self.specs[network]  # (the frame size was checked by run(); the batch is split to fit)
-        batch, height, width = batch_and_size(spec, self.geometry, {n: tuple(t.shape) for n, t in feeds.items()})
-        check_size(self.manifest, self.folder, batch, height, width)
+        # the frame size was checked by run(), which also split the batch to the profile's maximum
         with self.ops.on_device():
             return self.runners[network].run(feeds)

@@ -138,7 +138,7 @@ def choose_auto(models, engines: str | Path | None) -> str:
         return "torch"
     if tensorrt_status()[0] and manifest.has_engines:
         try:
-            check_machine(manifest, this_machine(), folder)
+            check_machine(manifest, this_machine(models.device), folder)
             return "tensorrt"
         except EngineError:
             pass

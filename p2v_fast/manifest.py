@@ -126,6 +126,21 @@ class Artifact:
     def from_dict(cls, d: Mapping) -> Artifact:
         return cls(**d)
 
+    def files(self) -> list[tuple[str, int]]:
+        """(file name, recorded bytes) of the artifact and of its external weights."""
+        return [(self.file, self.bytes)] + ([(self.data_file, self.data_bytes)] if self.data_file else [])
+
+    def problem(self, folder: Path) -> str | None:
+        """Why the artifact's files in ``folder`` are not whole (None: each has its recorded size)."""
+        for file, size in self.files():
+            path = folder / file
+            if not path.is_file():
+                return f"'{path}' is missing"
+            actual = path.stat().st_size
+            if actual != size:
+                return f"'{path}' is truncated or altered ({actual} bytes, manifest says {size})"
+        return None
+
 
 @dataclass
 class NetworkEntry:
@@ -251,8 +266,9 @@ def read_manifest(folder: str | Path) -> Manifest:
 def rebuild_command(manifest: Manifest, folder: Path, **changes: object) -> str:
     """The ``p2v export`` command that rebuilds ``folder`` from its recorded options (with changes).
 
-    ``changes`` override options: ``model``, ``format``, and ``height``/``width``: a fixed-size
-    folder is rebuilt at the new size; a dynamic one has its range widened to include it.
+    ``changes`` override options: ``model``, ``format``, ``static_batch`` (one shape: the opt
+    size and the max batch, for ``--cuda-graph``), and ``height``/``width``: a fixed-size folder
+    is rebuilt at the new size; a dynamic one has its range widened to include it.
     """
     o = {**manifest.options, **{k: v for k, v in changes.items() if v is not None}}
     p = manifest.profile
@@ -262,10 +278,11 @@ def rebuild_command(manifest: Manifest, folder: Path, **changes: object) -> str:
             v = int(changes[key])  # type: ignore[call-overload]
             rng[:] = [v, v, v] if p.fixed_size else [min(rng[0], v), v, max(rng[2], v)]
     parts = ["p2v export", f"--model {o.get('model', manifest.model.source)}", f"--height {hr[1]} --width {wr[1]}"]
-    if hr[0] != hr[2] or wr[0] != wr[2]:
+    static = bool(o.get("static_batch"))
+    if not static and (hr[0] != hr[2] or wr[0] != wr[2]):
         parts.append(f"--min-size {min(hr[0], wr[0])} --max-size {max(hr[2], wr[2])}")
     parts.append(f"--max-batch {p.batch[2]}")
-    if o.get("static_batch"):
+    if static:
         parts.append("--static-batch")
     elif p.batch[1] != p.batch[2]:
         parts.append(f"--opt-batch {p.batch[1]}")
@@ -306,15 +323,9 @@ def check_files(manifest: Manifest, folder: Path, kind: str) -> None:
         art = entry.onnx if kind == "onnx" else entry.engine
         if art is None:
             raise EngineError(f"'{folder}' has no {kind} for {name}; rebuild: {fix}")
-        files = [(art.file, art.bytes)] + ([(art.data_file, art.data_bytes)] if art.data_file else [])
-        for file, size in files:
-            path = folder / file
-            if not path.is_file():
-                raise EngineError(f"'{path}' is missing; rebuild: {fix}")
-            actual = path.stat().st_size
-            if actual != size:
-                raise EngineError(f"'{path}' is truncated or altered ({actual} bytes, manifest says {size}); "
-                                  f"rebuild: {fix}")
+        problem = art.problem(folder)
+        if problem is not None:
+            raise EngineError(f"{problem}; rebuild: {fix}")
 
 
 def check_size(manifest: Manifest, folder: Path, batch: int | None, height: int | None, width: int | None) -> None:
@@ -334,11 +345,6 @@ def check_size(manifest: Manifest, folder: Path, batch: int | None, height: int 
             f"{rebuild_command(manifest, folder, height=height, width=width)}"
         )
     raise EngineError(f"engines in '{folder}' accept {p.describe()}, not batch {batch}")
-
-
-def _file_ok(folder: Path, art: Artifact) -> bool:
-    files = [(art.file, art.bytes)] + ([(art.data_file, art.data_bytes)] if art.data_file else [])
-    return all((folder / f).is_file() and (folder / f).stat().st_size == n for f, n in files)
 
 
 def describe_folder(folder: Path, machine: Machine | None = None, model: str | None = None) -> list[tuple[str, str]]:
@@ -392,7 +398,7 @@ def describe_folder(folder: Path, machine: Machine | None = None, model: str | N
         parts = []
         if entry.onnx is not None:
             size = (entry.onnx.bytes + entry.onnx.data_bytes) / 2**20
-            parts.append(f"{entry.onnx.file} {size:.1f} MB {state(_file_ok(folder, entry.onnx), None)}")
+            parts.append(f"{entry.onnx.file} {size:.1f} MB {state(entry.onnx.problem(folder) is None, None)}")
         if entry.engine is not None:
             why = None
             built = manifest.machine
@@ -403,6 +409,6 @@ def describe_folder(folder: Path, machine: Machine | None = None, model: str | N
                     entry.onnx.key, entry.spec.profile_shapes(manifest.geometry, manifest.profile), machine):
                 why = "stale (built from another graph or profile)"
             size = entry.engine.bytes / 2**20
-            parts.append(f"{entry.engine.file} {size:.1f} MB {state(_file_ok(folder, entry.engine), why)}")
+            parts.append(f"{entry.engine.file} {size:.1f} MB {state(entry.engine.problem(folder) is None, why)}")
         rows.append((f"  {name}", "; ".join(parts) or "no artifacts"))
     return rows

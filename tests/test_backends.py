@@ -377,6 +377,18 @@ def test_size_outside_the_profile_names_the_widening_command(engines) -> None:
         check_size(m, engines, 4, 2 * SIZE, 2 * SIZE)  # a fixed-size folder is rebuilt at the new size
 
 
+def test_the_cuda_graph_rebuild_command_builds_one_shape(engines) -> None:
+    """What `--cuda-graph` suggests for dynamic engines is an export `p2v export` accepts and that
+    builds static engines: one size (no --min-size/--max-size), no --opt-batch, --static-batch once."""
+    from p2v_fast.manifest import rebuild_command
+
+    m = read_manifest(engines)
+    m.profile = type(m.profile)(batch=(1, 2, 4), height=(SIZE, SIZE, 2 * SIZE), width=(SIZE, SIZE, 2 * SIZE))
+    cmd = rebuild_command(m, engines, format="tensorrt", static_batch=True)
+    assert cmd.count("--static-batch") == 1 and "--min-size" not in cmd and "--opt-batch" not in cmd
+    assert f"--height {SIZE} --width {SIZE} --max-batch 4 --static-batch" in cmd
+
+
 def test_onnxruntime_refuses_a_size_outside_the_exported_profile(engines, models) -> None:
     """As the tensorrt backend does (before: ONNX Runtime ran any size silently)."""
     ort = make_backend("onnxruntime", models, engines)

@@ -473,3 +473,43 @@ def test_tensorrt_static_batch_engines_replay_a_cuda_graph(tiny_dir, tmp_path) -
     _compare_unet_calls(trt_backend, torch_backend, manifest, 2e-2, ((4, (SIZE, SIZE)), (2, (SIZE, SIZE)),
                                                                      (4, (SIZE, SIZE)), (7, (SIZE, SIZE))))
     assert trt_backend.runners["unet"]._replay is not None  # captured, and the later calls replayed it
+
+
+def test_a_graphs_only_reexport_keeps_the_engines_that_are_still_current(tiny_engines, tmp_path) -> None:
+    """`p2v export --format onnx` into a folder with engines: engines whose key still matches the
+    (unchanged) graph, profile and recorded GPU stay listed; a stale one is deleted, not orphaned."""
+    from p2v_fast.manifest import Artifact, write_manifest
+
+    folder = tmp_path / "eng"
+    shutil.copytree(tiny_engines[0], folder)
+    m = read_manifest(folder)
+    built = Machine("10.8.0", "9.0", "NVIDIA H100")
+    m.machine = built
+    for name, entry in m.networks.items():
+        assert entry.onnx is not None
+        shapes = entry.spec.profile_shapes(m.geometry, m.profile)
+        key = "stale" if name == "depth" else engine_key(entry.onnx.key, shapes, built)
+        (folder / f"{name}.plan").write_bytes(b"\0" * 100)
+        entry.engine = Artifact(f"{name}.plan", key, 100)
+    write_manifest(folder, m)
+    export_tiny(tmp_path, name="eng")  # every graph is current: nothing is exported again
+    after = read_manifest(folder)
+    kept = {name for name, e in after.networks.items() if e.engine is not None}
+    assert kept == set(NETWORKS) - {"depth"}
+    assert after.machine == built
+    assert not (folder / "depth.plan").exists() and (folder / "unet.plan").exists()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--out", "FILE"], "is a file, not a folder"),
+    (["--size", "0"], "multiple of 64"),
+])
+def test_export_bad_out_and_size_are_one_line(tmp_path, args, message) -> None:
+    from cli import app
+
+    (tmp_path / "f").write_text("not a folder")
+    args = [str(tmp_path / "f") if a == "FILE" else a for a in args]
+    r = CliRunner().invoke(app, ["export", "--model", "tiny", "--format", "onnx", *args], catch_exceptions=False)
+    assert r.exit_code == 2, r.output
+    assert _one_line(r.output.strip()).startswith("error:") and message in r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
