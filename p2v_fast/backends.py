@@ -103,6 +103,16 @@ class Backend(ABC):
         """DPT input [B,3,S,S] (its processor's normalisation) -> predicted depth [B,S',S'] fp32."""
 
 
+def self_attention_refs(shapes: Sequence[tuple[int, int]], batch: int, dtype: torch.dtype,
+                        device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """``refs`` and ``self_ref`` for a call in which every sample attends to its own features
+    (inversion, an anchor-only call) through a graph that always takes references: zeros
+    [B, 2 N_k, C_k] for ``shapes`` [(N_k, C_k)], all selected away (``self_ref`` 1, made on
+    ``device``: no copy from the host)."""
+    refs = [torch.zeros(batch, 2 * n, c, dtype=dtype, device=device) for n, c in shapes]
+    return refs, torch.ones(batch, dtype=torch.float32, device=device)
+
+
 def runtime_identity(name: str, dtype: torch.dtype, device: torch.device) -> dict[str, str]:
     """:meth:`Backend.identity` of a backend not made yet (e.g. a PyTorch backend in another dtype)."""
     return {"backend": name, "dtype": str(dtype).removeprefix("torch."), "device": torch.device(device).type}
@@ -169,8 +179,7 @@ class TorchBackend(Backend):
             hw = (int(sample.shape[-2]), int(sample.shape[-1]))
             if hw not in self._shapes:
                 self._shapes[hw] = feature_shapes(self.models.unet, hw)
-            refs = [sample.new_zeros(b, 2 * n, c) for n, c in self._shapes[hw]]
-            self_ref = sample.new_ones(b, dtype=torch.float32)
+            refs, self_ref = self_attention_refs(self._shapes[hw], b, sample.dtype, sample.device)
         elif self_ref is None:
             self_ref = sample.new_zeros(b, dtype=torch.float32)
         # contiguous, as the graphs were traced: dynamo guards on strides, and a one-frame batch

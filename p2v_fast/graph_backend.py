@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from p2v_fast.backends import Backend
+from p2v_fast.backends import Backend, self_attention_refs
 from p2v_fast.errors import EngineError
 from p2v_fast.manifest import DEFAULT_ENGINES, Manifest, check_model, check_size, read_manifest, rebuild_command
 from p2v_fast.models import model_id
@@ -97,20 +97,16 @@ class GraphBackend(Backend):
         anchor and inversion do): zero refs, every sample selected away from them (``self_ref`` 1)."""
         self.counter.unet_calls += 1
         self.counter.unet_samples += sample.shape[0]
-        spec, batch = self.specs["unet"], sample.shape[0]
+        spec, batch, g = self.specs["unet"], sample.shape[0], self.geometry
         if refs is None:
-            dims = spec.dims(self.geometry, batch, sample.shape[-2] * self.geometry.vae_scale,
-                             sample.shape[-1] * self.geometry.vae_scale)
-            dtype = getattr(torch, spec.tensor("ref_0").dtype)
-            refs = [torch.zeros(spec.tensor(f"ref_{k}").resolve(dims), dtype=dtype, device=self.device)
-                    for k in range(self.geometry.n_layers)]
-            self_ref = torch.ones(batch)
+            shapes = list(zip(g.tokens(sample.shape[-2], sample.shape[-1]), g.feature_channels, strict=True))
+            refs, self_ref = self_attention_refs(shapes, batch, getattr(torch, spec.tensor("ref_0").dtype), self.device)
         elif self_ref is None:
-            self_ref = torch.zeros(batch)
+            self_ref = torch.zeros(batch, device=self.device)
         feeds = {"sample": sample, "timestep": timestep, "encoder_hidden_states": encoder_hidden_states,
                  "self_ref": self_ref, **{f"ref_{k}": r for k, r in enumerate(refs)}}
         out = self.run("unet", feeds)
-        return out["noise_pred"].float(), [out[f"feat_{k}"] for k in range(self.geometry.n_layers)]
+        return out["noise_pred"].float(), [out[f"feat_{k}"] for k in range(g.n_layers)]
 
     def vae_encode(self, images):
         self.counter.vae_encode += images.shape[0]
