@@ -144,6 +144,11 @@ class TorchCuda:
         tensor.record_stream(stream)
 
     @staticmethod
+    def copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+        """``dst <- src`` on the current stream, without blocking the host."""
+        dst.copy_(src, non_blocking=True)
+
+    @staticmethod
     def capture(stream: Any, work: Callable[[], None]) -> Callable[[], None]:
         """Capture ``work`` (enqueued on ``stream``) into a CUDA graph; returns its replay."""
         graph = torch.cuda.CUDAGraph()
@@ -317,7 +322,7 @@ class EngineRunner:
         with self.ops.use_stream(self.stream):
             for t in spec.inputs:
                 x = feeds[t.name]
-                views[t.name][:batch].copy_(x, non_blocking=True)
+                self.ops.copy(views[t.name][:batch], x)
                 self.ops.record_stream(x, self.stream)  # read here: not to be reused before
             if self._bound != key:
                 self._bind(profile, views, key)
@@ -329,7 +334,7 @@ class EngineRunner:
                     self._replay = self.ops.capture(self.stream, self._execute)
             for t in spec.outputs:
                 y = outputs[t.name]
-                y.copy_(views[t.name][:batch], non_blocking=True)
+                self.ops.copy(y, views[t.name][:batch])
                 self.ops.record_stream(y, self.stream)  # written here, allocated on torch's stream
         caller.wait_stream(self.stream)  # torch's later work sees the outputs
         return outputs

@@ -197,6 +197,13 @@ def test_the_engine_stream_is_ordered_with_torchs(tiny_models, onnx_folder, tmp_
     assert handle == 1001 and active == "engine"  # the dedicated stream, not the legacy default one
     recorded = {e[2] for e in log if e[0] == "record_stream" and e[1] == "engine"}
     assert {eps.data_ptr(), *(f.data_ptr() for f in feats)} <= recorded  # outputs written there
+    spec = backend.specs["unet"]
+    records = [e for e in log if e[0] == "record_stream" and e[1] == "engine"]
+    assert len(records) == len(spec.inputs) + len(spec.outputs)  # every input read there, every output written
+    copies = [(i, e) for i, e in enumerate(log) if e[0] == "copy"]
+    assert all(e[1] == "engine" for _, e in copies)  # in and out, on the engine stream
+    assert len([i for i, _ in copies if i < execute[0]]) == len(spec.inputs)
+    assert {e[2] for i, e in copies if i > execute[0]} == {eps.data_ptr(), *(f.data_ptr() for f in feats)}
 
 
 def test_shared_activation_memory_is_the_largest_engines(tiny_models, onnx_folder, tmp_path) -> None:

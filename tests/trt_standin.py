@@ -148,6 +148,7 @@ class StandInContext:
         self.memory: tuple[int, int] | None = None
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.addresses: dict[str, int] = {}
+        self.captured: tuple[dict, dict] | None = None  # (addresses, shapes) a CUDA graph was captured with
 
     def _ok(self, call: str) -> bool:
         return call not in self.engine.trt.refuse
@@ -184,7 +185,10 @@ class StandInContext:
         self.log.append(("execute_async_v3", self.name, stream, cuda.active, cuda.capturing))
         assert self.memory is not None, "executed without activation memory"
         if cuda.capturing:
+            self.captured = (dict(self.addresses), dict(self.shapes))
             return True  # recorded into the graph, not run
+        if cuda.replaying:  # the graph's kernels read the captured bindings, whatever is bound now
+            assert self.captured == (self.addresses, self.shapes), "replayed a CUDA graph whose bindings changed"
         spec = self.engine.spec
         inputs = {n: cuda.tensor_at(self.addresses[n], self.shapes[n]) for n in spec.input_names}
         value = per_sample_value(inputs)
@@ -211,6 +215,7 @@ class StandInCuda:
         self.torch_stream = Stream("torch", 7, self.log)
         self.active: str = "torch"
         self.capturing = False
+        self.replaying = False
         self.buffers: dict[int, torch.Tensor] = {}  # address -> the flat bytes allocated there
         self.dtypes: dict[int, torch.dtype] = {}  # address -> dtype it was allocated for
         self.allocated: list[tuple[int, int]] = []  # (address, bytes) of every zeros() allocation
@@ -263,6 +268,10 @@ class StandInCuda:
     def record_stream(self, tensor: torch.Tensor, stream: Stream) -> None:
         self.log.append(("record_stream", stream.name, tensor.data_ptr()))
 
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        self.log.append(("copy", self.active, dst.data_ptr(), src.data_ptr()))
+        dst.copy_(src)
+
     def capture(self, stream: Stream, work: Callable[[], None]) -> Callable[[], None]:
         self.log.append(("capture", stream.name))
         self.capturing = True
@@ -271,8 +280,12 @@ class StandInCuda:
         finally:
             self.capturing = False
 
-        def replay() -> None:
+        def replay() -> None:  # a graph replays the captured addresses and shapes
             self.log.append(("replay", self.active))
-            work()
+            self.replaying = True
+            try:
+                work()
+            finally:
+                self.replaying = False
 
         return replay
