@@ -283,11 +283,10 @@ def _threads(n: int | None) -> Iterator[None]:
     library applies itself): ``n``, or its default (one per physical core). Either way OpenMP's
     idle threads sleep rather than spin (:func:`main` sets OMP_WAIT_POLICY=PASSIVE before torch
     loads, unless the environment sets it)."""
-    if n is not None and n < 1:
-        from p2v_fast.errors import InputError
-
-        raise InputError(f"--threads must be >= 1; got {n}")
+    from p2v_fast.config import check_threads
     from p2v_fast.pipeline import torch_threads
+
+    check_threads(n)
 
     with torch_threads(n):
         yield
@@ -403,10 +402,15 @@ def demo(
     without downloads. Use a real --model with `p2v edit` for real edits.
     """
     from p2v_fast import video
+    from p2v_fast.errors import InputError
     from p2v_fast.pipeline import edit_video
 
     cfg = _config(prompt="a crochet swan on the lake", model="tiny", size=size, steps=steps,
                   source_prompt="a sample clip", threads=threads)  # checked before the sample clip is made
+    if frames < 1:
+        raise InputError(f"--frames must be >= 1; got {frames}")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out '{out}' is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
     clip = out / "sample.mp4"
     if not clip.exists():
@@ -656,11 +660,15 @@ def eval_(
     threads: Threads = None,
 ) -> None:
     """Score EDITED against its source: CLIP-Text, CLIP-Image, Pixel-MSE (the paper's Table 2)."""
+    from p2v_fast.errors import InputError
     from p2v_fast.evaluate import evaluate_video, write_json_atomic
     from p2v_fast.paths import check_output_file
 
     if json_path is not None:
         check_output_file(json_path)
+        for video_path in (edited, source):  # the report never replaces a video it scores
+            if Path(json_path).resolve() == Path(video_path).resolve():
+                raise InputError(f"--json '{json_path}' is the video '{video_path}'; choose another --json path")
     with _threads(threads), _progress() as progress:
         result = evaluate_video(edited, source, prompt, clip_model=clip_model, flow=flow, size=size, start=start,
                                 max_frames=max_frames, stride=stride, resize=resize, progress=progress)
@@ -797,13 +805,27 @@ def bench(
         from benchmarks.bench import _check_json_path
 
         _check_json_path(json_path)
+    if plan and protocol is not None:
+        from p2v_fast.errors import InputError
+
+        raise InputError("--plan simulates the wavefront and --protocol runs the edit; give one of them")
     if protocol is not None:
         _bench_protocol(protocol, model, arch, size, steps, frames, backend, latent_update, dtype, device, engines,
-                        threads, compile, json_path)
+                        threads, compile, invert_dtype, json_path)
         return
     if size is None:  # the tiny model at 512 takes ~45 min on 2 CPU cores; its timings mean little anyway
         size = 128 if model == "tiny" else 512
-    steps, frames = steps or 50, frames or 4
+    steps = 50 if steps is None else steps
+    frames = 4 if frames is None else frames
+    opts = BenchOptions(
+        model=model, arch=arch, size=size, steps=steps, frames=frames, compile=compile,
+        backends=tuple(backend or (() if speedups else ("torch",))),
+        latent_updates=tuple(latent_update or LATENT_UPDATES), schedules=tuple(schedule or SCHEDULES),
+        batch_frames=batch_frames, invert_batch=invert_batch, invert_dtype=invert_dtype, dtype=dtype, device=device,
+        engines=engines,
+        repeats=repeats, warmup=warmup,
+        threads=threads, json_path=json_path, speedups=tuple(speedups or ()),
+    )  # every option checked, --plan or not
     if plan:
         from benchmarks.plan import CAPS, plan_report, plan_table
 
@@ -815,15 +837,6 @@ def bench(
 
             write_json_atomic(json_path, report)
         return
-    opts = BenchOptions(
-        model=model, arch=arch, size=size, steps=steps, frames=frames, compile=compile,
-        backends=tuple(backend or (() if speedups else ("torch",))),
-        latent_updates=tuple(latent_update or LATENT_UPDATES), schedules=tuple(schedule or SCHEDULES),
-        batch_frames=batch_frames, invert_batch=invert_batch, invert_dtype=invert_dtype, dtype=dtype, device=device,
-        engines=engines,
-        repeats=repeats, warmup=warmup,
-        threads=threads, json_path=json_path, speedups=tuple(speedups or ()),
-    )
     with _progress() as progress:
         report = run_bench(opts, progress)
     print_report(out_console, report)
@@ -832,7 +845,7 @@ def bench(
 
 
 def _bench_protocol(name: str, model, arch, size, steps, frames, backend, latent_update, dtype, device, engines,
-                    threads, compile, json_path) -> None:
+                    threads, compile, invert_dtype, json_path) -> None:
     """`p2v bench --protocol NAME`: see benchmarks/protocol.py."""
     from benchmarks.bench import write_json_atomic
     from benchmarks.protocol import ProtocolOptions, protocol_table, run_protocol
@@ -846,7 +859,7 @@ def _bench_protocol(name: str, model, arch, size, steps, frames, backend, latent
     opts = ProtocolOptions(name=name, model=model, arch=arch, device=device, dtype=dtype,
                            backend=(backend or ["torch"])[0], engines=engines,
                            latent_updates=tuple(latent_update or LATENT_UPDATES), compile=compile,
-                           overrides=overrides)
+                           invert_dtype=invert_dtype, overrides=overrides)
     if not opts.faithful:
         console.print(f"[yellow]not the protocol[/yellow]: {overrides} overrides {name}'s fixed workload; "
                       "the report says so")

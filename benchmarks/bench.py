@@ -41,7 +41,7 @@ from benchmarks.hardware import device_info, machine_info, versions
 from benchmarks.timing import Clock, PeakMemory, load_average, summarize
 from p2v_fast.attention import feature_shapes
 from p2v_fast.backends import Backend, CallCounter, TorchBackend, make_backend
-from p2v_fast.config import BACKENDS, DTYPES, LATENT_UPDATES, SCHEDULES, EditConfig
+from p2v_fast.config import BACKENDS, DTYPES, LATENT_UPDATES, SCHEDULES, EditConfig, check_threads
 from p2v_fast.ddim import DDIMSchedule
 from p2v_fast.edit import DEFAULT_WAVEFRONT_FRAMES, EditContext, EditStats, FeatureStore, FrameState, run_schedule
 from p2v_fast.errors import InputError, P2VError
@@ -155,9 +155,11 @@ def _verify(o: BenchOptions) -> None:
         raise InputError(f"--repeats must be >= 1; got {o.repeats}")
     if o.warmup < 0:
         raise InputError(f"--warmup must be >= 0; got {o.warmup}")
-    if o.threads is not None and o.threads < 1:
-        raise InputError(f"--threads must be >= 1; got {o.threads}")
+    check_threads(o.threads)
     o.edit_config()  # size, steps, update_steps, batch sizes
+    from p2v_fast.video import working_size
+
+    working_size(o.size, o.size, o.size)  # the working size's limit (--size over 2048 is refused)
     if o.json_path is not None:
         _check_json_path(Path(o.json_path))  # before the run, not after it
 

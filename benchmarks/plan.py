@@ -20,7 +20,9 @@ from p2v_fast.errors import InputError
 from p2v_fast.plan import simulate_wavefront
 
 #: Caps compared by default (frames in flight); the default cap is 16.
-CAPS = (4, 8, 16, 32)
+CAPS = (4, 8, 16, 32, 50)
+#: Longest clip --plan simulates (it steps every frame: ~10 s per 1000 frames at 50 steps on 2 CPU cores).
+MAX_PLAN_FRAMES = 10_000
 MODES = ("detached", "autograd")  # "off" plans as "detached": the same calls, no x0-hat kept
 
 
@@ -45,8 +47,9 @@ def plan_report(frames: int, steps: int, size: int, dtype: str = "fp16", caps: t
                 arch: str | None = None, model: str | None = None,
                 update_steps: int | None = None) -> dict[str, Any]:
     """Plans of a ``frames`` x ``steps`` edit at ``size`` x ``size`` for every cap and mode."""
-    if frames < 1 or not caps or min(caps) < 1:
-        raise InputError(f"--plan needs --frames >= 1 and caps >= 1; got {frames} frames, caps {caps}")
+    if not 1 <= frames <= MAX_PLAN_FRAMES or not caps or min(caps) < 1:
+        raise InputError(f"--plan needs --frames from 1 to {MAX_PLAN_FRAMES} and caps >= 1; got {frames} frames, "
+                         f"caps {caps}")
     if dtype not in ("fp16", "bf16", "fp32", "auto"):
         raise InputError(f"--dtype must be auto, fp16, bf16 or fp32; got {dtype!r}")
     torch_dtype = {"fp16": torch.float16, "auto": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]

@@ -58,6 +58,7 @@ class ProtocolOptions:
     engines: Path | None = None
     latent_updates: tuple[str, ...] = LATENT_UPDATES
     compile: bool = False
+    invert_dtype: str = "fp32"  # as `p2v edit --invert-dtype`
     overrides: dict[str, int] = field(default_factory=dict)  # frames / size / steps: then not the protocol
     seed: int = 0
 
@@ -72,7 +73,12 @@ class ProtocolOptions:
                 raise InputError(f"--latent-update must be one of {', '.join(LATENT_UPDATES)}; got {v!r}")
         if self.model is not None and self.arch is not None:
             raise InputError("give --model or --arch, not both")
-        self.edit_config("off")  # size, steps, frames, device, dtype, backend
+        if self.workload["frames"] < 1:
+            raise InputError(f"--frames must be >= 1; got {self.workload['frames']}")
+        self.edit_config("off")  # size, steps, device, dtype, backend, invert dtype
+        from p2v_fast.video import working_size
+
+        working_size(self.workload["size"], self.workload["size"], self.workload["size"])  # the 2048-pixel limit
 
     @property
     def workload(self) -> dict[str, int]:
@@ -93,7 +99,7 @@ class ProtocolOptions:
         return EditConfig(prompt=TARGET_PROMPT, source_prompt=SOURCE_PROMPT, model=self.model_label,
                           device=self.device, dtype=self.dtype, backend=self.backend, engines=self.engines,
                           size=w["size"], max_frames=w["frames"], steps=w["steps"], latent_update=mode,
-                          compile=self.compile, seed=self.seed).replace(**kw)
+                          compile=self.compile, invert_dtype=self.invert_dtype, seed=self.seed).replace(**kw)
 
 
 class StageClock:

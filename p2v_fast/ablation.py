@@ -299,14 +299,14 @@ def run_ablation(
     # A bad --clip-model or an unusable --flow fails here, in seconds, before any edit.
     flow_fn = make_flow(flow)
     scorer = scorer or ClipScorer(clip_model)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"cannot create output folder '{out}': {exc.strerror or exc}") from None
     settings_used = [SETTINGS[k] for k in keys]
     if runtime is None:
         needs_grad = any(s.latent_update == "autograd" for s in settings_used)
         runtime = load_runtime(cfg.replace(latent_update="autograd" if needs_grad else "off"))
+    try:  # once the models have loaded: a run that cannot start leaves no empty folder
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create output folder '{out}': {exc.strerror or exc}") from None
 
     cols = sheet_indices(n_sel, sheet_frames)
     source_thumbs: dict[int, np.ndarray] = {}

@@ -308,7 +308,7 @@ def _draft(index: int, merged: dict[str, Any], keys: dict[str, Any], opt_names: 
     """One job checked as ``p2v edit`` checks it before loading a model: values, prompt, the
     input's probe (``--fps`` included) and the frame selection (size, framing, stride)."""
     from p2v_fast.inversion import select_clip
-    from p2v_fast.pipeline import probe_input
+    from p2v_fast.pipeline import EditPaths, probe_input
     from p2v_fast.prompts import check_prompt
 
     for required in ("input", "prompt"):
@@ -329,6 +329,8 @@ def _draft(index: int, merged: dict[str, Any], keys: dict[str, Any], opt_names: 
     output: Path | None = values.pop("output", None)
     options = {k: values.pop(k) for k in list(values) if k in opt_names}
     cfg = EditConfig(**values)
+    EditPaths.of(input_path, output, preview=bool(options.get("preview")),  # options that exclude each other
+                 side_by_side=bool(options.get("side_by_side")), json_path=options.get("json_path"))
     info = probes.get((input_path, cfg.fps))
     if info is None:
         try:

@@ -18,6 +18,11 @@ INVERT_DTYPES = (*DTYPES, "same")  # "same": the edit's --dtype
 RESIZES = ("crop", "stretch", "pad")
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "auto")
 SCHEDULES = ("sequential", "wavefront")
+#: Most CPU threads --threads takes (torch.set_num_threads overflows far above; more than the
+#: cores only oversubscribes them).
+MAX_THREADS = 1024
+#: Frame rates an image folder may play at (--fps): below 0.01 fps the rate's fraction underflows.
+FPS_RANGE = (0.01, 1000.0)
 # delta is given at 512x512 (a 64x64 latent); see EditConfig.update_weight.
 REFERENCE_LATENT_PIXELS = 64 * 64
 
@@ -103,6 +108,14 @@ class EditConfig:
         return self.update_weight * (h * w) / REFERENCE_LATENT_PIXELS
 
 
+def check_threads(n: int | None) -> None:
+    """InputError unless ``n`` (--threads) is None or 1..MAX_THREADS."""
+    if n is not None and n < 1:
+        raise InputError(f"--threads must be >= 1; got {n}")
+    if n is not None and n > MAX_THREADS:
+        raise InputError(f"--threads must be at most {MAX_THREADS}; got {n}")
+
+
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise InputError(f"--{name} must be one of {', '.join(choices)}; got {value!r}")
@@ -115,8 +128,7 @@ def _verify(c: EditConfig) -> None:
     _choice("depth-norm", c.depth_norm, DEPTH_NORMS)
     _choice("backend", c.backend, BACKENDS)
     _choice("schedule", c.schedule, SCHEDULES)
-    if c.threads is not None and c.threads < 1:
-        raise InputError(f"--threads must be >= 1; got {c.threads}")
+    check_threads(c.threads)
     if c.cuda_graph and c.backend not in ("tensorrt", "auto"):
         raise InputError(f"--cuda-graph is for --backend tensorrt, not {c.backend} (PyTorch: --compile)")
     if c.batch_frames is not None and c.batch_frames < 1:
@@ -145,7 +157,7 @@ def _verify(c: EditConfig) -> None:
         raise InputError(f"--update-weight must be a finite number >= 0; got {c.update_weight}")
     if not 0 <= c.seed < 2**64:
         raise InputError(f"--seed must be between 0 and 2**64 - 1; got {c.seed}")
-    if c.fps is not None and not (math.isfinite(c.fps) and 0 < c.fps <= 1000):
-        raise InputError(f"--fps must be a frame rate between 0 and 1000; got {c.fps}")
+    if c.fps is not None and not (math.isfinite(c.fps) and FPS_RANGE[0] <= c.fps <= FPS_RANGE[1]):
+        raise InputError(f"--fps must be a frame rate between {FPS_RANGE[0]:g} and {FPS_RANGE[1]:g}; got {c.fps}")
     if not c.model.strip():
         raise InputError("--model must not be empty")

@@ -139,14 +139,15 @@ def default_output(input_path: Path, suffix: str = ".p2v.mp4") -> Path:
 
 
 def check_output(input_path: Path, output: Path, overwrite: bool, kind: str | None = None,
-                 side_files: tuple[str, ...] = (), create_folder: bool = False) -> Path:
+                 side_files: tuple[str, ...] = (), create_folder: bool = False, option: str = "-o") -> Path:
     """Validate the output path: not the input, not inside an input image folder, not an existing
     file (unless overwrite), writable, a name the file system takes (``side_files``: names that
     will be written beside it). ``kind``: "video" (an extension :data:`video.OUTPUT_FORMATS`
-    knows) or "png". ``create_folder``: its folder may not exist yet (the caller creates it)."""
+    knows) or "png". ``create_folder``: its folder may not exist yet (the caller creates it).
+    ``option``: the option that names it, for the message."""
     output = check_name_length(output, side_files)
     if output.resolve() == Path(input_path).resolve():
-        raise InputError(f"output '{output}' is the input; choose another -o path")
+        raise InputError(f"output '{output}' is the input; choose another {option} path")
     if Path(input_path).is_dir() and output.resolve().parent == Path(input_path).resolve():
         raise InputError(f"output '{output}' is inside the input image folder '{input_path}' (the next run would "
                          "read it as a frame); write it elsewhere")
@@ -179,6 +180,8 @@ class EditPaths:
     def of(cls, input_path: Path, output: str | Path | None, *, preview: bool = False, side_by_side: bool = False,
            json_path: str | Path | None = None) -> EditPaths:
         """The paths ``p2v edit`` writes for these options (``output`` None: beside the input)."""
+        if preview and side_by_side:
+            raise InputError("--preview writes one PNG of the anchor frame; --side-by-side is for a video edit")
         out = Path(output) if output else default_output(Path(input_path),
                                                          ".p2v-preview.png" if preview else ".p2v.mp4")
         sbs, strip = side_paths(out)
@@ -202,8 +205,10 @@ class EditPaths:
         check_output(input_path, self.output, overwrite, "png" if self.preview else "video", names, create_folders)
         for side in self.sides:
             check_output(input_path, side, overwrite, create_folder=create_folders)
-        if self.json is not None:
-            check_output(input_path, self.json, overwrite=True, create_folder=create_folders)
+        if self.json is not None:  # a report: replaced if it exists, but never one of the edit's own files
+            if self.json.resolve() in {p.resolve() for p in (self.output, *self.sides)}:
+                raise InputError(f"--json '{self.json}' is a file the edit writes; choose another --json path")
+            check_output(input_path, self.json, overwrite=True, create_folder=create_folders, option="--json")
 
 
 def warm_up(cfg: EditConfig, rt: Runtime, selection: ClipSelection, progress: Progress) -> None:

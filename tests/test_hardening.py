@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import shutil
 import threading
 from pathlib import Path
 
@@ -642,3 +643,42 @@ def test_small_things(tmp_path, tiny_dir) -> None:
 
 def test_demo_threads_must_be_positive() -> None:
     assert "--threads must be >= 1" in one_line_error(runner.invoke(app, ["demo", "--threads", "0"]))
+
+
+# --------------------------------------------------------------------------- review: options refused before any work
+
+REFUSED = [
+    (["edit", "{clip}", "x", *FAST, "-o", "{tmp}/o.mp4", "--json", "{tmp}/o.mp4"], "is a file the edit writes"),
+    (["edit", "{clip}", "x", *FAST, "-o", "{tmp}/o.mp4", "--json", "{tmp}/o.strip.png"], "is a file the edit writes"),
+    (["edit", "{clip}", "x", *FAST, "--json", "{clip}"], "choose another --json path"),
+    (["edit", "{clip}", "x", *FAST, "--threads", "2147483648"], "--threads must be at most"),
+    (["edit", "{clip}", "x", *FAST, "--preview", "--side-by-side"], "--side-by-side is for a video edit"),
+    (["eval", "{tmp}/e.mp4", "--source", "{clip}", "--prompt", "x", "--json", "{clip}"], "is the video"),
+    (["demo", "--out", "{clip}"], "is a file, not a folder"),
+    (["demo", "--frames", "0", "--out", "{tmp}/demo"], "--frames must be >= 1"),
+    (["bench", "--plan", "--frames", "0"], "--frames must be >= 1"),
+    (["bench", "--plan", "--latent-update", "bogus"], "--latent-update must be one of"),
+    (["bench", "--plan", "--size", "4096"], "over the limit of 2048"),
+    (["bench", "--plan", "--frames", "100000000"], "--plan needs --frames from 1 to"),
+    (["bench", "--plan", "--protocol", "v2v120"], "give one of them"),
+    (["bench", "--model", "tiny", "--protocol", "v2v120", "--invert-dtype", "fp8"], "--invert-dtype must be one of"),
+    (["bench", "--model", "tiny", "--protocol", "v2v120", "--frames", "0"], "--frames must be >= 1"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), REFUSED)
+def test_options_that_cannot_work_are_refused_before_any_work(clip, tmp_path, args, message) -> None:
+    shutil.copy(clip, tmp_path / "e.mp4")
+    before = {p.name: _digest(p) for p in tmp_path.iterdir()}
+    r = _p2v(*[a.format(clip=clip, tmp=tmp_path) for a in args])
+    assert r.exit_code == 2, r.output
+    assert message in one_line_error(r)
+    assert {p.name: _digest(p) for p in tmp_path.iterdir()} == before  # nothing written, nothing replaced
+
+
+def test_a_folder_frame_rate_too_small_to_write_is_refused(tmp_path) -> None:
+    from p2v_fast.video import make_sample_frames_folder
+
+    folder = make_sample_frames_folder(tmp_path / "frames", n=2, size=(64, 64))
+    r = _p2v("edit", folder, "x", *FAST, "--fps", "1e-10", "-o", tmp_path / "o.mp4")
+    assert r.exit_code == 2 and "--fps must be a frame rate between" in one_line_error(r)
