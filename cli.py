@@ -284,7 +284,7 @@ def _threads(n: int | None) -> Iterator[None]:
     idle threads sleep rather than spin (:func:`main` sets OMP_WAIT_POLICY=PASSIVE before torch
     loads, unless the environment sets it)."""
     from p2v_fast.config import check_threads
-    from p2v_fast.pipeline import torch_threads
+    from p2v_fast.runtime import torch_threads
 
     check_threads(n)
 
@@ -450,8 +450,9 @@ def invert(
     threads: Threads = None,
 ) -> None:
     """DDIM-invert INPUT into the cache, so later edits of it skip inversion."""
-    from p2v_fast.inversion import describe_reconstruction, describe_runtime
+    from p2v_fast.inversion import describe_reconstruction
     from p2v_fast.pipeline import invert_video
+    from p2v_fast.runtime import describe_runtime
 
     cfg = _config(model=model, device=device, dtype=dtype, backend=backend, engines=engines, size=size, start=start,
                   max_frames=max_frames, stride=stride, steps=steps, source_prompt=source_prompt,
@@ -594,7 +595,7 @@ def batch(
     Running the same command again skips the jobs whose output is complete."""
     from p2v_fast.batch import BatchFileError, check_summary_path, load_jobs, run_batch
     from p2v_fast.errors import InputError
-    from p2v_fast.evaluate import write_json_atomic
+    from p2v_fast.files import write_json_atomic
     from p2v_fast.paths import check_output_file
 
     ray = ray or ray_address is not None or ray_cpus_per_worker is not None
@@ -661,7 +662,8 @@ def eval_(
 ) -> None:
     """Score EDITED against its source: CLIP-Text, CLIP-Image, Pixel-MSE (the paper's Table 2)."""
     from p2v_fast.errors import InputError
-    from p2v_fast.evaluate import evaluate_video, write_json_atomic
+    from p2v_fast.evaluate import evaluate_video
+    from p2v_fast.files import write_json_atomic
     from p2v_fast.paths import check_output_file
 
     if json_path is not None:
@@ -802,9 +804,9 @@ def bench(
     from p2v_fast.config import LATENT_UPDATES, SCHEDULES
 
     if json_path is not None:
-        from benchmarks.bench import _check_json_path
+        from p2v_fast.paths import check_json_path
 
-        _check_json_path(json_path)
+        check_json_path(json_path)
     if plan and protocol is not None:
         from p2v_fast.errors import InputError
 
@@ -833,7 +835,7 @@ def bench(
                              arch=arch, model=model)
         _wide().print(plan_table(report))
         if json_path is not None:
-            from benchmarks.bench import write_json_atomic
+            from p2v_fast.files import write_json_atomic
 
             write_json_atomic(json_path, report)
         return
@@ -847,9 +849,9 @@ def bench(
 def _bench_protocol(name: str, model, arch, size, steps, frames, backend, latent_update, dtype, device, engines,
                     threads, compile, invert_dtype, json_path) -> None:
     """`p2v bench --protocol NAME`: see benchmarks/protocol.py."""
-    from benchmarks.bench import write_json_atomic
     from benchmarks.protocol import ProtocolOptions, protocol_table, run_protocol
     from p2v_fast.config import LATENT_UPDATES
+    from p2v_fast.files import write_json_atomic
 
     overrides = {k: v for k, v in (("frames", frames), ("size", size), ("steps", steps)) if v is not None}
     if backend and len(backend) > 1:

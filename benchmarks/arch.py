@@ -184,7 +184,8 @@ def build_sd2_depth(device: torch.device, dtype: torch.dtype, seed: int = 0):
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, DPTConfig, DPTForDepthEstimation
 
-    from p2v_fast.models import Models, quiet_loading
+    from p2v_fast.hub import quiet_loading
+    from p2v_fast.models import Models
     from p2v_fast.tiny import SCHEDULER_CONFIG, build_clip_tokenizer, dpt_image_processor
 
     with quiet_loading(), tempfile.TemporaryDirectory(prefix="p2v-arch-tok-") as work:

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
-import os
 import shutil
 import tempfile
 import time
@@ -40,24 +38,19 @@ from benchmarks.flops import UNetFlops, count_unet_flops
 from benchmarks.hardware import device_info, machine_info, versions
 from benchmarks.timing import Clock, PeakMemory, load_average, summarize
 from p2v_fast.attention import feature_shapes
-from p2v_fast.backends import Backend, CallCounter, TorchBackend, make_backend
+from p2v_fast.backends import Backend, CallCounter, TorchBackend
+from p2v_fast.clip_selection import frames_digest, select_clip
 from p2v_fast.config import BACKENDS, DTYPES, LATENT_UPDATES, SCHEDULES, EditConfig, check_threads
 from p2v_fast.ddim import DDIMSchedule
 from p2v_fast.edit import DEFAULT_WAVEFRONT_FRAMES, EditContext, EditStats, FeatureStore, FrameState, run_schedule
 from p2v_fast.errors import InputError, P2VError
-from p2v_fast.inversion import (
-    InversionRuntime,
-    frames_digest,
-    images_to_tensor,
-    invert_clip,
-    raw_depth,
-    reconstruction_error,
-    select_clip,
-)
-from p2v_fast.pipeline import inversion_runtime, resolve_device, resolve_dtype
+from p2v_fast.files import write_json_atomic
+from p2v_fast.inversion import images_to_tensor, invert_clip, raw_depth, reconstruction_error
+from p2v_fast.paths import check_json_path
 from p2v_fast.plan import simulate_wavefront
 from p2v_fast.progress import NullProgress, Progress
 from p2v_fast.prompts import encode_prompt
+from p2v_fast.runtime import InversionRuntime, inversion_runtime, make_backend, resolve_device, resolve_dtype
 from p2v_fast.video import make_sample_clip
 
 SCHEMA = "p2v-bench/1"
@@ -161,7 +154,7 @@ def _verify(o: BenchOptions) -> None:
 
     working_size(o.size, o.size, o.size)  # the working size's limit (--size over 2048 is refused)
     if o.json_path is not None:
-        _check_json_path(Path(o.json_path))  # before the run, not after it
+        check_json_path(Path(o.json_path))  # before the run, not after it
 
 
 # ------------------------------------------------------------------------------------------
@@ -196,30 +189,6 @@ def _per_frame(counts: dict[str, int], n: int) -> dict[str, float]:
 def _reset(backends: list[Backend]) -> None:
     for b in backends:
         b.counter.reset()
-
-
-def _check_json_path(path: Path) -> None:
-    if path.is_dir():
-        raise InputError(f"--json '{path}' is a folder; give a file name such as bench.json")
-    if not path.parent.is_dir():
-        raise InputError(f"--json folder '{path.parent}' does not exist")
-    if not os.access(path.parent, os.W_OK):
-        raise InputError(f"--json folder '{path.parent}' is not writable")
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write ``data`` as JSON to ``path`` through a temporary file and a rename."""
-    path = Path(path)
-    _check_json_path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same folder: the rename is atomic
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _load_models(opts: BenchOptions, device: torch.device, dtype: torch.dtype):

@@ -142,7 +142,7 @@ class StageClock:
 def _models(opts: ProtocolOptions):
     from benchmarks.arch import build_arch
     from p2v_fast.models import load_models
-    from p2v_fast.pipeline import resolve_device, resolve_dtype
+    from p2v_fast.runtime import resolve_device, resolve_dtype
 
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
@@ -155,7 +155,8 @@ def run_protocol(opts: ProtocolOptions, log: Callable[[str], None] = print) -> d
     """Run the protocol; the report (written by the caller)."""
     from benchmarks.hardware import device_info, machine_info, versions
     from benchmarks.timing import load_average
-    from p2v_fast.pipeline import edit_video, runtime_for
+    from p2v_fast.pipeline import edit_video
+    from p2v_fast.runtime import runtime_for
     from p2v_fast.video import make_sample_clip
 
     w = opts.workload

@@ -157,7 +157,7 @@ class ExportReport:
 def _device(name: str):
     import torch
 
-    from p2v_fast.pipeline import resolve_device
+    from p2v_fast.runtime import resolve_device
 
     return resolve_device(name) if name != "auto" else torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

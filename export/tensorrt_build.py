@@ -24,7 +24,6 @@ TensorRT is imported lazily: nothing here is needed for ``--format onnx``.
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -33,6 +32,7 @@ from pathlib import Path
 import torch
 
 from p2v_fast.errors import EngineError
+from p2v_fast.files import write_bytes_atomic
 from p2v_fast.manifest import Machine
 from p2v_fast.specs import Geometry, MinOptMax, NetworkSpec
 from p2v_fast.system import import_tensorrt
@@ -118,17 +118,10 @@ def build_engine(
             f"TensorRT could not build an engine from '{onnx_path}' (see its log above); if it ran out of "
             "memory, lower --max-batch or --max-size, or raise --workspace"
         )
-    _write_atomic(engine_path, serialized)
+    write_bytes_atomic(engine_path, serialized, "the engine")
     if timing_cache is not None:
-        _write_atomic(timing_cache, config.get_timing_cache().serialize())
+        write_bytes_atomic(timing_cache, config.get_timing_cache().serialize(), "the timing cache")
     return time.perf_counter() - t0
-
-
-def _write_atomic(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def validate_engine(engine_path: Path, onnx_path: Path, spec: NetworkSpec, geometry: Geometry,

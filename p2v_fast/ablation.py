@@ -37,7 +37,8 @@ import numpy as np
 from p2v_fast import video
 from p2v_fast.config import EditConfig
 from p2v_fast.errors import InputError
-from p2v_fast.evaluate import VideoEval, evaluate_video, write_json_atomic, write_text_atomic
+from p2v_fast.evaluate import VideoEval, evaluate_video
+from p2v_fast.files import write_json_atomic, write_text_atomic
 from p2v_fast.metrics import DEFAULT_CLIP_MODEL, FLOW_METHODS, ClipScorer, make_flow
 from p2v_fast.progress import NullProgress, Progress
 
@@ -269,8 +270,9 @@ def run_ablation(
     Everything the user can get wrong is checked before any model loads; the CLIP model loads
     before the first edit, so a bad ``clip_model`` fails in seconds, not after the edits.
     """
-    from p2v_fast.pipeline import edit_video, load_runtime, probe_input
+    from p2v_fast.pipeline import edit_video, probe_input
     from p2v_fast.prompts import check_prompt
+    from p2v_fast.runtime import load_runtime
 
     progress = progress or NullProgress()
     input_path = Path(input_path)

@@ -25,7 +25,7 @@ uses it:
 
 The CUDA side (allocation, streams, graph capture) goes through :class:`TorchCuda`, so the
 runner's own logic is tested on the CPU with a recording stand-in for TensorRT's engine and
-context and for the CUDA operations (``tests/test_tensorrt_runner.py``); only the real thing is
+context and for the CUDA operations (``tests/test_backend_tensorrt.py``); only the real thing is
 left to the ``tensorrt`` test tier.
 
 Refusals, each one line: TensorRT or CUDA not usable here (first, with the reason), engines

@@ -238,32 +238,3 @@ class TorchBackend(Backend):
         return est(pixel_values=pixel_values.to(self.device, torch.float32)).predicted_depth.float()
 
 
-def make_backend(name: str, models, engines=None, cuda_graph: bool = False) -> Backend:
-    """The backend called ``name`` for ``models``.
-
-    ``engines``: the folder ``p2v export`` wrote (default ``./engines``) for ``onnxruntime`` and
-    ``tensorrt``. ``auto``: tensorrt if TensorRT is usable and the folder holds engines built on
-    this machine for this model, else onnxruntime if it holds this model's ONNX graphs, else torch.
-    ``cuda_graph``: the tensorrt backend replays its (static-shape) engines as CUDA graphs.
-    """
-    if name == "auto":
-        from p2v_fast.graph_backend import choose_auto
-
-        name = choose_auto(models, engines)
-    if cuda_graph and name != "tensorrt":
-        from p2v_fast.errors import InputError
-
-        raise InputError(f"--cuda-graph needs the tensorrt backend; {name} runs here (PyTorch: --compile)")
-    if name == "torch":
-        return TorchBackend(models)
-    if name == "onnxruntime":
-        from p2v_fast.backend_onnx import OnnxRuntimeBackend
-
-        return OnnxRuntimeBackend(models, engines)
-    if name == "tensorrt":
-        from p2v_fast.backend_tensorrt import TensorRTBackend
-
-        return TensorRTBackend(models, engines, cuda_graph=cuda_graph)
-    from p2v_fast.errors import BackendUnavailableError
-
-    raise BackendUnavailableError(f"backend {name!r} is unknown; use torch, onnxruntime, tensorrt or auto")

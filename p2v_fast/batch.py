@@ -39,7 +39,7 @@ from p2v_fast.config import EditConfig
 from p2v_fast.errors import InputError, P2VError, Terminated
 
 if typing.TYPE_CHECKING:
-    from p2v_fast.pipeline import EditPaths
+    from p2v_fast.paths import EditPaths
 
 # edit_video's keyword options that are the library's plumbing, not options of an edit
 _NOT_JOB_OPTIONS = ("progress", "runtime")
@@ -139,7 +139,7 @@ class Job:
     @property
     def paths(self) -> EditPaths:
         """Every file the job writes, named as ``p2v edit`` names them."""
-        from p2v_fast.pipeline import EditPaths
+        from p2v_fast.paths import EditPaths
 
         opts = self.options
         return EditPaths.of(self.input, self.output, preview=bool(opts.get("preview")),
@@ -170,7 +170,7 @@ def _read_sidecar(output: Path) -> dict[str, Any] | None:
 
 def write_sidecar(job: Job, result: JobResult) -> None:
     """Record, beside the output, which job made it (atomically)."""
-    from p2v_fast.evaluate import write_json_atomic
+    from p2v_fast.files import write_json_atomic
 
     write_json_atomic(sidecar_path(job.output), {
         "version": SIDECAR_VERSION, "spec": job.spec(), "frames": result.frames,
@@ -307,8 +307,9 @@ def _draft(index: int, merged: dict[str, Any], keys: dict[str, Any], opt_names: 
            probes: dict[tuple[Path, float | None], video.VideoInfo | str]) -> _Draft:
     """One job checked as ``p2v edit`` checks it before loading a model: values, prompt, the
     input's probe (``--fps`` included) and the frame selection (size, framing, stride)."""
-    from p2v_fast.inversion import select_clip
-    from p2v_fast.pipeline import EditPaths, probe_input
+    from p2v_fast.clip_selection import select_clip
+    from p2v_fast.paths import EditPaths
+    from p2v_fast.pipeline import probe_input
     from p2v_fast.prompts import check_prompt
 
     for required in ("input", "prompt"):
@@ -318,12 +319,12 @@ def _draft(index: int, merged: dict[str, Any], keys: dict[str, Any], opt_names: 
     check_prompt(values["prompt"])
     model = values.get("model")
     if isinstance(model, str) and model != "tiny":  # a local folder is relative to the jobs file
-        from p2v_fast.models import _looks_like_path
+        from p2v_fast.hub import looks_like_path
 
         folder = (base / Path(model).expanduser()).resolve()
         if folder.is_dir():
             values["model"] = str(folder)
-        elif _looks_like_path(model):
+        elif looks_like_path(model):
             raise InputError(f"model folder '{model}' does not exist (relative to the jobs file)")
     input_path: Path = values.pop("input")
     output: Path | None = values.pop("output", None)
@@ -347,7 +348,7 @@ def _draft(index: int, merged: dict[str, Any], keys: dict[str, Any], opt_names: 
 def _place_outputs(drafts: list[_Draft], name: str, errors: list[str]) -> list[Job]:
     """Default outputs (unique per prompt when a clip has several jobs), then the checks that
     need every job: no two jobs write one file, no job writes an input, existing outputs."""
-    from p2v_fast.pipeline import default_output
+    from p2v_fast.paths import default_output
 
     by_clip: dict[tuple[Path, bool], list[_Draft]] = {}
     for d in drafts:
@@ -555,7 +556,7 @@ class BatchWorker:
         self.name = worker_name()
 
     def runtime(self, cfg: EditConfig) -> Any:
-        from p2v_fast.pipeline import load_runtime
+        from p2v_fast.runtime import load_runtime
 
         key = runtime_config(cfg)
         if key not in self._runtimes:

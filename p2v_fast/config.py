@@ -65,7 +65,7 @@ class EditConfig:
     depth_norm: str = "frame"  # "frame" (paper) or "clip" (one min/max for the whole clip)
 
     # --- scheduling (DESIGN.md sec. 3): same result, different batching ---
-    # wavefront (default; equal to sequential up to float reassociation, tests/test_schedule.py)
+    # wavefront (default; equal to sequential up to float reassociation, tests/test_edit_schedule.py)
     # or sequential (Algorithm 1 as written, one frame at a time)
     schedule: str = "wavefront"
     # wavefront: at most this many frames in flight. None: up to 16, each tick's frames in UNet

@@ -253,7 +253,7 @@ def _references(frames: list[FrameState], store: FeatureStore,
 
 def _step_call(frames: list[FrameState], ctx: EditContext, backend: Backend, needs_grad: bool) -> None:
     """One UNet call for ``frames`` and their DDIM step (and guided update). Nothing here reads
-    a value back from the device or copies one to it (tests/test_gpu.py checks on CUDA)."""
+    a value back from the device or copies one to it (tests/test_edit_cuda.py checks on CUDA)."""
     sched, cfg, store = ctx.schedule, ctx.cfg, ctx.store
     device = backend.device
     idx = sched.index([st.step for st in frames], device)  # [F], made on the device

@@ -8,6 +8,9 @@ traceback for these.
 
 from __future__ import annotations
 
+import errno
+from pathlib import Path
+
 
 class P2VError(Exception):
     """Base class: a problem the user can fix, described in one line."""
@@ -44,3 +47,30 @@ class BackendUnavailableError(P2VError):
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread like Ctrl-C (the CLI installs the handler), so the same
     cleanup runs; the exit code is 143 instead of 130."""
+
+
+#: errno values that mean "the disk (or this process's file size limit) is full".
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def disk_full(exc: BaseException) -> bool:
+    """True for an error that means out of space (ENOSPC, EDQUOT) or over the file size limit (EFBIG),
+    including errors from libraries that only keep the message (safetensors)."""
+    if isinstance(exc, OSError) and exc.errno in NO_SPACE:
+        return True
+    text = str(exc)
+    return any(s in text for s in ("No space left on device", "Disk quota exceeded", "File too large"))
+
+
+def write_error(exc: BaseException, path: Path, what: str = "") -> OutputError:
+    """The one-line error for a failed write of ``path`` (``what``: e.g. "the inversion cache")."""
+    folder = path.parent if str(path.parent) else Path(".")
+    about = f" writing {what}" if what else f" writing '{path.name}'"
+    if disk_full(exc):
+        if isinstance(exc, OSError) and exc.errno == errno.EFBIG:
+            return OutputError(f"file too large for '{folder}'{about} (file size limit reached); nothing "
+                               "partial was kept")
+        return OutputError(f"no space left on the device of '{folder}'{about}; free some space and run again "
+                           "(nothing partial was kept)")
+    why = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return OutputError(f"cannot write '{path}'{about if what else ''}: {why}")

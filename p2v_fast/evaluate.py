@@ -18,8 +18,6 @@ with); their count must equal the edited video's frame count.
 from __future__ import annotations
 
 import itertools
-import json
-import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,8 +27,8 @@ import numpy as np
 
 from p2v_fast import video
 from p2v_fast.errors import InputError
+from p2v_fast.files import json_safe
 from p2v_fast.metrics import DEFAULT_CLIP_MODEL, FLOW_METHODS, ClipScorer, StreamingEvaluator
-from p2v_fast.paths import check_output_file, write_bytes_atomic
 from p2v_fast.progress import NullProgress, Progress
 
 FrameCallback = Callable[[int, np.ndarray, np.ndarray], None]
@@ -57,29 +55,6 @@ class VideoEval:
 
     def to_dict(self) -> dict[str, Any]:
         return json_safe(asdict(self))
-
-
-def json_safe(obj: Any) -> Any:
-    """Tuples to lists and non-finite floats to None, so the JSON is strict (no NaN)."""
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` to a temporary file beside ``path`` and rename it into place (mode 0666 less
-    the umask, like the videos and images; a full disk is one :class:`OutputError` line)."""
-    return write_bytes_atomic(check_output_file(path), text.encode("utf-8"))
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> Path:
-    return write_text_atomic(path, json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n")
 
 
 def comparison_size(info: video.VideoInfo, size: int | None) -> tuple[int, int]:

@@ -121,23 +121,3 @@ class GraphBackend(Backend):
         return self.run("depth", {"pixel_values": pixel_values})["predicted_depth"].float()
 
 
-def choose_auto(models, engines: str | Path | None) -> str:
-    """``auto``: tensorrt if TensorRT is usable and the folder holds engines that match this
-    machine and model; else onnxruntime if it holds ONNX graphs of this model; else torch."""
-    from p2v_fast.manifest import check_machine, this_machine
-    from p2v_fast.system import onnxruntime_status, tensorrt_status
-
-    folder = engines_folder(engines)
-    try:
-        manifest = load_checked_manifest(models, folder)
-    except EngineError:
-        return "torch"
-    if tensorrt_status()[0] and manifest.has_engines:
-        try:
-            check_machine(manifest, this_machine(models.device), folder)
-            return "tensorrt"
-        except EngineError:
-            pass
-    if onnxruntime_status()[0] and all(e.onnx is not None for e in manifest.networks.values()):
-        return "onnxruntime"
-    return "torch"

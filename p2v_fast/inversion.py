@@ -4,150 +4,48 @@ Per frame: VAE mean latent x scaling factor (x_0), DPT depth at latent size, the
 inversion steps with the source prompt at guidance 1 (conditional branch only: batch = frames,
 never an unconditional pass), depth-conditioned.
 
-The cache lives under ``<cache>/inversions/<key>/``, one safetensors file per frame (written
-atomically, so an interrupted run resumes where it stopped) and ``meta.json`` written last. The
-key covers everything the result depends on: the frames' content (after selection and the
-``--resize`` framing), the working size and framing, the model, steps, source prompt, depth
-normalisation, and the runtime the inversion ran on (:meth:`Backend.identity`: backend, the
-dtype it computed in, device, and for graph backends which graphs), so an inversion made on
-fp16 graphs is never reused by an fp32 edit. Batch size is not in the key: it changes results
-by float reassociation only.
+The result is cached (:mod:`p2v_fast.inversion_cache`: the key, the entry's files, its lock
+and ``meta.json``), so every later edit of the same clip reuses it.
 
 Precision: the inversion runs in ``cfg.invert_dtype`` (fp32 by default): on the edit's backend
 when that computes in it, else on PyTorch in it (:func:`inversion_runtime`; a graph backend with
 fp16 graphs inverts on PyTorch in fp32, with the same weights). Its quality is measured once,
 on the miss that computes it: frame 1 regenerated from its x_T (:func:`reconstruction_error`),
 recorded in ``meta.json`` and reported by ``p2v invert``, ``p2v edit`` and ``p2v bench``.
-
-Integrity: ``meta.json`` records each frame file's size and sha256, and an entry is checked
-before it is used (frame count, sizes, checksums; a resumed frame's shapes and finite values);
-a damaged one is recomputed with a one-line notice, reusing its intact frames. One run at a time
-fills an entry (a lock file in it): a second run of the same clip waits, then uses the result.
-Non-finite values are never cached, and a full disk is one line with no partial file kept.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 
-from p2v_fast import video
 from p2v_fast.backends import Backend
+from p2v_fast.clip_selection import ClipSelection, frames_digest, short_clip_message
 from p2v_fast.config import EditConfig
 from p2v_fast.ddim import DDIMSchedule
 from p2v_fast.depth import DepthEstimator, normalize_per_frame, normalize_with
-from p2v_fast.errors import InputError, P2VError
+from p2v_fast.errors import InputError
+from p2v_fast.files import write_bytes_atomic
+from p2v_fast.inversion_cache import (
+    ENCODED_TENSORS,
+    InvertedClip,
+    cache_key,
+    claim_entry,
+    file_problem,
+    file_record,
+    save_frame_file,
+)
 from p2v_fast.memory import CallBudget
 from p2v_fast.models import model_identity
-from p2v_fast.paths import FileLock, cache_root, write_bytes_atomic
+from p2v_fast.paths import cache_root
 from p2v_fast.progress import NullProgress, Progress
 from p2v_fast.prompts import encode_prompt
-
-CACHE_VERSION = 2  # 2: keyed on the runtime (backend, dtype, device, graphs) and the framing
-
-
-@dataclass(frozen=True)
-class ClipSelection:
-    """Which frames of which video, at which working size."""
-
-    path: Path
-    info: video.VideoInfo
-    size: tuple[int, int]  # (W, H) of the working frames, multiples of 64
-    start: int
-    max_frames: int | None
-    stride: int
-    n_frames: int
-    resize: str = "crop"  # how a source frame becomes a working frame (video.frame_geometry)
-    box: tuple[int, int, int, int] | None = None  # (x, y, w, h) of the picture; None: the whole frame
-
-    @property
-    def fps(self) -> float:
-        """Output frame rate: the source rate, divided by the stride (duration is kept)."""
-        return self.info.fps / self.stride
-
-    @property
-    def latent_hw(self) -> tuple[int, int]:
-        return self.size[1] // 8, self.size[0] // 8
-
-    @property
-    def output_size(self) -> tuple[int, int]:
-        """(W, H) of the output frames: the working frame without padding."""
-        return self.size if self.box is None else (self.box[2], self.box[3])
-
-    def to_output(self, frame: np.ndarray) -> np.ndarray:
-        """A working frame [H, W, 3] -> the output frame: ``--resize pad``'s bars cut off."""
-        if self.box is None:
-            return frame
-        x, y, w, h = self.box
-        return np.ascontiguousarray(frame[y : y + h, x : x + w])
-
-    def frames(self) -> Iterator[np.ndarray]:
-        """Stream the selected working frames, uint8 [H, W, 3]."""
-        return video.read_frames(  # the probed info, so no pass probes (for webm: decodes) again
-            self.info, size=self.size, start=self.start, max_frames=self.max_frames, stride=self.stride,
-            resize=self.resize,
-        )
-
-
-def select_clip(path: str | Path, cfg: EditConfig, info: video.VideoInfo | None = None) -> ClipSelection:
-    """The frames ``cfg`` selects from ``path`` (``info``: its probe, if already done)."""
-    info = info or video.probe(path)
-    size, box = video.frame_geometry(info.width, info.height, cfg.size, cfg.resize)
-    n = video.selected_count(info, cfg.start, cfg.max_frames, cfg.stride)
-    return ClipSelection(Path(path), info, size, cfg.start, cfg.max_frames, cfg.stride, n, cfg.resize,
-                         None if box == (0, 0, *size) else box)
-
-
-def frames_digest(selection: ClipSelection) -> str:
-    """sha256 of the selected, resized frames (one decode pass, nothing kept)."""
-    h = hashlib.sha256()
-    count = 0
-    for frame in selection.frames():
-        h.update(np.ascontiguousarray(frame).tobytes())
-        count += 1
-    if count != selection.n_frames:
-        raise InputError(short_clip_message(selection, count))
-    h.update(repr((selection.size, selection.resize, selection.box)).encode())
-    return h.hexdigest()
-
-
-def short_clip_message(selection: ClipSelection, decoded: int) -> str:
-    """The error for a clip whose container promises more frames than decode (a truncated copy)."""
-    return (f"'{selection.path}' should give {selection.n_frames} frames here but only {decoded} decode "
-            f"(a truncated or damaged file?); pass --max-frames {decoded} to edit the frames it has"
-            if decoded else f"no frame of '{selection.path}' decodes (a truncated or damaged file?)")
-
-
-@dataclass
-class InvertedClip:
-    """Handle on a cached inversion; frames are loaded one at a time. ``runtime``: the
-    :meth:`Backend.identity` it ran on; ``reconstruction``: :func:`reconstruction_error` of it
-    (None for an inversion run without the check, e.g. the benchmark's timed runs)."""
-
-    root: Path
-    n_frames: int
-    latent_hw: tuple[int, int]
-    source_prompt: str
-    cache_hit: bool
-    runtime: dict[str, str] = field(default_factory=dict)
-    reconstruction: dict[str, float | None] | None = None
-
-    def load(self, i: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        """Frame i: ``x_T`` [1,4,h,w], ``depth`` [1,1,h,w] in [-1,1], ``x_0`` [1,4,h,w] (fp32)."""
-        path = self.root / f"frame_{i:06d}.safetensors"
-        try:
-            return load_file(path, device=str(device))
-        except Exception as exc:  # deleted or damaged after the entry was checked
-            raise P2VError(f"inversion cache file '{path}' became unreadable during the edit ({_why(exc)}); "
-                           "run again to recompute it") from None
+from p2v_fast.runtime import InversionRuntime
 
 
 def images_to_tensor(frames: list[np.ndarray]) -> torch.Tensor:
@@ -161,152 +59,6 @@ def raw_depth(models, backend: Backend, frames: list[np.ndarray], latent_hw: tup
     depth = DepthEstimator(models, batch_size=len(frames), run=backend.depth).raw(np.stack(frames))
     assert tuple(depth.shape[-2:]) == tuple(latent_hw)
     return depth
-
-
-def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """Write one cache file atomically; refuse non-finite values (they would poison every later edit)."""
-    bad = [k for k, v in tensors.items() if not bool(torch.isfinite(v).all())]
-    if bad:
-        raise P2VError(f"the inversion produced non-finite values (NaN or inf) in {', '.join(bad)} for "
-                       f"'{path.name}'; nothing was cached for it (in fp16, try --dtype fp32)")
-    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
-    write_bytes_atomic(path, data, "the inversion cache")
-
-
-def _why(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
-#: Tensors of a finished frame file and of a pass-1 ``encoded_*`` file: name -> shape, with
-#: "h" and "w" the latent size.
-FRAME_TENSORS = {"x_T": (1, 4, "h", "w"), "depth": (1, 1, "h", "w"), "x_0": (1, 4, "h", "w")}
-ENCODED_TENSORS = {"x_0": (1, 4, "h", "w"), "depth_raw": (1, "h", "w")}
-
-
-def file_problem(path: Path, latent_hw: tuple[int, int], spec: dict[str, tuple] | None = None) -> str | None:
-    """What is wrong with one cache file (None: it loads, has ``spec``'s tensors and shapes, all finite)."""
-    spec = FRAME_TENSORS if spec is None else spec
-    if not path.is_file():
-        return "missing"
-    try:
-        tensors = load_file(path)
-    except Exception as exc:
-        return f"unreadable ({_why(exc)})"
-    h, w = latent_hw
-    for name, shape in spec.items():
-        want = tuple(h if d == "h" else w if d == "w" else d for d in shape)
-        t = tensors.get(name)
-        if t is None:
-            return f"no {name}"
-        if tuple(t.shape) != want:
-            return f"{name} has shape {list(t.shape)}, expected {list(want)}"
-        if not bool(torch.isfinite(t).all()):
-            return f"non-finite values in {name}"
-    return None
-
-
-def _file_record(path: Path) -> dict[str, int | str]:
-    data = path.read_bytes()
-    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-
-
-def entry_problems(root: Path, n: int, latent_hw: tuple[int, int]) -> tuple[str | None, list[Path]]:
-    """Check a cache entry: ``(None, [])`` if complete and intact, else a one-line description of
-    the first problem ("missing" when there is no entry) and the frame files that are damaged.
-
-    Checked: ``meta.json`` reads and describes ``n`` frames at ``latent_hw``; every frame file has
-    the size and sha256 recorded there (entries without records: loads, shapes, finite values).
-    """
-    meta_path = root / "meta.json"
-    if not meta_path.is_file():
-        return "missing", []
-    try:
-        meta = json.loads(meta_path.read_text())
-        records = meta.get("files") or {}
-        if int(meta["n_frames"]) != n or list(meta["latent_hw"]) != list(latent_hw):
-            return (f"it describes {meta['n_frames']} frames at latent size {meta['latent_hw']}, not {n} at "
-                    f"{list(latent_hw)}"), []
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        return f"unreadable meta.json ({_why(exc)})", []
-    damaged: list[tuple[Path, str]] = []
-    for i in range(n):
-        path = root / f"frame_{i:06d}.safetensors"
-        record = records.get(path.name)
-        if record is None:
-            why = file_problem(path, latent_hw)
-        elif not path.is_file():
-            why = "missing"
-        else:
-            got = _file_record(path)
-            why = (None if got == record else f"{got['bytes']} bytes, expected {record['bytes']}"
-                   if got["bytes"] != record["bytes"] else "checksum mismatch")
-        if why is not None:
-            damaged.append((path, f"frame {i}: {why}"))
-    if damaged:
-        more = f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
-        return damaged[0][1] + more, [p for p, _ in damaged]
-    return None, []
-
-
-def claim_entry(root: Path, n: int, latent_hw: tuple[int, int], progress: Progress) -> FileLock | None:
-    """None if ``root`` holds a complete, intact inversion (a cache hit). Otherwise the entry's
-    lock, held (waiting while another run fills the entry, whose result may then be a hit), with
-    a damaged entry's ``meta.json`` and damaged frame files removed (intact frames are reused)."""
-    problem, _ = entry_problems(root, n, latent_hw)
-    if problem is None:
-        return None
-    root.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(root / ".lock")
-    lock.acquire(on_wait=lambda: progress.log("inversion: waiting for another p2v run that is inverting this clip"))
-    problem, damaged = entry_problems(root, n, latent_hw)
-    if problem is None:
-        lock.release()
-        return None
-    if problem != "missing":
-        progress.log(f"inversion: cache entry {root.name} is damaged ({problem}); recomputing it")
-        (root / "meta.json").unlink(missing_ok=True)
-        for path in damaged:
-            path.unlink(missing_ok=True)
-    return lock
-
-
-@dataclass(frozen=True)
-class InversionRuntime:
-    """The backend an inversion runs on, described before it exists: a backend in another
-    dtype (a copy of the weights) is made only on a cache miss."""
-
-    identity: dict[str, str]  # Backend.identity() of the backend make() returns (+ "weights" if cast)
-    make: Callable[[], Backend]
-
-    @classmethod
-    def of(cls, backend: Backend) -> InversionRuntime:
-        return cls(backend.identity(), lambda: backend)
-
-    def describe(self) -> str:
-        return describe_runtime(self.identity)
-
-
-def describe_runtime(identity: dict[str, str]) -> str:
-    """A :meth:`Backend.identity` in words: "torch float32 on cpu", "onnxruntime float16 on cpu, graphs ..."."""
-    extra = "".join(f", {k} {v}" for k, v in identity.items() if k not in ("backend", "dtype", "device"))
-    return f"{identity.get('backend')} {identity.get('dtype')} on {identity.get('device')}{extra}"
-
-
-def cache_key(cfg: EditConfig, models, digest: str, source_prompt: str, runtime: dict[str, str],
-              selection: ClipSelection | None = None) -> str:
-    """Key of an inversion: everything that changes the inverted latents."""
-    fields = {
-        "version": CACHE_VERSION,
-        "frames": digest,  # content of the selected working frames, their size and framing
-        "framing": None if selection is None else [list(selection.size), selection.resize, selection.box],
-        "model": model_identity(models),
-        "runtime": runtime,  # backend, dtype computed in, device (+ graphs / provider)
-        "steps": cfg.steps,
-        "source_prompt": source_prompt,
-        "depth_norm": cfg.depth_norm,
-    }
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
 
 
 def invert_clip(
@@ -369,7 +121,7 @@ def invert_clip(
                 x0 = backend.vae_encode(images_to_tensor(chunk).to(backend.device))
                 d = depth_estimator.raw(np.stack(chunk))  # [B,h,w], unnormalised
                 for j in range(len(chunk)):
-                    _save_atomic({"x_0": x0[j : j + 1], "depth_raw": d[j : j + 1]}, enc_path(index + j))
+                    save_frame_file({"x_0": x0[j : j + 1], "depth_raw": d[j : j + 1]}, enc_path(index + j))
             lo, hi = min(lo, float(d.min())), max(hi, float(d.max()))
             index += len(chunk)
             advance(len(chunk))
@@ -408,7 +160,7 @@ def invert_clip(
                 "model": model_identity(models), "size": list(selection.size), "resize": selection.resize,
                 "box": None if selection.box is None else list(selection.box), "depth_norm": cfg.depth_norm,
                 "runtime": runtime.identity, "reconstruction": handle.reconstruction}
-        meta["files"] = {inv_path(i).name: _file_record(inv_path(i)) for i in range(n)}
+        meta["files"] = {inv_path(i).name: file_record(inv_path(i)) for i in range(n)}
         write_bytes_atomic(meta_path, json.dumps(meta, indent=2).encode(), "the inversion cache")
         for i in range(n):
             enc_path(i).unlink(missing_ok=True)
@@ -458,7 +210,7 @@ def _invert_frames(ids: list[int], inputs: tuple[torch.Tensor, torch.Tensor], ba
             x = schedule.invert_step(x, eps, idx)
             advance(len(ids))
     for j, i in enumerate(ids):
-        _save_atomic({"x_T": x[j : j + 1], "depth": depth[j : j + 1], "x_0": x_0[j : j + 1]}, inv_path(i))
+        save_frame_file({"x_T": x[j : j + 1], "depth": depth[j : j + 1], "x_0": x_0[j : j + 1]}, inv_path(i))
 
 
 @torch.no_grad()

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from p2v_fast.errors import EngineError
+from p2v_fast.files import write_bytes_atomic
 from p2v_fast.models import ModelId
 from p2v_fast.specs import ExportProfile, Geometry, NetworkSpec
 
@@ -227,11 +227,8 @@ class Manifest:
 
 def write_manifest(folder: Path, manifest: Manifest) -> Path:
     """Write ``folder/manifest.json`` atomically."""
-    path = Path(folder) / MANIFEST
-    tmp = path.with_name(f".{MANIFEST}.tmp")
-    tmp.write_text(json.dumps(manifest.to_dict(), indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_bytes_atomic(Path(folder) / MANIFEST, (json.dumps(manifest.to_dict(), indent=2) + "\n").encode(),
+                              "the engine manifest")
 
 
 def read_manifest(folder: str | Path) -> Manifest:

@@ -21,9 +21,6 @@ with the real architecture, tokenizer and image processor, so the whole path run
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,15 +29,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from p2v_fast.errors import InputError, ModelLoadError
-from p2v_fast.paths import cache_root
-from p2v_fast.tiny import build_clip_tokenizer
+from p2v_fast.tiny import ensure_tiny_clip
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 TINY_CLIP_NAME = "tiny"
-TINY_CLIP_DIR = "clip-tiny-v2"
 FLOW_METHODS = ("dis", "raft")
 
 # Forward-backward consistency check (Sundaram et al. 2010; Ruder et al. 2016):
@@ -55,104 +50,6 @@ FB_BETA = 0.5
 
 # --------------------------------------------------------------------------------------------
 # tiny CLIP
-
-
-def _tiny_clip_config() -> Any:
-    from transformers import CLIPConfig
-
-    vocab_size = 2 * 256 + 2  # every byte, alone and as a word end, then 2 specials (p2v_fast.tiny)
-    text = {
-        "vocab_size": vocab_size,
-        "hidden_size": 32,
-        "intermediate_size": 37,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "max_position_embeddings": 77,
-        "projection_dim": 16,
-        "bos_token_id": vocab_size - 2,
-        "eos_token_id": vocab_size - 1,
-        "pad_token_id": vocab_size - 1,
-    }
-    vision = {
-        "image_size": 32,
-        "patch_size": 8,
-        "hidden_size": 32,
-        "intermediate_size": 37,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "projection_dim": 16,
-    }
-    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
-
-
-def _image_processor_class() -> Any:
-    """CLIP's image processor class; the PIL one when torchvision is absent (same maths)."""
-    import importlib.util
-
-    if importlib.util.find_spec("torchvision") is None:
-        try:
-            from transformers.models.clip import CLIPImageProcessorPil
-
-            return CLIPImageProcessorPil
-        except ImportError:  # older transformers: the only one is the PIL one
-            pass
-    from transformers import CLIPImageProcessor
-
-    return CLIPImageProcessor
-
-
-def _write_tiny_clip(out_dir: Path, seed: int = 0) -> None:
-    import torch
-    from transformers import CLIPModel, CLIPProcessor
-
-    cfg = _tiny_clip_config()
-    size = cfg.vision_config.image_size
-
-    # Byte-level vocabulary and no merges: every character is a token (offline, no hub).
-    tokenizer = build_clip_tokenizer(out_dir / "_tokenizer_src")
-    assert len(tokenizer) == cfg.text_config.vocab_size
-    # The standard CLIP preprocessing (bicubic shortest-edge resize, centre crop, CLIP mean/std),
-    # at the tiny vision tower's input size.
-    image_processor = _image_processor_class()(
-        size={"shortest_edge": size},
-        crop_size={"height": size, "width": size},
-    )
-    processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
-
-    gen_state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        model = CLIPModel(cfg).eval()
-    finally:
-        torch.random.set_rng_state(gen_state)
-    model.save_pretrained(str(out_dir))
-    processor.save_pretrained(str(out_dir))
-    shutil.rmtree(out_dir / "_tokenizer_src")
-
-
-def ensure_tiny_clip(root: Path | None = None) -> Path:
-    """Build the tiny random-weight CLIP once under ``<cache>/models/clip-tiny-v2``; return it.
-
-    Built in a temporary folder beside the target and renamed into place, so a reader never
-    sees a half-written model and two concurrent builders do not clash.
-    """
-    models = (root if root is not None else cache_root()) / "models"
-    final = models / TINY_CLIP_DIR
-    if (final / "config.json").is_file():
-        return final
-    models.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_CLIP_DIR}-", dir=models))
-    try:
-        _write_tiny_clip(tmp)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "config.json").is_file():  # not a lost race: a real failure
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,7 +147,7 @@ class ClipScorer:
             from transformers import CLIPModel, CLIPProcessor
         except ImportError as exc:
             raise ModelLoadError(f"cannot load CLIP: {_one_line(exc)}") from exc
-        from p2v_fast.models import load_from_hub_or_folder, quiet_loading
+        from p2v_fast.hub import load_from_hub_or_folder, quiet_loading
 
         def load(source: str, local_only: bool) -> tuple[Any, Any]:
             with quiet_loading():  # no per-weight progress bars or load-time advice on stderr
@@ -385,7 +282,7 @@ class _RaftFlow:
             ) from exc
         import torch
 
-        from p2v_fast.models import fetch_url_file
+        from p2v_fast.hub import fetch_url_file
 
         weights = Raft_Large_Weights.DEFAULT
         # torchvision downloads into torch hub's checkpoints folder without a timeout: fetch the

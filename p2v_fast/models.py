@@ -18,11 +18,9 @@ is not there.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ from typing import Any
 import torch
 
 from .errors import BackendUnavailableError, ModelLoadError
+from .hub import from_hub, image_processor_class, looks_like_path, looks_like_repo_id, one_line, quiet_loading
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-depth"
 DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-base"
@@ -46,9 +45,6 @@ PIPELINE_COMPONENTS = (
     "feature_extractor",
 )
 PIPELINE_CLASS = "StableDiffusionDepth2ImgPipeline"
-
-#: Seconds to wait for the hub before declaring it unreachable.
-HUB_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -96,194 +92,6 @@ class Models:
 # helpers
 
 
-def _one_line(exc: BaseException, limit: int = 240) -> str:
-    """First non-empty line of an exception's message, shortened."""
-    text = str(exc).strip() or type(exc).__name__
-    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), text)
-    return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
-def _looks_like_path(model: str) -> bool:
-    """True for strings meant as a folder: ``./x``, ``/x``, ``~/x``, ``a/b/c``, ``a\\b``.
-
-    A plain ``owner/name`` is read as a hub id even though it contains ``/``.
-    """
-    if model.startswith((".", "/", "~")):
-        return True
-    if any(sep and sep != "/" and sep in model for sep in (os.sep, os.altsep)):
-        return True
-    return "/" in model and not _looks_like_repo_id(model)
-
-
-def _looks_like_repo_id(model: str) -> bool:
-    """``owner/name`` with hub-legal characters and no path-only syntax."""
-    import re
-
-    return re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*", model) is not None
-
-
-def _hub_offline() -> bool:
-    val = os.environ.get("HF_HUB_OFFLINE", "").strip().upper()
-    if val in {"1", "ON", "YES", "TRUE"}:
-        return True
-    try:
-        from huggingface_hub import constants
-
-        return bool(constants.HF_HUB_OFFLINE)
-    except Exception:  # pragma: no cover - very old/new huggingface_hub
-        return False
-
-
-def _not_cached_message(repo_id: str, instead: str = "use --model tiny") -> str:
-    why = "offline mode (HF_HUB_OFFLINE) is on" if _hub_offline() else "the hub cannot be reached"
-    return (
-        f"model '{repo_id}' is not in the local Hugging Face cache and {why}; download it on a "
-        f"connected machine, pass a local folder, or {instead}"
-    )
-
-
-def _probe_hub(repo_id: str, instead: str = "use --model tiny") -> None:
-    """Fail fast, with one line, when the hub is unreachable or the repo does not exist."""
-    from huggingface_hub import model_info
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HFValidationError,
-        RepositoryNotFoundError,
-    )
-
-    try:
-        model_info(repo_id, timeout=HUB_TIMEOUT_S)
-    except GatedRepoError:
-        raise ModelLoadError(
-            f"model '{repo_id}' is gated on the Hugging Face hub; accept its licence and log "
-            "in (hf auth login), or pass a local folder"
-        ) from None
-    except RepositoryNotFoundError:
-        raise ModelLoadError(
-            f"model '{repo_id}' was not found on the Hugging Face hub (check the id, or log in "
-            "if it is private), and it is not a local folder"
-        ) from None
-    except HFValidationError:
-        raise ModelLoadError(f"model '{repo_id}' is neither a local folder nor a valid Hugging Face repo id") from None
-    except Exception:
-        raise ModelLoadError(_not_cached_message(repo_id, instead)) from None
-
-
-def _from_hub(repo_id: str, load: Callable[[bool], Any], instead: str = "use --model tiny") -> Any:
-    """Run ``load(local_files_only)``: from the cache first, then online if reachable (one
-    probe with a short timeout, so an offline machine fails at once instead of retrying for
-    half a minute). ``instead``: the way around a model that cannot be had, for the error."""
-    if not _looks_like_repo_id(repo_id):
-        raise ModelLoadError(
-            f"model '{repo_id}' is neither a local folder nor a Hugging Face repo id (owner/name); "
-            "pass a hub id, a local folder or 'tiny'"
-        )
-    try:
-        return load(True)
-    except ModelLoadError:
-        raise
-    except Exception:
-        pass  # not (fully) cached: try the hub below
-    if _hub_offline():
-        raise ModelLoadError(_not_cached_message(repo_id, instead))
-    _probe_hub(repo_id, instead)
-    try:
-        return load(False)
-    except ModelLoadError:
-        raise
-    except Exception as exc:
-        raise ModelLoadError(f"could not download model '{repo_id}': {_one_line(exc)}") from None
-
-
-def load_from_hub_or_folder(model: str, load: Callable[[str, bool], Any], instead: str) -> Any:
-    """``load(source, local_files_only)`` for a local folder (as is) or a hub id (the cache first,
-    then the hub if it answers; see :func:`_from_hub`). Every failure is one ModelLoadError line."""
-    folder = Path(model).expanduser()
-    if folder.is_dir():
-        try:
-            return load(str(folder), True)
-        except Exception as exc:
-            raise ModelLoadError(f"could not load '{model}': {_one_line(exc)}; {instead}") from None
-    if _looks_like_path(model):
-        raise ModelLoadError(f"model folder '{model}' does not exist; {instead}")
-    return _from_hub(model, lambda local_only: load(model, local_only), instead)
-
-
-def fetch_url_file(url: str, folder: Path, what: str, instead: str, timeout: float = HUB_TIMEOUT_S) -> Path:
-    """The file ``url`` names, from ``folder`` (a download cache such as torch hub's) or
-    downloaded into it. Offline (HF_HUB_OFFLINE) or when the host does not answer within
-    ``timeout`` seconds: one ModelLoadError line at once, never a long wait."""
-    import shutil
-    import tempfile
-    import urllib.request
-    from urllib.parse import urlparse
-
-    target = folder / Path(urlparse(url).path).name
-    if target.is_file():
-        return target
-    host = urlparse(url).netloc or url
-    if _hub_offline():
-        raise ModelLoadError(f"{what} is not downloaded ({target} is missing) and offline mode (HF_HUB_OFFLINE) "
-                             f"is on; {instead}")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=folder)
-            try:
-                with open(fd, "wb") as f:
-                    shutil.copyfileobj(response, f)
-                Path(tmp).replace(target)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-    except (TimeoutError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", None) or exc
-        raise ModelLoadError(f"{what} is not downloaded and {host} cannot be reached ({_one_line(reason)}); "
-                             f"{instead}") from None
-    return target
-
-
-def image_processor_class(name: str):
-    """``<name>`` (torchvision backend) if torchvision is installed, else ``<name>Pil``.
-
-    transformers 5 falls back to the PIL class anyway and warns each time; choosing it here
-    keeps the output quiet and the choice explicit.
-    """
-    import transformers
-    from transformers.utils import is_torchvision_available
-
-    if not is_torchvision_available() and hasattr(transformers, name + "Pil"):
-        return getattr(transformers, name + "Pil")
-    return getattr(transformers, name)
-
-
-@contextlib.contextmanager
-def quiet_loading() -> Iterator[None]:
-    """Hide diffusers'/transformers' per-component progress bars and load-time advice.
-
-    Hub download progress (huggingface_hub) is left alone: it is useful. Prior settings are
-    restored on exit.
-    """
-    import diffusers.utils.logging as dlog
-    import transformers.utils.logging as tlog
-
-    d_bar, t_bar = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
-    d_level, t_level = dlog.get_verbosity(), tlog.get_verbosity()
-    dlog.disable_progress_bar()
-    tlog.disable_progress_bar()
-    dlog.set_verbosity(max(d_level, dlog.ERROR))
-    tlog.set_verbosity(max(t_level, tlog.ERROR))
-    try:
-        yield
-    finally:
-        dlog.set_verbosity(d_level)
-        tlog.set_verbosity(t_level)
-        if d_bar:
-            dlog.enable_progress_bar()
-        if t_bar:
-            tlog.enable_progress_bar()
-
-
 def _check_pipeline_folder(folder: Path, label: str) -> None:
     """Raise a one-line ModelLoadError unless ``folder`` looks like a depth pipeline."""
     index = folder / "model_index.json"
@@ -292,7 +100,7 @@ def _check_pipeline_folder(folder: Path, label: str) -> None:
     try:
         spec = json.loads(index.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{label} has an unreadable model_index.json: {_one_line(exc)}") from None
+        raise ModelLoadError(f"{label} has an unreadable model_index.json: {one_line(exc)}") from None
     cls = spec.get("_class_name")
     if cls != PIPELINE_CLASS:
         raise ModelLoadError(
@@ -331,7 +139,7 @@ def _load_pipeline_folder(folder: Path, label: str, device: torch.device, dtype:
             )
             scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     except Exception as exc:
-        raise ModelLoadError(f"could not load {label}: {_one_line(exc)}") from None
+        raise ModelLoadError(f"could not load {label}: {one_line(exc)}") from None
 
     parts: dict[str, Any] = {
         "vae": pipe.vae,
@@ -348,7 +156,7 @@ def _load_pipeline_folder(folder: Path, label: str, device: torch.device, dtype:
         for name in ("vae", "unet", "text_encoder", "depth_estimator"):
             parts[name] = parts[name].to(device)
     except Exception as exc:
-        raise ModelLoadError(f"could not move {label} to {device}: {_one_line(exc)}") from None
+        raise ModelLoadError(f"could not move {label} to {device}: {one_line(exc)}") from None
     for name in ("vae", "unet", "text_encoder", "depth_estimator"):
         parts[name].eval()
         parts[name].requires_grad_(False)
@@ -359,7 +167,7 @@ def _resolve_device(device: str | torch.device) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
-        raise BackendUnavailableError(f"device '{device}' is not valid: {_one_line(exc)}") from None
+        raise BackendUnavailableError(f"device '{device}' is not valid: {one_line(exc)}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BackendUnavailableError(f"device '{device}' requested but CUDA is not available here")
     return dev
@@ -390,7 +198,7 @@ def load_models(
         try:
             folder = tiny_model_dir()
         except Exception as exc:
-            raise ModelLoadError(f"could not build the tiny model set: {_one_line(exc)}") from None
+            raise ModelLoadError(f"could not build the tiny model set: {one_line(exc)}") from None
         parts = _load_pipeline_folder(folder, f"tiny model folder '{folder}'", dev, dtype)
         return Models(**parts, source=TINY, local_dir=folder, device=dev, dtype=dtype)
 
@@ -401,7 +209,7 @@ def load_models(
         return Models(**parts, source=model, local_dir=folder, device=dev, dtype=dtype)
     if path.exists():
         raise ModelLoadError(f"model '{model}' is a file, not a model folder or hub id")
-    if _looks_like_path(model):
+    if looks_like_path(model):
         raise ModelLoadError(f"model folder '{model}' does not exist")
 
     with quiet_loading():
@@ -410,7 +218,7 @@ def load_models(
     def fetch(local_only: bool) -> Path:
         return Path(StableDiffusionDepth2ImgPipeline.download(model, local_files_only=local_only))
 
-    snapshot = _from_hub(model, fetch)
+    snapshot = from_hub(model, fetch)
     parts = _load_pipeline_folder(snapshot, f"model '{model}' (cached at {snapshot})", dev, dtype)
     return Models(**parts, source=model, local_dir=None, device=dev, dtype=dtype)
 
@@ -432,14 +240,14 @@ def _load_captioner(local_dir: Path | None, device: torch.device, dtype: torch.d
         try:
             model, processor = load(str(src), True)
         except Exception as exc:
-            raise ModelLoadError(f"could not load the captioner in '{src}': {_one_line(exc)}") from None
+            raise ModelLoadError(f"could not load the captioner in '{src}': {one_line(exc)}") from None
     else:
-        model, processor = _from_hub(DEFAULT_CAPTIONER, lambda lo: load(DEFAULT_CAPTIONER, lo),
+        model, processor = from_hub(DEFAULT_CAPTIONER, lambda lo: load(DEFAULT_CAPTIONER, lo),
                                      "pass --source-prompt (then no captioner is needed)")
     try:
         model = model.to(device).eval()
     except Exception as exc:
-        raise ModelLoadError(f"could not move the captioner to {device}: {_one_line(exc)}") from None
+        raise ModelLoadError(f"could not move the captioner to {device}: {one_line(exc)}") from None
     model.requires_grad_(False)
     return model, processor
 
@@ -512,7 +320,7 @@ def model_id_at(model: str) -> ModelId:
         folder = Path(model).expanduser().resolve()
         identity = str(folder)
     else:
-        if _looks_like_path(model) or not _looks_like_repo_id(model):
+        if looks_like_path(model) or not looks_like_repo_id(model):
             raise ModelLoadError(f"model '{model}' is not available here (no such folder)")
         try:
             with quiet_loading():
@@ -531,5 +339,5 @@ def model_id_at(model: str) -> ModelId:
             vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
             depth = SimpleNamespace(config=AutoConfig.from_pretrained(folder / "depth_estimator"))
     except Exception as exc:
-        raise ModelLoadError(f"could not read the configs of model '{model}': {_one_line(exc)}") from None
+        raise ModelLoadError(f"could not read the configs of model '{model}': {one_line(exc)}") from None
     return _model_id(model, identity, unet, vae, depth)

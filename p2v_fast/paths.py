@@ -1,22 +1,18 @@
-"""Where p2v-fast keeps its on-disk caches; the checks every output path goes through; atomic
-writes, out-of-space errors and the locks that keep two runs from writing the same file."""
+"""Paths: where p2v-fast keeps its caches, and every check an output path goes through before
+any work starts (the edit's outputs as :class:`EditPaths`, any report file, ``--json``).
+Writing them atomically is :mod:`p2v_fast.files`' job."""
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import os
 import stat
-import tempfile
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
-from p2v_fast.errors import InputError, OutputError
+from p2v_fast import video
+from p2v_fast.errors import InputError
 
 CACHE_ENV = "P2V_CACHE"
-#: errno values that mean "the disk (or this process's file size limit) is full".
-NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def cache_root() -> Path:
@@ -83,156 +79,88 @@ def check_output_file(path: str | Path, *, extra_names: tuple[str, ...] = (), cr
     return out
 
 
-def disk_full(exc: BaseException) -> bool:
-    """True for an error that means out of space (ENOSPC, EDQUOT) or over the file size limit (EFBIG),
-    including errors from libraries that only keep the message (safetensors)."""
-    if isinstance(exc, OSError) and exc.errno in NO_SPACE:
-        return True
-    text = str(exc)
-    return any(s in text for s in ("No space left on device", "Disk quota exceeded", "File too large"))
+def default_output(input_path: Path, suffix: str = ".p2v.mp4") -> Path:
+    base = input_path.with_suffix("") if input_path.is_file() else input_path
+    return base.parent / f"{base.name}{suffix}"
 
 
-def write_error(exc: BaseException, path: Path, what: str = "") -> OutputError:
-    """The one-line error for a failed write of ``path`` (``what``: e.g. "the inversion cache")."""
-    folder = path.parent if str(path.parent) else Path(".")
-    about = f" writing {what}" if what else f" writing '{path.name}'"
-    if disk_full(exc):
-        if isinstance(exc, OSError) and exc.errno == errno.EFBIG:
-            return OutputError(f"file too large for '{folder}'{about} (file size limit reached); nothing "
-                               "partial was kept")
-        return OutputError(f"no space left on the device of '{folder}'{about}; free some space and run again "
-                           "(nothing partial was kept)")
-    why = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-    return OutputError(f"cannot write '{path}'{about if what else ''}: {why}")
+def check_output(input_path: Path, output: Path, overwrite: bool, kind: str | None = None,
+                 side_files: tuple[str, ...] = (), create_folder: bool = False, option: str = "-o") -> Path:
+    """Validate the output path: not the input, not inside an input image folder, not an existing
+    file (unless overwrite), writable, a name the file system takes (``side_files``: names that
+    will be written beside it). ``kind``: "video" (an extension :data:`video.OUTPUT_FORMATS`
+    knows) or "png". ``create_folder``: its folder may not exist yet (the caller creates it).
+    ``option``: the option that names it, for the message."""
+    output = check_name_length(output, side_files)
+    if output.resolve() == Path(input_path).resolve():
+        raise InputError(f"output '{output}' is the input; choose another {option} path")
+    if Path(input_path).is_dir() and output.resolve().parent == Path(input_path).resolve():
+        raise InputError(f"output '{output}' is inside the input image folder '{input_path}' (the next run would "
+                         "read it as a frame); write it elsewhere")
+    if kind == "png" and output.suffix.lower() != ".png":
+        raise InputError(f"--preview writes a PNG image; give -o a .png name, not '{output.name}'")
+    if kind == "video":
+        video.output_format(output)
+    if output.exists() and not output.is_dir() and not overwrite:
+        raise InputError(f"output '{output}' exists; pass --overwrite to replace it")
+    return check_output_file(output, extra_names=side_files, create_folder=create_folder)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def side_paths(out: Path) -> tuple[Path, Path]:
+    """The side-by-side video and the contact strip written beside the edit ``out``."""
+    return out.with_name(f"{out.stem}.side-by-side{out.suffix}"), out.with_name(f"{out.stem}.strip.png")
 
 
-def _write_fd(fd: int, data: bytes) -> None:
-    """Write all of ``data`` to ``fd`` and close it (where bytes reach the disk: tests inject faults here)."""
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+@dataclass(frozen=True)
+class EditPaths:
+    """Every file an edit writes: the output, the side-by-side video (``--side-by-side``), the
+    contact strip (not with ``--preview``) and the ``--json`` report."""
+
+    output: Path
+    side_by_side: Path | None
+    strip: Path | None
+    json: Path | None
+    preview: bool = False
+
+    @classmethod
+    def of(cls, input_path: Path, output: str | Path | None, *, preview: bool = False, side_by_side: bool = False,
+           json_path: str | Path | None = None) -> EditPaths:
+        """The paths ``p2v edit`` writes for these options (``output`` None: beside the input)."""
+        if preview and side_by_side:
+            raise InputError("--preview writes one PNG of the anchor frame; --side-by-side is for a video edit")
+        out = Path(output) if output else default_output(Path(input_path),
+                                                         ".p2v-preview.png" if preview else ".p2v.mp4")
+        sbs, strip = side_paths(out)
+        return cls(out, sbs if side_by_side and not preview else None, None if preview else strip,
+                   None if json_path is None else Path(json_path), preview)
+
+    @property
+    def sides(self) -> tuple[Path, ...]:
+        """The side files written beside the output."""
+        return tuple(p for p in (self.strip, self.side_by_side) if p is not None)
+
+    @property
+    def all(self) -> tuple[Path, ...]:
+        return (self.output, *self.sides, *(() if self.json is None else (self.json,)))
+
+    def check(self, input_path: Path, overwrite: bool, create_folders: bool = False) -> None:
+        """InputError (one line) unless every file can be written: not the input, not in an
+        input image folder, a container the extension names, a name the file system takes, and
+        not an existing file unless ``overwrite`` (the JSON report is always replaced)."""
+        names = tuple(p.name for p in self.sides)
+        check_output(input_path, self.output, overwrite, "png" if self.preview else "video", names, create_folders)
+        for side in self.sides:
+            check_output(input_path, side, overwrite, create_folder=create_folders)
+        if self.json is not None:  # a report: replaced if it exists, but never one of the edit's own files
+            if self.json.resolve() in {p.resolve() for p in (self.output, *self.sides)}:
+                raise InputError(f"--json '{self.json}' is a file the edit writes; choose another --json path")
+            check_output(input_path, self.json, overwrite=True, create_folder=create_folders, option="--json")
 
 
-def write_bytes_atomic(path: str | Path, data: bytes, what: str = "") -> Path:
-    """Write ``data`` to a temporary file beside ``path`` and rename it into place; on failure
-    (out of space, ...) remove the temporary file and raise :class:`OutputError` (one line).
-    The file gets the mode a plain ``open()`` would give it (0666 less the umask)."""
-    out = Path(path)
-    parent = out.parent if str(out.parent) else Path(".")
-    tmp: str | None = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
-        _write_fd(fd, data)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, out)
-    except OSError as exc:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        raise write_error(exc, out, what) from None
-    except BaseException:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
-
-
-class FileLock:
-    """An exclusive advisory lock (``fcntl.flock``) on ``path``, created if missing.
-
-    Held until :meth:`release`, the end of a ``with`` block, or the process's end (the kernel
-    drops it, so a killed run never leaves a stale lock). Where ``fcntl`` does not exist
-    (Windows) it locks nothing.
-    """
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self._fd: int | None = None
-
-    def acquire(self, wait: bool = True, on_wait: Callable[[], None] | None = None) -> bool:
-        """Take the lock; if another process holds it: ``wait`` (calling ``on_wait`` first) or return False."""
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - Windows
-            return True
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as e:
-            raise write_error(e, self.path, "a lock file") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if not wait:
-                os.close(fd)
-                return False
-            if on_wait is not None:
-                on_wait()
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        self._fd = fd
-        return True
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor drops the lock
-            self._fd = None
-
-    def __enter__(self) -> FileLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.release()
-
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):  # at interpreter exit the kernel drops it anyway
-            self.release()
-
-
-class OutputClaim:
-    """Claims an output file for one run: a second run writing the same path is refused at
-    once instead of silently replacing the first one's result.
-
-    The claim is a lock on ``.NAME.lock`` beside the output, taken before the existence check
-    (so a run that finishes in between is seen); :meth:`release` removes the lock file.
-    """
-
-    def __init__(self, out: str | Path) -> None:
-        self.out = Path(out)
-        self.lock_path = self.out.with_name(f".{self.out.name}.lock")
-        self._lock: FileLock | None = None
-
-    def acquire(self, overwrite: bool) -> OutputClaim:
-        for _ in range(3):  # the lock file may be removed by its releasing owner between open and flock
-            lock = FileLock(self.lock_path)
-            if not lock.acquire(wait=False):
-                raise InputError(f"another p2v run is writing '{self.out}' (its lock '{self.lock_path.name}' is "
-                                 "held); wait for it or choose another -o")
-            try:
-                same = lock._fd is None or os.fstat(lock._fd).st_ino == os.stat(self.lock_path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                self._lock = lock
-                break
-            lock.release()
-        else:
-            raise InputError(f"cannot claim '{self.out}': its lock file keeps changing (another p2v run?)")
-        if self.out.exists() and not overwrite:
-            self.release()
-            raise InputError(f"output '{self.out}' exists; pass --overwrite to replace it")
-        return self
-
-    def release(self) -> None:
-        if self._lock is not None:
-            self.lock_path.unlink(missing_ok=True)  # still ours: unlinked before the lock is dropped
-            self._lock.release()
-            self._lock = None
-
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):
-            self.release()
+def check_json_path(path: Path) -> None:
+    if path.is_dir():
+        raise InputError(f"--json '{path}' is a folder; give a file name such as bench.json")
+    if not path.parent.is_dir():
+        raise InputError(f"--json folder '{path.parent}' does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise InputError(f"--json folder '{path.parent}' is not writable")

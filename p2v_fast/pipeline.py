@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import hashlib
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,107 +19,20 @@ import numpy as np
 import torch
 
 from p2v_fast import video
-from p2v_fast.backends import Backend, TorchBackend, make_backend, runtime_identity
+from p2v_fast.backends import TorchBackend
+from p2v_fast.clip_selection import ClipSelection, frames_digest, select_clip
 from p2v_fast.config import EditConfig
 from p2v_fast.ddim import DDIMSchedule
 from p2v_fast.edit import EditContext, EditStats, FeatureStore, FrameState, run_schedule
 from p2v_fast.errors import InputError
-from p2v_fast.inversion import (
-    ClipSelection,
-    InversionRuntime,
-    InvertedClip,
-    frames_digest,
-    invert_clip,
-    select_clip,
-)
-from p2v_fast.output import FrameSink
-from p2v_fast.paths import OutputClaim, check_name_length, check_output_file
+from p2v_fast.files import OutputClaim
+from p2v_fast.frame_sink import FrameSink
+from p2v_fast.inversion import invert_clip
+from p2v_fast.inversion_cache import InvertedClip
+from p2v_fast.paths import EditPaths, side_paths
 from p2v_fast.progress import NullProgress, Progress
 from p2v_fast.prompts import check_prompt, encode_prompt, source_prompt_for, warn_if_truncated
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise InputError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise InputError(f"--device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {name!r}: CUDA is not available on this machine (see `p2v info`)")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise InputError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
-
-
-@dataclass
-class Runtime:
-    """Loaded models and the backends that run them."""
-
-    models: Any  # p2v_fast.models.Models
-    backend: Backend
-    grad_backend: Backend | None
-    warned: set[tuple[str, str]] = field(default_factory=set)  # prompts already warned about (too long)
-
-
-def load_runtime(cfg: EditConfig) -> Runtime:
-    from p2v_fast.models import load_models
-
-    if cfg.backend == "tensorrt":  # before loading anything: say why TensorRT cannot run here
-        from p2v_fast.system import require_tensorrt
-
-        require_tensorrt("use --backend onnxruntime or torch")
-    device = resolve_device(cfg.device)
-    return runtime_for(cfg, load_models(cfg.model, device=device, dtype=resolve_dtype(cfg.dtype, device)))
-
-
-def runtime_for(cfg: EditConfig, models) -> Runtime:
-    """The backends ``cfg`` asks for, running ``models`` (already loaded or built)."""
-    backend = make_backend(cfg.backend, models, cfg.engines, cuda_graph=cfg.cuda_graph)
-    grad = backend if backend.supports_grad else (TorchBackend(models) if cfg.latent_update == "autograd" else None)
-    for b in {id(x): x for x in (backend, grad) if isinstance(x, TorchBackend)}.values():
-        b.optimize(compile=cfg.compile, channels_last=cfg.channels_last)
-    return Runtime(models, backend, grad)
-
-
-def inversion_runtime(models, backend: Backend, grad_backend: Backend | None, dtype: torch.dtype | None,
-                      ) -> InversionRuntime:
-    """Where the inversion runs: the edit's backend if it computes in ``dtype`` (None: whatever it
-    computes in), else its PyTorch gradient backend if that does, else a PyTorch backend in
-    ``dtype`` made on a cache miss: on ``models`` themselves when they are in ``dtype``, else on
-    a copy of their UNet, VAE and text encoder cast to ``dtype`` (fp16 weights upcast exactly:
-    the inversion then inverts the very weights the edit samples with, in fp32 arithmetic). The
-    identity of such a copy also names the precision its weights were loaded in: fp16-rounded
-    weights are other weights, so their inversion is not the fp32 model's."""
-    for b in (backend, grad_backend):
-        if b is not None and (dtype is None or b.dtype == dtype):
-            return InversionRuntime.of(b)
-    assert dtype is not None
-    if models.dtype == dtype:  # no PyTorch backend yet (a graph backend without autograd steps)
-        return InversionRuntime(runtime_identity("torch", dtype, models.device), lambda: TorchBackend(models))
-    identity = {**runtime_identity("torch", dtype, models.device), "weights": str(models.dtype).removeprefix("torch.")}
-    return InversionRuntime(identity, lambda: TorchBackend(models_in_dtype(models, dtype)))
-
-
-def models_in_dtype(models, dtype: torch.dtype):
-    """A copy of ``models`` with the UNet, VAE and text encoder cast to ``dtype`` (the depth
-    estimator, fp32 always, and the rest shared)."""
-    import copy
-    import dataclasses
-
-    from p2v_fast.models import quiet_loading
-
-    with quiet_loading():  # diffusers advises against casting with .to(); here the cast is the point
-        cast = {name: copy.deepcopy(getattr(models, name)).to(dtype) for name in ("unet", "vae", "text_encoder")}
-    return dataclasses.replace(models, dtype=dtype, **cast)
+from p2v_fast.runtime import Runtime, inversion_runtime, load_runtime, resolve_dtype, torch_threads
 
 
 def probe_input(input_path: Path, cfg: EditConfig) -> video.VideoInfo:
@@ -131,84 +43,6 @@ def probe_input(input_path: Path, cfg: EditConfig) -> video.VideoInfo:
         raise InputError(f"--fps is for an image-folder input; '{input_path}' is a video and keeps its own rate "
                          f"({video.format_fps(info.fps)} fps)")
     return info
-
-
-def default_output(input_path: Path, suffix: str = ".p2v.mp4") -> Path:
-    base = input_path.with_suffix("") if input_path.is_file() else input_path
-    return base.parent / f"{base.name}{suffix}"
-
-
-def check_output(input_path: Path, output: Path, overwrite: bool, kind: str | None = None,
-                 side_files: tuple[str, ...] = (), create_folder: bool = False, option: str = "-o") -> Path:
-    """Validate the output path: not the input, not inside an input image folder, not an existing
-    file (unless overwrite), writable, a name the file system takes (``side_files``: names that
-    will be written beside it). ``kind``: "video" (an extension :data:`video.OUTPUT_FORMATS`
-    knows) or "png". ``create_folder``: its folder may not exist yet (the caller creates it).
-    ``option``: the option that names it, for the message."""
-    output = check_name_length(output, side_files)
-    if output.resolve() == Path(input_path).resolve():
-        raise InputError(f"output '{output}' is the input; choose another {option} path")
-    if Path(input_path).is_dir() and output.resolve().parent == Path(input_path).resolve():
-        raise InputError(f"output '{output}' is inside the input image folder '{input_path}' (the next run would "
-                         "read it as a frame); write it elsewhere")
-    if kind == "png" and output.suffix.lower() != ".png":
-        raise InputError(f"--preview writes a PNG image; give -o a .png name, not '{output.name}'")
-    if kind == "video":
-        video.output_format(output)
-    if output.exists() and not output.is_dir() and not overwrite:
-        raise InputError(f"output '{output}' exists; pass --overwrite to replace it")
-    return check_output_file(output, extra_names=side_files, create_folder=create_folder)
-
-
-def side_paths(out: Path) -> tuple[Path, Path]:
-    """The side-by-side video and the contact strip written beside the edit ``out``."""
-    return out.with_name(f"{out.stem}.side-by-side{out.suffix}"), out.with_name(f"{out.stem}.strip.png")
-
-
-@dataclass(frozen=True)
-class EditPaths:
-    """Every file an edit writes: the output, the side-by-side video (``--side-by-side``), the
-    contact strip (not with ``--preview``) and the ``--json`` report."""
-
-    output: Path
-    side_by_side: Path | None
-    strip: Path | None
-    json: Path | None
-    preview: bool = False
-
-    @classmethod
-    def of(cls, input_path: Path, output: str | Path | None, *, preview: bool = False, side_by_side: bool = False,
-           json_path: str | Path | None = None) -> EditPaths:
-        """The paths ``p2v edit`` writes for these options (``output`` None: beside the input)."""
-        if preview and side_by_side:
-            raise InputError("--preview writes one PNG of the anchor frame; --side-by-side is for a video edit")
-        out = Path(output) if output else default_output(Path(input_path),
-                                                         ".p2v-preview.png" if preview else ".p2v.mp4")
-        sbs, strip = side_paths(out)
-        return cls(out, sbs if side_by_side and not preview else None, None if preview else strip,
-                   None if json_path is None else Path(json_path), preview)
-
-    @property
-    def sides(self) -> tuple[Path, ...]:
-        """The side files written beside the output."""
-        return tuple(p for p in (self.strip, self.side_by_side) if p is not None)
-
-    @property
-    def all(self) -> tuple[Path, ...]:
-        return (self.output, *self.sides, *(() if self.json is None else (self.json,)))
-
-    def check(self, input_path: Path, overwrite: bool, create_folders: bool = False) -> None:
-        """InputError (one line) unless every file can be written: not the input, not in an
-        input image folder, a container the extension names, a name the file system takes, and
-        not an existing file unless ``overwrite`` (the JSON report is always replaced)."""
-        names = tuple(p.name for p in self.sides)
-        check_output(input_path, self.output, overwrite, "png" if self.preview else "video", names, create_folders)
-        for side in self.sides:
-            check_output(input_path, side, overwrite, create_folder=create_folders)
-        if self.json is not None:  # a report: replaced if it exists, but never one of the edit's own files
-            if self.json.resolve() in {p.resolve() for p in (self.output, *self.sides)}:
-                raise InputError(f"--json '{self.json}' is a file the edit writes; choose another --json path")
-            check_output(input_path, self.json, overwrite=True, create_folder=create_folders, option="--json")
 
 
 def warm_up(cfg: EditConfig, rt: Runtime, selection: ClipSelection, progress: Progress) -> None:
@@ -274,18 +108,6 @@ def invert_video(cfg: EditConfig, input_path: Path, progress: Progress | None = 
     with torch_threads(cfg.threads):
         rt = runtime or load_runtime(cfg)
         return prepare(cfg, Path(input_path), rt, progress or NullProgress(), info)
-
-
-@contextlib.contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """PyTorch's CPU intra-op threads set to ``n`` while the block runs (None: unchanged)."""
-    before = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -461,7 +283,7 @@ def _edit(cfg: EditConfig, input_path: Path, info: video.VideoInfo, prompt: str,
                         inv.cache_hit, inv.source_prompt, sbs_path, strip_path, stats, inv.runtime,
                         inv.reconstruction, raw.hexdigest(), busy, variable_rate=variable)
     if json_path is not None:
-        from p2v_fast.evaluate import write_json_atomic
+        from p2v_fast.files import write_json_atomic
 
         write_json_atomic(json_path, {"config": dataclasses.asdict(cfg), **result.to_dict()})
     return result

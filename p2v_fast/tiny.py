@@ -22,7 +22,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .paths import cache_root
+from p2v_fast.hub import image_processor_class, quiet_loading
+from p2v_fast.paths import cache_root
 
 TINY_VERSION = "tiny-v1"
 
@@ -205,7 +206,6 @@ def build_captioner(workdir: Path):
     import torch
     from transformers import BlipConfig, BlipForConditionalGeneration, BlipProcessor
 
-    from .models import image_processor_class
 
     tokenizer = _build_bert_tokenizer(workdir)
     vocab_size = len(tokenizer)
@@ -247,7 +247,6 @@ def build_captioner(workdir: Path):
 
 def dpt_image_processor(size: int):
     """DPT-Hybrid's preprocessing (bicubic resize to size x size, scale, normalise to [-1, 1])."""
-    from .models import image_processor_class  # lazy: models imports this module
 
     return image_processor_class("DPTImageProcessor")(
         do_resize=True,
@@ -311,7 +310,6 @@ def build_pipeline(workdir: Path):
 
 def build_tiny_model_dir(target: Path) -> None:
     """Build the tiny pipeline + captioner and save them into ``target`` (must not exist)."""
-    from .models import quiet_loading
 
     with quiet_loading(), tempfile.TemporaryDirectory(prefix="p2v-tiny-src-") as src:
         pipe = build_pipeline(Path(src))
@@ -350,3 +348,88 @@ def tiny_model_dir(cache_dir: Path | None = None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _tiny_clip_config() -> Any:
+    from transformers import CLIPConfig
+
+    vocab_size = 2 * 256 + 2  # every byte, alone and as a word end, then 2 specials (p2v_fast.tiny)
+    text = {
+        "vocab_size": vocab_size,
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 77,
+        "projection_dim": 16,
+        "bos_token_id": vocab_size - 2,
+        "eos_token_id": vocab_size - 1,
+        "pad_token_id": vocab_size - 1,
+    }
+    vision = {
+        "image_size": 32,
+        "patch_size": 8,
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "projection_dim": 16,
+    }
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
+
+
+def _write_tiny_clip(out_dir: Path, seed: int = 0) -> None:
+    import torch
+    from transformers import CLIPModel, CLIPProcessor
+
+    cfg = _tiny_clip_config()
+    size = cfg.vision_config.image_size
+
+    # Byte-level vocabulary and no merges: every character is a token (offline, no hub).
+    tokenizer = build_clip_tokenizer(out_dir / "_tokenizer_src")
+    assert len(tokenizer) == cfg.text_config.vocab_size
+    # The standard CLIP preprocessing (bicubic shortest-edge resize, centre crop, CLIP mean/std),
+    # at the tiny vision tower's input size.
+    image_processor = image_processor_class("CLIPImageProcessor")(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+    )
+    processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+    gen_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = CLIPModel(cfg).eval()
+    finally:
+        torch.random.set_rng_state(gen_state)
+    model.save_pretrained(str(out_dir))
+    processor.save_pretrained(str(out_dir))
+    shutil.rmtree(out_dir / "_tokenizer_src")
+
+
+def ensure_tiny_clip(root: Path | None = None) -> Path:
+    """Build the tiny random-weight CLIP once under ``<cache>/models/clip-tiny-v2``; return it.
+
+    Built in a temporary folder beside the target and renamed into place, so a reader never
+    sees a half-written model and two concurrent builders do not clash.
+    """
+    models = (root if root is not None else cache_root()) / "models"
+    final = models / TINY_CLIP_DIR
+    if (final / "config.json").is_file():
+        return final
+    models.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_CLIP_DIR}-", dir=models))
+    try:
+        _write_tiny_clip(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "config.json").is_file():  # not a lost race: a real failure
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+TINY_CLIP_DIR = "clip-tiny-v2"

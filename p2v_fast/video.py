@@ -21,6 +21,7 @@ User-caused problems raise :class:`~p2v_fast.errors.InputError` with a one-line 
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import os
 import re
@@ -37,8 +38,8 @@ import numpy as np
 from av.video.reformatter import ColorPrimaries, ColorRange, Colorspace, ColorTrc
 from PIL import Image, ImageOps
 
-from p2v_fast.errors import InputError
-from p2v_fast.paths import disk_full, write_error
+from p2v_fast.errors import InputError, disk_full, write_error
+from p2v_fast.files import write_bytes_atomic
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".gif", ".mkv", ".avi")
@@ -798,14 +799,9 @@ class VideoWriter:
 def save_png(path: str | Path, frame: np.ndarray) -> Path:
     """Atomically write a uint8 RGB ``[H, W, 3]`` (or gray ``[H, W]``) frame as PNG."""
     out = _prepare_output(path)
-    tmp = out.with_name(f".{out.stem}.partial.png")
-    try:
-        Image.fromarray(np.ascontiguousarray(frame)).save(tmp, format="PNG")
-        os.replace(tmp, out)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise write_error(e, out) from None
-    return out
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(frame)).save(buf, format="PNG")
+    return write_bytes_atomic(out, buf.getbuffer())
 
 
 def side_by_side(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -1,4 +1,12 @@
-"""Shared fixtures: the tiny random-weight SD2-depth model set, built once per session."""
+"""Shared fixtures (the tiny random-weight SD2-depth model set, built once per session) and the
+test tiers, each skipped here, in one place, with its reason where this machine lacks it:
+
+- ``cuda``: a CUDA GPU; ``tensorrt``: TensorRT's libraries and a GPU;
+- ``slow``: minutes on 2 CPU cores (torch.compile, the dynamo exporter): ``P2V_SLOW=1``;
+- ``weights``: the real ``stabilityai/stable-diffusion-2-depth`` (``P2V_WEIGHTS=FOLDER`` or the
+  hub cache);
+- ``browser``: Debian's chromium, for the web app's page tests.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +16,57 @@ from pathlib import Path
 
 import pytest
 import torch
+
+REAL_MODEL = "stabilityai/stable-diffusion-2-depth"
+
+
+def real_weights() -> str | None:
+    """Where the real SD2-depth weights are (a folder or the hub id, if cached), or None."""
+    folder = os.environ.get("P2V_WEIGHTS")
+    if folder:
+        return folder
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(REAL_MODEL, "model_index.json")
+    except Exception:
+        return None
+    return REAL_MODEL if isinstance(cached, str) else None
+
+
+def chromium() -> str | None:
+    import shutil
+
+    return next((p for p in map(shutil.which, ("chromium", "chromium-browser")) if p), None)
+
+
+def _tier_skips() -> dict[str, str | None]:
+    """Marker -> why its tests cannot run here (None: they can)."""
+    from p2v_fast.system import tensorrt_status
+
+    cuda = torch.cuda.is_available()
+    trt_ok, trt_why = tensorrt_status()
+    return {
+        "cuda": None if cuda else "needs a CUDA GPU; none on this machine",
+        "tensorrt": None if trt_ok and cuda else f"needs TensorRT and a GPU ({trt_why if not trt_ok else 'no GPU'})",
+        "slow": None if os.environ.get("P2V_SLOW") == "1" else "slow tier (minutes on 2 CPU cores); P2V_SLOW=1",
+        "weights": None if real_weights() else f"needs the real {REAL_MODEL} weights (P2V_WEIGHTS=FOLDER or the "
+                                              "hub cache)",
+        "browser": None if chromium() else "needs chromium (apt-get install chromium)",
+    }
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    skips: dict[str, str | None] | None = None
+    for item in items:
+        marks = {m.name for m in item.iter_markers()}
+        if not marks & {"cuda", "tensorrt", "slow", "weights", "browser"}:
+            continue
+        skips = skips if skips is not None else _tier_skips()
+        for mark in sorted(marks & set(skips)):
+            if skips[mark] is not None:
+                item.add_marker(pytest.mark.skip(reason=skips[mark]))
+                break
 
 
 @pytest.fixture(scope="session", autouse=True)

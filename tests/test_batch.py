@@ -47,11 +47,13 @@ class ModelLoaded(BaseException):
 def no_model_loads(monkeypatch) -> None:
     """Fail the test if anything loads a model (validation and skipped jobs must not)."""
     import p2v_fast.pipeline
+    import p2v_fast.runtime
 
     def refuse(cfg):
         raise ModelLoaded("a model was loaded")
 
-    monkeypatch.setattr(p2v_fast.pipeline, "load_runtime", refuse)
+    for module in (p2v_fast.runtime, p2v_fast.pipeline):
+        monkeypatch.setattr(module, "load_runtime", refuse)
 
 
 def test_every_edit_option_is_a_job_key() -> None:
@@ -74,10 +76,12 @@ def test_three_jobs_one_inversion_per_clip_then_nothing_recomputed(clips, tmp_pa
     summary = tmp_path / "summary.json"
     before = src.read_bytes()
     import p2v_fast.pipeline
+    import p2v_fast.runtime
 
     loads = []
-    load_runtime = p2v_fast.pipeline.load_runtime
-    monkeypatch.setattr(p2v_fast.pipeline, "load_runtime", lambda cfg: loads.append(cfg) or load_runtime(cfg))
+    load_runtime = p2v_fast.runtime.load_runtime
+    for module in (p2v_fast.runtime, p2v_fast.pipeline):
+        monkeypatch.setattr(module, "load_runtime", lambda cfg: loads.append(cfg) or load_runtime(cfg))
     r = _p2v("batch", jobs, "--json", summary)
     assert r.exit_code == 0, r.output
     outs = [clips / "a.p2v.a-watercolor-painting.mp4", clips / "a.p2v.an-oil-painting.mp4", clips / "frames.p2v.mp4"]

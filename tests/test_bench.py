@@ -398,7 +398,6 @@ def test_speedups_are_timed_each_on_its_own(tiny_dir) -> None:
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
 def test_speedups_on_cuda_keep_the_result(tiny_dir) -> None:
     """On a GPU: torch.compile with CUDA graphs (reduce-overhead) and half precision."""
     data = run_bench(BenchOptions(model="tiny", size=64, repeats=2, warmup=2, device="cuda", dtype="fp32",

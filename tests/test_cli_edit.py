@@ -77,7 +77,8 @@ def test_feature_memory_is_constant_in_clip_length(tmp_path, tiny_dir, schedule,
     of the other frames' (for each step, the frame whose successor has not reached it keeps it;
     p2v_fast.plan), the same for 5 or 8 frames."""
     from p2v_fast.config import EditConfig
-    from p2v_fast.pipeline import edit_video, load_runtime
+    from p2v_fast.pipeline import edit_video
+    from p2v_fast.runtime import load_runtime
 
     clip = sample_clip(tmp_path, n_frames=8, size=(64, 64), audio=False)
     cfg = EditConfig(prompt="a swan", model="tiny", size=64, steps=3, source_prompt="a clip",
@@ -134,7 +135,7 @@ def test_unwritable_output_folder(clip, tmp_path, monkeypatch) -> None:
     import os
 
     from p2v_fast.errors import InputError
-    from p2v_fast.pipeline import check_output
+    from p2v_fast.paths import check_output
 
     monkeypatch.setattr(os, "access", lambda path, mode: False)  # root can write anywhere here
     with pytest.raises(InputError, match="not writable"):

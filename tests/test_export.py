@@ -342,8 +342,7 @@ def test_the_dynamo_exporter_is_offered_for_fixed_sizes_only() -> None:
     assert onnx_key(spec, model, 18, "dynamo") != onnx_key(spec, model, 18) == onnx_key(spec, model, 18, "torchscript")
 
 
-@pytest.mark.skipif(__import__("os").environ.get("P2V_SLOW") != "1",
-                    reason="the dynamo export of the tiny UNet takes ~30 s on 2 CPU cores; P2V_SLOW=1")
+@pytest.mark.slow  # the dynamo export of the tiny UNet takes ~30 s on 2 CPU cores
 def test_dynamo_export_of_the_unet_validates(tiny_dir, tmp_path, ref_models) -> None:
     from p2v_fast.backend_onnx import OnnxSession
     from p2v_fast.models import load_models
@@ -397,20 +396,10 @@ def test_cli_export_tensorrt_without_tensorrt_is_one_clear_line(tmp_path) -> Non
 # ------------------------------------------------------------------------------ GPU tiers
 
 
-def _tensorrt_reason() -> str | None:
-    from p2v_fast.system import tensorrt_status
-
-    ok, status = tensorrt_status()
-    return None if ok else f"TensorRT not usable here ({status})"
-
-
 @pytest.mark.tensorrt
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_tensorrt_engines_match_pytorch(tiny_dir, tmp_path, precision) -> None:
     """Build the tiny engines and compare every network with PyTorch on the GPU."""
-    reason = _tensorrt_reason()
-    if reason:
-        pytest.skip(reason)
     from p2v_fast.backend_tensorrt import TensorRTBackend
     from p2v_fast.backends import TorchBackend
     from p2v_fast.models import load_models
@@ -455,9 +444,6 @@ def _compare_unet_calls(trt_backend, torch_backend, manifest, tol: float, calls)
 @pytest.mark.tensorrt
 def test_tensorrt_static_batch_engines_replay_a_cuda_graph(tiny_dir, tmp_path) -> None:
     """--static-batch engines with --cuda-graph: captured once, replayed; smaller calls padded."""
-    reason = _tensorrt_reason()
-    if reason:
-        pytest.skip(reason)
     from p2v_fast.backend_tensorrt import TensorRTBackend
     from p2v_fast.backends import TorchBackend
     from p2v_fast.models import load_models

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from p2v_fast.backends import TorchBackend
+from p2v_fast.clip_selection import select_clip
 from p2v_fast.config import EditConfig
 from p2v_fast.ddim import DDIMSchedule
-from p2v_fast.inversion import invert_clip, select_clip
+from p2v_fast.inversion import invert_clip
 from p2v_fast.prompts import encode_prompt
 from tests.helpers import sample_clip
 
@@ -149,7 +150,8 @@ def test_reconstruction_error_is_measured_once_and_kept_in_the_cache(tiny_models
 
 
 def test_cache_key_covers_the_runtime_and_the_framing(tiny_models, tmp_path) -> None:
-    from p2v_fast.inversion import cache_key, frames_digest
+    from p2v_fast.clip_selection import frames_digest
+    from p2v_fast.inversion_cache import cache_key
 
     clip = sample_clip(tmp_path, n_frames=1)
     cfg = EditConfig(model="tiny", size=64, steps=2)
@@ -177,7 +179,8 @@ def test_inversion_runs_in_fp32_by_default_whatever_the_edit_dtype(tiny_models, 
     weights are bf16-rounded, not the fp32 model's), which a second bf16 edit reuses;
     --invert-dtype same inverts in bf16: another entry, far from an fp64 inversion of the same
     weights where the fp32 one is close."""
-    from p2v_fast.pipeline import Runtime, invert_video, models_in_dtype
+    from p2v_fast.pipeline import invert_video
+    from p2v_fast.runtime import Runtime, models_in_dtype
 
     clip = sample_clip(tmp_path, n_frames=2)
     cfg = EditConfig(model="tiny", size=64, steps=8, source_prompt="a clip", cache_dir=tmp_path / "cache")

@@ -12,7 +12,6 @@ import torch
 
 from p2v_fast.errors import InputError, ModelLoadError
 from p2v_fast.metrics import (
-    TINY_CLIP_DIR,
     ClipScorer,
     PixelMSEResult,
     StreamingEvaluator,
@@ -21,6 +20,7 @@ from p2v_fast.metrics import (
     evaluate,
     pixel_mse,
 )
+from p2v_fast.tiny import TINY_CLIP_DIR
 
 H, W = 96, 128  # frame size of the synthetic clips
 SHIFT = 3  # pan, pixels per frame

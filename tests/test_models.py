@@ -284,3 +284,31 @@ def test_caption_returns_str(tiny_models: Models) -> None:
     assert caption_frame(tiny_models, _frames(1, 48, 40)[0], max_new_tokens=8) == text  # greedy
     with pytest.raises(InputError):
         caption_frame(tiny_models, _frames(2))
+
+
+# ------------------------------------------------------------------------------ the real weights
+
+
+@pytest.mark.weights
+def test_the_real_model_loads_and_edits_identical_frames_identically(tmp_path) -> None:
+    """The real SD2-depth: the architecture the tiny model copies (5-channel UNet, 9 injected
+    layers), and an edit of a clip of identical frames whose frames come out identical (the
+    cross-frame mechanism holds for any weights) and not flat."""
+    import numpy as np
+    from conftest import real_weights
+
+    from p2v_fast import EditConfig, edit_video, load_runtime
+    from p2v_fast.attention import injected_layer_names
+    from p2v_fast.video import make_sample_frames_folder, read_frames
+
+    folder = make_sample_frames_folder(tmp_path / "frames", n=1, size=(256, 256))
+    for i in (2, 3):  # the same frame three times
+        (folder / f"frame_{i}.png").write_bytes((folder / "frame_1.png").read_bytes())
+    cfg = EditConfig(prompt="a watercolor painting", source_prompt="a test pattern", model=real_weights() or "",
+                     size=256, steps=10, latent_update="detached")
+    rt = load_runtime(cfg)
+    assert rt.models.unet.config.in_channels == 5 and len(injected_layer_names(rt.models.unet)) == 9
+    result = edit_video(cfg, folder, tmp_path / "out.mp4", runtime=rt)
+    frames = [np.asarray(f, dtype=np.float32) for f in read_frames(result.output)]
+    assert len(frames) == 3 and frames[0].std() > 5
+    assert max(float(np.abs(f - frames[0]).mean()) for f in frames[1:]) < 2.0  # H.264 noise only

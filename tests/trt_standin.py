@@ -1,6 +1,6 @@
 """A recording stand-in for the part of TensorRT's API and of CUDA the TensorRT backend uses.
 
-It lets the runner's own logic run on the CPU (``tests/test_tensorrt_runner.py``): buffers,
+It lets the runner's own logic run on the CPU (``tests/test_backend_tensorrt.py``): buffers,
 binding order, stream ordering, shared activation memory, batch splitting and padding, CUDA
 graph capture. It checks our logic, not TensorRT: nothing here says that TensorRT accepts what
 the runner does (that is the ``tensorrt`` test tier, on a GPU).

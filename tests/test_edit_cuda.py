@@ -9,7 +9,6 @@ data), and the compiled edit runs in the slow tier (inductor takes minutes on 2 
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
@@ -18,10 +17,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from p2v_fast.config import EditConfig
 from p2v_fast.edit import FrameState, wavefront
 from tests.helpers import make_context, random_frames
-
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none on this machine")
-slow = pytest.mark.skipif(os.environ.get("P2V_SLOW") != "1",
-                          reason="torch.compile (inductor) takes minutes on 2 CPU cores; P2V_SLOW=1")
 
 
 class _HostTraffic(TorchDispatchMode):
@@ -70,7 +65,6 @@ def test_step_loop_reads_nothing_back(tiny_models, monkeypatch, mode) -> None:
 
 
 @pytest.mark.cuda
-@needs_cuda
 @pytest.mark.parametrize(("mode", "dtype"), [("autograd", torch.float16), ("autograd", torch.float32),
                                              ("detached", torch.float16)])
 def test_step_loop_makes_no_host_sync_on_cuda(tiny_dir, mode, dtype) -> None:
@@ -124,7 +118,6 @@ def _check_compiled_equals_eager(device: torch.device) -> None:
 
 
 @pytest.mark.cuda
-@needs_cuda
 def test_compiled_edit_equals_eager_on_cuda(tiny_dir) -> None:
     """``--compile`` on CUDA: mode reduce-overhead (CUDA graphs), whose outputs the next replay
     overwrites; the features the edit keeps are cloned. fp32 without TF32, to 1e-3."""
@@ -136,15 +129,13 @@ def test_compiled_edit_equals_eager_on_cuda(tiny_dir) -> None:
         torch.backends.cudnn.allow_tf32 = old
 
 
-@pytest.mark.slow
-@slow
+@pytest.mark.slow  # torch.compile (inductor) takes minutes on 2 CPU cores
 def test_compiled_edit_equals_eager_on_cpu(tiny_dir, one_torch_thread) -> None:
     """The same code on the CPU (inductor, no CUDA graphs)."""
     _check_compiled_equals_eager(torch.device("cpu"))
 
 
-@pytest.mark.slow
-@slow
+@pytest.mark.slow  # torch.compile (inductor) takes minutes on 2 CPU cores
 def test_bench_compile_warms_up_before_timing(tiny_dir, one_torch_thread) -> None:
     """`p2v bench --compile`: the buckets are compiled before the first timed run and reported."""
     from benchmarks.bench import BenchOptions, run_bench

@@ -110,9 +110,10 @@ def test_two_inversions_of_one_clip_at_once_share_the_work(tiny_models, clip, tm
     """The second run waits for the first (the entry's lock) and then uses its result; neither
     reads a file the other deletes (which crashed 2 of 8 trials before)."""
     from p2v_fast.backends import TorchBackend
+    from p2v_fast.clip_selection import select_clip
     from p2v_fast.config import EditConfig
-    from p2v_fast.inversion import invert_clip, select_clip
-    from p2v_fast.paths import FileLock
+    from p2v_fast.files import FileLock
+    from p2v_fast.inversion import invert_clip
 
     cfg = EditConfig(model="tiny", size=64, steps=2, source_prompt="a clip", cache_dir=tmp_path / "c")
     sel = select_clip(clip, cfg)
@@ -153,9 +154,9 @@ def test_two_inversions_of_one_clip_at_once_share_the_work(tiny_models, clip, tm
 def test_cache_write_out_of_space_is_one_line_and_keeps_only_whole_files(clip, cache, tmp_path, monkeypatch) -> None:
     """ENOSPC injected where the cache's bytes reach the disk (after part of the data is
     written): one line naming the folder, no temporary file left, and a rerun that works."""
-    import p2v_fast.paths as paths
+    import p2v_fast.files as files
 
-    real = paths._write_fd
+    real = files._write_fd
     calls = {"n": 0}
 
     def fill_up(fd: int, data: bytes) -> None:
@@ -165,14 +166,14 @@ def test_cache_write_out_of_space_is_one_line_and_keeps_only_whole_files(clip, c
         real(fd, data[: len(data) // 2])  # the third cache file fills the disk halfway through
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(paths, "_write_fd", fill_up)
+    monkeypatch.setattr(files, "_write_fd", fill_up)
     r = _p2v("invert", clip, *FAST)
     msg = one_line_error(r)
     entry = _entry(cache)
     assert "no space left" in msg and str(entry) in msg
     assert not [p for p in entry.iterdir() if p.name.endswith(".tmp")]
     assert not (entry / "meta.json").exists()
-    monkeypatch.setattr(paths, "_write_fd", real)
+    monkeypatch.setattr(files, "_write_fd", real)
     r = _p2v("invert", clip, *FAST)
     assert r.exit_code == 0, r.output
     r = _p2v("invert", clip, *FAST)
@@ -408,7 +409,7 @@ def test_existing_strip_is_kept_without_overwrite(clip, tmp_path) -> None:
 
 
 def test_a_second_run_writing_the_same_output_is_refused(clip, tmp_path) -> None:
-    from p2v_fast.paths import OutputClaim
+    from p2v_fast.files import OutputClaim
 
     out = tmp_path / "o.mp4"
     first = OutputClaim(out).acquire(overwrite=False)  # another run is writing o.mp4
@@ -548,7 +549,7 @@ def test_raft_weights_offline_or_unreachable_fail_at_once(tmp_path, monkeypatch)
     import time
 
     from p2v_fast.errors import ModelLoadError
-    from p2v_fast.models import fetch_url_file
+    from p2v_fast.hub import fetch_url_file
 
     url = "http://127.0.0.1:9/models/raft_large_C_T_SKHT_V2-ff5fadd5.pth"
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)

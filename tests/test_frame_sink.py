@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from p2v_fast.backends import Backend
-from p2v_fast.output import FrameSink, to_uint8
+from p2v_fast.frame_sink import FrameSink, to_uint8
 
 
 class _Decoder(Backend):

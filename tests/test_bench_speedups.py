@@ -1,5 +1,5 @@
 """PyTorch speed-ups keep the result: channels-last; the compiled path's padding and routing
-(the compiled edit itself: tests/test_gpu.py)."""
+(the compiled edit itself: tests/test_edit_cuda.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from p2v_fast.config import EditConfig
 from p2v_fast.edit import sequential
-from p2v_fast.pipeline import load_runtime
+from p2v_fast.runtime import load_runtime
 from tests.helpers import make_context, random_frames
 
 

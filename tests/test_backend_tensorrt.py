@@ -219,7 +219,7 @@ def test_shared_activation_memory_is_the_largest_engines(tiny_models, onnx_folde
 def test_identity_names_the_engines_not_the_graphs(tiny_models, onnx_folder, tmp_path) -> None:
     """The inversion cache keys on Backend.identity(): a TensorRT backend is identified by its
     engines' keys (another build, another result), not by the ONNX graphs they came from."""
-    from p2v_fast.backends import make_backend
+    from p2v_fast.runtime import make_backend
 
     folder = engine_folder(onnx_folder, tmp_path / "e")
     backend, _ = make(tiny_models, folder)
@@ -239,9 +239,9 @@ def test_a_cpu_device_is_refused_before_the_engine_folder_is_read(tiny_models, t
 
 
 def test_cuda_graph_is_an_option_of_the_tensorrt_backend_only(tiny_models, onnx_folder) -> None:
-    from p2v_fast.backends import make_backend
     from p2v_fast.config import EditConfig
     from p2v_fast.errors import InputError
+    from p2v_fast.runtime import make_backend
 
     with pytest.raises(InputError, match="--cuda-graph is for --backend tensorrt, not torch"):
         EditConfig(cuda_graph=True)

@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 
 from cli import app
 from p2v_fast import video
+from p2v_fast.clip_selection import select_clip
 from p2v_fast.config import EditConfig
 from p2v_fast.errors import InputError
-from p2v_fast.inversion import select_clip
 from tests.helpers import sample_clip
 
 runner = CliRunner()

@@ -29,7 +29,7 @@ from p2v_fast.ablation import (
     sheet_size,
 )
 from p2v_fast.errors import InputError
-from p2v_fast.evaluate import json_safe
+from p2v_fast.files import json_safe
 
 EVAL_FIELDS = {
     "edited", "source", "prompt", "clip_model", "flow", "size", "n_frames", "source_start", "source_stride",
