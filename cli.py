@@ -429,6 +429,47 @@ def demo(
 
 @app.command()
 @user_errors
+def ui(
+    host: Annotated[str, typer.Option(help="Address to serve on (default: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to serve on.")] = 7860,
+    auth: Annotated[str | None, typer.Option(help="USER:PASS the page asks for.")] = None,
+    share: Annotated[bool, typer.Option(help="Also a public link through Gradio's share server (needs internet).")
+                     ] = False,
+    out: Annotated[Path, typer.Option(help="Folder for uploads, outputs and their job records.")] = Path("p2v-ui"),
+    model: Model = "stabilityai/stable-diffusion-2-depth",
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    engines: Annotated[Path, typer.Option(help="Folder whose engine folders the page offers.")] = Path("engines"),
+    max_upload_mb: Annotated[int, typer.Option("--max-upload-mb", help="Largest upload, in MB.")] = 200,
+    threads: Threads = None,
+) -> None:
+    """Open the web page to restyle a clip (Gradio; install the extra: pip install 'p2v-fast[ui]')."""
+    import importlib.util
+
+    from p2v_fast.config import check_threads
+    from p2v_fast.errors import BackendUnavailableError, InputError
+
+    if importlib.util.find_spec("gradio") is None:
+        raise BackendUnavailableError("p2v ui needs Gradio: pip install 'p2v-fast[ui]'")
+    from p2v_fast.renders import UISettings
+    from p2v_fast.ui import launch, parse_auth
+
+    check_threads(threads)
+    if not 1 <= port <= 65535:
+        raise InputError(f"--port must be between 1 and 65535; got {port}")
+    if max_upload_mb < 1:
+        raise InputError(f"--max-upload-mb must be >= 1; got {max_upload_mb}")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out '{out}' is a file, not a folder")
+    _config(model=model, device=device, dtype=dtype)  # a bad value is one line before anything loads
+    settings = UISettings(out_dir=out, model=model, device=device, dtype=dtype, engines_root=engines,
+                          threads=threads, max_upload_mb=max_upload_mb)
+    launch(settings, host=host, port=port, auth=parse_auth(auth), share=share,
+           on_line=lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True))
+
+
+@app.command()
+@user_errors
 def invert(
     input: Annotated[Path, typer.Argument(help="Video or folder of images.")],
     model: Model = "stabilityai/stable-diffusion-2-depth",

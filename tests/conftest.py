@@ -40,6 +40,12 @@ def chromium() -> str | None:
     return next((p for p in map(shutil.which, ("chromium", "chromium-browser")) if p), None)
 
 
+def playwright() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("playwright") is not None
+
+
 def _tier_skips() -> dict[str, str | None]:
     """Marker -> why its tests cannot run here (None: they can)."""
     from p2v_fast.system import tensorrt_status
@@ -52,7 +58,8 @@ def _tier_skips() -> dict[str, str | None]:
         "slow": None if os.environ.get("P2V_SLOW") == "1" else "slow tier (minutes on 2 CPU cores); P2V_SLOW=1",
         "weights": None if real_weights() else f"needs the real {REAL_MODEL} weights (P2V_WEIGHTS=FOLDER or the "
                                               "hub cache)",
-        "browser": None if chromium() else "needs chromium (apt-get install chromium)",
+        "browser": "needs chromium (apt-get install chromium)" if not chromium() else None if playwright()
+        else "needs Playwright (pip install -e '.[ui,browser]'; it drives Debian's chromium, no browser download)",
     }
 
 

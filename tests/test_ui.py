@@ -1,0 +1,209 @@
+"""`p2v ui` through its API (gradio_client), on one in-process server with the tiny model:
+a render (checked against the library's own edit), a preview, bad inputs as the CLI's one
+line, a cancel that leaves no partial file, the upload limit and the CLI's option checks."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from typer.testing import CliRunner
+
+from tests.helpers import one_line_error
+
+pytest.importorskip("gradio", reason="the [ui] extra (gradio) is not installed")
+gradio_client = pytest.importorskip("gradio_client", reason="the [ui] extra (gradio_client) is not installed")
+
+from p2v_fast.renders import Renderer, UISettings  # noqa: E402
+
+# the form's fields after (clip, target prompt, source prompt), as the page orders them
+DEFAULTS = {"steps": 2, "size": 64, "resize": "crop", "frames": 3, "guidance": 7.5, "update": "autograd",
+            "weight": 100.0, "schedule": "wavefront", "backend": "torch", "engines": "(none)", "seed": 0}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def ui(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path):
+    from p2v_fast.ui import serve
+
+    root = tmp_path_factory.mktemp("ui")
+    (root / "engines" / "sd2-64").mkdir(parents=True)
+    renderer = Renderer(UISettings(out_dir=root / "out", model="tiny", threads=1, engines_root=root / "engines",
+                                   max_upload_mb=1))
+    with pytest.MonkeyPatch.context() as env:  # serve() sets Gradio's environment: restored after the module
+        for name in ("GRADIO_ANALYTICS_ENABLED", "GRADIO_TEMP_DIR", "HF_HUB_DISABLE_TELEMETRY"):
+            env.delenv(name, raising=False)
+        app, url = serve(renderer, port=free_port(), on_line=lambda m: None)
+        client = gradio_client.Client(url, verbose=False, download_files=str(root / "downloads"))
+        try:
+            yield SimpleNamespace(renderer=renderer, url=url, out=renderer.out_dir, root=root, client=client)
+        finally:
+            app.close()
+
+
+def form(clip, prompt: str = "a red car", source: str = "a sample clip", **options) -> list:
+    values = {**DEFAULTS, **options}
+    clip = gradio_client.handle_file(str(clip)) if clip is not None else None
+    return [clip, prompt, source, *(values[k] for k in DEFAULTS)]
+
+
+@pytest.fixture(scope="module")
+def sample(ui) -> Path:
+    got = ui.client.predict(api_name="/sample")
+    return Path(got["video"] if isinstance(got, dict) else got)
+
+
+def outputs_in(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir() if p.is_file()}
+
+
+def test_render_is_the_library_edit_and_models_stay_loaded(ui, sample):
+    from p2v_fast import edit_video
+    from p2v_fast.batch import sidecar_path
+    from p2v_fast.video import probe
+
+    job = ui.client.submit(*form(sample), api_name="/render")
+    status, video, sbs, strip, numbers, files = job.result(timeout=300)
+    seen = [o[0] for o in job.outputs()]
+    assert status.startswith("done: "), status
+    assert any(s.startswith(("inversion:", "edit:", "encode + depth:")) for s in seen[:-1]), seen  # live progress
+    out = Path(numbers["output"])
+    assert out.parent == ui.out and out.is_file()
+    for name in (f"{out.stem}.side-by-side.mp4", f"{out.stem}.strip.png", f"{out.stem}.json"):
+        assert (ui.out / name).is_file(), name
+    assert probe(out).n_frames == 3 and Path(video).is_file() and Path(sbs).is_file() and Path(strip).is_file()
+    assert {Path(f).name for f in files} >= {out.name, f"{out.stem}.side-by-side.mp4", f"{out.stem}.strip.png"}
+    record = json.loads(sidecar_path(out).read_text())  # the job record, as p2v batch writes it
+    assert record["spec"]["prompt"] == "a red car" and record["frames"] == 3
+    assert numbers["unet_calls"] > 0 and numbers["seconds_per_frame"] > 0 and not numbers["inversion_cache_hit"]
+
+    # the same edit straight through the library: the same frames, the same UNet calls
+    cfg = ui.renderer.config(prompt="a red car", source_prompt="a sample clip", steps=2, size=64, resize="crop",
+                             max_frames=3, guidance_scale=7.5, latent_update="autograd", update_weight=100.0,
+                             schedule="wavefront", backend="torch", engines="(none)", seed=0)
+    direct = edit_video(cfg, sample, ui.root / "direct.mp4", runtime=ui.renderer.runtime(cfg))
+    assert record["frames_sha256"] == direct.frames_sha256
+    assert numbers["unet_calls"] == direct.stats.unet_calls
+
+    # again, other edit-only options: the inversion is a cache hit, the models were loaded once
+    status2, *_, numbers2, _ = ui.client.predict(*form(sample, prompt="a blue car", seed=3), api_name="/render")
+    assert numbers2["inversion_cache_hit"] and "inversion: cache hit" in status2, status2
+    assert Path(numbers2["output"]) != out and out.is_file()  # a new file; the first is kept
+    assert len(ui.renderer._worker._runtimes) == 1
+
+
+def test_preview_writes_the_anchor_frame(ui, sample):
+    from PIL import Image
+
+    status, png = ui.client.predict(*form(sample, frames=0), api_name="/preview")
+    assert status.startswith("anchor frame previewed in "), status
+    kept = [p for p in (ui.out / "previews").iterdir() if p.suffix == ".png" and p.stat().st_size > 0]
+    assert len(kept) == 1 and kept[0].name in status
+    with Image.open(png) as im, Image.open(kept[0]) as kept_im:
+        assert im.size == kept_im.size and min(im.size) == 64
+
+
+def test_bad_inputs_are_the_clis_one_line(ui, sample, tmp_path):
+    from cli import app
+
+    before = outputs_in(ui.out)
+    status, *rest = ui.client.predict(*form(None), api_name="/render")
+    assert status == "error: no clip: upload a video or press 'Use the sample clip'" and rest == [None] * 5
+
+    bad = tmp_path / "notes.mp4"
+    bad.write_text("not a video\n")
+    status, *_ = ui.client.predict(*form(bad), api_name="/render")
+    kept = next((ui.out / "inputs").glob("*-notes.mp4"))  # the upload, kept under its hash
+    cli = CliRunner().invoke(app, ["edit", str(kept), "a red car", "--model", "tiny", "--size", "64"])
+    assert status == one_line_error(cli), (status, cli.stderr)
+
+    status, *_ = ui.client.predict(*form(sample, size=96), api_name="/render")
+    cli = CliRunner().invoke(app, ["edit", str(sample), "a red car", "--model", "tiny", "--size", "96"])
+    assert status == one_line_error(cli) == "error: --size must be a positive multiple of 64; got 96"
+
+    status, *_ = ui.client.predict(*form(sample, prompt="  "), api_name="/preview")
+    assert status.startswith("error: the prompt is empty"), status
+    status, *_ = ui.client.predict(*form(sample, engines="sd2-64", backend="onnxruntime"), api_name="/render")
+    assert status.startswith("error: ") and "\n" not in status.split("\n")[0], status
+    assert outputs_in(ui.out) == before  # nothing written by a refused request
+
+    with pytest.raises(gradio_client.exceptions.AppError, match=r"not in the list of choices"):
+        ui.client.predict(*form(sample, engines="../sd2-65"), api_name="/render")  # Gradio: a folder it did not list
+
+
+def test_uploads_over_the_limit_are_refused(ui, tmp_path):
+    import httpx
+
+    big = tmp_path / "big.mp4"
+    big.write_bytes(b"\0" * (2 << 20))  # the app takes 1 MB here
+    with open(big, "rb") as f:
+        r = httpx.post(f"{ui.url.rstrip('/')}/gradio_api/upload", files={"files": ("big.mp4", f, "video/mp4")})
+    assert r.status_code == 413, (r.status_code, r.text)
+    assert not list((ui.out / "inputs").glob("*big*"))
+    from p2v_fast.errors import InputError
+
+    with pytest.raises(InputError, match=r"^the clip is 2 MB; this app takes at most 1 MB"):
+        ui.renderer.take_input(big)  # and the renderer's own check, for a file that got past it
+
+
+def test_cancel_stops_the_render_and_leaves_no_partial_file(ui, sample):
+    before = outputs_in(ui.out)
+    # sequential: frame 1 is written while frame 2 is edited, so a partial video exists when cancelled
+    job = ui.client.submit(*form(sample, steps=20, frames=8, schedule="sequential", update="off"),
+                           api_name="/render")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        lines = [o[0] for o in job.outputs()]
+        if any(s.startswith("edit: ") and float(s.split()[1].split("/")[0]) >= 2 for s in lines):
+            break
+        assert not job.done(), lines
+        time.sleep(0.1)
+    partial = [p.name for p in ui.out.iterdir() if ".partial." in p.name]
+    assert partial, outputs_in(ui.out)  # the video is being written: cancelling now has something to delete
+    assert ui.client.predict(api_name="/cancel") == "cancelling..."
+    status, video, *_ = job.result(timeout=120)
+    assert status.startswith("cancelled; no partial output was kept"), status
+    assert video is None
+    assert outputs_in(ui.out) == before, outputs_in(ui.out) - before  # no video, strip, report or temp file
+    # the device is free again: the next render runs
+    status, *_ = ui.client.predict(*form(sample), api_name="/render")
+    assert status.startswith("done: "), status
+
+
+def test_renderer_keeps_user_text_out_of_paths(ui, tmp_path):
+    from p2v_fast.errors import InputError
+
+    r: Renderer = ui.renderer
+    assert r.engines_choices() == ["(none)", "sd2-64"]
+    assert r.engines_path("sd2-64") == ui.root / "engines" / "sd2-64"
+    for name in ("..", "../engines", "/etc", "sd2-64/.."):
+        with pytest.raises(InputError, match="is not one of the folders"):
+            r.engines_path(name)
+    upload = tmp_path / "../../x y;rm -rf.mp4"
+    upload.resolve().write_bytes(b"x")
+    kept = r.take_input(upload.resolve())
+    assert kept.parent == ui.out / "inputs" and kept.name.endswith("-x-y-rm-rf.mp4")
+
+
+def test_share_problem_and_cli_option_checks(tmp_path):
+    from cli import app
+    from p2v_fast.ui import parse_auth, share_problem
+
+    port = free_port()  # closed now
+    assert "refused" in (share_problem(("127.0.0.1", port), timeout=2) or "").lower()
+    assert parse_auth("me:pw:x") == ("me", "pw:x")
+    runner = CliRunner()
+    line = one_line_error(runner.invoke(app, ["ui", "--auth", "nopass"]))
+    assert line == "error: --auth must be USER:PASS (both non-empty)"
+    assert "--port must be between 1 and 65535" in one_line_error(runner.invoke(app, ["ui", "--port", "0"]))
+    (tmp_path / "f").write_text("")
+    assert "is a file, not a folder" in one_line_error(runner.invoke(app, ["ui", "--out", str(tmp_path / "f")]))
