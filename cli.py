@@ -262,7 +262,7 @@ Resize = Annotated[str, typer.Option(
     help="Framing: crop (short side --size, aspect kept, centre-cropped), stretch (squashed to --size x --size, "
     "as the paper), pad (fitted in --size x --size, letterboxed; the output drops the bars).")]
 Threads = Annotated[int | None, typer.Option(
-    help="CPU threads for PyTorch (default: one per core; OpenMP threads wait passively, see README).")]
+    help="CPU threads for PyTorch (default: one per core; OpenMP threads wait passively, see docs/performance.md).")]
 
 
 def _print_rows(rows: list[tuple[str, str]]) -> None:
@@ -993,7 +993,7 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     signal.signal(signal.SIGTERM, _on_sigterm)  # clean up (partial files, locks) as on Ctrl-C
     # OpenMP (libgomp) reads this once, when torch loads: idle threads sleep instead of spinning,
-    # which on a busy CPU made a tiny edit 6-27x slower (README, "CPU threads").
+    # which on a busy CPU made a tiny edit 6-27x slower (docs/performance.md, "CPU threads").
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     app()
 

@@ -1,4 +1,4 @@
-"""Export the five networks to ONNX and build TensorRT engines: ``export_engines``.
+"""Export the networks (unet, vae_encoder, vae_decoder, depth) to ONNX and build TensorRT engines: ``export_engines``.
 
 Stages per network, each skipped when its artifact is current (its key, see
 :mod:`p2v_fast.manifest`, matches and its file is whole) unless ``force``:
@@ -180,8 +180,9 @@ def _previous(folder: Path, model: ModelId, precision: str,
 
 
 def _remove_legacy(folder: Path, progress: Progress) -> None:
-    """Delete wave 1's two UNet graphs/engines (``unet_anchor``, ``unet_xframe``: the same weights
-    twice, 3.3 GB each for SD2-depth in fp32): the folder's ``unet`` replaces both."""
+    """Delete the two UNet graphs/engines of a folder from before the one-graph contract
+    (``unet_anchor``, ``unet_xframe``: the same weights twice, 3.3 GB each for SD2-depth in fp32):
+    the folder's ``unet`` replaces both."""
     for name in LEGACY_NETWORKS:
         gone = [p for p in (folder / f"{name}.onnx", folder / f"{name}.onnx.data", folder / f"{name}.plan")
                 if p.is_file()]

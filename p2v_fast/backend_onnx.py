@@ -132,7 +132,7 @@ class OnnxSession:
 
 
 class OnnxRuntimeBackend(GraphBackend):
-    """The five networks of an engine folder in ONNX Runtime."""
+    """The networks of an engine folder (``NETWORKS``) in ONNX Runtime."""
 
     name = "onnxruntime"
 

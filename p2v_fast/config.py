@@ -78,7 +78,7 @@ class EditConfig:
     channels_last: bool = False  # channels-last memory format for the UNet
     cuda_graph: bool = False  # tensorrt backend: replay each engine as a CUDA graph (static-shape engines)
     # PyTorch's CPU threads for the run; None: its default, one per physical core (OpenMP's idle
-    # threads wait passively either way: cli.main sets OMP_WAIT_POLICY=PASSIVE; README, "CPU threads")
+    # threads wait passively either way: cli.main sets OMP_WAIT_POLICY=PASSIVE; docs/performance.md, "CPU threads")
     threads: int | None = None
 
     # --- Pix2Video (sec. 3.1, 3.2) ---

@@ -343,7 +343,7 @@ def sequential(
 
 
 #: Frames in flight when --batch-frames is not given. Chosen from p2v_fast.plan's simulation
-#: (README, "Speed: the wavefront schedule"): at 50 steps, 16 frames take a 60-frame edit in 211
+#: (docs/performance.md, "The wavefront schedule"): at 50 steps, 16 frames take a 60-frame edit in 211
 #: ticks (4 frames: 753, 50: 109), the compiled UNet's largest batch bucket; stored features
 #: peak at ~T steps' worth whatever the cap.
 DEFAULT_WAVEFRONT_FRAMES = 16

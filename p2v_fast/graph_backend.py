@@ -29,7 +29,7 @@ def engines_folder(engines: str | Path | None) -> Path:
 
 
 def load_checked_manifest(models, folder: Path) -> Manifest:
-    """The folder's manifest, checked against ``models`` and for all five networks."""
+    """The folder's manifest, checked against ``models`` and for every network in ``NETWORKS``."""
     manifest = read_manifest(folder)
     check_model(manifest, model_id(models), folder)
     missing = [n for n in NETWORKS if n not in manifest.networks]

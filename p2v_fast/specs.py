@@ -22,7 +22,7 @@ from typing import Any
 from p2v_fast.errors import EngineError, InputError
 
 NETWORKS = ("unet", "vae_encoder", "vae_decoder", "depth")
-#: Wave 1 exported the UNet twice (same weights); a re-export removes their files.
+#: Folders from before the one-graph contract held the UNet twice (same weights); a re-export removes their files.
 LEGACY_NETWORKS = ("unet_anchor", "unet_xframe")
 PRECISIONS = ("fp16", "fp32")
 DEFAULT_OPSET = 18

@@ -302,7 +302,7 @@ def test_every_refused_call_is_a_clear_error(tiny_models, onnx_folder, tmp_path,
 
 
 def test_cli_edit_on_tensorrt_says_first_that_tensorrt_is_not_usable_here(tmp_path) -> None:
-    """Issue 13 item 12. Before: 'engine folder 'engines' does not exist; create it with `p2v
+    """Before: 'engine folder 'engines' does not exist; create it with `p2v
     export --out engines`', an export that then failed. Now: TensorRT is not usable here, and why."""
     from cli import app
     from p2v_fast.system import tensorrt_status

@@ -487,14 +487,14 @@ def _info(*args: str) -> str:
 
 
 def test_cli_info_says_whether_each_engine_matches_this_machine_and_model(engines, tmp_path, monkeypatch) -> None:
-    """Issue 13 item 13. Before: a row labelled 'engines engines' (for ./engines), the files of each
+    """Before: a row labelled 'engines engines' (for ./engines), the files of each
     network, and no word on the model. Now: per network and artifact, 'usable here' or why not."""
     import p2v_fast.manifest as manifest_mod
     from p2v_fast.manifest import engine_key
 
     _copy(engines, tmp_path / "engines")
     monkeypatch.chdir(tmp_path)
-    out = _info("--engines", "engines")  # the case the issue saw: ./engines
+    out = _info("--engines", "engines")  # the case once mislabelled: ./engines
     assert "engines engines" not in out and "engine folder engines: fp32, opset 18" in out
     assert "model tiny: matches the model here" in out
     for name in ("unet", "vae_encoder", "vae_decoder", "depth"):

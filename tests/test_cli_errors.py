@@ -1,4 +1,4 @@
-"""Faults and bad input as a user meets them (issue 13): each ends in one `error:` line (or, for
+"""Faults and bad input as a user meets them: each ends in one `error:` line (or, for
 a damaged cache, a one-line notice and a good result), the input untouched, no partial file
 under a final name, and a later run that works."""
 

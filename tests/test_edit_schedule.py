@@ -101,8 +101,8 @@ def test_plan_simulates_the_real_wavefront(tiny_models, mode, refs, n, cap) -> N
     assert plan.largest_call <= (cap or 16)
 
 
-def test_plan_at_sd2_sizes_is_what_the_readme_states() -> None:
-    """README, "Speed: the wavefront schedule": a 60-frame, 50-step edit at 512x512 fp16 with the
+def test_plan_at_sd2_sizes_is_what_the_docs_state() -> None:
+    """docs/performance.md, "The wavefront schedule": a 60-frame, 50-step edit at 512x512 fp16 with the
     default cap of 16 takes 211 ticks (336 calls with autograd), not "n + T", and its stored
     features peak at the anchor's 50 steps plus ~50 frame-steps (2.75 GB), whatever the cap."""
     from benchmarks.plan import plan_report

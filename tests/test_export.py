@@ -1,5 +1,6 @@
-"""ONNX export of the tiny model's five networks: onnx.checker, ONNX Runtime == PyTorch (all 10
-UNet outputs, the 9 ref inputs), fp16 graphs, stage caching, specs, profiles, keys, the CLI.
+"""ONNX export of the tiny model's networks (unet, vae_encoder, vae_decoder, depth): onnx.checker,
+ONNX Runtime == PyTorch (all 10 UNet outputs, the 9 ref inputs), fp16 graphs, stage caching, specs,
+profiles, keys, the CLI.
 
 The export runs once per session (64x64, fp32) into ``<basetemp>/engines-tiny-fp32``;
 ``tests/test_backends.py`` asks for the same folder and finds every stage current.
@@ -202,7 +203,7 @@ def test_stages_are_skipped_when_current_and_redone_with_force(tiny_engines, tmp
 
 
 def test_reexport_removes_the_two_legacy_unet_graphs(tiny_engines, tmp_path) -> None:
-    """A folder from wave 1 held unet_anchor and unet_xframe (the same weights twice); exporting
+    """A folder from before the one-graph contract held unet_anchor and unet_xframe (the same weights twice); exporting
     into it leaves only the one unet graph."""
     folder, _ = tiny_engines
     copy = tmp_path / "old"

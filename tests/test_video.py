@@ -288,7 +288,7 @@ def test_save_png_and_side_by_side(tmp_path: Path) -> None:
     assert path == tmp_path / "pair.png"
 
 
-# --------------------------------------------------------------------------- issue 13: timing, containers
+# --------------------------------------------------------------------------- timing, containers
 
 
 def test_output_timing_constant_and_variable(tmp_path: Path, clips: dict[str, Path]) -> None:

@@ -1,7 +1,7 @@
 #!/bin/bash
-# Record of the A/B run behind README "Sequential against wavefront": wave-1 code checked out at /tmp/p2v-before
+# Record of the A/B run behind docs/performance.md, "Results": the code at 2e0048e checked out at /tmp/p2v-before
 # (git worktree add /tmp/p2v-before 2e0048e), HEAD in /work/main, one venv, one thread, rounds alternating.
-# A/B/A/B: wave-1 code (2e0048e) vs HEAD, same tiny bench command, one thread, same venv
+# A/B/A/B: the code at 2e0048e vs HEAD, same tiny bench command, one thread, same venv
 . /work/main/.venv/bin/activate
 export OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1
 CMD="bench --model tiny --size 128 --steps 20 --frames 6 --backend torch --backend onnxruntime --repeats 3 --warmup 1 --threads 1"
