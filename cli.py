@@ -11,7 +11,6 @@ import functools
 import os
 import signal
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -19,9 +18,10 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
 from typer.core import TyperGroup
+
+from p2v_fast import report
+from p2v_fast.display import LogProgress, RichProgress, batch_display, progress_for
 
 try:  # typer >= 0.20 carries its own copy of click
     from typer._click import exceptions as click_errors
@@ -66,10 +66,6 @@ app = typer.Typer(
 console = Console(stderr=True)
 out_console = Console()
 
-#: Seconds between progress lines when stderr is not a terminal (a log file, CI).
-PROGRESS_INTERVAL_S = 10.0
-
-
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -95,100 +91,9 @@ def _main(
     """Edit a video from a text prompt with Pix2Video on Stable Diffusion 2 depth."""
 
 
-class RichProgress:
-    """p2v_fast.progress.Progress on a terminal: rich bars with ETA, shown from the first stage
-    on (a run that fails before any stage prints no empty bar block)."""
-
-    def __init__(self) -> None:
-        self.bars = Progress(
-            TextColumn("[bold]{task.description:<16}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-            console=console,
-            transient=False,
-        )
-        self.started = False
-
-    def stage(self, description: str, total: int | None) -> Callable[[int], None]:
-        if not self.started:
-            self.bars.start()
-            self.started = True
-        task = self.bars.add_task(escape(description), total=total)
-
-        def advance(n: int = 1) -> None:
-            self.bars.advance(task, n)
-
-        return advance
-
-    def log(self, message: str) -> None:
-        style = "yellow" if message.startswith("warning:") else "dim"
-        console.print(escape(message), style=style, highlight=False, soft_wrap=True)
-
-    def __enter__(self) -> RichProgress:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.started:
-            self.bars.stop()
-
-
-def _clock(seconds: float) -> str:
-    s = round(seconds)
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
-
-
-class LogProgress:
-    """p2v_fast.progress.Progress when stderr is not a terminal (a log file, a pipe, CI): plain
-    lines, one when a stage starts, then one every :data:`PROGRESS_INTERVAL_S` seconds at most
-    (done/total, elapsed, time left), and one when it ends."""
-
-    def __init__(self, interval: float | None = None, clock: Callable[[], float] = time.monotonic) -> None:
-        self.interval = PROGRESS_INTERVAL_S if interval is None else interval
-        self.clock = clock
-
-    def _line(self, text: str) -> None:
-        console.print(text, markup=False, highlight=False, soft_wrap=True)
-
-    def stage(self, description: str, total: int | None) -> Callable[[int], None]:
-        t0 = self.clock()
-        state = {"done": 0, "shown": t0}
-        self._line(f"{description}: started" + (f", {total} steps" if total else ""))
-
-        def advance(n: int = 1) -> None:
-            state["done"] += n
-            done, now = state["done"], self.clock()
-            if total and done >= total:
-                if done - n < total:
-                    self._line(f"{description}: {done}/{total} done in {_clock(now - t0)}")
-                return
-            if now - state["shown"] < self.interval:
-                return
-            state["shown"] = now
-            if total:
-                left = (now - t0) * (total - done) / max(done, 1)
-                self._line(f"{description}: {done}/{total} ({100 * done // total}%), {_clock(now - t0)} elapsed, "
-                           f"about {_clock(left)} left")
-            else:
-                self._line(f"{description}: {done} done, {_clock(now - t0)} elapsed")
-
-        return advance
-
-    def log(self, message: str) -> None:
-        self._line(message)
-
-    def __enter__(self) -> LogProgress:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-
 def _progress() -> RichProgress | LogProgress:
     """Bars on a terminal, plain lines at an interval otherwise (so a log shows progress too)."""
-    return RichProgress() if console.is_terminal else LogProgress()
+    return progress_for(console)
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
@@ -263,18 +168,6 @@ Resize = Annotated[str, typer.Option(
     "as the paper), pad (fitted in --size x --size, letterboxed; the output drops the bars).")]
 Threads = Annotated[int | None, typer.Option(
     help="CPU threads for PyTorch (default: one per core; OpenMP threads wait passively, see docs/performance.md).")]
-
-
-def _print_rows(rows: list[tuple[str, str]]) -> None:
-    """Label / value lines on stdout, values whole (never cut to the terminal's width) and as typed."""
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        out_console.print(f"{key:<{width}}  {value}", markup=False, highlight=False, soft_wrap=True)
-
-
-def _n(count: int, noun: str) -> str:
-    """'1 frame', '2 frames'."""
-    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 @contextlib.contextmanager
@@ -365,26 +258,8 @@ def edit(
     with _progress() as progress:
         result = edit_video(cfg, input, output, overwrite=overwrite, preview=preview, side_by_side=side_by_side,
                             progress=progress, json_path=json_path)
-    from p2v_fast.inversion import describe_reconstruction
-    from p2v_fast.video import format_fps
-
-    rows = [("output", str(result.output))]
-    if result.side_by_side:
-        rows.append(("side by side", str(result.side_by_side)))
-    if result.strip:
-        rows.append(("strip", str(result.strip)))
-    rate = "variable frame rate (the source's timestamps)" if result.variable_rate else f"{format_fps(result.fps)} fps"
-    rows.append(("frames", f"{_n(result.n_frames, 'frame')} at {result.size[0]}x{result.size[1]}, {rate}"))
-    caption = " (BLIP caption: random weights in the tiny model, so word salad)" if (
-        source_prompt is None and model == "tiny") else " (BLIP caption)" if source_prompt is None else ""
-    rows.append(("source prompt", repr(result.source_prompt) + caption))
-    inv = "cache hit (no inversion work)" if result.inversion_cache_hit else f"{result.seconds_inversion:.1f} s"
-    rows.append(("inversion", f"{inv}; {describe_reconstruction(result.reconstruction)}"))
-    rows.append(("edit", f"{result.seconds_edit:.1f} s, {result.seconds_per_frame:.2f} s/frame"))
-    rows.append(("total", f"{result.seconds_total:.1f} s"))
-    _print_rows(rows)
-    if json_path is not None:
-        out_console.print(f"wrote {json_path}", markup=False, highlight=False, soft_wrap=True)
+    report.print_edit(out_console, result, cfg)
+    report.print_wrote(out_console, json_path)
 
 
 @app.command()
@@ -401,30 +276,12 @@ def demo(
     The output looks like noise (the weights are random); the run proves every stage works
     without downloads. Use a real --model with `p2v edit` for real edits.
     """
-    from p2v_fast import video
-    from p2v_fast.errors import InputError
-    from p2v_fast.pipeline import edit_video
+    from p2v_fast.demo import demo_config, run_demo
 
-    cfg = _config(prompt="a crochet swan on the lake", model="tiny", size=size, steps=steps,
-                  source_prompt="a sample clip", threads=threads)  # checked before the sample clip is made
-    if frames < 1:
-        raise InputError(f"--frames must be >= 1; got {frames}")
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out '{out}' is a file, not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    clip = out / "sample.mp4"
-    if not clip.exists():
-        video.make_sample_clip(clip, n_frames=frames, size=(256, 192), fps=12.0, with_audio=True)
-    console.print(f"sample clip: {clip} ({_n(frames, 'frame')}, with audio)", markup=False, highlight=False,
-                  soft_wrap=True)
+    cfg = demo_config(size=size, steps=steps, threads=threads)  # checked before the sample clip is made
     with _progress() as progress:
-        result = edit_video(cfg, clip, out / "sample.p2v.mp4", overwrite=True, side_by_side=True,
-                            progress=progress)
-    out_console.print(
-        f"edited {_n(result.n_frames, 'frame')} in {result.seconds_total:.1f} s "
-        f"({result.seconds_per_frame:.2f} s/frame): {result.output}, {result.side_by_side}, {result.strip}",
-        markup=False, highlight=False, soft_wrap=True,
-    )
+        result = run_demo(out, cfg, frames, progress)
+    report.print_demo(out_console, result)
 
 
 @app.command()
@@ -491,9 +348,7 @@ def invert(
     threads: Threads = None,
 ) -> None:
     """DDIM-invert INPUT into the cache, so later edits of it skip inversion."""
-    from p2v_fast.inversion import describe_reconstruction
     from p2v_fast.pipeline import invert_video
-    from p2v_fast.runtime import describe_runtime
 
     cfg = _config(model=model, device=device, dtype=dtype, backend=backend, engines=engines, size=size, start=start,
                   max_frames=max_frames, stride=stride, steps=steps, source_prompt=source_prompt,
@@ -501,119 +356,7 @@ def invert(
                   invert_dtype=invert_dtype, fps=fps, threads=threads)
     with _progress() as progress:
         prep = invert_video(cfg, input, progress)
-    inv, sel = prep.inverted, prep.selection
-    state = "cache hit (nothing to do)" if inv.cache_hit else f"{prep.seconds:.1f} s"
-    out_console.print(f"inverted {_n(sel.n_frames, 'frame')} at {sel.size[0]}x{sel.size[1]} ({sel.resize}) on "
-                      f"{describe_runtime(inv.runtime)}: {state}; cache {inv.root}", markup=False, soft_wrap=True,
-                      highlight=False)
-    out_console.print(f"reconstruction: {describe_reconstruction(inv.reconstruction)}", markup=False,
-                      soft_wrap=True, highlight=False)
-
-
-class RichBatchReporter:
-    """p2v_fast.batch.BatchReporter rendered with rich: the jobs overall (ETA from frames edited
-    per second) and a bar per running job."""
-
-    def __init__(self, progress: Progress) -> None:
-        self.progress = progress
-        self.credit: dict[int, float] = {}  # job -> frames counted as done overall
-        self.tasks: dict[int, Any] = {}
-        self.finished = 0
-
-    def start(self, jobs: list) -> None:
-        todo = [j for j in jobs if not j.done]
-        self.n_todo = len(todo)
-        if len(jobs) > len(todo):
-            self.log(f"{len(jobs) - len(todo)} of {len(jobs)} jobs already done (outputs complete): skipped")
-        self.overall = self.progress.add_task(f"jobs 0/{len(todo)}", total=max(sum(j.n_frames for j in todo), 1),
-                                              visible=bool(todo))
-
-    def job_started(self, job, worker: str) -> None:
-        self.log(f"job {job.index} ({job.label}) on {worker}")
-        if job.index in self.tasks:
-            self.progress.remove_task(self.tasks.pop(job.index))
-        self.credit[job.index] = 0.0
-        self.tasks[job.index] = self.progress.add_task(f"  job {job.index} starting", total=job.n_frames)
-        self._overall()
-
-    def job_progress(self, job, stage: str, frames: float) -> None:
-        if job.index in self.tasks:
-            self.progress.update(self.tasks[job.index], description=f"  job {job.index} {stage}", completed=frames)
-        if stage == "edit":
-            self.credit[job.index] = frames
-            self._overall()
-
-    def job_finished(self, job, result) -> None:
-        if job.index in self.tasks:
-            self.progress.remove_task(self.tasks.pop(job.index))
-        self.credit[job.index] = job.n_frames
-        self.finished += 1
-        style = "green" if result.status == "done" else "red"
-        self.progress.console.print(f"[{style}]job {job.index} {result.status}[/{style}] in {result.seconds:.1f} s: "
-                                    f"{escape(result.output if result.status == 'done' else result.detail)}",
-                                    highlight=False, soft_wrap=True)
-        self._overall()
-
-    def log(self, message: str) -> None:
-        self.progress.console.print(f"[dim]{escape(message)}[/dim]", highlight=False, soft_wrap=True)
-
-    def _overall(self) -> None:
-        self.progress.update(self.overall, description=f"jobs {self.finished}/{self.n_todo}",
-                             completed=sum(self.credit.values()))
-
-
-class LogBatchReporter:
-    """p2v_fast.batch.BatchReporter in a log (stderr not a terminal): a line when a job starts and
-    ends, and for a running job one every :data:`PROGRESS_INTERVAL_S` seconds at most."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self.clock = clock
-        self.shown: dict[int, float] = {}
-
-    def start(self, jobs: list) -> None:
-        todo = [j for j in jobs if not j.done]
-        if len(jobs) > len(todo):
-            self.log(f"{len(jobs) - len(todo)} of {len(jobs)} jobs already done (outputs complete): skipped")
-        self.log(f"{len(todo)} jobs to run, {sum(j.n_frames for j in todo)} frames")
-
-    def job_started(self, job, worker: str) -> None:
-        self.shown[job.index] = self.clock()
-        self.log(f"job {job.index} ({job.label}) on {worker}")
-
-    def job_progress(self, job, stage: str, frames: float) -> None:
-        now = self.clock()
-        if now - self.shown.get(job.index, now) >= PROGRESS_INTERVAL_S:
-            self.shown[job.index] = now
-            self.log(f"job {job.index} {stage}: {frames:.0f}/{job.n_frames} frames")
-
-    def job_finished(self, job, result) -> None:
-        what = result.output if result.status == "done" else result.detail
-        self.log(f"job {job.index} {result.status} in {result.seconds:.1f} s: {what}")
-
-    def log(self, message: str) -> None:
-        console.print(message, markup=False, highlight=False, soft_wrap=True)
-
-
-def _batch_table(result, jobs_file: Path) -> Table:
-    counts = ", ".join(f"{result.count(s)} {s}" for s in ("done", "skipped", "failed", "interrupted", "not run")
-                       if result.count(s))
-    table = Table(title=f"p2v batch {jobs_file.name}: {counts} in {result.seconds:.1f} s")
-    for col in ("job", "status", "frames", "seconds", "output", "detail"):
-        table.add_column(col, justify="right" if col in ("job", "frames", "seconds") else "left",
-                         overflow="fold")
-    colour = {"done": "green", "skipped": "cyan"}
-    for r in result.results:
-        ran = r.status == "done"
-        table.add_row(str(r.job), f"[{colour.get(r.status, 'red')}]{r.status}[/]", str(r.frames) if r.frames else "-",
-                      f"{r.seconds:.1f}" if ran else "-", escape(_short(r.output)), escape(r.detail))
-    return table
-
-
-def _short(path: str) -> str:
-    try:
-        return str(Path(path).relative_to(Path.cwd()))
-    except ValueError:
-        return path
+    report.print_invert(out_console, prep)
 
 
 @app.command()
@@ -634,43 +377,19 @@ def batch(
     """Edit many clips from one jobs file: models load once per worker, each clip inverts once.
 
     Running the same command again skips the jobs whose output is complete."""
-    from p2v_fast.batch import BatchFileError, check_summary_path, load_jobs, run_batch
-    from p2v_fast.errors import InputError
-    from p2v_fast.files import write_json_atomic
-    from p2v_fast.paths import check_output_file
+    from p2v_fast.batch import BatchFileError
+    from p2v_fast.batch_ray import run_jobs_file
 
-    ray = ray or ray_address is not None or ray_cpus_per_worker is not None
-    if workers is not None and not ray:
-        raise InputError("--workers needs --ray (without Ray the jobs run one after another in this process)")
-    if ray_cpus_per_worker is not None and ray_cpus_per_worker < 1:
-        raise InputError(f"--ray-cpus-per-worker must be >= 1; got {ray_cpus_per_worker}")
-    if json_path is not None:
-        check_output_file(json_path)
     try:
-        job_list = load_jobs(jobs)
+        result = run_jobs_file(jobs, json_path=json_path, ray=ray, ray_address=ray_address,
+                               ray_cpus_per_worker=ray_cpus_per_worker, workers=workers,
+                               display=lambda: batch_display(console))
     except BatchFileError as e:
         for line in e.lines:
             console.print(f"[bold red]error:[/bold red] {escape(line)}", highlight=False, soft_wrap=True)
         raise typer.Exit(e.exit_code) from None
-    if json_path is not None:
-        check_summary_path(json_path, jobs, job_list)
-    progress = Progress(TextColumn("[bold]{task.description:<22}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("frames"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                        console=console)
-    with progress if console.is_terminal else contextlib.nullcontext():
-        reporter: RichBatchReporter | LogBatchReporter = (
-            RichBatchReporter(progress) if console.is_terminal else LogBatchReporter())
-        if ray:
-            from p2v_fast.batch_ray import run_batch_ray
-
-            result = run_batch_ray(job_list, reporter, address=ray_address, workers=workers,
-                                   cpus_per_worker=ray_cpus_per_worker)
-        else:
-            result = run_batch(job_list, reporter)
-    out_console.print(_batch_table(result, jobs))
-    if json_path is not None:
-        write_json_atomic(json_path, {"jobs_file": str(jobs.resolve()), **result.to_dict()})
-        out_console.print(f"wrote {json_path}", markup=False, soft_wrap=True, highlight=False)
+    out_console.print(report.batch_table(result, jobs))
+    report.print_wrote(out_console, json_path)
     if result.exit_code:
         raise typer.Exit(result.exit_code)
 
@@ -715,19 +434,10 @@ def eval_(
     with _threads(threads), _progress() as progress:
         result = evaluate_video(edited, source, prompt, clip_model=clip_model, flow=flow, size=size, start=start,
                                 max_frames=max_frames, stride=stride, resize=resize, progress=progress)
-    table = Table(title=f"{_n(result.n_frames, 'frame')} at {result.size[0]}x{result.size[1]}")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    table.add_column("paper (ours, DAVIS 512²)", justify="right", style="dim")
-    table.add_row("CLIP-Text ↑", f"{result.clip_text:.4f}", "0.2891")
-    table.add_row("CLIP-Image ↑", f"{result.clip_image:.4f}", "0.9767")
-    table.add_row("Pixel-MSE ↓ (0-255)", f"{result.pixel_mse:.2f}", "228.62")
-    table.add_row("pixels masked (occluded)", f"{100 * result.masked_fraction:.1f} %", "")
-    table.caption = escape(f"CLIP {result.clip_model}, flow {result.flow}")
-    out_console.print(table)
+    report.print_eval(out_console, result)
     if json_path is not None:
         write_json_atomic(json_path, result.to_dict())
-        out_console.print(f"wrote {json_path}", markup=False, soft_wrap=True, highlight=False)
+    report.print_wrote(out_console, json_path)
 
 
 @app.command()
@@ -768,7 +478,7 @@ def ablate(
     threads: Threads = None,
 ) -> None:
     """Run the paper's ablations on INPUT and print one table like its Table 2."""
-    from p2v_fast.ablation import METRICS, format_metric, run_ablation
+    from p2v_fast.ablation import run_ablation
 
     cfg = _config(prompt=prompt, source_prompt=source_prompt, model=model, device=device, dtype=dtype,
                   backend=backend, engines=engines, size=size, start=start, max_frames=max_frames, stride=stride,
@@ -777,23 +487,7 @@ def ablate(
     with _threads(threads), _progress() as progress:  # the metrics too, not only the edits
         result = run_ablation(cfg, input, out, settings=settings, clip_model=clip_model, flow=flow,
                               overwrite=overwrite, sheet_frames=sheet_frames, progress=progress)
-    best = result.best()
-    table = Table(title=escape(f"Pix2Video ablation: {_n(result.n_frames, 'frame')} at "
-                               f"{result.size[0]}x{result.size[1]}, {result.steps} steps, {result.model}"))
-    table.add_column("setting", no_wrap=True)
-    for _, header, _ in METRICS:
-        table.add_column(header, justify="right")
-    for r in result.rows:
-        cells = []
-        for name, _, _ in METRICS:
-            text = format_metric(getattr(r, name), name)
-            cells.append(f"[bold]{text}[/bold]" if best.get(name) == r.key else text)
-        table.add_row(r.label, *cells)
-    table.caption = (f"CLIP {escape(result.clip_model)}, flow {result.flow}; s/frame excludes inversion. "
-                     "Paper (DAVIS 512²): ours 0.2891 / 0.9767 / 228.62, w/o update 0.2893 / 0.9740 / 371.18")
-    out_console.print(table)
-    out_console.print(f"table: {result.table_md}\njson: {result.table_json}\ncontact sheet: {result.contact_sheet}",
-                      markup=False, soft_wrap=True, highlight=False)
+    report.print_ablation(out_console, result)
 
 
 @app.command()
@@ -872,19 +566,18 @@ def bench(
     if plan:
         from benchmarks.plan import CAPS, plan_report, plan_table
 
-        report = plan_report(frames, steps, size, dtype, caps=(batch_frames,) if batch_frames else CAPS,
-                             arch=arch, model=model)
-        _wide().print(plan_table(report))
+        plan_result = plan_report(frames, steps, size, dtype, caps=(batch_frames,) if batch_frames else CAPS,
+                                  arch=arch, model=model)
+        report.wide(out_console).print(plan_table(plan_result))
         if json_path is not None:
             from p2v_fast.files import write_json_atomic
 
-            write_json_atomic(json_path, report)
+            write_json_atomic(json_path, plan_result)
         return
     with _progress() as progress:
-        report = run_bench(opts, progress)
-    print_report(out_console, report)
-    if json_path is not None:
-        out_console.print(f"wrote {json_path}", markup=False, highlight=False, soft_wrap=True)
+        bench_report = run_bench(opts, progress)
+    print_report(out_console, bench_report)
+    report.print_wrote(out_console, json_path)
 
 
 def _bench_protocol(name: str, model, arch, size, steps, frames, backend, latent_update, dtype, device, engines,
@@ -907,19 +600,11 @@ def _bench_protocol(name: str, model, arch, size, steps, frames, backend, latent
         console.print(f"[yellow]not the protocol[/yellow]: {overrides} overrides {name}'s fixed workload; "
                       "the report says so")
     with _threads(threads):
-        report = run_protocol(opts, log=lambda m: console.print(f"[dim]{escape(m)}[/dim]"))
-    _wide().print(protocol_table(report))
+        protocol_report = run_protocol(opts, log=lambda m: console.print(f"[dim]{escape(m)}[/dim]"))
+    report.wide(out_console).print(protocol_table(protocol_report))
     if json_path is not None:
-        write_json_atomic(json_path, report)
-        out_console.print(f"wrote {json_path}")
-
-
-def _wide() -> Console:
-    """``out_console``, or, when the output is not a terminal (a pipe, a log), one 200 columns
-    wide: rich's default 80 would squash a wide table."""
-    if out_console.is_terminal:
-        return out_console
-    return Console(file=out_console.file, width=max(out_console.width, 200), color_system=None)
+        write_json_atomic(json_path, protocol_report)
+    report.print_wrote(out_console, json_path)
 
 
 @app.command("export")
@@ -958,16 +643,8 @@ def export_(
                             workspace_gb=workspace,
                             device=device, force=force)
     with _progress() as progress:
-        report = export_engines(options, progress)
-    table = Table(title=escape(f"{report.folder} ({options.profile().describe()}, {precision})"))
-    for col, justify in (("network", "left"), ("file", "left"), ("size", "right"), ("seconds", "right"),
-                         ("status", "left"), ("max rel err", "left")):
-        table.add_column(col, justify=justify, no_wrap=col != "max rel err")  # type: ignore[arg-type]
-    for r in report.rows:
-        table.add_row(r.network, escape(r.file.name), f"{r.bytes / 2**20:.1f} MB", f"{r.seconds:.1f}", r.status,
-                      escape(r.detail))
-    out_console.print(table)
-    out_console.print(f"manifest: {report.manifest} ({report.seconds:.1f} s in all)", markup=False, soft_wrap=True)
+        export_report = export_engines(options, progress)
+    report.print_export(out_console, export_report, options.profile().describe(), precision)
 
 
 @app.command()
@@ -981,12 +658,7 @@ def info(
     engines found match this machine and model."""
     from p2v_fast.system import engines_report, system_report
 
-    table = Table(title="p2v-fast", show_header=True)
-    table.add_column("component")
-    table.add_column("status")
-    for name, status in system_report() + engines_report(engines, model):
-        table.add_row(escape(name), escape(status))
-    out_console.print(table)
+    report.print_info(out_console, system_report() + engines_report(engines, model))
 
 
 def main() -> None:

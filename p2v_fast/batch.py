@@ -641,3 +641,4 @@ def run_batch(jobs: list[Job], reporter: BatchReporter | None = None) -> BatchRe
         reporter.job_finished(job, res)
     return BatchResult([results[j.index] for j in jobs], time.perf_counter() - t0,
                        [worker.name] if worker else [], interrupted, terminated)
+

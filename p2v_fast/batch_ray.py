@@ -8,6 +8,8 @@ inversion is on disk if the cache is shared). An actor that dies has its job ret
 another actor; Ray restarts the dead actor once. Every job's inputs and outputs are absolute
 paths that every node must be able to read and write (shared storage).
 
+:func:`run_jobs_file` is `p2v batch` whole: the checks, then the jobs here or on Ray.
+
 Progress: each actor runs jobs in one thread and answers ``poll`` from a second one (a threaded
 actor), so the driver shows each running job's frames while it runs.
 """
@@ -20,7 +22,10 @@ import logging
 import os
 import threading
 import time
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from p2v_fast import video
@@ -31,11 +36,16 @@ from p2v_fast.batch import (
     Job,
     JobResult,
     NullReporter,
+    check_summary_path,
     failure_message,
+    load_jobs,
+    run_batch,
     skipped,
     write_sidecar,
 )
 from p2v_fast.errors import BackendUnavailableError, InputError, P2VError, Terminated
+from p2v_fast.files import write_json_atomic
+from p2v_fast.paths import check_output_file
 
 #: Variables passed from where `p2v batch` runs to its workers, when set (never tokens).
 FORWARDED_ENV = ("P2V_CACHE", "HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
@@ -386,3 +396,31 @@ class _Driver:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
     return next((ln.strip() for ln in text.splitlines() if ln.strip()), text)[:300]
+
+
+def run_jobs_file(jobs_file: str | Path, *, json_path: str | Path | None = None, ray: bool = False,
+                  ray_address: str | None = None, ray_cpus_per_worker: int | None = None, workers: int | None = None,
+                  display: Callable[[], typing.ContextManager[BatchReporter]] | None = None) -> BatchResult:
+    """`p2v batch`: check the options and the whole jobs file (and ``json_path``) before any work,
+    run the jobs here or on Ray (``ray``, implied by ``ray_address`` or ``ray_cpus_per_worker``),
+    and write the summary to ``json_path``. ``display`` makes the reporter once the checks pass
+    (so a bad file prints no progress block)."""
+    ray = ray or ray_address is not None or ray_cpus_per_worker is not None
+    if workers is not None and not ray:
+        raise InputError("--workers needs --ray (without Ray the jobs run one after another in this process)")
+    if ray_cpus_per_worker is not None and ray_cpus_per_worker < 1:
+        raise InputError(f"--ray-cpus-per-worker must be >= 1; got {ray_cpus_per_worker}")
+    if json_path is not None:
+        check_output_file(Path(json_path))
+    jobs = load_jobs(jobs_file)
+    if json_path is not None:
+        check_summary_path(json_path, jobs_file, jobs)
+    with (display or (lambda: contextlib.nullcontext(NullReporter())))() as reporter:
+        if ray:
+            result = run_batch_ray(jobs, reporter, address=ray_address, workers=workers,
+                                   cpus_per_worker=ray_cpus_per_worker)
+        else:
+            result = run_batch(jobs, reporter)
+    if json_path is not None:
+        write_json_atomic(Path(json_path), {"jobs_file": str(Path(jobs_file).resolve()), **result.to_dict()})
+    return result
