@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from export.onnx_export import EXPORTERS
+from export.onnx_export import CLEANERS, EXPORTERS
 from p2v_fast.errors import EngineError, InputError
 from p2v_fast.manifest import (
     DEFAULT_ENGINES,
@@ -59,6 +59,8 @@ class ExportOptions:
     opset: int = DEFAULT_OPSET
     # "torchscript" (dynamic batch, height and width) or "dynamo" (torch.export: fixed size only)
     exporter: str = "torchscript"
+    # graph cleaning: "polygraphy" or "onnxscript"; None: polygraphy when onnx-graphsurgeon is installed
+    cleaner: str | None = None
 
     # --- shapes: the optimisation profile (opt size = height x width) ---
     height: int = 512
@@ -127,6 +129,8 @@ def _verify(o: ExportOptions) -> None:
     if o.exporter == "dynamo" and o.max_batch > 63:
         raise InputError(f"--exporter dynamo guards the batch below 64 (diffusers' Upsample2D); got --max-batch "
                          f"{o.max_batch}")
+    if o.cleaner is not None and o.cleaner not in CLEANERS:
+        raise InputError(f"cleaner must be one of {', '.join(CLEANERS)}; got {o.cleaner!r}")
     if not 14 <= o.opset <= 21:
         raise InputError(f"--opset must be between 14 and 21; got {o.opset}")
     if o.workspace_gb is not None and o.workspace_gb <= 0:
@@ -269,7 +273,7 @@ def export_engines(options: ExportOptions, progress: Progress | None = None, mod
             b, h, w = min(profile.batch[2], max(profile.batch[0], 2)), profile.height[0], profile.width[0]
             inputs = sample_inputs(spec, spec.dims(geometry, b, h, w), device=device)
             result = onnx_export.export_onnx(spec, module, inputs, folder, options.opset, device, geometry,
-                                             options.exporter)
+                                             options.exporter, options.cleaner)
             entry.onnx = Artifact(
                 file=result.path.name, key=key, bytes=result.path.stat().st_size, seconds=round(result.seconds, 3),
                 data_file=result.data_path.name if result.data_path else None,
@@ -279,7 +283,8 @@ def export_engines(options: ExportOptions, progress: Progress | None = None, mod
             detail = f"{result.worst['rel']:.1e} ({result.worst['output']})"
             report.rows.append(StageResult(name, "onnx", result.path, entry.onnx.bytes + entry.onnx.data_bytes,
                                            result.seconds, "exported", detail))
-            progress.log(f"{name}: ONNX exported and validated in {result.seconds:.1f} s, max rel err {detail}")
+            progress.log(f"{name}: ONNX exported ({result.cleaner}) and validated in {result.seconds:.1f} s, "
+                         f"max rel err {detail}")
         advance(1)
 
         if machine is None and earlier_engine is not None:  # graphs only: an earlier engine stays if still current
@@ -339,7 +344,7 @@ def _build_and_validate(name: str, spec, entry: NetworkEntry, shapes, ekey: str,
     with pinned:  # TensorRT builds on the current CUDA device: pin it to --device
         seconds = tensorrt_build.build_engine(onnx_path, path, shapes, workspace_gb=options.workspace_gb,
                                               timing_cache=tensorrt_build.timing_cache_path(folder, machine),
-                                              log=progress.log)
+                                              log=progress.log, tf32=spec.tf32)
     b = min(profile.batch[2], max(profile.batch[0], 2))
     inputs = sample_inputs(spec, spec.dims(geometry, b, profile.height[1], profile.width[1]), seed=1)
     try:

@@ -10,6 +10,8 @@ explicitly (nothing held in a processor is frozen into the graph as a constant).
 2. Clean: Polygraphy's constant folding (needs onnx-graphsurgeon) when installed, else the
    ONNX project's own optimizer (onnxscript: constant folding, dead-code removal, shape
    inference). Weights over protobuf's 2 GB limit go to one external ``.onnx.data`` file.
+   Then every graph input and output is checked against the spec (name, order, dtype, shape
+   with its dynamic axes): a cleaning tool that fixed an axis fails here, not in ONNX Runtime.
 3. ``onnx.checker`` on the *path* (required for graphs with external data).
 4. Run the saved graph in ONNX Runtime on the sample inputs and compare every output with the
    wrapper's PyTorch output; :class:`ExportValidationError` names the network, the output and
@@ -120,6 +122,7 @@ class OnnxResult:
     data_path: Path | None
     seconds: float
     worst: dict  # {"output", "max_abs", "rel", "tolerance"}
+    cleaner: str = ""  # the tool that cleaned the graph
 
 
 @contextlib.contextmanager
@@ -198,25 +201,43 @@ def _initializer_bytes(model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
-def clean_graph(src: Path, dst: Path) -> str:
+CLEANERS = ("polygraphy", "onnxscript")
+
+
+def default_cleaner() -> str:
+    """``polygraphy`` when onnx-graphsurgeon (which its constant folding needs) is installed, else ``onnxscript``."""
+    return "polygraphy" if importlib.util.find_spec("onnx_graphsurgeon") is not None else "onnxscript"
+
+
+def clean_graph(src: Path, dst: Path, tool: str | None = None) -> str:
     """Fold constants and prune ``src`` into ``dst`` (external data when large). Returns the tool used.
 
-    Polygraphy's ``fold_constants`` (onnx-graphsurgeon + ONNX Runtime) when onnx-graphsurgeon is
-    installed; otherwise onnxscript's constant folding with onnx_ir's common passes (common
-    subexpressions, identities, unused nodes). onnxscript's full ``optimize`` also runs pattern
-    rewrites that cost ~30x more and that TensorRT does itself, so it is not used.
+    ``tool`` (default :func:`default_cleaner`): ``polygraphy``, Polygraphy's ``fold_constants``
+    (onnx-graphsurgeon + ONNX Runtime), with ONNX's own shape inference: ONNX Runtime's, which
+    Polygraphy uses by default, turns the token axis of every ``ref_k`` input of ``unet`` into
+    a fixed 1 (``['B','m0',64]`` -> ``['B',1,64]``), so it is not allowed; ``onnxscript``, its
+    constant folding with onnx_ir's common passes (common subexpressions, identities, unused
+    nodes). onnxscript's full ``optimize`` also runs pattern rewrites that cost ~30x more and that
+    TensorRT does itself, so it is not used. Graphs over protobuf's limit always take the
+    onnxscript path (Polygraphy folds a proto held in memory). Either way the caller checks the
+    result against the spec (:func:`check_contract`).
     """
     import onnx_ir as ir
 
+    tool = tool or default_cleaner()
+    if tool not in CLEANERS:
+        raise ValueError(f"unknown cleaning tool {tool!r}")
     model = ir.load(src)
     large = _initializer_bytes(model) > EXTERNAL_DATA_BYTES
-    if importlib.util.find_spec("onnx_graphsurgeon") is not None and not large:
+    if tool == "polygraphy" and not large:
         import onnx
         import onnxruntime
         from polygraphy.backend.onnx import fold_constants
+        from polygraphy.logger import G_LOGGER
 
         onnxruntime.set_default_logger_severity(3)  # polygraphy's folding sessions warn per node
-        proto = fold_constants(onnx.load(str(src)), allow_onnxruntime_shape_inference=True, error_ok=True)
+        with G_LOGGER.verbosity(G_LOGGER.ERROR):  # its per-pass node counts, on stdout
+            proto = fold_constants(onnx.load(str(src)), allow_onnxruntime_shape_inference=False, error_ok=True)
         onnx.save(proto, str(dst))
         return "polygraphy"
     import onnx_ir.passes.common as passes
@@ -234,6 +255,69 @@ def clean_graph(src: Path, dst: Path) -> str:
         ir.external_data.load_to_model(model)
     ir.save(model, dst, external_data=f"{dst.name}.data" if large else None)
     return "onnxscript"
+
+
+#: ONNX element types -> the spec's dtype names.
+_ONNX_DTYPES = {1: "float32", 10: "float16", 16: "bfloat16", 6: "int32", 7: "int64", 9: "bool", 3: "int8", 2: "uint8"}
+
+
+def graph_io(graph) -> dict[str, tuple[str, str, tuple[int | str | None, ...]]]:
+    """name -> ("input"|"output", dtype, shape) of an ONNX ``GraphProto``'s inputs and outputs
+    (a dim is its value, its name, or None when it has neither). Initializers listed as inputs
+    (old exporters) are left out."""
+    weights = {i.name for i in graph.initializer}
+    io = {}
+    for kind, values in (("input", graph.input), ("output", graph.output)):
+        for v in values:
+            if kind == "input" and v.name in weights:
+                continue
+            t = v.type.tensor_type
+            dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim)
+            io[v.name] = (kind, _ONNX_DTYPES.get(t.elem_type, f"onnx type {t.elem_type}"), dims)
+    return io
+
+
+def contract_problem(spec: NetworkSpec, io: Mapping[str, tuple[str, str, tuple]]) -> str | None:
+    """What in a graph's inputs/outputs (:func:`graph_io`) breaks the spec's contract: a missing,
+    unexpected or reordered tensor, another dtype, another rank, a fixed dim where the spec has a
+    dynamic axis or another value; None when it keeps it. A symbolic dim (named or unnamed) may
+    stand where the spec has any axis: :func:`check_contract` writes the spec's in."""
+    want = [("input", t) for t in spec.inputs] + [("output", t) for t in spec.outputs]
+    got_order = [n for n in io if io[n][0] == "input"] + [n for n in io if io[n][0] == "output"]
+    if got_order != [t.name for _, t in want]:
+        return f"tensors {got_order}, the spec says {[t.name for _, t in want]}"
+    for kind, t in want:
+        _, dtype, shape = io[t.name]
+        if dtype != t.dtype:
+            return f"{kind} '{t.name}' is {dtype}, the spec says {t.dtype}"
+        bad = len(shape) != len(t.shape) or any(
+            isinstance(g, int) and g != s for g, s in zip(shape, t.shape, strict=False))
+        if bad:
+            return f"{kind} '{t.name}' has shape {list(shape)}, the spec says {list(t.shape)}"
+    return None
+
+
+def check_contract(path: Path, spec: NetworkSpec, tool: str) -> None:
+    """After cleaning: every graph input and output keeps its name, order, dtype and shape from
+    the spec (:class:`EngineError` naming the first that does not); symbolic dims get the spec's
+    axis back: its name, or its value where the spec fixes it (the tracer leaves some output dims
+    symbolic, with names like ``Mullatent_dim_1``, that TensorRT and ONNX Runtime would show)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    problem = contract_problem(spec, graph_io(proto.graph))
+    if problem is not None:
+        raise EngineError(f"{spec.name}: cleaning the graph ({tool}) broke its contract: {problem}")
+    renamed = False
+    values = {v.name: v for v in (*proto.graph.input, *proto.graph.output)}
+    for t in (*spec.inputs, *spec.outputs):
+        for d, s in zip(values[t.name].type.tensor_type.shape.dim, t.shape, strict=True):
+            if isinstance(s, str) and d.dim_param != s:
+                d.dim_param, renamed = s, True
+            elif isinstance(s, int) and not d.HasField("dim_value"):
+                d.dim_value, renamed = s, True
+    if renamed:  # the weights stay where they are (external data is referenced, not rewritten)
+        onnx.save(proto, str(path))
 
 
 def check_graph(path: Path, network: str) -> None:
@@ -270,22 +354,44 @@ def compare_outputs(spec: NetworkSpec, got: Mapping[str, torch.Tensor], want: Ma
     return worst
 
 
-def validate_graph(path: Path, spec: NetworkSpec, geometry: Geometry, module: nn.Module,
-                   inputs: Mapping[str, torch.Tensor], device: torch.device) -> dict:
-    """Run ``path`` in ONNX Runtime and compare with ``module`` on ``inputs``."""
-    from p2v_fast.backend_onnx import OnnxSession
+@contextlib.contextmanager
+def no_tf32() -> Iterator[None]:
+    """PyTorch without TF32 (cuDNN convolutions use it by default; matmuls when allowed), for
+    reference runs: an export check compares at 1e-4, and TF32 alone moves fp32 outputs ~1e-3."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
-    session = OnnxSession(path, spec, geometry, device)
-    got = session.run(inputs)
-    with torch.no_grad():
+
+def reference_session(path: Path, spec: NetworkSpec, geometry: Geometry, device: torch.device):
+    """``path`` in ONNX Runtime as a reference: on ``device`` where ONNX Runtime can bind it,
+    with the CUDA provider's TF32 off (the CPU has none)."""
+    from p2v_fast.backend_onnx import OnnxSession, ort_device, providers_for
+
+    return OnnxSession(path, spec, geometry, device, providers_for(ort_device(device), tf32=False))
+
+
+def reference_outputs(module: nn.Module, spec: NetworkSpec, inputs: Mapping[str, torch.Tensor]) -> dict:
+    """``module``'s outputs on ``inputs`` by the spec's names, without gradients or TF32."""
+    with torch.no_grad(), no_tf32():
         out = module(*(inputs[n] for n in spec.input_names))
     out = out if isinstance(out, tuple) else (out,)
-    want = dict(zip(spec.output_names, out, strict=True))
-    return compare_outputs(spec, got, want)
+    return dict(zip(spec.output_names, out, strict=True))
+
+
+def validate_graph(path: Path, spec: NetworkSpec, geometry: Geometry, module: nn.Module,
+                   inputs: Mapping[str, torch.Tensor], device: torch.device) -> dict:
+    """Run ``path`` in ONNX Runtime and compare with ``module`` on ``inputs`` (TF32 off in both)."""
+    got = reference_session(path, spec, geometry, device).run(inputs)
+    return compare_outputs(spec, got, reference_outputs(module, spec, inputs))
 
 
 def export_onnx(spec: NetworkSpec, module: nn.Module, inputs: Mapping[str, torch.Tensor], folder: Path,
-                opset: int, device: torch.device, geometry: Geometry, exporter: str = "torchscript") -> OnnxResult:
+                opset: int, device: torch.device, geometry: Geometry, exporter: str = "torchscript",
+                cleaner: str | None = None) -> OnnxResult:
     """Export, clean, check and validate ``spec.name`` into ``folder/<name>.onnx``.
 
     ``inputs`` are the sample inputs (on ``device``, in the spec's dtypes) used to trace and to
@@ -298,7 +404,8 @@ def export_onnx(spec: NetworkSpec, module: nn.Module, inputs: Mapping[str, torch
     try:
         raw, clean = scratch / "raw.onnx", scratch / f"{spec.name}.onnx"
         _torch_export(module, spec, inputs, raw, opset, exporter)
-        clean_graph(raw, clean)
+        tool = clean_graph(raw, clean, cleaner)
+        check_contract(clean, spec, tool)
         check_graph(clean, spec.name)
         worst = validate_graph(clean, spec, geometry, module, inputs, device)
         final = folder / clean.name
@@ -311,4 +418,4 @@ def export_onnx(spec: NetworkSpec, module: nn.Module, inputs: Mapping[str, torch
         os.replace(clean, final)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return OnnxResult(final, final_data if final_data.exists() else None, time.perf_counter() - t0, worst)
+    return OnnxResult(final, final_data if final_data.exists() else None, time.perf_counter() - t0, worst, tool)

@@ -55,11 +55,12 @@ def tensorrt_provider_options(device_id: int, cache_dir: Path, profile: Mapping[
 
 
 def providers_for(device: torch.device, cache_dir: Path | None = None,
-                  profile: Mapping[str, MinOptMax] | None = None) -> list:
+                  profile: Mapping[str, MinOptMax] | None = None, tf32: bool = True) -> list:
     """Execution providers for ``device``: TensorRT (when its libraries import; with ``profile``,
     the network's min/opt/max input shapes, explicitly) and CUDA on a CUDA device, always CPU
     last. ``cache_dir`` keeps the TensorRT provider's engines. (The CUDA provider runs any shape:
-    it has no profile to give.)"""
+    it has no profile to give.) ``tf32=False``: the CUDA provider's TF32 (on by default) is off,
+    as for the reference runs of export checks and networks whose spec does not allow it."""
     ort = _ort()
     available = ort.get_available_providers()
     providers: list = []
@@ -74,7 +75,8 @@ def providers_for(device: torch.device, cache_dir: Path | None = None,
                 cache_dir.mkdir(parents=True, exist_ok=True)
                 providers.append(("TensorrtExecutionProvider", tensorrt_provider_options(index, cache_dir, profile)))
         if "CUDAExecutionProvider" in available:
-            providers.append(("CUDAExecutionProvider", {"device_id": index}))
+            cuda = {"device_id": index} if tf32 else {"device_id": index, "use_tf32": 0}
+            providers.append(("CUDAExecutionProvider", cuda))
     providers.append("CPUExecutionProvider")
     return providers
 
@@ -149,7 +151,7 @@ class OnnxRuntimeBackend(GraphBackend):
         for name, entry in manifest.networks.items():
             assert entry.onnx is not None  # check_files
             profile = entry.spec.profile_shapes(self.geometry, manifest.profile)
-            providers = providers_for(device, folder / "ort-tensorrt-cache", profile)
+            providers = providers_for(device, folder / "ort-tensorrt-cache", profile, tf32=entry.spec.tf32)
             try:
                 self.sessions[name] = OnnxSession(folder / entry.onnx.file, entry.spec, self.geometry, device,
                                                   providers)

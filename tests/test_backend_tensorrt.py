@@ -346,6 +346,9 @@ class _Builder:
             def __init__(self) -> None:
                 self.cache = None
 
+            def clear_flag(self, flag) -> None:
+                b.log.append(("clear_flag", flag))
+
             def set_memory_pool_limit(self, *a) -> None:
                 b.log.append("workspace")
 
@@ -398,6 +401,7 @@ class _Builder:
 
         class Trt:
             __version__ = "11.0.0"
+            BuilderFlag = type("BuilderFlag", (), {"TF32": "TF32"})
             Logger = type("Logger", (), {"WARNING": 2, "VERBOSE": 4, "__init__": lambda self, level: None})
 
         Trt.Builder, Trt.OnnxParser = Builder, Parser  # type: ignore[attr-defined]
@@ -432,6 +436,17 @@ def test_a_timing_cache_from_another_device_is_replaced_not_fatal(tmp_path) -> N
     assert ("flags", 0) in b.log  # TensorRT 11: strongly typed by default
 
 
+def test_tf32_is_cleared_exactly_where_the_spec_forbids_it(tmp_path) -> None:
+    """Issue 17 item 2: TensorRT enables TF32 by default; a network whose spec forbids it (every
+    fp32 network) is built with BuilderFlag.TF32 cleared."""
+    from export.tensorrt_build import build_engine
+
+    for tf32, cleared in ((False, [("clear_flag", "TF32")]), (True, [])):
+        b = _Builder()
+        build_engine(tmp_path / "depth.onnx", tmp_path / "depth.plan", {}, tf32=tf32, trt=b.module())
+        assert [e for e in b.log if e[0] == "clear_flag"] == cleared
+
+
 # ------------------------------------------------------------------------------ export: engines are validated first
 
 
@@ -451,6 +466,7 @@ def test_export_records_an_engine_only_after_it_matches_onnxruntime(tiny_models,
 
     def build(onnx_path, engine_path, shapes, **kw) -> float:
         built.append(engine_path.name)
+        assert kw["tf32"] is False  # an fp32 network: TF32 would fail its 1e-4 check
         engine_path.write_bytes(b"plan")
         return 0.5
 

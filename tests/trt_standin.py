@@ -30,6 +30,49 @@ import torch
 
 from p2v_fast.specs import Geometry, NetworkSpec
 
+#: Veltkamp's splitting constant for fp32 (24-bit significand): ``c - (c - x)`` with ``c = x * (2**13 + 1)``
+#: is ``x`` rounded to nearest at 24 - 13 = 11 significant bits, TF32's (10 stored + the implicit one).
+TF32_SPLIT = 2.0**13 + 1
+
+
+def round_to_tf32(x: torch.Tensor) -> torch.Tensor:
+    """fp32 ``x`` rounded to TF32's 10-bit mantissa (what TF32 does to the inputs of a product)."""
+    c = x * TF32_SPLIT
+    return c - (c - x)
+
+
+def tf32_graph(model):
+    """A copy of ONNX ``model`` (an ``onnx.ModelProto``) emulating TF32: every fp32 input of a
+    Conv, ConvTranspose, MatMul or Gemm rounded to a 10-bit mantissa (:func:`round_to_tf32` as
+    Mul/Sub nodes, which ONNX Runtime's CPU provider computes in plain fp32); products still
+    accumulate in fp32, as TF32 does. fp16 inputs are left as they are (TF32 is for fp32 only)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = onnx.shape_inference.infer_shapes(model).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in (*graph.value_info, *graph.input, *graph.output)}
+    types |= {t.name: t.data_type for t in graph.initializer}
+    types |= {n.output[0]: a.t.data_type for n in graph.node if n.op_type == "Constant" for a in n.attribute
+              if a.name == "value"}
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    split = "tf32_emulation_split"
+    out.graph.initializer.append(numpy_helper.from_array(np.array(TF32_SPLIT, np.float32), split))
+    nodes = []
+    for node in out.graph.node:
+        if node.op_type in ("Conv", "ConvTranspose", "MatMul", "Gemm"):
+            for i, name in enumerate(list(node.input[:2])):
+                if types.get(name) == TensorProto.FLOAT:
+                    c, d, r = (f"{name}/tf32/{len(nodes)}/{s}" for s in "cdr")
+                    nodes += [helper.make_node("Mul", [name, split], [c]), helper.make_node("Sub", [c, name], [d]),
+                              helper.make_node("Sub", [c, d], [r])]
+                    node.input[i] = r
+        nodes.append(node)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out
+
 
 def per_sample_value(inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """[B] float64: for each sample, the sum of its values over every input (the stand-in's output)."""
