@@ -15,9 +15,11 @@ named by the app, uploads by their hash, engines folders picked from those the a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import queue
 import re
 import shutil
 import threading
@@ -51,6 +53,11 @@ def _slug(text: str, limit: int = 32) -> str:
 def _clock(seconds: float) -> str:
     s = max(round(seconds), 0)
     return f"{s // 60}:{s % 60:02d}" if s < 3600 else f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def _utc(t: float) -> str:
+    """``t`` (seconds since the epoch) as UTC to the millisecond: 2026-01-31T12:00:00.123Z."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
 
 
 @dataclass
@@ -159,6 +166,20 @@ class UISettings:
     engines_root: Path = Path("engines")
     threads: int | None = None
     max_upload_mb: int = DEFAULT_MAX_UPLOAD_MB
+    # the devices renders run on, one render at a time on each; None: every GPU for --device auto
+    # or cuda on a machine with several, else --device itself (see devices_for)
+    devices: tuple[str, ...] | None = None
+
+
+def devices_for(device: str) -> tuple[str, ...]:
+    """The devices a page serving ``--device`` renders on: each GPU for ``auto`` or ``cuda`` when
+    the machine has more than one, else ``device`` alone."""
+    if device in ("auto", "cuda"):
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.device_count() > 1:
+            return tuple(f"cuda:{i}" for i in range(torch.cuda.device_count()))
+    return (device,)
 
 
 @dataclass
@@ -181,8 +202,8 @@ NO_ENGINES = "(none)"
 
 
 class Renderer:
-    """One per process: the output folder, the loaded runtimes, and the device, on which one
-    job runs at a time (a second waits for it)."""
+    """One per process: the output folder, the loaded runtimes, and the devices, on each of
+    which one job runs at a time (a job waits for a free one)."""
 
     def __init__(self, settings: UISettings) -> None:
         from p2v_fast.batch import BatchWorker
@@ -191,8 +212,13 @@ class Renderer:
         self.out_dir = settings.out_dir.resolve()
         for sub in ("", "inputs", "previews"):
             (self.out_dir / sub).mkdir(parents=True, exist_ok=True)
-        self._worker = BatchWorker()  # runtimes, one per model set, loaded on first use and kept
-        self._device = threading.Lock()
+        self.devices = settings.devices or devices_for(settings.device)
+        # per device: its runtimes, one per model set, loaded on first use and kept
+        self._workers = [BatchWorker() for _ in self.devices]
+        self._loading = threading.Lock()
+        self._free: queue.Queue[int] = queue.Queue()
+        for slot in range(len(self.devices)):
+            self._free.put(slot)
         self._names = threading.Lock()
         self._active: dict[str, RenderJob] = {}
         self._jobs = 0
@@ -278,15 +304,22 @@ class Renderer:
 
         return select_clip(input_path, cfg, probe_input(input_path, cfg)).n_frames
 
-    def runtime(self, cfg: EditConfig) -> Any:
-        """The loaded models and backends for ``cfg``, loaded once per model set."""
-        return self._worker.runtime(cfg)
+    def on_device(self, cfg: EditConfig, slot: int) -> EditConfig:
+        """``cfg`` on the device of ``slot``."""
+        return cfg.replace(device=self.devices[slot])
+
+    def runtime(self, cfg: EditConfig, slot: int = 0) -> Any:
+        """The loaded models and backends for ``cfg`` on the device of ``slot``, loaded once per
+        model set and device."""
+        with self._loading:  # loading is not thread-safe (diffusers patches torch.nn globally while it builds a model)
+            return self._workers[slot].runtime(self.on_device(cfg, slot))
 
     # ---------------------------------------------------------------- jobs
 
-    def start(self, kind: str, session: str, n_frames: int, work: Callable[[RenderProgress], Any]) -> RenderJob:
-        """Run ``work(progress)`` on the device thread (after any job before it) and return at once.
-        A job of the same ``session`` still running is cancelled first."""
+    def start(self, kind: str, session: str, n_frames: int, work: Callable[[RenderProgress, int], Any]) -> RenderJob:
+        """Run ``work(progress, slot)`` in a thread once a device is free (``slot``: its index in
+        :attr:`devices`) and return at once. A job of the same ``session`` still running is
+        cancelled first."""
         cancel = threading.Event()
         job = RenderJob(kind, RenderProgress(n_frames, cancel), cancel)
         old = self._active.get(session)
@@ -295,14 +328,21 @@ class Renderer:
         self._active[session] = job
 
         def run() -> None:
+            slot = None
             try:
-                if not self._device.acquire(blocking=False):
-                    job.progress.log("waiting for the job before it to finish")
-                    self._device.acquire()
                 try:
-                    job.result = work(job.progress)
+                    slot = self._free.get_nowait()
+                except queue.Empty:
+                    job.progress.log("waiting for a free device (another render is running)")
+                    while slot is None:
+                        if cancel.is_set():
+                            raise Cancelled(CANCELLED) from None
+                        with contextlib.suppress(queue.Empty):
+                            slot = self._free.get(timeout=0.2)
+                try:
+                    job.result = work(job.progress, slot)
                 finally:
-                    self._device.release()
+                    self._free.put(slot)
             except BaseException as exc:  # reported on the page as one line
                 job.error = exc
                 if not isinstance(exc, P2VError | Cancelled):
@@ -339,17 +379,19 @@ class Renderer:
                     return out
         raise InputError(f"no free output name for '{stem}' in '{self.out_dir}'")
 
-    def render(self, cfg: EditConfig, input_path: Path, progress: RenderProgress) -> RenderOutput:
-        """Edit ``input_path`` into a new output in the folder, with the side-by-side video, the
-        contact strip, the numbers and the job record."""
+    def render(self, cfg: EditConfig, input_path: Path, progress: RenderProgress, slot: int = 0) -> RenderOutput:
+        """Edit ``input_path`` on the device of ``slot`` into a new output in the folder, with the
+        side-by-side video, the contact strip, the numbers and the job record."""
         from p2v_fast import edit_video
         from p2v_fast.batch import Job, JobResult, sidecar_path, write_sidecar
 
+        cfg = self.on_device(cfg, slot)
+        rt = self.runtime(cfg, slot)
+        started = time.time()
         out = self._names_for(input_path, cfg.prompt)
         report = out.with_suffix(".json")
         try:
-            res = edit_video(cfg, input_path, out, side_by_side=True, progress=progress, runtime=self.runtime(cfg),
-                             json_path=report)
+            res = edit_video(cfg, input_path, out, side_by_side=True, progress=progress, runtime=rt, json_path=report)
         except BaseException:
             report.unlink(missing_ok=True)  # the reservation
             raise
@@ -363,10 +405,13 @@ class Renderer:
             "seconds_inversion": round(res.seconds_inversion, 3), "seconds_edit": round(res.seconds_edit, 3),
             "seconds_total": round(res.seconds_total, 3), "frames": res.n_frames, "size": list(res.size),
             "source_prompt": res.source_prompt, "output": str(out),
+            "device": str(rt.backend.device),
+            "started": _utc(started), "finished": _utc(time.time()),
         }
         return RenderOutput(out, res.side_by_side, res.strip, report, sidecar_path(out), numbers)
 
-    def preview(self, cfg: EditConfig, input_path: Path, progress: RenderProgress) -> tuple[Path, float]:
+    def preview(self, cfg: EditConfig, input_path: Path, progress: RenderProgress, slot: int = 0
+                ) -> tuple[Path, float]:
         """The anchor frame alone, edited into ``previews/``; its path and seconds."""
         from p2v_fast import edit_video
 
@@ -377,18 +422,18 @@ class Renderer:
                        if not (p := self.out_dir / "previews" / f"{name}{'' if n == 1 else f'-{n}'}.png").exists())
             out.touch()  # reserved
         try:
-            edit_video(cfg, input_path, out, preview=True, overwrite=True, progress=progress,
-                       runtime=self.runtime(cfg))
+            edit_video(self.on_device(cfg, slot), input_path, out, preview=True, overwrite=True, progress=progress,
+                       runtime=self.runtime(cfg, slot))
         except BaseException:
             out.unlink(missing_ok=True)
             raise
         return out, time.perf_counter() - t0
 
-    def caption(self, cfg: EditConfig, input_path: Path, progress: RenderProgress) -> str:
+    def caption(self, cfg: EditConfig, input_path: Path, progress: RenderProgress, slot: int = 0) -> str:
         """BLIP's caption of the first selected frame (what an empty source prompt becomes)."""
         from p2v_fast.caption import caption_frame
         from p2v_fast.clip_selection import select_clip
 
         selection = select_clip(input_path, cfg)
-        rt = self.runtime(cfg)
+        rt = self.runtime(cfg, slot)
         return caption_frame(rt.models, next(iter(selection.frames())))

@@ -80,8 +80,9 @@ def _follow(job: RenderJob) -> Iterator[str]:
 
 
 def build_app(renderer: Renderer) -> "gr.Blocks":
-    """The page. Jobs that use the device share one Gradio queue slot (``concurrency_id`` "device")
-    on top of the renderer's own device lock; Cancel bypasses the queue."""
+    """The page. Jobs that use a device share one Gradio queue (``concurrency_id`` "device") with
+    one slot per device, on top of the renderer's own pool of free devices; Cancel bypasses the
+    queue."""
     import gradio as gr
 
     s = renderer.settings
@@ -149,7 +150,7 @@ def build_app(renderer: Renderer) -> "gr.Blocks":
             except InputError as exc:
                 yield f"error: {exc}", None, None, None, None, None
                 return
-            job = renderer.start("render", _session(request), n, lambda p: renderer.render(cfg, path, p))
+            job = renderer.start("render", _session(request), n, lambda p, slot: renderer.render(cfg, path, p, slot))
             for line in _follow(job):
                 yield line, gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
             if job.error is not None:
@@ -170,7 +171,7 @@ def build_app(renderer: Renderer) -> "gr.Blocks":
             except InputError as exc:
                 yield f"error: {exc}", None
                 return
-            job = renderer.start("preview", _session(request), n, lambda p: renderer.preview(cfg, path, p))
+            job = renderer.start("preview", _session(request), n, lambda p, slot: renderer.preview(cfg, path, p, slot))
             for line in _follow(job):
                 yield line, gr.skip()
             if job.error is not None:
@@ -186,7 +187,7 @@ def build_app(renderer: Renderer) -> "gr.Blocks":
                 cfg, path, _ = _prepare(renderer, clip_path, prompt_text or "-", "", opts, preview=True)
             except InputError as exc:
                 return f"error: {exc}", gr.skip()
-            job = renderer.start("caption", _session(request), 1, lambda p: renderer.caption(cfg, path, p))
+            job = renderer.start("caption", _session(request), 1, lambda p, slot: renderer.caption(cfg, path, p, slot))
             job.wait()
             if job.error is not None:
                 return job.message(), gr.skip()
@@ -196,11 +197,10 @@ def build_app(renderer: Renderer) -> "gr.Blocks":
             cancelled = renderer.cancel(_session(request))
             return "cancelling..." if cancelled else gr.skip()
 
-        render.click(on_render, form, video_outputs, api_name="render", concurrency_limit=1, concurrency_id="device")
-        preview.click(on_preview, form, [status, anchor], api_name="preview", concurrency_limit=1,
-                      concurrency_id="device")
-        caption.click(on_caption, form, [status, source], api_name="caption", concurrency_limit=1,
-                      concurrency_id="device")
+        queue: dict[str, Any] = {"concurrency_limit": len(renderer.devices), "concurrency_id": "device"}  # 1 per device
+        render.click(on_render, form, video_outputs, api_name="render", **queue)
+        preview.click(on_preview, form, [status, anchor], api_name="preview", **queue)
+        caption.click(on_caption, form, [status, source], api_name="caption", **queue)
         cancel.click(on_cancel, None, [status], api_name="cancel", queue=False)
         sample.click(lambda: str(renderer.sample_clip()), None, [clip], api_name="sample", queue=False)
     return app
@@ -232,8 +232,10 @@ def launch(settings: UISettings, *, host: str = "127.0.0.1", port: int = 7860, a
     quiet_gradio(settings.out_dir)
     renderer = Renderer(settings)
     t0 = time.perf_counter()
-    renderer.runtime(renderer.config(prompt="-", **form_defaults(settings.model)))
-    on_line(f"models loaded in {time.perf_counter() - t0:.1f} s ({settings.model})")
+    cfg = renderer.config(prompt="-", **form_defaults(settings.model))
+    for slot in range(len(renderer.devices)):
+        renderer.runtime(cfg, slot)
+    on_line(f"models loaded in {time.perf_counter() - t0:.1f} s ({settings.model} on {', '.join(renderer.devices)})")
     app, _ = serve(renderer, host=host, port=port, auth=auth, share=share, on_line=on_line)
     try:
         app.block_thread()

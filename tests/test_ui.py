@@ -25,6 +25,16 @@ DEFAULTS = {"steps": 2, "size": 64, "resize": "crop", "frames": 3, "guidance": 7
             "weight": 100.0, "schedule": "wavefront", "backend": "torch", "engines": "(none)", "seed": 0}
 
 
+# their EditConfig names, where they differ
+FIELDS = {"frames": "max_frames", "guidance": "guidance_scale", "update": "latent_update", "weight": "update_weight"}
+
+
+def config_of(renderer: Renderer, prompt: str = "a red car", source: str = "a sample clip", **options):
+    """The EditConfig the page makes of :func:`form`'s fields."""
+    values = {**DEFAULTS, **options}
+    return renderer.config(prompt=prompt, source_prompt=source, **{FIELDS.get(k, k): v for k, v in values.items()})
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -87,9 +97,7 @@ def test_render_is_the_library_edit_and_models_stay_loaded(ui, sample):
     assert numbers["unet_calls"] > 0 and numbers["seconds_per_frame"] > 0 and not numbers["inversion_cache_hit"]
 
     # the same edit straight through the library: the same frames, the same UNet calls
-    cfg = ui.renderer.config(prompt="a red car", source_prompt="a sample clip", steps=2, size=64, resize="crop",
-                             max_frames=3, guidance_scale=7.5, latent_update="autograd", update_weight=100.0,
-                             schedule="wavefront", backend="torch", engines="(none)", seed=0)
+    cfg = config_of(ui.renderer)
     direct = edit_video(cfg, sample, ui.root / "direct.mp4", runtime=ui.renderer.runtime(cfg))
     assert record["frames_sha256"] == direct.frames_sha256
     assert numbers["unet_calls"] == direct.stats.unet_calls
@@ -98,7 +106,7 @@ def test_render_is_the_library_edit_and_models_stay_loaded(ui, sample):
     status2, *_, numbers2, _ = ui.client.predict(*form(sample, prompt="a blue car", seed=3), api_name="/render")
     assert numbers2["inversion_cache_hit"] and "inversion: cache hit" in status2, status2
     assert Path(numbers2["output"]) != out and out.is_file()  # a new file; the first is kept
-    assert len(ui.renderer._worker._runtimes) == 1
+    assert len(ui.renderer._workers) == 1 and len(ui.renderer._workers[0]._runtimes) == 1
 
 
 def test_preview_writes_the_anchor_frame(ui, sample):
@@ -110,6 +118,48 @@ def test_preview_writes_the_anchor_frame(ui, sample):
     assert len(kept) == 1 and kept[0].name in status
     with Image.open(png) as im, Image.open(kept[0]) as kept_im:
         assert im.size == kept_im.size and min(im.size) == 64
+
+
+def test_caption_fills_the_source_prompt(ui, sample):
+    from p2v_fast.caption import caption_frame
+    from p2v_fast.clip_selection import select_clip
+
+    status, source = ui.client.predict(*form(sample, source=""), api_name="/caption")
+    cfg = config_of(ui.renderer, prompt="-", source="", frames=1)
+    first = next(iter(select_clip(sample, cfg).frames()))
+    assert source == caption_frame(ui.renderer.runtime(cfg).models, first)  # BLIP's, on the first working frame
+    assert status == f"caption of frame 1: {source!r}"
+
+
+def test_one_render_at_a_time_on_the_device(ui, sample):
+    """Two pages render at once: the second waits in the queue, the device runs one edit at a time."""
+    other = gradio_client.Client(ui.url, verbose=False, download_files=str(ui.root / "downloads2"))
+    jobs = [c.submit(*form(sample, prompt=p), api_name="/render") for c, p in ((ui.client, "a cat"),
+                                                                                (other, "a dog"))]
+    numbers = [j.result(timeout=300)[4] for j in jobs]
+    (_, f1), (s2, _) = sorted((n["started"], n["finished"]) for n in numbers)
+    assert f1 <= s2, numbers  # no overlap
+    assert all(n["device"] == "cpu" for n in numbers)
+
+
+def test_a_pool_of_two_devices_runs_two_renders_at_once(ui, sample, tmp_path):
+    """With two devices (two CPU slots here; each GPU on a machine with several) two renders run
+    together, each on its own runtime, loaded once per device."""
+    from p2v_fast.renders import devices_for
+
+    assert devices_for("cpu") == ("cpu",) and devices_for("cuda:1") == ("cuda:1",)
+    two = Renderer(UISettings(out_dir=tmp_path / "out", model="tiny", threads=1, devices=("cpu", "cpu")))
+    cfg = config_of(two, prompt="a cat")
+    clip = two.take_input(sample)
+    for slot in (0, 1):  # as `p2v ui` does before it serves
+        two.runtime(cfg, slot)
+    jobs = [two.start("render", f"s{i}", 3, lambda p, slot: two.render(cfg, clip, p, slot)) for i in range(2)]
+    for job in jobs:
+        assert job.wait(300) and job.error is None, job.message()
+    (_, f1), (s2, _) = sorted((j.result.numbers["started"], j.result.numbers["finished"]) for j in jobs)
+    assert s2 < f1  # they overlapped
+    assert len({id(w.runtime(cfg)) for w in two._workers}) == 2
+    assert len({j.result.video for j in jobs}) == 2
 
 
 def test_bad_inputs_are_the_clis_one_line(ui, sample, tmp_path):

@@ -1,7 +1,8 @@
 """The `browser` tier: `p2v ui` (the real command, in its own process) driven by Debian's
 chromium through Playwright: open the page, see a bad request's one-line error, upload a held
 clip, caption it, preview the anchor frame, render, and check that the result video plays
-(duration > 0) and shows in a screenshot, with no request leaving this machine. Run:
+(duration > 0) and shows in a screenshot; then render the sample clip (its button); and no
+request left this machine. Run:
 ``pytest tests/test_ui_browser.py`` (it runs wherever chromium is; ``P2V_UI_SCREENSHOT=docs/ui.png``
 also saves the page)."""
 
@@ -93,6 +94,17 @@ def test_page_renders_a_held_clip(server, tmp_path):
             page.wait_for_timeout(500)
             shot = tmp_path / "result.png"
             page.locator("#result video").screenshot(path=str(shot))
+
+            # the sample clip, picked with its button, rendered in its turn
+            first = page.evaluate("document.querySelector('#result video').src")
+            page.click("#sample")
+            page.wait_for_function("() => (document.querySelector('#clip video') || {}).src?.includes('sample')")
+            page.click("#render")
+            page.wait_for_function("first => { const v = document.querySelector('#result video');"
+                                   " return v !== null && v.src !== first && v.readyState >= 1 && v.duration > 0; }",
+                                   arg=first, timeout=180_000)
+            assert status.input_value().startswith("done: sample."), status.input_value()
+            assert page.evaluate("document.querySelector('#result video').duration") > 0
             if target := os.environ.get("P2V_UI_SCREENSHOT"):  # the README's picture, in few colours (small)
                 page.get_by_text("Options").click()
                 page.evaluate("window.scrollTo(0, 0)")
@@ -104,4 +116,4 @@ def test_page_renders_a_held_clip(server, tmp_path):
     pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float32)
     assert pixels.shape[0] > 50 and pixels.std() > 10, pixels.std()  # the edited frames, not a blank box
     assert hosts == {urlparse(url).netloc}, hosts  # nothing loaded from anywhere else (blob: and data: aside)
-    assert len(list(out.glob("held.*.mp4"))) == 2  # the edit and its side-by-side, kept
+    assert len(list(out.glob("held.*.mp4"))) == len(list(out.glob("sample.*.mp4"))) == 2  # edits and side-by-sides
