@@ -86,3 +86,49 @@ def test_the_readme_api_example_is_the_package_docstring_example() -> None:
     end = next(i for i, ln in enumerate(after) if ln.strip() and not ln.startswith("    "))
     example = "\n".join(ln[4:] for ln in after[:end]).strip()  # the indented block after "::"
     assert example and block.group(1).strip() == example
+
+
+def _cli_options() -> dict[str, set[str]]:
+    """Command -> its long options, from the Typer app itself."""
+    import typer
+
+    from cli import app
+
+    group = typer.main.get_command(app)
+    return {name: {o for p in cmd.params for o in (*p.opts, *p.secondary_opts) if o.startswith("--")} | {"--help"}
+            for name, cmd in group.commands.items()}  # type: ignore[attr-defined]
+
+
+def _code_lines(text: str) -> list[str]:
+    """The lines of the fenced code blocks, a line ending in a backslash joined to the next."""
+    lines, inside, held = [], False, ""
+    for line in text.splitlines():
+        if line.startswith("```"):
+            inside, held = not inside, ""
+        elif inside:
+            held += line
+            if held.rstrip().endswith("\\"):
+                held = held.rstrip()[:-1] + " "
+            else:
+                lines.append(held)
+                held = ""
+    return lines
+
+
+OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
+
+
+@pytest.mark.parametrize("page", PAGES, ids=_ids(PAGES))
+def test_every_option_named_is_a_p2v_option_and_each_command_line_uses_its_own(page: Path) -> None:
+    options = _cli_options()
+    known = set().union(*options.values()) | {"--version"}
+    text = page.read_text()
+    not_ray = "\n".join(ln for ln in text.splitlines() if not ln.lstrip().startswith("ray start"))
+    assert not sorted(set(OPTION.findall(not_ray)) - known)
+    wrong = []
+    for line in _code_lines(text):
+        command = re.match(r"\s*p2v (\w+)", line)
+        if command and command.group(1) in options:
+            used = set(OPTION.findall(line.split(" #")[0]))
+            wrong += [f"p2v {command.group(1)} {o}" for o in sorted(used - options[command.group(1)])]
+    assert not wrong, wrong
