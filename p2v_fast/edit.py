@@ -14,7 +14,7 @@ their own features) and its ``ref_k`` rows are zeros, so a wavefront tick is one
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -95,6 +95,25 @@ def _nbytes(tensors: Sequence[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes the storages under ``tensors`` hold, each storage counted once: what keeping
+    ``tensors`` alive costs (a view keeps its whole base, e.g. a batched call's output)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        s = t.untyped_storage()
+        seen[s._cdata] = s.nbytes()
+    return sum(seen.values())
+
+
+def owned(t: torch.Tensor, copy: bool = False) -> torch.Tensor:
+    """``t`` detached, holding only its own bytes: a copy when it is a view into a larger storage
+    (a row of a batched call's output) or when ``copy`` (the backend reuses its output buffers)."""
+    t = t.detach()
+    if copy or not t.is_contiguous() or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        return t.clone(memory_format=torch.contiguous_format)
+    return t
+
+
 class FeatureStore:
     """Anchor features for every step; other frames' features and x0-hat until the next frame
     has used them (popped on read), so memory is constant in the length of the clip. The bytes
@@ -161,6 +180,17 @@ class FeatureStore:
     def nbytes(self) -> int:
         """Bytes held now: features (every branch) and x0-hat estimates."""
         return self._bytes
+
+    def tensors(self) -> Iterator[torch.Tensor]:
+        for feats in (*self.anchor.values(), *self.feats.values()):
+            yield from feats
+        yield from self.x0.values()
+
+    def storage_bytes(self) -> int:
+        """Bytes the store keeps alive, by storage (each counted once): equal to :meth:`nbytes`
+        when every entry holds only its own bytes (:func:`commit` copies rows out of a call's
+        batched outputs), larger when an entry is a view that keeps a whole batch alive."""
+        return storage_bytes(self.tensors())
 
 
 @dataclass
@@ -316,17 +346,17 @@ def _step_call(frames: list[FrameState], ctx: EditContext, backend: Backend, nee
 def commit(frames: list[FrameState], store: FeatureStore, feats: Sequence[torch.Tensor], x0: torch.Tensor,
            x_prev: torch.Tensor, clone: bool = False) -> None:
     """A call's results into the frames and the store, in frame order: ``feats`` 9 x [2F, N_k,
-    C_k], ``x0`` and ``x_prev`` [F, 4, h, w]. ``clone``: the backend reuses its output buffers
-    (CUDA graphs), so the features kept for later frames are copied out of them."""
+    C_k], ``x0`` and ``x_prev`` [F, 4, h, w]. What is kept is copied out of the batched outputs
+    (:func:`owned`): a row kept as a view would keep the whole batch tensor alive, every layer's
+    features of every frame of the call, for as long as the row is stored. ``clone``: the backend
+    reuses its output buffers (CUDA graphs), so even a call's only row is copied out of them."""
     for i, st in enumerate(frames):
         own: Features = []
         if store.wants_features(st.index):
-            own = [f[2 * i : 2 * i + 2].detach() for f in feats]
-            if clone:
-                own = [f.clone() for f in own]
+            own = [owned(f[2 * i : 2 * i + 2], copy=clone) for f in feats]
         store.used(st.index, st.step)
-        store.put(st.index, st.step, own, x0[i : i + 1])
-        st.latent = x_prev[i : i + 1]
+        store.put(st.index, st.step, own, owned(x0[i : i + 1]))
+        st.latent = owned(x_prev[i : i + 1])
         st.step += 1
 
 

@@ -35,6 +35,9 @@ class WavefrontPlan:
     peak_feature_bytes: int  # anchor + stored frames' features + x0-hat, as FeatureStore counts them
     anchor_feature_bytes: int  # the anchor's features (every step, both branches)
     feature_step_bytes: int  # one frame's features at one step, both branches
+    # what the store's tensors keep alive, by storage (FeatureStore.storage_bytes), at its peak;
+    # None unless asked for (it walks the store every tick)
+    peak_storage_bytes: int | None = None
 
     @property
     def mean_frames_per_call(self) -> float:
@@ -51,10 +54,13 @@ class WavefrontPlan:
 
 
 def simulate_wavefront(cfg: EditConfig, n_frames: int, shapes: Sequence[tuple[int, int]], dtype: torch.dtype,
-                       latent_hw: tuple[int, int], cap: int | None = None) -> WavefrontPlan:
+                       latent_hw: tuple[int, int], cap: int | None = None,
+                       storage: bool = False) -> WavefrontPlan:
     """The wavefront edit of ``n_frames`` frames with ``cfg`` (steps, latent update, refs, cap
     ``cap`` or ``cfg.batch_frames`` or the default), its features ``shapes`` [(N_k, C_k)] in
-    ``dtype`` and latents of ``latent_hw`` (h, w)."""
+    ``dtype`` and latents of ``latent_hw`` (h, w). ``storage``: also find the peak of what the
+    store keeps alive by storage (meta tensors have storages of their full size), which is how a
+    view kept in place of a copy shows."""
     from p2v_fast.edit import (
         DEFAULT_WAVEFRONT_FRAMES,
         FeatureStore,
@@ -68,10 +74,10 @@ def simulate_wavefront(cfg: EditConfig, n_frames: int, shapes: Sequence[tuple[in
     h, w = latent_hw
     cap = cap or cfg.batch_frames or DEFAULT_WAVEFRONT_FRAMES
     store = FeatureStore(cfg, n_frames)
-    ticks = calls = largest = 0
+    ticks = calls = largest = peak_storage = 0
 
     def tick(ready: list[FrameState]) -> None:
-        nonlocal ticks, calls, largest
+        nonlocal ticks, calls, largest, peak_storage
         ticks += 1
         for _, group in call_groups(ready, cfg):
             calls += 1
@@ -80,6 +86,8 @@ def simulate_wavefront(cfg: EditConfig, n_frames: int, shapes: Sequence[tuple[in
             feats = [torch.empty(2 * f, n, c, device=meta, dtype=dtype) for n, c in shapes]
             latents = torch.empty(f, 4, h, w, device=meta)
             commit(group, store, feats, latents, latents)
+        if storage:
+            peak_storage = max(peak_storage, store.storage_bytes())
 
     initial = (FrameState(i, torch.empty(1, 4, h, w, device=meta), torch.empty(1, 1, h, w, device=meta))
                for i in range(n_frames))
@@ -87,4 +95,5 @@ def simulate_wavefront(cfg: EditConfig, n_frames: int, shapes: Sequence[tuple[in
         pass
     step_bytes = sum(2 * n * c for n, c in shapes) * torch.empty((), dtype=dtype).element_size()
     return WavefrontPlan(n_frames, cfg.steps, cap, cfg.latent_update, ticks, calls, n_frames * cfg.steps, largest,
-                         store.peak_bytes, len(store.anchor) * step_bytes, step_bytes)
+                         store.peak_bytes, len(store.anchor) * step_bytes, step_bytes,
+                         peak_storage if storage else None)

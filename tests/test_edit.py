@@ -201,3 +201,45 @@ def test_cross_frame_layers_receive_anchor_and_previous_of_the_same_step_and_bra
             assert torch.equal(k_in, torch.cat([first, second])), (f, s, b, k)
             # the frame's own tokens are not among the keys
             assert not any(torch.equal(own, part) for part in k_in.split(own.shape[0]))
+
+
+# ------------------------------------------------------------------------------ what is kept
+
+
+@pytest.mark.parametrize("mode", ["detached", "autograd"])
+def test_the_store_keeps_only_its_own_bytes(tiny_models, mode) -> None:
+    """Batched calls of 3-4 frames: what the store (and every frame's latent) keeps holds only
+    its own bytes, by storage. A row kept as a view of the call's output keeps the whole batch
+    tensor alive (at 512x512 fp16, cap 16: ~26 GB where the store counts 2.75 GB)."""
+    from p2v_fast.edit import storage_bytes, wavefront
+    from p2v_fast.memory import CallBudget
+
+    cfg = EditConfig(prompt="a swan", model="tiny", steps=4, latent_update=mode)
+    ctx = make_context(cfg, tiny_models, 6)
+    ctx.budget = CallBudget(torch.device("cpu"), measurable=False)
+    in_flight: list = []
+    checked = []
+
+    def on_step(n: int) -> None:
+        held = ctx.store.nbytes()
+        assert ctx.store.storage_bytes() == held > 0
+        latents = [st.latent for st in in_flight if st.step > 0]
+        assert storage_bytes(latents) == sum(t.numel() * t.element_size() for t in latents)
+        checked.append(n)
+
+    frames = random_frames(6)
+    out = list(wavefront(ctx, (in_flight.append(st) or st for st in frames), on_step=on_step, max_in_flight=4))
+    assert len(out) == 6 and max(checked) >= 3  # calls of several frames were checked
+
+
+def test_the_plan_store_keeps_only_its_own_bytes_at_sd2_sizes() -> None:
+    """The plan's store at SD2's 512x512 fp16 sizes (32 frames, cap 16): what its tensors keep
+    alive by storage is what it counts (with views into the calls' outputs: ~26 GB)."""
+    from benchmarks.plan import architecture_shapes
+    from p2v_fast.plan import simulate_wavefront
+
+    cfg = EditConfig(steps=50, latent_update="detached", size=512)
+    plan = simulate_wavefront(cfg, 32, architecture_shapes("sd2-depth", None, (64, 64)), torch.float16, (64, 64),
+                              cap=16, storage=True)
+    assert plan.peak_storage_bytes == plan.peak_feature_bytes
+    assert abs(plan.peak_feature_bytes - 2.754e9) < 0.01e9

@@ -41,16 +41,26 @@ def test_reconstruction_from_the_inverted_latent(tiny_models, tmp_path) -> None:
 
     DDIM inversion uses eps(x_t) in place of eps(x_{t+1}), so it is exact only as the step size
     goes to 0: a first-order error. A trained UNet is smooth and SD round trips at 50 steps are
-    close; the random tiny UNet is rough (large Lipschitz constant), so at 50 steps its round
-    trip error is ~0.6 of the distance travelled. The test therefore checks what makes the
+    close; the random tiny UNet is rough (large Lipschitz constant), so its round trip error is
+    0.716 of the distance travelled at 50 steps, 0.488 at 100, 0.249 at 200 and 0.019 at 400
+    (fp32 and fp64 alike: the discretisation, not rounding). The test checks what makes the
     implementation right: the error falls at least like a first-order method (4x the steps,
-    < 1/2.5 the error) and is small (< 25% of the distance travelled) at 200 steps.
+    < 1/2.5 the error) and is well under the distance travelled at 200 steps. (The bound there
+    was 0.25, 0.4 % above the error itself, so any change of the clip or the model failed it.)
     """
     clip = sample_clip(tmp_path, n_frames=1)
     err50 = _round_trip_error(tiny_models, clip, tmp_path / "cache", 50)
     err200 = _round_trip_error(tiny_models, clip, tmp_path / "cache", 200)
     assert err200 < err50 / 2.5, (err50, err200)
-    assert err200 < 0.25, err200
+    assert err200 < 0.4, err200
+
+
+@pytest.mark.slow
+def test_reconstruction_converges_with_more_steps(tiny_models, tmp_path) -> None:
+    """At 400 steps the tiny model's round trip is within 10 % of the distance travelled
+    (measured 0.019, see above)."""
+    clip = sample_clip(tmp_path, n_frames=1)
+    assert _round_trip_error(tiny_models, clip, tmp_path / "cache", 400) < 0.1
 
 
 def test_cache_hit_does_no_unet_work(tiny_models, tmp_path) -> None:

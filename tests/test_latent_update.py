@@ -73,14 +73,14 @@ def test_detached_gradient_is_the_closed_form() -> None:
     torch.testing.assert_close(detached_gradient(x0.detach(), x0_prev), 2 * (x0.detach() - x0_prev) / (4 * H * W))
 
 
-def _context(mode: str, schedule: DDIMSchedule) -> EditContext:
+def _context(mode: str, schedule: DDIMSchedule, dtype: torch.dtype = torch.float32) -> EditContext:
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**UNET_CONFIG).eval().requires_grad_(False)
-    models = SimpleNamespace(unet=unet, device=torch.device("cpu"), dtype=torch.float32,
+    unet = UNet2DConditionModel(**UNET_CONFIG).eval().requires_grad_(False).to(dtype)
+    models = SimpleNamespace(unet=unet, device=torch.device("cpu"), dtype=dtype,
                              vae=SimpleNamespace(config=SimpleNamespace(scaling_factor=0.18215)))
     backend = TorchBackend(models)
     cfg = EditConfig(steps=schedule.steps, update_steps=5, latent_update=mode, refs="anchor+prev")
-    return EditContext(cfg, backend, backend, schedule, _ehs(torch.float32), FeatureStore(cfg, 3), 100.0, EditStats())
+    return EditContext(cfg, backend, backend, schedule, _ehs(dtype), FeatureStore(cfg, 3), 100.0, EditStats())
 
 
 @pytest.mark.parametrize("mode", ["off", "detached", "autograd"])
@@ -184,3 +184,70 @@ def test_the_fp16_edit_scales_its_gradient(tiny_dir, monkeypatch) -> None:
         out = list(edit_module.sequential(ctx, iter(random_frames(2))))
         assert bool(torch.isfinite(out[1].latent).all())
     assert used == [torch.float32]  # once: the fp16 edit's one guided step (x0 is fp32 either way)
+
+
+def test_the_autograd_step_follows_the_finite_difference_gradient_through_the_unet(schedule) -> None:
+    """The edit's autograd step (run_step, fp64 tiny UNet) moves x_{t-1} by delta x dg/dx_t with
+    g taken through the UNet: checked against central differences of g along random directions.
+    The detached form (what a mode mix-up would apply) is far from it."""
+    ctx = _context("autograd", schedule, torch.float64)
+    g = torch.Generator().manual_seed(5)
+    x_anchor, x_1 = (torch.randn(1, 4, H, W, generator=g, dtype=torch.float64) for _ in range(2))
+    depth = torch.rand(1, 1, H, W, generator=g, dtype=torch.float64) * 2 - 1
+    run_step([FrameState(0, x_anchor, depth)], ctx)
+    x0_anchor = ctx.store.x0[(0, 0)].clone()
+    refs = ctx.store.refs_for(1, 0)
+    idx = torch.tensor([0])
+
+    def x0_of(x_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sample = torch.cat([x_t, depth], 1).repeat(2, 1, 1, 1)
+        with torch.no_grad():
+            eps_all, _ = ctx.backend.unet(sample, schedule.timesteps[:1].repeat(2), ctx.embeddings, refs)
+        eps = eps_all[0:1] + 7.5 * (eps_all[1:2] - eps_all[0:1])
+        return schedule.step(x_t, eps, idx)
+
+    plain, x0 = x0_of(x_1)
+    frame = FrameState(1, x_1.clone(), depth)
+    run_step([frame], ctx)
+    grad = (plain - frame.latent) / ctx.delta  # what the step applied, as a gradient
+    for k in range(3):
+        v = torch.randn(x_1.shape, generator=torch.Generator().manual_seed(10 + k), dtype=torch.float64)
+        h = 1e-3  # the backend returns eps in fp32: a smaller step would difference its rounding
+        fd = (consistency_energy(x0_of(x_1 + h * v)[1], x0_anchor) -
+              consistency_energy(x0_of(x_1 - h * v)[1], x0_anchor)) / (2 * h)
+        assert float(fd) == pytest.approx(float((grad * v).sum()), rel=1e-3)
+    detached = detached_gradient(x0, x0_anchor)
+    assert float((grad - detached).norm()) > 0.5 * float(detached.norm())
+
+
+@pytest.mark.parametrize("mode", ["detached", "autograd"])
+def test_the_third_frame_is_guided_toward_the_previous_frames_x0_not_the_anchors(mode, schedule) -> None:
+    """Frame 3's update compares its x0-hat with frame 2's (its predecessor), not the anchor's.
+    detached: its latent is the closed form against frame 2's x0-hat; autograd: the detached
+    form recorded beside it at the same latents (``detached_rms``) is against frame 2's."""
+    ctx = _context(mode, schedule, torch.float64)
+    g = torch.Generator().manual_seed(7)
+    xs = [torch.randn(1, 4, H, W, generator=g, dtype=torch.float64) for _ in range(3)]
+    depth = torch.rand(1, 1, H, W, generator=g, dtype=torch.float64) * 2 - 1
+    run_step([FrameState(0, xs[0], depth)], ctx)
+    x0_anchor = ctx.store.x0[(0, 0)].clone()
+    run_step([FrameState(1, xs[1], depth)], ctx)
+    x0_prev = ctx.store.x0[(1, 0)].clone()
+    assert float((x0_prev - x0_anchor).abs().max()) > 1e-2  # the two targets differ
+    refs = ctx.store.refs_for(2, 0)
+    sample = torch.cat([xs[2], depth], 1).repeat(2, 1, 1, 1)
+    with torch.no_grad():
+        eps_all, _ = ctx.backend.unet(sample, schedule.timesteps[:1].repeat(2), ctx.embeddings, refs)
+    eps = eps_all[0:1] + 7.5 * (eps_all[1:2] - eps_all[0:1])
+    plain, x0 = schedule.step(xs[2], eps, torch.tensor([0]))
+    frame = FrameState(2, xs[2].clone(), depth)
+    run_step([frame], ctx)
+    toward = {name: ctx.delta * detached_gradient(x0, target) for name, target in
+              (("prev", x0_prev), ("anchor", x0_anchor))}
+    rms = {name: float(u.pow(2).mean().sqrt()) for name, u in toward.items()}
+    assert abs(rms["prev"] - rms["anchor"]) > 1e-3 * rms["prev"]
+    if mode == "detached":
+        torch.testing.assert_close(frame.latent, plain - toward["prev"])
+        assert float(ctx.stats.update_rms[0][-1]) == pytest.approx(rms["prev"], rel=1e-9)
+    else:
+        assert float(ctx.stats.detached_rms[0][-1]) == pytest.approx(rms["prev"], rel=1e-9)
