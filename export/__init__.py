@@ -330,12 +330,12 @@ def _build_and_validate(name: str, spec, entry: NetworkEntry, shapes, ekey: str,
                         geometry, profile: ExportProfile, device, options: ExportOptions,
                         progress: Progress) -> tuple[Artifact, dict, StageResult]:
     """Build ``name``'s engine on ``device``, then validate it against ONNX Runtime on the spec's
-    sample inputs; only an engine within the spec's tolerance is returned (to be recorded). A
-    failing engine file is deleted."""
+    sample inputs at the profile's minimum, opt and maximum batch and size; only an engine within
+    the spec's tolerance at every corner is returned (to be recorded). A failing engine file is
+    deleted."""
     import torch
 
     from export import tensorrt_build
-    from p2v_fast.specs import sample_inputs
 
     assert entry.onnx is not None
     path = folder / f"{name}.plan"
@@ -345,15 +345,15 @@ def _build_and_validate(name: str, spec, entry: NetworkEntry, shapes, ekey: str,
         seconds = tensorrt_build.build_engine(onnx_path, path, shapes, workspace_gb=options.workspace_gb,
                                               timing_cache=tensorrt_build.timing_cache_path(folder, machine),
                                               log=progress.log, tf32=spec.tf32)
-    b = min(profile.batch[2], max(profile.batch[0], 2))
-    inputs = sample_inputs(spec, spec.dims(geometry, b, profile.height[1], profile.width[1]), seed=1)
+    cases = tensorrt_build.validation_cases(spec, geometry, profile)  # every corner of the profile
     try:
-        worst = tensorrt_build.validate_engine(path, onnx_path, spec, geometry, inputs, device)
+        worst = tensorrt_build.validate_engine(path, onnx_path, spec, geometry, cases, device)
     except EngineError:
         path.unlink(missing_ok=True)  # never leave an engine that failed its check under its name
         raise
     detail = f"{worst['rel']:.1e} ({worst['output']})"
-    progress.log(f"{name}: TensorRT engine built in {seconds:.1f} s, equals ONNX Runtime to {detail}")
+    progress.log(f"{name}: TensorRT engine built in {seconds:.1f} s, equals ONNX Runtime to {detail} at the "
+                 f"profile's {', '.join(cases)} corners")
     artifact = Artifact(path.name, ekey, path.stat().st_size, round(seconds, 3))
     return artifact, worst, StageResult(name, "tensorrt", path, artifact.bytes, seconds, "built", detail)
 

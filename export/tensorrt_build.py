@@ -36,7 +36,7 @@ import torch
 from p2v_fast.errors import EngineError
 from p2v_fast.files import write_bytes_atomic
 from p2v_fast.manifest import Machine
-from p2v_fast.specs import Geometry, MinOptMax, NetworkSpec
+from p2v_fast.specs import ExportProfile, Geometry, MinOptMax, NetworkSpec
 from p2v_fast.system import import_tensorrt
 
 
@@ -112,7 +112,11 @@ def build_engine(
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 2**30))
     trt_profile = builder.create_optimization_profile()
     for name, (lo, opt, hi) in profile.items():
-        trt_profile.set_shape(name, tuple(lo), tuple(opt), tuple(hi))
+        try:  # set_shape raises on a shape TensorRT refuses (it returns nothing)
+            trt_profile.set_shape(name, tuple(lo), tuple(opt), tuple(hi))
+        except Exception as exc:
+            raise EngineError(f"TensorRT refused the profile of input '{name}' (min {tuple(lo)}, opt {tuple(opt)}, "
+                              f"max {tuple(hi)}) for '{onnx_path}': {_one_line(exc, 200)}") from None
     if config.add_optimization_profile(trt_profile) < 0:
         raise EngineError(f"TensorRT refused the optimisation profile {dict(profile)} for '{onnx_path}'")
 
@@ -131,19 +135,44 @@ def build_engine(
     return time.perf_counter() - t0
 
 
-def validate_engine(engine_path: Path, onnx_path: Path, spec: NetworkSpec, geometry: Geometry,
-                    inputs: Mapping[str, torch.Tensor], device: torch.device) -> dict:
-    """Run the engine at ``engine_path`` and the ONNX graph it was built from (ONNX Runtime) on
-    ``inputs`` (the spec's sample inputs) and compare every output within the spec's tolerance.
+def validation_cases(spec: NetworkSpec, geometry: Geometry, profile: ExportProfile) -> dict[str, dict]:
+    """Sample inputs (the spec's, :func:`~p2v_fast.specs.sample_inputs`) at every corner of the
+    profile an engine must serve: ``min`` (smallest batch at the smallest size), ``opt`` (2 samples,
+    one anchor-like and one cross-frame, or the static batch, at the opt size) and ``max``
+    (largest batch at the largest size). Corners that coincide are run once."""
+    from p2v_fast.specs import sample_inputs
 
-    Returns the worst output (``compare_outputs``); raises
-    :class:`~p2v_fast.errors.ExportValidationError` naming the output and the error otherwise.
+    b, h, w = profile.batch, profile.height, profile.width
+    corners = {"min": (b[0], h[0], w[0]), "opt": (min(b[2], max(b[0], 2)), h[1], w[1]), "max": (b[2], h[2], w[2])}
+    cases, seen = {}, set()
+    for label, (batch, height, width) in corners.items():
+        dims = spec.dims(geometry, batch, height, width)
+        key = tuple(sorted(dims.items()))
+        if key not in seen:
+            seen.add(key)
+            cases[label] = sample_inputs(spec, dims, seed=1)
+    return cases
+
+
+def validate_engine(engine_path: Path, onnx_path: Path, spec: NetworkSpec, geometry: Geometry,
+                    cases: Mapping[str, Mapping[str, torch.Tensor]], device: torch.device, *, trt=None,
+                    ops=None) -> dict:
+    """Run the engine at ``engine_path`` and the ONNX graph it was built from (ONNX Runtime, TF32
+    off) on every case of ``cases`` (label -> inputs: :func:`validation_cases`, the profile's
+    corners) and compare every output within the spec's tolerance.
+
+    Returns the worst output over the cases (``compare_outputs``, with ``at``: its case); raises
+    :class:`~p2v_fast.errors.ExportValidationError` naming the output, the case and the error
+    otherwise. ``trt`` and ``ops``: the TensorRT module and the CUDA side (tests pass stand-ins).
     """
     from export.onnx_export import compare_outputs, reference_session
     from p2v_fast.backend_tensorrt import EngineRunner, TorchCuda
+    from p2v_fast.errors import ExportValidationError
 
-    trt = import_tensorrt()
-    ops = TorchCuda(device)
+    trt = trt or import_tensorrt()
+    ops = ops or TorchCuda(device)
+    reference = reference_session(onnx_path, spec, geometry, device)
+    worst: dict = {}
     with ops.on_device():
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
@@ -151,8 +180,16 @@ def validate_engine(engine_path: Path, onnx_path: Path, spec: NetworkSpec, geome
             raise EngineError(f"TensorRT cannot load the engine it just built, '{engine_path}'")
         runner = EngineRunner(trt, engine, spec, geometry, ops=ops, stream=ops.new_stream(), hint="")
         runner.activate(ops.zeros((max(runner.device_memory_size, 1),), torch.uint8))
-        feeds = {n: x.to(device) for n, x in inputs.items()}
-        got = runner.run(feeds)
-        torch.cuda.synchronize(device)
-    want = reference_session(onnx_path, spec, geometry, device).run(feeds)  # TF32 off
-    return compare_outputs(spec, got, want)
+        for label, inputs in cases.items():
+            feeds = {n: x.to(device) for n, x in inputs.items()}
+            got = runner.run(feeds)
+            ops.synchronize()
+            dims = spec.bind(geometry, {n: tuple(x.shape) for n, x in feeds.items()})
+            at = f"{label}: batch {dims['B']}" + (f" at {dims['H']}x{dims['W']}" if "H" in dims else "")
+            try:
+                result = compare_outputs(spec, got, reference.run(feeds))
+            except ExportValidationError as exc:
+                raise ExportValidationError(f"{exc} (engine at the profile's {at})") from None
+            if not worst or result["rel"] > worst["rel"]:
+                worst = {**result, "at": at}
+    return worst

@@ -21,7 +21,9 @@ uses it:
 - **CUDA graphs for static shapes** (``cuda_graph=True``, the CLI's ``--cuda-graph``): engines
   whose profile is one shape (``p2v export --static-batch`` at a fixed size) have their
   ``execute_async_v3`` captured once, after a warm-up run, and replayed; smaller calls are padded
-  to the static batch. Dynamic-shape engines are refused with the rebuild command.
+  to the static batch. A capture that fails (an enqueue returning False, an invalidated capture)
+  falls back to plain launches with one warning line. Dynamic-shape engines are refused with the
+  rebuild command.
 
 The CUDA side (allocation, streams, graph capture) goes through :class:`TorchCuda`, so the
 runner's own logic is tested on the CPU with a recording stand-in for TensorRT's engine and
@@ -37,6 +39,7 @@ fixes it).
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -51,6 +54,14 @@ from p2v_fast.system import require_tensorrt
 
 #: TensorRT requires every I/O address to be aligned to this many bytes.
 ALIGNMENT = 256
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 # ------------------------------------------------------------------------------ pure logic
 
@@ -139,6 +150,9 @@ class TorchCuda:
     def on_device(self) -> contextlib.AbstractContextManager:
         return torch.cuda.device(self.device)
 
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)
+
     @staticmethod
     def record_stream(tensor: torch.Tensor, stream: Any) -> None:
         tensor.record_stream(stream)
@@ -149,8 +163,9 @@ class TorchCuda:
         dst.copy_(src, non_blocking=True)
 
     @staticmethod
-    def capture(stream: Any, work: Callable[[], None]) -> Callable[[], None]:
-        """Capture ``work`` (enqueued on ``stream``) into a CUDA graph; returns its replay."""
+    def capture(stream: Any, work: Callable[[], object]) -> Callable[[], None]:
+        """Capture ``work`` (enqueued on ``stream``) into a CUDA graph; returns its replay. Raises
+        (from the capture's end) when the capture was invalidated."""
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=stream):
             work()
@@ -175,8 +190,9 @@ def device_memory_size(engine) -> int:
 
 
 def create_user_managed_context(trt, engine):
-    """An execution context without its own activation memory (TensorRT 10: the allocation
-    strategy argument; later releases: through an IRuntimeConfig)."""
+    """An execution context without its own activation memory: ``create_execution_context(strategy)``
+    (TensorRT 10.x and 11.x alike); a runtime whose binding lacks that overload gets the strategy
+    through an ``IRuntimeConfig`` instead."""
     strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
     try:
         context = engine.create_execution_context(strategy)
@@ -204,9 +220,11 @@ class EngineRunner:
     """
 
     def __init__(self, trt, engine, spec: NetworkSpec, geometry: Geometry, *, ops: Any, stream: Any, hint: str,
-                 static_hint: str | None = None, cuda_graph: bool = False) -> None:
+                 static_hint: str | None = None, cuda_graph: bool = False,
+                 warn: Callable[[str], None] | None = None) -> None:
         self.trt, self.engine, self.spec, self.geometry = trt, engine, spec, geometry
         self.ops, self.stream, self.hint = ops, stream, hint
+        self.warn = warn or _warn
         dtypes = _dtype_names(trt)
         io = {}
         for i in range(engine.num_io_tensors):
@@ -272,8 +290,15 @@ class EngineRunner:
         """Profile, then every input shape, then every address; each result checked."""
         ctx, name = self.context, self.spec.name
         if profile != self.active_profile:
-            if not ctx.set_optimization_profile_async(profile, self.ops.handle(self.stream)):
-                raise EngineError(f"{name}: TensorRT refused optimisation profile {profile}")
+            first = self.spec.inputs[0].name
+            refused = f"{name}: TensorRT refused optimisation profile {profile} for input '{first}' " \
+                      f"{tuple(views[first].shape)}"
+            try:  # TensorRT raises on a refused profile (it never returns False); both are one line
+                ok = ctx.set_optimization_profile_async(profile, self.ops.handle(self.stream))
+            except Exception as exc:
+                raise EngineError(f"{refused}: {_first_line(exc)}") from None
+            if not ok:
+                raise EngineError(refused)
             self.active_profile = profile
         for t in self.spec.inputs:
             shape = tuple(views[t.name].shape)
@@ -293,6 +318,25 @@ class EngineRunner:
     def _execute(self) -> None:
         if not self.context.execute_async_v3(self.ops.handle(self.stream)):
             raise EngineError(f"{self.spec.name}: TensorRT execution failed")
+
+    def _capture(self) -> None:
+        """Capture the enqueue into a CUDA graph, or fall back to plain launches with one warning.
+
+        The enqueue inside the capture never raises: an error raised there is masked by
+        ``torch.cuda.graph``'s exit (an invalidated capture raises its own), so its result is kept
+        and checked once the capture has ended."""
+        results: list[bool] = []
+        why = "execute_async_v3 returned False during the capture"
+        try:
+            replay = self.ops.capture(self.stream, lambda: results.append(
+                bool(self.context.execute_async_v3(self.ops.handle(self.stream)))))
+        except Exception as exc:  # the capture's end: invalidated, or an operation capture does not allow
+            replay, why = None, _first_line(exc) if all(results) else why
+        if replay is not None and results == [True]:
+            self._replay = replay
+            return
+        self.cuda_graph = False
+        self.warn(f"warning: {self.spec.name}: CUDA graph capture failed ({why}); running without a CUDA graph")
 
     def run(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Run on ``feeds`` (the spec's inputs and dtypes, on the device, batch within the
@@ -331,7 +375,7 @@ class EngineRunner:
             else:
                 self._execute()
                 if self.cuda_graph:  # after a warm-up run: capture the same work once, replay from now on
-                    self._replay = self.ops.capture(self.stream, self._execute)
+                    self._capture()
             for t in spec.outputs:
                 y = outputs[t.name]
                 self.ops.copy(y, views[t.name][:batch])
