@@ -45,6 +45,9 @@ from p2v_fast.specs import (
 )
 
 FORMATS = ("onnx", "tensorrt")
+#: The widest aspect ratio (W, H) the default profile serves, either way round: 16:9 (an 854x480
+#: clip's default crop at --size 512 is 896x512, a 1080x1920 phone clip's 512x896).
+WIDEST_DEFAULT = (16, 9)
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-depth"
 
 
@@ -66,7 +69,10 @@ class ExportOptions:
     height: int = 512
     width: int = 512
     min_size: int | None = None  # smallest height/width the engines accept (None: height/width)
-    max_size: int | None = None  # largest (None: height/width; fixed-size engines are fastest)
+    # Largest. None: the long side of a 16:9 clip at the short side min(height, width) (896 at 512),
+    # so the default crop of a landscape or a portrait clip fits (p2v_fast.video.working_size);
+    # height/width themselves with --static-batch or the dynamo exporter (one shape).
+    max_size: int | None = None
     max_batch: int = 8  # samples per UNet call: frames in flight x 2 CFG branches
     # The batch TensorRT tunes for. None: max_batch, the batch the wavefront sends once frames are
     # in flight (it sends up to 2 x --batch-frames samples per tick, split into calls of max_batch).
@@ -81,10 +87,21 @@ class ExportOptions:
     def __post_init__(self) -> None:
         _verify(self)
 
+    def default_max_size(self) -> int | None:
+        """The largest side the engines accept when ``max_size`` is not given; None: each of
+        height and width itself (a fixed size: --static-batch and the dynamo exporter)."""
+        if self.static_batch or self.exporter == "dynamo":
+            return None
+        from p2v_fast.video import working_size
+
+        wide = working_size(*WIDEST_DEFAULT, min(self.height, self.width), SIZE_MULTIPLE, max_side=None)[0]
+        return max(self.height, self.width, wide)
+
     def profile(self) -> ExportProfile:
         """(min, opt, max) of batch, height and width."""
+        top = self.max_size if self.max_size is not None else self.default_max_size()
         lo = lambda v: v if self.min_size is None else self.min_size  # noqa: E731
-        hi = lambda v: v if self.max_size is None else self.max_size  # noqa: E731
+        hi = lambda v: v if top is None else top  # noqa: E731
         opt = min(self.opt_batch or self.max_batch, self.max_batch)
         return ExportProfile(
             batch=(self.max_batch,) * 3 if self.static_batch else (1, opt, self.max_batch),

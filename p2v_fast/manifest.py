@@ -278,6 +278,8 @@ def rebuild_command(manifest: Manifest, folder: Path, **changes: object) -> str:
     static = bool(o.get("static_batch"))
     if not static and (hr[0] != hr[2] or wr[0] != wr[2]):
         parts.append(f"--min-size {min(hr[0], wr[0])} --max-size {max(hr[2], wr[2])}")
+    elif not static:  # one size: said, since the default range is wider (16:9 either way round)
+        parts.append(f"--max-size {max(hr[2], wr[2])}")
     parts.append(f"--max-batch {p.batch[2]}")
     if static:
         parts.append("--static-batch")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import platform
+import warnings
+from collections.abc import Callable
 
 
 def _version(module: str) -> str | None:
@@ -28,8 +30,65 @@ def onnxruntime_status() -> tuple[bool, str]:
     try:
         import onnxruntime as ort
     except ImportError:
-        return False, "not installed (pip install 'p2v-fast[onnx]')"
+        return False, "not installed (pip install 'p2v-fast[onnx]', or '[onnx-gpu]' on a GPU machine)"
     return True, f"{ort.__version__}, providers: {', '.join(ort.get_available_providers())}"
+
+
+def _installed(*names: str) -> set[str]:
+    """Which of these distributions are installed (their own metadata, not the shared module)."""
+    from importlib import metadata
+
+    found = set()
+    for name in names:
+        try:
+            metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+        found.add(name)
+    return found
+
+
+def _tensorrt_provider_problem() -> str | None:
+    """Why ONNX Runtime's TensorRT provider does not load here (a one-node session asks for it and
+    ONNX Runtime falls back silently), or None when it loads."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    model = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    try:
+        with warnings.catch_warnings():  # ORT warns when it falls back; the answer below says so
+            warnings.simplefilter("ignore")
+            session = ort.InferenceSession(model.SerializeToString(), options,
+                                           providers=["TensorrtExecutionProvider", "CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own types
+        return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+    if "TensorrtExecutionProvider" not in session.get_providers():
+        return "it is listed but did not load (TensorRT's libraries are missing or of another version)"
+    return None
+
+
+def onnxruntime_problems(installed: set[str], providers: list[str], cuda: bool,
+                         tensorrt_provider: Callable[[], str | None] = _tensorrt_provider_problem) -> list[str]:
+    """What is wrong with this machine's ONNX Runtime, one line each: both packages installed (they
+    share one module, and the CUDA provider silently disappears), a CUDA machine without the CUDA
+    provider (every graph then runs on the CPU), a TensorRT provider that fails to load."""
+    problems = []
+    if {"onnxruntime", "onnxruntime-gpu"} <= installed:
+        problems.append("both onnxruntime and onnxruntime-gpu are installed, and they overwrite each other: "
+                        "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu")
+    if cuda and "CUDAExecutionProvider" not in providers:
+        problems.append("this machine has a CUDA GPU but ONNX Runtime has no CUDA provider (graphs run on the CPU): "
+                        "install onnxruntime-gpu instead of onnxruntime (pip install 'p2v-fast[onnx-gpu]')")
+    if cuda and "TensorrtExecutionProvider" in providers:
+        why = tensorrt_provider()
+        if why is not None:
+            problems.append(f"ONNX Runtime's TensorRT provider fails to load: {why}")
+    return problems
 
 
 def _tensorrt_problem() -> tuple[object | None, str | None]:
@@ -96,7 +155,14 @@ def system_report() -> list[tuple[str, str]]:
         ("av (PyAV)", _version("av") or "missing"),
     ]
     rows.append(("CUDA", cuda_status()[1]))
-    rows.append(("ONNX Runtime", onnxruntime_status()[1]))
+    ok, ort_status = onnxruntime_status()
+    rows.append(("ONNX Runtime", ort_status))
+    if ok:
+        import onnxruntime as ort
+
+        for problem in onnxruntime_problems(_installed("onnxruntime", "onnxruntime-gpu"),
+                                            ort.get_available_providers(), torch.cuda.is_available()):
+            rows.append(("  warning", problem))
     rows.append(("TensorRT", tensorrt_status()[1]))
     return rows
 

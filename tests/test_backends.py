@@ -411,6 +411,27 @@ def test_cli_edit_on_onnxruntime_refuses_a_size_outside_the_profile(engines, cli
     assert not (tmp_path / "o.mp4").exists()
 
 
+def test_default_export_then_edit_a_landscape_and_a_portrait_clip(engines, tmp_path) -> None:
+    """Issue 17 item 7: `p2v export` at the defaults (here --size 64, the tiny model's, graphs
+    only on this CPU) then `p2v edit` of an 854x480 and a 480x854 clip, no other flags: their
+    default crops (128x64 and 64x128) are inside the engines' profile. Before, the engines took
+    64x64 only and both edits were refused."""
+    from p2v_fast.video import make_sample_clip
+
+    folder = tmp_path / "eng"
+    shutil.copytree(engines, folder)  # the session's graphs: the export finds them current
+    result = _cli(["export", "--model", "tiny", "--size", str(SIZE), "--format", "onnx", "--out", str(folder)])
+    assert result.exit_code == 0, result.output
+    assert read_manifest(folder).profile.describe() == f"batch 1-8 at {SIZE}-{2 * SIZE} x {SIZE}-{2 * SIZE}"
+    for size in ((854, 480), (480, 854)):
+        clip = make_sample_clip(tmp_path / f"c{size[0]}.mp4", n_frames=2, size=size)
+        out = tmp_path / f"o{size[0]}.mp4"
+        result = _cli(["edit", str(clip), "a red car", "-o", str(out), "--model", "tiny", "--size", str(SIZE),
+                       "--steps", "2", "--source-prompt", "a car", "--backend", "onnxruntime", "--engines",
+                       str(folder)])
+        assert result.exit_code == 0 and out.is_file(), result.output
+
+
 def test_rebuild_command_and_machine_check() -> None:
     from p2v_fast.manifest import Manifest, ModelId
 

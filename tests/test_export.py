@@ -394,8 +394,25 @@ def test_profile_shapes_at_sd2_sizes() -> None:
     depth = network_spec("depth", SD2, "fp16").profile_shapes(SD2, profile)
     assert depth["pixel_values"] == ((1, 3, 384, 384), (2, 3, 384, 384), (8, 3, 384, 384))
     assert network_spec("depth", SD2, "fp16").inputs[0].dtype == "float32"  # DPT fp32 always
-    fixed = ExportOptions(height=512, width=512).profile()
+    fixed = ExportOptions(height=512, width=512, max_size=512).profile()
     assert fixed.fixed_size and fixed.describe() == "batch 1-8 at 512x512"
+
+
+def test_the_default_profile_serves_the_default_crop_of_landscape_and_portrait_clips() -> None:
+    """Issue 17 item 7: at --size 512 the default engines take 512 to 896 a side (16:9 either way
+    round): the crops p2v edit makes of 854x480, 1920x1080, 1080x1920 (phone) and 640x480 clips all
+    fit; one shape with --static-batch (CUDA graphs) or --max-size 512."""
+    from p2v_fast.video import working_size
+
+    profile = ExportOptions().profile()
+    assert profile.height == profile.width == (512, 512, 896) and profile.batch == (1, 8, 8)
+    for source in ((854, 480), (1920, 1080), (1080, 1920), (640, 480), (480, 640), (512, 512)):
+        w, h = working_size(*source, 512)
+        assert profile.contains(8, h, w), (source, (w, h))
+    assert ExportOptions(height=SIZE, width=SIZE).profile().height == (SIZE, SIZE, 2 * SIZE)
+    assert ExportOptions(static_batch=True).profile().fixed_size
+    assert ExportOptions(max_size=512).profile().fixed_size
+    assert ExportOptions(exporter="dynamo").profile().fixed_size
 
 
 def test_opt_batch_is_what_the_wavefront_sends_and_static_batch_fixes_it() -> None:
