@@ -156,13 +156,17 @@ BatchFrames = Annotated[int | None, typer.Option(
     "--batch-frames", help="Wavefront: most frames in flight (default: up to 16, in calls that fit in memory).")]
 InvertBatch = Annotated[int | None, typer.Option(
     "--invert-batch", help="Frames per UNet call during inversion (default: up to 16, as fit in memory).")]
+MaxMemory = Annotated[str | None, typer.Option(
+    "--max-memory", help="Memory budget, e.g. 12GB: UNet calls are split to stay under it (CUDA: tensor bytes; "
+    "CPU: resident set). Default: what the device has.")]
 Fps = Annotated[float | None, typer.Option(
     help="Frame rate of an image-folder input (default 24); a video keeps its own.")]
 
 
 InvertDtype = Annotated[str, typer.Option(
     "--invert-dtype", help="Precision of the DDIM inversion: fp32 (default, whatever --dtype is; fp16 engines "
-    "invert on PyTorch), fp16, bf16, or 'same' (the edit's --dtype and backend).")]
+    "invert on PyTorch), tf32 (fp32 with TF32 tensor-core math, CUDA), fp16, bf16, or 'same' (the edit's --dtype "
+    "and backend).")]
 Resize = Annotated[str, typer.Option(
     help="Framing: crop (short side --size, aspect kept, centre-cropped), stretch (squashed to --size x --size, "
     "as the paper), pad (fitted in --size x --size, letterboxed; the output drops the bars).")]
@@ -183,6 +187,19 @@ def _threads(n: int | None) -> Iterator[None]:
 
     with torch_threads(n):
         yield
+
+
+def _bytes(text: str | None) -> int | None:
+    """``--max-memory``'s value in bytes."""
+    if text is None:
+        return None
+    from p2v_fast.errors import InputError
+    from p2v_fast.memory import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError as e:
+        raise InputError(f"--max-memory: {e}") from None
 
 
 def _config(**kw: Any):
@@ -232,6 +249,7 @@ def edit(
     batch_frames: BatchFrames = None,
     invert_batch: InvertBatch = None,
     invert_dtype: InvertDtype = "fp32",
+    max_memory: MaxMemory = None,
     compile: Annotated[bool, typer.Option(
         "--compile", help="torch.compile the UNet's calls without gradients (CUDA graphs on GPU).")] = False,
     channels_last: Annotated[bool, typer.Option("--channels-last", help="Channels-last UNet memory format.")] = False,
@@ -253,7 +271,7 @@ def edit(
         latent_update=latent_update, update_steps=update_steps, update_weight=update_weight,
         schedule=schedule, batch_frames=batch_frames, invert_batch=invert_batch, compile=compile,
         channels_last=channels_last, resize=resize, invert_dtype=invert_dtype, cuda_graph=cuda_graph, fps=fps,
-        threads=threads,
+        threads=threads, max_memory=_bytes(max_memory),
     )
     with _progress() as progress:
         result = edit_video(cfg, input, output, overwrite=overwrite, preview=preview, side_by_side=side_by_side,
@@ -513,6 +531,7 @@ def bench(
     batch_frames: BatchFrames = None,
     invert_batch: InvertBatch = None,
     invert_dtype: InvertDtype = "fp32",
+    max_memory: MaxMemory = None,
     dtype: Dtype = "auto",
     device: Device = "auto",
     engines: Engines = None,
@@ -548,7 +567,7 @@ def bench(
         raise InputError("--plan simulates the wavefront and --protocol runs the edit; give one of them")
     if protocol is not None:
         _bench_protocol(protocol, model, arch, size, steps, frames, backend, latent_update, dtype, device, engines,
-                        threads, compile, invert_dtype, json_path)
+                        threads, compile, invert_dtype, json_path, _bytes(max_memory))
         return
     if size is None:  # the tiny model at 512 takes ~45 min on 2 CPU cores; its timings mean little anyway
         size = 128 if model == "tiny" else 512
@@ -559,7 +578,7 @@ def bench(
         backends=tuple(backend or (() if speedups else ("torch",))),
         latent_updates=tuple(latent_update or LATENT_UPDATES), schedules=tuple(schedule or SCHEDULES),
         batch_frames=batch_frames, invert_batch=invert_batch, invert_dtype=invert_dtype, dtype=dtype, device=device,
-        engines=engines,
+        engines=engines, max_memory=_bytes(max_memory),
         repeats=repeats, warmup=warmup,
         threads=threads, json_path=json_path, speedups=tuple(speedups or ()),
     )  # every option checked, --plan or not
@@ -581,7 +600,7 @@ def bench(
 
 
 def _bench_protocol(name: str, model, arch, size, steps, frames, backend, latent_update, dtype, device, engines,
-                    threads, compile, invert_dtype, json_path) -> None:
+                    threads, compile, invert_dtype, json_path, max_memory=None) -> None:
     """`p2v bench --protocol NAME`: see benchmarks/protocol.py."""
     from benchmarks.protocol import ProtocolOptions, protocol_table, run_protocol
     from p2v_fast.config import LATENT_UPDATES
@@ -595,7 +614,7 @@ def _bench_protocol(name: str, model, arch, size, steps, frames, backend, latent
     opts = ProtocolOptions(name=name, model=model, arch=arch, device=device, dtype=dtype,
                            backend=(backend or ["torch"])[0], engines=engines,
                            latent_updates=tuple(latent_update or LATENT_UPDATES), compile=compile,
-                           invert_dtype=invert_dtype, overrides=overrides)
+                           invert_dtype=invert_dtype, max_memory=max_memory, overrides=overrides)
     if not opts.faithful:
         console.print(f"[yellow]not the protocol[/yellow]: {overrides} overrides {name}'s fixed workload; "
                       "the report says so")

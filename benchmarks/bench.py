@@ -50,7 +50,14 @@ from p2v_fast.paths import check_json_path
 from p2v_fast.plan import simulate_wavefront
 from p2v_fast.progress import NullProgress, Progress
 from p2v_fast.prompts import encode_prompt
-from p2v_fast.runtime import InversionRuntime, inversion_runtime, make_backend, resolve_device, resolve_dtype
+from p2v_fast.runtime import (
+    InversionRuntime,
+    inversion_runtime,
+    invert_precision,
+    make_backend,
+    resolve_device,
+    resolve_dtype,
+)
 from p2v_fast.video import make_sample_clip
 
 SCHEMA = "p2v-bench/1"
@@ -89,6 +96,7 @@ class BenchOptions:
     speedups: tuple[str, ...] = ()  # PyTorch speed-ups to time on their own (benchmarks.speedups)
     compile: bool = False  # torch.compile the torch backend's gradient-free UNet calls (warmed up untimed)
     invert_batch: int | None = None  # None: what fits (p2v_fast.memory.CallBudget)
+    max_memory: int | None = None  # --max-memory: bytes UNet calls are split to stay under
 
     # --- timing ---
     repeats: int = 3
@@ -111,7 +119,7 @@ class BenchOptions:
             dtype=self.dtype, backend=(self.backends or ("torch",))[0], engines=self.engines, size=self.size,
             max_frames=self.frames, steps=self.steps, seed=self.seed, schedule=self.schedules[0],
             latent_update=self.latent_updates[0], update_steps=self.update_steps, batch_frames=self.batch_frames,
-            invert_batch=self.invert_batch, invert_dtype=self.invert_dtype,
+            invert_batch=self.invert_batch, invert_dtype=self.invert_dtype, max_memory=self.max_memory,
         )
 
 
@@ -265,6 +273,36 @@ def edit_flops(cfg: EditConfig, flops: UNetFlops, n_frames: int, stats: EditStat
         mean = (stats.samples_plain * flops.anchor_call + stats.samples_xframe * flops.xframe_call
                 + stats.samples_backward * bwd) / 2 / n_frames
     return {"anchor": float(anchor), "propagated": float(propagated), "mean": float(mean)}
+
+
+def attention_kernels_used(models, latent_hw: tuple[int, int]) -> dict[str, Any]:
+    """Which attention kernels a cross-frame UNet call and its backward run on ``models``'
+    device (one frame, both branches, through the torch backend; read from the profiler's aten
+    ops), and the preference the backend sets (:data:`p2v_fast.attention.CUDA_ATTENTION_KERNELS`)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from p2v_fast.attention import CUDA_ATTENTION_KERNELS
+
+    backend = TorchBackend(models)
+    h, w = latent_hw
+    dev, dt = models.device, models.dtype
+    shapes = feature_shapes(models.unet, latent_hw)
+    refs = [torch.randn(2, 2 * n, c, device=dev, dtype=dt) for n, c in shapes]
+    sample = torch.randn(2, int(models.unet.config.in_channels), h, w, device=dev, dtype=dt, requires_grad=True)
+    ehs = torch.zeros(2, 77, int(models.unet.config.cross_attention_dim), device=dev, dtype=dt)
+    t = torch.full((2,), 500, device=dev, dtype=torch.long)
+    seen: dict[str, list[str]] = {}
+    for phase in ("forward", "backward"):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            if phase == "forward":
+                with torch.no_grad():
+                    backend.unet_forward(sample, t, ehs, refs)
+            else:
+                out = backend.unet_forward(sample, t, ehs, refs)
+                out[0].float().sum().backward()
+        seen[phase] = sorted({e.key.removeprefix("aten::") for e in prof.key_averages()
+                              if "scaled_dot_product" in e.key and e.key != "aten::scaled_dot_product_attention"})
+    return {**seen, "preference": list(CUDA_ATTENTION_KERNELS) if dev.type == "cuda" else "torch's own (CPU)"}
 
 
 def _edit_once(cfg: EditConfig, bench: _Bench, runtime: tuple[Backend, Backend | None], schedule: DDIMSchedule,
@@ -436,8 +474,7 @@ def _bench_backend(name: str, opts: BenchOptions, base: EditConfig, models, sele
 
     # The inversion runs where an edit's would (--invert-dtype: fp32 by default, on PyTorch when the
     # backend computes in another precision); a backend made for it is made once, in the warm-up.
-    where = inversion_runtime(models, backend, grad,
-                              None if opts.invert_dtype == "same" else resolve_dtype(opts.invert_dtype, device))
+    where = inversion_runtime(models, backend, grad, *invert_precision(opts.invert_dtype, device))
     made: list[Backend] = []
 
     def inverter() -> Backend:
@@ -586,6 +623,7 @@ def _run(opts: BenchOptions, progress: Progress) -> dict[str, Any]:
         frames = list(selection.frames())
         report["clip"] = {"frames": len(frames), "size": list(selection.size), "latent_hw": list(selection.latent_hw),
                           "source": "synthetic (p2v_fast.video.make_sample_clip)"}
+        report["attention"] = attention_kernels_used(models, selection.latent_hw)
         flops = count_unet_flops(models.unet, selection.latent_hw)
         report["unet_flops"] = flops.as_dict()
         report["runs"] = []

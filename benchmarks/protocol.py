@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from rich.table import Table
 
+from p2v_fast import memory
 from p2v_fast.config import LATENT_UPDATES, EditConfig
 from p2v_fast.errors import InputError
 
@@ -59,6 +60,7 @@ class ProtocolOptions:
     latent_updates: tuple[str, ...] = LATENT_UPDATES
     compile: bool = False
     invert_dtype: str = "fp32"  # as `p2v edit --invert-dtype`
+    max_memory: int | None = None  # as `p2v edit --max-memory` (bytes)
     overrides: dict[str, int] = field(default_factory=dict)  # frames / size / steps: then not the protocol
     seed: int = 0
 
@@ -99,7 +101,8 @@ class ProtocolOptions:
         return EditConfig(prompt=TARGET_PROMPT, source_prompt=SOURCE_PROMPT, model=self.model_label,
                           device=self.device, dtype=self.dtype, backend=self.backend, engines=self.engines,
                           size=w["size"], max_frames=w["frames"], steps=w["steps"], latent_update=mode,
-                          compile=self.compile, invert_dtype=self.invert_dtype, seed=self.seed).replace(**kw)
+                          compile=self.compile, invert_dtype=self.invert_dtype, max_memory=self.max_memory,
+                          seed=self.seed).replace(**kw)
 
 
 class StageClock:
@@ -151,15 +154,39 @@ def _models(opts: ProtocolOptions):
     return build_arch(opts.arch or "sd2-depth", device, dtype, seed=opts.seed)
 
 
+def warm_up_compiled(rt, latent_hw: tuple[int, int]) -> int:
+    """Compile (and record, on CUDA) every batch bucket the protocol's calls use before any clock
+    starts: edit ticks of up to the default cap of frames (2 samples each) and inversion calls of
+    up to :data:`~p2v_fast.inversion.MAX_INVERT_BATCH` frames (1 sample each). The warm-up edit
+    alone (2 frames) compiles only the smallest buckets, so the larger ones compiled inside the
+    first timed mode. Returns the buckets warmed up."""
+    from p2v_fast.edit import DEFAULT_WAVEFRONT_FRAMES
+    from p2v_fast.inversion import MAX_INVERT_BATCH
+
+    frames = max(DEFAULT_WAVEFRONT_FRAMES, -(-MAX_INVERT_BATCH // 2))
+    done, seen = 0, set()
+    for b in (rt.backend, rt.grad_backend):
+        if b is not None and id(b) not in seen and getattr(b, "compiled", False):
+            seen.add(id(b))
+            done += b.warm_up(latent_hw, frames)
+    return done
+
+
 def run_protocol(opts: ProtocolOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the protocol; the report (written by the caller)."""
+    """Run the protocol; the report (written by the caller). ``setup_seconds`` (models, runtime,
+    the warm-up edit and compiled buckets) is reported apart from each mode's ``seconds``; peak
+    memory is read through :mod:`p2v_fast.memory`'s nested windows (the call budget's own
+    measurements reset the device's mark), per mode and over the whole run."""
     from benchmarks.hardware import device_info, machine_info, versions
-    from benchmarks.timing import load_average
+    from benchmarks.timing import PeakMemory, load_average
     from p2v_fast.pipeline import edit_video
-    from p2v_fast.runtime import runtime_for
+    from p2v_fast.runtime import resolve_device, runtime_for
     from p2v_fast.video import make_sample_clip
 
     w = opts.workload
+    whole = PeakMemory(resolve_device(opts.device))
+    whole.reset()
+    t_setup = time.perf_counter()
     models = _models(opts)
     device = models.device
     rt = runtime_for(opts.edit_config("autograd"), models)  # autograd: a gradient backend where needed
@@ -169,25 +196,27 @@ def run_protocol(opts: ProtocolOptions, log: Callable[[str], None] = print) -> d
         "device": device_info(device, models.dtype), "versions": versions(), "model": opts.model_label,
         "dtype": str(models.dtype).removeprefix("torch."), "backend": rt.backend.name,
         "options": {k: v for k, v in dataclasses.asdict(opts).items() if k != "overrides"},
-        "peers": PEERS, "load_average_start": load_average(), "runs": [],
+        "peers": PEERS, "load_average_start": load_average(), "runs": [], "memory_kind": whole.kind,
         "basis": "wall clock of p2v_fast.pipeline.edit_video per latent-update mode, cold inversion cache, "
-                 "models loaded and kernels warmed up beforehand",
+                 "models loaded and kernels warmed up beforehand (setup_seconds, apart)",
     }
     with tempfile.TemporaryDirectory(prefix="p2v-protocol-") as tmp:
         work = Path(tmp)
         clip = make_sample_clip(work / "clip.mp4", n_frames=w["frames"], size=(w["size"], w["size"]), fps=24.0,
                                 with_audio=False)
-        log(f"warm-up: a 2-frame, 2-step edit (untimed){' and the compiled graphs' if opts.compile else ''}")
+        log(f"warm-up: a 2-frame, 2-step edit (untimed){' and every compiled bucket' if opts.compile else ''}")
         t0 = time.perf_counter()
         edit_video(opts.edit_config("autograd", cache_dir=work / "warm", max_frames=2, steps=2), clip,
                    work / "warm.mp4", runtime=rt)
+        report["compiled_buckets_warmed"] = warm_up_compiled(rt, (w["size"] // 8, w["size"] // 8))
         report["warmup_seconds"] = time.perf_counter() - t0
+        report["setup_seconds"] = time.perf_counter() - t_setup
         for mode in opts.latent_updates:
             log(f"{opts.name}: latent update {mode}, {w['frames']} frames at {w['size']}x{w['size']}, "
                 f"{w['steps']} steps, cold inversion cache")
             clock = StageClock(device, log)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
+            peak = PeakMemory(device)
+            peak.reset()
             clock.start()
             t_start = clock.marks[0][1]
             res = edit_video(opts.edit_config(mode, cache_dir=work / f"cache-{mode}"), clip, work / f"{mode}.mp4",
@@ -200,10 +229,15 @@ def run_protocol(opts: ProtocolOptions, log: Callable[[str], None] = print) -> d
                 "frames": res.n_frames, "stages": stages, "overlapped_busy": res.overlapped,
                 "unet_calls": res.stats.unet_calls, "unet_backward": res.stats.unet_backward,
                 "peak_feature_bytes": res.stats.peak_feature_bytes,
-                "peak_memory_bytes": int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None,
+                "peak_memory_bytes": peak.peak() if peak.windowed else None,
                 "inversion_cache_hit": res.inversion_cache_hit,
             })
             (work / f"{mode}.mp4").unlink(missing_ok=True)
+            if peak.window is not None:
+                memory.close_window(device, peak.window)
+    report["peak_memory_bytes"] = whole.peak() if whole.windowed else None  # setup included
+    if whole.window is not None:
+        memory.close_window(whole.device, whole.window)
     report["load_average_end"] = load_average()
     return report
 

@@ -160,6 +160,28 @@ class UNetWithFeatures(nn.Module):
         return (noise, *feats)
 
 
+#: The attention kernels the UNet's calls may use on CUDA, in order of preference. Chosen, not
+#: inherited: torch 2.11+ makes cuDNN attention the default on H100/H200, which builds a cuDNN
+#: graph on the host for every new shape (the wavefront's calls change batch every tick, and the
+#: cross-frame layers' keys are 2N long) and has open reports of NaN gradients on some shapes,
+#: and the autograd update backpropagates through these layers. FlashAttention-2 runs fp16/bf16
+#: at SD2's head size (64) forward and backward with no per-shape setup; memory-efficient
+#: attention covers fp32 (the inversion) and what flash refuses; math is the last resort.
+CUDA_ATTENTION_KERNELS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+
+
+def attention_kernels(device: torch.device) -> Any:
+    """A context in which the UNet's attention uses :data:`CUDA_ATTENTION_KERNELS` in that order
+    (CUDA), or torch's own choice (CPU: one fused kernel)."""
+    import contextlib
+
+    if torch.device(device).type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([getattr(SDPBackend, k) for k in CUDA_ATTENTION_KERNELS], set_priority=True)
+
+
 def feature_shapes(unet: Any, latent_hw: tuple[int, int]) -> list[tuple[int, int]]:
     """(N_k, C_k) of each injected layer for a latent of size (h, w).
 

@@ -10,14 +10,15 @@ Guided latent updates in ``autograd`` mode need gradients through the UNet; only
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from p2v_fast.attention import UNetWithFeatures, feature_shapes
+from p2v_fast.attention import UNetWithFeatures, attention_kernels, feature_shapes
 
 #: Batch sizes (samples; a frame is 2) the compiled UNet is specialised for. Every compiled call
 #: is padded up to one of them, and above the last to a multiple of it, so the wavefront's
@@ -118,6 +119,22 @@ def runtime_identity(name: str, dtype: torch.dtype, device: torch.device) -> dic
     return {"backend": name, "dtype": str(dtype).removeprefix("torch."), "device": torch.device(device).type}
 
 
+@contextlib.contextmanager
+def tf32_math(enabled: bool) -> Iterator[None]:
+    """TF32 tensor-core math for fp32 matmuls and cuDNN convolutions while the block runs (when
+    ``enabled``); torch's settings are restored after. Outside it torch's defaults hold (fp32
+    matmuls; cuDNN may use TF32 for convolutions, ``torch.backends.cudnn.allow_tf32``)."""
+    if not enabled:
+        yield
+        return
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
 class TorchBackend(Backend):
     """Eager PyTorch: the reference, and the only backend with gradients."""
 
@@ -134,6 +151,8 @@ class TorchBackend(Backend):
         # fp32 matches fp64 to 1e-6 (`p2v bench --speedups compile`; aot_eager is exact).
         self.compile_grad = False
         self.compiled = False
+        self.bucket_bytes: dict[int, int] = {}  # compiled: padded batch -> peak bytes of its first calls (warm_up)
+        self.tf32 = False  # fp32 on CUDA: TF32 matmuls and convolutions (--invert-dtype tf32)
         self.cuda_graphs = False
         self._shapes: dict[tuple[int, int], list[tuple[int, int]]] = {}
         self.scaling_factor = float(models.vae.config.scaling_factor)
@@ -154,9 +173,17 @@ class TorchBackend(Backend):
             self.compiled = True
             self.transient_outputs = self.cuda_graphs
 
+    def identity(self) -> dict[str, str]:
+        ident = super().identity()
+        return {**ident, "math": "tf32"} if self.tf32 else ident
+
     def unet(self, sample, timestep, encoder_hidden_states, refs=None, self_ref=None):
-        out = self.unet_forward(sample, timestep, encoder_hidden_states, refs, self_ref)
+        with tf32_math(self.tf32):
+            out = self.unet_forward(sample, timestep, encoder_hidden_states, refs, self_ref)
         return out[0].float(), list(out[1:])
+
+    def _attention(self):
+        return attention_kernels(self.device)
 
     def unet_forward(self, sample, timestep, encoder_hidden_states, refs=None,
                      self_ref=None) -> tuple[torch.Tensor, ...]:
@@ -166,9 +193,10 @@ class TorchBackend(Backend):
         dtype = self.dtype
         sample, encoder_hidden_states = sample.to(dtype), encoder_hidden_states.to(dtype)
         refs = None if refs is None else [r.to(dtype) for r in refs]
-        if self.compiled and (self.compile_grad or not torch.is_grad_enabled()):
-            return self._compiled(sample, timestep, encoder_hidden_states, refs, self_ref)
-        return self.unet_module(sample, timestep, encoder_hidden_states, *(refs or []), self_ref=self_ref)
+        with self._attention():  # the kernel chosen (p2v_fast.attention.CUDA_ATTENTION_KERNELS), traced and run
+            if self.compiled and (self.compile_grad or not torch.is_grad_enabled()):
+                return self._compiled(sample, timestep, encoder_hidden_states, refs, self_ref)
+            return self.unet_module(sample, timestep, encoder_hidden_states, *(refs or []), self_ref=self_ref)
 
     def _compiled(self, sample, timestep, ehs, refs, self_ref) -> tuple[torch.Tensor, ...]:
         """The compiled call in its one signature: references always (a sample without any
@@ -211,25 +239,37 @@ class TorchBackend(Backend):
         h, w = latent_hw
         dim = int(text_dim or unet.config.cross_attention_dim)
         buckets = [b for b in COMPILE_BUCKETS if b < compile_bucket(2 * frames)] + [compile_bucket(2 * frames)]
+        from p2v_fast.memory import close_window, in_use, open_window, peaks_measurable
+
         for b in buckets:
             sample = torch.zeros(b, int(unet.config.in_channels), h, w, device=self.device, dtype=self.dtype)
             t = torch.ones(b, dtype=torch.long, device=self.device)
             ehs = torch.zeros(b, 77, dim, device=self.device, dtype=self.dtype)
-            for _ in range(3):  # CUDA graph trees: warm-up run, recording, first replay
-                self._compiled(sample, t, ehs, None, None)
+            # A recorded graph's memory is its pool's from then on (later calls of the bucket
+            # measure ~0 bytes), so its cost is read here, while it is being recorded.
+            measure = peaks_measurable(self.device) and b not in self.bucket_bytes
+            before = in_use(self.device) if measure else 0
+            handle = open_window(self.device) if measure else None
+            with self._attention():
+                for _ in range(3):  # CUDA graph trees: warm-up run, recording, first replay
+                    self._compiled(sample, t, ehs, None, None)
+            if handle is not None:
+                self.bucket_bytes[b] = max(0, close_window(self.device, handle) - before)
         return len(buckets)
 
     @torch.no_grad()
     def vae_encode(self, images):
         self.counter.vae_encode += images.shape[0]
-        dist = self.models.vae.encode(images.to(self.device, self.dtype)).latent_dist
+        with tf32_math(self.tf32):
+            dist = self.models.vae.encode(images.to(self.device, self.dtype)).latent_dist
         return dist.mean.float() * self.scaling_factor
 
     @torch.no_grad()
     def vae_decode(self, latents):
         self.counter.vae_decode += latents.shape[0]
         vae = self.models.vae
-        return vae.decode((latents / self.scaling_factor).to(self.device, self.dtype)).sample.float()
+        with tf32_math(self.tf32):
+            return vae.decode((latents / self.scaling_factor).to(self.device, self.dtype)).sample.float()
 
     @torch.no_grad()
     def depth(self, pixel_values):

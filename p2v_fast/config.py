@@ -14,7 +14,9 @@ LATENT_UPDATES = ("autograd", "detached", "off")
 REFS = ("anchor+prev", "anchor", "prev", "none")
 DEPTH_NORMS = ("frame", "clip")
 DTYPES = ("fp32", "fp16", "bf16")
-INVERT_DTYPES = (*DTYPES, "same")  # "same": the edit's --dtype
+# "tf32": fp32 weights and tensors, TF32 tensor-core matmuls and convolutions (CUDA only);
+# "same": the edit's --dtype
+INVERT_DTYPES = (*DTYPES, "tf32", "same")
 RESIZES = ("crop", "stretch", "pad")
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "auto")
 SCHEDULES = ("sequential", "wavefront")
@@ -72,6 +74,10 @@ class EditConfig:
     # calls of as many frames as fit in memory (measured: p2v_fast.memory.CallBudget)
     batch_frames: int | None = None
     invert_batch: int | None = None  # frames per UNet call during inversion; None: up to 16, as fit
+    # budget in bytes for what one process holds on the device (--max-memory): UNet calls are
+    # split so that the edit and the inversion stay under it (CUDA: bytes tensors hold; CPU: the
+    # resident set); None: what the device has (within torch.cuda.set_per_process_memory_fraction)
+    max_memory: int | None = None
 
     # --- PyTorch speed-ups (torch backend and autograd steps); results equal up to float error ---
     compile: bool = False  # torch.compile the UNet (CUDA graphs via mode="reduce-overhead" on GPU)
@@ -135,9 +141,13 @@ def _verify(c: EditConfig) -> None:
         raise InputError(f"--batch-frames must be >= 1; got {c.batch_frames}")
     if c.invert_batch is not None and c.invert_batch < 1:
         raise InputError(f"--invert-batch must be >= 1; got {c.invert_batch}")
+    if c.max_memory is not None and c.max_memory < 2**20:
+        raise InputError(f"--max-memory must be at least 1 MiB; got {c.max_memory} bytes")
     if c.dtype != "auto":
         _choice("dtype", c.dtype, DTYPES)
     _choice("invert-dtype", c.invert_dtype, INVERT_DTYPES)
+    if c.invert_dtype == "tf32" and c.device == "cpu":
+        raise InputError("--invert-dtype tf32 is TF32 tensor-core math on a CUDA GPU; on the CPU use fp32")
     _choice("resize", c.resize, RESIZES)
     if c.size <= 0 or c.size % 64:
         raise InputError(f"--size must be a positive multiple of 64; got {c.size}")

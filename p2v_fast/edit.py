@@ -209,10 +209,22 @@ class EditContext:
 
     def __post_init__(self) -> None:
         if self.budget is None:
-            self.budget = CallBudget(self.backend.device)
+            self.budget = edit_budget(self.cfg, self.backend)
         for b in (self.backend, self.grad_backend):  # the step loop indexes its tables on the device
             if b is not None:
                 self.schedule.to(b.device)
+
+
+def edit_budget(cfg: EditConfig, backend: Backend) -> CallBudget:
+    """Frames per UNet call for an edit on ``backend``: what fits within ``cfg.max_memory`` (or
+    the device); a compiled backend's calls costed by the buckets its warm-up recorded."""
+    budget = CallBudget(backend.device, max_memory=cfg.max_memory)
+    recorded = getattr(backend, "bucket_bytes", None)
+    if recorded:
+        from p2v_fast.backends import compile_bucket
+
+        budget.buckets, budget.bucket_bytes = compile_bucket, dict(recorded)
+    return budget
 
 
 def _guided(cfg: EditConfig, st: FrameState) -> bool:

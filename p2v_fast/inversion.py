@@ -143,7 +143,7 @@ def invert_clip(
         pending = [i for i in range(n) if file_problem(inv_path(i), latent_hw)]  # resuming: intact frames are kept
         advance(cfg.steps * (n - len(pending)))
         if budget is None:  # the user's --invert-batch is taken as given (still retried smaller on OOM)
-            budget = CallBudget(backend.device, measurable=False if batch else None)
+            budget = CallBudget(backend.device, measurable=False if batch else None, max_memory=cfg.max_memory)
         schedule.to(backend.device)
         inputs = lambda ids: _inputs(ids, cfg, backend, lo, hi, enc_path)  # noqa: E731
         # A call's frames run every step together, so measure on the first step before choosing

@@ -126,15 +126,59 @@ def in_use(device: torch.device) -> int:
     return resident_bytes()
 
 
-def headroom(device: torch.device) -> int:
-    """Bytes that can still be taken: free device memory plus what the caching allocator holds
-    unused (CUDA), or the system's available memory (CPU)."""
+def default_pool_free(segments: list[dict]) -> int:
+    """Bytes the caching allocator holds unused in its default pool, from
+    ``torch.cuda.memory_snapshot()``'s segments. A private pool's free blocks (a CUDA graph's,
+    ``segment_pool_id`` other than (0, 0)) serve only that graph's replays: an ordinary
+    allocation cannot take them, so they are not headroom."""
+    return sum(int(seg["total_size"]) - int(seg["allocated_size"]) for seg in segments
+               if tuple(seg.get("segment_pool_id", (0, 0))) == (0, 0))
+
+
+def cuda_room(free: int, total: int, fraction: float, reserved: int, allocated: int, pool_free: int,
+              max_memory: int | None = None) -> int:
+    """Bytes a new tensor may still take on a CUDA device: what the driver has free plus the
+    default pool's unused blocks, within ``set_per_process_memory_fraction``'s limit (the
+    allocator refuses to reserve beyond ``fraction x total``) and within ``max_memory`` (a
+    budget on the bytes tensors hold, as ``torch.cuda.max_memory_allocated`` counts them)."""
+    room = min(free, max(0, int(fraction * total) - reserved)) + pool_free
+    if max_memory is not None:
+        room = min(room, max_memory - allocated)
+    return max(0, room)
+
+
+def headroom(device: torch.device, max_memory: int | None = None) -> int:
+    """Bytes that can still be taken: on CUDA, :func:`cuda_room` (free device memory and the
+    default pool's unused blocks, within the per-process fraction); on the CPU, the system's
+    available memory. ``max_memory``: a budget on the bytes in use (``--max-memory``), on CUDA
+    the bytes tensors hold, on the CPU the resident set."""
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+        free, total = torch.cuda.mem_get_info(device)
+        return cuda_room(int(free), int(total), torch.cuda.get_per_process_memory_fraction(device),
+                         int(torch.cuda.memory_reserved(device)), int(torch.cuda.memory_allocated(device)),
+                         default_pool_free(torch.cuda.memory_snapshot()), max_memory)
     import psutil
 
-    return int(psutil.virtual_memory().available)
+    room = int(psutil.virtual_memory().available)
+    if max_memory is not None:
+        room = min(room, max_memory - resident_bytes())
+    return max(0, room)
+
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
+          "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """``--max-memory``'s value: "12GB", "12 GiB", "800M", "1.5g", "4096" (bytes); units are
+    binary (1 GB = 2**30 bytes). Raises ValueError on anything else or a value below 1 MiB."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"{text!r} is not a size; use e.g. 12GB, 800MB")
+    n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if n < 2**20:
+        raise ValueError(f"{text!r} is below 1 MiB")
+    return n
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -177,10 +221,18 @@ class CallBudget:
         device: torch.device,
         measurable: bool | None = None,
         headroom_fn: Callable[[], int] | None = None,
+        max_memory: int | None = None,
+        buckets: Callable[[int], int] | None = None,
     ) -> None:
         self.device = device
         self.measurable = peaks_measurable(device) if measurable is None else measurable
-        self.headroom_fn = headroom_fn or (lambda: headroom(device))
+        self.max_memory = max_memory
+        self.headroom_fn = headroom_fn or (lambda: headroom(device, max_memory))
+        # compiled calls: frames -> the padded batch (samples) the call runs at; calls are then
+        # costed per bucket (bucket_bytes), since a CUDA graph's memory is its pool's, reserved
+        # when the bucket is recorded, and a call measured after that shows ~0 bytes per frame
+        self.buckets = buckets
+        self.bucket_bytes: dict[int, int] = {}  # padded batch -> peak bytes of its first (recording) call
         self.one_frame_peak: dict[Kind, int] = {}  # peak of the kind's 1-frame call
         self.bytes_per_frame: dict[Kind, float] = {}
         self.ceiling: dict[Kind, int] = {}  # set by out-of-memory errors
@@ -194,7 +246,9 @@ class CallBudget:
         """Frames the next call of ``kind`` may take, of ``wanted``."""
         if wanted <= 1:
             return 1
-        if self._measuring(kind):
+        if self.buckets is not None and self.bucket_bytes and isinstance(kind, tuple) and kind[-1] is False:
+            n = self._frames_by_bucket(min(wanted, self.ceiling.get(kind, wanted)))
+        elif self._measuring(kind):
             n = 1 if kind not in self.one_frame_peak else 2  # measure one frame, then two
         else:
             n = min(wanted, self.ceiling.get(kind, wanted))
@@ -205,6 +259,19 @@ class CallBudget:
         if n < wanted:
             self.splits += 1
         return n
+
+    def _frames_by_bucket(self, wanted: int) -> int:
+        """Most frames (of ``wanted``) whose bucket is recorded and fits: a recorded bucket's
+        memory is already reserved in its graph pool, so a call fits if its bucket was recorded;
+        one not recorded is costed at the largest recorded bucket's bytes scaled by samples."""
+        assert self.buckets is not None
+        room = SAFETY * self.headroom_fn()
+        largest = max(self.bucket_bytes)
+        for n in range(wanted, 0, -1):
+            b = self.buckets(2 * n)
+            if b in self.bucket_bytes or self.bucket_bytes[largest] * b / largest <= room:
+                return n
+        return 1
 
     def calibrate(self, kind: Kind, call: Callable[[int], object], available: int) -> None:
         """Measure ``kind`` with ``call(1)`` and ``call(2)`` (one call of 1 and of 2 frames,

@@ -32,7 +32,7 @@ from p2v_fast.inversion_cache import InvertedClip
 from p2v_fast.paths import EditPaths, side_paths
 from p2v_fast.progress import NullProgress, Progress
 from p2v_fast.prompts import check_prompt, encode_prompt, source_prompt_for, warn_if_truncated
-from p2v_fast.runtime import Runtime, inversion_runtime, load_runtime, resolve_dtype, torch_threads
+from p2v_fast.runtime import Runtime, inversion_runtime, invert_precision, load_runtime, torch_threads
 
 
 def probe_input(input_path: Path, cfg: EditConfig) -> video.VideoInfo:
@@ -92,8 +92,8 @@ def prepare(cfg: EditConfig, input_path: Path, rt: Runtime, progress: Progress,
     else:
         source = cfg.source_prompt.strip()
     warn_if_truncated(rt.models, source, "source prompt", progress.log, rt.warned)
-    dtype = None if cfg.invert_dtype == "same" else resolve_dtype(cfg.invert_dtype, rt.models.device)
-    where = inversion_runtime(rt.models, rt.backend, rt.grad_backend, dtype)
+    dtype, tf32 = invert_precision(cfg.invert_dtype, rt.models.device)
+    where = inversion_runtime(rt.models, rt.backend, rt.grad_backend, dtype, tf32)
     # another process inverting the same entry: invert_clip waits for it (the entry's lock), then reuses it
     inverted = invert_clip(cfg, selection, rt.models, where, source, digest=frames_digest(selection),
                            batch=cfg.invert_batch, progress=progress)

@@ -74,15 +74,42 @@ def runtime_for(cfg: EditConfig, models) -> Runtime:
     return Runtime(models, backend, grad)
 
 
+def invert_precision(name: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """``--invert-dtype`` as (dtype, TF32): "same" -> (None, False), "tf32" -> (fp32, True) on
+    CUDA (an error elsewhere: TF32 is a tensor-core mode), else the dtype it names."""
+    if name == "same":
+        return None, False
+    if name == "tf32":
+        if torch.device(device).type != "cuda":
+            raise InputError("--invert-dtype tf32 is TF32 tensor-core math on a CUDA GPU; on the CPU use fp32")
+        return torch.float32, True
+    return resolve_dtype(name, device), False
+
+
 def inversion_runtime(models, backend: Backend, grad_backend: Backend | None, dtype: torch.dtype | None,
-                      ) -> InversionRuntime:
+                      tf32: bool = False) -> InversionRuntime:
     """Where the inversion runs: the edit's backend if it computes in ``dtype`` (None: whatever it
     computes in), else its PyTorch gradient backend if that does, else a PyTorch backend in
     ``dtype`` made on a cache miss: on ``models`` themselves when they are in ``dtype``, else on
     a copy of their UNet, VAE and text encoder cast to ``dtype`` (fp16 weights upcast exactly:
     the inversion then inverts the very weights the edit samples with, in fp32 arithmetic). The
     identity of such a copy also names the precision its weights were loaded in: fp16-rounded
-    weights are other weights, so their inversion is not the fp32 model's."""
+    weights are other weights, so their inversion is not the fp32 model's. ``tf32``: a PyTorch
+    backend in fp32 of its own whose calls use TF32 math (its identity says so: another cache
+    entry than fp32's)."""
+    if tf32:
+        assert dtype == torch.float32
+        base = models if models.dtype == dtype else None
+        identity = {**runtime_identity("torch", dtype, models.device), "math": "tf32"}
+        if base is None:
+            identity["weights"] = str(models.dtype).removeprefix("torch.")
+
+        def make_tf32() -> Backend:
+            b = TorchBackend(base if base is not None else models_in_dtype(models, dtype))
+            b.tf32 = True
+            return b
+
+        return InversionRuntime(identity, make_tf32)
     for b in (backend, grad_backend):
         if b is not None and (dtype is None or b.dtype == dtype):
             return InversionRuntime.of(b)

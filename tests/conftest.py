@@ -107,6 +107,16 @@ def tiny_models(tiny_dir: Path):
     return load_models("tiny")
 
 
+@pytest.fixture
+def no_tf32() -> Iterator[None]:
+    """TF32 off (cuDNN convolutions and CUDA matmuls) while a test compares fp32 results: with it
+    on, an fp32 GPU result is ~1e-3 off, which spoils comparisons made to 1e-3 at random."""
+    before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread() -> Iterator[None]:
     """One intra-op thread while a module runs: on a shared 2-core machine, two OpenMP threads

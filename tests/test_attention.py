@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
@@ -140,3 +141,30 @@ def test_two_wrappers_of_one_unet_each_get_their_own_features() -> None:
     got, *got_feats = first(sample, t, ehs)
     torch.testing.assert_close(got, want)
     assert len(got_feats) == len(want_feats) == 9
+
+
+def test_the_attention_kernel_is_chosen_on_cuda_not_inherited() -> None:
+    """On CUDA the UNet's calls run with flash, then memory-efficient, then math attention
+    enabled, and cuDNN attention (torch's default on H100/H200) off; torch's flags come back
+    after. On the CPU nothing is changed."""
+    from p2v_fast.attention import attention_kernels
+
+    before = (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled())
+    with attention_kernels(torch.device("cuda")):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled()) == before
+    with attention_kernels(torch.device("cpu")):
+        assert torch.backends.cuda.cudnn_sdp_enabled() == before[0]
+
+
+@pytest.mark.cuda
+def test_fp16_cross_frame_calls_run_flash_attention_on_cuda(tiny_dir) -> None:
+    """What the bench reports on a GPU: fp16 cross-frame calls and their backward run
+    FlashAttention, never cuDNN's."""
+    from benchmarks.bench import attention_kernels_used
+    from p2v_fast.models import load_models
+
+    used = attention_kernels_used(load_models("tiny", device=torch.device("cuda"), dtype=torch.float16), (8, 8))
+    assert any("flash" in k for k in used["forward"]) and not any("cudnn" in k for k in used["forward"])
+    assert any("flash" in k and "backward" in k for k in used["backward"]), used

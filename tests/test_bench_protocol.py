@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from benchmarks.protocol import PEERS, PROTOCOLS, ProtocolOptions
@@ -56,6 +57,27 @@ def test_protocol_runs_small_and_says_it_is_not_the_protocol(tiny_dir, tmp_path:
         assert run["unet_calls"] > 0
     assert data["runs"][1]["unet_backward"] > 0 and data["runs"][0]["unet_backward"] == 0
     assert data["warmup_seconds"] > 0 and data["peers"] == PEERS
+    assert data["setup_seconds"] >= data["warmup_seconds"] and data["compiled_buckets_warmed"] == 0
+    from p2v_fast import memory
+
+    if memory.peaks_measurable(torch.device("cpu")):  # peaks over nested windows: the budget's do not reset them
+        assert all(run["peak_memory_bytes"] > 0 for run in data["runs"])
+        assert data["peak_memory_bytes"] >= max(run["peak_memory_bytes"] for run in data["runs"])
+
+
+def test_every_compiled_bucket_is_warmed_up_before_the_clock() -> None:
+    """The protocol warms up the buckets of calls of the default cap (16 frames: 32 samples) and
+    of inversion calls (16 samples), not only the warm-up edit's 2 frames."""
+    from types import SimpleNamespace
+
+    from benchmarks.protocol import warm_up_compiled
+
+    calls: list = []
+    compiled = SimpleNamespace(compiled=True, warm_up=lambda hw, frames: calls.append((hw, frames)) or 5)
+    assert warm_up_compiled(SimpleNamespace(backend=compiled, grad_backend=compiled), (64, 64)) == 5
+    assert calls == [((64, 64), 16)]  # once per backend
+    eager = SimpleNamespace(compiled=False, warm_up=lambda *a: calls.append(a) or 1)
+    assert warm_up_compiled(SimpleNamespace(backend=eager, grad_backend=None), (64, 64)) == 0
 
 
 def test_protocol_refuses_what_it_cannot_run(tmp_path: Path) -> None:

@@ -664,6 +664,9 @@ REFUSED = [
     (["bench", "--plan", "--protocol", "v2v120"], "give one of them"),
     (["bench", "--model", "tiny", "--protocol", "v2v120", "--invert-dtype", "fp8"], "--invert-dtype must be one of"),
     (["bench", "--model", "tiny", "--protocol", "v2v120", "--frames", "0"], "--frames must be >= 1"),
+    (["edit", "{clip}", "x", *FAST, "--max-memory", "12 apples"], "--max-memory: '12 apples' is not a size"),
+    (["edit", "{clip}", "x", *FAST, "--max-memory", "10k"], "--max-memory: '10k' is below 1 MiB"),
+    (["bench", "--model", "tiny", "--protocol", "v2v120", "--max-memory", "lots"], "--max-memory"),
 ]
 
 

@@ -157,3 +157,82 @@ def test_a_one_frame_call_that_runs_out_is_an_error(models64) -> None:
     with pytest.raises(torch.OutOfMemoryError):
         _edit(models64, cfg, 2, "wavefront", backend=_SmallDevice(models64, most=0),
               budget=CallBudget(CPU, measurable=False))
+
+
+# ------------------------------------------------------------------------------ limits and budgets
+
+GB = 2**30
+
+
+def test_cuda_room_respects_the_per_process_fraction_and_the_budget() -> None:
+    """80 GB card, 60 GB free: with set_per_process_memory_fraction(0.25) only 20 GB may be
+    reserved (10 GB are), so 10 GB more plus the default pool's 2 GB of free blocks; a 12 GB
+    --max-memory with 9 GB held leaves 3 GB."""
+    room = memory.cuda_room(free=60 * GB, total=80 * GB, fraction=1.0, reserved=10 * GB, allocated=8 * GB,
+                            pool_free=2 * GB)
+    assert room == 62 * GB
+    assert memory.cuda_room(60 * GB, 80 * GB, 0.25, 10 * GB, 8 * GB, 2 * GB) == 12 * GB
+    assert memory.cuda_room(60 * GB, 80 * GB, 1.0, 10 * GB, 9 * GB, 2 * GB, max_memory=12 * GB) == 3 * GB
+    assert memory.cuda_room(60 * GB, 80 * GB, 0.1, 10 * GB, 8 * GB, 0) == 0  # over the fraction already
+
+
+def test_a_cuda_graph_pools_free_blocks_are_not_headroom() -> None:
+    segments = [{"total_size": 4 * GB, "allocated_size": 1 * GB, "segment_pool_id": (0, 0)},
+                {"total_size": 6 * GB, "allocated_size": 0, "segment_pool_id": (1, 0)},  # a graph's private pool
+                {"total_size": 2 * GB, "allocated_size": 2 * GB, "segment_pool_id": (0, 0)}]
+    assert memory.default_pool_free(segments) == 3 * GB
+
+
+def test_cpu_headroom_respects_the_budget(monkeypatch) -> None:
+    monkeypatch.setattr(memory, "resident_bytes", lambda: 3 * GB)
+    assert memory.headroom(CPU, max_memory=5 * GB) == min(2 * GB, memory.headroom(CPU))
+    assert memory.headroom(CPU, max_memory=2 * GB) == 0
+
+
+@pytest.mark.parametrize(("text", "n"), [("12GB", 12 * GB), ("12 GiB", 12 * GB), ("800M", 800 * MB),
+                                         ("1.5g", int(1.5 * GB)), ("4194304", 4 * MB)])
+def test_max_memory_values(text, n) -> None:
+    assert memory.parse_bytes(text) == n
+
+
+@pytest.mark.parametrize("text", ["12 apples", "", "-1GB", "10k"])
+def test_bad_max_memory_values(text) -> None:
+    with pytest.raises(ValueError):
+        memory.parse_bytes(text)
+
+
+def test_the_edit_budget_takes_max_memory_and_splits_differentiable_calls(monkeypatch) -> None:
+    """--max-memory reaches the edit's budget: with 1.4 GiB per differentiable frame (SD2 at
+    512x512 fp16, measured as usual) and 12 GiB, of which 5 are held, calls take
+    floor(0.6 x 7 / 1.4) = 3 frames, whatever the machine has."""
+    from types import SimpleNamespace
+
+    import psutil
+
+    from p2v_fast.edit import edit_budget
+
+    monkeypatch.setattr(memory, "resident_bytes", lambda: 5 * GB)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=1000 * GB))
+    budget = edit_budget(EditConfig(prompt="a swan", model="tiny", max_memory=12 * GB), SimpleNamespace(device=CPU))
+    budget.measurable = True
+    budget.bytes_per_frame[("edit", True)] = 1.4 * GB
+    assert budget.frames_per_call(("edit", True), 16) == 3
+    unbounded = edit_budget(EditConfig(prompt="a swan", model="tiny"), SimpleNamespace(device=CPU))
+    unbounded.measurable = True
+    unbounded.bytes_per_frame[("edit", True)] = 1.4 * GB
+    assert unbounded.frames_per_call(("edit", True), 16) == 16
+
+
+def test_compiled_calls_are_sized_by_their_buckets() -> None:
+    """A compiled call's memory is its graph's, recorded at warm-up (a call measured later shows
+    ~0 bytes per frame). A call whose bucket was recorded fits; a bigger one is costed as the
+    largest recorded bucket scaled by samples. Buckets 2..32 samples; 6 GB free."""
+    from p2v_fast.backends import compile_bucket
+
+    budget = CallBudget(CPU, measurable=True, headroom_fn=lambda: int(6 * GB / SAFETY), buckets=compile_bucket)
+    budget.bucket_bytes = {2: 1 * GB, 8: 4 * GB}  # 1- and 4-frame calls recorded
+    kind = ("edit", False)
+    assert budget.frames_per_call(kind, 16) == 4  # 16 samples would cost 8 GB, 32: 16 GB
+    budget.headroom_fn = lambda: int(9 * GB / SAFETY)
+    assert budget.frames_per_call(kind, 16) == 8  # 16 samples: 8 GB fit
+    assert budget.frames_per_call(("edit", True), 4) == 1  # differentiable calls run eager: measured as usual
