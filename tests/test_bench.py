@@ -134,7 +134,7 @@ def test_graph_backend_without_engines_exports_the_bench_model(tiny_dir, tmp_pat
     assert run["runs_as"] == "onnxruntime" and run["engines"] == "exported for this run"
     export = run["export"]
     assert export["format"] == "onnx" and export["precision"] == "fp32"
-    assert export["profile"] == f"batch 1-6 at {SIZE}x{SIZE}"
+    assert export["profile"] == f"batch 1-6 at {SIZE}-128 x {SIZE}-128"  # --size to the long side of a 16:9 crop
     assert {k.split("/")[0] for k in export["networks"]} == {"unet", "vae_encoder", "vae_decoder", "depth"}
     assert all(n["status"] == "exported" for n in export["networks"].values())
     seq, wav = (next(e for e in run["edits"] if e["schedule"] == s) for s in ("sequential", "wavefront"))
