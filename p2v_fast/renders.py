@@ -55,6 +55,22 @@ def _clock(seconds: float) -> str:
     return f"{s // 60}:{s % 60:02d}" if s < 3600 else f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
+def release_memory() -> None:
+    """Hand the memory a finished job freed back to the system: the edits run in their own threads,
+    so glibc keeps what each freed in that thread's arena: without this a serving process grew from
+    509 to 1037 MiB over 8 renders (tiny model, 8 frames at 128x128); with it, 570-580 MiB over 10."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        ctypes.CDLL(name).malloc_trim(0)
+
+
 def _utc(t: float) -> str:
     """``t`` (seconds since the epoch) as UTC to the millisecond: 2026-01-31T12:00:00.123Z."""
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
@@ -342,6 +358,7 @@ class Renderer:
                 try:
                     job.result = work(job.progress, slot)
                 finally:
+                    release_memory()
                     self._free.put(slot)
             except BaseException as exc:  # reported on the page as one line
                 job.error = exc

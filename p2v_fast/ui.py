@@ -233,9 +233,8 @@ def launch(settings: UISettings, *, host: str = "127.0.0.1", port: int = 7860, a
     renderer = Renderer(settings)
     t0 = time.perf_counter()
     cfg = renderer.config(prompt="-", **form_defaults(settings.model))
-    for slot in range(len(renderer.devices)):
-        renderer.runtime(cfg, slot)
-    on_line(f"models loaded in {time.perf_counter() - t0:.1f} s ({settings.model} on {', '.join(renderer.devices)})")
+    where = [str(renderer.runtime(cfg, slot).backend.device) for slot in range(len(renderer.devices))]
+    on_line(f"models loaded in {time.perf_counter() - t0:.1f} s ({settings.model} on {', '.join(where)})")
     app, _ = serve(renderer, host=host, port=port, auth=auth, share=share, on_line=on_line)
     try:
         app.block_thread()

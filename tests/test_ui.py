@@ -224,6 +224,18 @@ def test_cancel_stops_the_render_and_leaves_no_partial_file(ui, sample):
     assert status.startswith("cancelled; no partial output was kept"), status
     assert video is None
     assert outputs_in(ui.out) == before, outputs_in(ui.out) - before  # no video, strip, report or temp file
+    # the page going away (Gradio cancels the request, which closes its generator) cancels it too
+    job = ui.client.submit(*form(sample, steps=20, frames=8, schedule="sequential", update="off", seed=1),
+                           api_name="/render")
+    while not any(o[0].startswith("edit: ") for o in job.outputs()):
+        assert not job.done() and time.monotonic() < deadline + 120
+        time.sleep(0.1)
+    assert [p for p in ui.out.iterdir() if ".partial." in p.name]
+    assert job.cancel()
+    deadline = time.monotonic() + 60
+    while outputs_in(ui.out) != before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert outputs_in(ui.out) == before, outputs_in(ui.out) - before
     # the device is free again: the next render runs
     status, *_ = ui.client.predict(*form(sample), api_name="/render")
     assert status.startswith("done: "), status
