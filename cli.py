@@ -11,7 +11,7 @@ import functools
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -21,7 +21,24 @@ from rich.markup import escape
 from typer.core import TyperGroup
 
 from p2v_fast import report
+from p2v_fast.config import (
+    BACKENDS,
+    DEFAULT_CLIP_MODEL,
+    DEPTH_NORMS,
+    DTYPES,
+    FLOW_METHODS,
+    INVERT_DTYPES,
+    LATENT_UPDATES,
+    REFS,
+    RESIZES,
+    SCHEDULES,
+    EditConfig,
+    check_choice,
+)
 from p2v_fast.display import LogProgress, RichProgress, batch_display, progress_for
+from p2v_fast.errors import P2VError
+from p2v_fast.export_options import EXPORTERS, FORMATS, ExportOptions
+from p2v_fast.specs import PRECISIONS
 
 try:  # typer >= 0.20 carries its own copy of click
     from typer._click import exceptions as click_errors
@@ -39,6 +56,9 @@ class _Group(TyperGroup):
             rv = super().main(*args, **kwargs)
         except click_errors.NoArgsIsHelpError as exc:  # bare `p2v`: the help text
             exc.show()
+            sys.exit(exc.exit_code)
+        except P2VError as exc:  # a value the option's parser refused (a choice not offered)
+            console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
             sys.exit(exc.exit_code)
         except click_errors.UsageError as exc:
             where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
@@ -107,13 +127,25 @@ def _error(message: str, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
+#: Commands whose interruption keeps finished inversion frames in the cache.
+_INVERTING = ("edit", "demo", "invert", "ablate")
+
+
+def _try(fn: Callable[..., Any], *hints: tuple[str, str]) -> str:
+    """'; try A, B or C' from the (parameter, hint) pairs whose parameter ``fn`` (a command) has:
+    a message names only options of the command that raised it."""
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    got = [text for name, text in hints if name in params]
+    return f"; try {', '.join(got[:-1])} or {got[-1]}" if len(got) > 1 else f"; try {got[0]}" if got else ""
+
+
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn library errors (and Ctrl-C, SIGTERM) into one line and an exit code, never a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from p2v_fast.errors import P2VError
-
         try:
             return fn(*args, **kwargs)
         except P2VError as exc:
@@ -122,22 +154,45 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             from p2v_fast.errors import Terminated
 
             what, code = ("terminated (SIGTERM)", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
-            raise _error(f"{what}; no partial output was kept, finished inversion frames are kept in the cache",
-                         code) from None
+            kept = ", finished inversion frames are kept in the cache" if fn.__name__ in _INVERTING else ""
+            raise _error(f"{what}; no partial output was kept{kept}", code) from None
         except MemoryError:
-            raise _error("out of memory; try a smaller --size or --max-frames", 1) from None
+            raise _error("out of memory" + _try(fn, ("size", "a smaller --size"), ("max_frames", "--max-frames"),
+                                                ("frames", "fewer --frames")), 1) from None
         except RuntimeError as exc:  # torch.OutOfMemoryError is one
             from p2v_fast.memory import is_out_of_memory
 
             if not is_out_of_memory(exc):
                 raise
-            raise _error("out of memory even at one frame per UNet call; try a smaller --size, --dtype fp16 or "
-                         "--latent-update detached", 1) from None
+            where = " even at one frame per UNet call" if fn.__name__ in _INVERTING else ""
+            raise _error(f"out of memory{where}" + _try(fn, ("size", "a smaller --size"), ("dtype", "--dtype fp16"),
+                                                        ("latent_update", "--latent-update detached")), 1) from None
 
     return wrapper
 
 
-# Options shared by edit and invert ---------------------------------------------------------
+def _edit_default(name: str) -> Any:
+    """The default of EditConfig's field ``name``: an option's default is written once, there."""
+    return EditConfig.__dataclass_fields__[name].default
+
+
+def _export_default(name: str) -> Any:
+    """The default of ExportOptions' field ``name``."""
+    return ExportOptions.__dataclass_fields__[name].default
+
+
+def _choices(option: str, choices: Sequence[str]) -> dict[str, Any]:
+    """typer.Option keywords for a value that is one of ``choices``: --help shows them, and another
+    value is one ``error:`` line (exit 2) worded as EditConfig words it."""
+    options = tuple(choices)
+
+    def parse(value: str) -> str:
+        return check_choice(option, value, options)
+
+    return {"parser": parse, "metavar": "[" + "|".join(options) + "]"}
+
+
+# Options shared by the commands: one spelling and one help each -----------------------------
 Model = Annotated[str, typer.Option(help="Hub id, local diffusers folder, or 'tiny' (random weights, offline).")]
 Size = Annotated[int, typer.Option(help="Short side of the working size (multiple of 64).")]
 Start = Annotated[int, typer.Option(help="First source frame (0-based).")]
@@ -146,12 +201,23 @@ Stride = Annotated[int, typer.Option(help="Take every N-th frame.")]
 Steps = Annotated[int, typer.Option(help="DDIM steps (paper: 50).")]
 GuidanceScale = Annotated[float, typer.Option("--guidance-scale", help="Classifier-free guidance.")]
 SourcePrompt = Annotated[str | None, typer.Option("--source-prompt", help="Inversion prompt (default: BLIP caption).")]
-DepthNorm = Annotated[str, typer.Option("--depth-norm", help="Depth min-max per 'frame' (paper) or per 'clip'.")]
+DepthNorm = Annotated[str, typer.Option("--depth-norm", **_choices("--depth-norm", DEPTH_NORMS),
+                                        help="Depth min-max per frame (paper) or per clip.")]
+LatentUpdate = Annotated[str, typer.Option("--latent-update", **_choices("--latent-update", LATENT_UPDATES),
+                                           help="autograd (paper eq. 1), detached (the authors' code) or off.")]
+UpdateWeight = Annotated[float, typer.Option("--update-weight", help="delta of eq. 1 at 512x512.")]
+Seed = Annotated[int, typer.Option(help="Random seed.")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")]
-Dtype = Annotated[str, typer.Option(help="auto, fp32, fp16, bf16.")]
-Backend = Annotated[str, typer.Option(help="torch, onnxruntime, tensorrt or auto.")]
-Engines = Annotated[Path | None, typer.Option(help="Folder of exported engines (non-torch backends).")]
-Schedule = Annotated[str, typer.Option(help="wavefront (batched frames) or sequential (Algorithm 1); same result.")]
+Dtype = Annotated[str, typer.Option("--dtype", **_choices("--dtype", ("auto", *DTYPES)),
+                                    help="Precision of the networks (auto: fp16 on CUDA, fp32 on CPU).")]
+Backend = Annotated[str, typer.Option(
+    "--backend", **_choices("--backend", BACKENDS),
+    help="Runtime of the networks (auto: tensorrt if --engines holds engines usable here, else onnxruntime if it "
+    "holds graphs, else torch).")]
+Engines = Annotated[Path | None, typer.Option(
+    help="Folder of exported engines (non-torch backends; default ./engines).")]
+Schedule = Annotated[str, typer.Option("--schedule", **_choices("--schedule", SCHEDULES),
+                                       help="wavefront (batched frames) or sequential (Algorithm 1); same result.")]
 BatchFrames = Annotated[int | None, typer.Option(
     "--batch-frames", help="Wavefront: most frames in flight (default: up to 16, in calls that fit in memory).")]
 InvertBatch = Annotated[int | None, typer.Option(
@@ -161,17 +227,38 @@ MaxMemory = Annotated[str | None, typer.Option(
     "CPU: resident set). Default: what the device has.")]
 Fps = Annotated[float | None, typer.Option(
     help="Frame rate of an image-folder input (default 24); a video keeps its own.")]
-
-
 InvertDtype = Annotated[str, typer.Option(
-    "--invert-dtype", help="Precision of the DDIM inversion: fp32 (default, whatever --dtype is; fp16 engines "
-    "invert on PyTorch), tf32 (fp32 with TF32 tensor-core math, CUDA), fp16, bf16, or 'same' (the edit's --dtype "
-    "and backend).")]
+    "--invert-dtype", **_choices("--invert-dtype", INVERT_DTYPES),
+    help="Precision of the DDIM inversion: fp32 (default, whatever --dtype is; fp16 engines invert on PyTorch), "
+    "tf32 (fp32 with TF32 tensor-core math, CUDA), fp16, bf16, or 'same' (the edit's --dtype and backend).")]
 Resize = Annotated[str, typer.Option(
+    "--resize", **_choices("--resize", RESIZES),
     help="Framing: crop (short side --size, aspect kept, centre-cropped), stretch (squashed to --size x --size, "
     "as the paper), pad (fitted in --size x --size, letterboxed; the output drops the bars).")]
 Threads = Annotated[int | None, typer.Option(
     help="CPU threads for PyTorch (default: one per core; OpenMP threads wait passively, see docs/performance.md).")]
+ClipModel = Annotated[str, typer.Option(
+    "--clip-model", help="CLIP for the metrics: hub id, local folder, or 'tiny' (random, offline).")]
+Flow = Annotated[str, typer.Option("--flow", **_choices("--flow", FLOW_METHODS),
+                                   help="Optical flow for Pixel-MSE: dis (OpenCV, no weights) or raft (paper).")]
+
+
+def _overwrite(what: str) -> Any:
+    """``--overwrite`` (``--force`` its alias): replace ``what``."""
+    return typer.Option("--overwrite", "--force", help=f"Replace {what}.")
+
+
+def _json(what: str) -> Any:
+    """``--json PATH``: also write ``what`` there (checked before the work)."""
+    return typer.Option("--json", help=f"Also write {what} to this JSON file.")
+
+
+def _write_json(path: Path | None, data: Any) -> None:
+    """The --json file of a command whose library call does not write it (checked before the work)."""
+    if path is not None:
+        from p2v_fast.files import write_json_atomic
+
+        write_json_atomic(path, data)
 
 
 @contextlib.contextmanager
@@ -202,12 +289,6 @@ def _bytes(text: str | None) -> int | None:
         raise InputError(f"--max-memory: {e}") from None
 
 
-def _config(**kw: Any):
-    from p2v_fast.config import EditConfig
-
-    return EditConfig(**kw)
-
-
 @app.command()
 @user_errors
 def edit(
@@ -216,39 +297,39 @@ def edit(
     output: Annotated[Path | None, typer.Option(
         "-o", "--output", help="Output video: .mp4, .mov, .mkv or .webm (default: INPUT.p2v.mp4 beside the input; "
         "with --preview a .png).")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
-    preview: Annotated[bool, typer.Option(help="Edit only the anchor frame and write a PNG.")] = False,
+    overwrite: Annotated[bool, _overwrite("an existing output file")] = False,
+    preview: Annotated[bool, typer.Option("--preview", help="Edit only the anchor frame and write a PNG.")] = False,
     side_by_side: Annotated[bool, typer.Option("--side-by-side", help="Also write input|output video.")] = False,
-    model: Model = "stabilityai/stable-diffusion-2-depth",
-    size: Size = 512,
-    resize: Resize = "crop",
-    start: Start = 0,
+    model: Model = _edit_default("model"),
+    size: Size = _edit_default("size"),
+    resize: Resize = _edit_default("resize"),
+    start: Start = _edit_default("start"),
     max_frames: MaxFrames = None,
-    stride: Stride = 1,
-    steps: Steps = 50,
-    guidance_scale: GuidanceScale = 7.5,
+    stride: Stride = _edit_default("stride"),
+    steps: Steps = _edit_default("steps"),
+    guidance_scale: GuidanceScale = _edit_default("guidance_scale"),
     negative_prompt: Annotated[str, typer.Option(
         "--negative-prompt", help="What to steer away from: replaces the empty prompt of classifier-free "
-        "guidance (e.g. 'blurry, low quality').")] = "",
+        "guidance (e.g. 'blurry, low quality').")] = _edit_default("negative_prompt"),
     source_prompt: SourcePrompt = None,
-    depth_norm: DepthNorm = "frame",
-    latent_update: Annotated[
-        str, typer.Option("--latent-update", help="autograd (paper eq. 1), detached, off.")
-    ] = "autograd",
+    depth_norm: DepthNorm = _edit_default("depth_norm"),
+    latent_update: LatentUpdate = _edit_default("latent_update"),
     update_steps: Annotated[
         int | None, typer.Option("--update-steps", help="Guided update on the first N steps (default: half).")
     ] = None,
-    update_weight: Annotated[float, typer.Option("--update-weight", help="delta of eq. 1 at 512x512.")] = 100.0,
-    refs: Annotated[str, typer.Option(help="Attention references: anchor+prev, anchor, prev, none.")] = "anchor+prev",
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    backend: Backend = "torch",
+    update_weight: UpdateWeight = _edit_default("update_weight"),
+    refs: Annotated[str, typer.Option("--refs", **_choices("--refs", REFS),
+                                      help="Attention references of the decoder's self-attention.")
+                    ] = _edit_default("refs"),
+    seed: Seed = _edit_default("seed"),
+    device: Device = _edit_default("device"),
+    dtype: Dtype = _edit_default("dtype"),
+    backend: Backend = _edit_default("backend"),
     engines: Engines = None,
-    schedule: Schedule = "wavefront",
+    schedule: Schedule = _edit_default("schedule"),
     batch_frames: BatchFrames = None,
     invert_batch: InvertBatch = None,
-    invert_dtype: InvertDtype = "fp32",
+    invert_dtype: InvertDtype = _edit_default("invert_dtype"),
     max_memory: MaxMemory = None,
     compile: Annotated[bool, typer.Option(
         "--compile", help="torch.compile the UNet's calls without gradients (CUDA graphs on GPU).")] = False,
@@ -256,15 +337,14 @@ def edit(
     cuda_graph: Annotated[bool, typer.Option(
         "--cuda-graph", help="tensorrt: replay engines as CUDA graphs (export them with --static-batch).")] = False,
     fps: Fps = None,
-    json_path: Annotated[Path | None, typer.Option(
-        "--json", help="Also write the result here: paths, timings, UNet calls and the guided update's size per "
-        "step and frame.")] = None,
+    json_path: Annotated[Path | None, _json(
+        "the result (paths, timings, UNet calls and the guided update's size per step and frame)")] = None,
     threads: Threads = None,
 ) -> None:
     """Edit INPUT so that it matches PROMPT, consistently across frames."""
     from p2v_fast.pipeline import edit_video
 
-    cfg = _config(
+    cfg = EditConfig(
         prompt=prompt, source_prompt=source_prompt, negative_prompt=negative_prompt, model=model, device=device,
         dtype=dtype, backend=backend, engines=engines, size=size, start=start, max_frames=max_frames, stride=stride,
         steps=steps, guidance_scale=guidance_scale, seed=seed, depth_norm=depth_norm, refs=refs,
@@ -286,7 +366,8 @@ def demo(
     out: Annotated[Path, typer.Option(help="Folder for the sample clip and the edit.")] = Path("samples"),
     frames: Annotated[int, typer.Option(help="Frames in the sample clip.")] = 16,
     size: Size = 128,
-    steps: Steps = 50,
+    steps: Steps = _edit_default("steps"),
+    json_path: Annotated[Path | None, _json("the edit's result (as p2v edit --json)")] = None,
     threads: Threads = None,
 ) -> None:
     """Offline end-to-end run: make a sample clip and edit it with the tiny random-weight model.
@@ -298,8 +379,9 @@ def demo(
 
     cfg = demo_config(size=size, steps=steps, threads=threads)  # checked before the sample clip is made
     with _progress() as progress:
-        result = run_demo(out, cfg, frames, progress)
+        result = run_demo(out, cfg, frames, progress, json_path=json_path)
     report.print_demo(out_console, result)
+    report.print_wrote(out_console, json_path)
 
 
 @app.command()
@@ -311,10 +393,11 @@ def ui(
     share: Annotated[bool, typer.Option(help="Also a public link through Gradio's share server (needs internet).")
                      ] = False,
     out: Annotated[Path, typer.Option(help="Folder for uploads, outputs and their job records.")] = Path("p2v-ui"),
-    model: Model = "stabilityai/stable-diffusion-2-depth",
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    engines: Annotated[Path, typer.Option(help="Folder whose engine folders the page offers.")] = Path("engines"),
+    model: Model = _edit_default("model"),
+    device: Device = _edit_default("device"),
+    dtype: Dtype = _edit_default("dtype"),
+    engines: Annotated[Path, typer.Option(help="Folder whose engine folders the page offers.")
+                       ] = _export_default("out"),
     max_upload_mb: Annotated[int, typer.Option("--max-upload-mb", help="Largest upload, in MB.")] = 200,
     threads: Threads = None,
 ) -> None:
@@ -336,7 +419,7 @@ def ui(
         raise InputError(f"--max-upload-mb must be >= 1; got {max_upload_mb}")
     if out.exists() and not out.is_dir():
         raise InputError(f"--out '{out}' is a file, not a folder")
-    _config(model=model, device=device, dtype=dtype)  # a bad value is one line before anything loads
+    EditConfig(model=model, device=device, dtype=dtype)  # a bad value is one line before anything loads
     settings = UISettings(out_dir=out, model=model, device=device, dtype=dtype, engines_root=engines,
                           threads=threads, max_upload_mb=max_upload_mb)
     launch(settings, host=host, port=port, auth=parse_auth(auth), share=share,
@@ -347,34 +430,37 @@ def ui(
 @user_errors
 def invert(
     input: Annotated[Path, typer.Argument(help="Video or folder of images.")],
-    model: Model = "stabilityai/stable-diffusion-2-depth",
-    size: Size = 512,
-    resize: Resize = "crop",
-    start: Start = 0,
+    model: Model = _edit_default("model"),
+    size: Size = _edit_default("size"),
+    resize: Resize = _edit_default("resize"),
+    start: Start = _edit_default("start"),
     max_frames: MaxFrames = None,
-    stride: Stride = 1,
-    steps: Steps = 50,
+    stride: Stride = _edit_default("stride"),
+    steps: Steps = _edit_default("steps"),
     source_prompt: SourcePrompt = None,
-    depth_norm: DepthNorm = "frame",
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    backend: Backend = "torch",
+    depth_norm: DepthNorm = _edit_default("depth_norm"),
+    device: Device = _edit_default("device"),
+    dtype: Dtype = _edit_default("dtype"),
+    backend: Backend = _edit_default("backend"),
     engines: Engines = None,
     invert_batch: InvertBatch = None,
-    invert_dtype: InvertDtype = "fp32",
+    invert_dtype: InvertDtype = _edit_default("invert_dtype"),
     fps: Fps = None,
+    json_path: Annotated[Path | None, _json(
+        "the result (frames, cache entry, runtime, seconds, reconstruction error)")] = None,
     threads: Threads = None,
 ) -> None:
     """DDIM-invert INPUT into the cache, so later edits of it skip inversion."""
     from p2v_fast.pipeline import invert_video
 
-    cfg = _config(model=model, device=device, dtype=dtype, backend=backend, engines=engines, size=size, start=start,
-                  max_frames=max_frames, stride=stride, steps=steps, source_prompt=source_prompt,
-                  depth_norm=depth_norm, latent_update="off", invert_batch=invert_batch, resize=resize,
-                  invert_dtype=invert_dtype, fps=fps, threads=threads)
+    cfg = EditConfig(model=model, device=device, dtype=dtype, backend=backend, engines=engines, size=size,
+                     start=start, max_frames=max_frames, stride=stride, steps=steps, source_prompt=source_prompt,
+                     depth_norm=depth_norm, latent_update="off", invert_batch=invert_batch, resize=resize,
+                     invert_dtype=invert_dtype, fps=fps, threads=threads)
     with _progress() as progress:
-        prep = invert_video(cfg, input, progress)
+        prep = invert_video(cfg, input, progress, json_path=json_path)
     report.print_invert(out_console, prep)
+    report.print_wrote(out_console, json_path)
 
 
 @app.command()
@@ -382,7 +468,7 @@ def invert(
 def batch(
     jobs: Annotated[Path, typer.Argument(help="Jobs file (YAML or JSON): 'defaults' and a list of 'jobs', each "
                                               "with `p2v edit` options under their long names with underscores.")],
-    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the summary to this JSON file.")] = None,
+    json_path: Annotated[Path | None, _json("the summary")] = None,
     ray: Annotated[bool, typer.Option("--ray", help="Run the jobs on Ray, one worker per GPU.")] = False,
     ray_address: Annotated[str | None, typer.Option(
         "--ray-address", help="Join this Ray cluster (e.g. auto, or HEAD_IP:6379); implies --ray. "
@@ -412,49 +498,68 @@ def batch(
         raise typer.Exit(result.exit_code)
 
 
-ClipModel = Annotated[
-    str, typer.Option("--clip-model", help="CLIP for the metrics: hub id, local folder, or 'tiny' (random, offline).")
-]
-Flow = Annotated[str, typer.Option(help="Optical flow for Pixel-MSE: dis (OpenCV, no weights) or raft (paper).")]
+def _eval_inputs(input: Path, prompt: str | None, output: Path | None, source: Path | None,
+                 prompt_option: str | None) -> tuple[Path, Path, str]:
+    """(edited, source, prompt) from `p2v eval INPUT PROMPT [-o EDITED]` (as `p2v edit` takes
+    them) or the older `p2v eval EDITED --source INPUT --prompt PROMPT`."""
+    from p2v_fast.errors import InputError
+    from p2v_fast.paths import default_output
+
+    if prompt is not None and prompt_option is not None:
+        raise InputError("give the prompt once: p2v eval INPUT PROMPT, or the older --prompt")
+    text = prompt if prompt is not None else prompt_option
+    if text is None:
+        raise InputError("missing PROMPT: p2v eval INPUT PROMPT [-o EDITED], as p2v edit takes them")
+    if source is None and not input.exists():
+        raise InputError(f"input does not exist: '{input}'")
+    if source is not None:  # the older form: the argument is the edited video
+        if output is not None:
+            raise InputError("-o names the edited video of p2v eval INPUT PROMPT -o EDITED; with --source INPUT, "
+                             "the edited video is the argument")
+        return input, source, text
+    return (output if output is not None else default_output(input)), input, text
 
 
 @app.command("eval")
 @user_errors
 def eval_(
-    edited: Annotated[Path, typer.Argument(help="The edited video (or folder of frames).")],
-    source: Annotated[Path, typer.Option("--source", help="The video it was edited from.")],
-    prompt: Annotated[str, typer.Option("--prompt", help="The edit (target) prompt, for CLIP-Text.")],
-    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the scores to this JSON file.")] = None,
-    clip_model: ClipModel = "openai/clip-vit-large-patch14",
-    flow: Flow = "dis",
+    input: Annotated[Path, typer.Argument(help="The video (or folder of frames) the edit was made from, as given "
+                                               "to p2v edit.")],
+    prompt: Annotated[str | None, typer.Argument(help="The edit's target prompt, for CLIP-Text.")] = None,
+    output: Annotated[Path | None, typer.Option(
+        "-o", "--output", help="The edited video, as p2v edit's -o (default: INPUT.p2v.mp4 beside the input).")
+    ] = None,
+    source: Annotated[Path | None, typer.Option(
+        "--source", hidden=True, help="Older form: p2v eval EDITED --source INPUT --prompt PROMPT.")] = None,
+    prompt_option: Annotated[str | None, typer.Option(
+        "--prompt", hidden=True, help="Older form: the target prompt.")] = None,
+    json_path: Annotated[Path | None, _json("the scores")] = None,
+    clip_model: ClipModel = DEFAULT_CLIP_MODEL,
+    flow: Flow = FLOW_METHODS[0],
     size: Annotated[
         int | None, typer.Option(help="Compare at this short side (default: the edited video's size).")
     ] = None,
-    start: Annotated[int, typer.Option(help="First source frame the edit was made from.")] = 0,
+    start: Annotated[int, typer.Option(help="First source frame the edit was made from.")] = _edit_default("start"),
     max_frames: Annotated[int | None, typer.Option("--max-frames", help="--max-frames the edit used.")] = None,
-    stride: Annotated[int, typer.Option(help="--stride the edit used.")] = 1,
+    stride: Annotated[int, typer.Option(help="--stride the edit used.")] = _edit_default("stride"),
     resize: Annotated[str, typer.Option(
+        "--resize", **_choices("--resize", RESIZES),
         help="--resize the edit used: how source frames map onto the edited frames (crop and pad: cover and "
-        "centre-crop, pad's output having no bars; stretch: squashed).")] = "crop",
+        "centre-crop, pad's output having no bars; stretch: squashed).")] = _edit_default("resize"),
     threads: Threads = None,
 ) -> None:
-    """Score EDITED against its source: CLIP-Text, CLIP-Image, Pixel-MSE (the paper's Table 2)."""
-    from p2v_fast.errors import InputError
-    from p2v_fast.evaluate import evaluate_video
-    from p2v_fast.files import write_json_atomic
-    from p2v_fast.paths import check_output_file
+    """Score an edit of INPUT with PROMPT against INPUT: CLIP-Text, CLIP-Image, Pixel-MSE (the
+    paper's Table 2). Takes what `p2v edit` took: `p2v eval INPUT PROMPT [-o EDITED]`.
 
-    if json_path is not None:
-        check_output_file(json_path)
-        for video_path in (edited, source):  # the report never replaces a video it scores
-            if Path(json_path).resolve() == Path(video_path).resolve():
-                raise InputError(f"--json '{json_path}' is the video '{video_path}'; choose another --json path")
+    The older form `p2v eval EDITED --source INPUT --prompt PROMPT` works too."""
+    from p2v_fast.evaluate import evaluate_video
+
+    edited, src, text = _eval_inputs(input, prompt, output, source, prompt_option)
     with _threads(threads), _progress() as progress:
-        result = evaluate_video(edited, source, prompt, clip_model=clip_model, flow=flow, size=size, start=start,
-                                max_frames=max_frames, stride=stride, resize=resize, progress=progress)
+        result = evaluate_video(edited, src, text, clip_model=clip_model, flow=flow, size=size, start=start,
+                                max_frames=max_frames, stride=stride, resize=resize, progress=progress,
+                                json_path=json_path)
     report.print_eval(out_console, result)
-    if json_path is not None:
-        write_json_atomic(json_path, result.to_dict())
     report.print_wrote(out_console, json_path)
 
 
@@ -471,41 +576,46 @@ def ablate(
         typer.Option(help="Comma-separated subset of: ours, no-update, anchor, prev, per-frame, detached "
                           "(default: the first five, the paper's)."),
     ] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace the outputs of an earlier ablation in --out.")] = False,
-    clip_model: ClipModel = "openai/clip-vit-large-patch14",
-    flow: Flow = "dis",
+    overwrite: Annotated[bool, _overwrite("the outputs of an earlier ablation in --out")] = False,
+    clip_model: ClipModel = DEFAULT_CLIP_MODEL,
+    flow: Flow = FLOW_METHODS[0],
     sheet_frames: Annotated[int, typer.Option("--sheet-frames", help="Frames per contact-sheet row.")] = 4,
-    model: Model = "stabilityai/stable-diffusion-2-depth",
-    size: Size = 512,
-    resize: Resize = "crop",
-    start: Start = 0,
+    model: Model = _edit_default("model"),
+    size: Size = _edit_default("size"),
+    resize: Resize = _edit_default("resize"),
+    start: Start = _edit_default("start"),
     max_frames: MaxFrames = None,
-    stride: Stride = 1,
-    steps: Steps = 50,
-    guidance_scale: GuidanceScale = 7.5,
+    stride: Stride = _edit_default("stride"),
+    steps: Steps = _edit_default("steps"),
+    guidance_scale: GuidanceScale = _edit_default("guidance_scale"),
     source_prompt: SourcePrompt = None,
-    depth_norm: DepthNorm = "frame",
-    update_weight: Annotated[float, typer.Option("--update-weight", help="delta of eq. 1 at 512x512.")] = 100.0,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    backend: Backend = "torch",
+    depth_norm: DepthNorm = _edit_default("depth_norm"),
+    update_weight: UpdateWeight = _edit_default("update_weight"),
+    seed: Seed = _edit_default("seed"),
+    device: Device = _edit_default("device"),
+    dtype: Dtype = _edit_default("dtype"),
+    backend: Backend = _edit_default("backend"),
     engines: Engines = None,
-    invert_dtype: InvertDtype = "fp32",
+    invert_dtype: InvertDtype = _edit_default("invert_dtype"),
     fps: Fps = None,
+    json_path: Annotated[Path | None, _json("the table (as --out's table.json)")] = None,
     threads: Threads = None,
 ) -> None:
     """Run the paper's ablations on INPUT and print one table like its Table 2."""
     from p2v_fast.ablation import run_ablation
+    from p2v_fast.paths import check_report_path
 
-    cfg = _config(prompt=prompt, source_prompt=source_prompt, model=model, device=device, dtype=dtype,
-                  backend=backend, engines=engines, size=size, start=start, max_frames=max_frames, stride=stride,
-                  steps=steps, guidance_scale=guidance_scale, seed=seed, depth_norm=depth_norm,
-                  update_weight=update_weight, resize=resize, invert_dtype=invert_dtype, fps=fps, threads=threads)
+    cfg = EditConfig(prompt=prompt, source_prompt=source_prompt, model=model, device=device, dtype=dtype,
+                     backend=backend, engines=engines, size=size, start=start, max_frames=max_frames, stride=stride,
+                     steps=steps, guidance_scale=guidance_scale, seed=seed, depth_norm=depth_norm,
+                     update_weight=update_weight, resize=resize, invert_dtype=invert_dtype, fps=fps, threads=threads)
+    check_report_path(json_path, input)
     with _threads(threads), _progress() as progress:  # the metrics too, not only the edits
         result = run_ablation(cfg, input, out, settings=settings, clip_model=clip_model, flow=flow,
                               overwrite=overwrite, sheet_frames=sheet_frames, progress=progress)
+    _write_json(json_path, result.to_dict())
     report.print_ablation(out_console, result)
+    report.print_wrote(out_console, json_path)
 
 
 @app.command()
@@ -518,26 +628,28 @@ def bench(
     size: Annotated[
         int | None, typer.Option(help="Short side (multiple of 64); default 512, or 128 for --model tiny.")
     ] = None,
-    steps: Annotated[int | None, typer.Option(help="DDIM steps (default 50, the paper's).")] = None,
+    steps: Annotated[int | None, typer.Option(
+        help=f"DDIM steps (default {_edit_default('steps')}, the paper's).")] = None,
     frames: Annotated[int | None, typer.Option(
         help="Frames in the synthetic clip (1 anchor + propagated; default 4).")] = None,
-    backend: Annotated[list[str] | None, typer.Option("--backend", help="Repeatable (default: torch).")] = None,
-    latent_update: Annotated[
-        list[str] | None, typer.Option("--latent-update", help="Repeatable (default: autograd, detached, off).")
-    ] = None,
-    schedule: Annotated[
-        list[str] | None, typer.Option("--schedule", help="Repeatable (default: sequential, wavefront).")
+    backend: Annotated[list[str] | None, typer.Option(
+        "--backend", **_choices("--backend", BACKENDS), help="Repeatable (default: torch).")] = None,
+    latent_update: Annotated[list[str] | None, typer.Option(
+        "--latent-update", **_choices("--latent-update", LATENT_UPDATES),
+        help=f"Repeatable (default: {', '.join(LATENT_UPDATES)}).")] = None,
+    schedule: Annotated[list[str] | None, typer.Option(
+        "--schedule", **_choices("--schedule", SCHEDULES), help=f"Repeatable (default: {', '.join(SCHEDULES)}).")
     ] = None,
     batch_frames: BatchFrames = None,
     invert_batch: InvertBatch = None,
-    invert_dtype: InvertDtype = "fp32",
+    invert_dtype: InvertDtype = _edit_default("invert_dtype"),
     max_memory: MaxMemory = None,
-    dtype: Dtype = "auto",
-    device: Device = "auto",
+    dtype: Dtype = _edit_default("dtype"),
+    device: Device = _edit_default("device"),
     engines: Engines = None,
     repeats: Annotated[int, typer.Option(help="Timed runs per stage.")] = 3,
     warmup: Annotated[int, typer.Option(help="Untimed runs per stage first.")] = 1,
-    threads: Annotated[int | None, typer.Option(help="CPU threads (default: torch's).")] = None,
+    threads: Threads = None,
     speedups: Annotated[list[str] | None, typer.Option(
         "--speedups", help="Repeatable: time eager, sdpa-math, channels-last, compile, fp16, bf16 UNet calls "
         "each on its own (alone unless --backend is given too).")] = None,
@@ -550,13 +662,11 @@ def bench(
     protocol: Annotated[str | None, typer.Option(
         "--protocol", help="v2v120: 120 frames at 512x512, 50 steps, end to end per latent-update mode, against "
         "the peers' reported times. --frames/--size/--steps override it (labelled: not the protocol).")] = None,
-    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the full report here.")] = None,
+    json_path: Annotated[Path | None, _json("the full report")] = None,
 ) -> None:
     """Time depth, inversion, anchor and propagated frames and VAE decode, in seconds per frame."""
     from benchmarks.bench import BenchOptions, run_bench
     from benchmarks.report import print_report
-    from p2v_fast.config import LATENT_UPDATES, SCHEDULES
-
     if json_path is not None:
         from p2v_fast.paths import check_json_path
 
@@ -571,7 +681,7 @@ def bench(
         return
     if size is None:  # the tiny model at 512 takes ~45 min on 2 CPU cores; its timings mean little anyway
         size = 128 if model == "tiny" else 512
-    steps = 50 if steps is None else steps
+    steps = _edit_default("steps") if steps is None else steps
     frames = 4 if frames is None else frames
     opts = BenchOptions(
         model=model, arch=arch, size=size, steps=steps, frames=frames, compile=compile,
@@ -603,7 +713,6 @@ def _bench_protocol(name: str, model, arch, size, steps, frames, backend, latent
                     threads, compile, invert_dtype, json_path, max_memory=None) -> None:
     """`p2v bench --protocol NAME`: see benchmarks/protocol.py."""
     from benchmarks.protocol import ProtocolOptions, protocol_table, run_protocol
-    from p2v_fast.config import LATENT_UPDATES
     from p2v_fast.files import write_json_atomic
 
     overrides = {k: v for k, v in (("frames", frames), ("size", size), ("steps", steps)) if v is not None}
@@ -629,55 +738,83 @@ def _bench_protocol(name: str, model, arch, size, steps, frames, backend, latent
 @app.command("export")
 @user_errors
 def export_(
-    model: Model = "stabilityai/stable-diffusion-2-depth",
+    model: Model = _export_default("model"),
     size: Annotated[int | None, typer.Option(help="Square size (height = width), the profile's opt size.")] = None,
-    height: Annotated[int | None, typer.Option(help="Opt height in pixels (default: --size or 512).")] = None,
-    width: Annotated[int | None, typer.Option(help="Opt width in pixels (default: --size or 512).")] = None,
+    height: Annotated[int | None, typer.Option(
+        help=f"Opt height in pixels (default: --size or {_export_default('height')}).")] = None,
+    width: Annotated[int | None, typer.Option(
+        help=f"Opt width in pixels (default: --size or {_export_default('width')}).")] = None,
     min_size: Annotated[int | None, typer.Option("--min-size", help="Smallest height/width accepted.")] = None,
     max_size: Annotated[int | None, typer.Option("--max-size", help="Largest height/width accepted.")] = None,
-    out: Annotated[Path, typer.Option(help="Engine folder.")] = Path("engines"),
-    format: Annotated[str, typer.Option("--format", help="onnx (graphs only) or tensorrt (graphs + engines).")] = (
-        "tensorrt"
-    ),
-    precision: Annotated[str, typer.Option(help="fp16 or fp32 (UNet, VAE; DPT stays fp32).")] = "fp16",
+    engines: Annotated[Path, typer.Option("--engines", "--out", help="Engine folder to write.")
+                       ] = _export_default("out"),
+    format: Annotated[str, typer.Option("--format", **_choices("--format", FORMATS),
+                                        help="onnx (graphs only) or tensorrt (graphs + engines).")
+                      ] = _export_default("format"),
+    dtype: Annotated[str, typer.Option("--dtype", "--precision", **_choices("--dtype", PRECISIONS),
+                                       help="Precision of the UNet and VAE (DPT stays fp32).")
+                     ] = _export_default("precision"),
     workspace: Annotated[float | None, typer.Option(help="TensorRT builder workspace limit in GB.")] = None,
-    max_batch: Annotated[int, typer.Option("--max-batch", help="Most samples per call (frames x 2 CFG).")] = 8,
+    max_batch: Annotated[int, typer.Option("--max-batch", help="Most samples per call (frames x 2 CFG).")
+                         ] = _export_default("max_batch"),
     opt_batch: Annotated[int | None, typer.Option(
         "--opt-batch", help="Batch TensorRT tunes for (default: --max-batch, what the wavefront sends).")] = None,
     static_batch: Annotated[bool, typer.Option(
         "--static-batch", help="Engines for --max-batch only (smaller calls padded); needed by --cuda-graph.")] = False,
-    opset: Annotated[int, typer.Option(help="ONNX opset.")] = 18,
+    opset: Annotated[int, typer.Option(help="ONNX opset.")] = _export_default("opset"),
     exporter: Annotated[str, typer.Option(
-        help="torchscript (dynamic batch and size) or dynamo (torch.export; one fixed size).")] = "torchscript",
-    device: Device = "auto",
-    force: Annotated[bool, typer.Option(help="Redo every stage, even when its artifact is current.")] = False,
+        "--exporter", **_choices("--exporter", EXPORTERS),
+        help="torchscript (dynamic batch and size) or dynamo (torch.export; one fixed size).")
+    ] = _export_default("exporter"),
+    device: Device = _export_default("device"),
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", "--force", help="Redo every stage, even when its artifact is current.")] = False,
+    json_path: Annotated[Path | None, _json("the summary (per network: file, size, seconds, status, error)")] = None,
+    threads: Threads = None,
 ) -> None:
     """Export the networks to ONNX (validated against PyTorch) and build TensorRT engines."""
-    from export import ExportOptions, export_engines
+    from export import export_engines
+    from p2v_fast.paths import check_report_path
 
-    opt = 512 if size is None else size
-    options = ExportOptions(model=model, out=out, format=format, precision=precision, height=height or opt,
-                            width=width or opt, min_size=min_size, max_size=max_size, max_batch=max_batch,
-                            opt_batch=opt_batch, static_batch=static_batch, opset=opset, exporter=exporter,
-                            workspace_gb=workspace,
-                            device=device, force=force)
-    with _progress() as progress:
+    opt_h, opt_w = (_export_default("height"), _export_default("width")) if size is None else (size, size)
+    options = ExportOptions(model=model, out=engines, format=format, precision=dtype, height=height or opt_h,
+                            width=width or opt_w, min_size=min_size, max_size=max_size,
+                            max_batch=max_batch, opt_batch=opt_batch, static_batch=static_batch, opset=opset,
+                            exporter=exporter, workspace_gb=workspace, device=device, force=overwrite)
+    check_report_path(json_path)
+    with _threads(threads), _progress() as progress:
         export_report = export_engines(options, progress)
-    report.print_export(out_console, export_report, options.profile().describe(), precision)
+    _write_json(json_path, export_report.to_dict())
+    report.print_export(out_console, export_report, options.profile().describe(), dtype)
+    report.print_wrote(out_console, json_path)
 
 
 @app.command()
 @user_errors
 def info(
-    engines: Engines = None,
+    engines: Annotated[Path | None, typer.Option(help="Engine folder to check (default: ./engines).")] = None,
     model: Annotated[str | None, typer.Option(
         help="Check --engines against this model (default: the one they were exported from).")] = None,
+    json_path: Annotated[Path | None, _json("the rows (component, status)")] = None,
 ) -> None:
     """Versions, devices, which runtimes (CUDA, ONNX Runtime, TensorRT) are usable, and whether the
     engines found match this machine and model."""
+    from p2v_fast.paths import check_report_path
     from p2v_fast.system import engines_report, system_report
 
-    report.print_info(out_console, system_report() + engines_report(engines, model))
+    check_report_path(json_path)
+    rows = system_report() + engines_report(engines, model)
+    _write_json(json_path, [{"component": name, "status": status} for name, status in rows])
+    report.print_info(out_console, rows)
+    report.print_wrote(out_console, json_path)
+
+
+@app.command("options-table", hidden=True)
+def options_table() -> None:
+    """Print docs/options.md: every command's options, generated from this app."""
+    from p2v_fast.cli_docs import options_markdown
+
+    typer.echo(options_markdown(typer.main.get_command(app)), nl=False)
 
 
 def main() -> None:

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from p2v_fast.errors import EngineError, ExportValidationError
+from p2v_fast.export_options import CLEANERS
 from p2v_fast.specs import Geometry, NetworkSpec
 
 #: Graphs whose weights exceed this are saved with external data (protobuf's limit is 2 GiB).
@@ -134,7 +135,6 @@ def _quiet() -> Iterator[None]:
         yield
 
 
-EXPORTERS = ("torchscript", "dynamo")
 
 
 def _torch_export(module: nn.Module, spec: NetworkSpec, inputs: Mapping[str, torch.Tensor], path: Path,
@@ -201,7 +201,6 @@ def _initializer_bytes(model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
-CLEANERS = ("polygraphy", "onnxscript")
 
 
 def default_cleaner() -> str:

@@ -20,6 +20,9 @@ INVERT_DTYPES = (*DTYPES, "tf32", "same")
 RESIZES = ("crop", "stretch", "pad")
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "auto")
 SCHEDULES = ("sequential", "wavefront")
+#: The CLIP model and the optical flows of the paper's metrics (p2v_fast.metrics; p2v eval, p2v ablate).
+DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
+FLOW_METHODS = ("dis", "raft")
 #: Most CPU threads --threads takes (torch.set_num_threads overflows far above; more than the
 #: cores only oversubscribes them).
 MAX_THREADS = 1024
@@ -122,9 +125,15 @@ def check_threads(n: int | None) -> None:
         raise InputError(f"--threads must be at most {MAX_THREADS}; got {n}")
 
 
-def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+def check_choice(option: str, value: str, choices: tuple[str, ...]) -> str:
+    """``value``, or InputError naming ``option`` (e.g. ``--refs``) and its choices."""
     if value not in choices:
-        raise InputError(f"--{name} must be one of {', '.join(choices)}; got {value!r}")
+        raise InputError(f"{option} must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    check_choice(f"--{name}", value, choices)
 
 
 def _verify(c: EditConfig) -> None:

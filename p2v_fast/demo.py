@@ -21,9 +21,11 @@ def demo_config(size: int = 128, steps: int = 50, threads: int | None = None) ->
                       threads=threads)
 
 
-def run_demo(out: Path, cfg: EditConfig, frames: int = 16, progress: Progress | None = None) -> EditResult:
+def run_demo(out: Path, cfg: EditConfig, frames: int = 16, progress: Progress | None = None,
+             json_path: str | Path | None = None) -> EditResult:
     """Write ``out/sample.mp4`` (``frames`` frames with audio; kept when it exists) and edit it into
-    ``out/sample.p2v.mp4`` with its side-by-side and strip (replaced on every run)."""
+    ``out/sample.p2v.mp4`` with its side-by-side and strip (replaced on every run); ``json_path``
+    as :func:`edit_video`'s."""
     progress = progress or NullProgress()
     if frames < 1:
         raise InputError(f"--frames must be >= 1; got {frames}")
@@ -36,4 +38,5 @@ def run_demo(out: Path, cfg: EditConfig, frames: int = 16, progress: Progress | 
 
         video.make_sample_clip(clip, n_frames=frames, size=CLIP_SIZE, fps=CLIP_FPS, with_audio=True)
     progress.log(f"sample clip: {clip} ({frames} frame{'' if frames == 1 else 's'}, with audio)")
-    return edit_video(cfg, clip, out / "sample.p2v.mp4", overwrite=True, side_by_side=True, progress=progress)
+    return edit_video(cfg, clip, out / "sample.p2v.mp4", overwrite=True, side_by_side=True, progress=progress,
+                      json_path=json_path)

@@ -114,16 +114,20 @@ def evaluate_video(
     progress: Progress | None = None,
     on_frame: FrameCallback | None = None,
     flow_fn: Any = None,
+    json_path: str | Path | None = None,
 ) -> VideoEval:
     """CLIP-Text, CLIP-Image and Pixel-MSE of ``edited`` (edit prompt ``prompt``) against ``source``.
 
     ``scorer``: a loaded :class:`ClipScorer` to reuse (else ``clip_model`` is loaded).
     ``on_frame(i, edited_frame, source_frame)`` sees every compared pair (e.g. to keep thumbnails).
     ``flow_fn``: a prebuilt :func:`p2v_fast.metrics.make_flow` for ``flow``, to reuse across videos.
+    ``json_path``: also write :meth:`VideoEval.to_dict` there (never over either video).
     Inputs are checked before CLIP is loaded; problems raise :class:`InputError`.
     """
+    from p2v_fast.paths import check_report_path
     from p2v_fast.prompts import check_prompt
 
+    check_report_path(json_path, Path(edited), Path(source), what="video")
     prompt = check_prompt(prompt, "edit prompt")
     if flow not in FLOW_METHODS:
         raise InputError(f"--flow must be one of {', '.join(FLOW_METHODS)}; got {flow!r}")
@@ -153,7 +157,7 @@ def evaluate_video(
             on_frame(i, e, s)
         advance(1)
     scores = ev.result()
-    return VideoEval(
+    result = VideoEval(
         edited=str(ed_info.path),
         source=str(src_info.path),
         prompt=prompt,
@@ -169,3 +173,8 @@ def evaluate_video(
         masked_fraction=float(scores["masked_fraction"]),
         per_pair_pixel_mse=tuple(ev.per_pair),
     )
+    if json_path is not None:
+        from p2v_fast.files import write_json_atomic
+
+        write_json_atomic(json_path, result.to_dict())
+    return result

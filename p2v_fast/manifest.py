@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from p2v_fast.errors import EngineError
+from p2v_fast.export_options import DEFAULT_ENGINES as DEFAULT_ENGINES  # the engine folder's default
 from p2v_fast.files import write_bytes_atomic
 from p2v_fast.models import ModelId
 from p2v_fast.specs import ExportProfile, Geometry, NetworkSpec
@@ -32,7 +33,6 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 2  # 2: one `unet` network (was unet_anchor + unet_xframe)
 #: Bump when a wrapper module or the export recipe changes the graphs.
 EXPORT_VERSION = 2  # 2: one unet graph with self_ref
-DEFAULT_ENGINES = Path("engines")
 
 
 def _digest(fields: Mapping, n: int = 16) -> str:

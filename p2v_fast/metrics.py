@@ -28,15 +28,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from p2v_fast.config import DEFAULT_CLIP_MODEL, FLOW_METHODS
 from p2v_fast.errors import InputError, ModelLoadError
 from p2v_fast.tiny import ensure_tiny_clip
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 TINY_CLIP_NAME = "tiny"
-FLOW_METHODS = ("dis", "raft")
 
 # Forward-backward consistency check (Sundaram et al. 2010; Ruder et al. 2016):
 # |f_a(x) + f_b(x + f_a(x))|^2 < a (|f_a(x)|^2 + |f_b(x + f_a(x))|^2) + b

@@ -27,10 +27,10 @@ from typing import Any
 
 import torch
 
+from .config import DEFAULT_MODEL
 from .errors import BackendUnavailableError, ModelLoadError
 from .hub import from_hub, image_processor_class, looks_like_path, looks_like_repo_id, one_line, quiet_loading
 
-DEFAULT_MODEL = "stabilityai/stable-diffusion-2-depth"
 DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-base"
 TINY = "tiny"
 

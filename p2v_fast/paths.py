@@ -164,3 +164,15 @@ def check_json_path(path: Path) -> None:
         raise InputError(f"--json folder '{path.parent}' does not exist")
     if not os.access(path.parent, os.W_OK):
         raise InputError(f"--json folder '{path.parent}' is not writable")
+
+
+def check_report_path(path: str | Path | None, *reads: Path, what: str = "input") -> Path | None:
+    """``--json PATH`` of a command, checked before its work: a file that can be written and none
+    of the files the command reads (``reads``; a report never replaces what it describes)."""
+    if path is None:
+        return None
+    out = check_output_file(path)
+    for read in reads:
+        if out.resolve() == Path(read).resolve():
+            raise InputError(f"--json '{path}' is the {what} '{read}'; choose another --json path")
+    return out

@@ -29,7 +29,7 @@ from p2v_fast.files import OutputClaim
 from p2v_fast.frame_sink import FrameSink
 from p2v_fast.inversion import invert_clip
 from p2v_fast.inversion_cache import InvertedClip
-from p2v_fast.paths import EditPaths, side_paths
+from p2v_fast.paths import EditPaths, check_report_path, side_paths
 from p2v_fast.progress import NullProgress, Progress
 from p2v_fast.prompts import check_prompt, encode_prompt, source_prompt_for, warn_if_truncated
 from p2v_fast.runtime import Runtime, inversion_runtime, invert_precision, load_runtime, torch_threads
@@ -68,6 +68,15 @@ class PreparedClip:
     inverted: InvertedClip
     seconds: float
 
+    def to_dict(self) -> dict[str, Any]:
+        """`p2v invert --json`: the frames inverted, where the cache entry is, the runtime it ran
+        on, its seconds (0 work on a cache hit) and its reconstruction error."""
+        sel, inv = self.selection, self.inverted
+        return {"input": str(sel.path), "n_frames": sel.n_frames, "size": list(sel.size), "resize": sel.resize,
+                "start": sel.start, "max_frames": sel.max_frames, "stride": sel.stride,
+                "source_prompt": inv.source_prompt, "cache_hit": inv.cache_hit, "cache": str(inv.root),
+                "inversion_runtime": inv.runtime, "reconstruction": inv.reconstruction, "seconds": self.seconds}
+
 
 def prepare(cfg: EditConfig, input_path: Path, rt: Runtime, progress: Progress,
             info: video.VideoInfo | None = None) -> PreparedClip:
@@ -101,13 +110,20 @@ def prepare(cfg: EditConfig, input_path: Path, rt: Runtime, progress: Progress,
 
 
 def invert_video(cfg: EditConfig, input_path: Path, progress: Progress | None = None,
-                 runtime: Runtime | None = None) -> PreparedClip:
-    """`p2v invert`: DDIM-invert the clip into the cache."""
+                 runtime: Runtime | None = None, json_path: str | Path | None = None) -> PreparedClip:
+    """`p2v invert`: DDIM-invert the clip into the cache (and with ``json_path``, write
+    :meth:`PreparedClip.to_dict` there)."""
+    check_report_path(json_path, Path(input_path))
     info = probe_input(Path(input_path), cfg)
     select_clip(input_path, cfg, info)  # a bad size or frame selection fails before models load
     with torch_threads(cfg.threads):
         rt = runtime or load_runtime(cfg)
-        return prepare(cfg, Path(input_path), rt, progress or NullProgress(), info)
+        prep = prepare(cfg, Path(input_path), rt, progress or NullProgress(), info)
+    if json_path is not None:
+        from p2v_fast.files import write_json_atomic
+
+        write_json_atomic(json_path, prep.to_dict())
+    return prep
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
