@@ -745,7 +745,9 @@ def export_(
     width: Annotated[int | None, typer.Option(
         help=f"Opt width in pixels (default: --size or {_export_default('width')}).")] = None,
     min_size: Annotated[int | None, typer.Option("--min-size", help="Smallest height/width accepted.")] = None,
-    max_size: Annotated[int | None, typer.Option("--max-size", help="Largest height/width accepted.")] = None,
+    max_size: Annotated[int | None, typer.Option("--max-size", help=(
+        "Largest height/width accepted (default: the long side of a 16:9 crop at the short side, 896 at 512; "
+        "the size itself with --static-batch or --exporter dynamo)."))] = None,
     engines: Annotated[Path, typer.Option("--engines", "--out", help="Engine folder to write.")
                        ] = _export_default("out"),
     format: Annotated[str, typer.Option("--format", **_choices("--format", FORMATS),
