@@ -21,7 +21,8 @@ from tests.helpers import one_line_error, sample_clip
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
-FAST = ["--model", "tiny", "--size", "64", "--steps", "2", "--source-prompt", "a clip"]
+# a source prompt of its own: these edits and inversions never fill the shared cache for another test
+FAST = ["--model", "tiny", "--size", "64", "--steps", "2", "--source-prompt", "a clip of the options tests"]
 
 
 def _p2v(*args: object, **kw):
@@ -150,7 +151,7 @@ def test_invert_and_info_write_json(tmp_path) -> None:
     assert r.exit_code == 0, r.output
     inv = json.loads((tmp_path / "inv.json").read_text())
     assert inv["n_frames"] == 2 and inv["size"] == [64, 64] and Path(inv["cache"]).is_dir()
-    assert inv["source_prompt"] == "a clip" and inv["reconstruction"]["latent_rel_rms"] > 0
+    assert inv["source_prompt"] == "a clip of the options tests" and inv["reconstruction"]["latent_rel_rms"] > 0
     r = _p2v("info", "--engines", tmp_path / "none", "--json", tmp_path / "info.json", catch_exceptions=False)
     assert r.exit_code == 0, r.output
     rows = json.loads((tmp_path / "info.json").read_text())
