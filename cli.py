@@ -665,74 +665,17 @@ def bench(
     json_path: Annotated[Path | None, _json("the full report")] = None,
 ) -> None:
     """Time depth, inversion, anchor and propagated frames and VAE decode, in seconds per frame."""
-    from benchmarks.bench import BenchOptions, run_bench
-    from benchmarks.report import print_report
-    if json_path is not None:
-        from p2v_fast.paths import check_json_path
+    from benchmarks.command import render_bench, run_bench_command
 
-        check_json_path(json_path)
-    if plan and protocol is not None:
-        from p2v_fast.errors import InputError
-
-        raise InputError("--plan simulates the wavefront and --protocol runs the edit; give one of them")
-    if protocol is not None:
-        _bench_protocol(protocol, model, arch, size, steps, frames, backend, latent_update, dtype, device, engines,
-                        threads, compile, invert_dtype, json_path, _bytes(max_memory))
-        return
-    if size is None:  # the tiny model at 512 takes ~45 min on 2 CPU cores; its timings mean little anyway
-        size = 128 if model == "tiny" else 512
-    steps = _edit_default("steps") if steps is None else steps
-    frames = 4 if frames is None else frames
-    opts = BenchOptions(
-        model=model, arch=arch, size=size, steps=steps, frames=frames, compile=compile,
-        backends=tuple(backend or (() if speedups else ("torch",))),
-        latent_updates=tuple(latent_update or LATENT_UPDATES), schedules=tuple(schedule or SCHEDULES),
-        batch_frames=batch_frames, invert_batch=invert_batch, invert_dtype=invert_dtype, dtype=dtype, device=device,
-        engines=engines, max_memory=_bytes(max_memory),
-        repeats=repeats, warmup=warmup,
-        threads=threads, json_path=json_path, speedups=tuple(speedups or ()),
-    )  # every option checked, --plan or not
-    if plan:
-        from benchmarks.plan import CAPS, plan_report, plan_table
-
-        plan_result = plan_report(frames, steps, size, dtype, caps=(batch_frames,) if batch_frames else CAPS,
-                                  arch=arch, model=model)
-        report.wide(out_console).print(plan_table(plan_result))
-        if json_path is not None:
-            from p2v_fast.files import write_json_atomic
-
-            write_json_atomic(json_path, plan_result)
-        return
     with _progress() as progress:
-        bench_report = run_bench(opts, progress)
-    print_report(out_console, bench_report)
-    report.print_wrote(out_console, json_path)
-
-
-def _bench_protocol(name: str, model, arch, size, steps, frames, backend, latent_update, dtype, device, engines,
-                    threads, compile, invert_dtype, json_path, max_memory=None) -> None:
-    """`p2v bench --protocol NAME`: see benchmarks/protocol.py."""
-    from benchmarks.protocol import ProtocolOptions, protocol_table, run_protocol
-    from p2v_fast.files import write_json_atomic
-
-    overrides = {k: v for k, v in (("frames", frames), ("size", size), ("steps", steps)) if v is not None}
-    if backend and len(backend) > 1:
-        from p2v_fast.errors import InputError
-
-        raise InputError("--protocol runs one backend; give --backend once")
-    opts = ProtocolOptions(name=name, model=model, arch=arch, device=device, dtype=dtype,
-                           backend=(backend or ["torch"])[0], engines=engines,
-                           latent_updates=tuple(latent_update or LATENT_UPDATES), compile=compile,
-                           invert_dtype=invert_dtype, max_memory=max_memory, overrides=overrides)
-    if not opts.faithful:
-        console.print(f"[yellow]not the protocol[/yellow]: {overrides} overrides {name}'s fixed workload; "
-                      "the report says so")
-    with _threads(threads):
-        protocol_report = run_protocol(opts, log=lambda m: console.print(f"[dim]{escape(m)}[/dim]"))
-    report.wide(out_console).print(protocol_table(protocol_report))
-    if json_path is not None:
-        write_json_atomic(json_path, protocol_report)
-    report.print_wrote(out_console, json_path)
+        run = run_bench_command(
+            plan=plan, protocol=protocol, model=model, arch=arch, size=size, steps=steps, frames=frames,
+            backends=tuple(backend or ()), latent_updates=tuple(latent_update or ()), schedules=tuple(schedule or ()),
+            batch_frames=batch_frames, invert_batch=invert_batch, invert_dtype=invert_dtype,
+            max_memory=_bytes(max_memory), dtype=dtype, device=device, engines=engines, repeats=repeats,
+            warmup=warmup, threads=threads, speedups=tuple(speedups or ()), compile=compile, json_path=json_path,
+            progress=progress, log=lambda m: console.print(f"[dim]{escape(m)}[/dim]"))
+    render_bench(out_console, run)
 
 
 @app.command("export")
