@@ -132,7 +132,7 @@ def export_engines(options: ExportOptions, progress: Progress | None = None, mod
 
     folder = Path(options.out)
     if folder.exists() and not folder.is_dir():
-        raise InputError(f"--out '{folder}' is a file, not a folder")
+        raise InputError(f"--engines '{folder}' is a file, not a folder")
     dtype = torch.float16 if options.precision == "fp16" else torch.float32
     if models is None:
         from p2v_fast.models import load_models

@@ -62,6 +62,7 @@ def load_runtime(cfg: EditConfig) -> Runtime:
 
         require_tensorrt("use --backend onnxruntime or torch")
     device = resolve_device(cfg.device)
+    invert_precision(cfg.invert_dtype, device)  # --invert-dtype tf32 off CUDA: refused before the models load
     return runtime_for(cfg, load_models(cfg.model, device=device, dtype=resolve_dtype(cfg.dtype, device)))
 
 

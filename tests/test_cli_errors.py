@@ -686,3 +686,15 @@ def test_a_folder_frame_rate_too_small_to_write_is_refused(tmp_path) -> None:
     folder = make_sample_frames_folder(tmp_path / "frames", n=2, size=(64, 64))
     r = _p2v("edit", folder, "x", *FAST, "--fps", "1e-10", "-o", tmp_path / "o.mp4")
     assert r.exit_code == 2 and "--fps must be a frame rate between" in one_line_error(r)
+
+
+def test_tf32_inversion_off_cuda_is_refused_before_any_model_loads(clip, tmp_path, monkeypatch) -> None:
+    import p2v_fast.models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(p2v_fast.models, "load_models", refuse)
+    r = _p2v("edit", clip, "x", *FAST, "--invert-dtype", "tf32", "-o", tmp_path / "o.mp4")
+    assert r.exit_code == 2 and "--invert-dtype tf32" in one_line_error(r)
+    assert not (tmp_path / "o.mp4").exists()
