@@ -9,6 +9,7 @@ words plus single letters and ``##`` letter pieces (so unknown lowercase words s
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
     """CLIP's BPE of one (already byte-mapped) word: lowest-ranked pair first, until none applies."""
     parts = [*word[:-1], word[-1] + "</w>"]
     while len(parts) > 1:
-        pairs = [(ranks.get((a, b), 1 << 30), i) for i, (a, b) in enumerate(zip(parts, parts[1:], strict=False))]
+        pairs = [(ranks.get((a, b), 1 << 30), i) for i, (a, b) in enumerate(itertools.pairwise(parts))]
         rank, _ = min(pairs)
         if rank == 1 << 30:
             break

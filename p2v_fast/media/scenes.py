@@ -518,7 +518,7 @@ def write_clip(clip: SceneClip, path: str | Path, fps: float = 12.0) -> Path:
     Returns ``path``.
     """
     out = Path(path)
-    arrays = dict(depth=clip.depth, ids=clip.ids, flow=clip.flow, occluded=clip.occluded)
+    arrays: dict[str, Any] = dict(depth=clip.depth, ids=clip.ids, flow=clip.flow, occluded=clip.occluded)
     meta = json.dumps(ground_truth(clip), indent=2)
     if out.suffix.lower() in (".mp4", ".mkv", ".mov", ".webm"):
         try:
