@@ -37,8 +37,8 @@ from p2v_fast.config import (
 )
 from p2v_fast.display import LogProgress, RichProgress, batch_display, progress_for
 from p2v_fast.errors import P2VError
-from p2v_fast.export_options import EXPORTERS, FORMATS, ExportOptions
-from p2v_fast.specs import PRECISIONS
+from p2v_fast.nets.export_options import EXPORTERS, FORMATS, ExportOptions
+from p2v_fast.nets.specs import PRECISIONS
 
 try:  # typer >= 0.20 carries its own copy of click
     from typer._click import exceptions as click_errors
@@ -160,7 +160,7 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise _error("out of memory" + _try(fn, ("size", "a smaller --size"), ("max_frames", "--max-frames"),
                                                 ("frames", "fewer --frames")), 1) from None
         except RuntimeError as exc:  # torch.OutOfMemoryError is one
-            from p2v_fast.memory import is_out_of_memory
+            from p2v_fast.nets.memory import is_out_of_memory
 
             if not is_out_of_memory(exc):
                 raise
@@ -268,7 +268,7 @@ def _threads(n: int | None) -> Iterator[None]:
     idle threads sleep rather than spin (:func:`main` sets OMP_WAIT_POLICY=PASSIVE before torch
     loads, unless the environment sets it)."""
     from p2v_fast.config import check_threads
-    from p2v_fast.runtime import torch_threads
+    from p2v_fast.nets.runtime import torch_threads
 
     check_threads(n)
 
@@ -281,7 +281,7 @@ def _bytes(text: str | None) -> int | None:
     if text is None:
         return None
     from p2v_fast.errors import InputError
-    from p2v_fast.memory import parse_bytes
+    from p2v_fast.nets.memory import parse_bytes
 
     try:
         return parse_bytes(text)
@@ -375,7 +375,7 @@ def demo(
     The output looks like noise (the weights are random); the run proves every stage works
     without downloads. Use a real --model with `p2v edit` for real edits.
     """
-    from p2v_fast.demo import demo_config, run_demo
+    from p2v_fast.apps.demo import demo_config, run_demo
 
     cfg = demo_config(size=size, steps=steps, threads=threads)  # checked before the sample clip is made
     with _progress() as progress:
@@ -409,8 +409,8 @@ def ui(
 
     if importlib.util.find_spec("gradio") is None:
         raise BackendUnavailableError("p2v ui needs Gradio: pip install 'p2v-fast[ui]'")
-    from p2v_fast.renders import UISettings
-    from p2v_fast.ui import launch, parse_auth
+    from p2v_fast.apps.renders import UISettings
+    from p2v_fast.apps.ui import launch, parse_auth
 
     check_threads(threads)
     if not 1 <= port <= 65535:
@@ -481,8 +481,8 @@ def batch(
     """Edit many clips from one jobs file: models load once per worker, each clip inverts once.
 
     Running the same command again skips the jobs whose output is complete."""
-    from p2v_fast.batch import BatchFileError
-    from p2v_fast.batch_ray import run_jobs_file
+    from p2v_fast.apps.batch import BatchFileError
+    from p2v_fast.apps.batch_ray import run_jobs_file
 
     try:
         result = run_jobs_file(jobs, json_path=json_path, ray=ray, ray_address=ray_address,
@@ -503,7 +503,7 @@ def _eval_inputs(input: Path, prompt: str | None, output: Path | None, source: P
     """(edited, source, prompt) from `p2v eval INPUT PROMPT [-o EDITED]` (as `p2v edit` takes
     them) or the older `p2v eval EDITED --source INPUT --prompt PROMPT`."""
     from p2v_fast.errors import InputError
-    from p2v_fast.paths import default_output
+    from p2v_fast.media.paths import default_output
 
     if prompt is not None and prompt_option is not None:
         raise InputError("give the prompt once: p2v eval INPUT PROMPT, or the older --prompt")
@@ -552,7 +552,7 @@ def eval_(
     paper's Table 2). Takes what `p2v edit` took: `p2v eval INPUT PROMPT [-o EDITED]`.
 
     The older form `p2v eval EDITED --source INPUT --prompt PROMPT` works too."""
-    from p2v_fast.evaluate import evaluate_video
+    from p2v_fast.quality.evaluate import evaluate_video
 
     edited, src, text = _eval_inputs(input, prompt, output, source, prompt_option)
     with _threads(threads), _progress() as progress:
@@ -602,8 +602,8 @@ def ablate(
     threads: Threads = None,
 ) -> None:
     """Run the paper's ablations on INPUT and print one table like its Table 2."""
-    from p2v_fast.ablation import run_ablation
-    from p2v_fast.paths import check_report_path
+    from p2v_fast.apps.ablation import run_ablation
+    from p2v_fast.media.paths import check_report_path
 
     cfg = EditConfig(prompt=prompt, source_prompt=source_prompt, model=model, device=device, dtype=dtype,
                      backend=backend, engines=engines, size=size, start=start, max_frames=max_frames, stride=stride,
@@ -719,7 +719,7 @@ def export_(
 ) -> None:
     """Export the networks to ONNX (validated against PyTorch) and build TensorRT engines."""
     from export import export_engines
-    from p2v_fast.paths import check_report_path
+    from p2v_fast.media.paths import check_report_path
 
     opt_h, opt_w = (_export_default("height"), _export_default("width")) if size is None else (size, size)
     options = ExportOptions(model=model, out=engines, format=format, precision=dtype, height=height or opt_h,
@@ -744,8 +744,8 @@ def info(
 ) -> None:
     """Versions, devices, which runtimes (CUDA, ONNX Runtime, TensorRT) are usable, and whether the
     engines found match this machine and model."""
-    from p2v_fast.paths import check_report_path
-    from p2v_fast.system import engines_report, system_report
+    from p2v_fast.media.paths import check_report_path
+    from p2v_fast.nets.system import engines_report, system_report
 
     check_report_path(json_path)
     rows = system_report() + engines_report(engines, model)

@@ -3,7 +3,7 @@
 Speed does not depend on weight values, so ``p2v bench --arch sd2-depth`` measures what the real
 ``stabilityai/stable-diffusion-2-depth`` costs without downloading it: every component has the
 published shape (UNet 866 M parameters, VAE 84 M, OpenCLIP ViT-H text encoder 340 M, DPT-Hybrid
-MiDaS 123 M). The tokenizer is the offline byte-level CLIP tokenizer of :mod:`p2v_fast.tiny`
+MiDaS 123 M). The tokenizer is the offline byte-level CLIP tokenizer of :mod:`p2v_fast.weights.tiny`
 (token ids differ from the real vocabulary; the text encoder's cost does not).
 
 Construction is cheap: parameters are created on the meta device (buffers stay real, so
@@ -176,17 +176,17 @@ def _empty(build):
 
 
 def build_sd2_depth(device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """The SD2-depth model set at full size with random weights, as a :class:`p2v_fast.models.Models`.
+    """The SD2-depth model set at full size with random weights, as a :class:`p2v_fast.weights.models.Models`.
 
     VAE, UNet and text encoder in ``dtype``; the depth estimator in fp32 (as
-    :func:`p2v_fast.models.load_models` keeps it: its batch norms).
+    :func:`p2v_fast.weights.models.load_models` keeps it: its batch norms).
     """
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, DPTConfig, DPTForDepthEstimation
 
-    from p2v_fast.hub import quiet_loading
-    from p2v_fast.models import Models
-    from p2v_fast.tiny import SCHEDULER_CONFIG, build_clip_tokenizer, dpt_image_processor
+    from p2v_fast.weights.hub import quiet_loading
+    from p2v_fast.weights.models import Models
+    from p2v_fast.weights.tiny import SCHEDULER_CONFIG, build_clip_tokenizer, dpt_image_processor
 
     with quiet_loading(), tempfile.TemporaryDirectory(prefix="p2v-arch-tok-") as work:
         tokenizer = build_clip_tokenizer(Path(work))

@@ -3,7 +3,7 @@
 Stages (all in seconds per frame, frames processed one at a time unless a schedule batches them):
   depth       DPT depth of one frame (preprocessing, network, resize to latent size)
   vae_encode  VAE mean latent of one frame
-  inversion   :func:`p2v_fast.inversion.invert_clip` on a cold cache, per frame: frame decoding,
+  inversion   :func:`p2v_fast.method.inversion.invert_clip` on a cold cache, per frame: frame decoding,
               encode, depth, ``steps`` DDIM-inversion UNet calls (batch 1, conditional branch) and
               the cache writes -- what a first edit of a clip pays once
   edit        the edit loop over the clip, per frame (Algorithm 1; ``anchor`` = frame 1 and
@@ -37,20 +37,26 @@ from benchmarks.arch import ARCHS, build_arch, parameter_counts
 from benchmarks.flops import UNetFlops, count_unet_flops
 from benchmarks.hardware import device_info, machine_info, versions
 from benchmarks.timing import Clock, PeakMemory, load_average, summarize
-from p2v_fast.attention import feature_shapes
-from p2v_fast.backends import Backend, CallCounter, TorchBackend
-from p2v_fast.clip_selection import frames_digest, select_clip
 from p2v_fast.config import BACKENDS, DTYPES, LATENT_UPDATES, SCHEDULES, EditConfig, check_threads
-from p2v_fast.ddim import DDIMSchedule
-from p2v_fast.edit import DEFAULT_WAVEFRONT_FRAMES, EditContext, EditStats, FeatureStore, FrameState, run_schedule
 from p2v_fast.errors import InputError, P2VError
 from p2v_fast.files import write_json_atomic
-from p2v_fast.inversion import images_to_tensor, invert_clip, raw_depth, reconstruction_error
-from p2v_fast.paths import check_json_path
-from p2v_fast.plan import simulate_wavefront
-from p2v_fast.progress import NullProgress, Progress
-from p2v_fast.prompts import encode_prompt
-from p2v_fast.runtime import (
+from p2v_fast.media.clip_selection import frames_digest, select_clip
+from p2v_fast.media.paths import check_json_path
+from p2v_fast.media.video import make_sample_clip
+from p2v_fast.method.ddim import DDIMSchedule
+from p2v_fast.method.edit import (
+    DEFAULT_WAVEFRONT_FRAMES,
+    EditContext,
+    EditStats,
+    FeatureStore,
+    FrameState,
+    run_schedule,
+)
+from p2v_fast.method.inversion import images_to_tensor, invert_clip, raw_depth, reconstruction_error
+from p2v_fast.method.plan import simulate_wavefront
+from p2v_fast.nets.attention import feature_shapes
+from p2v_fast.nets.backends import Backend, CallCounter, TorchBackend
+from p2v_fast.nets.runtime import (
     InversionRuntime,
     inversion_runtime,
     invert_precision,
@@ -58,7 +64,8 @@ from p2v_fast.runtime import (
     resolve_device,
     resolve_dtype,
 )
-from p2v_fast.video import make_sample_clip
+from p2v_fast.progress import NullProgress, Progress
+from p2v_fast.weights.prompts import encode_prompt
 
 SCHEMA = "p2v-bench/1"
 SOURCE_PROMPT = "a photo of a ball in a colourful room"
@@ -95,7 +102,7 @@ class BenchOptions:
     batch_frames: int | None = None  # wavefront: frames in flight
     speedups: tuple[str, ...] = ()  # PyTorch speed-ups to time on their own (benchmarks.speedups)
     compile: bool = False  # torch.compile the torch backend's gradient-free UNet calls (warmed up untimed)
-    invert_batch: int | None = None  # None: what fits (p2v_fast.memory.CallBudget)
+    invert_batch: int | None = None  # None: what fits (p2v_fast.nets.memory.CallBudget)
     max_memory: int | None = None  # --max-memory: bytes UNet calls are split to stay under
 
     # --- timing ---
@@ -158,7 +165,7 @@ def _verify(o: BenchOptions) -> None:
         raise InputError(f"--warmup must be >= 0; got {o.warmup}")
     check_threads(o.threads)
     o.edit_config()  # size, steps, update_steps, batch sizes
-    from p2v_fast.video import working_size
+    from p2v_fast.media.video import working_size
 
     working_size(o.size, o.size, o.size)  # the working size's limit (--size over 2048 is refused)
     if o.json_path is not None:
@@ -201,7 +208,7 @@ def _reset(backends: list[Backend]) -> None:
 
 def _load_models(opts: BenchOptions, device: torch.device, dtype: torch.dtype):
     if opts.model is not None:
-        from p2v_fast.models import load_models
+        from p2v_fast.weights.models import load_models
 
         return load_models(opts.model, device=device, dtype=dtype)
     return build_arch(opts.arch or ARCHS[0], device, dtype, seed=opts.seed)
@@ -278,10 +285,10 @@ def edit_flops(cfg: EditConfig, flops: UNetFlops, n_frames: int, stats: EditStat
 def attention_kernels_used(models, latent_hw: tuple[int, int]) -> dict[str, Any]:
     """Which attention kernels a cross-frame UNet call and its backward run on ``models``'
     device (one frame, both branches, through the torch backend; read from the profiler's aten
-    ops), and the preference the backend sets (:data:`p2v_fast.attention.CUDA_ATTENTION_KERNELS`)."""
+    ops), and the preference the backend sets (:data:`p2v_fast.nets.attention.CUDA_ATTENTION_KERNELS`)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from p2v_fast.attention import CUDA_ATTENTION_KERNELS
+    from p2v_fast.nets.attention import CUDA_ATTENTION_KERNELS
 
     backend = TorchBackend(models)
     h, w = latent_hw
@@ -362,7 +369,7 @@ def _bench_edit(cfg: EditConfig, bench: _Bench, runtime: tuple[Backend, Backend 
             {k: f[k] for k in keys} == expected["propagated"] for f in per_frame[1:])
     else:  # batched: fewer, larger calls; the samples and backward frame-steps are the same work
         unet["anchor"] = unet["propagated"] = None
-        # the calls the simulation of this wavefront predicts (p2v_fast.plan), plus those that
+        # the calls the simulation of this wavefront predicts (p2v_fast.method.plan), plus those that
         # memory added (measuring calls of 1 and 2 frames, splits, retries after running out)
         plan = simulate_wavefront(cfg, n, feature_shapes(bench.models.unet, latent_hw), bench.models.dtype, latent_hw)
         unet["plan"] = plan.as_dict()
@@ -622,7 +629,7 @@ def _run(opts: BenchOptions, progress: Progress) -> dict[str, Any]:
         selection = select_clip(clip, base)
         frames = list(selection.frames())
         report["clip"] = {"frames": len(frames), "size": list(selection.size), "latent_hw": list(selection.latent_hw),
-                          "source": "synthetic (p2v_fast.video.make_sample_clip)"}
+                          "source": "synthetic (p2v_fast.media.video.make_sample_clip)"}
         report["attention"] = attention_kernels_used(models, selection.latent_hw)
         flops = count_unet_flops(models.unet, selection.latent_hw)
         report["unet_flops"] = flops.as_dict()

@@ -14,7 +14,7 @@ from rich.console import Console
 from p2v_fast.config import LATENT_UPDATES, SCHEDULES, EditConfig
 from p2v_fast.errors import InputError
 from p2v_fast.files import write_json_atomic
-from p2v_fast.paths import check_json_path
+from p2v_fast.media.paths import check_json_path
 from p2v_fast.progress import Progress
 
 #: Frames of the synthetic clip when --frames is not given (1 anchor + 3 propagated).
@@ -79,7 +79,7 @@ def _protocol(name: str, model, arch, size, steps, frames, backends, latent_upda
     """``p2v bench --protocol NAME``: see benchmarks/protocol.py."""
     from benchmarks.protocol import ProtocolOptions, run_protocol
     from p2v_fast.config import check_threads
-    from p2v_fast.runtime import torch_threads
+    from p2v_fast.nets.runtime import torch_threads
 
     overrides = {k: v for k, v in (("frames", frames), ("size", size), ("steps", steps)) if v is not None}
     if len(backends) > 1:

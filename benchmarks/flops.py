@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from p2v_fast.attention import UNetWithFeatures, feature_shapes
+from p2v_fast.nets.attention import UNetWithFeatures, feature_shapes
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """`p2v bench --plan`: the wavefront's ticks, UNet calls and peak stored features for a clip,
-per cap on the frames in flight, simulated without weights (:mod:`p2v_fast.plan`).
+per cap on the frames in flight, simulated without weights (:mod:`p2v_fast.method.plan`).
 
 Feature sizes come from the architecture's config (a UNet built on the meta device: shapes
 only), so the SD2-depth numbers at 512x512 fp16 need no download and no memory. The edit's
@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from rich.table import Table
 
-from p2v_fast.attention import feature_shapes
 from p2v_fast.config import EditConfig
 from p2v_fast.errors import InputError
-from p2v_fast.plan import simulate_wavefront
+from p2v_fast.method.plan import simulate_wavefront
+from p2v_fast.nets.attention import feature_shapes
 
 #: Caps compared by default (frames in flight); the default cap is 16.
 CAPS = (4, 8, 16, 32, 50)
@@ -32,7 +32,7 @@ def architecture_shapes(arch: str | None, model: str | None, latent_hw: tuple[in
     from diffusers import UNet2DConditionModel
 
     if model == "tiny":
-        from p2v_fast.tiny import UNET_CONFIG as config
+        from p2v_fast.weights.tiny import UNET_CONFIG as config
     elif model is None and arch in (None, "sd2-depth"):
         from benchmarks.arch import SD2_DEPTH_UNET as config
     else:
@@ -62,7 +62,7 @@ def plan_report(frames: int, steps: int, size: int, dtype: str = "fp16", caps: t
             rows.append(simulate_wavefront(cfg, frames, shapes, torch_dtype, latent_hw, cap=cap).as_dict())
     return {"frames": frames, "steps": steps, "size": size, "dtype": str(torch_dtype).removeprefix("torch."),
             "model": model or f"arch:{arch or 'sd2-depth'}", "feature_shapes": shapes, "plans": rows,
-            "method": "p2v_fast.plan.simulate_wavefront: the edit loop's admission, grouping and feature store "
+            "method": "p2v_fast.method.plan.simulate_wavefront: the edit loop's admission, grouping and feature store "
                       "on meta tensors; calls assume no memory split"}
 
 

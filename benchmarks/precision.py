@@ -1,6 +1,6 @@
 """The inversion's precision measured: each precision's x_T against an fp64 inversion, and its
 reconstruction error (frame 1 regenerated from its own x_T, as
-:func:`p2v_fast.inversion.reconstruction_error` measures it, on latents).
+:func:`p2v_fast.method.inversion.reconstruction_error` measures it, on latents).
 
     python -m benchmarks.precision --model tiny --device cpu
     python -m benchmarks.precision --arch sd2-depth --device cuda --size 512 --steps 50
@@ -31,10 +31,10 @@ from typing import Any
 
 import torch
 
-from p2v_fast.backends import TorchBackend
-from p2v_fast.ddim import DDIMSchedule
-from p2v_fast.inversion import _eps
-from p2v_fast.runtime import models_in_dtype
+from p2v_fast.method.ddim import DDIMSchedule
+from p2v_fast.method.inversion import _eps
+from p2v_fast.nets.backends import TorchBackend
+from p2v_fast.nets.runtime import models_in_dtype
 
 PRECISIONS = {"fp64": (torch.float64, False), "fp32": (torch.float32, False), "tf32": (torch.float32, True),
               "fp16": (torch.float16, False), "bf16": (torch.bfloat16, False)}
@@ -109,8 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     from benchmarks.arch import build_arch
-    from p2v_fast.models import load_models
-    from p2v_fast.runtime import resolve_device
+    from p2v_fast.nets.runtime import resolve_device
+    from p2v_fast.weights.models import load_models
 
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from rich.table import Table
 
-from p2v_fast import memory
 from p2v_fast.config import LATENT_UPDATES, EditConfig
 from p2v_fast.errors import InputError
+from p2v_fast.nets import memory
 
 PROTOCOLS: dict[str, dict[str, int]] = {"v2v120": {"frames": 120, "size": 512, "steps": 50}}
 
@@ -78,7 +78,7 @@ class ProtocolOptions:
         if self.workload["frames"] < 1:
             raise InputError(f"--frames must be >= 1; got {self.workload['frames']}")
         self.edit_config("off")  # size, steps, device, dtype, backend, invert dtype
-        from p2v_fast.video import working_size
+        from p2v_fast.media.video import working_size
 
         working_size(self.workload["size"], self.workload["size"], self.workload["size"])  # the 2048-pixel limit
 
@@ -144,8 +144,8 @@ class StageClock:
 
 def _models(opts: ProtocolOptions):
     from benchmarks.arch import build_arch
-    from p2v_fast.models import load_models
-    from p2v_fast.runtime import resolve_device, resolve_dtype
+    from p2v_fast.nets.runtime import resolve_device, resolve_dtype
+    from p2v_fast.weights.models import load_models
 
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
@@ -157,11 +157,11 @@ def _models(opts: ProtocolOptions):
 def warm_up_compiled(rt, latent_hw: tuple[int, int]) -> int:
     """Compile (and record, on CUDA) every batch bucket the protocol's calls use before any clock
     starts: edit ticks of up to the default cap of frames (2 samples each) and inversion calls of
-    up to :data:`~p2v_fast.inversion.MAX_INVERT_BATCH` frames (1 sample each). The warm-up edit
+    up to :data:`~p2v_fast.method.inversion.MAX_INVERT_BATCH` frames (1 sample each). The warm-up edit
     alone (2 frames) compiles only the smallest buckets, so the larger ones compiled inside the
     first timed mode. Returns the buckets warmed up."""
-    from p2v_fast.edit import DEFAULT_WAVEFRONT_FRAMES
-    from p2v_fast.inversion import MAX_INVERT_BATCH
+    from p2v_fast.method.edit import DEFAULT_WAVEFRONT_FRAMES
+    from p2v_fast.method.inversion import MAX_INVERT_BATCH
 
     frames = max(DEFAULT_WAVEFRONT_FRAMES, -(-MAX_INVERT_BATCH // 2))
     done, seen = 0, set()
@@ -175,13 +175,13 @@ def warm_up_compiled(rt, latent_hw: tuple[int, int]) -> int:
 def run_protocol(opts: ProtocolOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the protocol; the report (written by the caller). ``setup_seconds`` (models, runtime,
     the warm-up edit and compiled buckets) is reported apart from each mode's ``seconds``; peak
-    memory is read through :mod:`p2v_fast.memory`'s nested windows (the call budget's own
+    memory is read through :mod:`p2v_fast.nets.memory`'s nested windows (the call budget's own
     measurements reset the device's mark), per mode and over the whole run."""
     from benchmarks.hardware import device_info, machine_info, versions
     from benchmarks.timing import PeakMemory, load_average
+    from p2v_fast.media.video import make_sample_clip
+    from p2v_fast.nets.runtime import resolve_device, runtime_for
     from p2v_fast.pipeline import edit_video
-    from p2v_fast.runtime import resolve_device, runtime_for
-    from p2v_fast.video import make_sample_clip
 
     w = opts.workload
     whole = PeakMemory(resolve_device(opts.device))

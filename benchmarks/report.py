@@ -106,9 +106,9 @@ def rich_tables(report: dict[str, Any]) -> list[Table | str]:
 
 
 def inversion_line(run: dict[str, Any]) -> str:
-    """Where the inversion ran and its reconstruction error (p2v_fast.inversion.reconstruction_error)."""
-    from p2v_fast.inversion import describe_reconstruction
-    from p2v_fast.runtime import describe_runtime
+    """Where the inversion ran and its reconstruction error (p2v_fast.method.inversion.reconstruction_error)."""
+    from p2v_fast.method.inversion import describe_reconstruction
+    from p2v_fast.nets.runtime import describe_runtime
 
     inv = run["stages"]["inversion"]
     if "runs_on" not in inv:

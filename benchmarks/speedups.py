@@ -28,9 +28,9 @@ from typing import Any
 import torch
 
 from benchmarks.timing import Clock, summarize
-from p2v_fast.attention import feature_shapes
-from p2v_fast.backends import TorchBackend
 from p2v_fast.errors import InputError
+from p2v_fast.nets.attention import feature_shapes
+from p2v_fast.nets.backends import TorchBackend
 
 SPEEDUPS = ("eager", "sdpa-math", "channels-last", "compile", "fp16", "bf16")
 CALLS = ("anchor", "xframe", "xframe+backward")

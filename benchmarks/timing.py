@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from p2v_fast import memory
+from p2v_fast.nets import memory
 
 
 def synchronize(device: torch.device) -> None:
@@ -81,7 +81,7 @@ class PeakMemory:
     reserve or engines' own allocations). CPU on Linux: the process's peak resident set
     (VmHWM, reset through /proc/self/clear_refs), which includes the weights. Elsewhere: the
     lifetime peak RSS from ``getrusage`` (it cannot be reset; ``kind`` says so). Windows are
-    :mod:`p2v_fast.memory`'s, so the edit's own per-call measurements do not disturb them.
+    :mod:`p2v_fast.nets.memory`'s, so the edit's own per-call measurements do not disturb them.
     """
 
     def __init__(self, device: torch.device) -> None:

@@ -1,7 +1,7 @@
 """Export the networks (unet, vae_encoder, vae_decoder, depth) to ONNX and build TensorRT engines: ``export_engines``.
 
 Stages per network, each skipped when its artifact is current (its key, see
-:mod:`p2v_fast.manifest`, matches and its file is whole) unless ``force``:
+:mod:`p2v_fast.nets.manifest`, matches and its file is whole) unless ``force``:
 
 1. ONNX: export through the wrapper module, clean, check, validate against PyTorch in ONNX
    Runtime (:mod:`export.onnx_export`).
@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from p2v_fast.errors import EngineError, InputError
-from p2v_fast.export_options import CLEANERS, DEFAULT_ENGINES, EXPORTERS, FORMATS, WIDEST_DEFAULT, ExportOptions
-from p2v_fast.manifest import (
+from p2v_fast.nets.export_options import CLEANERS, DEFAULT_ENGINES, EXPORTERS, FORMATS, WIDEST_DEFAULT, ExportOptions
+from p2v_fast.nets.manifest import (
     Artifact,
     Machine,
     Manifest,
@@ -31,9 +31,9 @@ from p2v_fast.manifest import (
     read_manifest,
     write_manifest,
 )
-from p2v_fast.models import ModelId, model_id
+from p2v_fast.nets.specs import LEGACY_NETWORKS, NETWORKS, ExportProfile, network_specs
 from p2v_fast.progress import NullProgress, Progress
-from p2v_fast.specs import LEGACY_NETWORKS, NETWORKS, ExportProfile, network_specs
+from p2v_fast.weights.models import ModelId, model_id
 
 __all__ = ["CLEANERS", "DEFAULT_ENGINES", "EXPORTERS", "FORMATS", "WIDEST_DEFAULT", "ExportOptions", "ExportReport",
            "export_engines"]
@@ -68,7 +68,7 @@ class ExportReport:
 def _device(name: str):
     import torch
 
-    from p2v_fast.runtime import resolve_device
+    from p2v_fast.nets.runtime import resolve_device
 
     return resolve_device(name) if name != "auto" else torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -114,14 +114,14 @@ def export_engines(options: ExportOptions, progress: Progress | None = None, mod
     import torch
 
     from export import onnx_export
-    from p2v_fast.specs import geometry_of, sample_inputs
+    from p2v_fast.nets.specs import geometry_of, sample_inputs
 
     progress = progress or NullProgress()
     t_start = time.perf_counter()
     machine: Machine | None = None
     if options.format == "tensorrt":
-        from p2v_fast.manifest import this_machine
-        from p2v_fast.system import require_tensorrt
+        from p2v_fast.nets.manifest import this_machine
+        from p2v_fast.nets.system import require_tensorrt
 
         require_tensorrt("use --format onnx")  # before any work: TensorRT and a CUDA GPU, or say why not
     device = models.device if models is not None else _device(options.device)
@@ -135,7 +135,7 @@ def export_engines(options: ExportOptions, progress: Progress | None = None, mod
         raise InputError(f"--engines '{folder}' is a file, not a folder")
     dtype = torch.float16 if options.precision == "fp16" else torch.float32
     if models is None:
-        from p2v_fast.models import load_models
+        from p2v_fast.weights.models import load_models
 
         progress.log(f"loading {options.model} ({options.precision}) on {device}")
         models = load_models(options.model, device=device, dtype=dtype)

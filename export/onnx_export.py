@@ -36,8 +36,8 @@ import torch
 from torch import nn
 
 from p2v_fast.errors import EngineError, ExportValidationError
-from p2v_fast.export_options import CLEANERS
-from p2v_fast.specs import Geometry, NetworkSpec
+from p2v_fast.nets.export_options import CLEANERS
+from p2v_fast.nets.specs import Geometry, NetworkSpec
 
 #: Graphs whose weights exceed this are saved with external data (protobuf's limit is 2 GiB).
 EXTERNAL_DATA_BYTES = 1_800_000_000
@@ -56,7 +56,7 @@ class UNetGraph(nn.Module):
 
     def __init__(self, unet: nn.Module) -> None:
         super().__init__()
-        from p2v_fast.attention import UNetWithFeatures
+        from p2v_fast.nets.attention import UNetWithFeatures
 
         self.inner = UNetWithFeatures(unet)
 
@@ -368,7 +368,7 @@ def no_tf32() -> Iterator[None]:
 def reference_session(path: Path, spec: NetworkSpec, geometry: Geometry, device: torch.device):
     """``path`` in ONNX Runtime as a reference: on ``device`` where ONNX Runtime can bind it,
     with the CUDA provider's TF32 off (the CPU has none)."""
-    from p2v_fast.backend_onnx import OnnxSession, ort_device, providers_for
+    from p2v_fast.nets.backend_onnx import OnnxSession, ort_device, providers_for
 
     return OnnxSession(path, spec, geometry, device, providers_for(ort_device(device), tf32=False))
 

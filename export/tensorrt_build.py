@@ -9,7 +9,7 @@ TensorRT 10 and 11 Python API:
 - One optimisation profile per engine, from the spec (min/opt/max shape of every input).
 - The workspace limit is exposed (building the SD UNet can exhaust GPU memory).
 - TF32 (on by default for fp32 layers) is cleared where the spec does not allow it: fp32
-  networks, whose 1e-4 check TF32 alone fails (``p2v_fast.specs``, the TF32 note).
+  networks, whose 1e-4 check TF32 alone fails (``p2v_fast.nets.specs``, the TF32 note).
 - A timing cache per TensorRT version and GPU (name and compute capability) is loaded before and
   saved after every build, so rebuilding (another size, another profile) reuses measured
   tactics. ``set_timing_cache``'s result is checked; a cache TensorRT refuses (made on another
@@ -35,9 +35,9 @@ import torch
 
 from p2v_fast.errors import EngineError
 from p2v_fast.files import write_bytes_atomic
-from p2v_fast.manifest import Machine
-from p2v_fast.specs import ExportProfile, Geometry, MinOptMax, NetworkSpec
-from p2v_fast.system import import_tensorrt
+from p2v_fast.nets.manifest import Machine
+from p2v_fast.nets.specs import ExportProfile, Geometry, MinOptMax, NetworkSpec
+from p2v_fast.nets.system import import_tensorrt
 
 
 def trt_major(trt) -> int:
@@ -91,7 +91,7 @@ def build_engine(
 
     ``profile``: input name -> (min, opt, max) shape. ``tf32=False`` clears ``BuilderFlag.TF32``
     (on by default: fp32 layers would round their inputs to a 10-bit mantissa; the spec says
-    where that is allowed, :data:`p2v_fast.specs.TOLERANCE`). Writes the engine (and the timing cache)
+    where that is allowed, :data:`p2v_fast.nets.specs.TOLERANCE`). Writes the engine (and the timing cache)
     atomically; raises :class:`EngineError` with every parser error, or the builder's failure.
     ``trt``: the TensorRT module (tests pass a stand-in).
     """
@@ -136,11 +136,11 @@ def build_engine(
 
 
 def validation_cases(spec: NetworkSpec, geometry: Geometry, profile: ExportProfile) -> dict[str, dict]:
-    """Sample inputs (the spec's, :func:`~p2v_fast.specs.sample_inputs`) at every corner of the
+    """Sample inputs (the spec's, :func:`~p2v_fast.nets.specs.sample_inputs`) at every corner of the
     profile an engine must serve: ``min`` (smallest batch at the smallest size), ``opt`` (2 samples,
     one anchor-like and one cross-frame, or the static batch, at the opt size) and ``max``
     (largest batch at the largest size). Corners that coincide are run once."""
-    from p2v_fast.specs import sample_inputs
+    from p2v_fast.nets.specs import sample_inputs
 
     b, h, w = profile.batch, profile.height, profile.width
     corners = {"min": (b[0], h[0], w[0]), "opt": (min(b[2], max(b[0], 2)), h[1], w[1]), "max": (b[2], h[2], w[2])}
@@ -166,8 +166,8 @@ def validate_engine(engine_path: Path, onnx_path: Path, spec: NetworkSpec, geome
     otherwise. ``trt`` and ``ops``: the TensorRT module and the CUDA side (tests pass stand-ins).
     """
     from export.onnx_export import compare_outputs, reference_session
-    from p2v_fast.backend_tensorrt import EngineRunner, TorchCuda
     from p2v_fast.errors import ExportValidationError
+    from p2v_fast.nets.backend_tensorrt import EngineRunner, TorchCuda
 
     trt = trt or import_tensorrt()
     ops = ops or TorchCuda(device)

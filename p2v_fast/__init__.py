@@ -28,9 +28,9 @@ _API = {
     "edit_video": "p2v_fast.pipeline",
     "invert_video": "p2v_fast.pipeline",
     "EditResult": "p2v_fast.pipeline",
-    "load_runtime": "p2v_fast.runtime",
-    "Runtime": "p2v_fast.runtime",
-    "load_models": "p2v_fast.models",
+    "load_runtime": "p2v_fast.nets.runtime",
+    "Runtime": "p2v_fast.nets.runtime",
+    "load_models": "p2v_fast.weights.models",
     "Progress": "p2v_fast.progress",
     "P2VError": "p2v_fast.errors",
     "InputError": "p2v_fast.errors",
@@ -44,10 +44,10 @@ __all__ = [
 if TYPE_CHECKING:  # pragma: no cover
     from p2v_fast.config import EditConfig
     from p2v_fast.errors import InputError, P2VError
-    from p2v_fast.models import load_models
+    from p2v_fast.nets.runtime import Runtime, load_runtime
     from p2v_fast.pipeline import EditResult, edit_video, invert_video
     from p2v_fast.progress import Progress
-    from p2v_fast.runtime import Runtime, load_runtime
+    from p2v_fast.weights.models import load_models
 
 
 def __getattr__(name: str) -> Any:

@@ -20,7 +20,7 @@ INVERT_DTYPES = (*DTYPES, "tf32", "same")
 RESIZES = ("crop", "stretch", "pad")
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "auto")
 SCHEDULES = ("sequential", "wavefront")
-#: The CLIP model and the optical flows of the paper's metrics (p2v_fast.metrics; p2v eval, p2v ablate).
+#: The CLIP model and the optical flows of the paper's metrics (p2v_fast.quality.metrics; p2v eval, p2v ablate).
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 FLOW_METHODS = ("dis", "raft")
 #: Most CPU threads --threads takes (torch.set_num_threads overflows far above; more than the
@@ -47,13 +47,13 @@ class EditConfig:
     # over every step, so fp32 by default whatever --dtype is (graph backends with fp16 graphs
     # invert on PyTorch in fp32); "same": the edit's dtype and backend.
     invert_dtype: str = "fp32"
-    backend: str = "torch"  # runtime of the networks (see p2v_fast.backends)
+    backend: str = "torch"  # runtime of the networks (see p2v_fast.nets.backends)
     engines: Path | None = None  # folder of exported graphs / engines for non-torch backends
     cache_dir: Path | None = None  # inversion cache and tiny models; None: $P2V_CACHE or ~/.cache
 
     # --- frames ---
     size: int = 512  # short side of the working size, a multiple of 64
-    # How a frame becomes a working frame (p2v_fast.video.frame_geometry): "crop" (short side
+    # How a frame becomes a working frame (p2v_fast.media.video.frame_geometry): "crop" (short side
     # --size, long side the nearest multiple of 64 to the aspect ratio, centre-cropped), "stretch"
     # (squashed to --size x --size, as the paper and its code do), "pad" (fitted inside
     # --size x --size, letterboxed; the output is the frame without its padding)
@@ -74,7 +74,7 @@ class EditConfig:
     # or sequential (Algorithm 1 as written, one frame at a time)
     schedule: str = "wavefront"
     # wavefront: at most this many frames in flight. None: up to 16, each tick's frames in UNet
-    # calls of as many frames as fit in memory (measured: p2v_fast.memory.CallBudget)
+    # calls of as many frames as fit in memory (measured: p2v_fast.nets.memory.CallBudget)
     batch_frames: int | None = None
     invert_batch: int | None = None  # frames per UNet call during inversion; None: up to 16, as fit
     # budget in bytes for what one process holds on the device (--max-memory): UNet calls are

@@ -1,6 +1,6 @@
 """Progress on a console: rich bars on a terminal, plain lines at an interval in a log.
 
-Implementations of :class:`p2v_fast.progress.Progress` and :class:`p2v_fast.batch.BatchReporter`
+Implementations of :class:`p2v_fast.progress.Progress` and :class:`p2v_fast.apps.batch.BatchReporter`
 that draw on a :class:`rich.console.Console` (the CLI passes its stderr console).
 :func:`progress_for` and :func:`batch_display` choose by whether the console is a terminal.
 """

@@ -18,21 +18,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from p2v_fast import video
-from p2v_fast.backends import TorchBackend
-from p2v_fast.clip_selection import ClipSelection, frames_digest, select_clip
 from p2v_fast.config import EditConfig
-from p2v_fast.ddim import DDIMSchedule
-from p2v_fast.edit import EditContext, EditStats, FeatureStore, FrameState, run_schedule
 from p2v_fast.errors import InputError
 from p2v_fast.files import OutputClaim
-from p2v_fast.frame_sink import FrameSink
-from p2v_fast.inversion import invert_clip
-from p2v_fast.inversion_cache import InvertedClip
-from p2v_fast.paths import EditPaths, check_report_path, side_paths
+from p2v_fast.media import video
+from p2v_fast.media.clip_selection import ClipSelection, frames_digest, select_clip
+from p2v_fast.media.paths import EditPaths, check_report_path, side_paths
+from p2v_fast.method.ddim import DDIMSchedule
+from p2v_fast.method.edit import EditContext, EditStats, FeatureStore, FrameState, run_schedule
+from p2v_fast.method.frame_sink import FrameSink
+from p2v_fast.method.inversion import invert_clip
+from p2v_fast.method.inversion_cache import InvertedClip
+from p2v_fast.nets.backends import TorchBackend
+from p2v_fast.nets.runtime import Runtime, inversion_runtime, invert_precision, load_runtime, torch_threads
 from p2v_fast.progress import NullProgress, Progress
-from p2v_fast.prompts import check_prompt, encode_prompt, source_prompt_for, warn_if_truncated
-from p2v_fast.runtime import Runtime, inversion_runtime, invert_precision, load_runtime, torch_threads
+from p2v_fast.weights.prompts import check_prompt, encode_prompt, source_prompt_for, warn_if_truncated
 
 
 def probe_input(input_path: Path, cfg: EditConfig) -> video.VideoInfo:
@@ -48,8 +48,8 @@ def probe_input(input_path: Path, cfg: EditConfig) -> video.VideoInfo:
 def warm_up(cfg: EditConfig, rt: Runtime, selection: ClipSelection, progress: Progress) -> None:
     """With ``--compile``: compile every batch bucket the clip's calls will use (inversion and
     edit) before the first is timed, rather than in the middle of the run."""
-    from p2v_fast.edit import DEFAULT_WAVEFRONT_FRAMES
-    from p2v_fast.inversion import MAX_INVERT_BATCH
+    from p2v_fast.method.edit import DEFAULT_WAVEFRONT_FRAMES
+    from p2v_fast.method.inversion import MAX_INVERT_BATCH
 
     backend = rt.backend  # a separate grad backend runs only gradient calls, which run eager
     if not isinstance(backend, TorchBackend) or not backend.compiled:

@@ -16,11 +16,11 @@ from rich.markup import escape
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from p2v_fast.ablation import AblationResult
-    from p2v_fast.batch import BatchResult
+    from p2v_fast.apps.ablation import AblationResult
+    from p2v_fast.apps.batch import BatchResult
     from p2v_fast.config import EditConfig
-    from p2v_fast.evaluate import VideoEval
     from p2v_fast.pipeline import EditResult, PreparedClip
+    from p2v_fast.quality.evaluate import VideoEval
 
 #: The paper's numbers for "ours" (Table 2, DAVIS at 512x512), shown beside a score.
 PAPER_OURS = {"clip_text": "0.2891", "clip_image": "0.9767", "pixel_mse": "228.62"}
@@ -59,8 +59,8 @@ def wide(console: Console) -> Console:
 
 def print_edit(console: Console, result: EditResult, cfg: EditConfig) -> None:
     """`p2v edit`: the files written, the frames, the source prompt, and the time per stage."""
-    from p2v_fast.inversion import describe_reconstruction
-    from p2v_fast.video import format_fps
+    from p2v_fast.media.video import format_fps
+    from p2v_fast.method.inversion import describe_reconstruction
 
     rows = [("output", str(result.output))]
     if result.side_by_side:
@@ -88,8 +88,8 @@ def print_demo(console: Console, result: EditResult) -> None:
 
 def print_invert(console: Console, prep: PreparedClip) -> None:
     """`p2v invert`: what was inverted, on which runtime, and how well it reconstructs."""
-    from p2v_fast.inversion import describe_reconstruction
-    from p2v_fast.runtime import describe_runtime
+    from p2v_fast.method.inversion import describe_reconstruction
+    from p2v_fast.nets.runtime import describe_runtime
 
     inv, sel = prep.inverted, prep.selection
     state = "cache hit (nothing to do)" if inv.cache_hit else f"{prep.seconds:.1f} s"
@@ -123,7 +123,7 @@ def batch_table(result: BatchResult, jobs_file: Path) -> Table:
 
 def print_ablation(console: Console, result: AblationResult) -> None:
     """`p2v ablate`: the paper's Table 2 for this clip (best per metric in bold), and its files."""
-    from p2v_fast.ablation import METRICS, format_metric
+    from p2v_fast.apps.ablation import METRICS, format_metric
 
     best = result.best()
     table = Table(title=escape(f"Pix2Video ablation: {plural(result.n_frames, 'frame')} at "

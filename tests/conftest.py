@@ -48,7 +48,7 @@ def playwright() -> bool:
 
 def _tier_skips() -> dict[str, str | None]:
     """Marker -> why its tests cannot run here (None: they can)."""
-    from p2v_fast.system import tensorrt_status
+    from p2v_fast.nets.system import tensorrt_status
 
     cuda = torch.cuda.is_available()
     trt_ok, trt_why = tensorrt_status()
@@ -94,7 +94,7 @@ def p2v_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def tiny_dir(p2v_cache: Path) -> Path:
     """The tiny model folder (``<P2V_CACHE>/models/tiny-v1``), built on first use."""
-    from p2v_fast.tiny import tiny_model_dir
+    from p2v_fast.weights.tiny import tiny_model_dir
 
     return tiny_model_dir()
 
@@ -102,7 +102,7 @@ def tiny_dir(p2v_cache: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_models(tiny_dir: Path):
     """``load_models("tiny")``: fp32 on the CPU."""
-    from p2v_fast.models import load_models
+    from p2v_fast.weights.models import load_models
 
     return load_models("tiny")
 

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import torch
 
-from p2v_fast.backends import TorchBackend
 from p2v_fast.config import EditConfig
-from p2v_fast.ddim import DDIMSchedule
-from p2v_fast.edit import EditContext, EditStats, FeatureStore, FrameState
-from p2v_fast.prompts import encode_prompt
+from p2v_fast.method.ddim import DDIMSchedule
+from p2v_fast.method.edit import EditContext, EditStats, FeatureStore, FrameState
+from p2v_fast.nets.backends import TorchBackend
+from p2v_fast.weights.prompts import encode_prompt
 
 
 def make_context(cfg: EditConfig, models, n_frames: int, backend=None) -> EditContext:
@@ -27,7 +27,7 @@ def random_frames(n: int, seed: int = 0, hw: tuple[int, int] = (8, 8)) -> list[F
 
 
 def sample_clip(tmp: Path, n_frames: int = 6, size=(96, 64), audio: bool = True) -> Path:
-    from p2v_fast.video import make_sample_clip
+    from p2v_fast.media.video import make_sample_clip
 
     return make_sample_clip(tmp / "clip.mp4", n_frames=n_frames, size=size, fps=12.0, with_audio=audio)
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from p2v_fast.attention import UNetWithFeatures, feature_shapes, injected_layer_names
-from p2v_fast.tiny import TEXT_HIDDEN, UNET_CONFIG
+from p2v_fast.nets.attention import UNetWithFeatures, feature_shapes, injected_layer_names
+from p2v_fast.weights.tiny import TEXT_HIDDEN, UNET_CONFIG
 
 
 def _unet() -> UNet2DConditionModel:
@@ -147,7 +147,7 @@ def test_the_attention_kernel_is_chosen_on_cuda_not_inherited() -> None:
     """On CUDA the UNet's calls run with flash, then memory-efficient, then math attention
     enabled, and cuDNN attention (torch's default on H100/H200) off; torch's flags come back
     after. On the CPU nothing is changed."""
-    from p2v_fast.attention import attention_kernels
+    from p2v_fast.nets.attention import attention_kernels
 
     before = (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled())
     with attention_kernels(torch.device("cuda")):
@@ -163,7 +163,7 @@ def test_fp16_cross_frame_calls_run_flash_attention_on_cuda(tiny_dir) -> None:
     """What the bench reports on a GPU: fp16 cross-frame calls and their backward run
     FlashAttention, never cuDNN's."""
     from benchmarks.bench import attention_kernels_used
-    from p2v_fast.models import load_models
+    from p2v_fast.weights.models import load_models
 
     used = attention_kernels_used(load_models("tiny", device=torch.device("cuda"), dtype=torch.float16), (8, 8))
     assert any("flash" in k for k in used["forward"]) and not any("cudnn" in k for k in used["forward"])

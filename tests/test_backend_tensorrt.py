@@ -20,10 +20,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from p2v_fast.backend_tensorrt import ALIGNMENT, TensorRTBackend
 from p2v_fast.errors import EngineError, ExportValidationError
-from p2v_fast.manifest import Artifact, Machine, read_manifest, write_manifest
-from p2v_fast.specs import ExportProfile
+from p2v_fast.nets.backend_tensorrt import ALIGNMENT, TensorRTBackend
+from p2v_fast.nets.manifest import Artifact, Machine, read_manifest, write_manifest
+from p2v_fast.nets.specs import ExportProfile
 from tests.test_export import SIZE, export_tiny
 from tests.trt_standin import CAPTURE_INVALIDATED, StandInCuda, StandInTrt, per_sample_value
 
@@ -70,7 +70,7 @@ def make(models, folder: Path, cuda: StandInCuda | None = None, **kw) -> tuple[T
 
 def unet_inputs(batch: int, seed: int = 0) -> dict:
     """Inputs of the tiny model's unet at 64x64 (random refs; self_ref 1 for every third sample)."""
-    from p2v_fast.specs import Geometry
+    from p2v_fast.nets.specs import Geometry
 
     g = torch.Generator().manual_seed(seed)
     geometry = Geometry.from_dict(_TINY_GEOMETRY)
@@ -225,7 +225,7 @@ def test_shared_activation_memory_is_the_largest_engines(tiny_models, onnx_folde
 def test_identity_names_the_engines_not_the_graphs(tiny_models, onnx_folder, tmp_path) -> None:
     """The inversion cache keys on Backend.identity(): a TensorRT backend is identified by its
     engines' keys (another build, another result), not by the ONNX graphs they came from."""
-    from p2v_fast.runtime import make_backend
+    from p2v_fast.nets.runtime import make_backend
 
     folder = engine_folder(onnx_folder, tmp_path / "e")
     backend, _ = make(tiny_models, folder)
@@ -247,7 +247,7 @@ def test_a_cpu_device_is_refused_before_the_engine_folder_is_read(tiny_models, t
 def test_cuda_graph_is_an_option_of_the_tensorrt_backend_only(tiny_models, onnx_folder) -> None:
     from p2v_fast.config import EditConfig
     from p2v_fast.errors import InputError
-    from p2v_fast.runtime import make_backend
+    from p2v_fast.nets.runtime import make_backend
 
     with pytest.raises(InputError, match="--cuda-graph is for --backend tensorrt, not torch"):
         EditConfig(cuda_graph=True)
@@ -311,8 +311,8 @@ def test_cli_edit_on_tensorrt_says_first_that_tensorrt_is_not_usable_here(tmp_pa
     """Before: 'engine folder 'engines' does not exist; create it with `p2v
     export --out engines`', an export that then failed. Now: TensorRT is not usable here, and why."""
     from cli import app
-    from p2v_fast.system import tensorrt_status
-    from p2v_fast.video import make_sample_clip
+    from p2v_fast.media.video import make_sample_clip
+    from p2v_fast.nets.system import tensorrt_status
 
     ok, status = tensorrt_status()
     if ok:
@@ -459,9 +459,9 @@ def test_tf32_is_cleared_exactly_where_the_spec_forbids_it(tmp_path) -> None:
 def _export_on_standin(monkeypatch, compute: str = "onnx") -> StandInTrt:
     """``export_engines(format="tensorrt")`` on the CPU: the stand-in TensorRT (version and GPU of
     H100) builds from the real graphs, and ``validate_engine`` runs its engines for real."""
-    import p2v_fast.backend_tensorrt as backend_tensorrt
-    import p2v_fast.manifest as manifest_mod
-    import p2v_fast.system as system
+    import p2v_fast.nets.backend_tensorrt as backend_tensorrt
+    import p2v_fast.nets.manifest as manifest_mod
+    import p2v_fast.nets.system as system
     from export import tensorrt_build
 
     cuda = StandInCuda()
@@ -553,7 +553,7 @@ def test_an_engine_from_a_graph_that_drifted_from_the_spec_is_refused(tiny_model
     import onnx
 
     from export.tensorrt_build import build_engine
-    from p2v_fast.backend_tensorrt import EngineRunner
+    from p2v_fast.nets.backend_tensorrt import EngineRunner
 
     m = read_manifest(onnx_folder)
     spec = m.networks["unet"].spec
@@ -581,7 +581,7 @@ def test_the_build_takes_each_tensorrt_versions_own_path(onnx_folder, tmp_path, 
     default (no flag). The workspace limit goes through MemoryPoolType.WORKSPACE (a plain int is
     refused, as pybind11 refuses it); 11.x has no device_memory_size (device_memory_size_v2 is read)."""
     from export.tensorrt_build import build_engine
-    from p2v_fast.backend_tensorrt import device_memory_size
+    from p2v_fast.nets.backend_tensorrt import device_memory_size
 
     m = read_manifest(onnx_folder)
     spec = m.networks["vae_decoder"].spec
@@ -613,7 +613,7 @@ def test_a_refused_optimisation_profile_switch_is_one_line(tiny_models, onnx_fol
     """Issue 17 item 5: set_optimization_profile_async raises when TensorRT refuses the switch.
     An engine with two profiles (64x64 and 128x128), stand-in-built; a call at 128x128 switches."""
     from export.tensorrt_build import build_engine
-    from p2v_fast.backend_tensorrt import EngineRunner
+    from p2v_fast.nets.backend_tensorrt import EngineRunner
 
     m = read_manifest(onnx_folder)
     spec = m.networks["vae_decoder"].spec

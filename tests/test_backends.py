@@ -17,9 +17,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from p2v_fast.backends import TorchBackend
 from p2v_fast.errors import BackendUnavailableError, EngineError
-from p2v_fast.manifest import (
+from p2v_fast.nets.backends import TorchBackend
+from p2v_fast.nets.manifest import (
     Artifact,
     Machine,
     check_machine,
@@ -29,8 +29,8 @@ from p2v_fast.manifest import (
     rebuild_command,
     write_manifest,
 )
-from p2v_fast.runtime import make_backend
-from p2v_fast.specs import ExportProfile, network_spec
+from p2v_fast.nets.runtime import make_backend
+from p2v_fast.nets.specs import ExportProfile, network_spec
 from tests.test_export import SD2, SIZE, export_tiny
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -51,14 +51,14 @@ def engines(tiny_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def models(tiny_dir):
     """A model set of this module's own (backends re-wire the UNet's attention processors)."""
-    from p2v_fast.models import load_models
+    from p2v_fast.weights.models import load_models
 
     return load_models("tiny")
 
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory) -> Path:
-    from p2v_fast.video import make_sample_clip
+    from p2v_fast.media.video import make_sample_clip
 
     return make_sample_clip(tmp_path_factory.mktemp("clip") / "clip.mp4", n_frames=3, size=(SIZE, SIZE))
 
@@ -119,8 +119,8 @@ def test_batches_larger_than_max_batch_are_split(engines, models) -> None:
 def _edit(models, clip: Path, out: Path, backend: str, mode: str, engines: Path | None):
     """Run the whole edit (inversion included, in its own cache); record every decoded latent."""
     from p2v_fast.config import EditConfig
+    from p2v_fast.nets.runtime import Runtime
     from p2v_fast.pipeline import edit_video
-    from p2v_fast.runtime import Runtime
 
     cfg = EditConfig(prompt="a red car", source_prompt="a car", model="tiny", device="cpu", dtype="fp32",
                      backend=backend, engines=engines, size=SIZE, steps=4, latent_update=mode,
@@ -163,7 +163,7 @@ def test_whole_edit_on_onnxruntime_equals_torch(engines, models, clip, tmp_path,
 
 
 def test_auto_picks_onnxruntime_with_graphs_and_torch_without(engines, models, tmp_path) -> None:
-    from p2v_fast.runtime import choose_auto
+    from p2v_fast.nets.runtime import choose_auto
 
     assert choose_auto(models, engines) == "onnxruntime"  # ONNX graphs only: no TensorRT engines listed
     assert make_backend("auto", models, engines).name == "onnxruntime"
@@ -198,7 +198,7 @@ def _standin(**kw) -> dict:
 
 
 def test_missing_engine_folder_is_one_line(models, tmp_path) -> None:
-    from p2v_fast.backend_tensorrt import TensorRTBackend
+    from p2v_fast.nets.backend_tensorrt import TensorRTBackend
 
     for make in (lambda f: make_backend("onnxruntime", models, f),
                  lambda f: TensorRTBackend(models, f, **_standin())):  # TensorRT usable: the folder is next
@@ -266,7 +266,7 @@ def _fake_tensorrt_folder(engines: Path, dst: Path, built: Machine, truncate: st
 
 
 def test_truncated_engine_file_is_one_line(engines, models, tmp_path) -> None:
-    from p2v_fast.backend_tensorrt import TensorRTBackend
+    from p2v_fast.nets.backend_tensorrt import TensorRTBackend
 
     h100 = Machine("10.8.0", "9.0", "NVIDIA H100")
     folder = _fake_tensorrt_folder(engines, tmp_path / "trt", h100, truncate="unet")
@@ -277,7 +277,7 @@ def test_truncated_engine_file_is_one_line(engines, models, tmp_path) -> None:
 
 
 def test_engines_for_another_gpu_are_refused_with_the_rebuild_command(engines, models, tmp_path) -> None:
-    from p2v_fast.backend_tensorrt import TensorRTBackend
+    from p2v_fast.nets.backend_tensorrt import TensorRTBackend
 
     folder = _fake_tensorrt_folder(engines, tmp_path / "a100", Machine("10.3.0", "8.0", "NVIDIA A100"))
     with pytest.raises(EngineError) as err:
@@ -312,7 +312,7 @@ def _trt_importable() -> bool:
 
 
 def test_select_profile_picks_the_profile_that_holds_every_input() -> None:
-    from p2v_fast.backend_tensorrt import select_profile
+    from p2v_fast.nets.backend_tensorrt import select_profile
 
     spec = network_spec("unet", SD2, "fp16")
     small = spec.profile_shapes(SD2, ExportProfile(batch=(1, 2, 4), height=(256, 512, 512), width=(256, 512, 512)))
@@ -327,7 +327,7 @@ def test_select_profile_picks_the_profile_that_holds_every_input() -> None:
 
 
 def test_check_io_and_output_shapes() -> None:
-    from p2v_fast.backend_tensorrt import batch_and_size, check_io, output_shapes
+    from p2v_fast.nets.backend_tensorrt import batch_and_size, check_io, output_shapes
 
     spec = network_spec("unet", SD2, "fp16")
     io = {t.name: ("input", t.dtype) for t in spec.inputs} | {t.name: ("output", t.dtype) for t in spec.outputs}
@@ -368,7 +368,7 @@ def test_size_outside_the_profile_names_the_widening_command(engines) -> None:
 def test_the_cuda_graph_rebuild_command_builds_one_shape(engines) -> None:
     """What `--cuda-graph` suggests for dynamic engines is an export `p2v export` accepts and that
     builds static engines: one size (no --min-size/--max-size), no --opt-batch, --static-batch once."""
-    from p2v_fast.manifest import rebuild_command
+    from p2v_fast.nets.manifest import rebuild_command
 
     m = read_manifest(engines)
     m.profile = type(m.profile)(batch=(1, 2, 4), height=(SIZE, SIZE, 2 * SIZE), width=(SIZE, SIZE, 2 * SIZE))
@@ -388,7 +388,7 @@ def test_onnxruntime_refuses_a_size_outside_the_exported_profile(engines, models
 
 
 def test_tensorrt_provider_gets_the_profile_explicitly(engines) -> None:
-    from p2v_fast.backend_onnx import tensorrt_provider_options
+    from p2v_fast.nets.backend_onnx import tensorrt_provider_options
 
     m = read_manifest(engines)
     spec = m.networks["unet"].spec
@@ -416,7 +416,7 @@ def test_default_export_then_edit_a_landscape_and_a_portrait_clip(engines, tmp_p
     only on this CPU) then `p2v edit` of an 854x480 and a 480x854 clip, no other flags: their
     default crops (128x64 and 64x128) are inside the engines' profile. Before, the engines took
     64x64 only and both edits were refused."""
-    from p2v_fast.video import make_sample_clip
+    from p2v_fast.media.video import make_sample_clip
 
     folder = tmp_path / "eng"
     shutil.copytree(engines, folder)  # the session's graphs: the export finds them current
@@ -433,7 +433,7 @@ def test_default_export_then_edit_a_landscape_and_a_portrait_clip(engines, tmp_p
 
 
 def test_rebuild_command_and_machine_check() -> None:
-    from p2v_fast.manifest import Manifest, ModelId
+    from p2v_fast.nets.manifest import Manifest, ModelId
 
     m = Manifest(model=ModelId("stabilityai/stable-diffusion-2-depth", "x"), precision="fp16", opset=18,
                  geometry=SD2, profile=ExportProfile(batch=(1, 2, 8), height=(256, 512, 768), width=(256, 512, 768)),
@@ -484,8 +484,8 @@ def test_cli_edit_with_a_truncated_graph(engines, clip, tmp_path) -> None:
 
 
 def test_cli_edit_with_engines_for_another_gpu(engines, clip, tmp_path, monkeypatch) -> None:
-    import p2v_fast.backend_tensorrt as backend_tensorrt
-    import p2v_fast.system as system
+    import p2v_fast.nets.backend_tensorrt as backend_tensorrt
+    import p2v_fast.nets.system as system
 
     folder = _fake_tensorrt_folder(engines, tmp_path / "a100", Machine("10.3.0", "8.0", "NVIDIA A100"))
     monkeypatch.setattr(backend_tensorrt, "this_machine", lambda device=None: Machine("10.8.0", "9.0", "NVIDIA H100"))
@@ -510,8 +510,8 @@ def _info(*args: str) -> str:
 def test_cli_info_says_whether_each_engine_matches_this_machine_and_model(engines, tmp_path, monkeypatch) -> None:
     """Before: a row labelled 'engines engines' (for ./engines), the files of each
     network, and no word on the model. Now: per network and artifact, 'usable here' or why not."""
-    import p2v_fast.manifest as manifest_mod
-    from p2v_fast.manifest import engine_key
+    import p2v_fast.nets.manifest as manifest_mod
+    from p2v_fast.nets.manifest import engine_key
 
     _copy(engines, tmp_path / "engines")
     monkeypatch.chdir(tmp_path)
@@ -560,7 +560,7 @@ def test_onnxruntime_cuda_provider_binds_cuda_tensors(engines, tiny_dir) -> None
 
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         pytest.skip("ONNX Runtime here has no CUDA provider (pip install onnxruntime-gpu)")
-    from p2v_fast.models import load_models
+    from p2v_fast.weights.models import load_models
 
     cuda_models = load_models("tiny", device="cuda")
     ort = make_backend("onnxruntime", cuda_models, engines)
@@ -580,7 +580,7 @@ def test_onnxruntime_cuda_provider_binds_cuda_tensors(engines, tiny_dir) -> None
 def test_tensorrt_edit_equals_torch(engines, clip, tmp_path) -> None:
     """The whole edit on TensorRT engines (fp32, tiny) equals torch on the same GPU."""
     from export import ExportOptions, export_engines
-    from p2v_fast.models import load_models
+    from p2v_fast.weights.models import load_models
 
     cuda_models = load_models("tiny", device="cuda")
     folder = tmp_path / "trt"
@@ -611,8 +611,8 @@ def test_inversion_cache_across_backends_and_precisions(engines, engines_fp16, m
     PyTorch in fp32, so they share torch's entry. --invert-dtype same: fp16 graphs invert on
     themselves, an entry of their own, never reused by an fp32 edit."""
     from p2v_fast.config import EditConfig
+    from p2v_fast.nets.runtime import Runtime
     from p2v_fast.pipeline import invert_video
-    from p2v_fast.runtime import Runtime
 
     cfg = EditConfig(model="tiny", size=SIZE, steps=3, source_prompt="a car", cache_dir=tmp_path / "cache")
     torch32 = Runtime(models, TorchBackend(models), None)

@@ -14,7 +14,7 @@ import yaml
 from typer.testing import CliRunner
 
 from cli import app
-from p2v_fast import video
+from p2v_fast.media import video
 
 runner = CliRunner()
 FAST = {"model": "tiny", "size": 64, "steps": 2}
@@ -46,20 +46,20 @@ class ModelLoaded(BaseException):
 
 def no_model_loads(monkeypatch) -> None:
     """Fail the test if anything loads a model (validation and skipped jobs must not)."""
+    import p2v_fast.nets.runtime
     import p2v_fast.pipeline
-    import p2v_fast.runtime
 
     def refuse(cfg):
         raise ModelLoaded("a model was loaded")
 
-    for module in (p2v_fast.runtime, p2v_fast.pipeline):
+    for module in (p2v_fast.nets.runtime, p2v_fast.pipeline):
         monkeypatch.setattr(module, "load_runtime", refuse)
 
 
 def test_every_edit_option_is_a_job_key() -> None:
     """The keys come from EditConfig and edit_video: an option `p2v edit` gains is accepted."""
     from cli import edit
-    from p2v_fast.batch import job_key_types
+    from p2v_fast.apps.batch import job_key_types
 
     keys = job_key_types()
     assert set(inspect.signature(edit).parameters) <= set(keys)
@@ -75,12 +75,12 @@ def test_three_jobs_one_inversion_per_clip_then_nothing_recomputed(clips, tmp_pa
     ], {"source_prompt": "batch test one"}, name="three.yaml")
     summary = tmp_path / "summary.json"
     before = src.read_bytes()
+    import p2v_fast.nets.runtime
     import p2v_fast.pipeline
-    import p2v_fast.runtime
 
     loads = []
-    load_runtime = p2v_fast.runtime.load_runtime
-    for module in (p2v_fast.runtime, p2v_fast.pipeline):
+    load_runtime = p2v_fast.nets.runtime.load_runtime
+    for module in (p2v_fast.nets.runtime, p2v_fast.pipeline):
         monkeypatch.setattr(module, "load_runtime", lambda cfg: loads.append(cfg) or load_runtime(cfg))
     r = _p2v("batch", jobs, "--json", summary)
     assert r.exit_code == 0, r.output
@@ -218,7 +218,7 @@ def test_each_job_is_checked_as_p2v_edit_checks_it(clips, monkeypatch, jobs, mes
 
 
 def test_yaml_off_is_the_option_value_and_json_path_is_relative(clips, tmp_path, monkeypatch) -> None:
-    from p2v_fast.batch import load_jobs
+    from p2v_fast.apps.batch import load_jobs
 
     no_model_loads(monkeypatch)
     path = tmp_path / "jobs.yaml"
@@ -241,7 +241,7 @@ def test_the_summary_never_replaces_the_jobs_file_an_input_or_an_output(clips, t
 
 
 def test_json_jobs_file_and_missing_file(clips, tmp_path, monkeypatch) -> None:
-    from p2v_fast.batch import load_jobs
+    from p2v_fast.apps.batch import load_jobs
 
     no_model_loads(monkeypatch)
     path = tmp_path / "jobs.json"
@@ -257,7 +257,7 @@ def test_json_jobs_file_and_missing_file(clips, tmp_path, monkeypatch) -> None:
 def test_clip_scheduler_keeps_a_clip_on_its_actor() -> None:
     """Jobs on one clip go to the actor that took its first job; another actor takes one only
     once that first job has finished (its inversion is on disk), and a retry goes elsewhere."""
-    from p2v_fast.batch_ray import ClipScheduler
+    from p2v_fast.apps.batch_ray import ClipScheduler
 
     class J:
         def __init__(self, index: int, clip: str) -> None:

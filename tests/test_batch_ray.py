@@ -17,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from p2v_fast import video
+from p2v_fast.media import video
 from tests.test_batch import write_jobs
 
 ray = pytest.importorskip("ray", reason="Ray is the 'ray' extra: pip install -e '.[ray]'")
@@ -58,8 +58,8 @@ def _three_jobs(folder: Path, clips: Path) -> Path:
 def test_ray_gives_the_same_frames_as_one_process(ray_session, clips, tmp_path, one_torch_thread) -> None:
     """Two Ray workers: the raw frames (before encoding) equal those of an in-process run, the
     two jobs on a.mp4 run on one worker with one inversion, and a rerun starts nothing."""
-    from p2v_fast.batch import load_jobs, run_batch
-    from p2v_fast.batch_ray import run_batch_ray
+    from p2v_fast.apps.batch import load_jobs, run_batch
+    from p2v_fast.apps.batch_ray import run_batch_ray
 
     local = run_batch(load_jobs(_three_jobs(tmp_path / "local", clips)))
     remote = run_batch_ray(load_jobs(_three_jobs(tmp_path / "ray", clips)), **RAY)
@@ -121,8 +121,8 @@ class KillMidWrite:
 
 
 def test_a_killed_worker_has_its_job_retried_elsewhere(ray_session, clips, tmp_path) -> None:
-    from p2v_fast.batch import load_jobs, sidecar_path
-    from p2v_fast.batch_ray import run_batch_ray
+    from p2v_fast.apps.batch import load_jobs, sidecar_path
+    from p2v_fast.apps.batch_ray import run_batch_ray
 
     jobs = write_jobs(tmp_path, [
         {"input": str(clips / "long.mp4"), "prompt": "a long edit", "output": "long.mp4"},

@@ -90,8 +90,8 @@ def test_update_rms_of_both_modes_per_step_and_the_inversion(bench_json) -> None
     """Both modes' update RMS per guided step in one run, and the autograd update against the
     detached form at the same latents. At step 0 no update has happened yet, so the detached
     run's frames are where the autograd run's are: the two detached columns agree there."""
-    from p2v_fast.ddim import DDIMSchedule
-    from p2v_fast.models import load_models
+    from p2v_fast.method.ddim import DDIMSchedule
+    from p2v_fast.weights.models import load_models
 
     run = _torch_run(bench_json[1])
     u = run["update_rms"]
@@ -183,7 +183,7 @@ def test_wavefront_does_the_same_work_in_fewer_calls(bench_json, mode) -> None:
 
 @pytest.mark.parametrize("mode", MODES)
 def test_wavefront_calls_and_features_follow_the_plan(bench_json, mode) -> None:
-    """The wavefront's calls are what p2v_fast.plan simulates (one per tick, two on autograd
+    """The wavefront's calls are what p2v_fast.method.plan simulates (one per tick, two on autograd
     ticks with guided and unguided frames) plus those memory measurement added; its stored
     features peak at exactly the simulated bytes."""
     unet = _edit(bench_json[1], "wavefront", mode)["unet_per_frame"]
@@ -307,7 +307,7 @@ def test_sd2_depth_architecture_has_the_real_sizes() -> None:
     from transformers import CLIPTextConfig, CLIPTextModel, DPTConfig, DPTForDepthEstimation
 
     from benchmarks.arch import DPT_HYBRID_MIDAS, OPENCLIP_VIT_H_TEXT, SD2_DEPTH_UNET, SD_VAE
-    from p2v_fast.attention import injected_layer_names
+    from p2v_fast.nets.attention import injected_layer_names
 
     def count(build) -> tuple[torch.nn.Module, int]:
         with torch.device("meta"):

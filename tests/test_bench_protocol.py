@@ -58,8 +58,7 @@ def test_protocol_runs_small_and_says_it_is_not_the_protocol(tiny_dir, tmp_path:
     assert data["runs"][1]["unet_backward"] > 0 and data["runs"][0]["unet_backward"] == 0
     assert data["warmup_seconds"] > 0 and data["peers"] == PEERS
     assert data["setup_seconds"] >= data["warmup_seconds"] and data["compiled_buckets_warmed"] == 0
-    from p2v_fast import memory
-
+    from p2v_fast.nets import memory
     if memory.peaks_measurable(torch.device("cpu")):  # peaks over nested windows: the budget's do not reset them
         assert all(run["peak_memory_bytes"] > 0 for run in data["runs"])
         assert data["peak_memory_bytes"] >= max(run["peak_memory_bytes"] for run in data["runs"])

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from p2v_fast.config import EditConfig
-from p2v_fast.edit import sequential
-from p2v_fast.runtime import load_runtime
+from p2v_fast.method.edit import sequential
+from p2v_fast.nets.runtime import load_runtime
 from tests.helpers import make_context, random_frames
 
 
@@ -31,7 +31,7 @@ def test_channels_last_keeps_the_result(tiny_dir) -> None:
 def test_compiled_backend_runs_gradient_calls_eager(tiny_models) -> None:
     """--compile: calls without gradients go to the compiled module, calls with gradients (the
     autograd guided steps) to the eager one (inductor's gradient disagrees with eager's)."""
-    from p2v_fast.backends import TorchBackend
+    from p2v_fast.nets.backends import TorchBackend
 
     backend = TorchBackend(tiny_models)
     backend.optimize(compile=True)
@@ -54,9 +54,9 @@ def test_compiled_calls_are_padded_to_buckets_and_cut_back(tiny_models) -> None:
     """The compiled path's one signature (references always, self_ref) and padded batches give
     the eager wrapper's outputs; the module sees only bucket sizes. (The compiled module is
     replaced by the eager one here: what is tested is the padding around it.)"""
-    from p2v_fast.attention import feature_shapes
-    from p2v_fast.backends import COMPILE_BUCKETS, TorchBackend
-    from p2v_fast.edit import per_branch
+    from p2v_fast.method.edit import per_branch
+    from p2v_fast.nets.attention import feature_shapes
+    from p2v_fast.nets.backends import COMPILE_BUCKETS, TorchBackend
 
     padded = TorchBackend(tiny_models)  # one wrapper per UNet: its processors are the UNet's
     seen: list[int] = []

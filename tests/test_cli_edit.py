@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from p2v_fast import video
+from p2v_fast.media import video
 from tests.helpers import sample_clip
 
 runner = CliRunner()
@@ -75,10 +75,10 @@ def test_preview_writes_the_anchor_frame(clip, tmp_path) -> None:
 def test_feature_memory_is_constant_in_clip_length(tmp_path, tiny_dir, schedule, lengths) -> None:
     """Either schedule: the anchor's features for every step and about one frame's steps' worth
     of the other frames' (for each step, the frame whose successor has not reached it keeps it;
-    p2v_fast.plan), the same for 5 or 8 frames."""
+    p2v_fast.method.plan), the same for 5 or 8 frames."""
     from p2v_fast.config import EditConfig
+    from p2v_fast.nets.runtime import load_runtime
     from p2v_fast.pipeline import edit_video
-    from p2v_fast.runtime import load_runtime
 
     clip = sample_clip(tmp_path, n_frames=8, size=(64, 64), audio=False)
     cfg = EditConfig(prompt="a swan", model="tiny", size=64, steps=3, source_prompt="a clip",
@@ -135,7 +135,7 @@ def test_unwritable_output_folder(clip, tmp_path, monkeypatch) -> None:
     import os
 
     from p2v_fast.errors import InputError
-    from p2v_fast.paths import check_output
+    from p2v_fast.media.paths import check_output
 
     monkeypatch.setattr(os, "access", lambda path, mode: False)  # root can write anywhere here
     with pytest.raises(InputError, match="not writable"):
@@ -168,8 +168,8 @@ def test_out_of_memory_at_one_frame_is_one_line(clip, tmp_path, monkeypatch) -> 
 def test_prompts_past_clips_token_limit_warn_once_each_with_the_dropped_part(clip, tmp_path) -> None:
     """Target, negative and source prompts past 77 tokens: one warning line each, naming the
     prompt and showing what CLIP cuts off (as diffusers does); a short prompt: no warning."""
-    from p2v_fast.models import load_models
-    from p2v_fast.prompts import dropped_part
+    from p2v_fast.weights.models import load_models
+    from p2v_fast.weights.prompts import dropped_part
 
     tok = load_models("tiny").tokenizer
     long = {what: f"{what} " + "and ever more words " * 8 + f"tail of the {what}" for what in ("target", "negative",

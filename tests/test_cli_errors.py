@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from cli import app
-from p2v_fast import video
+from p2v_fast.media import video
 from tests.helpers import one_line_error, sample_clip
 
 runner = CliRunner()
@@ -109,11 +109,11 @@ def test_truncated_copy_of_a_video_is_one_line_and_max_frames_works(tmp_path, ca
 def test_two_inversions_of_one_clip_at_once_share_the_work(tiny_models, clip, tmp_path) -> None:
     """The second run waits for the first (the entry's lock) and then uses its result; neither
     reads a file the other deletes (which crashed 2 of 8 trials before)."""
-    from p2v_fast.backends import TorchBackend
-    from p2v_fast.clip_selection import select_clip
     from p2v_fast.config import EditConfig
     from p2v_fast.files import FileLock
-    from p2v_fast.inversion import invert_clip
+    from p2v_fast.media.clip_selection import select_clip
+    from p2v_fast.method.inversion import invert_clip
+    from p2v_fast.nets.backends import TorchBackend
 
     cfg = EditConfig(model="tiny", size=64, steps=2, source_prompt="a clip", cache_dir=tmp_path / "c")
     sel = select_clip(clip, cfg)
@@ -216,7 +216,7 @@ def test_sigterm_while_writing_removes_the_partial_file(tmp_path, tiny_dir) -> N
 
 
 def test_ctrl_c_is_one_line_and_keeps_nothing_partial(clip, tmp_path, monkeypatch) -> None:
-    from p2v_fast.video import VideoWriter
+    from p2v_fast.media.video import VideoWriter
 
     real = VideoWriter.write
 
@@ -236,7 +236,7 @@ def test_ctrl_c_is_one_line_and_keeps_nothing_partial(clip, tmp_path, monkeypatc
 def test_output_out_of_space_is_one_line_and_removes_the_partial_file(clip, tmp_path, monkeypatch) -> None:
     """ENOSPC injected where the writer hands packets to FFmpeg (the third frame): one line naming
     the folder, no partial file, nothing under the final name; a rerun works."""
-    from p2v_fast.video import VideoWriter
+    from p2v_fast.media.video import VideoWriter
 
     real = VideoWriter._io
     calls = {"n": 0}
@@ -549,7 +549,7 @@ def test_raft_weights_offline_or_unreachable_fail_at_once(tmp_path, monkeypatch)
     import time
 
     from p2v_fast.errors import ModelLoadError
-    from p2v_fast.hub import fetch_url_file
+    from p2v_fast.weights.hub import fetch_url_file
 
     url = "http://127.0.0.1:9/models/raft_large_C_T_SKHT_V2-ff5fadd5.pth"
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
@@ -681,7 +681,7 @@ def test_options_that_cannot_work_are_refused_before_any_work(clip, tmp_path, ar
 
 
 def test_a_folder_frame_rate_too_small_to_write_is_refused(tmp_path) -> None:
-    from p2v_fast.video import make_sample_frames_folder
+    from p2v_fast.media.video import make_sample_frames_folder
 
     folder = make_sample_frames_folder(tmp_path / "frames", n=2, size=(64, 64))
     r = _p2v("edit", folder, "x", *FAST, "--fps", "1e-10", "-o", tmp_path / "o.mp4")
@@ -689,12 +689,12 @@ def test_a_folder_frame_rate_too_small_to_write_is_refused(tmp_path) -> None:
 
 
 def test_tf32_inversion_off_cuda_is_refused_before_any_model_loads(clip, tmp_path, monkeypatch) -> None:
-    import p2v_fast.models
+    import p2v_fast.weights.models
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(p2v_fast.models, "load_models", refuse)
+    monkeypatch.setattr(p2v_fast.weights.models, "load_models", refuse)
     r = _p2v("edit", clip, "x", *FAST, "--invert-dtype", "tf32", "-o", tmp_path / "o.mp4")
     assert r.exit_code == 2 and "--invert-dtype tf32" in one_line_error(r)
     assert not (tmp_path / "o.mp4").exists()

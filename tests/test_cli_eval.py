@@ -14,8 +14,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli import app
-from p2v_fast import video
-from p2v_fast.ablation import (
+from p2v_fast.apps.ablation import (
     DEFAULT_SETTINGS,
     GAP,
     LABEL_H,
@@ -30,6 +29,7 @@ from p2v_fast.ablation import (
 )
 from p2v_fast.errors import InputError
 from p2v_fast.files import json_safe
+from p2v_fast.media import video
 
 EVAL_FIELDS = {
     "edited", "source", "prompt", "clip_model", "flow", "size", "n_frames", "source_start", "source_stride",

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 import cli
 from cli import app
 from p2v_fast.config import EditConfig
-from p2v_fast.export_options import ExportOptions
+from p2v_fast.nets.export_options import ExportOptions
 from tests.helpers import one_line_error, sample_clip
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,8 +169,8 @@ def test_messages_name_only_the_commands_own_options(command, raised, present, a
                                                      monkeypatch) -> None:
     import torch
 
-    import p2v_fast.evaluate
     import p2v_fast.pipeline
+    import p2v_fast.quality.evaluate
 
     exc = {"oom": torch.OutOfMemoryError("CUDA out of memory"), "memory": MemoryError(),
            "interrupt": KeyboardInterrupt()}[raised]
@@ -179,7 +179,7 @@ def test_messages_name_only_the_commands_own_options(command, raised, present, a
         raise exc
 
     for module, name in ((p2v_fast.pipeline, "edit_video"), (p2v_fast.pipeline, "invert_video"),
-                         (p2v_fast.evaluate, "evaluate_video")):
+                         (p2v_fast.quality.evaluate, "evaluate_video")):
         monkeypatch.setattr(module, name, fail)
     clip = sample_clip(tmp_path, n_frames=2, size=(64, 64), audio=False)
     args = {"edit": ["edit", clip, "a swan", *FAST], "invert": ["invert", clip, *FAST],

@@ -10,10 +10,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli import app
-from p2v_fast import video
-from p2v_fast.clip_selection import select_clip
 from p2v_fast.config import EditConfig
 from p2v_fast.errors import InputError
+from p2v_fast.media import video
+from p2v_fast.media.clip_selection import select_clip
 from tests.helpers import sample_clip
 
 runner = CliRunner()

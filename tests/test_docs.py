@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
-#: A repository path named in the text (repo-root relative), e.g. `p2v_fast/specs.py`, `tests/...*`.
+#: A repository path named in the text (repo-root relative), e.g. `p2v_fast/nets/specs.py`, `tests/...*`.
 REPO_PATH = re.compile(r"(?<![\w/.~-])((?:p2v_fast|tests|export|benchmarks|engines|docs|\.ci)/[\w./*<>-]*)")
 STALE = re.compile(r"\bfive networks\b|\bissue \d+|\bwave \d|\bwave-\d", re.IGNORECASE)
 

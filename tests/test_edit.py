@@ -20,10 +20,10 @@ import torch
 from typer.testing import CliRunner
 
 from cli import app
-from p2v_fast import video
-from p2v_fast.attention import injected_layer_names
 from p2v_fast.config import EditConfig
-from p2v_fast.edit import FeatureStore, run_schedule
+from p2v_fast.media import video
+from p2v_fast.method.edit import FeatureStore, run_schedule
+from p2v_fast.nets.attention import injected_layer_names
 from tests.helpers import make_context, random_frames
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def models64(tiny_dir):
     """The tiny set in float64 (float reassociation ~1e-16, so equalities are tested tightly)."""
-    from p2v_fast.models import load_models
+    from p2v_fast.weights.models import load_models
 
     return load_models("tiny", dtype=torch.float64)
 
@@ -211,8 +211,8 @@ def test_the_store_keeps_only_its_own_bytes(tiny_models, mode) -> None:
     """Batched calls of 3-4 frames: what the store (and every frame's latent) keeps holds only
     its own bytes, by storage. A row kept as a view of the call's output keeps the whole batch
     tensor alive (at 512x512 fp16, cap 16: ~26 GB where the store counts 2.75 GB)."""
-    from p2v_fast.edit import storage_bytes, wavefront
-    from p2v_fast.memory import CallBudget
+    from p2v_fast.method.edit import storage_bytes, wavefront
+    from p2v_fast.nets.memory import CallBudget
 
     cfg = EditConfig(prompt="a swan", model="tiny", steps=4, latent_update=mode)
     ctx = make_context(cfg, tiny_models, 6)
@@ -236,7 +236,7 @@ def test_the_plan_store_keeps_only_its_own_bytes_at_sd2_sizes() -> None:
     """The plan's store at SD2's 512x512 fp16 sizes (32 frames, cap 16): what its tensors keep
     alive by storage is what it counts (with views into the calls' outputs: ~26 GB)."""
     from benchmarks.plan import architecture_shapes
-    from p2v_fast.plan import simulate_wavefront
+    from p2v_fast.method.plan import simulate_wavefront
 
     cfg = EditConfig(steps=50, latent_update="detached", size=512)
     plan = simulate_wavefront(cfg, 32, architecture_shapes("sd2-depth", None, (64, 64)), torch.float16, (64, 64),

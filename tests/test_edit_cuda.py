@@ -15,7 +15,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from p2v_fast.config import EditConfig
-from p2v_fast.edit import FrameState, wavefront
+from p2v_fast.method.edit import FrameState, wavefront
 from tests.helpers import make_context, random_frames
 
 
@@ -70,7 +70,7 @@ def test_step_loop_reads_nothing_back(tiny_models, monkeypatch, mode) -> None:
 def test_step_loop_makes_no_host_sync_on_cuda(tiny_dir, mode, dtype) -> None:
     """Every step of a wavefront edit under ``set_sync_debug_mode("error")``: a blocking copy or
     a value read back raises. A first edit warms up kernels, handles and the allocator."""
-    from p2v_fast.models import load_models
+    from p2v_fast.weights.models import load_models
 
     cuda = torch.device("cuda")
     models = load_models("tiny", device=cuda, dtype=dtype)
@@ -90,8 +90,8 @@ def _edit(device: torch.device, compile: bool, n: int = 6, cap: int = 4,
           dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, int]:
     """A wavefront edit of ``n`` frames (ticks of 1..``cap`` frames: several batch buckets) on
     ``device``; its latents and how many graphs dynamo compiled."""
-    from p2v_fast.backends import TorchBackend
-    from p2v_fast.models import load_models
+    from p2v_fast.nets.backends import TorchBackend
+    from p2v_fast.weights.models import load_models
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
@@ -108,7 +108,7 @@ def _edit(device: torch.device, compile: bool, n: int = 6, cap: int = 4,
 
 
 def _check_compiled_equals_eager(device: torch.device, dtype: torch.dtype = torch.float32, tol: float = 1e-3) -> None:
-    from p2v_fast.backends import compile_bucket
+    from p2v_fast.nets.backends import compile_bucket
 
     eager, _ = _edit(device, compile=False, dtype=dtype)
     compiled, graphs = _edit(device, compile=True, dtype=dtype)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from p2v_fast.config import EditConfig
-from p2v_fast.edit import sequential, wavefront
+from p2v_fast.method.edit import sequential, wavefront
 from tests.helpers import make_context, random_frames
 
 
@@ -17,7 +17,7 @@ def models64(tiny_dir):
     """The tiny set in float64: float reassociation in batched calls is then ~1e-16, so
     schedule equality is tested exactly rather than through chaotic fp32 noise (random weights
     plus delta-scaled gradients amplify 1e-7 differences across frames)."""
-    from p2v_fast.models import load_models
+    from p2v_fast.weights.models import load_models
 
     return load_models("tiny", dtype=torch.float64)
 
@@ -83,11 +83,11 @@ def test_wavefront_memory_is_bounded(tiny_models) -> None:
     ("detached", "anchor+prev", 7, 3), ("autograd", "anchor+prev", 6, 2), ("off", "prev", 5, None),
     ("autograd", "anchor", 5, 4)])
 def test_plan_simulates_the_real_wavefront(tiny_models, mode, refs, n, cap) -> None:
-    """p2v_fast.plan runs the edit loop's code on shape-only tensors: its ticks, calls and peak
+    """p2v_fast.method.plan runs the edit loop's code on shape-only tensors: its ticks, calls and peak
     stored bytes are the real edit's (memory splitting off, as the plan assumes)."""
-    from p2v_fast.attention import feature_shapes
-    from p2v_fast.memory import CallBudget
-    from p2v_fast.plan import simulate_wavefront
+    from p2v_fast.method.plan import simulate_wavefront
+    from p2v_fast.nets.attention import feature_shapes
+    from p2v_fast.nets.memory import CallBudget
 
     cfg = EditConfig(prompt="a swan", model="tiny", steps=6, latent_update=mode, refs=refs, batch_frames=cap)
     ctx = make_context(cfg, tiny_models, n)

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from export import ExportOptions, ExportReport, export_engines
 from export.onnx_export import CLEANERS, compare_outputs, graph_module, reference_outputs
 from p2v_fast.errors import EngineError, ExportValidationError, InputError
-from p2v_fast.manifest import (
+from p2v_fast.nets.manifest import (
     EXPORT_VERSION,
     Machine,
     ModelId,
@@ -28,7 +28,7 @@ from p2v_fast.manifest import (
     read_manifest,
     rebuild_command,
 )
-from p2v_fast.specs import NETWORKS, ExportProfile, Geometry, network_spec, sample_inputs
+from p2v_fast.nets.specs import NETWORKS, ExportProfile, Geometry, network_spec, sample_inputs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -48,7 +48,7 @@ def export_tiny(base: Path, precision: str = "fp32", networks: tuple[str, ...] =
                 name: str | None = None, cleaner: str | None = None) -> tuple[Path, ExportReport]:
     """Export the tiny set at 64x64 (64 to 128 pixels a side) into ``base/<name>`` (cached across
     calls: same keys). ``cleaner``: force one graph-cleaning path (default: the installed one)."""
-    from p2v_fast.models import load_models
+    from p2v_fast.weights.models import load_models
 
     folder = base / (name or f"engines-tiny-{precision}")
     # A model set of its own: the export wraps (re-wires) the UNet's attention processors.
@@ -65,7 +65,7 @@ def tiny_engines(tiny_dir, tmp_path_factory) -> tuple[Path, ExportReport]:
 
 @pytest.fixture(scope="module")
 def ref_models(tiny_dir):
-    from p2v_fast.models import load_models
+    from p2v_fast.weights.models import load_models
 
     return load_models("tiny")
 
@@ -97,7 +97,7 @@ def test_every_network_exports_checks_and_matches_pytorch(tiny_engines) -> None:
 @pytest.mark.parametrize("name", NETWORKS)
 def test_graph_matches_pytorch_at_another_batch_and_size(tiny_engines, ref_models, name) -> None:
     """Dynamic axes really are dynamic: batch 3 at 128x64 (export traced batch 2 at 64x64)."""
-    from p2v_fast.backend_onnx import OnnxSession
+    from p2v_fast.nets.backend_onnx import OnnxSession
 
     folder, _ = tiny_engines
     manifest = read_manifest(folder)
@@ -120,7 +120,7 @@ def test_graph_matches_pytorch_at_another_batch_and_size(tiny_engines, ref_model
 def test_unet_graph_uses_its_refs_only_where_self_ref_is_0(tiny_engines) -> None:
     """The refs are live graph inputs, not constants frozen at export, and the selector is
     per sample: other refs change the cross-frame sample's output and leave the anchor's as is."""
-    from p2v_fast.backend_onnx import OnnxSession
+    from p2v_fast.nets.backend_onnx import OnnxSession
 
     folder, _ = tiny_engines
     manifest = read_manifest(folder)
@@ -139,8 +139,8 @@ def test_one_unet_graph_serves_a_batch_of_anchor_and_cross_frame_samples(tiny_en
     """ONNX Runtime's ``unet`` on a batch mixing anchor (self_ref 1, zero refs) and cross-frame
     samples equals PyTorch's plain self-attention UNet for the anchors and its cross-frame UNet
     for the others, each called on its own samples."""
-    from p2v_fast.attention import UNetWithFeatures
-    from p2v_fast.backend_onnx import OnnxSession
+    from p2v_fast.nets.attention import UNetWithFeatures
+    from p2v_fast.nets.backend_onnx import OnnxSession
 
     folder, _ = tiny_engines
     manifest = read_manifest(folder)
@@ -174,7 +174,7 @@ def test_fp16_export_is_an_fp16_graph_and_validates(tiny_dir, tmp_path_factory, 
     assert v is not None and 0 < v["rel"] <= 2e-2, v  # fp16 vs fp16 PyTorch: ~3e-3
 
     # ... and against the fp32 model: the precision loss itself is ~1e-3 relative
-    from p2v_fast.backend_onnx import OnnxSession
+    from p2v_fast.nets.backend_onnx import OnnxSession
 
     spec = manifest.networks["unet"].spec
     inputs = sample_inputs(spec, spec.dims(manifest.geometry, 2, SIZE, SIZE), seed=3)
@@ -196,7 +196,7 @@ def test_each_cleaning_path_keeps_the_graph_contract(tiny_dir, tmp_path, ref_mod
     Polygraphy's ONNX Runtime shape inference fixed every ref_k token axis to 1 and ONNX Runtime's
     check raised a traceback ("Got invalid dimensions for input: ref_0 ... Got: 8 Expected: 1")."""
     from export.onnx_export import contract_problem, graph_io
-    from p2v_fast.backend_onnx import OnnxSession
+    from p2v_fast.nets.backend_onnx import OnnxSession
 
     folder, _ = export_tiny(tmp_path, networks=("unet",), name=cleaner, cleaner=cleaner)
     manifest = read_manifest(folder)
@@ -298,8 +298,7 @@ def test_reference_runs_of_the_export_check_have_tf32_off(tiny_engines, ref_mode
     import onnxruntime as ort
 
     from export import onnx_export
-    from p2v_fast import backend_onnx
-
+    from p2v_fast.nets import backend_onnx
     folder, _ = tiny_engines
     manifest = read_manifest(folder)
     spec = manifest.networks["vae_decoder"].spec
@@ -402,7 +401,7 @@ def test_the_default_profile_serves_the_default_crop_of_landscape_and_portrait_c
     """Issue 17 item 7: at --size 512 the default engines take 512 to 896 a side (16:9 either way
     round): the crops p2v edit makes of 854x480, 1920x1080, 1080x1920 (phone) and 640x480 clips all
     fit; one shape with --static-batch (CUDA graphs) or --max-size 512."""
-    from p2v_fast.video import working_size
+    from p2v_fast.media.video import working_size
 
     profile = ExportOptions().profile()
     assert profile.height == profile.width == (512, 512, 896) and profile.batch == (1, 8, 8)
@@ -442,8 +441,8 @@ def test_bind_solves_axes_and_names_the_inconsistent_input() -> None:
 
 
 def test_geometry_of_tiny_matches_feature_shapes(ref_models) -> None:
-    from p2v_fast.attention import feature_shapes
-    from p2v_fast.specs import geometry_of
+    from p2v_fast.nets.attention import feature_shapes
+    from p2v_fast.nets.specs import geometry_of
 
     g = geometry_of(ref_models)
     assert g.n_layers == 9 and g.text_dim == 32 and g.depth_in == (32, 32)
@@ -509,8 +508,8 @@ def test_the_dynamo_exporter_is_offered_for_fixed_sizes_only() -> None:
 
 @pytest.mark.slow  # the dynamo export of the tiny UNet takes ~30 s on 2 CPU cores
 def test_dynamo_export_of_the_unet_validates(tiny_dir, tmp_path, ref_models) -> None:
-    from p2v_fast.backend_onnx import OnnxSession
-    from p2v_fast.models import load_models
+    from p2v_fast.nets.backend_onnx import OnnxSession
+    from p2v_fast.weights.models import load_models
 
     folder = tmp_path / "dyn"
     options = ExportOptions(model="tiny", out=folder, format="onnx", precision="fp32", height=SIZE, width=SIZE,
@@ -544,7 +543,7 @@ def test_cli_export_reports_cached_stages(tiny_engines) -> None:
 
 def test_cli_export_tensorrt_without_tensorrt_is_one_clear_line(tmp_path) -> None:
     from cli import app
-    from p2v_fast.system import tensorrt_status
+    from p2v_fast.nets.system import tensorrt_status
 
     if tensorrt_status()[0]:
         pytest.skip("TensorRT is usable here; the refusal path is for machines without it")
@@ -565,9 +564,9 @@ def test_cli_export_tensorrt_without_tensorrt_is_one_clear_line(tmp_path) -> Non
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_tensorrt_engines_match_pytorch(tiny_dir, tmp_path, precision) -> None:
     """Build the tiny engines and compare every network with PyTorch on the GPU."""
-    from p2v_fast.backend_tensorrt import TensorRTBackend
-    from p2v_fast.backends import TorchBackend
-    from p2v_fast.models import load_models
+    from p2v_fast.nets.backend_tensorrt import TensorRTBackend
+    from p2v_fast.nets.backends import TorchBackend
+    from p2v_fast.weights.models import load_models
 
     dtype = torch.float16 if precision == "fp16" else torch.float32
     models = load_models("tiny", device="cuda", dtype=dtype)
@@ -609,9 +608,9 @@ def _compare_unet_calls(trt_backend, torch_backend, manifest, tol: float, calls)
 @pytest.mark.tensorrt
 def test_tensorrt_static_batch_engines_replay_a_cuda_graph(tiny_dir, tmp_path) -> None:
     """--static-batch engines with --cuda-graph: captured once, replayed; smaller calls padded."""
-    from p2v_fast.backend_tensorrt import TensorRTBackend
-    from p2v_fast.backends import TorchBackend
-    from p2v_fast.models import load_models
+    from p2v_fast.nets.backend_tensorrt import TensorRTBackend
+    from p2v_fast.nets.backends import TorchBackend
+    from p2v_fast.weights.models import load_models
 
     models = load_models("tiny", device="cuda", dtype=torch.float16)
     options = ExportOptions(model="tiny", out=tmp_path / "e", format="tensorrt", precision="fp16", height=SIZE,
@@ -629,7 +628,7 @@ def test_tensorrt_static_batch_engines_replay_a_cuda_graph(tiny_dir, tmp_path) -
 def test_a_graphs_only_reexport_keeps_the_engines_that_are_still_current(tiny_engines, tmp_path) -> None:
     """`p2v export --format onnx` into a folder with engines: engines whose key still matches the
     (unchanged) graph, profile and recorded GPU stay listed; a stale one is deleted, not orphaned."""
-    from p2v_fast.manifest import Artifact, write_manifest
+    from p2v_fast.nets.manifest import Artifact, write_manifest
 
     folder = tmp_path / "eng"
     shutil.copytree(tiny_engines[0], folder)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from p2v_fast.backends import Backend
-from p2v_fast.frame_sink import FrameSink, to_uint8
+from p2v_fast.method.frame_sink import FrameSink, to_uint8
+from p2v_fast.nets.backends import Backend
 
 
 class _Decoder(Backend):
@@ -88,8 +88,8 @@ def test_an_edit_error_cancels_the_writer() -> None:
 
 def test_a_failed_edit_leaves_no_output(tmp_path, tiny_dir, monkeypatch) -> None:
     """The edit fails after frames were written: neither the output nor its partial file stays."""
-    from p2v_fast import edit as edit_module
     from p2v_fast.config import EditConfig
+    from p2v_fast.method import edit as edit_module
     from p2v_fast.pipeline import edit_video
     from tests.helpers import sample_clip
 

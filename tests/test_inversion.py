@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from p2v_fast.backends import TorchBackend
-from p2v_fast.clip_selection import select_clip
 from p2v_fast.config import EditConfig
-from p2v_fast.ddim import DDIMSchedule
-from p2v_fast.inversion import invert_clip
-from p2v_fast.prompts import encode_prompt
+from p2v_fast.media.clip_selection import select_clip
+from p2v_fast.method.ddim import DDIMSchedule
+from p2v_fast.method.inversion import invert_clip
+from p2v_fast.nets.backends import TorchBackend
+from p2v_fast.weights.prompts import encode_prompt
 from tests.helpers import sample_clip
 
 
@@ -111,7 +111,7 @@ class _OneFrameDevice(TorchBackend):
 
 
 def test_inversion_out_of_memory_is_retried_smaller(tiny_models, tmp_path) -> None:
-    from p2v_fast.memory import CallBudget
+    from p2v_fast.nets.memory import CallBudget
 
     clip = sample_clip(tmp_path, n_frames=3)
     one, _, _ = _invert(tiny_models, clip, tmp_path / "c1", steps=5, batch=1)
@@ -160,8 +160,8 @@ def test_reconstruction_error_is_measured_once_and_kept_in_the_cache(tiny_models
 
 
 def test_cache_key_covers_the_runtime_and_the_framing(tiny_models, tmp_path) -> None:
-    from p2v_fast.clip_selection import frames_digest
-    from p2v_fast.inversion_cache import cache_key
+    from p2v_fast.media.clip_selection import frames_digest
+    from p2v_fast.method.inversion_cache import cache_key
 
     clip = sample_clip(tmp_path, n_frames=1)
     cfg = EditConfig(model="tiny", size=64, steps=2)
@@ -179,7 +179,7 @@ def test_cache_key_covers_the_runtime_and_the_framing(tiny_models, tmp_path) -> 
 
 @pytest.fixture(scope="module")
 def bf16_models(tiny_dir):
-    from p2v_fast.models import load_models
+    from p2v_fast.weights.models import load_models
 
     return load_models("tiny", dtype=torch.bfloat16)
 
@@ -189,8 +189,8 @@ def test_inversion_runs_in_fp32_by_default_whatever_the_edit_dtype(tiny_models, 
     weights are bf16-rounded, not the fp32 model's), which a second bf16 edit reuses;
     --invert-dtype same inverts in bf16: another entry, far from an fp64 inversion of the same
     weights where the fp32 one is close."""
+    from p2v_fast.nets.runtime import Runtime, models_in_dtype
     from p2v_fast.pipeline import invert_video
-    from p2v_fast.runtime import Runtime, models_in_dtype
 
     clip = sample_clip(tmp_path, n_frames=2)
     cfg = EditConfig(model="tiny", size=64, steps=8, source_prompt="a clip", cache_dir=tmp_path / "cache")

@@ -8,13 +8,13 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 
-from p2v_fast.attention import UNetWithFeatures
-from p2v_fast.backends import TorchBackend
 from p2v_fast.config import EditConfig
-from p2v_fast.ddim import DDIMSchedule
-from p2v_fast.edit import EditContext, EditStats, FeatureStore, FrameState, run_step
-from p2v_fast.latent_update import autograd_gradient, consistency_energy, detached_gradient
-from p2v_fast.tiny import SCHEDULER_CONFIG, TEXT_HIDDEN, UNET_CONFIG
+from p2v_fast.method.ddim import DDIMSchedule
+from p2v_fast.method.edit import EditContext, EditStats, FeatureStore, FrameState, run_step
+from p2v_fast.method.latent_update import autograd_gradient, consistency_energy, detached_gradient
+from p2v_fast.nets.attention import UNetWithFeatures
+from p2v_fast.nets.backends import TorchBackend
+from p2v_fast.weights.tiny import SCHEDULER_CONFIG, TEXT_HIDDEN, UNET_CONFIG
 
 H, W = 8, 8
 
@@ -131,8 +131,8 @@ def test_no_update_after_update_steps(schedule) -> None:
 def _tiny_gradient(models, schedule, step: int, diff: float, scaled: bool) -> torch.Tensor:
     """dg/dx_t at ``step`` for 2 frames of the tiny model in ``models``' dtype, with x0_prev =
     x0 + ``diff`` x noise (the size of g's gradient follows ``diff``)."""
-    from p2v_fast.edit import per_branch
-    from p2v_fast.latent_update import loss_scale
+    from p2v_fast.method.edit import per_branch
+    from p2v_fast.method.latent_update import loss_scale
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, H, W, generator=g).requires_grad_(True)
@@ -157,7 +157,7 @@ def test_fp16_gradient_matches_fp32_with_loss_scaling(tiny_dir, diff) -> None:
     (fp16 weights = the fp32 ones, cast). Small differences between frames (diff 1e-4 here; at
     512x512, with 64x more latent elements, 1e-2 is as small) put the unscaled fp16 gradient in
     fp16's subnormals: ~20 % off. Scaled by a power of two, it stays at fp16's own ~0.6 %."""
-    from p2v_fast.models import load_models
+    from p2v_fast.weights.models import load_models
 
     schedule = DDIMSchedule(load_models("tiny").scheduler, 50)
     ref = _tiny_gradient(load_models("tiny"), schedule, 10, diff, scaled=False)
@@ -171,8 +171,8 @@ def test_fp16_gradient_matches_fp32_with_loss_scaling(tiny_dir, diff) -> None:
 
 def test_the_fp16_edit_scales_its_gradient(tiny_dir, monkeypatch) -> None:
     """An autograd step through an fp16 backend takes the scaled path (and an fp32 one does not)."""
-    from p2v_fast import edit as edit_module
-    from p2v_fast.models import load_models
+    from p2v_fast.method import edit as edit_module
+    from p2v_fast.weights.models import load_models
     from tests.helpers import make_context, random_frames
 
     used: list[torch.dtype] = []

@@ -8,11 +8,11 @@ import copy
 import pytest
 import torch
 
-from p2v_fast import memory
-from p2v_fast.backends import TorchBackend
 from p2v_fast.config import EditConfig
-from p2v_fast.edit import sequential, wavefront
-from p2v_fast.memory import SAFETY, CallBudget
+from p2v_fast.method.edit import sequential, wavefront
+from p2v_fast.nets import memory
+from p2v_fast.nets.backends import TorchBackend
+from p2v_fast.nets.memory import SAFETY, CallBudget
 from tests.helpers import make_context, random_frames
 
 CPU = torch.device("cpu")
@@ -99,7 +99,7 @@ def test_unmeasurable_budget_does_not_split() -> None:
 
 @pytest.fixture(scope="module")
 def models64(tiny_dir):
-    from p2v_fast.models import load_models
+    from p2v_fast.weights.models import load_models
 
     return load_models("tiny", dtype=torch.float64)
 
@@ -209,7 +209,7 @@ def test_the_edit_budget_takes_max_memory_and_splits_differentiable_calls(monkey
 
     import psutil
 
-    from p2v_fast.edit import edit_budget
+    from p2v_fast.method.edit import edit_budget
 
     monkeypatch.setattr(memory, "resident_bytes", lambda: 5 * GB)
     monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=1000 * GB))
@@ -227,7 +227,7 @@ def test_compiled_calls_are_sized_by_their_buckets() -> None:
     """A compiled call's memory is its graph's, recorded at warm-up (a call measured later shows
     ~0 bytes per frame). A call whose bucket was recorded fits; a bigger one is costed as the
     largest recorded bucket scaled by samples. Buckets 2..32 samples; 6 GB free."""
-    from p2v_fast.backends import compile_bucket
+    from p2v_fast.nets.backends import compile_bucket
 
     budget = CallBudget(CPU, measurable=True, headroom_fn=lambda: int(6 * GB / SAFETY), buckets=compile_bucket)
     budget.bucket_bytes = {2: 1 * GB, 8: 4 * GB}  # 1- and 4-frame calls recorded

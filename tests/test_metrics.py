@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from p2v_fast.errors import InputError, ModelLoadError
-from p2v_fast.metrics import (
+from p2v_fast.quality.metrics import (
     ClipScorer,
     PixelMSEResult,
     StreamingEvaluator,
@@ -20,7 +20,7 @@ from p2v_fast.metrics import (
     evaluate,
     pixel_mse,
 )
-from p2v_fast.tiny import TINY_CLIP_DIR
+from p2v_fast.weights.tiny import TINY_CLIP_DIR
 
 H, W = 96, 128  # frame size of the synthetic clips
 SHIFT = 3  # pan, pixels per frame

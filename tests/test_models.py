@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from p2v_fast.caption import caption_frame
-from p2v_fast.depth import DepthEstimator, clip_range, normalize_per_frame, normalize_with
 from p2v_fast.errors import InputError, ModelLoadError
-from p2v_fast.models import Models, load_models
-from p2v_fast.paths import cache_root
-from p2v_fast.tiny import TINY_VERSION, tiny_model_dir
+from p2v_fast.media.paths import cache_root
+from p2v_fast.weights.caption import caption_frame
+from p2v_fast.weights.depth import DepthEstimator, clip_range, normalize_per_frame, normalize_with
+from p2v_fast.weights.models import Models, load_models
+from p2v_fast.weights.tiny import TINY_VERSION, tiny_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -95,7 +95,7 @@ def test_tiny_build_is_deterministic(tiny_dir: Path, tmp_path: Path) -> None:
 
 
 def test_tiny_build_race_keeps_the_winner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import p2v_fast.tiny as tiny
+    import p2v_fast.weights.tiny as tiny
 
     target = tmp_path / "models" / TINY_VERSION
 
@@ -164,7 +164,7 @@ def test_unknown_hub_id_online_fails_cleanly() -> None:
     a closed loopback port (in a subprocess: huggingface_hub reads it at import), so the test sends
     nothing off this machine."""
     code = (
-        "from p2v_fast.models import load_models\n"
+        "from p2v_fast.weights.models import load_models\n"
         "from p2v_fast.errors import ModelLoadError\n"
         "try:\n    load_models('p2v-test-no-such-owner/no-such-model')\n"
         "except ModelLoadError as e:\n    print('ERR', e)\n"
@@ -226,7 +226,7 @@ def test_hub_cache_snapshot_loads_offline(tiny_dir: Path, tmp_path: Path) -> Non
     (repo / "refs" / "main").write_text(rev)
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
     code = (
-        "from p2v_fast.models import load_models\n"
+        "from p2v_fast.weights.models import load_models\n"
         "m = load_models('p2v-test/sd2-depth-tiny')\n"
         "print(m.source, m.local_dir, m.unet.config.in_channels)\n"
     )
@@ -298,8 +298,8 @@ def test_the_real_model_loads_and_edits_identical_frames_identically(tmp_path) -
     from conftest import real_weights
 
     from p2v_fast import EditConfig, edit_video, load_runtime
-    from p2v_fast.attention import injected_layer_names
-    from p2v_fast.video import make_sample_frames_folder, read_frames
+    from p2v_fast.media.video import make_sample_frames_folder, read_frames
+    from p2v_fast.nets.attention import injected_layer_names
 
     folder = make_sample_frames_folder(tmp_path / "frames", n=1, size=(256, 256))
     for i in (2, 3):  # the same frame three times

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from p2v_fast.backends import TorchBackend
 from p2v_fast.config import EditConfig
 from p2v_fast.errors import InputError
-from p2v_fast.runtime import inversion_runtime, invert_precision
+from p2v_fast.nets.backends import TorchBackend
+from p2v_fast.nets.runtime import inversion_runtime, invert_precision
 
 
 def test_tf32_is_a_cuda_inversion_precision() -> None:
@@ -35,7 +35,7 @@ def test_a_tf32_inversion_has_its_own_backend_and_cache_identity(tiny_models) ->
 
 
 def test_tf32_math_is_on_only_inside_the_calls(tiny_models) -> None:
-    from p2v_fast.backends import tf32_math
+    from p2v_fast.nets.backends import tf32_math
 
     before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     with tf32_math(True):

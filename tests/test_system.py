@@ -8,7 +8,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from p2v_fast import system
+from p2v_fast.nets import system
 
 ROOT = Path(__file__).resolve().parents[1]
 

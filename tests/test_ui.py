@@ -18,7 +18,7 @@ from tests.helpers import one_line_error
 pytest.importorskip("gradio", reason="the [ui] extra (gradio) is not installed")
 gradio_client = pytest.importorskip("gradio_client", reason="the [ui] extra (gradio_client) is not installed")
 
-from p2v_fast.renders import Renderer, UISettings  # noqa: E402
+from p2v_fast.apps.renders import Renderer, UISettings  # noqa: E402
 
 # the form's fields after (clip, target prompt, source prompt), as the page orders them
 DEFAULTS = {"steps": 2, "size": 64, "resize": "crop", "frames": 3, "guidance": 7.5, "update": "autograd",
@@ -43,7 +43,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def ui(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path):
-    from p2v_fast.ui import serve
+    from p2v_fast.apps.ui import serve
 
     root = tmp_path_factory.mktemp("ui")
     (root / "engines" / "sd2-64").mkdir(parents=True)
@@ -78,8 +78,8 @@ def outputs_in(folder: Path) -> set[str]:
 
 def test_render_is_the_library_edit_and_models_stay_loaded(ui, sample):
     from p2v_fast import edit_video
-    from p2v_fast.batch import sidecar_path
-    from p2v_fast.video import probe
+    from p2v_fast.apps.batch import sidecar_path
+    from p2v_fast.media.video import probe
 
     job = ui.client.submit(*form(sample), api_name="/render")
     status, video, sbs, strip, numbers, files = job.result(timeout=300)
@@ -121,8 +121,8 @@ def test_preview_writes_the_anchor_frame(ui, sample):
 
 
 def test_caption_fills_the_source_prompt(ui, sample):
-    from p2v_fast.caption import caption_frame
-    from p2v_fast.clip_selection import select_clip
+    from p2v_fast.media.clip_selection import select_clip
+    from p2v_fast.weights.caption import caption_frame
 
     status, source = ui.client.predict(*form(sample, source=""), api_name="/caption")
     cfg = config_of(ui.renderer, prompt="-", source="", frames=1)
@@ -145,7 +145,7 @@ def test_one_render_at_a_time_on_the_device(ui, sample):
 def test_a_pool_of_two_devices_runs_two_renders_at_once(ui, sample, tmp_path):
     """With two devices (two CPU slots here; each GPU on a machine with several) two renders run
     together, each on its own runtime, loaded once per device."""
-    from p2v_fast.renders import devices_for
+    from p2v_fast.apps.renders import devices_for
 
     assert devices_for("cpu") == ("cpu",) and devices_for("cuda:1") == ("cuda:1",)
     two = Renderer(UISettings(out_dir=tmp_path / "out", model="tiny", threads=1, devices=("cpu", "cpu")))
@@ -258,7 +258,7 @@ def test_renderer_keeps_user_text_out_of_paths(ui, tmp_path):
 
 def test_share_problem_and_cli_option_checks(tmp_path):
     from cli import app
-    from p2v_fast.ui import parse_auth, share_problem
+    from p2v_fast.apps.ui import parse_auth, share_problem
 
     port = free_port()  # closed now
     assert "refused" in (share_problem(("127.0.0.1", port), timeout=2) or "").lower()

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from p2v_fast.errors import InputError
-from p2v_fast.video import (
+from p2v_fast.media.video import (
     VideoInfo,
     VideoWriter,
     make_sample_clip,
@@ -292,7 +292,7 @@ def test_save_png_and_side_by_side(tmp_path: Path) -> None:
 
 
 def test_output_timing_constant_and_variable(tmp_path: Path, clips: dict[str, Path]) -> None:
-    from p2v_fast.video import output_timing
+    from p2v_fast.media.video import output_timing
 
     info = probe(clips["mp4"])
     t = output_timing(info, start=3, count=5, stride=2)

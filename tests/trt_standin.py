@@ -18,7 +18,7 @@ and the optimisation profile the builder was given, never the spec.
   input shapes. ``execute_async_v3`` writes either ``per_sample_value`` of each sample's inputs
   (``compute="sum"``: results show which samples ran where) or the graph's own outputs in ONNX
   Runtime (``compute="onnx"``), with TF32 emulated (:func:`tf32_graph`) when the flag was left on.
-- :class:`StandInCuda`: the :class:`~p2v_fast.backend_tensorrt.TorchCuda` methods on CPU tensors,
+- :class:`StandInCuda`: the :class:`~p2v_fast.nets.backend_tensorrt.TorchCuda` methods on CPU tensors,
   allocations 256-byte aligned (``misalign=True``: 32 bytes past that), streams that record
   ``wait_stream``/``record_stream``/enter/exit in the same log, and a graph capture whose replay
   reruns the captured work. A capture in which an enqueue failed (returned False, or raised) ends
@@ -557,7 +557,7 @@ CAPTURE_INVALIDATED = "CUDA error: operation failed due to a previous error duri
 
 
 class StandInCuda:
-    """:class:`~p2v_fast.backend_tensorrt.TorchCuda` on CPU tensors, recording."""
+    """:class:`~p2v_fast.nets.backend_tensorrt.TorchCuda` on CPU tensors, recording."""
 
     def __init__(self, misalign: bool = False) -> None:
         self.log: list[tuple] = []

@@ -1,0 +1,1 @@
+"""Programs built on the pipeline: batch and Ray, the web page, the demo, the ablation."""

@@ -1,0 +1,456 @@
+"""The renders behind `p2v ui`: one at a time on the device, with live progress, cancel and an
+output folder kept as `p2v batch` keeps its outputs.
+
+Nothing here imports Gradio: the page (:mod:`p2v_fast.apps.ui`) turns its form into calls of
+:class:`Renderer` and shows :class:`RenderJob`'s state. Every edit goes through the library's
+entry point (:func:`~p2v_fast.pipeline.edit_video`) with a runtime loaded once per process and
+kept (:class:`~p2v_fast.apps.batch.BatchWorker`'s cache, keyed as a batch worker keys it).
+
+The output folder holds ``inputs/`` (uploads, copied in under a name made from their content),
+``previews/`` (anchor-frame PNGs) and every render: ``NAME.mp4``, ``NAME.side-by-side.mp4``,
+``NAME.strip.png``, ``NAME.json`` (the run's numbers) and the job record ``.NAME.mp4.p2v-job.json``
+that `p2v batch` writes beside its outputs. No text from the page becomes a path: outputs are
+named by the app, uploads by their hash, engines folders picked from those the app lists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import queue
+import re
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from p2v_fast.config import DEFAULT_MODEL, EditConfig
+from p2v_fast.errors import InputError, P2VError
+
+log = logging.getLogger(__name__)
+
+#: Largest upload the page takes, in MB (``p2v ui --max-upload-mb``).
+DEFAULT_MAX_UPLOAD_MB = 200
+#: Cancelled renders and failed ones report this after "error:"/"cancelled" as the CLI does.
+CANCELLED = "cancelled; no partial output was kept, finished inversion frames are kept in the cache"
+
+
+class Cancelled(Exception):
+    """Raised from the progress callback when the page's Cancel is pressed: the edit stops and
+    its writers delete their partial files, as on Ctrl-C."""
+
+
+def _slug(text: str, limit: int = 32) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return slug[:limit].rstrip("-") or "edit"
+
+
+def _clock(seconds: float) -> str:
+    s = max(round(seconds), 0)
+    return f"{s // 60}:{s % 60:02d}" if s < 3600 else f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def release_memory() -> None:
+    """Hand the memory a finished job freed back to the system: the edits run in their own threads,
+    so glibc keeps what each freed in that thread's arena: without this a serving process grew from
+    509 to 1037 MiB over 8 renders (tiny model, 8 frames at 128x128); with it, 570-580 MiB over 10."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        ctypes.CDLL(name).malloc_trim(0)
+
+
+def _utc(t: float) -> str:
+    """``t`` (seconds since the epoch) as UTC to the millisecond: 2026-01-31T12:00:00.123Z."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
+
+
+@dataclass
+class _Stage:
+    name: str
+    total: int | None
+    started: float
+    done: int = 0
+
+
+class RenderProgress:
+    """:class:`~p2v_fast.progress.Progress` for one render, read from another thread: the stage,
+    frames through it, elapsed time and time left, the log, and whether the inversion was a
+    cache hit. ``advance`` raises :class:`Cancelled` once ``cancel`` is set."""
+
+    def __init__(self, n_frames: int, cancel: threading.Event, clock: Callable[[], float] = time.monotonic) -> None:
+        self.n_frames = max(n_frames, 1)
+        self.cancel = cancel
+        self.clock = clock
+        self.started = clock()
+        self.logs: list[str] = []
+        self.cache_hit = False
+        self._stage: _Stage | None = None
+        self._lock = threading.Lock()
+
+    def _check(self) -> None:
+        if self.cancel.is_set():
+            raise Cancelled(CANCELLED)
+
+    def stage(self, description: str, total: int | None) -> Callable[[int], None]:
+        self._check()
+        st = _Stage(description, total, self.clock())
+        with self._lock:
+            self._stage = st
+
+        def advance(n: int = 1) -> None:
+            self._check()
+            with self._lock:
+                st.done += n
+
+        return advance
+
+    def log(self, message: str) -> None:
+        with self._lock:
+            self.logs.append(message)
+            if message.startswith("inversion: cache hit"):
+                self.cache_hit = True
+
+    def line(self) -> str:
+        """One line: e.g. ``edit: 2.5/4 frames (62%), 0:03 elapsed, about 0:02 left``."""
+        with self._lock:
+            st = self._stage
+            done = 0 if st is None else st.done
+        if st is None:
+            return f"loading the models and the clip, {_clock(self.clock() - self.started)} elapsed"
+        elapsed = self.clock() - st.started
+        if not st.total:
+            return f"{st.name}: {done} done, {_clock(elapsed)} elapsed"
+        frames = min(done * self.n_frames / st.total, self.n_frames)
+        text = f"{st.name}: {frames:g}/{self.n_frames} frames ({100 * done // st.total}%), {_clock(elapsed)} elapsed"
+        if 0 < done < st.total:
+            text += f", about {_clock(elapsed * (st.total - done) / done)} left"
+        return text
+
+    def report(self, last: int = 6) -> str:
+        """The progress line, the inversion's state, and the last log lines."""
+        with self._lock:
+            logs = self.logs[-last:]
+        head = [self.line()] + (["inversion: cache hit (no inversion work)"] if self.cache_hit else [])
+        return "\n".join(head + logs)
+
+
+@dataclass
+class RenderJob:
+    """A render (or preview, or caption) running on the device thread."""
+
+    kind: str
+    progress: RenderProgress
+    cancel: threading.Event
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Any = None
+    error: BaseException | None = None
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self.done.wait(timeout)
+
+    def message(self) -> str:
+        """The one line the page shows for a failed job (as the CLI prints it), or ''."""
+        if self.error is None:
+            return ""
+        if isinstance(self.error, Cancelled):
+            return CANCELLED
+        from p2v_fast.apps.batch import failure_message
+
+        return "error: " + failure_message(self.error)
+
+
+@dataclass(frozen=True)
+class UISettings:
+    """What `p2v ui` fixes when it starts (the page never sets these)."""
+
+    out_dir: Path = Path("p2v-ui")
+    model: str = DEFAULT_MODEL
+    device: str = "auto"
+    dtype: str = "auto"
+    engines_root: Path = Path("engines")
+    threads: int | None = None
+    max_upload_mb: int = DEFAULT_MAX_UPLOAD_MB
+    # the devices renders run on, one render at a time on each; None: every GPU for --device auto
+    # or cuda on a machine with several, else --device itself (see devices_for)
+    devices: tuple[str, ...] | None = None
+
+
+def devices_for(device: str) -> tuple[str, ...]:
+    """The devices a page serving ``--device`` renders on: each GPU for ``auto`` or ``cuda`` when
+    the machine has more than one, else ``device`` alone."""
+    if device in ("auto", "cuda"):
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.device_count() > 1:
+            return tuple(f"cuda:{i}" for i in range(torch.cuda.device_count()))
+    return (device,)
+
+
+@dataclass
+class RenderOutput:
+    """A finished render's files and numbers."""
+
+    video: Path
+    side_by_side: Path | None
+    strip: Path | None
+    report: Path
+    record: Path
+    numbers: dict[str, Any]
+
+    @property
+    def files(self) -> list[Path]:
+        return [p for p in (self.video, self.side_by_side, self.strip, self.report) if p is not None]
+
+
+NO_ENGINES = "(none)"
+
+
+class Renderer:
+    """One per process: the output folder, the loaded runtimes, and the devices, on each of
+    which one job runs at a time (a job waits for a free one)."""
+
+    def __init__(self, settings: UISettings) -> None:
+        from p2v_fast.apps.batch import BatchWorker
+
+        self.settings = settings
+        self.out_dir = settings.out_dir.resolve()
+        for sub in ("", "inputs", "previews"):
+            (self.out_dir / sub).mkdir(parents=True, exist_ok=True)
+        self.devices = settings.devices or devices_for(settings.device)
+        # per device: its runtimes, one per model set, loaded on first use and kept
+        self._workers = [BatchWorker() for _ in self.devices]
+        self._loading = threading.Lock()
+        self._free: queue.Queue[int] = queue.Queue()
+        for slot in range(len(self.devices)):
+            self._free.put(slot)
+        self._names = threading.Lock()
+        self._active: dict[str, RenderJob] = {}
+        self._jobs = 0
+
+    # ---------------------------------------------------------------- inputs and options
+
+    def sample_clip(self) -> Path:
+        """The sample clip (``p2v demo``'s), made once in ``inputs/``."""
+        from p2v_fast.media.video import make_sample_clip
+
+        path = self.out_dir / "inputs" / "sample.mp4"
+        if not path.is_file():
+            make_sample_clip(path, n_frames=16, size=(256, 192), fps=12.0, with_audio=True)
+        return path
+
+    def take_input(self, upload: str | Path | None) -> Path:
+        """The clip to edit: an upload copied into ``inputs/`` under its content's hash (the
+        upload's own name only as a slug), so a job record names a file the app keeps."""
+        if upload is None or str(upload) == "":
+            raise InputError("no clip: upload a video or press 'Use the sample clip'")
+        src = Path(upload)
+        if not src.is_file():
+            raise InputError(f"the uploaded clip '{src.name}' is gone; upload it again")
+        limit = self.settings.max_upload_mb * 1024 * 1024
+        if src.stat().st_size > limit:
+            raise InputError(f"the clip is {src.stat().st_size / 2**20:.0f} MB; this app takes at most "
+                             f"{self.settings.max_upload_mb} MB (p2v ui --max-upload-mb)")
+        inputs = self.out_dir / "inputs"
+        if src.resolve().parent == inputs:
+            return src.resolve()
+        digest = hashlib.sha256()
+        with open(src, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        suffix = src.suffix.lower() if re.fullmatch(r"\.[a-z0-9]{1,5}", src.suffix.lower()) else ""
+        dest = inputs / f"{digest.hexdigest()[:16]}-{_slug(src.stem, 40)}{suffix}"
+        if not dest.exists():
+            tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}.part")
+            try:
+                shutil.copyfile(src, tmp)
+                os.replace(tmp, dest)
+            finally:
+                tmp.unlink(missing_ok=True)
+        return dest
+
+    def engines_choices(self) -> list[str]:
+        """The engines folders the page may pick: the engines root's subfolders (and the root
+        itself if it holds files), by name."""
+        root = self.settings.engines_root
+        names = [NO_ENGINES]
+        if root.is_dir():
+            if any(p.is_file() for p in root.iterdir()):
+                names.append(".")
+            names += sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        return names
+
+    def engines_path(self, name: str | None) -> Path | None:
+        """The folder ``name`` (one of :meth:`engines_choices`) names; anything else is refused."""
+        if not name or name == NO_ENGINES:
+            return None
+        if name not in self.engines_choices():
+            raise InputError(f"engines folder {name!r} is not one of the folders in "
+                             f"'{self.settings.engines_root}' (p2v ui --engines)")
+        return self.settings.engines_root if name == "." else self.settings.engines_root / name
+
+    def config(self, **form: Any) -> EditConfig:
+        """The EditConfig of the page's form (checked by EditConfig, one-line errors); the
+        model, device, dtype and threads are the app's."""
+        s = self.settings
+        engines = self.engines_path(form.pop("engines", None))
+        source = (form.pop("source_prompt", None) or "").strip() or None
+        frames = form.pop("max_frames", None)
+        ints = {k: int(form[k]) for k in ("steps", "size", "seed") if form.get(k) is not None}
+        return EditConfig(**{**form, **ints}, source_prompt=source, engines=engines,
+                          max_frames=int(frames) if frames else None,
+                          model=s.model, device=s.device, dtype=s.dtype, threads=s.threads)
+
+    def frames_of(self, cfg: EditConfig, input_path: Path) -> int:
+        """How many frames ``cfg`` edits of ``input_path``; a bad clip or selection is one line here,
+        before any job starts."""
+        from p2v_fast.media.clip_selection import select_clip
+        from p2v_fast.pipeline import probe_input
+
+        return select_clip(input_path, cfg, probe_input(input_path, cfg)).n_frames
+
+    def on_device(self, cfg: EditConfig, slot: int) -> EditConfig:
+        """``cfg`` on the device of ``slot``."""
+        return cfg.replace(device=self.devices[slot])
+
+    def runtime(self, cfg: EditConfig, slot: int = 0) -> Any:
+        """The loaded models and backends for ``cfg`` on the device of ``slot``, loaded once per
+        model set and device."""
+        with self._loading:  # loading is not thread-safe (diffusers patches torch.nn globally while it builds a model)
+            return self._workers[slot].runtime(self.on_device(cfg, slot))
+
+    # ---------------------------------------------------------------- jobs
+
+    def start(self, kind: str, session: str, n_frames: int, work: Callable[[RenderProgress, int], Any]) -> RenderJob:
+        """Run ``work(progress, slot)`` in a thread once a device is free (``slot``: its index in
+        :attr:`devices`) and return at once. A job of the same ``session`` still running is
+        cancelled first."""
+        cancel = threading.Event()
+        job = RenderJob(kind, RenderProgress(n_frames, cancel), cancel)
+        old = self._active.get(session)
+        if old is not None and not old.done.is_set():
+            old.cancel.set()
+        self._active[session] = job
+
+        def run() -> None:
+            slot = None
+            try:
+                try:
+                    slot = self._free.get_nowait()
+                except queue.Empty:
+                    job.progress.log("waiting for a free device (another render is running)")
+                    while slot is None:
+                        if cancel.is_set():
+                            raise Cancelled(CANCELLED) from None
+                        with contextlib.suppress(queue.Empty):
+                            slot = self._free.get(timeout=0.2)
+                try:
+                    job.result = work(job.progress, slot)
+                finally:
+                    release_memory()
+                    self._free.put(slot)
+            except BaseException as exc:  # reported on the page as one line
+                job.error = exc
+                if not isinstance(exc, P2VError | Cancelled):
+                    log.exception("%s failed", kind)
+            finally:
+                job.done.set()
+                if self._active.get(session) is job:
+                    del self._active[session]
+
+        threading.Thread(target=run, name=f"p2v-ui-{kind}", daemon=True).start()
+        return job
+
+    def cancel(self, session: str) -> bool:
+        """Cancel ``session``'s running job; False if it has none."""
+        job = self._active.get(session)
+        if job is None or job.done.is_set():
+            return False
+        job.cancel.set()
+        return True
+
+    def _names_for(self, input_path: Path, prompt: str) -> Path:
+        """A fresh output path in the folder: ``<clip>.<prompt slug>.<time>[-N].mp4``, none of
+        whose files (side files, report, job record) exist."""
+        from p2v_fast.apps.batch import sidecar_path
+
+        stem = f"{_slug(input_path.stem.split('-', 1)[-1], 24)}.{_slug(prompt)}.{time.strftime('%Y%m%d-%H%M%S')}"
+        with self._names:
+            for n in range(1, 10_000):
+                out = self.out_dir / f"{stem}{'' if n == 1 else f'-{n}'}.mp4"
+                files = (out, out.with_name(f"{out.stem}.side-by-side.mp4"), out.with_name(f"{out.stem}.strip.png"),
+                         out.with_suffix(".json"), sidecar_path(out), out.with_name(f".{out.name}.p2v-claim"))
+                if not any(p.exists() for p in files):
+                    out.with_suffix(".json").touch()  # reserved: a second render this second takes the next name
+                    return out
+        raise InputError(f"no free output name for '{stem}' in '{self.out_dir}'")
+
+    def render(self, cfg: EditConfig, input_path: Path, progress: RenderProgress, slot: int = 0) -> RenderOutput:
+        """Edit ``input_path`` on the device of ``slot`` into a new output in the folder, with the
+        side-by-side video, the contact strip, the numbers and the job record."""
+        from p2v_fast import edit_video
+        from p2v_fast.apps.batch import Job, JobResult, sidecar_path, write_sidecar
+
+        cfg = self.on_device(cfg, slot)
+        rt = self.runtime(cfg, slot)
+        started = time.time()
+        out = self._names_for(input_path, cfg.prompt)
+        report = out.with_suffix(".json")
+        try:
+            res = edit_video(cfg, input_path, out, side_by_side=True, progress=progress, runtime=rt, json_path=report)
+        except BaseException:
+            report.unlink(missing_ok=True)  # the reservation
+            raise
+        self._jobs += 1
+        job = Job(self._jobs, input_path, out, cfg, {"side_by_side": True, "json_path": report}, res.n_frames)
+        write_sidecar(job, JobResult.of(job, "done", frames=res.n_frames, seconds=res.seconds_total,
+                                        frames_sha256=res.frames_sha256))
+        numbers = {
+            "seconds_per_frame": round(res.seconds_per_frame, 3), "unet_calls": res.stats.unet_calls,
+            "unet_backward": res.stats.unet_backward, "inversion_cache_hit": res.inversion_cache_hit,
+            "seconds_inversion": round(res.seconds_inversion, 3), "seconds_edit": round(res.seconds_edit, 3),
+            "seconds_total": round(res.seconds_total, 3), "frames": res.n_frames, "size": list(res.size),
+            "source_prompt": res.source_prompt, "output": str(out),
+            "device": str(rt.backend.device),
+            "started": _utc(started), "finished": _utc(time.time()),
+        }
+        return RenderOutput(out, res.side_by_side, res.strip, report, sidecar_path(out), numbers)
+
+    def preview(self, cfg: EditConfig, input_path: Path, progress: RenderProgress, slot: int = 0
+                ) -> tuple[Path, float]:
+        """The anchor frame alone, edited into ``previews/``; its path and seconds."""
+        from p2v_fast import edit_video
+
+        t0 = time.perf_counter()
+        name = f"{_slug(input_path.stem.split('-', 1)[-1], 24)}.{_slug(cfg.prompt)}.{time.strftime('%Y%m%d-%H%M%S')}"
+        with self._names:
+            out = next(p for n in range(1, 10_000)
+                       if not (p := self.out_dir / "previews" / f"{name}{'' if n == 1 else f'-{n}'}.png").exists())
+            out.touch()  # reserved
+        try:
+            edit_video(self.on_device(cfg, slot), input_path, out, preview=True, overwrite=True, progress=progress,
+                       runtime=self.runtime(cfg, slot))
+        except BaseException:
+            out.unlink(missing_ok=True)
+            raise
+        return out, time.perf_counter() - t0
+
+    def caption(self, cfg: EditConfig, input_path: Path, progress: RenderProgress, slot: int = 0) -> str:
+        """BLIP's caption of the first selected frame (what an empty source prompt becomes)."""
+        from p2v_fast.media.clip_selection import select_clip
+        from p2v_fast.weights.caption import caption_frame
+
+        selection = select_clip(input_path, cfg)
+        rt = self.runtime(cfg, slot)
+        return caption_frame(rt.models, next(iter(selection.frames())))

@@ -1,0 +1,1 @@
+"""Video in and out: reading, writing, framing, sample clips, output paths, clip selection."""

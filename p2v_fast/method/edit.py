@@ -1,0 +1,439 @@
+"""The edit loop (Pix2Video Algorithm 1), written once for every backend and schedule.
+
+A frame's state (latent, step index) is explicit data (:class:`FrameState`); the features and
+x0-hat estimates that later frames need live in a :class:`FeatureStore`. :func:`run_step`
+advances any set of frames by one step in one batch, so the sequential schedule (one frame at a
+time) and a wavefront schedule (every ready frame at once) share it.
+
+Batch layout of a UNet call for F frames: 2F samples ordered [uncond_1, cond_1, uncond_2, ...],
+so a frame's two CFG branches are adjacent and its reference features are gathered per sample.
+The anchor shares calls with the other frames: its samples are marked ``self_ref`` (attend to
+their own features) and its ``ref_k`` rows are zeros, so a wavefront tick is one UNet call
+(two when some frames need a differentiable call for the ``autograd`` update).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from p2v_fast.config import EditConfig
+from p2v_fast.method.ddim import DDIMSchedule
+from p2v_fast.method.latent_update import apply_update, autograd_gradient, detached_gradient, loss_scale
+from p2v_fast.nets.backends import Backend
+from p2v_fast.nets.memory import CallBudget
+
+Features = list[torch.Tensor]  # 9 tensors [2, N_k, C_k]: (uncond, cond) of one frame at one step
+
+
+@dataclass
+class FrameState:
+    """One frame in flight: ``latent`` is x_t [1,4,h,w] fp32 before step ``step``."""
+
+    index: int
+    latent: torch.Tensor
+    depth: torch.Tensor  # [1,1,h,w] in [-1, 1]
+    step: int = 0
+
+
+@dataclass
+class EditStats:
+    """What an edit did. Per-step update sizes stay on the device until they are read (one
+    copy per table, by :meth:`mean_update_rms` / :meth:`mean_detached_rms`), so the step loop
+    never waits for the device."""
+
+    unet_calls: int = 0
+    unet_backward: int = 0
+    update_rms: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # step -> RMS of delta*grad per frame
+    # autograd mode: step -> RMS of the detached form's update (delta * 2 (x0 - x0_prev) / N) at the same
+    # latents, per frame: the two forms' strengths compared without their trajectories diverging
+    detached_rms: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    peak_feature_bytes: int = 0
+    # samples sent through the UNet, by what they cost (benchmarks.flops): in calls with
+    # references (the anchor's [h, h] included) and without; samples differentiated
+    samples_xframe: int = 0
+    samples_plain: int = 0
+    samples_backward: int = 0
+
+    def mean_update_rms(self) -> dict[int, float]:
+        """Mean RMS of the guided update per step (read from the device once)."""
+        return _step_means(self.update_rms)
+
+    def mean_detached_rms(self) -> dict[int, float]:
+        return _step_means(self.detached_rms)
+
+    def describe_update(self, mode: str) -> str:
+        """One line on the guided update's size, for the end of an edit."""
+        rms = self.mean_update_rms()
+        if not rms:
+            return "no guided latent update"
+        steps = list(rms)
+        line = (f"guided update RMS ({mode}, steps {steps[0]}-{steps[-1]}): first {rms[steps[0]]:.3g}, "
+                f"last {rms[steps[-1]]:.3g}, mean {np.mean(list(rms.values())):.3g}")
+        same = self.mean_detached_rms()
+        if same:
+            ratio = [rms[s] / same[s] for s in steps if same.get(s)]
+            line += (f"; the detached form at the same latents: mean {np.mean(list(same.values())):.3g}, "
+                     f"autograd/detached {ratio[0]:.3g} at the first step, {ratio[-1]:.3g} at the last"
+                     if ratio else "")
+        return line
+
+
+def _step_means(table: dict[int, list[torch.Tensor]]) -> dict[int, float]:
+    """step -> mean of its per-frame device scalars, read back in one copy."""
+    steps = sorted(table)
+    if not steps:
+        return {}
+    means = torch.stack([torch.stack(table[s]).float().mean() for s in steps])
+    return dict(zip(steps, means.cpu().tolist(), strict=True))
+
+
+def _nbytes(tensors: Sequence[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes the storages under ``tensors`` hold, each storage counted once: what keeping
+    ``tensors`` alive costs (a view keeps its whole base, e.g. a batched call's output)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        s = t.untyped_storage()
+        seen[s._cdata] = s.nbytes()
+    return sum(seen.values())
+
+
+def owned(t: torch.Tensor, copy: bool = False) -> torch.Tensor:
+    """``t`` detached, holding only its own bytes: a copy when it is a view into a larger storage
+    (a row of a batched call's output) or when ``copy`` (the backend reuses its output buffers)."""
+    t = t.detach()
+    if copy or not t.is_contiguous() or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        return t.clone(memory_format=torch.contiguous_format)
+    return t
+
+
+class FeatureStore:
+    """Anchor features for every step; other frames' features and x0-hat until the next frame
+    has used them (popped on read), so memory is constant in the length of the clip. The bytes
+    held are counted as entries come and go (``nbytes``), never by walking the store."""
+
+    def __init__(self, cfg: EditConfig, n_frames: int) -> None:
+        self.refs = cfg.refs
+        self.n_frames = n_frames
+        self.keep_anchor = cfg.refs in ("anchor+prev", "anchor") and n_frames > 1
+        self.keep_prev = cfg.refs in ("anchor+prev", "prev")
+        self.x0_steps = cfg.guided_steps
+        self.anchor: dict[int, Features] = {}
+        self.feats: dict[tuple[int, int], Features] = {}
+        self.x0: dict[tuple[int, int], torch.Tensor] = {}
+        self._bytes = 0
+        self.peak_bytes = 0
+
+    def wants_features(self, frame: int) -> bool:
+        return (frame == 0 and self.keep_anchor) or (self.keep_prev and frame + 1 < self.n_frames)
+
+    def put(self, frame: int, step: int, feats: Features, x0: torch.Tensor) -> None:
+        if frame == 0 and self.keep_anchor:
+            self.anchor[step] = feats
+            self._bytes += _nbytes(feats)
+        elif self.keep_prev and frame + 1 < self.n_frames:
+            self.feats[(frame, step)] = feats
+            self._bytes += _nbytes(feats)
+        if step < self.x0_steps and frame + 1 < self.n_frames:
+            self.x0[(frame, step)] = x0
+            self._bytes += _nbytes([x0])
+        self.peak_bytes = max(self.peak_bytes, self._bytes)
+
+    def refs_for(self, frame: int, step: int) -> Features | None:
+        """ref_k [2, 2N_k, C_k] for frame > 0: anchor || previous (or a mode's stand-in).
+        Reading keeps the entries; :meth:`used` drops them once the step is done."""
+        if frame == 0 or self.refs == "none":
+            return None
+        prev: Features | None = None
+        if self.keep_prev:
+            if frame == 1 and self.keep_anchor:
+                prev = self.anchor[step]
+            else:
+                prev = self.feats[(frame - 1, step)]
+        anchor = self.anchor[step] if self.keep_anchor else prev
+        prev = anchor if prev is None else prev
+        assert anchor is not None and prev is not None
+        # Attention over [a, a] equals attention over a, so the single-reference ablations keep
+        # the engine's 2N-token layout.
+        return [torch.cat([a, p], dim=1) for a, p in zip(anchor, prev, strict=True)]
+
+    def x0_prev(self, frame: int, step: int) -> torch.Tensor:
+        return self.x0[(frame - 1, step)]
+
+    def used(self, frame: int, step: int) -> None:
+        """``frame`` has finished ``step``: the previous frame's entries of that step are not
+        needed again."""
+        feats = self.feats.pop((frame - 1, step), None)
+        if feats is not None:
+            self._bytes -= _nbytes(feats)
+        x0 = self.x0.pop((frame - 1, step), None)
+        if x0 is not None:
+            self._bytes -= _nbytes([x0])
+
+    def nbytes(self) -> int:
+        """Bytes held now: features (every branch) and x0-hat estimates."""
+        return self._bytes
+
+    def tensors(self) -> Iterator[torch.Tensor]:
+        for feats in (*self.anchor.values(), *self.feats.values()):
+            yield from feats
+        yield from self.x0.values()
+
+    def storage_bytes(self) -> int:
+        """Bytes the store keeps alive, by storage (each counted once): equal to :meth:`nbytes`
+        when every entry holds only its own bytes (:func:`commit` copies rows out of a call's
+        batched outputs), larger when an entry is a view that keeps a whole batch alive."""
+        return storage_bytes(self.tensors())
+
+
+@dataclass
+class EditContext:
+    """Everything a step needs besides the frames' own state."""
+
+    cfg: EditConfig
+    backend: Backend
+    grad_backend: Backend | None  # torch backend for autograd steps (may be ``backend`` itself)
+    schedule: DDIMSchedule
+    embeddings: torch.Tensor  # [2, 77, D]: (negative/empty, target prompt)
+    store: FeatureStore
+    delta: float
+    stats: EditStats
+    budget: CallBudget | None = None  # frames per UNet call; None: what fits on the backend's device
+
+    def __post_init__(self) -> None:
+        if self.budget is None:
+            self.budget = edit_budget(self.cfg, self.backend)
+        for b in (self.backend, self.grad_backend):  # the step loop indexes its tables on the device
+            if b is not None:
+                self.schedule.to(b.device)
+
+
+def edit_budget(cfg: EditConfig, backend: Backend) -> CallBudget:
+    """Frames per UNet call for an edit on ``backend``: what fits within ``cfg.max_memory`` (or
+    the device); a compiled backend's calls costed by the buckets its warm-up recorded."""
+    budget = CallBudget(backend.device, max_memory=cfg.max_memory)
+    recorded = getattr(backend, "bucket_bytes", None)
+    if recorded:
+        from p2v_fast.nets.backends import compile_bucket
+
+        budget.buckets, budget.bucket_bytes = compile_bucket, dict(recorded)
+    return budget
+
+
+def _guided(cfg: EditConfig, st: FrameState) -> bool:
+    return st.index > 0 and st.step < cfg.guided_steps
+
+
+def call_groups(frames: list[FrameState], cfg: EditConfig) -> list[tuple[bool, list[FrameState]]]:
+    """``frames`` by kind of UNet call, in order of first appearance: (needs a differentiable
+    call, its frames). Differentiable calls are the ``autograd`` mode's guided steps."""
+    groups: dict[bool, list[FrameState]] = {}
+    for st in frames:
+        needs_grad = _guided(cfg, st) and cfg.latent_update == "autograd"
+        groups.setdefault(needs_grad, []).append(st)
+    return list(groups.items())
+
+
+def run_step(frames: list[FrameState], ctx: EditContext) -> None:
+    """Advance every frame in ``frames`` by one DDIM step, in as few UNet calls as possible.
+
+    Frames are grouped by whether they need a differentiable call (``autograd`` guided steps);
+    each group is one batched call (the anchor shares the other frames' call, see the module
+    docstring), split only where memory requires.
+    """
+    for needs_grad, group in call_groups(frames, ctx.cfg):
+        _step_group(group, ctx, needs_grad)
+
+
+def _step_group(frames: list[FrameState], ctx: EditContext, needs_grad: bool) -> None:
+    """``frames`` (all ready, independent of each other) in calls of as many frames as the
+    budget allows; a call that runs out of memory is retried smaller (a call changes no state
+    until it has returned)."""
+    budget, kind = ctx.budget, ("edit", needs_grad)
+    assert budget is not None
+    backend = ctx.grad_backend if needs_grad else ctx.backend
+    assert backend is not None
+
+    def run(chunk: Sequence[FrameState]) -> None:
+        with budget.measure(kind, len(chunk), backend.device):
+            _step_call(list(chunk), ctx, backend, needs_grad)
+
+    budget.run_in_calls(kind, frames, run)
+
+
+def per_branch(x: torch.Tensor) -> torch.Tensor:
+    """[F, ...] -> [2F, ...], each row twice (uncond, cond): ``repeat_interleave(2, 0)`` as a
+    broadcast, so no repeat count is ever copied to the device."""
+    return x.unsqueeze(1).expand(x.shape[0], 2, *x.shape[1:]).reshape(2 * x.shape[0], *x.shape[1:])
+
+
+def _references(frames: list[FrameState], store: FeatureStore,
+                device: torch.device) -> tuple[list[torch.Tensor] | None, torch.Tensor | None]:
+    """The call's ``refs`` (9 x [2F, 2N_k, C_k]) and ``self_ref`` [2F] (1 = attends to itself:
+    the anchor, whose rows of ``refs`` are zeros); (None, None) when no frame has references."""
+    per_frame = [store.refs_for(st.index, st.step) for st in frames]
+    template = next((r for r in per_frame if r is not None), None)
+    if template is None:
+        return None, None
+    self_ref = None
+    if any(r is None for r in per_frame):
+        zeros = [torch.zeros_like(t) for t in template]
+        self_ref = torch.zeros(2 * len(frames), device=device)
+        for i, r in enumerate(per_frame):
+            if r is None:
+                self_ref[2 * i : 2 * i + 2].fill_(1.0)  # a fill on the device, not a copy from the host
+        per_frame = [zeros if r is None else r for r in per_frame]
+    return [torch.cat([r[k] for r in per_frame]) for k in range(len(template))], self_ref  # type: ignore[index]
+
+
+def _step_call(frames: list[FrameState], ctx: EditContext, backend: Backend, needs_grad: bool) -> None:
+    """One UNet call for ``frames`` and their DDIM step (and guided update). Nothing here reads
+    a value back from the device or copies one to it (tests/test_edit_cuda.py checks on CUDA)."""
+    sched, cfg, store = ctx.schedule, ctx.cfg, ctx.store
+    device = backend.device
+    idx = sched.index([st.step for st in frames], device)  # [F], made on the device
+    x = torch.cat([st.latent for st in frames]).to(device)  # [F,4,h,w] fp32
+    if needs_grad:
+        x = x.detach().requires_grad_(True)
+    depth = torch.cat([st.depth for st in frames]).to(device)
+    sample = per_branch(torch.cat([x, depth], dim=1))  # [2F,5,h,w]
+    t = per_branch(sched.timesteps_at(idx))  # [2F]
+    ehs = ctx.embeddings.repeat(len(frames), 1, 1)  # [2F,77,D]
+    refs, self_ref = _references(frames, store, device)
+
+    with torch.set_grad_enabled(needs_grad):
+        if needs_grad:
+            out = backend.unet_forward(sample, t, ehs, refs, self_ref)  # type: ignore[attr-defined]
+            eps_all, feats = out[0].float(), list(out[1:])
+            backend.counter.unet_backward += 1
+        else:
+            eps_all, feats = backend.unet(sample, t, ehs, refs, self_ref)
+        eps_u, eps_c = eps_all[0::2], eps_all[1::2]
+        eps = eps_u + cfg.guidance_scale * (eps_c - eps_u)  # CFG, fp32
+        x_prev, x0 = sched.step(x, eps, idx)
+        guided = [_guided(cfg, st) for st in frames]
+        if any(guided):
+            # Every row is updated; an unguided row compares x0 with itself: zero gradient, so the
+            # batch needs no row gather (whose indices would be a copy from the host).
+            x0_ref = torch.cat([store.x0_prev(st.index, st.step).to(device) if g else x0[i : i + 1].detach()
+                                for i, (st, g) in enumerate(zip(frames, guided, strict=True))])
+            if needs_grad:
+                scale = None
+                if backend.dtype == torch.float16:  # keep the backward pass out of fp16's subnormals
+                    gain = max(cfg.guidance_scale, abs(1.0 - cfg.guidance_scale))
+                    abar = sched.abar_at(idx)
+                    scale = loss_scale(x0, x0_ref, gain * ((1 - abar) / abar).sqrt())
+                grad = autograd_gradient(x, x0, x0_ref, scale)
+                same = ctx.delta * detached_gradient(x0.detach(), x0_ref)
+                same_rms = same.pow(2).flatten(1).mean(1).sqrt()  # [F], stays on the device
+                for i, st in enumerate(frames):
+                    if guided[i]:
+                        ctx.stats.detached_rms.setdefault(st.step, []).append(same_rms[i])
+            else:
+                grad = detached_gradient(x0, x0_ref)
+            x_prev, rms = apply_update(x_prev, grad, ctx.delta)
+            for i, st in enumerate(frames):
+                if guided[i]:
+                    ctx.stats.update_rms.setdefault(st.step, []).append(rms[i])
+
+    stats = ctx.stats
+    samples = 2 * len(frames)
+    if refs is None:
+        stats.samples_plain += samples
+    else:
+        stats.samples_xframe += samples
+    if needs_grad:
+        stats.samples_backward += samples
+    commit(frames, store, feats, x0.detach(), x_prev.detach(), clone=backend.transient_outputs)
+    stats.peak_feature_bytes = store.peak_bytes
+
+
+def commit(frames: list[FrameState], store: FeatureStore, feats: Sequence[torch.Tensor], x0: torch.Tensor,
+           x_prev: torch.Tensor, clone: bool = False) -> None:
+    """A call's results into the frames and the store, in frame order: ``feats`` 9 x [2F, N_k,
+    C_k], ``x0`` and ``x_prev`` [F, 4, h, w]. What is kept is copied out of the batched outputs
+    (:func:`owned`): a row kept as a view would keep the whole batch tensor alive, every layer's
+    features of every frame of the call, for as long as the row is stored. ``clone``: the backend
+    reuses its output buffers (CUDA graphs), so even a call's only row is copied out of them."""
+    for i, st in enumerate(frames):
+        own: Features = []
+        if store.wants_features(st.index):
+            own = [owned(f[2 * i : 2 * i + 2], copy=clone) for f in feats]
+        store.used(st.index, st.step)
+        store.put(st.index, st.step, own, owned(x0[i : i + 1]))
+        st.latent = owned(x_prev[i : i + 1])
+        st.step += 1
+
+
+def sequential(
+    ctx: EditContext, initial: Iterator[FrameState], on_step=None
+) -> Iterator[FrameState]:
+    """Algorithm 1 as written: each frame through all steps, in order. Yields finished frames."""
+    for st in initial:
+        while st.step < ctx.schedule.steps:
+            run_step([st], ctx)
+            if on_step is not None:
+                on_step(1)
+        yield st
+
+
+#: Frames in flight when --batch-frames is not given. Chosen from p2v_fast.method.plan's simulation
+#: (docs/performance.md, "The wavefront schedule"): at 50 steps, 16 frames take a 60-frame edit in 211
+#: ticks (4 frames: 753, 50: 109), the compiled UNet's largest batch bucket; stored features
+#: peak at ~T steps' worth whatever the cap.
+DEFAULT_WAVEFRONT_FRAMES = 16
+
+
+def wavefront_ticks(initial: Iterator[FrameState], steps: int, cap: int,
+                    advance: Callable[[list[FrameState]], None]) -> Iterator[FrameState]:
+    """The wavefront's admission and readiness (DESIGN.md sec. 3), apart from what a tick does:
+    each tick ``advance`` moves every ready frame one step. The next frame is admitted once its
+    predecessor has finished step 0 and fewer than ``cap`` frames are in flight; a frame is
+    ready when its predecessor has done the step it is at. Yields finished frames, in order."""
+    pending = iter(initial)
+    in_flight: list[FrameState] = []
+    exhausted = False
+    while True:
+        while not exhausted and len(in_flight) < cap and (not in_flight or in_flight[-1].step >= 1):
+            nxt = next(pending, None)
+            if nxt is None:
+                exhausted = True
+            else:
+                in_flight.append(nxt)
+        if not in_flight:
+            return
+        # Ready: the predecessor has done this step (in_flight[0]'s predecessor has finished).
+        advance([st for k, st in enumerate(in_flight) if k == 0 or in_flight[k - 1].step > st.step])
+        while in_flight and in_flight[0].step >= steps:
+            yield in_flight.pop(0)
+
+
+def wavefront(
+    ctx: EditContext, initial: Iterator[FrameState], on_step=None, max_in_flight: int | None = None
+) -> Iterator[FrameState]:
+    """Exact wavefront schedule: frame i at step s needs only (i-1, s) and (i, s-1), so every
+    tick advances each ready frame one step, all in one batched UNet call (two when the
+    ``autograd`` update needs a differentiable one). Frames finish, and are yielded, in order;
+    at most ``max_in_flight`` frames hold state at once. The result equals :func:`sequential`
+    up to float reassociation."""
+
+    def tick(ready: list[FrameState]) -> None:
+        run_step(ready, ctx)
+        if on_step is not None:
+            on_step(len(ready))
+
+    return wavefront_ticks(initial, ctx.schedule.steps, max_in_flight or DEFAULT_WAVEFRONT_FRAMES, tick)
+
+
+def run_schedule(ctx: EditContext, initial: Iterator[FrameState], on_step=None) -> Iterator[FrameState]:
+    """The edit loop that ``ctx.cfg.schedule`` names; yields finished frames in order."""
+    if ctx.cfg.schedule == "wavefront":
+        return wavefront(ctx, initial, on_step=on_step, max_in_flight=ctx.cfg.batch_frames)
+    return sequential(ctx, initial, on_step=on_step)

@@ -1,0 +1,180 @@
+"""The inversion cache: one entry per (frames, size, framing, model, runtime, steps, source
+prompt, depth normalisation), under ``<cache>/inversions/<key>/``.
+
+An entry holds one safetensors file per frame (``x_T``, ``depth``, ``x_0``; written atomically,
+so an interrupted run resumes where it stopped) and ``meta.json``, written last, which records
+each frame file's size and sha256. An entry is checked before it is used (frame count, sizes,
+checksums; a resumed frame's shapes and finite values); a damaged one is recomputed with a
+one-line notice, reusing its intact frames. One run at a time fills an entry (a lock file in
+it): a second run of the same clip waits, then uses the result. Non-finite values are never
+cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save
+
+from p2v_fast.config import EditConfig
+from p2v_fast.errors import P2VError
+from p2v_fast.files import FileLock, write_bytes_atomic
+from p2v_fast.media.clip_selection import ClipSelection
+from p2v_fast.progress import Progress
+from p2v_fast.weights.models import model_identity
+
+CACHE_VERSION = 2  # 2: keyed on the runtime (backend, dtype, device, graphs) and the framing
+
+
+@dataclass
+class InvertedClip:
+    """Handle on a cached inversion; frames are loaded one at a time. ``runtime``: the
+    :meth:`Backend.identity` it ran on; ``reconstruction``: :func:`reconstruction_error` of it
+    (None for an inversion run without the check, e.g. the benchmark's timed runs)."""
+
+    root: Path
+    n_frames: int
+    latent_hw: tuple[int, int]
+    source_prompt: str
+    cache_hit: bool
+    runtime: dict[str, str] = field(default_factory=dict)
+    reconstruction: dict[str, float | None] | None = None
+
+    def load(self, i: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """Frame i: ``x_T`` [1,4,h,w], ``depth`` [1,1,h,w] in [-1,1], ``x_0`` [1,4,h,w] (fp32)."""
+        path = self.root / f"frame_{i:06d}.safetensors"
+        try:
+            return load_file(path, device=str(device))
+        except Exception as exc:  # deleted or damaged after the entry was checked
+            raise P2VError(f"inversion cache file '{path}' became unreadable during the edit ({_why(exc)}); "
+                           "run again to recompute it") from None
+
+
+def save_frame_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write one cache file atomically; refuse non-finite values (they would poison every later edit)."""
+    bad = [k for k, v in tensors.items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise P2VError(f"the inversion produced non-finite values (NaN or inf) in {', '.join(bad)} for "
+                       f"'{path.name}'; nothing was cached for it (in fp16, try --dtype fp32)")
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+    write_bytes_atomic(path, data, "the inversion cache")
+
+
+def _why(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+#: Tensors of a finished frame file and of a pass-1 ``encoded_*`` file: name -> shape, with
+#: "h" and "w" the latent size.
+FRAME_TENSORS = {"x_T": (1, 4, "h", "w"), "depth": (1, 1, "h", "w"), "x_0": (1, 4, "h", "w")}
+
+
+ENCODED_TENSORS = {"x_0": (1, 4, "h", "w"), "depth_raw": (1, "h", "w")}
+
+
+def file_problem(path: Path, latent_hw: tuple[int, int], spec: dict[str, tuple] | None = None) -> str | None:
+    """What is wrong with one cache file (None: it loads, has ``spec``'s tensors and shapes, all finite)."""
+    spec = FRAME_TENSORS if spec is None else spec
+    if not path.is_file():
+        return "missing"
+    try:
+        tensors = load_file(path)
+    except Exception as exc:
+        return f"unreadable ({_why(exc)})"
+    h, w = latent_hw
+    for name, shape in spec.items():
+        want = tuple(h if d == "h" else w if d == "w" else d for d in shape)
+        t = tensors.get(name)
+        if t is None:
+            return f"no {name}"
+        if tuple(t.shape) != want:
+            return f"{name} has shape {list(t.shape)}, expected {list(want)}"
+        if not bool(torch.isfinite(t).all()):
+            return f"non-finite values in {name}"
+    return None
+
+
+def file_record(path: Path) -> dict[str, int | str]:
+    data = path.read_bytes()
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def entry_problems(root: Path, n: int, latent_hw: tuple[int, int]) -> tuple[str | None, list[Path]]:
+    """Check a cache entry: ``(None, [])`` if complete and intact, else a one-line description of
+    the first problem ("missing" when there is no entry) and the frame files that are damaged.
+
+    Checked: ``meta.json`` reads and describes ``n`` frames at ``latent_hw``; every frame file has
+    the size and sha256 recorded there (entries without records: loads, shapes, finite values).
+    """
+    meta_path = root / "meta.json"
+    if not meta_path.is_file():
+        return "missing", []
+    try:
+        meta = json.loads(meta_path.read_text())
+        records = meta.get("files") or {}
+        if int(meta["n_frames"]) != n or list(meta["latent_hw"]) != list(latent_hw):
+            return (f"it describes {meta['n_frames']} frames at latent size {meta['latent_hw']}, not {n} at "
+                    f"{list(latent_hw)}"), []
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"unreadable meta.json ({_why(exc)})", []
+    damaged: list[tuple[Path, str]] = []
+    for i in range(n):
+        path = root / f"frame_{i:06d}.safetensors"
+        record = records.get(path.name)
+        if record is None:
+            why = file_problem(path, latent_hw)
+        elif not path.is_file():
+            why = "missing"
+        else:
+            got = file_record(path)
+            why = (None if got == record else f"{got['bytes']} bytes, expected {record['bytes']}"
+                   if got["bytes"] != record["bytes"] else "checksum mismatch")
+        if why is not None:
+            damaged.append((path, f"frame {i}: {why}"))
+    if damaged:
+        more = f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
+        return damaged[0][1] + more, [p for p, _ in damaged]
+    return None, []
+
+
+def claim_entry(root: Path, n: int, latent_hw: tuple[int, int], progress: Progress) -> FileLock | None:
+    """None if ``root`` holds a complete, intact inversion (a cache hit). Otherwise the entry's
+    lock, held (waiting while another run fills the entry, whose result may then be a hit), with
+    a damaged entry's ``meta.json`` and damaged frame files removed (intact frames are reused)."""
+    problem, _ = entry_problems(root, n, latent_hw)
+    if problem is None:
+        return None
+    root.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(root / ".lock")
+    lock.acquire(on_wait=lambda: progress.log("inversion: waiting for another p2v run that is inverting this clip"))
+    problem, damaged = entry_problems(root, n, latent_hw)
+    if problem is None:
+        lock.release()
+        return None
+    if problem != "missing":
+        progress.log(f"inversion: cache entry {root.name} is damaged ({problem}); recomputing it")
+        (root / "meta.json").unlink(missing_ok=True)
+        for path in damaged:
+            path.unlink(missing_ok=True)
+    return lock
+
+
+def cache_key(cfg: EditConfig, models, digest: str, source_prompt: str, runtime: dict[str, str],
+              selection: ClipSelection | None = None) -> str:
+    """Key of an inversion: everything that changes the inverted latents."""
+    fields = {
+        "version": CACHE_VERSION,
+        "frames": digest,  # content of the selected working frames, their size and framing
+        "framing": None if selection is None else [list(selection.size), selection.resize, selection.box],
+        "model": model_identity(models),
+        "runtime": runtime,  # backend, dtype computed in, device (+ graphs / provider)
+        "steps": cfg.steps,
+        "source_prompt": source_prompt,
+        "depth_norm": cfg.depth_norm,
+    }
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]

@@ -1,0 +1,180 @@
+"""Evaluate an edited video against its source with the paper's Table 2 metrics, streamed.
+
+``p2v eval`` and ``p2v ablate`` both go through :func:`evaluate_video`, so the numbers an
+ablation prints are the ones ``p2v eval`` gives on its output videos.
+
+The comparison size is the edited video's size (or ``size``: its short side scaled to that, the
+aspect kept). Source frames are mapped onto it the way ``p2v edit --resize`` framed them, so an
+edit and its source line up pixel for pixel: ``crop`` scales to cover and centre-crops;
+``stretch`` resizes (the paper's squashed 512x512); ``pad`` is ``crop``'s mapping, since a padded
+edit's output is its picture without the bars, and the edit framed that picture by cover and crop
+at its own size (the aspect ratios differ by under a pixel). Frames are
+decoded one at a time from both videos; only the previous pair and one CLIP batch are held.
+
+The source frames compared are ``start, start + stride, ...`` (the options the edit was made
+with); their count must equal the edited video's frame count.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from p2v_fast.errors import InputError
+from p2v_fast.files import json_safe
+from p2v_fast.media import video
+from p2v_fast.progress import NullProgress, Progress
+from p2v_fast.quality.metrics import DEFAULT_CLIP_MODEL, FLOW_METHODS, ClipScorer, StreamingEvaluator
+
+FrameCallback = Callable[[int, np.ndarray, np.ndarray], None]
+
+
+@dataclass(frozen=True)
+class VideoEval:
+    """Table 2's metrics for one edited video (Pixel-MSE on the 0-255 scale)."""
+
+    edited: str
+    source: str
+    prompt: str
+    clip_model: str
+    flow: str
+    size: tuple[int, int]  # (W, H) the metrics were computed at
+    n_frames: int
+    source_start: int
+    source_stride: int
+    clip_text: float
+    clip_image: float
+    pixel_mse: float
+    masked_fraction: float  # share of pixels excluded from Pixel-MSE (occluded, out of frame)
+    per_pair_pixel_mse: tuple[float, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return json_safe(asdict(self))
+
+
+def comparison_size(info: video.VideoInfo, size: int | None) -> tuple[int, int]:
+    """(W, H) of the comparison: the edited video's own size, or its short side scaled to ``size``."""
+    if size is None:
+        return info.width, info.height
+    if size < 2:
+        raise InputError(f"--size must be at least 2 pixels; got {size}")
+    return video.working_size(info.width, info.height, size, multiple=1)
+
+
+def check_inputs(
+    edited: str | Path,
+    source: str | Path,
+    *,
+    start: int = 0,
+    max_frames: int | None = None,
+    stride: int = 1,
+) -> tuple[video.VideoInfo, video.VideoInfo, int]:
+    """Probe both videos and check that they have the same number of frames (before any model loads)."""
+    for what, path in (("edited video", edited), ("source video", source)):
+        if not Path(path).exists():
+            raise InputError(f"{what} does not exist: '{path}'")
+    ed_info = video.probe(edited)
+    src_info = video.probe(source)
+    n_src = video.selected_count(src_info, start, max_frames, stride)
+    if ed_info.n_frames != n_src:
+        if (start, max_frames, stride) == (0, None, 1):
+            sel = f"source has {n_src}"
+        else:
+            sel = f"the selected source frames number {n_src} (of {src_info.n_frames})"
+        hint = ""
+        if ed_info.n_frames < n_src:
+            hint = "; if the edit used --start/--stride/--max-frames, pass the same options to eval"
+        raise InputError(
+            f"videos differ in length: edited '{ed_info.path}' has {ed_info.n_frames} frames, {sel} "
+            f"('{src_info.path}'){hint}"
+        )
+    if ed_info.n_frames < 2:
+        raise InputError(f"need at least 2 frames for temporal metrics; '{ed_info.path}' has {ed_info.n_frames}")
+    return ed_info, src_info, ed_info.n_frames
+
+
+def evaluate_video(
+    edited: str | Path,
+    source: str | Path,
+    prompt: str,
+    *,
+    scorer: ClipScorer | None = None,
+    clip_model: str = DEFAULT_CLIP_MODEL,
+    flow: str = "dis",
+    size: int | None = None,
+    start: int = 0,
+    max_frames: int | None = None,
+    stride: int = 1,
+    resize: str = "crop",
+    progress: Progress | None = None,
+    on_frame: FrameCallback | None = None,
+    flow_fn: Any = None,
+    json_path: str | Path | None = None,
+) -> VideoEval:
+    """CLIP-Text, CLIP-Image and Pixel-MSE of ``edited`` (edit prompt ``prompt``) against ``source``.
+
+    ``scorer``: a loaded :class:`ClipScorer` to reuse (else ``clip_model`` is loaded).
+    ``on_frame(i, edited_frame, source_frame)`` sees every compared pair (e.g. to keep thumbnails).
+    ``flow_fn``: a prebuilt :func:`p2v_fast.quality.metrics.make_flow` for ``flow``, to reuse across videos.
+    ``json_path``: also write :meth:`VideoEval.to_dict` there (never over either video).
+    Inputs are checked before CLIP is loaded; problems raise :class:`InputError`.
+    """
+    from p2v_fast.media.paths import check_report_path
+    from p2v_fast.weights.prompts import check_prompt
+
+    check_report_path(json_path, Path(edited), Path(source), what="video")
+    prompt = check_prompt(prompt, "edit prompt")
+    if flow not in FLOW_METHODS:
+        raise InputError(f"--flow must be one of {', '.join(FLOW_METHODS)}; got {flow!r}")
+    if resize not in video.RESIZE_MODES:
+        raise InputError(f"--resize must be one of {', '.join(video.RESIZE_MODES)}; got {resize!r}")
+    ed_info, src_info, n = check_inputs(edited, source, start=start, max_frames=max_frames, stride=stride)
+    wh = comparison_size(ed_info, size)
+    if scorer is None:
+        scorer = ClipScorer(clip_model)
+    progress = progress or NullProgress()
+    ev = StreamingEvaluator(scorer, prompt, flow=flow, flow_fn=flow_fn)
+    advance = progress.stage("evaluate", n)
+    ed_frames = video.read_frames(ed_info, size=None if wh == (ed_info.width, ed_info.height) else wh)
+    src_frames = video.read_frames(src_info, size=wh, start=start, max_frames=max_frames, stride=stride,
+                                   resize="stretch" if resize == "stretch" else "crop")  # pad: the edit cut its bars
+    count = {"edited": 0, "source": 0}
+    for i, (e, s) in enumerate(itertools.zip_longest(ed_frames, src_frames)):
+        if e is None or s is None:  # a container's stored count was wrong: count the rest
+            count["edited"] = i + (e is not None) + sum(1 for _ in ed_frames)
+            count["source"] = i + (s is not None) + sum(1 for _ in src_frames)
+            raise InputError(
+                f"videos differ in length: edited '{ed_info.path}' decodes to {count['edited']} frames, "
+                f"source '{src_info.path}' to {count['source']}"
+            )
+        ev.add(e, s)
+        if on_frame is not None:
+            on_frame(i, e, s)
+        advance(1)
+    scores = ev.result()
+    result = VideoEval(
+        edited=str(ed_info.path),
+        source=str(src_info.path),
+        prompt=prompt,
+        clip_model=scorer.name,
+        flow=flow,
+        size=wh,
+        n_frames=int(scores["n_frames"]),
+        source_start=start,
+        source_stride=stride,
+        clip_text=float(scores["clip_text"]),
+        clip_image=float(scores["clip_image"]),
+        pixel_mse=float(scores["pixel_mse"]),
+        masked_fraction=float(scores["masked_fraction"]),
+        per_pair_pixel_mse=tuple(ev.per_pair),
+    )
+    if json_path is not None:
+        from p2v_fast.files import write_json_atomic
+
+        write_json_atomic(json_path, result.to_dict())
+    return result

@@ -1,0 +1,1 @@
+"""The models: loading by hub id or folder, the tiny random-weight set, depth, captions, prompts."""
