@@ -4,6 +4,7 @@ Every file p2v writes whole (reports, cache entries, manifests, engines, timing 
 goes through :func:`write_bytes_atomic`: a temporary file beside the target, renamed into place,
 removed on any failure; a full disk is one :class:`~p2v_fast.errors.OutputError` line. Videos
 stream through :class:`p2v_fast.media.video.VideoWriter`, which follows the same rule.
+Caches (inversions, the tiny models) live under :func:`cache_root`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,19 @@ from types import TracebackType
 from typing import Any
 
 from p2v_fast.errors import InputError, OutputError, write_error
+
+CACHE_ENV = "P2V_CACHE"
+
+
+def cache_root() -> Path:
+    """The cache root: ``$P2V_CACHE`` if set and non-empty, else ``~/.cache/p2v-fast``.
+
+    The folder is not created here; writers create the subfolders they need.
+    """
+    env = os.environ.get(CACHE_ENV, "").strip()
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "p2v-fast"
 
 
 def _umask() -> int:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from p2v_fast.errors import InputError, ModelLoadError
-from p2v_fast.media.paths import cache_root
+from p2v_fast.files import cache_root
 from p2v_fast.weights.caption import caption_frame
 from p2v_fast.weights.depth import DepthEstimator, clip_range, normalize_per_frame, normalize_with
 from p2v_fast.weights.models import Models, load_models
@@ -118,6 +118,30 @@ def test_cache_root_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None
     assert cache_root() == tmp_path
     monkeypatch.delenv("P2V_CACHE")
     assert cache_root() == Path.home() / ".cache" / "p2v-fast"
+
+
+def test_the_tiny_builder_imports_nothing_from_media() -> None:
+    """The random-model builder stands below the video module: weights/tiny.py (and what it
+    imports from the package) never imports p2v_fast.media, lazily or not."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    seen: set[str] = set()
+    todo = ["p2v_fast.weights.tiny"]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        path = root / (name.replace(".", "/") + ".py")
+        if not path.is_file():
+            path = path.with_suffix("") / "__init__.py"
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            todo += [m for m in mods if m.startswith("p2v_fast.")]
+    assert seen > {"p2v_fast.weights.tiny", "p2v_fast.files"}  # the imports are really followed
+    assert not [m for m in seen if m.startswith("p2v_fast.media")]
 
 
 # ------------------------------------------------------------------------------ loading

@@ -1,6 +1,6 @@
-"""Paths: where p2v-fast keeps its caches, and every check an output path goes through before
-any work starts (the edit's outputs as :class:`EditPaths`, any report file, ``--json``).
-Writing them atomically is :mod:`p2v_fast.files`' job."""
+"""Paths: every check an output path goes through before any work starts (the edit's outputs as
+:class:`EditPaths`, any report file, ``--json``). Writing them atomically is :mod:`p2v_fast.files`'
+job; where caches live is :func:`p2v_fast.files.cache_root`."""
 
 from __future__ import annotations
 
@@ -11,19 +11,6 @@ from pathlib import Path
 
 from p2v_fast.errors import InputError
 from p2v_fast.media import video
-
-CACHE_ENV = "P2V_CACHE"
-
-
-def cache_root() -> Path:
-    """The cache root: ``$P2V_CACHE`` if set and non-empty, else ``~/.cache/p2v-fast``.
-
-    The folder is not created here; writers create the subfolders they need.
-    """
-    env = os.environ.get(CACHE_ENV, "").strip()
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "p2v-fast"
 
 
 def name_max(folder: Path) -> int:

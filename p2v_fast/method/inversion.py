@@ -26,9 +26,8 @@ from safetensors.torch import load_file
 
 from p2v_fast.config import EditConfig
 from p2v_fast.errors import InputError
-from p2v_fast.files import write_bytes_atomic
+from p2v_fast.files import cache_root, write_bytes_atomic
 from p2v_fast.media.clip_selection import ClipSelection, frames_digest, short_clip_message
-from p2v_fast.media.paths import cache_root
 from p2v_fast.method.ddim import DDIMSchedule
 from p2v_fast.method.inversion_cache import (
     ENCODED_TENSORS,

@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from p2v_fast.media.paths import cache_root
+from p2v_fast.files import cache_root
 from p2v_fast.weights.hub import image_processor_class, quiet_loading
 
 TINY_VERSION = "tiny-v1"
@@ -325,7 +325,7 @@ def build_tiny_model_dir(target: Path) -> None:
 def tiny_model_dir(cache_dir: Path | None = None) -> Path:
     """Path of the tiny model set, ``<cache>/models/tiny-v1``, building it on first use.
 
-    ``cache_dir`` defaults to :func:`p2v_fast.media.paths.cache_root`. The set is built in a temp
+    ``cache_dir`` defaults to :func:`p2v_fast.files.cache_root`. The set is built in a temp
     folder next to the target and renamed into place, so a reader never sees a half-written
     folder; if another process finished first, its copy wins and ours is discarded.
     """
