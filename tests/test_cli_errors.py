@@ -657,6 +657,7 @@ REFUSED = [
     (["eval", "{tmp}/e.mp4", "--source", "{clip}", "--prompt", "x", "--json", "{clip}"], "is the video"),
     (["demo", "--out", "{clip}"], "is a file, not a folder"),
     (["demo", "--frames", "0", "--out", "{tmp}/demo"], "--frames must be >= 1"),
+    (["demo", "--frames", "100000000", "--out", "{tmp}/demo"], "--frames must be at most 1000"),
     (["bench", "--plan", "--frames", "0"], "--frames must be >= 1"),
     (["bench", "--plan", "--latent-update", "bogus"], "--latent-update must be one of"),
     (["bench", "--plan", "--size", "4096"], "over the limit of 2048"),

@@ -13,6 +13,8 @@ PROMPT = "a crochet swan on the lake"
 SOURCE_PROMPT = "a sample clip"
 CLIP_SIZE = (256, 192)  # (W, H) of the sample clip
 CLIP_FPS = 12.0
+#: Most frames the sample clip may have (83 s at 12 fps; the tiny model edits it in minutes, not days).
+MAX_DEMO_FRAMES = 1_000
 
 
 def demo_config(size: int = 128, steps: int = 50, threads: int | None = None) -> EditConfig:
@@ -29,12 +31,15 @@ def run_demo(out: Path, cfg: EditConfig, frames: int = 16, progress: Progress | 
     progress = progress or NullProgress()
     if frames < 1:
         raise InputError(f"--frames must be >= 1; got {frames}")
+    if frames > MAX_DEMO_FRAMES:
+        raise InputError(f"--frames must be at most {MAX_DEMO_FRAMES} for the demo's sample clip; got {frames}")
     if out.exists() and not out.is_dir():
         raise InputError(f"--out '{out}' is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
     clip = out / "sample.mp4"
     if not clip.exists():
         from p2v_fast.media import video
+        progress.log(f"writing the sample clip {clip} ({frames} frame{'' if frames == 1 else 's'}, with audio)")
         video.make_sample_clip(clip, n_frames=frames, size=CLIP_SIZE, fps=CLIP_FPS, with_audio=True)
     progress.log(f"sample clip: {clip} ({frames} frame{'' if frames == 1 else 's'}, with audio)")
     return edit_video(cfg, clip, out / "sample.p2v.mp4", overwrite=True, side_by_side=True, progress=progress,
