@@ -51,6 +51,9 @@ from p2v_fast.media.paths import check_output_file
 FORWARDED_ENV = ("P2V_CACHE", "HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
                  "TOKENIZERS_PARALLELISM")
 MAX_ATTEMPTS = 2  # a job whose actor died is retried once
+#: Ray's switch for its token authentication ("token", the default of a new local cluster since
+#: Ray 2.59, or "disabled").
+RAY_AUTH_MODE = "RAY_AUTH_MODE"
 
 
 class RayWorker:
@@ -153,18 +156,50 @@ def worker_env() -> dict[str, str]:
     return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
 
 
+def check_local_auth(environ: typing.Mapping[str, str] = os.environ) -> None:
+    """Refuse to start a local Ray without its token authentication (Ray 2.59+ turns it on for a
+    new local cluster unless ``RAY_AUTH_MODE`` says otherwise): a cluster without it runs code
+    for any client that reaches its ports."""
+    mode = environ.get(RAY_AUTH_MODE)
+    if mode is not None and mode.strip().lower() != "token":
+        raise InputError(f"{RAY_AUTH_MODE}={mode} turns off Ray's token authentication; p2v batch --ray does not "
+                         f"start a local Ray without it (unset {RAY_AUTH_MODE} or set it to 'token')")
+
+
+@contextlib.contextmanager
+def _loopback_node() -> typing.Iterator[None]:
+    """While a local Ray starts: its node takes 127.0.0.1, so its GCS server, raylet, workers and
+    driver listen on the loopback only. Ray turns ``_node_ip_address="127.0.0.1"`` into the
+    machine's own address, and with that every process listens on every interface (measured with
+    ``ss -ltnp``, Ray 2.60); it keeps the loopback where clusters are off, its switch
+    ``ray_constants.ENABLE_RAY_CLUSTER`` (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``), read when the
+    node's address is chosen."""
+    from ray._private import ray_constants
+
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
+
+
 def connect(address: str | None) -> bool:
-    """Join the cluster at ``address`` or start a local Ray; False if Ray was already up."""
+    """Join the cluster at ``address`` or start a local Ray (token-authenticated, on the loopback
+    address); False if Ray was already up."""
     import ray
 
     if ray.is_initialized():
         return False
+    if not address:
+        check_local_auth()
     try:
         quiet: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
         if address:
             ray.init(address=address, **quiet)
         else:
-            ray.init(include_dashboard=False, **quiet)
+            with _loopback_node():
+                ray.init(include_dashboard=False, **quiet)
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = f"the Ray cluster at {address!r}" if address else "a local Ray"
         first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
