@@ -523,15 +523,22 @@ def test_default_clip_model_with_the_hub_unreachable_fails_at_once(tmp_path, tin
     clip = sample_clip(tmp_path, n_frames=3, size=(64, 64), audio=False)
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
     env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))  # an empty hub cache
+    root = Path(__file__).parents[1]
+    # The same imports without the hub call, timed on the same (perhaps busy) machine: the bound is
+    # relative to it, so load does not fail the test while ~23 s of retries still would.
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import cli, transformers, diffusers; import p2v_fast.quality.metrics"],
+                   cwd=root, env=env, check=True, timeout=300)
+    baseline = time.perf_counter() - t0
     for args in (["eval", str(clip), "--source", str(clip), "--prompt", "a swan"],):
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "cli", *args], cwd=Path(__file__).parents[1], env=env,
-                              capture_output=True, text=True, timeout=120)
+        proc = subprocess.run([sys.executable, "-m", "cli", *args], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=300)
         seconds = time.perf_counter() - t0
         lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
         assert proc.returncode == 1 and len(lines) == 1, proc.stderr
         assert "openai/clip-vit-large-patch14" in lines[0] and lines[0].endswith("(random weights, for testing only)")
-        assert seconds < 20, seconds  # imports take a few seconds; no retries
+        assert seconds < 1.5 * baseline + 10, (seconds, baseline)  # imports take a few seconds; no retries
 
 
 def test_ablate_with_an_uncached_clip_model_offline_fails_before_editing(clip, tmp_path, monkeypatch) -> None:

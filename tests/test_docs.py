@@ -121,7 +121,7 @@ OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 @pytest.mark.parametrize("page", PAGES, ids=_ids(PAGES))
 def test_every_option_named_is_a_p2v_option_and_each_command_line_uses_its_own(page: Path) -> None:
     options = _cli_options()
-    known = set().union(*options.values()) | {"--version"}
+    known = set().union(*options.values()) | {"--version", "--durations"}  # --durations: pytest's, in the test command
     text = page.read_text()
     not_ray = "\n".join(ln for ln in text.splitlines() if not ln.lstrip().startswith("ray start"))
     assert not sorted(set(OPTION.findall(not_ray)) - known)

@@ -1,5 +1,6 @@
-"""The project's structure, kept: no import cycle between its modules, the library never
-imports the tools built on it, and the public API imports without loading torch's models."""
+"""The project's structure, kept: the wings of the package stand in layers and every import
+points down (lazy imports included), no import cycle between modules, the library never imports
+the tools built on it, and the public API imports without loading torch's models."""
 
 from __future__ import annotations
 
@@ -42,6 +43,74 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
 def import_graph() -> dict[str, set[str]]:
     files = module_files()
     return {name: imports_of(name, path, set(files)) for name, path in files.items()}
+
+
+#: The wings, lowest first. A module may import its own wing and any wing on a lower level; wings
+#: on one level know nothing of each other. A module belongs to the longest name here that
+#: prefixes it ("p2v_fast" alone is the package's ``__init__``: the public API).
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("p2v_fast.errors",),
+    ("p2v_fast.config", "p2v_fast.files", "p2v_fast.progress"),
+    ("p2v_fast.media", "p2v_fast.weights"),  # video in and out; the models and their loading
+    ("p2v_fast.nets",),  # networks at run time: attention, backends, specs, manifests, memory
+    ("p2v_fast.method", "p2v_fast.quality"),  # Pix2Video itself; measuring an edit
+    ("p2v_fast.pipeline",),  # edit_video / invert_video: the method over a clip, start to end
+    ("p2v_fast",),  # the public API
+    ("p2v_fast.apps",),  # batch, Ray, the web page, the demo, the ablation
+    ("p2v_fast.report", "p2v_fast.display", "p2v_fast.cli_docs"),  # what the CLI prints
+    ("export",),
+    ("benchmarks",),
+    ("cli",),
+)
+
+
+def wing_of(module: str) -> str:
+    names = [w for level in LAYERS for w in level if module == w or module.startswith(w + ".")]
+    if not names:
+        raise AssertionError(f"{module} is in no wing of LAYERS: add it to the table")
+    return max(names, key=len)
+
+
+def level_of(wing: str) -> int:
+    return next(i for i, level in enumerate(LAYERS) if wing in level)
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Every import of a module from a wing that is not below its own (nor the wing itself)."""
+    out = []
+    for module, deps in sorted(graph.items()):
+        wing = wing_of(module)
+        for dep in sorted(deps):
+            dep_wing = wing_of(dep)
+            if dep_wing != wing and level_of(dep_wing) >= level_of(wing):
+                out.append(f"{module} ({wing}) imports {dep} ({dep_wing})")
+    return out
+
+
+def test_every_import_points_down_the_wings() -> None:
+    graph = import_graph()
+    assert {wing_of(m) for m in graph} >= {"p2v_fast.media", "p2v_fast.apps", "p2v_fast.nets"}
+    assert upward_imports(graph) == []
+
+
+def test_an_upward_import_is_caught() -> None:
+    """The rule can fail: the model builder importing the video module (one level, two wings),
+    and the method importing the web page, lazily or not, are both reported."""
+    graph = import_graph()
+    graph["p2v_fast.weights.tiny"] = graph["p2v_fast.weights.tiny"] | {"p2v_fast.media.paths"}
+    graph["p2v_fast.method.edit"] = graph["p2v_fast.method.edit"] | {"p2v_fast.apps.ui"}
+    found = upward_imports(graph)
+    assert any("p2v_fast.weights.tiny" in f and "p2v_fast.media.paths" in f for f in found), found
+    assert any("p2v_fast.method.edit" in f and "p2v_fast.apps.ui" in f for f in found), found
+    assert len(found) == 2
+
+
+def test_a_lazy_upward_import_is_read(tmp_path: Path) -> None:
+    """imports_of reads imports inside functions, so a lazy upward import cannot hide."""
+    src = tmp_path / "edit.py"
+    src.write_text("def f():\n    from p2v_fast.apps import ui\n    return ui\n")
+    known = {"p2v_fast.apps.ui", "p2v_fast.apps", "p2v_fast.method.edit"}
+    assert imports_of("p2v_fast.method.edit", src, known) == {"p2v_fast.apps.ui"}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
