@@ -92,9 +92,12 @@ class FileLock:
             import fcntl
         except ImportError:  # pragma: no cover - Windows
             return True
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:  # never through a link: a planted (or dangling) one would make p2v create or lock its target
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
         except OSError as e:
+            if self.path.is_symlink():
+                raise OutputError(f"lock file '{self.path}' is a symbolic link, which p2v never makes and does not "
+                                  "follow; remove it and run again") from None
             raise write_error(e, self.path, "a lock file") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
