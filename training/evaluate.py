@@ -174,10 +174,7 @@ def edit_targets(held: Held, seed: int = 0) -> list[tuple[int, str, str]]:
 
 
 def evaluate(folder: str, n: int = 100, steps: int = 50, batch: int = 25, log=print) -> dict[str, Any]:
-    try:
-        from p2v_fast.weights.models import load_models
-    except ImportError:  # before the package moved into wings
-        from p2v_fast.models import load_models  # type: ignore[no-redef]
+    from p2v_fast.weights.models import load_models
 
     t0 = time.time()
     models = load_models(folder, "cpu", torch.float32)
@@ -189,7 +186,7 @@ def evaluate(folder: str, n: int = 100, steps: int = 50, batch: int = 25, log=pr
     rec = np.concatenate([s.decode(lat[i:i + batch]) for i in range(0, n, batch)])
     res["vae_psnr"] = psnr(rec, held.images)
     log(f"eval: vae psnr {res['vae_psnr']:.2f}")
-    depth = depth_condition(held.inv_depth, tuple(lat.shape[-2:]))
+    depth = depth_condition(held.inv_depth, (int(lat.shape[-2]), int(lat.shape[-1])))
     uncond = s.embed([""])
     n_obj = [len(sc_[0].objects) for sc_ in held.scenes]
     truth = [[o.colour for o in sc_[0].objects] for sc_ in held.scenes]

@@ -165,7 +165,7 @@ def train_vae(out: Path, data: dict[str, np.ndarray], steps: int, batch: int = 1
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        hist.append(float(loss))
+        hist.append(loss.item())
         if (step + 1) % 25 == 0 or step + 1 == steps:
             el = time.time() - t0
             rate = el / (step + 1)
@@ -286,7 +286,7 @@ def train_unet(out: Path, data: dict[str, np.ndarray], latents, tokenizer, steps
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        hist.append(float(per.mean()))
+        hist.append(per.mean().item())
         if (step + 1) % 25 == 0 or step + 1 == steps:
             el = time.time() - t0
             rate = el / (step + 1)
@@ -311,10 +311,7 @@ def _placeholder_depth():
     import torch
     from transformers import DPTConfig, DPTForDepthEstimation
 
-    try:
-        from p2v_fast.weights import tiny
-    except ImportError:  # before the package moved into wings
-        from p2v_fast import tiny  # type: ignore[no-redef]
+    from p2v_fast.weights import tiny
 
     torch.manual_seed(3)
     return DPTForDepthEstimation(DPTConfig(**tiny.DPT_CONFIG)), tiny.dpt_image_processor(tiny.DPT_IMAGE_SIZE)
@@ -326,10 +323,7 @@ def assemble(out: Path, dest: Path, log=print) -> Path:
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionDepth2ImgPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer, DPTForDepthEstimation
 
-    try:
-        from p2v_fast.weights.hub import image_processor_class
-    except ImportError:  # before the package moved into wings
-        from p2v_fast.hub import image_processor_class  # type: ignore[no-redef]
+    from p2v_fast.weights.hub import image_processor_class
 
     vae_dir = out / "vae" / "final_dec"
     vae = AutoencoderKL.from_pretrained(str(vae_dir if (vae_dir / "config.json").is_file() else out / "vae" / "final"))
@@ -344,7 +338,7 @@ def assemble(out: Path, dest: Path, log=print) -> Path:
     else:
         depth, fe = _placeholder_depth()
         placeholders.append("depth_estimator")
-    pipe = StableDiffusionDepth2ImgPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+    pipe: Any = StableDiffusionDepth2ImgPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                             scheduler=DDIMScheduler(**nets.SCHEDULER_CONFIG),
                                             depth_estimator=depth, feature_extractor=fe)
     pipe.to(torch.float16)
@@ -431,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
         vae.save_pretrained(str(final_vae), safe_serialization=True)
         _update_recipe(out, "vae", {"config": {k: v for k, v in nets.VAE_CONFIG.items() if k != "scaling_factor"},
                                     "params": nets.n_params(vae), "steps": args.vae_steps, "batch": args.vae_batch,
-                                    "crop": args.vae_crop, "loss": "L1 + L2 + 1e-6 KL", "optimizer": "AdamW 1e-3 cosine",
+                                    "crop": args.vae_crop, "loss": "L1 + L2 + 1e-6 KL",
+                                    "optimizer": "AdamW 1e-3 cosine",
                                     "final_loss": float(np.mean(hist[-50:])), "wall_s": round(wall),
                                     "scaling_factor": scale, "machine": _machine()})
         log(f"vae: done in {wall / 60:.1f} min, scaling factor {scale:.4f}")

@@ -40,6 +40,17 @@ from p2v_fast.weights.hub import (
 
 DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-base"
 TINY = "tiny"
+MINI = "mini"
+
+
+def mini_model_dir() -> Path:
+    """The trained small pipeline shipped in the package (``p2v_fast/weights/mini``; issue 25):
+    SD2-depth architectures, narrow, trained on rendered scenes (p2v_fast.media.scenes), not on
+    real footage. Raises :class:`ModelLoadError` where this install lacks it."""
+    folder = Path(__file__).resolve().with_name(MINI)
+    if not (folder / "model_index.json").is_file():
+        raise ModelLoadError(f"the 'mini' weights are not in this install (no {folder / 'model_index.json'})")
+    return folder
 
 #: Components a depth pipeline folder must have (model_index.json entry + subfolder).
 PIPELINE_COMPONENTS = (
@@ -191,7 +202,8 @@ def load_models(
 ) -> Models:
     """Load the SD2-depth model set.
 
-    ``model``: ``"tiny"`` (random-weight test set, built on first use under the p2v cache),
+    ``model``: ``"tiny"`` (random-weight test set, built on first use under the p2v cache), ``"mini"``
+    (the small trained set shipped in the package, :func:`mini_model_dir`),
     an existing local diffusers folder, or a Hugging Face hub id (from the local hub cache;
     downloaded if missing and the hub is reachable). Raises ``ModelLoadError`` with a
     one-line message on any failure.
@@ -208,6 +220,10 @@ def load_models(
             raise ModelLoadError(f"could not build the tiny model set: {one_line(exc)}") from None
         parts = _load_pipeline_folder(folder, f"tiny model folder '{folder}'", dev, dtype)
         return Models(**parts, source=TINY, local_dir=folder, device=dev, dtype=dtype)
+    if model == MINI:
+        folder = mini_model_dir()
+        parts = _load_pipeline_folder(folder, f"mini model folder '{folder}'", dev, dtype)
+        return Models(**parts, source=MINI, local_dir=folder, device=dev, dtype=dtype)
 
     path = Path(model).expanduser()
     if path.is_dir():
@@ -323,6 +339,9 @@ def model_id_at(model: str) -> ModelId:
         from p2v_fast.weights.tiny import tiny_model_dir
 
         folder, identity = tiny_model_dir(), TINY
+    elif model == MINI:
+        folder = mini_model_dir()
+        identity = str(folder)
     elif Path(model).expanduser().is_dir():
         folder = Path(model).expanduser().resolve()
         identity = str(folder)
