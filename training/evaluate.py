@@ -288,3 +288,51 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def clip_edit(model: str, seed: int, n_frames: int = 4, steps: int = 20, workdir: Path | None = None,
+              target: str | None = None, **cfg_kw: Any) -> tuple[Any, str, np.ndarray, int, str]:
+    """Edit a held-out scene clip with the project's pipeline (``p2v_fast.edit_video``): the
+    largest object's colour word changed. Returns (clip, target prompt, edited frames [T,H,W,3],
+    object index, target colour)."""
+    import tempfile
+
+    from p2v_fast import EditConfig, edit_video
+    from p2v_fast.media.video import read_frames
+
+    clip = sc.render_clip(seed, n_frames, (64, 64))
+    scene = clip.scene
+    k = int(np.argmax([(clip.ids[0] == i + 1).sum() for i in range(len(scene.objects))]))
+    ob = scene.objects[k]
+    if target is None:
+        taken = {o.colour for o in scene.objects if o.shape == ob.shape}
+        far = sorted((c for c in sc.COLOURS if c not in taken),
+                     key=lambda c: -min(abs(PALETTE_HUES[c] - PALETTE_HUES[ob.colour]),
+                                        1 - abs(PALETTE_HUES[c] - PALETTE_HUES[ob.colour])))
+        target = far[0]
+    prompt = sc.caption_of(sc.with_colour(scene, k, target))
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        folder = sc.write_clip(clip, Path(tmp) / "clip")
+        cfg = EditConfig(prompt=prompt, source_prompt=clip.caption, model=model, size=64, steps=steps,
+                         device="cpu", cache_dir=Path(tmp) / "cache", **cfg_kw)
+        out = Path(tmp) / "edit.mp4"
+        edit_video(cfg, folder, out)
+        edited = np.stack(list(read_frames(out)))
+    return clip, prompt, edited, k, target
+
+
+def edit_strip(model: str, seeds: list[int], path: Path, n_frames: int = 4, steps: int = 20, scale: int = 3) -> Path:
+    """Contact strip: per seed, the source frames over the edited frames (p2v_fast.edit_video)."""
+    from PIL import Image
+
+    rows = []
+    for s in seeds:
+        clip, prompt, edited, _k, _target = clip_edit(model, s, n_frames, steps)
+        print(f"seed {s}: '{clip.caption}' -> '{prompt}'")
+        rows.append(np.concatenate(list(clip.frames), axis=1))
+        rows.append(np.concatenate(list(edited), axis=1))
+        rows.append(np.full((4, rows[-1].shape[1], 3), 255, np.uint8))
+    img = np.concatenate(rows[:-1], axis=0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).resize((img.shape[1] * scale, img.shape[0] * scale), Image.Resampling.NEAREST).save(path)
+    return path

@@ -39,7 +39,7 @@ import numpy as np
 from training import nets
 from training.data import TRAIN_SEED0, build_dataset, depth_condition
 
-STAGES = ("data", "vae", "unet", "vae-dec", "assemble")
+STAGES = ("data", "vae", "unet", "vae-dec", "vae-dec2", "assemble")
 
 
 def _log_to(path: Path):
@@ -113,7 +113,7 @@ def train_vae(out: Path, data: dict[str, np.ndarray], steps: int, batch: int = 1
 
     d = out / "vae"
     d.mkdir(parents=True, exist_ok=True)
-    ckpt = d / ("ckpt_dec.pt" if decoder_from else "ckpt.pt")
+    ckpt = d / (f"ckpt_dec{'' if decoder_from.name == 'final' else '2'}.pt" if decoder_from else "ckpt.pt")
     torch.manual_seed(seed)
     if decoder_from is not None:
         vae = AutoencoderKL.from_pretrained(str(decoder_from))
@@ -132,7 +132,7 @@ def train_vae(out: Path, data: dict[str, np.ndarray], steps: int, batch: int = 1
         opt.load_state_dict(st["opt"])
         start, hist, wall = st["step"], st["hist"], st["wall"]
         log(f"vae: resumed at step {start}")
-    tag = "vae-dec" if decoder_from else "vae"
+    tag = ("vae-dec" if decoder_from.name == "final" else "vae-dec2") if decoder_from else "vae"
     if decoder_from is not None:
         vae.encoder.eval()
     images = data["images"]
@@ -317,7 +317,7 @@ def _placeholder_depth():
     return DPTForDepthEstimation(DPTConfig(**tiny.DPT_CONFIG)), tiny.dpt_image_processor(tiny.DPT_IMAGE_SIZE)
 
 
-def assemble(out: Path, dest: Path, log=print) -> Path:
+def assemble(out: Path, dest: Path, log=print, aux: Path | None = None) -> Path:
     """Write the fp16 pipeline folder ``dest`` from the trained parts in ``out`` (and ``out/aux``)."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionDepth2ImgPipeline, UNet2DConditionModel
@@ -325,12 +325,13 @@ def assemble(out: Path, dest: Path, log=print) -> Path:
 
     from p2v_fast.weights.hub import image_processor_class
 
-    vae_dir = out / "vae" / "final_dec"
-    vae = AutoencoderKL.from_pretrained(str(vae_dir if (vae_dir / "config.json").is_file() else out / "vae" / "final"))
+    vae_dir = next(p for p in (out / "vae" / n for n in ("final_dec2", "final_dec", "final"))
+                   if (p / "config.json").is_file() or p.name == "final")
+    vae = AutoencoderKL.from_pretrained(str(vae_dir))
     unet = UNet2DConditionModel.from_pretrained(str(out / "unet" / "final" / "unet"))
     text_encoder = CLIPTextModel.from_pretrained(str(out / "unet" / "final" / "text_encoder"))
     tokenizer = CLIPTokenizer.from_pretrained(str(out / "unet" / "final" / "tokenizer"))
-    aux = out / "aux"
+    aux = aux or out / "aux"
     placeholders = []
     if (aux / "depth_estimator").is_dir():
         depth = DPTForDepthEstimation.from_pretrained(str(aux / "depth_estimator"))
@@ -349,8 +350,9 @@ def assemble(out: Path, dest: Path, log=print) -> Path:
         if (aux / extra).is_dir():
             shutil.copytree(aux / extra, tmp / extra)
     recipe = json.loads((out / "recipe.json").read_text()) if (out / "recipe.json").is_file() else {}
-    if (aux / "recipe.json").is_file():
-        recipe["aux"] = json.loads((aux / "recipe.json").read_text())
+    for name in ("recipe.json", "aux_recipe.json", "RECIPE.json"):
+        if (aux / name).is_file():
+            recipe["aux"] = json.loads((aux / name).read_text())
     recipe["placeholders"] = placeholders
     recipe["rebuild"] = "python -m training.mini --out DIR --dest p2v_fast/weights/mini  (aux parts: see 'aux')"
     (tmp / "RECIPE.json").write_text(json.dumps(recipe, indent=2))
@@ -371,6 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m training.mini", description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, type=Path, help="working folder (data, checkpoints, parts)")
     ap.add_argument("--dest", type=Path, default=None, help="pipeline folder to write (default OUT/mini)")
+    ap.add_argument("--aux", type=Path, default=None,
+                    help="folder of the auxiliary networks (depth_estimator/, feature_extractor/, captioner/, clip/);"
+                         " default OUT/aux")
     ap.add_argument("--resume", action="store_true", help="continue from the checkpoints in OUT")
     ap.add_argument("--only", choices=STAGES, action="append", help="run only these stages (repeatable)")
     ap.add_argument("--seed", type=int, default=0)
@@ -378,9 +383,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--vae-steps", type=int, default=700)
     ap.add_argument("--vae-dec-steps", type=int, default=900, help="decoder-only fine-tuning (runs beside unet)")
+    ap.add_argument("--vae-dec2-steps", type=int, default=950, help="then on whole frames (runs beside unet)")
     ap.add_argument("--vae-batch", type=int, default=16)
     ap.add_argument("--vae-crop", type=int, default=32)
-    ap.add_argument("--unet-steps", type=int, default=1800)
+    ap.add_argument("--unet-steps", type=int, default=1500)
     ap.add_argument("--unet-batch", type=int, default=64)
     ap.add_argument("--unet-lr", type=float, default=4e-4)
     ap.add_argument("--threads", type=int, default=1)
@@ -445,6 +451,20 @@ def main(argv: list[str] | None = None) -> int:
             "machine": _machine()})
         log(f"vae-dec: done in {wall / 60:.1f} min, psnr on 512 training frames {vae_psnr(vae, held):.2f}")
 
+    final_dec2 = out / "vae" / "final_dec2"
+    if "vae-dec2" in stages and not (final_dec2 / "config.json").is_file() and args.vae_dec2_steps > 0:
+        vae, hist, wall = train_vae(out, get_data(), args.vae_dec2_steps, args.vae_batch, args.size, lr=3e-4,
+                                    seed=args.seed + 1, resume=args.resume, tiny=args.tiny, log=log,
+                                    decoder_from=final_dec)
+        vae.save_pretrained(str(final_dec2), safe_serialization=True)
+        _update_recipe(out, "vae_decoder_finetune_2", {
+            "steps": args.vae_dec2_steps, "batch": args.vae_batch, "crop": args.size,
+            "what": "decoder + post_quant_conv only, whole frames, from vae_decoder_finetune",
+            "optimizer": "AdamW 3e-4 cosine", "final_loss": float(np.mean(hist[-50:])), "wall_s": round(wall),
+            "machine": _machine()})
+        log(f"vae-dec2: done in {wall / 60:.1f} min, psnr on 512 training frames "
+            f"{vae_psnr(vae, get_data()['images'][-512:]):.2f}")
+
     final_unet = out / "unet" / "final"
     if "unet" in stages and not (final_unet / "unet" / "config.json").is_file():
         from diffusers import AutoencoderKL
@@ -476,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if "assemble" in stages:
         _update_recipe(out, "git_commit", _git_commit())
-        assemble(out, args.dest or out / "mini", log=log)
+        assemble(out, args.dest or out / "mini", log=log, aux=args.aux)
     return 0
 
 
