@@ -199,13 +199,13 @@ Start = Annotated[int, typer.Option(help="First source frame (0-based).")]
 MaxFrames = Annotated[int | None, typer.Option("--max-frames", help="Edit at most this many frames.")]
 Stride = Annotated[int, typer.Option(help="Take every N-th frame.")]
 Steps = Annotated[int, typer.Option(help="DDIM steps (paper: 50).")]
-GuidanceScale = Annotated[float, typer.Option("--guidance-scale", help="Classifier-free guidance.")]
+GuidanceScale = Annotated[float, typer.Option("--guidance-scale", help="Classifier-free guidance (1 to 100).")]
 SourcePrompt = Annotated[str | None, typer.Option("--source-prompt", help="Inversion prompt (default: BLIP caption).")]
 DepthNorm = Annotated[str, typer.Option("--depth-norm", **_choices("--depth-norm", DEPTH_NORMS),
                                         help="Depth min-max per frame (paper) or per clip.")]
 LatentUpdate = Annotated[str, typer.Option("--latent-update", **_choices("--latent-update", LATENT_UPDATES),
                                            help="autograd (paper eq. 1), detached (the authors' code) or off.")]
-UpdateWeight = Annotated[float, typer.Option("--update-weight", help="delta of eq. 1 at 512x512.")]
+UpdateWeight = Annotated[float, typer.Option("--update-weight", help="delta of eq. 1 at 512x512 (0 to 1e5).")]
 Seed = Annotated[int, typer.Option(help="Random seed.")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")]
 Dtype = Annotated[str, typer.Option("--dtype", **_choices("--dtype", ("auto", *DTYPES)),

@@ -30,6 +30,12 @@ MAX_THREADS = 1024
 FPS_RANGE = (0.01, 1000.0)
 # delta is given at 512x512 (a 64x64 latent); see EditConfig.update_weight.
 REFERENCE_LATENT_PIXELS = 64 * 64
+#: --guidance-scale's range: CFG past a few tens only saturates (the paper: 7.5); 1e308 made every
+#: latent inf and the video black.
+GUIDANCE_SCALE_RANGE = (1.0, 100.0)
+#: Largest --update-weight: 1000x the paper's delta, room for the autograd form (weaker than the
+#: detached one at the same delta, DESIGN.md sec. 1.6); 1e30 made frames 2-N black.
+MAX_UPDATE_WEIGHT = 1e5
 
 
 @dataclass(frozen=True)
@@ -170,10 +176,12 @@ def _verify(c: EditConfig) -> None:
         raise InputError(f"--steps must be between 1 and 500; got {c.steps}")
     if c.update_steps is not None and not 0 <= c.update_steps <= c.steps:
         raise InputError(f"--update-steps must be between 0 and --steps ({c.steps}); got {c.update_steps}")
-    if not math.isfinite(c.guidance_scale) or c.guidance_scale < 1.0:
-        raise InputError(f"--guidance-scale must be a finite number >= 1; got {c.guidance_scale}")
-    if not math.isfinite(c.update_weight) or c.update_weight < 0:
-        raise InputError(f"--update-weight must be a finite number >= 0; got {c.update_weight}")
+    lo, hi = GUIDANCE_SCALE_RANGE
+    if not math.isfinite(c.guidance_scale) or not lo <= c.guidance_scale <= hi:
+        raise InputError(f"--guidance-scale must be a finite number from {lo:g} to {hi:g}; got {c.guidance_scale}")
+    if not math.isfinite(c.update_weight) or not 0 <= c.update_weight <= MAX_UPDATE_WEIGHT:
+        raise InputError(f"--update-weight must be a finite number from 0 to {MAX_UPDATE_WEIGHT:g}; "
+                         f"got {c.update_weight}")
     if not 0 <= c.seed < 2**64:
         raise InputError(f"--seed must be between 0 and 2**64 - 1; got {c.seed}")
     if c.fps is not None and not (math.isfinite(c.fps) and FPS_RANGE[0] <= c.fps <= FPS_RANGE[1]):

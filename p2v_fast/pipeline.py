@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import hashlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from p2v_fast.config import EditConfig
-from p2v_fast.errors import InputError
+from p2v_fast.errors import InputError, P2VError
 from p2v_fast.files import OutputClaim
 from p2v_fast.media import video
 from p2v_fast.media.clip_selection import ClipSelection, frames_digest, select_clip
@@ -131,6 +132,27 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
+
+
+def non_finite_message(cfg: EditConfig, frame: int) -> str:
+    """The line for an edit whose latents went non-finite at ``frame``, naming the option most
+    likely to blame: the anchor (frame 0) has no guided update, so there the guidance scale."""
+    if frame > 0 and cfg.guided_steps > 0 and cfg.update_weight > 0:
+        blame = f"lower --update-weight (it is {cfg.update_weight:g}; the paper's delta is 100)"
+    else:
+        blame = f"lower --guidance-scale (it is {cfg.guidance_scale:g}; the paper's is 7.5)"
+    if cfg.dtype in ("fp16", "bf16"):
+        blame += f" or edit in --dtype fp32 (it is {cfg.dtype})"
+    return f"the edit's latents went non-finite (NaN or inf) at frame {frame + 1}: {blame}; nothing was written"
+
+
+def finite_frames(frames: Iterator[FrameState], cfg: EditConfig) -> Iterator[FrameState]:
+    """``frames`` (finished, in order), each checked finite before it is decoded or written: a
+    non-finite latent stops the edit with :func:`non_finite_message`, the outputs not yet renamed."""
+    for st in frames:
+        if not bool(torch.isfinite(st.latent).all()):
+            raise P2VError(non_finite_message(cfg, st.index))
+        yield st
 
 
 @dataclass
@@ -248,7 +270,7 @@ def _edit(cfg: EditConfig, input_path: Path, info: video.VideoInfo, prompt: str,
     thumbs_at = set(np.linspace(0, sel.n_frames - 1, min(4, sel.n_frames)).round().astype(int).tolist())
     thumbs: list[tuple[np.ndarray, np.ndarray]] = []
     source_frames = sel.frames()
-    finished = run_schedule(ctx, initial(), on_step=advance)
+    finished = finite_frames(run_schedule(ctx, initial(), on_step=advance), cfg)
     writers: list[video.VideoWriter] = []  # the edit, then the side-by-side
 
     raw = hashlib.sha256()

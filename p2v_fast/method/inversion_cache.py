@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load, load_file, save
 
 from p2v_fast.config import EditConfig
 from p2v_fast.errors import P2VError
@@ -77,13 +77,15 @@ FRAME_TENSORS = {"x_T": (1, 4, "h", "w"), "depth": (1, 1, "h", "w"), "x_0": (1, 
 ENCODED_TENSORS = {"x_0": (1, 4, "h", "w"), "depth_raw": (1, "h", "w")}
 
 
-def file_problem(path: Path, latent_hw: tuple[int, int], spec: dict[str, tuple] | None = None) -> str | None:
-    """What is wrong with one cache file (None: it loads, has ``spec``'s tensors and shapes, all finite)."""
+def file_problem(path: Path, latent_hw: tuple[int, int], spec: dict[str, tuple] | None = None,
+                 data: bytes | None = None) -> str | None:
+    """What is wrong with one cache file (None: it loads, has ``spec``'s tensors and shapes, all
+    finite); ``data``: its bytes, when already read."""
     spec = FRAME_TENSORS if spec is None else spec
-    if not path.is_file():
+    if data is None and not path.is_file():
         return "missing"
     try:
-        tensors = load_file(path)
+        tensors = load_file(path) if data is None else load(data)
     except Exception as exc:
         return f"unreadable ({_why(exc)})"
     h, w = latent_hw
@@ -102,6 +104,17 @@ def file_problem(path: Path, latent_hw: tuple[int, int], spec: dict[str, tuple] 
 def file_record(path: Path) -> dict[str, int | str]:
     data = path.read_bytes()
     return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _record_problem(path: Path, record: object, latent_hw: tuple[int, int]) -> str | None:
+    """A recorded frame file against its record (size, sha256), then its contents: a record
+    rewritten to match a damaged file (NaN in it) does not make the file usable."""
+    data = path.read_bytes()
+    got = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    if got != record:
+        want = record.get("bytes") if isinstance(record, dict) else None
+        return f"{got['bytes']} bytes, expected {want}" if got["bytes"] != want else "checksum mismatch"
+    return file_problem(path, latent_hw, data=data)
 
 
 def entry_problems(root: Path, n: int, latent_hw: tuple[int, int]) -> tuple[str | None, list[Path]]:
@@ -131,9 +144,7 @@ def entry_problems(root: Path, n: int, latent_hw: tuple[int, int]) -> tuple[str 
         elif not path.is_file():
             why = "missing"
         else:
-            got = file_record(path)
-            why = (None if got == record else f"{got['bytes']} bytes, expected {record['bytes']}"
-                   if got["bytes"] != record["bytes"] else "checksum mismatch")
+            why = _record_problem(path, record, latent_hw)
         if why is not None:
             damaged.append((path, f"frame {i}: {why}"))
     if damaged:
