@@ -209,32 +209,89 @@ def _yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=Loader)  # a SafeLoader subclass: safe
 
 
+#: Bounds on a jobs file: its bytes, its values once YAML's aliases are expanded (a 491-byte
+#: "billion laughs" expands to 9**9 and ran past 5 GB) and its nesting.
+MAX_JOBS_FILE_BYTES = 16 * 2**20
+MAX_JOBS_VALUES = 1_000_000
+MAX_JOBS_DEPTH = 32
+
+
 def _parse_file(path: Path) -> Any:
     try:
+        if path.is_file() and path.stat().st_size > MAX_JOBS_FILE_BYTES:
+            raise InputError(f"jobs file '{path}' is over {MAX_JOBS_FILE_BYTES // 2**20} MiB; split it")
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise InputError(f"jobs file '{path}' does not exist") from None
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"cannot read jobs file '{path}': {getattr(e, 'strerror', None) or e}") from None
+    deep = f"{path.name}: nested deeper than {MAX_JOBS_DEPTH} levels; a jobs file is a mapping of lists of mappings"
     if path.suffix.lower() == ".json":
         try:
-            return json.loads(text)
+            data = json.loads(text)
         except json.JSONDecodeError as e:
             raise InputError(f"{path.name}: not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
+        except RecursionError:
+            raise InputError(deep) from None
+        _check_shape(data, path.name)
+        return data
     import yaml
 
     try:
-        return _yaml_load(text)
+        data = _yaml_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise InputError(f"{path.name}: not valid YAML: {problem}{where}") from None
+    except RecursionError:
+        raise InputError(deep) from None
+    _check_shape(data, path.name)
+    return data
 
 
-def load_jobs(path: str | Path) -> list[Job]:
+def _check_shape(data: Any, name: str) -> None:
+    """Refuse parsed data that refers to itself (a YAML alias inside its own anchor), nests
+    deeper than :data:`MAX_JOBS_DEPTH` or, with its aliases expanded, holds more than
+    :data:`MAX_JOBS_VALUES` values. Iterative, and linear in the distinct containers: an alias
+    is counted at its expanded size without being expanded."""
+    sizes: dict[int, tuple[int, int]] = {}  # id -> (values with aliases expanded, nesting depth)
+    on_path: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(data, False)]
+
+    def children(node: dict | list) -> list[Any]:
+        return [*node.keys(), *node.values()] if isinstance(node, dict) else node
+
+    while stack:
+        node, finished = stack.pop()
+        if not isinstance(node, dict | list):
+            continue
+        key = id(node)
+        if finished:
+            on_path.discard(key)
+            kids = [sizes.get(id(c), (1, 0)) for c in children(node)]
+            size, depth = 1 + sum(k[0] for k in kids), 1 + max((k[1] for k in kids), default=0)
+            if size > MAX_JOBS_VALUES:
+                raise InputError(f"{name}: its aliases expand to more than {MAX_JOBS_VALUES:,} values; write the "
+                                 "jobs out, or use fewer nested aliases")
+            if depth > MAX_JOBS_DEPTH:
+                raise InputError(f"{name}: nested deeper than {MAX_JOBS_DEPTH} levels; a jobs file is a mapping "
+                                 "of lists of mappings")
+            sizes[key] = (size, depth)
+            continue
+        if key in on_path:
+            raise InputError(f"{name}: an alias refers to the value that holds it (a recursive structure)")
+        if key in sizes:
+            continue
+        on_path.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in children(node))
+
+
+def load_jobs(path: str | Path, local: bool = True) -> list[Job]:
     """Read and validate a jobs file whole. Raises :class:`BatchFileError` with one line per
-    problem (unknown key, bad value, missing input, two jobs writing one file, ...)."""
+    problem (unknown key, bad value, missing input, two jobs writing one file, ...). ``local``:
+    the jobs run on this machine, so its device is checked too (not for Ray workers)."""
     path = Path(path)
     data = _parse_file(path)
     base = path.resolve().parent
@@ -271,7 +328,7 @@ def load_jobs(path: str | Path) -> list[Job]:
             continue
         try:
             merged = {**{k: v for k, v in defaults.items() if k in keys}, **raw}
-            drafts.append(_draft(i, merged, keys, opt_names, base, probes))
+            drafts.append(_draft(i, merged, keys, opt_names, base, probes, local))
         except InputError as e:
             errors.append(f"{where}: {e}")
     jobs = _place_outputs(drafts, name, errors)
@@ -290,7 +347,7 @@ def check_summary_path(path: str | Path, jobs_file: str | Path, jobs: list[Job])
     if out == Path(jobs_file).resolve():
         raise InputError(f"--json '{path}' is the jobs file; choose another file for the summary")
     for j in jobs:
-        if out == j.input or (j.input.is_dir() and out.parent == j.input):
+        if out in (j.input, j.input.resolve()) or (j.input.is_dir() and out.parent == j.input.resolve()):
             raise InputError(f"--json '{path}' is (in) job {j.index}'s input; choose another file for the summary")
         if out in j.paths.all:
             raise InputError(f"--json '{path}' is written by job {j.index}; choose another file for the summary")
@@ -303,19 +360,35 @@ def _unknown(key: Any, keys: dict[str, Any]) -> str:
     return f"unknown key {key!r}{hint}"
 
 
+def _max_memory(value: Any) -> Any:
+    """``max_memory`` as the CLI takes it ("12GB", "512MiB") or a number of bytes."""
+    if not isinstance(value, str):
+        return value
+    from p2v_fast.nets.memory import parse_bytes
+
+    try:
+        return parse_bytes(value)
+    except ValueError as e:
+        raise InputError(f"max_memory: {e}") from None
+
+
 def _draft(index: int, merged: dict[str, Any], keys: dict[str, Any], opt_names: set[str], base: Path,
-           probes: dict[tuple[Path, float | None], video.VideoInfo | str]) -> _Draft:
+           probes: dict[tuple[Path, float | None], video.VideoInfo | str], local: bool = True) -> _Draft:
     """One job checked as ``p2v edit`` checks it before loading a model: values, prompt, the
     input's probe (``--fps`` included) and the frame selection (size, framing, stride)."""
     from p2v_fast.media.clip_selection import select_clip
     from p2v_fast.media.paths import EditPaths
+    from p2v_fast.nets.runtime import invert_precision, resolve_device
     from p2v_fast.pipeline import probe_input
     from p2v_fast.weights.prompts import check_prompt
 
     for required in ("input", "prompt"):
         if merged.get(required) is None:
             raise InputError(f"'{required}' is missing")
-    values = {k: _coerce(k, v, keys[k], base) for k, v in merged.items()}
+    values = {k: _coerce(k, _max_memory(v) if k == "max_memory" else v, keys[k], base) for k, v in merged.items()}
+    # the input as given, its links not followed: a symlinked clip's default output goes beside the
+    # link, as p2v edit puts it
+    values["input"] = Path(os.path.abspath(base / Path(merged["input"]).expanduser()))
     check_prompt(values["prompt"])
     model = values.get("model")
     if isinstance(model, str) and model != "tiny":  # a local folder is relative to the jobs file
@@ -330,6 +403,8 @@ def _draft(index: int, merged: dict[str, Any], keys: dict[str, Any], opt_names: 
     output: Path | None = values.pop("output", None)
     options = {k: values.pop(k) for k in list(values) if k in opt_names}
     cfg = EditConfig(**values)
+    if local:  # the device and TF32 are this machine's question (p2v edit's checks); Ray workers' their own
+        invert_precision(cfg.invert_dtype, resolve_device(cfg.device))
     EditPaths.of(input_path, output, preview=bool(options.get("preview")),  # options that exclude each other
                  side_by_side=bool(options.get("side_by_side")), json_path=options.get("json_path"))
     info = probes.get((input_path, cfg.fps))
@@ -366,7 +441,7 @@ def _place_outputs(drafts: list[_Draft], name: str, errors: list[str]) -> list[J
                 slug += "-" + hashlib.sha256(spec.encode()).hexdigest()[:6]
             d.output = default_output(clip, f".p2v.{slug}{suffix.removeprefix('.p2v')}")
 
-    inputs = {d.input for d in drafts}
+    inputs = {d.input for d in drafts} | {d.input.resolve() for d in drafts}  # a link and what it names
     writers: dict[Path, int] = {}
     jobs: list[Job] = []
     for d in drafts:

@@ -447,7 +447,7 @@ def run_jobs_file(jobs_file: str | Path, *, json_path: str | Path | None = None,
         raise InputError(f"--ray-cpus-per-worker must be >= 1; got {ray_cpus_per_worker}")
     if json_path is not None:
         check_output_file(Path(json_path))
-    jobs = load_jobs(jobs_file)
+    jobs = load_jobs(jobs_file, local=not ray)
     if json_path is not None:
         check_summary_path(json_path, jobs_file, jobs)
     with (display or (lambda: contextlib.nullcontext(NullReporter())))() as reporter:
