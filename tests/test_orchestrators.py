@@ -14,6 +14,7 @@ LIMIT = 50  # lines, from ``def`` to the last line, docstring included
 # (file, function): the orchestrators, and the stage helpers that hold their logic
 ORCHESTRATORS = [
     ("export/engines.py", "export_engines"),
+    ("p2v_fast/method/inversion.py", "invert_clip"),
 ]
 
 
@@ -60,3 +61,35 @@ def test_the_export_stages_live_beside_the_package_not_in_it() -> None:
     assert "def export_engines" not in (ROOT / "export" / "__init__.py").read_text(encoding="utf-8")
     lines = function_lines(ROOT / "export" / "engines.py")
     assert max(lines.values()) <= LIMIT, {k: v for k, v in lines.items() if v > LIMIT}
+
+
+def test_the_inversion_cache_records_its_own_entries(tmp_path) -> None:
+    """``invert_clip``'s last stage is ``inversion_cache.record_entry``: meta.json (with each
+    frame file's size and sha256) written last, which makes the entry whole, and the pass-1
+    files removed; inversion.py writes no file of the entry itself."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from p2v_fast.config import EditConfig
+    from p2v_fast.method import inversion_cache as ic
+
+    root, latent_hw = tmp_path / "entry", (2, 3)
+    root.mkdir()
+    for i in range(2):
+        ic.save_frame_file({"x_T": torch.randn(1, 4, 2, 3), "depth": torch.zeros(1, 1, 2, 3),
+                            "x_0": torch.randn(1, 4, 2, 3)}, ic.frame_file(root, i))
+        ic.save_frame_file({"x_0": torch.randn(1, 4, 2, 3), "depth_raw": torch.zeros(1, 2, 3)},
+                           ic.encoded_file(root, i))
+    clip = ic.InvertedClip(root, 2, latent_hw, "a clip", cache_hit=False, runtime={"backend": "torch"},
+                           reconstruction={"latent_rel_rms": 0.01, "psnr_db": 40.0})
+    assert ic.entry_problems(root, 2, latent_hw)[0] == "missing"
+    selection = SimpleNamespace(size=(16, 24), resize="crop", box=None)
+    ic.record_entry(clip, EditConfig(model="tiny", size=64, steps=3), SimpleNamespace(local_dir=None, source="tiny"),
+                    selection)  # type: ignore[arg-type]
+    assert ic.entry_problems(root, 2, latent_hw) == (None, [])
+    assert sorted(p.name for p in root.iterdir()) == ["frame_000000.safetensors", "frame_000001.safetensors",
+                                                      "meta.json"]
+    assert ic.recorded_reconstruction(root) == clip.reconstruction
+    source = (ROOT / "p2v_fast" / "method" / "inversion.py").read_text(encoding="utf-8")
+    assert "write_bytes_atomic" not in source and "json.dumps" not in source

@@ -16,8 +16,8 @@ recorded in ``meta.json`` and reported by ``p2v invert``, ``p2v edit`` and ``p2v
 
 from __future__ import annotations
 
-import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 from p2v_fast.config import EditConfig
 from p2v_fast.errors import InputError
-from p2v_fast.files import cache_root, write_bytes_atomic
+from p2v_fast.files import cache_root
 from p2v_fast.media.clip_selection import ClipSelection, frames_digest, short_clip_message
 from p2v_fast.method.ddim import DDIMSchedule
 from p2v_fast.method.inversion_cache import (
@@ -34,8 +34,11 @@ from p2v_fast.method.inversion_cache import (
     InvertedClip,
     cache_key,
     claim_entry,
+    encoded_file,
     file_problem,
-    file_record,
+    frame_file,
+    record_entry,
+    recorded_reconstruction,
     save_frame_file,
 )
 from p2v_fast.nets.backends import Backend
@@ -43,7 +46,6 @@ from p2v_fast.nets.memory import CallBudget
 from p2v_fast.nets.runtime import InversionRuntime
 from p2v_fast.progress import NullProgress, Progress
 from p2v_fast.weights.depth import DepthEstimator, normalize_per_frame, normalize_with
-from p2v_fast.weights.models import model_identity
 from p2v_fast.weights.prompts import encode_prompt
 
 
@@ -81,88 +83,32 @@ def invert_clip(
     :func:`reconstruction_error` (``steps`` more batch-1 UNet calls) and record it."""
     progress = progress or NullProgress()
     runtime = backend if isinstance(backend, InversionRuntime) else InversionRuntime.of(backend)
-    digest = digest or frames_digest(selection)
-    key = cache_key(cfg, models, digest, source_prompt, runtime.identity, selection)
+    # 1. Hit: the entry of everything that changes the inverted latents, used as it is when whole
+    key = cache_key(cfg, models, digest or frames_digest(selection), source_prompt, runtime.identity, selection)
     root = Path(cfg.cache_dir or cache_root()) / "inversions" / key
-    meta_path = root / "meta.json"
     n, latent_hw = selection.n_frames, selection.latent_hw
     handle = InvertedClip(root, n, latent_hw, source_prompt, cache_hit=True, runtime=runtime.identity)
-    # held while this run fills the entry (released on success, error or interrupt; by the kernel if killed)
+    # 2. Lock: held while this run fills the entry (released on success, error or interrupt; by the kernel if killed)
     lock = claim_entry(root, n, latent_hw, progress)
     if lock is None:
-        handle.reconstruction = json.loads(meta_path.read_text()).get("reconstruction")
+        handle.reconstruction = recorded_reconstruction(root)
         progress.log(f"inversion: cache hit ({n} frame{'' if n == 1 else 's'}, {root})")
         return handle
     try:
         handle.cache_hit = False
         progress.log(f"inversion: {runtime.describe()}")
         backend = runtime.make()
-        models = backend.models
-        root.mkdir(parents=True, exist_ok=True)
-        enc_path = lambda i: root / f"encoded_{i:06d}.safetensors"  # noqa: E731
-        inv_path = lambda i: root / f"frame_{i:06d}.safetensors"  # noqa: E731
-
-        # Pass 1: VAE latent and raw depth per frame (kept on disk, not in memory).
-        advance = progress.stage("encode + depth", n)
-        encode_batch = batch or 1  # the VAE encoder's activations at full resolution are large
-        depth_estimator = DepthEstimator(models, batch_size=encode_batch, run=backend.depth)
-        lo, hi = float("inf"), float("-inf")
-        chunk: list[np.ndarray] = []
-        index = 0
-
-        def flush() -> None:
-            nonlocal index, lo, hi
-            done = all(file_problem(enc_path(i), latent_hw, ENCODED_TENSORS) is None
-                       for i in range(index, index + len(chunk)))
-            if done:  # resuming: this chunk was encoded by an interrupted run
-                d = torch.cat([load_file(str(enc_path(i)))["depth_raw"] for i in range(index, index + len(chunk))])
-            else:
-                x0 = backend.vae_encode(images_to_tensor(chunk).to(backend.device))
-                d = depth_estimator.raw(np.stack(chunk))  # [B,h,w], unnormalised
-                for j in range(len(chunk)):
-                    save_frame_file({"x_0": x0[j : j + 1], "depth_raw": d[j : j + 1]}, enc_path(index + j))
-            lo, hi = min(lo, float(d.min())), max(hi, float(d.max()))
-            index += len(chunk)
-            advance(len(chunk))
-            chunk.clear()
-
-        for frame in selection.frames():
-            chunk.append(frame)
-            if len(chunk) == encode_batch:
-                flush()
-        if chunk:
-            flush()
-        if index != n:  # fewer frames decoded than the container promised
-            raise InputError(short_clip_message(selection, index))
-
-        # Pass 2: DDIM inversion, conditional branch only.
-        schedule = DDIMSchedule(models.scheduler, cfg.steps)
-        cond = encode_prompt(models, source_prompt)
-        advance = progress.stage("inversion", n * cfg.steps)
-        pending = [i for i in range(n) if file_problem(inv_path(i), latent_hw)]  # resuming: intact frames are kept
-        advance(cfg.steps * (n - len(pending)))
-        if budget is None:  # the user's --invert-batch is taken as given (still retried smaller on OOM)
-            budget = CallBudget(backend.device, measurable=False if batch else None, max_memory=cfg.max_memory)
-        schedule.to(backend.device)
-        inputs = lambda ids: _inputs(ids, cfg, backend, lo, hi, enc_path)  # noqa: E731
-        # A call's frames run every step together, so measure on the first step before choosing
-        # how many: one call of 1 frame and one of 2, results discarded (3 of n x steps frame-steps).
-        budget.calibrate(INVERT_KIND, lambda k: _first_step(inputs(pending[:k]), backend, schedule, cond, cfg.steps),
-                         len(pending))
-        budget.run_in_calls(INVERT_KIND, pending, lambda ids: _invert_frames(
-            list(ids), inputs(list(ids)), backend, schedule, cond, cfg.steps, inv_path, advance),
-            most=batch or MAX_INVERT_BATCH)
+        # 3. Encode and depth: each frame's VAE latent and raw depth, kept on disk (not in memory)
+        lo, hi = _encode_frames(selection, backend, root, batch, progress)
+        # 4. Invert: DDIM, conditional branch only, frames batched as memory allows
+        schedule, cond = _invert_pending(cfg, backend, root, n, latent_hw, (lo, hi), source_prompt,
+                                         batch, budget, progress)
+        # 5. Check: frame 1 regenerated from its x_T
         if check:
             handle.reconstruction = reconstruction_error(backend, schedule, cond, handle.load(0, backend.device))
             progress.log(f"inversion: {describe_reconstruction(handle.reconstruction)}")
-        meta = {"n_frames": n, "latent_hw": list(latent_hw), "source_prompt": source_prompt, "steps": cfg.steps,
-                "model": model_identity(models), "size": list(selection.size), "resize": selection.resize,
-                "box": None if selection.box is None else list(selection.box), "depth_norm": cfg.depth_norm,
-                "runtime": runtime.identity, "reconstruction": handle.reconstruction}
-        meta["files"] = {inv_path(i).name: file_record(inv_path(i)) for i in range(n)}
-        write_bytes_atomic(meta_path, json.dumps(meta, indent=2).encode(), "the inversion cache")
-        for i in range(n):
-            enc_path(i).unlink(missing_ok=True)
+        # 6. Record: meta.json last, so the entry is whole only once every frame is
+        record_entry(handle, cfg, backend.models, selection)
     finally:
         lock.release()
     return handle
@@ -173,10 +119,74 @@ MAX_INVERT_BATCH = 16
 INVERT_KIND = ("inversion", False)
 
 
+def _chunks(frames: Iterator[np.ndarray], size: int) -> Iterator[list[np.ndarray]]:
+    """``frames`` in lists of ``size`` (the last one shorter), read lazily."""
+    chunk: list[np.ndarray] = []
+    for frame in frames:
+        chunk.append(frame)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _encode_frames(selection: ClipSelection, backend: Backend, root: Path, batch: int | None,
+                   progress: Progress) -> tuple[float, float]:
+    """Pass 1: each frame's VAE latent and raw depth into its ``encoded_*`` file; returns the
+    clip's raw depth range. Chunks an interrupted run encoded are read back, not recomputed."""
+    n, latent_hw = selection.n_frames, selection.latent_hw
+    root.mkdir(parents=True, exist_ok=True)
+    advance = progress.stage("encode + depth", n)
+    size = batch or 1  # the VAE encoder's activations at full resolution are large
+    depth_estimator = DepthEstimator(backend.models, batch_size=size, run=backend.depth)
+    lo, hi, index = float("inf"), float("-inf"), 0
+    for chunk in _chunks(selection.frames(), size):
+        ids = range(index, index + len(chunk))
+        if all(file_problem(encoded_file(root, i), latent_hw, ENCODED_TENSORS) is None for i in ids):
+            d = torch.cat([load_file(str(encoded_file(root, i)))["depth_raw"] for i in ids])  # resuming
+        else:
+            x0 = backend.vae_encode(images_to_tensor(chunk).to(backend.device))
+            d = depth_estimator.raw(np.stack(chunk))  # [B,h,w], unnormalised
+            for j, i in enumerate(ids):
+                save_frame_file({"x_0": x0[j : j + 1], "depth_raw": d[j : j + 1]}, encoded_file(root, i))
+        lo, hi = min(lo, float(d.min())), max(hi, float(d.max()))
+        index += len(chunk)
+        advance(len(chunk))
+    if index != n:  # fewer frames decoded than the container promised
+        raise InputError(short_clip_message(selection, index))
+    return lo, hi
+
+
+def _invert_pending(cfg: EditConfig, backend: Backend, root: Path, n: int, latent_hw: tuple[int, int],
+                    depth_range: tuple[float, float], source_prompt: str, batch: int | None,
+                    budget: CallBudget | None, progress: Progress) -> tuple[DDIMSchedule, torch.Tensor]:
+    """Pass 2: DDIM-invert the frames without an intact file (resuming: intact frames are kept),
+    ``batch`` or as many as ``budget`` lets share a call; returns the schedule and the source
+    prompt's embedding, for the check."""
+    schedule = DDIMSchedule(backend.models.scheduler, cfg.steps)
+    cond = encode_prompt(backend.models, source_prompt)
+    advance = progress.stage("inversion", n * cfg.steps)
+    pending = [i for i in range(n) if file_problem(frame_file(root, i), latent_hw)]
+    advance(cfg.steps * (n - len(pending)))
+    if budget is None:  # the user's --invert-batch is taken as given (still retried smaller on OOM)
+        budget = CallBudget(backend.device, measurable=False if batch else None, max_memory=cfg.max_memory)
+    schedule.to(backend.device)
+    inputs = lambda ids: _inputs(ids, cfg, backend, *depth_range, root)  # noqa: E731
+    # A call's frames run every step together, so measure on the first step before choosing
+    # how many: one call of 1 frame and one of 2, results discarded (3 of n x steps frame-steps).
+    budget.calibrate(INVERT_KIND, lambda k: _first_step(inputs(pending[:k]), backend, schedule, cond, cfg.steps),
+                     len(pending))
+    budget.run_in_calls(INVERT_KIND, pending, lambda ids: _invert_frames(
+        list(ids), inputs(list(ids)), backend, schedule, cond, cfg.steps, root, advance),
+        most=batch or MAX_INVERT_BATCH)
+    return schedule, cond
+
+
 def _inputs(ids: list[int], cfg: EditConfig, backend: Backend, lo: float, hi: float,
-            enc_path) -> tuple[torch.Tensor, torch.Tensor]:
+            root: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """x_0 [B,4,h,w] and normalised depth [B,1,h,w] of frames ``ids``, on the backend's device."""
-    encs = [load_file(str(enc_path(i))) for i in ids]
+    encs = [load_file(str(encoded_file(root, i))) for i in ids]
     x = torch.cat([e["x_0"] for e in encs]).to(backend.device)
     raw = torch.cat([e["depth_raw"] for e in encs])
     depth = normalize_with(raw, lo, hi) if cfg.depth_norm == "clip" else normalize_per_frame(raw)
@@ -199,7 +209,7 @@ def _first_step(inputs: tuple[torch.Tensor, torch.Tensor], backend: Backend, sch
 
 
 def _invert_frames(ids: list[int], inputs: tuple[torch.Tensor, torch.Tensor], backend: Backend,
-                   schedule: DDIMSchedule, cond: torch.Tensor, steps: int, inv_path, advance) -> None:
+                   schedule: DDIMSchedule, cond: torch.Tensor, steps: int, root: Path, advance) -> None:
     """DDIM-invert frames ``ids`` together through every step and save each one."""
     x, depth = inputs
     x_0 = x.clone()
@@ -209,7 +219,7 @@ def _invert_frames(ids: list[int], inputs: tuple[torch.Tensor, torch.Tensor], ba
             x = schedule.invert_step(x, eps, idx)
             advance(len(ids))
     for j, i in enumerate(ids):
-        save_frame_file({"x_T": x[j : j + 1], "depth": depth[j : j + 1], "x_0": x_0[j : j + 1]}, inv_path(i))
+        save_frame_file({"x_T": x[j : j + 1], "depth": depth[j : j + 1], "x_0": x_0[j : j + 1]}, frame_file(root, i))
 
 
 @torch.no_grad()

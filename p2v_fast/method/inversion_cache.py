@@ -46,12 +46,42 @@ class InvertedClip:
 
     def load(self, i: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """Frame i: ``x_T`` [1,4,h,w], ``depth`` [1,1,h,w] in [-1,1], ``x_0`` [1,4,h,w] (fp32)."""
-        path = self.root / f"frame_{i:06d}.safetensors"
+        path = frame_file(self.root, i)
         try:
             return load_file(path, device=str(device))
         except Exception as exc:  # deleted or damaged after the entry was checked
             raise P2VError(f"inversion cache file '{path}' became unreadable during the edit ({_why(exc)}); "
                            "run again to recompute it") from None
+
+
+def frame_file(root: Path, i: int) -> Path:
+    """Frame ``i``'s finished file in entry ``root``: ``x_T``, ``depth``, ``x_0``."""
+    return root / f"frame_{i:06d}.safetensors"
+
+
+def encoded_file(root: Path, i: int) -> Path:
+    """Frame ``i``'s pass-1 file (VAE latent and raw depth), removed once the entry is recorded."""
+    return root / f"encoded_{i:06d}.safetensors"
+
+
+def recorded_reconstruction(root: Path) -> dict[str, float | None] | None:
+    """The reconstruction error a complete entry's ``meta.json`` records (None: not measured)."""
+    return json.loads((root / "meta.json").read_text()).get("reconstruction")
+
+
+def record_entry(clip: InvertedClip, cfg: EditConfig, models, selection: ClipSelection) -> None:
+    """Finish entry ``clip.root``: ``meta.json``, written last (what the entry holds, and each
+    frame file's size and sha256, which :func:`entry_problems` checks), then the pass-1 files
+    removed."""
+    root, n = clip.root, clip.n_frames
+    meta = {"n_frames": n, "latent_hw": list(clip.latent_hw), "source_prompt": clip.source_prompt,
+            "steps": cfg.steps, "model": model_identity(models), "size": list(selection.size),
+            "resize": selection.resize, "box": None if selection.box is None else list(selection.box),
+            "depth_norm": cfg.depth_norm, "runtime": clip.runtime, "reconstruction": clip.reconstruction}
+    meta["files"] = {frame_file(root, i).name: file_record(frame_file(root, i)) for i in range(n)}
+    write_bytes_atomic(root / "meta.json", json.dumps(meta, indent=2).encode(), "the inversion cache")
+    for i in range(n):
+        encoded_file(root, i).unlink(missing_ok=True)
 
 
 def save_frame_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -137,7 +167,7 @@ def entry_problems(root: Path, n: int, latent_hw: tuple[int, int]) -> tuple[str 
         return f"unreadable meta.json ({_why(exc)})", []
     damaged: list[tuple[Path, str]] = []
     for i in range(n):
-        path = root / f"frame_{i:06d}.safetensors"
+        path = frame_file(root, i)
         record = records.get(path.name)
         if record is None:
             why = file_problem(path, latent_hw)
