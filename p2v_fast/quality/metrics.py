@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 TINY_CLIP_NAME = "tiny"
+MINI_CLIP_NAME = "mini"
 
 # Forward-backward consistency check (Sundaram et al. 2010; Ruder et al. 2016):
 # |f_a(x) + f_b(x + f_a(x))|^2 < a (|f_a(x)|^2 + |f_b(x + f_a(x))|^2) + b
@@ -49,6 +50,17 @@ FB_BETA = 0.5
 
 # --------------------------------------------------------------------------------------------
 # tiny CLIP
+
+
+# --------------------------------------------------------------------------------------------
+# mini CLIP
+
+
+def mini_clip_dir() -> Path:
+    """The trained ``mini`` CLIP shipped in the package: ``p2v_fast/weights/mini/clip``."""
+    import p2v_fast
+
+    return Path(p2v_fast.__file__).resolve().parent / "weights" / "mini" / "clip"
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,7 +139,8 @@ class ClipScorer:
 
     ``model``: a Hugging Face id or a local folder (``CLIPModel`` + ``CLIPProcessor``), or
     ``"tiny"`` for the offline random-weight stand-in, which is built once in the cache and then
-    loaded through the same ``from_pretrained`` path as a real model.
+    loaded through the same ``from_pretrained`` path as a real model, or ``"mini"`` for the
+    small CLIP trained on the scene clips (shipped in the package, same path).
     """
 
     def __init__(
@@ -154,7 +167,12 @@ class ClipScorer:
                 return clip, CLIPProcessor.from_pretrained(source, local_files_only=local_only)
 
         # a hub id: the cache first, then the hub only if it answers (offline: one line at once)
-        source = str(ensure_tiny_clip()) if model == TINY_CLIP_NAME else model
+        if model == TINY_CLIP_NAME:
+            source = str(ensure_tiny_clip())
+        elif model == MINI_CLIP_NAME:  # the trained small CLIP of --model mini, in the package
+            source = str(mini_clip_dir())
+        else:
+            source = model
         clip, self.processor = load_from_hub_or_folder(
             source, load, "use --clip-model tiny (random weights, for testing only)")
         try:
