@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from p2v_fast import tiny
 from p2v_fast.media.scenes import COLOURS, caption_of, random_scene, render_frame
+from p2v_fast.weights import tiny
 from training import aux_nets as aux
 
 MINI = Path(aux.__file__).resolve().parents[1] / "p2v_fast" / "weights" / "mini"
@@ -101,7 +101,7 @@ def _heldout(seed: int):
 def test_shipped_depth_orders_near_and_far():
     from transformers import DPTForDepthEstimation
 
-    from p2v_fast.hub import image_processor_class
+    from p2v_fast.weights.hub import image_processor_class
 
     model = DPTForDepthEstimation.from_pretrained(str(MINI / "depth_estimator"), dtype=torch.float32).eval()
     proc = image_processor_class("DPTImageProcessor").from_pretrained(str(MINI / "feature_extractor"))
@@ -122,7 +122,7 @@ def test_shipped_depth_orders_near_and_far():
 
 @shipped
 def test_shipped_captioner_names_the_colour():
-    from p2v_fast.models import _load_captioner
+    from p2v_fast.weights.models import _load_captioner
 
     model, processor = _load_captioner(MINI, torch.device("cpu"), torch.float32)
     right = 0
@@ -139,7 +139,7 @@ def test_shipped_captioner_names_the_colour():
 
 @shipped
 def test_shipped_clip_prefers_the_true_colour():
-    from p2v_fast.metrics import ClipScorer
+    from p2v_fast.quality.metrics import ClipScorer
 
     scorer = ClipScorer("mini")
     right = total = 0

@@ -12,7 +12,7 @@ networks one after another on one thread, evaluates each on held-out scenes (see
   the scene vocabulary), the subfolder :func:`p2v_fast.models._load_captioner` reads;
 - ``DIR/clip/`` (``CLIPModel`` + ``CLIPProcessor`` with the scene ``CLIPTokenizer``), what
   ``p2v eval --clip-model mini`` loads;
-- ``DIR/aux_recipe.json``: seeds, steps, losses, wall time, machine, held-out numbers.
+- ``DIR/recipe.json``: seeds, steps, losses, wall time, machine, held-out numbers.
 
 Weights are fp16 safetensors. Training state (fp32, optimizer) is checkpointed every
 :data:`CHECKPOINT_S` seconds under the work folder (``--work``, default ``DIR.aux-work`` beside
@@ -191,7 +191,8 @@ def _load_set(path: Path) -> SceneSet:
         return SceneSet(z["frames"], z["depth"], meta["captions"], meta["objects"], meta["floors"], z["seeds"])
 
 
-def cached_set(work: Path, name: str, seed0: int, n_scenes: int, frames_per_scene: int, log: Callable[[str], None]) -> SceneSet:
+def cached_set(work: Path, name: str, seed0: int, n_scenes: int, frames_per_scene: int,
+               log: Callable[[str], None]) -> SceneSet:
     path = work / f"{name}-{seed0}-{n_scenes}x{frames_per_scene}.npz"
     if path.is_file():
         return _load_set(path)
@@ -410,17 +411,17 @@ def eval_depth(model: Any, processor: Any, data: SceneSet) -> dict[str, Any]:
 def _resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
     from PIL import Image
 
-    return np.stack([np.asarray(Image.fromarray(f).resize((size, size), Image.BICUBIC)) for f in frames])
+    return np.stack([np.asarray(Image.fromarray(f).resize((size, size), Image.Resampling.BICUBIC)) for f in frames])
 
 
 def _resize_depth(depth: np.ndarray, size: int) -> np.ndarray:
     from PIL import Image
 
-    return np.stack([np.asarray(Image.fromarray(d).resize((size, size), Image.NEAREST)) for d in depth])
+    return np.stack([np.asarray(Image.fromarray(d).resize((size, size), Image.Resampling.NEAREST)) for d in depth])
 
 
 def dpt_processor(size: int = IMAGE):
-    from p2v_fast.tiny import dpt_image_processor
+    from p2v_fast.weights.tiny import dpt_image_processor
 
     return dpt_image_processor(size)
 
@@ -470,7 +471,7 @@ def parse_caption(caption: str) -> tuple[list[tuple[str, str]], str | None]:
 
 
 def clip_image_processor(size: int = IMAGE):
-    from p2v_fast.hub import image_processor_class
+    from p2v_fast.weights.hub import image_processor_class
 
     return image_processor_class("CLIPImageProcessor")(size={"shortest_edge": size},
                                                        crop_size={"height": size, "width": size})
@@ -491,7 +492,7 @@ def build_clip(tokenizer: Any, text: dict[str, Any] | None = None, vision: dict[
 
 def _feat(out: Any):
     """``get_*_features`` gives a tensor (transformers 4) or an output with ``pooler_output`` (5)."""
-    from p2v_fast.metrics import _features
+    from p2v_fast.quality.metrics import _features
 
     return _features(out)
 
@@ -565,7 +566,7 @@ def eval_clip(model: Any, processor: Any, data: SceneSet) -> dict[str, Any]:
             for pos, w in enumerate(words):
                 if w not in colours:
                     continue
-                variants = [" ".join(words[:pos] + [c] + words[pos + 1:]) for c in colours]
+                variants = [" ".join([*words[:pos], c, *words[pos + 1:]]) for c in colours]
                 s = (img[k:k + 1] @ text_emb(variants).T)[0]
                 right += int(colours[int(s.argmax())] == w)
                 total += 1
@@ -578,7 +579,7 @@ def eval_clip(model: Any, processor: Any, data: SceneSet) -> dict[str, Any]:
 
 
 def blip_image_processor(size: int = IMAGE):
-    from p2v_fast.hub import image_processor_class
+    from p2v_fast.weights.hub import image_processor_class
 
     return image_processor_class("BlipImageProcessor")(size={"height": size, "width": size})
 
@@ -662,6 +663,55 @@ def eval_blip(model: Any, processor: Any, data: SceneSet) -> tuple[dict[str, Any
 
 
 # ------------------------------------------------------------------------------------------
+# a picture of the held-out results
+
+
+def write_figure(model_dir: Path, png: Path, n: int = 6, scale: int = 3) -> Path:
+    """Held-out scenes as columns: the frame, the true inverse depth, the shipped DPT's (min-max
+    normalised, brighter = nearer), and under them the BLIP caption over the true one."""
+    from PIL import Image, ImageDraw
+    from transformers import BlipForConditionalGeneration, BlipProcessor, DPTForDepthEstimation
+
+    from p2v_fast.weights.hub import image_processor_class
+
+    torch = _torch()
+    held = render_set(HELDOUT_SEED0, n, 1)
+    dpt = DPTForDepthEstimation.from_pretrained(str(model_dir / "depth_estimator"), dtype=torch.float32).eval()
+    dproc = image_processor_class("DPTImageProcessor").from_pretrained(str(model_dir / "feature_extractor"))
+    blip = BlipForConditionalGeneration.from_pretrained(str(model_dir / "captioner"), dtype=torch.float32).eval()
+    bproc = BlipProcessor.from_pretrained(str(model_dir / "captioner"))
+    with torch.no_grad():
+        pred = _depth_pred(dpt, dproc(images=list(held.frames), return_tensors="pt")["pixel_values"]).numpy()
+    _, captions = eval_blip(blip, bproc, held)
+
+    def grey(x: np.ndarray) -> np.ndarray:
+        x = (x - x.min()) / max(float(x.max() - x.min()), 1e-6)
+        return np.repeat((255 * x).astype(np.uint8)[..., None], 3, -1)
+
+    s = IMAGE * scale
+    text_h = 64
+    sheet = Image.new("RGB", (n * (s + 8) + 8, 3 * (s + 8) + text_h + 8), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k in range(n):
+        x = 8 + k * (s + 8)
+        for row, img in enumerate((held.frames[k], grey(1.0 / held.depth[k]), grey(pred[k]))):
+            sheet.paste(Image.fromarray(img).resize((s, s), Image.Resampling.NEAREST), (x, 8 + row * (s + 8)))
+        y = 8 + 3 * (s + 8)
+        for j, (label, text) in enumerate((("BLIP", captions[k]), ("true", held.captions[k]))):
+            words, lines = text.split(), []
+            while words:
+                line = words.pop(0)
+                while words and len(line) + 1 + len(words[0]) <= 30:
+                    line += " " + words.pop(0)
+                lines.append(line)
+            draw.text((x, y), f"{label}: " + "\n".join(lines), fill=(0, 0, 0) if j == 0 else (90, 90, 90))
+            y += 12 * len(lines) + 4
+    png.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(png)
+    return png
+
+
+# ------------------------------------------------------------------------------------------
 # the command
 
 
@@ -680,13 +730,12 @@ def run(out: Path, work: Path | None = None, resume: bool = False, only: Sequenc
 
     from training.tokenizer import build_scene_bert_vocab, build_scene_clip_tokenizer
 
-    torch = _torch()
     plan = plan or Plan()
     out = Path(out)
     work = Path(work) if work is not None else out.parent / (out.name + ".aux-work")
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    recipe_path = out / "aux_recipe.json"
+    recipe_path = out / "recipe.json"
     recipe: dict[str, Any] = {}
     if recipe_path.is_file():
         recipe = json.loads(recipe_path.read_text(encoding="utf-8"))
@@ -744,11 +793,11 @@ def run(out: Path, work: Path | None = None, resume: bool = False, only: Sequenc
         t = time.time()
         tokenizer = build_scene_bert_vocab(work / "bert_vocab")
         model, summary = train_blip(train, tokenizer, plan, work, log, resume)
-        processor = BlipProcessor(image_processor=blip_image_processor(IMAGE), tokenizer=tokenizer)
-        heldout, generated = eval_blip(model, processor, held)
+        bproc = BlipProcessor(image_processor=blip_image_processor(IMAGE), tokenizer=tokenizer)
+        heldout, generated = eval_blip(model, bproc, held)
         shutil.rmtree(out / "captioner", ignore_errors=True)
         _save_fp16(model, out / "captioner")
-        processor.save_pretrained(str(out / "captioner"))
+        bproc.save_pretrained(str(out / "captioner"))
         samples = [{"seed": int(s), "truth": c, "caption": g}
                    for s, c, g in list(zip(held.seeds, held.captions, generated, strict=True))[:8]]
         finish("blip", {**summary, "class": "BlipForConditionalGeneration", "parameters": _params(model),
@@ -770,6 +819,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--resume", action="store_true", help="continue from the work folder's checkpoints")
     ap.add_argument("--only", choices=NETS, action="append", help="train only this network (repeatable)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--figure", type=Path, default=None,
+                    help="only draw held-out frames, depth and captions of the weights in OUT into this PNG")
     args = ap.parse_args(argv)
     torch = _torch()
     torch.set_num_threads(max(1, args.threads))
@@ -777,6 +828,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
+    if args.figure is not None:
+        log(f"wrote {write_figure(args.out, args.figure)}")
+        return 0
     run(args.out, args.work, args.resume, tuple(args.only or NETS), log=log)
     return 0
 

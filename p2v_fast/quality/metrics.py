@@ -155,7 +155,7 @@ class ClipScorer:
         self.device = device
         self.batch_size = batch_size
         try:
-            import torch  # noqa: F401
+            import torch
             from transformers import CLIPModel, CLIPProcessor
         except ImportError as exc:
             raise ModelLoadError(f"cannot load CLIP: {_one_line(exc)}") from exc
@@ -163,7 +163,8 @@ class ClipScorer:
 
         def load(source: str, local_only: bool) -> tuple[Any, Any]:
             with quiet_loading():  # no per-weight progress bars or load-time advice on stderr
-                clip = CLIPModel.from_pretrained(source, local_files_only=local_only)
+                # fp32 whatever the files hold (mini ships fp16; the scorer runs in fp32)
+                clip = CLIPModel.from_pretrained(source, local_files_only=local_only, dtype=torch.float32)
                 return clip, CLIPProcessor.from_pretrained(source, local_files_only=local_only)
 
         # a hub id: the cache first, then the hub only if it answers (offline: one line at once)
