@@ -118,6 +118,8 @@ class Plan:
     clip_batch: int = 64
     clip_lr: float = 1e-3
     blip_steps: int = 2000
+    #: then a second cosine cycle of this many steps at half the rate (0: none)
+    blip_steps2: int = 3000
     blip_batch: int = 32
     blip_lr: float = 1e-3
     seed: int = 0
@@ -178,8 +180,8 @@ def render_set(seed0: int, n_scenes: int, frames_per_scene: int, size: int = IMA
     return SceneSet(np.stack(frames), np.stack(depth), captions, objects, floors, np.asarray(seeds, np.int64))
 
 
-def _save_set(s: SceneSet, path: Path) -> None:
-    meta = json.dumps({"captions": s.captions, "objects": s.objects, "floors": s.floors})
+def _save_set(s: SceneSet, path: Path, render_s: float = 0.0) -> None:
+    meta = json.dumps({"captions": s.captions, "objects": s.objects, "floors": s.floors, "render_s": render_s})
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, frames=s.frames, depth=s.depth, seeds=s.seeds, meta=np.frombuffer(meta.encode(), np.uint8))
     os.replace(tmp, path)
@@ -203,8 +205,20 @@ def cached_set(work: Path, name: str, seed0: int, n_scenes: int, frames_per_scen
             log(f"render {name}: {i}/{n_scenes} scenes, {time.time() - t0:.0f} s")
 
     s = render_set(seed0, n_scenes, frames_per_scene, progress=progress)
-    _save_set(s, path)
+    _save_set(s, path, round(time.time() - t0, 1))
     return s
+
+
+def cached_render_s(work: Path) -> float | None:
+    """Seconds the cached sets took to render (None where a cache predates this record)."""
+    total = 0.0
+    for path in work.glob("*.npz"):
+        with np.load(path) as z:
+            got = json.loads(z["meta"].tobytes().decode()).get("render_s")
+        if got is None:
+            return None
+        total += got
+    return round(total, 1)
 
 
 # ------------------------------------------------------------------------------------------
@@ -215,6 +229,15 @@ def _torch():
     import torch
 
     return torch
+
+
+def _lr_stages(step: int, stages: Sequence[tuple[int, float]]) -> float:
+    """Cosine cycles one after another: ``stages`` is ``[(steps, base_lr), ...]``."""
+    for steps, base in stages:
+        if step < steps:
+            return _lr_at(step, steps, base)
+        step -= steps
+    return _lr_at(stages[-1][0], stages[-1][0], stages[-1][1])
 
 
 def _lr_at(step: int, total: int, base: float, warmup: int = 50) -> float:
@@ -237,9 +260,11 @@ class Trainer:
     """A resumable loop: ``step_fn(step) -> loss`` on one model + AdamW, checkpointed by time."""
 
     def __init__(self, name: str, model: Any, lr: float, steps: int, work: Path, log: Callable[[str], None],
-                 resume: bool, weight_decay: float = 0.01) -> None:
+                 resume: bool, weight_decay: float = 0.01, stages: Sequence[tuple[int, float]] = ()) -> None:
         torch = _torch()
         self.name, self.model, self.lr, self.steps, self.log = name, model, lr, steps, log
+        self.stages = list(stages) or [(steps, lr)]
+        self.steps = sum(n for n, _ in self.stages)
         self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
         self.ckpt = work / f"{name}.ckpt.pt"
         self.step = 0
@@ -251,7 +276,7 @@ class Trainer:
             self.opt.load_state_dict(state["opt"])
             self.step, self.losses, self.wall = state["step"], state["losses"], state["wall"]
             torch.set_rng_state(state["torch_rng"])
-            log(f"{name}: resumed at step {self.step}/{steps}")
+            log(f"{name}: resumed at step {self.step}/{self.steps}")
 
     def save(self) -> None:
         torch = _torch()
@@ -268,7 +293,7 @@ class Trainer:
         wall0 = self.wall
         while self.step < self.steps:
             for g in self.opt.param_groups:
-                g["lr"] = _lr_at(self.step, self.steps, self.lr)
+                g["lr"] = _lr_stages(self.step, self.stages)
             loss = step_fn(self.step)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -290,8 +315,9 @@ class Trainer:
 
     def summary(self) -> dict[str, Any]:
         n = max(1, len(self.losses) // 20)
-        return {"steps": self.step, "lr": self.lr, "loss_first": float(np.mean(self.losses[:n])),
-                "loss_last": float(np.mean(self.losses[-n:])), "train_wall_s": round(self.wall, 1)}
+        return {"steps": self.step, "lr": self.lr, "lr_cycles": self.stages,
+                "loss_first": float(np.mean(self.losses[:n])), "loss_last": float(np.mean(self.losses[-n:])),
+                "train_wall_s": round(self.wall, 1)}
 
 
 def _save_fp16(model: Any, folder: Path) -> None:
@@ -615,7 +641,8 @@ def train_blip(data: SceneSet, tokenizer: Any, plan: Plan, work: Path, log: Call
     all_ids = enc["input_ids"]
     all_ids[:, 0] = bos  # BLIP's decoder starts from [DEC] where BERT put [CLS]
     all_mask = enc["attention_mask"]
-    trainer = Trainer("blip", model, plan.blip_lr, plan.blip_steps, work, log, resume)
+    stages = [(plan.blip_steps, plan.blip_lr)] + ([(plan.blip_steps2, plan.blip_lr / 2)] if plan.blip_steps2 else [])
+    trainer = Trainer("blip", model, plan.blip_lr, plan.blip_steps, work, log, resume, stages=stages)
     n = len(frames)
 
     def step_fn(step: int):
@@ -749,10 +776,13 @@ def run(out: Path, work: Path | None = None, resume: bool = False, only: Sequenc
     t0 = time.time()
     train = cached_set(work, "train", TRAIN_SEED0, plan.train_scenes, 2, log)
     held = cached_set(work, "heldout", HELDOUT_SEED0, plan.heldout_scenes, 1, log)
-    recipe["render_s"] = recipe.get("render_s") or round(time.time() - t0, 1)
+    recipe["render_s"] = cached_render_s(work) or recipe.get("render_s") or round(time.time() - t0, 1)
     recipe["train_frames"] = len(train.frames)
 
     def finish(name: str, entry: dict[str, Any]) -> None:
+        before = recipe.get("nets", {}).get(name)
+        if before and before.get("steps") != entry.get("steps"):  # trained on further by --resume
+            entry["earlier"] = {k: before.get(k) for k in ("steps", "heldout", "train_wall_s", "wall_s")}
         recipe.setdefault("nets", {})[name] = entry
         recipe_path.write_text(json.dumps(recipe, indent=2) + "\n", encoding="utf-8")
         log(f"{name}: {json.dumps(entry.get('heldout'))}")
