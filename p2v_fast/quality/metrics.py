@@ -58,9 +58,7 @@ FB_BETA = 0.5
 
 def mini_clip_dir() -> Path:
     """The trained ``mini`` CLIP shipped in the package: ``p2v_fast/weights/mini/clip``."""
-    import p2v_fast
-
-    return Path(p2v_fast.__file__).resolve().parent / "weights" / "mini" / "clip"
+    return Path(__file__).resolve().parents[1] / "weights" / "mini" / "clip"
 
 
 # --------------------------------------------------------------------------------------------
