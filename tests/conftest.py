@@ -17,33 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REAL_MODEL = "stabilityai/stable-diffusion-2-depth"
-
-
-def real_weights() -> str | None:
-    """Where the real SD2-depth weights are (a folder or the hub id, if cached), or None."""
-    folder = os.environ.get("P2V_WEIGHTS")
-    if folder:
-        return folder
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(REAL_MODEL, "model_index.json")
-    except Exception:
-        return None
-    return REAL_MODEL if isinstance(cached, str) else None
-
-
-def chromium() -> str | None:
-    import shutil
-
-    return next((p for p in map(shutil.which, ("chromium", "chromium-browser")) if p), None)
-
-
-def playwright() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("playwright") is not None
+from tests.helpers import REAL_MODEL, chromium, export_tiny, playwright, real_weights
 
 
 def _tier_skips() -> dict[str, str | None]:
@@ -105,6 +79,13 @@ def tiny_models(tiny_dir: Path):
     from p2v_fast.weights.models import load_models
 
     return load_models("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_engines(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The tiny set's ONNX export (fp32, 64x64; 64 to 128 pixels a side, batch up to 4) in
+    ``<basetemp>/engines-tiny-fp32``, made once: ``(folder, ExportReport)``. Read it; copy it to change it."""
+    return export_tiny(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture

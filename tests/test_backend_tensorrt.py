@@ -24,7 +24,7 @@ from p2v_fast.errors import EngineError, ExportValidationError
 from p2v_fast.nets.backend_tensorrt import ALIGNMENT, TensorRTBackend
 from p2v_fast.nets.manifest import Artifact, Machine, read_manifest, write_manifest
 from p2v_fast.nets.specs import ExportProfile
-from tests.test_export import SIZE, export_tiny
+from tests.helpers import SIZE
 from tests.trt_standin import CAPTURE_INVALIDATED, StandInCuda, StandInTrt, per_sample_value
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -33,8 +33,8 @@ H100 = Machine("10.8.0", "9.0", "NVIDIA H100 80GB HBM3")
 
 
 @pytest.fixture(scope="module")
-def onnx_folder(tiny_dir, tmp_path_factory) -> Path:
-    folder, _ = export_tiny(tmp_path_factory.getbasetemp())  # the session's export (cached)
+def onnx_folder(tiny_engines) -> Path:
+    folder = tiny_engines[0]  # the session's export (conftest's)
     _TINY_GEOMETRY.update(read_manifest(folder).geometry.to_dict())
     return folder
 

@@ -31,7 +31,7 @@ from p2v_fast.nets.manifest import (
 )
 from p2v_fast.nets.runtime import make_backend
 from p2v_fast.nets.specs import ExportProfile, network_spec
-from tests.test_export import SD2, SIZE, export_tiny
+from tests.helpers import SD2, SIZE, export_tiny
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -42,10 +42,9 @@ CALL_REL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def engines(tiny_dir, tmp_path_factory) -> Path:
-    """The session's fp32 tiny export (the same folder as tests/test_export.py: cached there)."""
-    folder, _ = export_tiny(tmp_path_factory.getbasetemp())
-    return folder
+def engines(tiny_engines) -> Path:
+    """The session's fp32 tiny export (conftest's, read by tests/test_export.py too)."""
+    return tiny_engines[0]
 
 
 @pytest.fixture(scope="module")

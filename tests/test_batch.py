@@ -10,14 +10,13 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 from typer.testing import CliRunner
 
 from cli import app
 from p2v_fast.media import video
+from tests.helpers import write_jobs
 
 runner = CliRunner()
-FAST = {"model": "tiny", "size": 64, "steps": 2}
 
 
 def _p2v(*args: object):
@@ -31,12 +30,6 @@ def clips(tmp_path_factory, tiny_dir) -> Path:
     video.make_sample_clip(root / "a.mp4", n_frames=3, size=(64, 64), with_audio=False)
     video.make_sample_frames_folder(root / "frames", n=2, size=(96, 64))
     return root
-
-
-def write_jobs(folder: Path, jobs: list[dict], defaults: dict | None = None, name: str = "jobs.yaml") -> Path:
-    path = folder / name
-    path.write_text(yaml.safe_dump({"defaults": {**FAST, **(defaults or {})}, "jobs": jobs}, sort_keys=False))
-    return path
 
 
 class ModelLoaded(BaseException):

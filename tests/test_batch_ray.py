@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from p2v_fast.media import video
-from tests.test_batch import write_jobs
+from tests.helpers import write_jobs
 
 ray = pytest.importorskip("ray", reason="Ray is the 'ray' extra: pip install -e '.[ray]'")
 runner = CliRunner()

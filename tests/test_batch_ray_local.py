@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from p2v_fast.errors import InputError
-from tests.helpers import one_line_error
+from tests.helpers import one_line_error, write_jobs
 
 ray = pytest.importorskip("ray", reason="Ray is the 'ray' extra: pip install -e '.[ray]'")
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +38,6 @@ def test_a_local_ray_without_authentication_is_refused(mode, monkeypatch, tmp_pa
     from cli import app
     from p2v_fast.apps.batch_ray import connect
     from p2v_fast.media import video
-    from tests.test_batch import write_jobs
 
     assert not ray.is_initialized()
     monkeypatch.setenv("RAY_AUTH_MODE", mode)

@@ -2,8 +2,8 @@
 ONNX Runtime == PyTorch (all 10 UNet outputs, the 9 ref inputs), fp16 graphs, stage caching, specs,
 profiles, keys, the CLI.
 
-The export runs once per session (64x64, fp32) into ``<basetemp>/engines-tiny-fp32``;
-``tests/test_backends.py`` asks for the same folder and finds every stage current.
+The export runs once per session (64x64, fp32) into ``<basetemp>/engines-tiny-fp32``: conftest's
+``tiny_engines``, which ``tests/test_backends.py`` and ``tests/test_backend_tensorrt.py`` read too.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from export import ExportOptions, ExportReport, export_engines
+from export import ExportOptions, export_engines
 from export.onnx_export import CLEANERS, compare_outputs, graph_module, reference_outputs
 from p2v_fast.errors import EngineError, ExportValidationError, InputError
 from p2v_fast.nets.manifest import (
@@ -28,39 +28,10 @@ from p2v_fast.nets.manifest import (
     read_manifest,
     rebuild_command,
 )
-from p2v_fast.nets.specs import NETWORKS, ExportProfile, Geometry, network_spec, sample_inputs
+from p2v_fast.nets.specs import NETWORKS, ExportProfile, network_spec, sample_inputs
+from tests.helpers import SD2, SIZE, export_tiny
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-SIZE = 64  # pixels: 8x8 latents
-
-# SD2-depth's geometry (stabilityai/stable-diffusion-2-depth), for profile arithmetic at real sizes.
-SD2 = Geometry(
-    latent_channels=4, unet_in_channels=5, vae_scale=8, text_tokens=77, text_dim=1024,
-    feature_scales=(4, 4, 4, 2, 2, 2, 1, 1, 1), feature_channels=(1280,) * 3 + (640,) * 3 + (320,) * 3,
-    depth_in=(384, 384), depth_out=(384, 384),
-)
-
-
-
-
-def export_tiny(base: Path, precision: str = "fp32", networks: tuple[str, ...] = NETWORKS,
-                name: str | None = None, cleaner: str | None = None) -> tuple[Path, ExportReport]:
-    """Export the tiny set at 64x64 (64 to 128 pixels a side) into ``base/<name>`` (cached across
-    calls: same keys). ``cleaner``: force one graph-cleaning path (default: the installed one)."""
-    from p2v_fast.weights.models import load_models
-
-    folder = base / (name or f"engines-tiny-{precision}")
-    # A model set of its own: the export wraps (re-wires) the UNet's attention processors.
-    models = load_models("tiny", dtype=torch.float16 if precision == "fp16" else torch.float32)
-    options = ExportOptions(model="tiny", out=folder, format="onnx", precision=precision, height=SIZE, width=SIZE,
-                            max_size=2 * SIZE, max_batch=4, networks=networks, cleaner=cleaner)
-    return folder, export_engines(options, models=models)
-
-
-@pytest.fixture(scope="session")
-def tiny_engines(tiny_dir, tmp_path_factory) -> tuple[Path, ExportReport]:
-    return export_tiny(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """The project's structure, kept: the wings of the package stand in layers and every import
 points down (lazy imports included), no import cycle between modules, the library never imports
-the tools built on it, and the public API imports without loading torch's models."""
+the tools built on it, the public API imports without loading torch's models, and no test module
+imports another test module or conftest."""
 
 from __future__ import annotations
 
@@ -168,3 +169,38 @@ def test_the_library_imports_neither_the_cli_nor_the_benchmarks() -> None:
     offenders = {m: sorted(d) for m, d in graph.items() if m.startswith("p2v_fast")
                  for d in [{x for x in d if x == "cli" or x.startswith("benchmarks")}] if d}
     assert not offenders, offenders
+
+
+def imported_test_modules(path: Path) -> list[str]:
+    """The test modules (``test_*``) and conftests that the file at ``path`` imports, anywhere in it."""
+    names: list[str] = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names += [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+        elif isinstance(node, ast.ImportFrom):  # from . import test_x
+            names += [a.name for a in node.names]
+    return sorted({n for n in names if any(p.startswith("test_") or p == "conftest" for p in n.split("."))})
+
+
+def test_no_test_module_imports_another_or_conftest() -> None:
+    """Shared test code lives in tests/helpers.py (plain functions) and tests/conftest.py
+    (fixtures, which pytest hands over by name): a test module imports neither conftest nor
+    another test module, so each one runs alone and moving a test never breaks another file."""
+    offenders = {p.name: found for p in sorted((ROOT / "tests").rglob("*.py")) if (found := imported_test_modules(p))}
+    assert not offenders, offenders
+
+
+def test_an_import_of_a_test_module_or_conftest_is_caught(tmp_path: Path) -> None:
+    cases = {
+        "from tests.test_export import SIZE": ["tests.test_export", "tests.test_export.SIZE"],
+        "import tests.test_ui": ["tests.test_ui"],
+        "from conftest import chromium": ["conftest", "conftest.chromium"],
+        "from tests import conftest": ["tests.conftest"],
+        "def f():\n    from . import test_batch": ["test_batch"],  # lazy and relative
+        "from tests.helpers import p2v\nfrom tests.trt_standin import StandInTrt": [],  # helper modules
+    }
+    for source, found in cases.items():
+        (tmp_path / "t.py").write_text(source + "\n")
+        assert imported_test_modules(tmp_path / "t.py") == found, source

@@ -319,11 +319,11 @@ def test_the_real_model_loads_and_edits_identical_frames_identically(tmp_path) -
     layers), and an edit of a clip of identical frames whose frames come out identical (the
     cross-frame mechanism holds for any weights) and not flat."""
     import numpy as np
-    from conftest import real_weights
 
     from p2v_fast import EditConfig, edit_video, load_runtime
     from p2v_fast.media.video import make_sample_frames_folder, read_frames
     from p2v_fast.nets.attention import injected_layer_names
+    from tests.helpers import real_weights
 
     folder = make_sample_frames_folder(tmp_path / "frames", n=1, size=(256, 256))
     for i in (2, 3):  # the same frame three times

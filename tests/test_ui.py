@@ -5,7 +5,6 @@ line, a cancel that leaves no partial file, the upload limit and the CLI's optio
 from __future__ import annotations
 
 import json
-import socket
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 from typer.testing import CliRunner
 
-from tests.helpers import one_line_error
+from tests.helpers import free_port, one_line_error
 
 pytest.importorskip("gradio", reason="the [ui] extra (gradio) is not installed")
 gradio_client = pytest.importorskip("gradio_client", reason="the [ui] extra (gradio_client) is not installed")
@@ -33,12 +32,6 @@ def config_of(renderer: Renderer, prompt: str = "a red car", source: str = "a sa
     """The EditConfig the page makes of :func:`form`'s fields."""
     values = {**DEFAULTS, **options}
     return renderer.config(prompt=prompt, source_prompt=source, **{FIELDS.get(k, k): v for k, v in values.items()})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,7 @@ from urllib.parse import urlparse
 import numpy as np
 import pytest
 
-from tests.conftest import chromium
-from tests.test_ui import free_port
+from tests.helpers import chromium, free_port
 
 pytestmark = pytest.mark.browser
 
