@@ -18,13 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from p2v_fast.errors import EngineError, ExportValidationError
 from p2v_fast.nets.backend_tensorrt import ALIGNMENT, TensorRTBackend
 from p2v_fast.nets.manifest import Artifact, Machine, read_manifest, write_manifest
 from p2v_fast.nets.specs import ExportProfile
-from tests.helpers import SIZE
+from tests.helpers import SIZE, p2v
 from tests.trt_standin import CAPTURE_INVALIDATED, StandInCuda, StandInTrt, per_sample_value
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -310,7 +309,6 @@ def test_every_refused_call_is_a_clear_error(tiny_models, onnx_folder, tmp_path,
 def test_cli_edit_on_tensorrt_says_first_that_tensorrt_is_not_usable_here(tmp_path) -> None:
     """Before: 'engine folder 'engines' does not exist; create it with `p2v
     export --out engines`', an export that then failed. Now: TensorRT is not usable here, and why."""
-    from cli import app
     from p2v_fast.media.video import make_sample_clip
     from p2v_fast.nets.system import tensorrt_status
 
@@ -318,8 +316,8 @@ def test_cli_edit_on_tensorrt_says_first_that_tensorrt_is_not_usable_here(tmp_pa
     if ok:
         pytest.skip("TensorRT is usable here; this is the answer on machines without it")
     clip = make_sample_clip(tmp_path / "c.mp4", n_frames=2, size=(SIZE, SIZE))
-    result = CliRunner().invoke(app, ["edit", str(clip), "a red car", "--model", "tiny", "--size", str(SIZE),
-                                      "--backend", "tensorrt", "--engines", str(tmp_path / "none")])
+    result = p2v("edit", str(clip), "a red car", "--model", "tiny", "--size", str(SIZE),
+                 "--backend", "tensorrt", "--engines", str(tmp_path / "none"))
     lines = [ln for ln in result.output.splitlines() if ln.strip()]
     assert result.exit_code != 0 and len(lines) == 1, result.output
     line = lines[0]

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from p2v_fast.errors import BackendUnavailableError, EngineError
 from p2v_fast.nets.backends import TorchBackend
@@ -31,7 +30,7 @@ from p2v_fast.nets.manifest import (
 )
 from p2v_fast.nets.runtime import make_backend
 from p2v_fast.nets.specs import ExportProfile, network_spec
-from tests.helpers import SD2, SIZE, export_tiny
+from tests.helpers import SD2, SIZE, export_tiny, p2v
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -400,9 +399,9 @@ def test_tensorrt_provider_gets_the_profile_explicitly(engines) -> None:
 
 
 def test_cli_edit_on_onnxruntime_refuses_a_size_outside_the_profile(engines, clip, tmp_path) -> None:
-    result = _cli(["edit", str(clip), "a red car", "-o", str(tmp_path / "o.mp4"), "--model", "tiny", "--size",
-                   str(4 * SIZE), "--steps", "2", "--source-prompt", "a car", "--backend", "onnxruntime",
-                   "--engines", str(engines)])
+    result = p2v("edit", str(clip), "a red car", "-o", str(tmp_path / "o.mp4"), "--model", "tiny", "--size",
+                 str(4 * SIZE), "--steps", "2", "--source-prompt", "a car", "--backend", "onnxruntime",
+                 "--engines", str(engines))
     assert result.exit_code != 0 and "Traceback" not in result.output, result.output
     last = [ln for ln in result.output.splitlines() if ln.strip()][-1]
     assert last.startswith("error: ") and f"not {4 * SIZE}x{4 * SIZE}" in last and "p2v export --model tiny" in last
@@ -419,15 +418,15 @@ def test_default_export_then_edit_a_landscape_and_a_portrait_clip(engines, tmp_p
 
     folder = tmp_path / "eng"
     shutil.copytree(engines, folder)  # the session's graphs: the export finds them current
-    result = _cli(["export", "--model", "tiny", "--size", str(SIZE), "--format", "onnx", "--out", str(folder)])
+    result = p2v("export", "--model", "tiny", "--size", str(SIZE), "--format", "onnx", "--out", str(folder))
     assert result.exit_code == 0, result.output
     assert read_manifest(folder).profile.describe() == f"batch 1-8 at {SIZE}-{2 * SIZE} x {SIZE}-{2 * SIZE}"
     for size in ((854, 480), (480, 854)):
         clip = make_sample_clip(tmp_path / f"c{size[0]}.mp4", n_frames=2, size=size)
         out = tmp_path / f"o{size[0]}.mp4"
-        result = _cli(["edit", str(clip), "a red car", "-o", str(out), "--model", "tiny", "--size", str(SIZE),
-                       "--steps", "2", "--source-prompt", "a car", "--backend", "onnxruntime", "--engines",
-                       str(folder)])
+        result = p2v("edit", str(clip), "a red car", "-o", str(out), "--model", "tiny", "--size", str(SIZE),
+                     "--steps", "2", "--source-prompt", "a car", "--backend", "onnxruntime", "--engines",
+                     str(folder))
         assert result.exit_code == 0 and out.is_file(), result.output
 
 
@@ -450,12 +449,6 @@ def test_rebuild_command_and_machine_check() -> None:
 # ------------------------------------------------------------------------------ CLI
 
 
-def _cli(args: list[str]):
-    from cli import app
-
-    return CliRunner().invoke(app, args)
-
-
 def _assert_one_error_line(result, *needles: str) -> None:
     assert result.exit_code != 0, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
@@ -467,18 +460,18 @@ def _assert_one_error_line(result, *needles: str) -> None:
 
 
 def test_cli_edit_with_a_missing_engine_folder(clip, tmp_path) -> None:
-    result = _cli(["edit", str(clip), "a red car", "-o", str(tmp_path / "o.mp4"), "--model", "tiny", "--size",
-                   str(SIZE), "--steps", "2", "--source-prompt", "a car", "--backend", "onnxruntime",
-                   "--engines", str(tmp_path / "missing")])
+    result = p2v("edit", str(clip), "a red car", "-o", str(tmp_path / "o.mp4"), "--model", "tiny", "--size",
+                 str(SIZE), "--steps", "2", "--source-prompt", "a car", "--backend", "onnxruntime",
+                 "--engines", str(tmp_path / "missing"))
     _assert_one_error_line(result, "does not exist", "p2v export")
 
 
 def test_cli_edit_with_a_truncated_graph(engines, clip, tmp_path) -> None:
     folder = _copy(engines, tmp_path / "t")
     (folder / "depth.onnx").write_bytes((folder / "depth.onnx").read_bytes()[:100])
-    result = _cli(["edit", str(clip), "a red car", "-o", str(tmp_path / "o.mp4"), "--model", "tiny", "--size",
-                   str(SIZE), "--steps", "2", "--source-prompt", "a car", "--backend", "onnxruntime",
-                   "--engines", str(folder)])
+    result = p2v("edit", str(clip), "a red car", "-o", str(tmp_path / "o.mp4"), "--model", "tiny", "--size",
+                 str(SIZE), "--steps", "2", "--source-prompt", "a car", "--backend", "onnxruntime",
+                 "--engines", str(folder))
     _assert_one_error_line(result, "truncated", "depth.onnx", "p2v export --model tiny")
 
 
@@ -493,15 +486,15 @@ def test_cli_edit_with_engines_for_another_gpu(engines, clip, tmp_path, monkeypa
     from tests.trt_standin import StandInCuda
 
     monkeypatch.setattr(backend_tensorrt, "TorchCuda", lambda device: StandInCuda())  # a CUDA device, stood in
-    result = _cli(["edit", str(clip), "a red car", "-o", str(tmp_path / "o.mp4"), "--model", "tiny", "--size",
-                   str(SIZE), "--steps", "2", "--source-prompt", "a car", "--backend", "tensorrt",
-                   "--engines", str(folder)])
+    result = p2v("edit", str(clip), "a red car", "-o", str(tmp_path / "o.mp4"), "--model", "tiny", "--size",
+                 str(SIZE), "--steps", "2", "--source-prompt", "a car", "--backend", "tensorrt",
+                 "--engines", str(folder))
     _assert_one_error_line(result, "compute capability 8.0", "--format tensorrt", "p2v export")
 
 
 def _info(*args: str) -> str:
     """``p2v info`` output with the table's borders and wrapping removed (one line of text)."""
-    result = _cli(["info", *args])
+    result = p2v("info", *args)
     assert result.exit_code == 0, result.output
     return " ".join(result.output.replace("│", " ").replace("┃", " ").split())
 

@@ -10,17 +10,10 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from cli import app
 from p2v_fast.media import video
+from tests.helpers import p2v as _p2v
 from tests.helpers import write_jobs
-
-runner = CliRunner()
-
-
-def _p2v(*args: object):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")

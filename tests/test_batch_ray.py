@@ -14,14 +14,11 @@ import threading
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from cli import app
 from p2v_fast.media import video
-from tests.helpers import write_jobs
+from tests.helpers import p2v, write_jobs
 
 ray = pytest.importorskip("ray", reason="Ray is the 'ray' extra: pip install -e '.[ray]'")
-runner = CliRunner()
 RAY = {"cpus_per_worker": 1, "workers": 2, "poll_s": 0.1}
 
 
@@ -149,8 +146,8 @@ def test_a_bad_job_on_ray_is_reported_and_the_others_finish(ray_session, clips, 
         {"input": str(clips / "b.mp4"), "prompt": "also good", "output": "good2.mp4"},
     ], {"source_prompt": "a bad-job test", "max_frames": 2})
     summary = tmp_path / "s.json"
-    r = runner.invoke(app, ["batch", str(jobs), "--ray-cpus-per-worker", "1", "--workers", "2",
-                            "--json", str(summary)], catch_exceptions=False)
+    r = p2v("batch", str(jobs), "--ray-cpus-per-worker", "1", "--workers", "2",
+            "--json", str(summary), catch_exceptions=False)
     assert r.exit_code == 1, r.output
     rows = json.loads(summary.read_text())["jobs"]
     assert [row["status"] for row in rows] == ["done", "failed", "done"]
@@ -166,6 +163,6 @@ def test_a_bad_job_on_ray_is_reported_and_the_others_finish(ray_session, clips, 
 ])
 def test_ray_worker_options_that_cannot_fit_are_one_line(ray_session, clips, tmp_path, args, device, message) -> None:
     jobs = write_jobs(tmp_path, [{"input": str(clips / "b.mp4"), "prompt": "x", "device": device}])
-    r = runner.invoke(app, ["batch", str(jobs), *args], catch_exceptions=False)
+    r = p2v("batch", str(jobs), *args, catch_exceptions=False)
     assert r.exit_code == 2 and message in r.output.replace("\n", " ") and "Traceback" not in r.output
     assert not list(clips.glob("b.p2v*"))  # where the job's default output would be

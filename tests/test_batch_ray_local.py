@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from p2v_fast.errors import InputError
-from tests.helpers import one_line_error, write_jobs
+from tests.helpers import one_line_error, p2v, write_jobs
 
 ray = pytest.importorskip("ray", reason="Ray is the 'ray' extra: pip install -e '.[ray]'")
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,9 +33,6 @@ def test_the_ray_extra_needs_a_release_that_authenticates_local_clusters():
 
 @pytest.mark.parametrize("mode", ["disabled", "DISABLED", "", "k8s"])
 def test_a_local_ray_without_authentication_is_refused(mode, monkeypatch, tmp_path):
-    from typer.testing import CliRunner
-
-    from cli import app
     from p2v_fast.apps.batch_ray import connect
     from p2v_fast.media import video
 
@@ -49,7 +46,7 @@ def test_a_local_ray_without_authentication_is_refused(mode, monkeypatch, tmp_pa
         return
     video.make_sample_clip(tmp_path / "a.mp4", n_frames=2, size=(64, 64), with_audio=False)
     jobs = write_jobs(tmp_path, [{"input": "a.mp4", "prompt": "a cat"}], {"model": "tiny", "size": 64, "steps": 1})
-    res = CliRunner().invoke(app, ["batch", str(jobs), "--ray"])
+    res = p2v("batch", str(jobs), "--ray")
     assert res.exit_code == 2 and one_line_error(res).startswith("error: RAY_AUTH_MODE=disabled turns off"), res.output
     assert not (tmp_path / "a.p2v.mp4").exists() and not ray.is_initialized()
 

@@ -14,6 +14,7 @@ from benchmarks.hardware import peak_tflops
 from benchmarks.timing import summarize
 from p2v_fast.config import EditConfig
 from p2v_fast.errors import InputError
+from tests.helpers import p2v
 
 STEPS, FRAMES, REPEATS, SIZE = 4, 3, 2, 64
 GUIDED = STEPS // 2
@@ -350,14 +351,10 @@ def test_materialized_weights_are_all_different() -> None:
 
 
 def test_cli_bench_writes_json(tiny_dir, tmp_path: Path) -> None:
-    from typer.testing import CliRunner
-
-    from cli import app
-
     out = tmp_path / "b.json"
-    result = CliRunner().invoke(app, ["bench", "--model", "tiny", "--size", "64", "--steps", "2", "--frames", "2",
-                                      "--repeats", "1", "--warmup", "0", "--threads", "1", "--latent-update",
-                                      "detached", "--schedule", "sequential", "--json", str(out)])
+    result = p2v("bench", "--model", "tiny", "--size", "64", "--steps", "2", "--frames", "2",
+                 "--repeats", "1", "--warmup", "0", "--threads", "1", "--latent-update",
+                 "detached", "--schedule", "sequential", "--json", str(out))
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     assert [(e["schedule"], e["latent_update"]) for e in data["runs"][0]["edits"]] == [("sequential", "detached")]
@@ -366,11 +363,7 @@ def test_cli_bench_writes_json(tiny_dir, tmp_path: Path) -> None:
 
 
 def test_cli_bench_rejects_model_and_arch(tmp_path: Path) -> None:
-    from typer.testing import CliRunner
-
-    from cli import app
-
-    result = CliRunner().invoke(app, ["bench", "--model", "tiny", "--arch", "sd2-depth"])
+    result = p2v("bench", "--model", "tiny", "--arch", "sd2-depth")
     assert result.exit_code == 2
     assert "not both" in result.output
 

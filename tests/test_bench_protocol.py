@@ -9,16 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from benchmarks.protocol import PEERS, PROTOCOLS, ProtocolOptions
 from p2v_fast.errors import InputError
-
-
-def _p2v(*args: object):
-    from cli import app
-
-    return CliRunner().invoke(app, [str(a) for a in args])
+from tests.helpers import p2v
 
 
 def test_the_protocol_fixes_frames_size_and_steps() -> None:
@@ -40,7 +34,7 @@ def test_protocol_runs_small_and_says_it_is_not_the_protocol(tiny_dir, tmp_path:
     """The protocol's code path end to end on the tiny model, reduced through the explicit
     override (the real one needs a GPU): every stage timed, the JSON marked not faithful."""
     out = tmp_path / "v2v.json"
-    r = _p2v("bench", "--protocol", "v2v120", "--model", "tiny", "--frames", 3, "--size", 64, "--steps", 2,
+    r = p2v("bench", "--protocol", "v2v120", "--model", "tiny", "--frames", 3, "--size", 64, "--steps", 2,
              "--latent-update", "off", "--latent-update", "autograd", "--threads", 1, "--json", out)
     assert r.exit_code == 0, r.output
     assert "NOT THE PROTOCOL" in r.output and "TokenFlow" in r.output
@@ -80,21 +74,21 @@ def test_every_compiled_bucket_is_warmed_up_before_the_clock() -> None:
 
 
 def test_protocol_refuses_what_it_cannot_run(tmp_path: Path) -> None:
-    r = _p2v("bench", "--protocol", "v2v999", "--model", "tiny")
+    r = p2v("bench", "--protocol", "v2v999", "--model", "tiny")
     assert r.exit_code == 2 and "error:" in r.output and "--protocol" in r.output
-    r = _p2v("bench", "--protocol", "v2v120", "--model", "tiny", "--backend", "torch", "--backend", "onnxruntime")
+    r = p2v("bench", "--protocol", "v2v120", "--model", "tiny", "--backend", "torch", "--backend", "onnxruntime")
     assert r.exit_code == 2 and "one backend" in r.output
 
 
 def test_bench_plan_simulates_without_weights(tmp_path: Path) -> None:
     out = tmp_path / "plan.json"
-    r = _p2v("bench", "--plan", "--frames", 60, "--steps", 50, "--size", 512, "--dtype", "fp16", "--json", out)
+    r = p2v("bench", "--plan", "--frames", 60, "--steps", 50, "--size", 512, "--dtype", "fp16", "--json", out)
     assert r.exit_code == 0, r.output
     data = json.loads(out.read_text())
     plans = {(p["latent_update"], p["cap"]): p for p in data["plans"]}
     assert plans[("detached", 16)]["ticks"] == 211 and plans[("autograd", 16)]["calls"] == 336
     assert "wavefront plan" in r.output
-    r = _p2v("bench", "--plan", "--model", "some/hub-model")
+    r = p2v("bench", "--plan", "--model", "some/hub-model")
     assert r.exit_code == 2 and "--plan needs" in r.output
 
 
@@ -105,7 +99,7 @@ def test_threads_is_checked_on_every_command(tmp_path: Path, command) -> None:
     from tests.helpers import sample_clip
 
     clip = sample_clip(tmp_path, n_frames=2, audio=False)
-    r = _p2v(*[c.format(clip=clip, tmp=tmp_path / "demo") for c in command], "--threads", 0)
+    r = p2v(*[c.format(clip=clip, tmp=tmp_path / "demo") for c in command], "--threads", 0)
     assert r.exit_code == 2 and "--threads must be >= 1" in r.output
     assert not (tmp_path / "demo").exists()  # refused before any work
 

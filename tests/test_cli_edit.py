@@ -9,18 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from cli import app
 from p2v_fast.media import video
-from tests.helpers import sample_clip
+from tests.helpers import p2v, sample_clip
 
-runner = CliRunner()
 FAST = ["--model", "tiny", "--size", "64", "--steps", "4"]
 
-
-def _p2v(*args: str):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
 def _digest(path: Path) -> str:
@@ -35,9 +29,9 @@ def clip(tmp_path_factory, tiny_dir) -> Path:
 def test_edit_preserves_frames_fps_and_audio_and_is_deterministic(clip, tmp_path) -> None:
     before = _digest(clip)
     out1, out2 = tmp_path / "a.mp4", tmp_path / "b.mp4"
-    r1 = _p2v("edit", clip, "a crochet swan", "-o", out1, *FAST, "--side-by-side", "--source-prompt", "a clip")
+    r1 = p2v("edit", clip, "a crochet swan", "-o", out1, *FAST, "--side-by-side", "--source-prompt", "a clip")
     assert r1.exit_code == 0, r1.output
-    r2 = _p2v("edit", clip, "a crochet swan", "-o", out2, *FAST, "--source-prompt", "a clip")
+    r2 = p2v("edit", clip, "a crochet swan", "-o", out2, *FAST, "--source-prompt", "a clip")
     assert r2.exit_code == 0, r2.output
     assert "cache hit" in r2.output  # the second edit of the clip does no inversion work
     src, info = video.probe(clip), video.probe(out1)
@@ -54,7 +48,7 @@ def test_edit_preserves_frames_fps_and_audio_and_is_deterministic(clip, tmp_path
 
 def test_stride_start_and_max_frames(clip, tmp_path) -> None:
     out = tmp_path / "s.mp4"
-    r = _p2v("edit", clip, "x", "-o", out, *FAST, "--start", "1", "--stride", "2", "--max-frames", "2",
+    r = p2v("edit", clip, "x", "-o", out, *FAST, "--start", "1", "--stride", "2", "--max-frames", "2",
              "--source-prompt", "a clip", "--latent-update", "detached")
     assert r.exit_code == 0, r.output
     info = video.probe(out)
@@ -64,7 +58,7 @@ def test_stride_start_and_max_frames(clip, tmp_path) -> None:
 
 def test_preview_writes_the_anchor_frame(clip, tmp_path) -> None:
     out = tmp_path / "p.png"
-    r = _p2v("edit", clip, "a swan", "--preview", "-o", out, *FAST, "--source-prompt", "a clip")
+    r = p2v("edit", clip, "a swan", "--preview", "-o", out, *FAST, "--source-prompt", "a clip")
     assert r.exit_code == 0, r.output
     from PIL import Image
 
@@ -121,7 +115,7 @@ def test_bad_input_is_one_line_and_nonzero(clip, tmp_path, args, message) -> Non
     defaults = ["--model", "tiny", "--size", "64", "--steps", "2"][0 if "--model" not in args else 2 :]
     argv = formatted[:3] + defaults + formatted[3:]  # the case's own options come last and win
     before = _digest(clip)
-    r = _p2v(*argv)
+    r = p2v(*argv)
     assert r.exit_code != 0
     lines = [ln for ln in r.output.strip().splitlines() if ln.strip()]
     assert "Traceback" not in r.output
@@ -158,7 +152,7 @@ def test_out_of_memory_at_one_frame_is_one_line(clip, tmp_path, monkeypatch) -> 
 
     monkeypatch.setattr(p2v_fast.pipeline, "run_schedule", too_big)
     out = tmp_path / "oom.mp4"
-    r = _p2v("edit", clip, "a swan", "-o", out, *FAST, "--source-prompt", "a clip")
+    r = p2v("edit", clip, "a swan", "-o", out, *FAST, "--source-prompt", "a clip")
     assert r.exit_code == 1
     lines = r.output.strip().splitlines()
     assert lines[-1].startswith("error: out of memory") and "Traceback" not in r.output
@@ -180,16 +174,16 @@ def test_prompts_past_clips_token_limit_warn_once_each_with_the_dropped_part(cli
         assert dropped and text.endswith(dropped.strip()[-8:])  # the end of the prompt is what is lost
     assert dropped_part(models, "a crochet swan") is None
 
-    r = _p2v("edit", clip, long["target"], "-o", tmp_path / "long.mp4", *FAST, "--max-frames", "2",
+    r = p2v("edit", clip, long["target"], "-o", tmp_path / "long.mp4", *FAST, "--max-frames", "2",
              "--negative-prompt", long["negative"], "--source-prompt", long["source"], "--latent-update", "off")
     assert r.exit_code == 0, r.output
     text = r.output.replace("\n", " ")
     for what in ("target", "negative", "source"):
         assert text.count(f"warning: the {what} prompt is longer than CLIP's 77 tokens") == 1, r.output
         assert f"tail of the {what}" in text
-    r = _p2v("edit", clip, "a swan", "-o", tmp_path / "short.mp4", *FAST, "--max-frames", "2",
+    r = p2v("edit", clip, "a swan", "-o", tmp_path / "short.mp4", *FAST, "--max-frames", "2",
              "--source-prompt", "a clip", "--latent-update", "off")
     assert r.exit_code == 0 and "warning:" not in r.output
-    r = _p2v("invert", clip, "--model", "tiny", "--size", "64", "--steps", "2", "--max-frames", "2",
+    r = p2v("invert", clip, "--model", "tiny", "--size", "64", "--steps", "2", "--max-frames", "2",
              "--source-prompt", long["source"])
     assert r.exit_code == 0 and r.output.count("warning: the source prompt is longer") == 1, r.output

@@ -18,13 +18,11 @@ from typer.testing import CliRunner
 from cli import app
 from p2v_fast.media import video
 from tests.helpers import one_line_error, sample_clip
+from tests.helpers import p2v as _p2v
 
 runner = CliRunner()
 FAST = ["--model", "tiny", "--size", "64", "--steps", "2", "--source-prompt", "a clip"]
 
-
-def _p2v(*args: object):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
 def _digest(path: Path) -> str:

@@ -11,9 +11,7 @@ import cv2
 import numpy as np
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
-from cli import app
 from p2v_fast.apps.ablation import (
     DEFAULT_SETTINGS,
     GAP,
@@ -30,6 +28,7 @@ from p2v_fast.apps.ablation import (
 from p2v_fast.errors import InputError
 from p2v_fast.files import json_safe
 from p2v_fast.media import video
+from tests.helpers import p2v
 
 EVAL_FIELDS = {
     "edited", "source", "prompt", "clip_model", "flow", "size", "n_frames", "source_start", "source_stride",
@@ -66,11 +65,6 @@ def clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"six": write_clip(d / "six.mp4", frames), "four": write_clip(d / "four.mp4", frames[:4])}
 
 
-@pytest.fixture()
-def runner(p2v_cache: Path) -> CliRunner:  # p2v_cache: a fresh P2V_CACHE for the session
-    return CliRunner()
-
-
 def assert_one_line_error(result, *needles: str) -> str:
     assert result.exit_code != 0, result.output
     assert isinstance(result.exception, SystemExit), repr(result.exception)
@@ -86,11 +80,11 @@ def assert_one_line_error(result, *needles: str) -> str:
 # ------------------------------------------------------------------------------------------- eval
 
 
-def test_eval_clip_against_itself(runner: CliRunner, clips: dict[str, Path], tmp_path: Path) -> None:
+def test_eval_clip_against_itself(clips: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "scores.json"
     clip = str(clips["six"])
-    r = runner.invoke(app, ["eval", clip, "--source", clip, "--prompt", "a red ball", "--clip-model", "tiny",
-                            "--json", str(out)])
+    r = p2v("eval", clip, "--source", clip, "--prompt", "a red ball", "--clip-model", "tiny",
+            "--json", str(out))
     assert r.exit_code == 0, r.output
     for header in ("CLIP-Text", "CLIP-Image", "Pixel-MSE"):
         assert header in r.stdout
@@ -116,57 +110,57 @@ def _umask() -> int:
     return mask
 
 
-def test_eval_source_selection_and_size(runner: CliRunner, clips: dict[str, Path], tmp_path: Path) -> None:
+def test_eval_source_selection_and_size(clips: dict[str, Path], tmp_path: Path) -> None:
     """A 4-frame edit of the first 4 frames of a 6-frame source; compared at a smaller size."""
     out = tmp_path / "s.json"
-    r = runner.invoke(app, ["eval", str(clips["four"]), "--source", str(clips["six"]), "--prompt", "a red ball",
-                            "--clip-model", "tiny", "--max-frames", "4", "--size", "32", "--json", str(out)])
+    r = p2v("eval", str(clips["four"]), "--source", str(clips["six"]), "--prompt", "a red ball",
+            "--clip-model", "tiny", "--max-frames", "4", "--size", "32", "--json", str(out))
     assert r.exit_code == 0, r.output
     data = json.loads(out.read_text())
     assert data["n_frames"] == 4 and data["size"] == [64, 32]
     assert data["pixel_mse"] < 10.0
 
 
-def test_eval_different_lengths(runner: CliRunner, clips: dict[str, Path]) -> None:
-    r = runner.invoke(app, ["eval", str(clips["four"]), "--source", str(clips["six"]), "--prompt", "a cat",
-                            "--clip-model", "tiny"])
+def test_eval_different_lengths(clips: dict[str, Path]) -> None:
+    r = p2v("eval", str(clips["four"]), "--source", str(clips["six"]), "--prompt", "a cat",
+            "--clip-model", "tiny")
     assert_one_line_error(r, "4", "6", "differ")
     assert r.exit_code == InputError.exit_code
 
 
 @pytest.mark.parametrize("prompt", ["", "   "])
-def test_eval_empty_prompt(runner: CliRunner, clips: dict[str, Path], prompt: str) -> None:
+def test_eval_empty_prompt(clips: dict[str, Path], prompt: str) -> None:
     clip = str(clips["six"])
-    r = runner.invoke(app, ["eval", clip, "--source", clip, "--prompt", prompt, "--clip-model", "tiny"])
+    r = p2v("eval", clip, "--source", clip, "--prompt", prompt, "--clip-model", "tiny")
     assert_one_line_error(r, "prompt", "empty")
 
 
 @pytest.mark.parametrize("which", ["edited", "source"])
-def test_eval_missing_file(runner: CliRunner, clips: dict[str, Path], tmp_path: Path, which: str) -> None:
+def test_eval_missing_file(clips: dict[str, Path], tmp_path: Path, which: str) -> None:
     missing = str(tmp_path / "nope.mp4")
     clip = str(clips["six"])
     edited, source = (missing, clip) if which == "edited" else (clip, missing)
-    r = runner.invoke(app, ["eval", edited, "--source", source, "--prompt", "a cat", "--clip-model", "tiny"])
+    r = p2v("eval", edited, "--source", source, "--prompt", "a cat", "--clip-model", "tiny")
     assert_one_line_error(r, which, "nope.mp4")
 
 
-def test_eval_bad_flow_and_clip_model(runner: CliRunner, clips: dict[str, Path], tmp_path: Path) -> None:
+def test_eval_bad_flow_and_clip_model(clips: dict[str, Path], tmp_path: Path) -> None:
     clip = str(clips["six"])
-    r = runner.invoke(app, ["eval", clip, "--source", clip, "--prompt", "a cat", "--flow", "farneback"])
+    r = p2v("eval", clip, "--source", clip, "--prompt", "a cat", "--flow", "farneback")
     assert_one_line_error(r, "farneback")
-    r = runner.invoke(app, ["eval", clip, "--source", clip, "--prompt", "a cat",
-                            "--clip-model", str(tmp_path / "no-such-clip")])
+    r = p2v("eval", clip, "--source", clip, "--prompt", "a cat",
+            "--clip-model", str(tmp_path / "no-such-clip"))
     assert_one_line_error(r, "no-such-clip")
 
 
 # ----------------------------------------------------------------------------------------- ablate
 
 
-def test_ablate_tiny(runner: CliRunner, clips: dict[str, Path], tmp_path: Path) -> None:
+def test_ablate_tiny(clips: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "abl"
     args = ["ablate", str(clips["six"]), "a red ball on a checkerboard", "--out", str(out), "--model", "tiny",
             "--size", "64", "--steps", "4", "--max-frames", "3", "--clip-model", "tiny"]
-    r = runner.invoke(app, args)
+    r = p2v(*args)
     assert r.exit_code == 0, r.output
     print(r.stdout)  # the table (pytest -s shows it)
 
@@ -202,19 +196,19 @@ def test_ablate_tiny(runner: CliRunner, clips: dict[str, Path], tmp_path: Path) 
         assert im.size == sheet_size(1 + 5, 3, CLIP_SIZE)  # source + 5 settings, 3 frames
 
     # A second run into the same folder refuses (before loading any model) unless --overwrite.
-    r2 = runner.invoke(app, args)
+    r2 = p2v(*args)
     assert_one_line_error(r2, "--overwrite")
 
 
-def test_ablate_bad_inputs(runner: CliRunner, clips: dict[str, Path], tmp_path: Path) -> None:
+def test_ablate_bad_inputs(clips: dict[str, Path], tmp_path: Path) -> None:
     clip = str(clips["six"])
     base = ["--out", str(tmp_path / "o"), "--model", "tiny", "--size", "64", "--clip-model", "tiny"]
-    assert_one_line_error(runner.invoke(app, ["ablate", clip, "a cat", "--settings", "ours,magic", *base]), "magic")
-    assert_one_line_error(runner.invoke(app, ["ablate", clip, "  ", *base]), "empty")
-    assert_one_line_error(runner.invoke(app, ["ablate", str(tmp_path / "x.mp4"), "a cat", *base]), "x.mp4")
-    assert_one_line_error(runner.invoke(app, ["ablate", clip, "a cat", "--max-frames", "1", *base]), "2 frames")
+    assert_one_line_error(p2v("ablate", clip, "a cat", "--settings", "ours,magic", *base), "magic")
+    assert_one_line_error(p2v("ablate", clip, "  ", *base), "empty")
+    assert_one_line_error(p2v("ablate", str(tmp_path / "x.mp4"), "a cat", *base), "x.mp4")
+    assert_one_line_error(p2v("ablate", clip, "a cat", "--max-frames", "1", *base), "2 frames")
     if importlib.util.find_spec("torchvision") is None:  # RAFT unusable: refused before any edit
-        assert_one_line_error(runner.invoke(app, ["ablate", clip, "a cat", "--flow", "raft", *base]), "torchvision")
+        assert_one_line_error(p2v("ablate", clip, "a cat", "--flow", "raft", *base), "torchvision")
     assert not (tmp_path / "o").exists()
 
 

@@ -11,22 +11,16 @@ from pathlib import Path
 
 import pytest
 import typer
-from typer.testing import CliRunner
 
 import cli
 from cli import app
 from p2v_fast.config import EditConfig
 from p2v_fast.nets.export_options import ExportOptions
-from tests.helpers import one_line_error, sample_clip
+from tests.helpers import one_line_error, p2v, sample_clip
 
 ROOT = Path(__file__).resolve().parents[1]
-runner = CliRunner()
 # a source prompt of its own: these edits and inversions never fill the shared cache for another test
 FAST = ["--model", "tiny", "--size", "64", "--steps", "2", "--source-prompt", "a clip of the options tests"]
-
-
-def _p2v(*args: object, **kw):
-    return runner.invoke(app, [str(a) for a in args], **kw)
 
 
 def _commands() -> dict:
@@ -35,7 +29,7 @@ def _commands() -> dict:
 
 def test_docs_options_md_is_what_the_app_generates() -> None:
     """docs/options.md cannot go stale: regenerate it with `p2v options-table > docs/options.md`."""
-    r = _p2v("options-table")
+    r = p2v("options-table")
     assert r.exit_code == 0, r.output
     assert r.stdout == (ROOT / "docs" / "options.md").read_text(encoding="utf-8")
     for command in ("edit", "invert", "eval", "ablate", "bench", "export", "info", "batch", "demo"):
@@ -54,13 +48,13 @@ def test_docs_options_md_is_what_the_app_generates() -> None:
     (["ui", "--dtype", "fp8"], "--dtype"),
 ])
 def test_a_choice_not_offered_is_one_line_and_exit_2(args, option) -> None:
-    r = _p2v(*args)
+    r = p2v(*args)
     assert r.exit_code == 2
     assert one_line_error(r).startswith(f"error: {option} must be one of ")
 
 
 def test_help_shows_the_choices() -> None:
-    r = _p2v("edit", "--help", env={"COLUMNS": "250"})
+    r = p2v("edit", "--help", env={"COLUMNS": "250"})
     for choices in ("[autograd|detached|off]", "[anchor+prev|anchor|prev|none]", "[crop|stretch|pad]",
                     "[auto|fp32|fp16|bf16]", "[torch|onnxruntime|tensorrt|auto]", "[sequential|wavefront]"):
         assert choices in r.stdout, choices
@@ -98,9 +92,9 @@ def test_export_takes_the_common_names_and_its_old_spellings(tmp_path, monkeypat
 
     monkeypatch.setattr(export, "export_engines", fake_export)
     base = ["export", "--model", "tiny", "--size", "64", "--format", "onnx"]
-    r = _p2v(*base, "--out", tmp_path / "e", "--precision", "fp32", "--force", catch_exceptions=False)
+    r = p2v(*base, "--out", tmp_path / "e", "--precision", "fp32", "--force", catch_exceptions=False)
     assert r.exit_code == 0, r.output
-    r = _p2v(*base, "--engines", tmp_path / "e", "--dtype", "fp32", "--overwrite", "--json", tmp_path / "s.json",
+    r = p2v(*base, "--engines", tmp_path / "e", "--dtype", "fp32", "--overwrite", "--json", tmp_path / "s.json",
              "--threads", "1", catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert seen[0] == seen[1] and seen[0].precision == "fp32" and seen[0].force and seen[0].out == tmp_path / "e"
@@ -113,8 +107,8 @@ def test_edit_takes_force_for_overwrite(tmp_path) -> None:
     clip = sample_clip(tmp_path, n_frames=2, size=(64, 64), audio=False)
     out = tmp_path / "o.mp4"
     out.write_bytes(b"old")
-    assert "pass --overwrite" in one_line_error(_p2v("edit", clip, "a swan", "-o", out, *FAST))
-    r = _p2v("edit", clip, "a swan", "-o", out, *FAST, "--force", catch_exceptions=False)
+    assert "pass --overwrite" in one_line_error(p2v("edit", clip, "a swan", "-o", out, *FAST))
+    r = p2v("edit", clip, "a swan", "-o", out, *FAST, "--force", catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert out.read_bytes() != b"old"
 
@@ -133,26 +127,26 @@ def test_eval_takes_its_inputs_as_edit_does(tmp_path) -> None:
              "old": ["eval", edited, "--source", clip, "--prompt", "a red ball", *tiny]}
     scores = {}
     for name, args in forms.items():
-        r = _p2v(*args, "--json", tmp_path / f"{name}.json", catch_exceptions=False)
+        r = p2v(*args, "--json", tmp_path / f"{name}.json", catch_exceptions=False)
         assert r.exit_code == 0, (name, r.output)
         scores[name] = json.loads((tmp_path / f"{name}.json").read_text())
     assert scores["new"]["edited"] == str(edited) and scores["new -o"]["edited"] == str(other)
     for key in ("clip_text", "clip_image", "pixel_mse", "n_frames"):
         assert scores["new"][key] == scores["old"][key] == scores["new -o"][key], key
-    assert "missing PROMPT" in one_line_error(_p2v("eval", clip, *tiny))
-    assert "once" in one_line_error(_p2v("eval", clip, "a", "--prompt", "b", *tiny))
-    assert "input does not exist" in one_line_error(_p2v("eval", tmp_path / "none.mp4", "a", *tiny))
+    assert "missing PROMPT" in one_line_error(p2v("eval", clip, *tiny))
+    assert "once" in one_line_error(p2v("eval", clip, "a", "--prompt", "b", *tiny))
+    assert "input does not exist" in one_line_error(p2v("eval", tmp_path / "none.mp4", "a", *tiny))
 
 
 def test_invert_and_info_write_json(tmp_path) -> None:
     clip = sample_clip(tmp_path, n_frames=2, size=(64, 64), audio=False)
-    assert "is the input" in one_line_error(_p2v("invert", clip, *FAST, "--json", clip))
-    r = _p2v("invert", clip, *FAST, "--json", tmp_path / "inv.json", catch_exceptions=False)
+    assert "is the input" in one_line_error(p2v("invert", clip, *FAST, "--json", clip))
+    r = p2v("invert", clip, *FAST, "--json", tmp_path / "inv.json", catch_exceptions=False)
     assert r.exit_code == 0, r.output
     inv = json.loads((tmp_path / "inv.json").read_text())
     assert inv["n_frames"] == 2 and inv["size"] == [64, 64] and Path(inv["cache"]).is_dir()
     assert inv["source_prompt"] == "a clip of the options tests" and inv["reconstruction"]["latent_rel_rms"] > 0
-    r = _p2v("info", "--engines", tmp_path / "none", "--json", tmp_path / "info.json", catch_exceptions=False)
+    r = p2v("info", "--engines", tmp_path / "none", "--json", tmp_path / "info.json", catch_exceptions=False)
     assert r.exit_code == 0, r.output
     rows = json.loads((tmp_path / "info.json").read_text())
     assert {"component", "status"} == set(rows[0]) and any(row["component"] == "torch" for row in rows)
@@ -184,7 +178,7 @@ def test_messages_name_only_the_commands_own_options(command, raised, present, a
     clip = sample_clip(tmp_path, n_frames=2, size=(64, 64), audio=False)
     args = {"edit": ["edit", clip, "a swan", *FAST], "invert": ["invert", clip, *FAST],
             "eval": ["eval", clip, "a swan", "-o", clip, "--clip-model", "tiny"]}[command]
-    line = one_line_error(_p2v(*args))
+    line = one_line_error(p2v(*args))
     for text in present:
         assert text in line, line
     for text in absent:

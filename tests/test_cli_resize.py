@@ -7,21 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
-from cli import app
 from p2v_fast.config import EditConfig
 from p2v_fast.errors import InputError
 from p2v_fast.media import video
 from p2v_fast.media.clip_selection import select_clip
-from tests.helpers import sample_clip
+from tests.helpers import p2v, sample_clip
 
-runner = CliRunner()
 FAST = ["--model", "tiny", "--size", "64", "--steps", "2", "--source-prompt", "a clip"]
 
-
-def _p2v(*args: object):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +36,7 @@ def test_frame_geometry_of_a_davis_clip() -> None:
 def test_invert_stretch_gives_the_papers_512_square_for_a_davis_sized_clip(tmp_path, tiny_dir) -> None:
     davis = video.make_sample_clip(tmp_path / "davis.mp4", n_frames=1, size=(854, 480), with_audio=False)
     for resize, size in (("stretch", "512x512"), ("pad", "512x512")):  # crop: 896x512 (frame_geometry above)
-        r = _p2v("invert", davis, "--model", "tiny", "--size", "512", "--steps", "1", "--source-prompt", "a swan",
+        r = p2v("invert", davis, "--model", "tiny", "--size", "512", "--steps", "1", "--source-prompt", "a swan",
                  "--resize", resize)
         assert r.exit_code == 0, r.output
         assert f"1 frame at {size} ({resize})" in r.output, r.output
@@ -63,12 +57,12 @@ def test_pad_working_frames_are_letterboxed_and_eval_sees_their_picture(clip) ->
 
 
 def test_edit_stretch_and_pad_outputs(clip, tmp_path) -> None:
-    r = _p2v("edit", clip, "a swan", "-o", tmp_path / "s.mp4", *FAST, "--resize", "stretch")
+    r = p2v("edit", clip, "a swan", "-o", tmp_path / "s.mp4", *FAST, "--resize", "stretch")
     assert r.exit_code == 0, r.output
     info = video.probe(tmp_path / "s.mp4")
     assert (info.width, info.height, info.n_frames) == (64, 64, 3)
 
-    r = _p2v("edit", clip, "a swan", "-o", tmp_path / "p.mp4", *FAST, "--resize", "pad", "--side-by-side")
+    r = p2v("edit", clip, "a swan", "-o", tmp_path / "p.mp4", *FAST, "--resize", "pad", "--side-by-side")
     assert r.exit_code == 0, r.output
     assert "output 64x42" in r.output.replace("\n", " ")
     info = video.probe(tmp_path / "p.mp4")
@@ -77,19 +71,19 @@ def test_edit_stretch_and_pad_outputs(clip, tmp_path) -> None:
     assert (sbs.width, sbs.height) == (128, 42)
     assert Image.open(tmp_path / "p.strip.png").size[1] == 2 * 42
 
-    r = _p2v("edit", clip, "a swan", "-o", tmp_path / "p.png", *FAST, "--resize", "pad", "--preview")
+    r = p2v("edit", clip, "a swan", "-o", tmp_path / "p.png", *FAST, "--resize", "pad", "--preview")
     assert r.exit_code == 0, r.output
     assert Image.open(tmp_path / "p.png").size == (64, 42)
 
     for out, resize in (("s.mp4", "stretch"), ("p.mp4", "pad")):
-        r = _p2v("eval", tmp_path / out, "--source", clip, "--prompt", "a swan", "--clip-model", "tiny",
+        r = p2v("eval", tmp_path / out, "--source", clip, "--prompt", "a swan", "--clip-model", "tiny",
                  "--resize", resize)
         assert r.exit_code == 0, r.output
 
 
 def test_ablate_stretch(clip, tmp_path) -> None:
     out = tmp_path / "abl"
-    r = _p2v("ablate", clip, "a swan", "--out", out, *FAST, "--resize", "stretch", "--settings",
+    r = p2v("ablate", clip, "a swan", "--out", out, *FAST, "--resize", "stretch", "--settings",
              "no-update,per-frame", "--clip-model", "tiny")
     assert r.exit_code == 0, r.output
     assert "3 frames at 64x64" in r.output.replace("\n", " ")
@@ -101,6 +95,6 @@ def test_bad_resize_is_one_line(clip, tmp_path, command) -> None:
     args = {"edit": ["edit", clip, "a swan", *FAST], "invert": ["invert", clip, *FAST[:4]],
             "ablate": ["ablate", clip, "a swan", "--out", tmp_path / "a", *FAST, "--clip-model", "tiny"],
             "eval": ["eval", clip, "--source", clip, "--prompt", "a swan", "--clip-model", "tiny"]}[command]
-    r = _p2v(*args, "--resize", "squash")
+    r = p2v(*args, "--resize", "squash")
     assert r.exit_code == 2
     assert r.output.strip().splitlines()[-1].startswith("error:") and "--resize" in r.output

@@ -17,14 +17,12 @@ import copy
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from cli import app
 from p2v_fast.config import EditConfig
 from p2v_fast.media import video
 from p2v_fast.method.edit import FeatureStore, run_schedule
 from p2v_fast.nets.attention import injected_layer_names
-from tests.helpers import make_context, random_frames
+from tests.helpers import make_context, p2v, random_frames
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -55,9 +53,9 @@ def test_identical_frames_give_identical_edited_frames_end_to_end(tmp_path, tiny
     for i in range(4):
         video.save_png(folder / f"{i}.png", frame)
     out = tmp_path / "same.mp4"
-    r = CliRunner().invoke(app, ["edit", str(folder), "a crochet swan", "-o", str(out), "--model", "tiny",
-                                 "--size", "64", "--steps", "6", "--source-prompt", "a clip", "--refs",
-                                 "anchor+prev"], catch_exceptions=False)
+    r = p2v("edit", str(folder), "a crochet swan", "-o", str(out), "--model", "tiny",
+            "--size", "64", "--steps", "6", "--source-prompt", "a clip", "--refs",
+            "anchor+prev", catch_exceptions=False)
     assert r.exit_code == 0, r.output
     frames = [f.astype(int) for f in video.read_frames(out)]
     assert len(frames) == 4 and frames[0].std() > 5  # not a blank picture

@@ -14,7 +14,6 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from export import ExportOptions, export_engines
 from export.onnx_export import CLEANERS, compare_outputs, graph_module, reference_outputs
@@ -29,7 +28,7 @@ from p2v_fast.nets.manifest import (
     rebuild_command,
 )
 from p2v_fast.nets.specs import NETWORKS, ExportProfile, network_spec, sample_inputs
-from tests.helpers import SD2, SIZE, export_tiny
+from tests.helpers import SD2, SIZE, export_tiny, p2v
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -502,24 +501,21 @@ def test_dynamo_export_of_the_unet_validates(tiny_dir, tmp_path, ref_models) -> 
 
 
 def test_cli_export_reports_cached_stages(tiny_engines) -> None:
-    from cli import app
-
     folder, _ = tiny_engines
-    result = CliRunner().invoke(app, ["export", "--model", "tiny", "--size", str(SIZE), "--out", str(folder),
-                                      "--format", "onnx", "--precision", "fp32", "--max-batch", "4",
-                                      "--max-size", str(2 * SIZE)])
+    result = p2v("export", "--model", "tiny", "--size", str(SIZE), "--out", str(folder),
+                 "--format", "onnx", "--precision", "fp32", "--max-batch", "4",
+                 "--max-size", str(2 * SIZE))
     assert result.exit_code == 0, result.output
     assert "cached" in result.output and "unet.onnx" in result.output and "manifest" in result.output
 
 
 def test_cli_export_tensorrt_without_tensorrt_is_one_clear_line(tmp_path) -> None:
-    from cli import app
     from p2v_fast.nets.system import tensorrt_status
 
     if tensorrt_status()[0]:
         pytest.skip("TensorRT is usable here; the refusal path is for machines without it")
-    result = CliRunner().invoke(app, ["export", "--model", "tiny", "--size", str(SIZE), "--out", str(tmp_path / "e"),
-                                      "--format", "tensorrt"])
+    result = p2v("export", "--model", "tiny", "--size", str(SIZE), "--out", str(tmp_path / "e"),
+                 "--format", "tensorrt")
     assert result.exit_code != 0
     assert result.exception is None or isinstance(result.exception, SystemExit)
     lines = [ln for ln in result.output.splitlines() if ln.strip()]
@@ -626,11 +622,9 @@ def test_a_graphs_only_reexport_keeps_the_engines_that_are_still_current(tiny_en
     (["--size", "0"], "multiple of 64"),
 ])
 def test_export_bad_out_and_size_are_one_line(tmp_path, args, message) -> None:
-    from cli import app
-
     (tmp_path / "f").write_text("not a folder")
     args = [str(tmp_path / "f") if a == "FILE" else a for a in args]
-    r = CliRunner().invoke(app, ["export", "--model", "tiny", "--format", "onnx", *args], catch_exceptions=False)
+    r = p2v("export", "--model", "tiny", "--format", "onnx", *args, catch_exceptions=False)
     assert r.exit_code == 2, r.output
     assert _one_line(r.output.strip()).startswith("error:") and message in r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]

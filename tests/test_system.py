@@ -6,9 +6,8 @@ import ast
 import re
 from pathlib import Path
 
-from typer.testing import CliRunner
-
 from p2v_fast.nets import system
+from tests.helpers import p2v
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,13 +35,11 @@ def test_the_tensorrt_provider_probe_sees_onnxruntime_fall_back() -> None:
 def test_p2v_info_warns_about_two_onnxruntimes_and_a_missing_cuda_provider(monkeypatch) -> None:
     import torch
 
-    from cli import app
-
     monkeypatch.setattr(system, "_installed", lambda *names: {"onnxruntime", "onnxruntime-gpu"})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(system, "cuda_status", lambda: (True, "NVIDIA H100 (stood in)"))
     monkeypatch.setattr(system, "tensorrt_status", lambda: (False, "not usable: not installed"))
-    result = CliRunner().invoke(app, ["info"])
+    result = p2v("info")
     text = " ".join(result.output.replace("│", " ").split())
     assert result.exit_code == 0, result.output
     assert "both onnxruntime and onnxruntime-gpu are installed" in text and "no CUDA provider" in text

@@ -10,9 +10,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from typer.testing import CliRunner
 
-from tests.helpers import free_port, one_line_error
+from tests.helpers import free_port, one_line_error, p2v
 
 pytest.importorskip("gradio", reason="the [ui] extra (gradio) is not installed")
 gradio_client = pytest.importorskip("gradio_client", reason="the [ui] extra (gradio_client) is not installed")
@@ -156,8 +155,6 @@ def test_a_pool_of_two_devices_runs_two_renders_at_once(ui, sample, tmp_path):
 
 
 def test_bad_inputs_are_the_clis_one_line(ui, sample, tmp_path):
-    from cli import app
-
     before = outputs_in(ui.out)
     status, *rest = ui.client.predict(*form(None), api_name="/render")
     assert status == "error: no clip: upload a video or press 'Use the sample clip'" and rest == [None] * 5
@@ -166,11 +163,11 @@ def test_bad_inputs_are_the_clis_one_line(ui, sample, tmp_path):
     bad.write_text("not a video\n")
     status, *_ = ui.client.predict(*form(bad), api_name="/render")
     kept = next((ui.out / "inputs").glob("*-notes.mp4"))  # the upload, kept under its hash
-    cli = CliRunner().invoke(app, ["edit", str(kept), "a red car", "--model", "tiny", "--size", "64"])
+    cli = p2v("edit", str(kept), "a red car", "--model", "tiny", "--size", "64")
     assert status == one_line_error(cli), (status, cli.stderr)
 
     status, *_ = ui.client.predict(*form(sample, size=96), api_name="/render")
-    cli = CliRunner().invoke(app, ["edit", str(sample), "a red car", "--model", "tiny", "--size", "96"])
+    cli = p2v("edit", str(sample), "a red car", "--model", "tiny", "--size", "96")
     assert status == one_line_error(cli) == "error: --size must be a positive multiple of 64; got 96"
 
     status, *_ = ui.client.predict(*form(sample, prompt="  "), api_name="/preview")
@@ -250,15 +247,13 @@ def test_renderer_keeps_user_text_out_of_paths(ui, tmp_path):
 
 
 def test_share_problem_and_cli_option_checks(tmp_path):
-    from cli import app
     from p2v_fast.apps.ui import parse_auth, share_problem
 
     port = free_port()  # closed now
     assert "refused" in (share_problem(("127.0.0.1", port), timeout=2) or "").lower()
     assert parse_auth("me:pw:x") == ("me", "pw:x")
-    runner = CliRunner()
-    line = one_line_error(runner.invoke(app, ["ui", "--auth", "nopass"]))
+    line = one_line_error(p2v("ui", "--auth", "nopass"))
     assert line == "error: --auth must be USER:PASS (both non-empty)"
-    assert "--port must be between 1 and 65535" in one_line_error(runner.invoke(app, ["ui", "--port", "0"]))
+    assert "--port must be between 1 and 65535" in one_line_error(p2v("ui", "--port", "0"))
     (tmp_path / "f").write_text("")
-    assert "is a file, not a folder" in one_line_error(runner.invoke(app, ["ui", "--out", str(tmp_path / "f")]))
+    assert "is a file, not a folder" in one_line_error(p2v("ui", "--out", str(tmp_path / "f")))
