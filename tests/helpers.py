@@ -7,6 +7,7 @@ tiers' checks before any test runs.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 from pathlib import Path
@@ -47,7 +48,18 @@ def one_line_error(result) -> str:
     return errors[0]
 
 
-# ------------------------------------------------------------------------------ inputs
+def one_line(msg: str) -> str:
+    """Assert an error message is one non-empty line without a traceback; return it."""
+    assert msg and "\n" not in msg and "Traceback" not in msg, msg
+    return msg
+
+
+# ------------------------------------------------------------------------------ inputs and outputs
+
+
+def digest(path: Path) -> str:
+    """The sha256 of a file's bytes (to show that an input was left untouched)."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def sample_clip(tmp: Path, n_frames: int = 6, size=(96, 64), audio: bool = True) -> Path:

@@ -30,7 +30,7 @@ from p2v_fast.nets.manifest import (
 )
 from p2v_fast.nets.runtime import make_backend
 from p2v_fast.nets.specs import ExportProfile, network_spec
-from tests.helpers import SD2, SIZE, export_tiny, p2v
+from tests.helpers import SD2, SIZE, export_tiny, one_line, p2v
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -59,11 +59,6 @@ def clip(tmp_path_factory) -> Path:
     from p2v_fast.media.video import make_sample_clip
 
     return make_sample_clip(tmp_path_factory.mktemp("clip") / "clip.mp4", n_frames=3, size=(SIZE, SIZE))
-
-
-def _one_line(msg: str) -> str:
-    assert msg and "\n" not in msg and "Traceback" not in msg, msg
-    return msg
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, rel: float = CALL_REL) -> float:
@@ -202,7 +197,7 @@ def test_missing_engine_folder_is_one_line(models, tmp_path) -> None:
                  lambda f: TensorRTBackend(models, f, **_standin())):  # TensorRT usable: the folder is next
         with pytest.raises(EngineError) as err:
             make(tmp_path / "no-such-folder")
-        msg = _one_line(str(err.value))
+        msg = one_line(str(err.value))
         assert "does not exist" in msg and "p2v export" in msg
 
 
@@ -212,7 +207,7 @@ def test_truncated_onnx_is_one_line_with_rebuild_command(engines, models, tmp_pa
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(EngineError) as err:
         make_backend("onnxruntime", models, folder)
-    msg = _one_line(str(err.value))
+    msg = one_line(str(err.value))
     assert "truncated" in msg and "unet.onnx" in msg
     assert f"p2v export --model tiny --height {SIZE} --width {SIZE}" in msg and "--format onnx" in msg
 
@@ -223,7 +218,7 @@ def test_corrupt_onnx_of_the_right_size_is_one_line(engines, models, tmp_path) -
     path.write_bytes(b"\x00garbage" * (path.stat().st_size // 8) + b"\x00" * (path.stat().st_size % 8))
     with pytest.raises(EngineError) as err:
         make_backend("onnxruntime", models, folder)
-    msg = _one_line(str(err.value))
+    msg = one_line(str(err.value))
     assert "cannot load" in msg and "vae_decoder.onnx" in msg and "p2v export" in msg
 
 
@@ -232,7 +227,7 @@ def test_corrupt_manifest_is_one_line(engines, models, tmp_path) -> None:
     (folder / "manifest.json").write_text("{ not json")
     with pytest.raises(EngineError) as err:
         make_backend("onnxruntime", models, folder)
-    assert "corrupt" in _one_line(str(err.value))
+    assert "corrupt" in one_line(str(err.value))
 
 
 def test_engines_of_another_model_are_refused(engines, models, tmp_path) -> None:
@@ -242,7 +237,7 @@ def test_engines_of_another_model_are_refused(engines, models, tmp_path) -> None
     write_manifest(folder, m)
     with pytest.raises(EngineError) as err:
         make_backend("onnxruntime", models, folder)
-    msg = _one_line(str(err.value))
+    msg = one_line(str(err.value))
     assert "'/data/my-sd2-depth', not 'tiny'" in msg and "p2v export --model tiny" in msg
 
 
@@ -270,7 +265,7 @@ def test_truncated_engine_file_is_one_line(engines, models, tmp_path) -> None:
     folder = _fake_tensorrt_folder(engines, tmp_path / "trt", h100, truncate="unet")
     with pytest.raises(EngineError) as err:
         TensorRTBackend(models, folder, **_standin(machine=h100))
-    msg = _one_line(str(err.value))
+    msg = one_line(str(err.value))
     assert "unet.plan" in msg and "truncated" in msg and "--format tensorrt" in msg
 
 
@@ -280,7 +275,7 @@ def test_engines_for_another_gpu_are_refused_with_the_rebuild_command(engines, m
     folder = _fake_tensorrt_folder(engines, tmp_path / "a100", Machine("10.3.0", "8.0", "NVIDIA A100"))
     with pytest.raises(EngineError) as err:
         TensorRTBackend(models, folder, **_standin(machine=Machine("10.8.0", "9.0", "NVIDIA H100")))
-    msg = _one_line(str(err.value))
+    msg = one_line(str(err.value))
     assert "TensorRT 10.3.0" in msg and "compute capability 8.0" in msg and "compute capability 9.0" in msg
     assert f"p2v export --model tiny --height {SIZE} --width {SIZE}" in msg and "--format tensorrt" in msg
     assert f"--out {folder} --force" in msg
@@ -291,7 +286,7 @@ def test_engines_for_another_gpu_are_refused_with_the_rebuild_command(engines, m
     if not _trt_importable():
         with pytest.raises(BackendUnavailableError) as err2:
             TensorRTBackend(models, folder)
-        assert _one_line(str(err2.value)).startswith("TensorRT is not usable here: ")
+        assert one_line(str(err2.value)).startswith("TensorRT is not usable here: ")
     # p2v info tells the same story
     rows = dict(describe_folder(folder, Machine("10.8.0", "9.0", "NVIDIA H100")))
     assert "A100" in rows["  TensorRT"] and "this machine: TensorRT 10.8.0, NVIDIA H100" in rows["  TensorRT"]
@@ -349,7 +344,7 @@ def test_size_outside_the_profile_names_the_widening_command(engines) -> None:
     check_size(m, engines, None, 2 * SIZE, 2 * SIZE)  # None: any batch (split by the caller)
     with pytest.raises(EngineError) as err:
         check_size(m, engines, 2, SIZE, 4 * SIZE)
-    msg = _one_line(str(err.value))
+    msg = one_line(str(err.value))
     assert f"not {SIZE}x{4 * SIZE}" in msg
     assert f"--height {SIZE} --width {4 * SIZE} --min-size {SIZE} --max-size {4 * SIZE}" in msg
     with pytest.raises(EngineError, match="not batch 9"):
@@ -380,7 +375,7 @@ def test_onnxruntime_refuses_a_size_outside_the_exported_profile(engines, models
     ort = make_backend("onnxruntime", models, engines)
     with pytest.raises(EngineError) as err:
         ort.vae_encode(torch.rand(1, 3, 4 * SIZE, 4 * SIZE))
-    msg = _one_line(str(err.value))
+    msg = one_line(str(err.value))
     assert f"not {4 * SIZE}x{4 * SIZE}" in msg and f"--max-size {4 * SIZE}" in msg and "--format onnx" in msg
     ort.depth(torch.rand(1, 3, 32, 32))  # DPT runs at its one fixed size: nothing to refuse
 

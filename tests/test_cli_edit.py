@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import sys
 from pathlib import Path
@@ -11,14 +10,10 @@ import numpy as np
 import pytest
 
 from p2v_fast.media import video
-from tests.helpers import p2v, sample_clip
+from tests.helpers import digest, p2v, sample_clip
 
 FAST = ["--model", "tiny", "--size", "64", "--steps", "4"]
 
-
-
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +22,7 @@ def clip(tmp_path_factory, tiny_dir) -> Path:
 
 
 def test_edit_preserves_frames_fps_and_audio_and_is_deterministic(clip, tmp_path) -> None:
-    before = _digest(clip)
+    before = digest(clip)
     out1, out2 = tmp_path / "a.mp4", tmp_path / "b.mp4"
     r1 = p2v("edit", clip, "a crochet swan", "-o", out1, *FAST, "--side-by-side", "--source-prompt", "a clip")
     assert r1.exit_code == 0, r1.output
@@ -42,7 +37,7 @@ def test_edit_preserves_frames_fps_and_audio_and_is_deterministic(clip, tmp_path
     frames1, frames2 = list(video.read_frames(out1)), list(video.read_frames(out2))
     assert all(np.array_equal(a, b) for a, b in zip(frames1, frames2, strict=True))
     assert (tmp_path / "a.side-by-side.mp4").exists() and (tmp_path / "a.strip.png").exists()
-    assert _digest(clip) == before  # the input is never touched
+    assert digest(clip) == before  # the input is never touched
     assert not list(tmp_path.glob(".*partial*"))
 
 
@@ -114,7 +109,7 @@ def test_bad_input_is_one_line_and_nonzero(clip, tmp_path, args, message) -> Non
     formatted = [a.format(**subst) for a in args]
     defaults = ["--model", "tiny", "--size", "64", "--steps", "2"][0 if "--model" not in args else 2 :]
     argv = formatted[:3] + defaults + formatted[3:]  # the case's own options come last and win
-    before = _digest(clip)
+    before = digest(clip)
     r = p2v(*argv)
     assert r.exit_code != 0
     lines = [ln for ln in r.output.strip().splitlines() if ln.strip()]
@@ -122,7 +117,7 @@ def test_bad_input_is_one_line_and_nonzero(clip, tmp_path, args, message) -> Non
     assert lines and lines[-1].startswith("error:"), r.output
     assert message in r.output.replace("\n", " ")
     assert existing.read_bytes() == b"keep me"
-    assert _digest(clip) == before
+    assert digest(clip) == before
 
 
 def test_unwritable_output_folder(clip, tmp_path, monkeypatch) -> None:

@@ -5,7 +5,6 @@ under a final name, and a later run that works."""
 from __future__ import annotations
 
 import errno
-import hashlib
 import shutil
 import threading
 from pathlib import Path
@@ -17,16 +16,13 @@ from typer.testing import CliRunner
 
 from cli import app
 from p2v_fast.media import video
+from tests.helpers import digest as _digest
 from tests.helpers import one_line_error, sample_clip
 from tests.helpers import p2v as _p2v
 
 runner = CliRunner()
 FAST = ["--model", "tiny", "--size", "64", "--steps", "2", "--source-prompt", "a clip"]
 
-
-
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,7 @@ from p2v_fast.nets.manifest import (
 )
 from p2v_fast.nets.specs import NETWORKS, ExportProfile, network_spec, sample_inputs
 from tests.helpers import SD2, SIZE, export_tiny, p2v
+from tests.helpers import one_line as _one_line
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -38,11 +39,6 @@ def ref_models(tiny_dir):
     from p2v_fast.weights.models import load_models
 
     return load_models("tiny")
-
-
-def _one_line(msg: str) -> str:
-    assert msg and "\n" not in msg and "Traceback" not in msg, msg
-    return msg
 
 
 # ------------------------------------------------------------------------------ export + validation
