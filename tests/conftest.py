@@ -1,11 +1,15 @@
-"""Shared fixtures (the tiny random-weight SD2-depth model set, built once per session) and the
-test tiers, each skipped here, in one place, with its reason where this machine lacks it:
+"""Shared fixtures (a fresh P2V_CACHE; the tiny random-weight SD2-depth model set and its ONNX
+export, each made once per session for the tests that only read it) and the test tiers, each
+skipped here, in one place, with its reason where this machine lacks it:
 
 - ``cuda``: a CUDA GPU; ``tensorrt``: TensorRT's libraries and a GPU;
 - ``slow``: minutes on 2 CPU cores (torch.compile, the dynamo exporter): ``P2V_SLOW=1``;
 - ``weights``: the real ``stabilityai/stable-diffusion-2-depth`` (``P2V_WEIGHTS=FOLDER`` or the
   hub cache);
 - ``browser``: Debian's chromium, for the web app's page tests.
+
+Plain helpers (the CLI runner ``p2v``, ``write_jobs``, ``export_tiny``, ``free_port``, ...) are in
+``tests/helpers.py``; a test module imports those, never conftest or another test module.
 """
 
 from __future__ import annotations
