@@ -81,6 +81,23 @@ def write_jobs(folder: Path, jobs: list[dict], defaults: dict | None = None, nam
     return path
 
 
+class ModelLoaded(BaseException):
+    """Not an Exception: a batch worker reports every Exception as a failed job, and this must
+    fail the test instead."""
+
+
+def no_model_loads(monkeypatch) -> None:
+    """Fail the test if anything loads a model (validation and skipped jobs must not)."""
+    import p2v_fast.nets.runtime
+    import p2v_fast.pipeline
+
+    def refuse(cfg):
+        raise ModelLoaded("a model was loaded")
+
+    for module in (p2v_fast.nets.runtime, p2v_fast.pipeline):
+        monkeypatch.setattr(module, "load_runtime", refuse)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago (closed again when this returns)."""
     with socket.socket() as s:

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from p2v_fast.media import video
+from tests.helpers import no_model_loads, write_jobs
 from tests.helpers import p2v as _p2v
-from tests.helpers import write_jobs
 
 
 @pytest.fixture(scope="module")
@@ -23,23 +23,6 @@ def clips(tmp_path_factory, tiny_dir) -> Path:
     video.make_sample_clip(root / "a.mp4", n_frames=3, size=(64, 64), with_audio=False)
     video.make_sample_frames_folder(root / "frames", n=2, size=(96, 64))
     return root
-
-
-class ModelLoaded(BaseException):
-    """Not an Exception: a batch worker reports every Exception as a failed job, and this must
-    fail the test instead."""
-
-
-def no_model_loads(monkeypatch) -> None:
-    """Fail the test if anything loads a model (validation and skipped jobs must not)."""
-    import p2v_fast.nets.runtime
-    import p2v_fast.pipeline
-
-    def refuse(cfg):
-        raise ModelLoaded("a model was loaded")
-
-    for module in (p2v_fast.nets.runtime, p2v_fast.pipeline):
-        monkeypatch.setattr(module, "load_runtime", refuse)
 
 
 def test_every_edit_option_is_a_job_key() -> None:

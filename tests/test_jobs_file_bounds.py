@@ -10,17 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from typer.testing import CliRunner
 
-from cli import app
 from p2v_fast.media import video
-from tests.test_batch import no_model_loads
-
-runner = CliRunner()
-
-
-def _p2v(*args: object):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+from tests.helpers import no_model_loads
+from tests.helpers import p2v as _p2v
 
 
 @pytest.fixture(scope="module")
