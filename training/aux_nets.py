@@ -118,8 +118,9 @@ class Plan:
     clip_batch: int = 64
     clip_lr: float = 1e-3
     blip_steps: int = 2000
-    #: then a second cosine cycle of this many steps at half the rate (0: none)
+    #: then cosine cycles of these many steps at half, then a quarter of the rate (0: none)
     blip_steps2: int = 3000
+    blip_steps3: int = 3000
     blip_batch: int = 32
     blip_lr: float = 1e-3
     seed: int = 0
@@ -641,7 +642,8 @@ def train_blip(data: SceneSet, tokenizer: Any, plan: Plan, work: Path, log: Call
     all_ids = enc["input_ids"]
     all_ids[:, 0] = bos  # BLIP's decoder starts from [DEC] where BERT put [CLS]
     all_mask = enc["attention_mask"]
-    stages = [(plan.blip_steps, plan.blip_lr)] + ([(plan.blip_steps2, plan.blip_lr / 2)] if plan.blip_steps2 else [])
+    stages = [(plan.blip_steps, plan.blip_lr), (plan.blip_steps2, plan.blip_lr / 2), (plan.blip_steps3, plan.blip_lr / 4)]
+    stages = [st for st in stages if st[0] > 0]
     trainer = Trainer("blip", model, plan.blip_lr, plan.blip_steps, work, log, resume, stages=stages)
     n = len(frames)
 
