@@ -47,7 +47,8 @@ def test_ssi_loss_ignores_scale_and_shift():
 def test_training_loops_run_on_tiny_configs(scenes, tmp_path):
     from training.tokenizer import build_scene_bert_vocab, build_scene_clip_tokenizer
 
-    plan = aux.Plan(depth_steps=2, clip_steps=2, blip_steps=2, blip_steps2=1, blip_steps3=0, depth_batch=2, clip_batch=4, blip_batch=4)
+    plan = aux.Plan(depth_steps=2, clip_steps=2, blip_steps=2, blip_steps2=1, blip_steps3=0,
+                    depth_batch=2, clip_batch=4, blip_batch=4)
     logs: list[str] = []
     depth, summary = aux.train_depth(scenes, plan, tmp_path, logs.append, False, config=TINY_DPT)
     assert summary["steps"] == 2 and np.isfinite(summary["loss_last"])

@@ -642,7 +642,8 @@ def train_blip(data: SceneSet, tokenizer: Any, plan: Plan, work: Path, log: Call
     all_ids = enc["input_ids"]
     all_ids[:, 0] = bos  # BLIP's decoder starts from [DEC] where BERT put [CLS]
     all_mask = enc["attention_mask"]
-    stages = [(plan.blip_steps, plan.blip_lr), (plan.blip_steps2, plan.blip_lr / 2), (plan.blip_steps3, plan.blip_lr / 4)]
+    stages = [(plan.blip_steps, plan.blip_lr), (plan.blip_steps2, plan.blip_lr / 2),
+              (plan.blip_steps3, plan.blip_lr / 4)]
     stages = [st for st in stages if st[0] > 0]
     trainer = Trainer("blip", model, plan.blip_lr, plan.blip_steps, work, log, resume, stages=stages)
     n = len(frames)
