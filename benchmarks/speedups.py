@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from benchmarks.timing import Clock, summarize
-from p2v_fast.errors import InputError
+from p2v_fast.errors import InputError, one_line
 from p2v_fast.nets.attention import feature_shapes
 from p2v_fast.nets.backends import TorchBackend
 
@@ -135,7 +135,7 @@ def run_speedups(models, latent_hw: tuple[int, int], names: tuple[str, ...], fra
         except Exception as exc:  # a variant this machine cannot run (e.g. no compiler) is reported
             if name == "eager":
                 raise
-            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            first_line = one_line(exc)
             log(f"speed-up {name}: not run ({first_line})")
             rows[name] = {"error": first_line}
             continue

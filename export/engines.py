@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from p2v_fast.errors import EngineError, InputError
+from p2v_fast.errors import EngineError, InputError, one_line
 from p2v_fast.nets.export_options import ExportOptions
 from p2v_fast.nets.manifest import (
     Artifact,
@@ -162,7 +162,7 @@ def _open_folder(folder: Path, progress: Progress) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise InputError(f"cannot create --out '{folder}': {e.strerror or e}") from None
+        raise InputError(f"cannot create --out '{folder}': {one_line(e)}") from None
     _remove_legacy(folder, progress)
 
 

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from p2v_fast.errors import EngineError, ExportValidationError
+from p2v_fast.errors import EngineError, ExportValidationError, one_line
 from p2v_fast.nets.export_options import CLEANERS
 from p2v_fast.nets.specs import Geometry, NetworkSpec
 
@@ -326,8 +326,7 @@ def check_graph(path: Path, network: str) -> None:
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:  # checker raises several types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise EngineError(f"{network}: exported ONNX graph fails onnx.checker: {first[:200]}") from None
+        raise EngineError(f"{network}: exported ONNX graph fails onnx.checker: {one_line(exc)}") from None
 
 
 def compare_outputs(spec: NetworkSpec, got: Mapping[str, torch.Tensor], want: Mapping[str, torch.Tensor]) -> dict:

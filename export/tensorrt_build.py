@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from p2v_fast.errors import EngineError
+from p2v_fast.errors import EngineError, one_line
 from p2v_fast.files import write_bytes_atomic
 from p2v_fast.nets.manifest import Machine
 from p2v_fast.nets.specs import ExportProfile, Geometry, MinOptMax, NetworkSpec
@@ -57,10 +57,6 @@ def network_flags(trt) -> int:
     if trt_major(trt) >= 11:
         return 0  # strongly typed is the default (and the only mode) in 11.x
     return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-
-
-def _one_line(text: object, limit: int = 300) -> str:
-    return " ".join(str(text).split())[:limit]
 
 
 def _set_timing_cache(config, cache_bytes: bytes, source: Path | None, log: Callable[[str], None]) -> None:
@@ -102,7 +98,7 @@ def build_engine(
     network = builder.create_network(network_flags(trt))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):  # path: resolves external weights beside the graph
-        errors = [_one_line(parser.get_error(i)) for i in range(parser.num_errors)] or ["unknown error"]
+        errors = [one_line(str(parser.get_error(i)), whole=True) for i in range(parser.num_errors)] or ["unknown error"]
         raise EngineError(f"TensorRT cannot parse '{onnx_path}' ({len(errors)} error(s)): " + " | ".join(errors))
 
     config = builder.create_builder_config()
@@ -116,7 +112,7 @@ def build_engine(
             trt_profile.set_shape(name, tuple(lo), tuple(opt), tuple(hi))
         except Exception as exc:
             raise EngineError(f"TensorRT refused the profile of input '{name}' (min {tuple(lo)}, opt {tuple(opt)}, "
-                              f"max {tuple(hi)}) for '{onnx_path}': {_one_line(exc, 200)}") from None
+                              f"max {tuple(hi)}) for '{onnx_path}': {one_line(exc)}") from None
     if config.add_optimization_profile(trt_profile) < 0:
         raise EngineError(f"TensorRT refused the optimisation profile {dict(profile)} for '{onnx_path}'")
 

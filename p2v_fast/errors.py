@@ -49,6 +49,24 @@ class Terminated(KeyboardInterrupt):
     cleanup runs; the exit code is 143 instead of 130."""
 
 
+#: Longest reason :func:`one_line` quotes from an exception, in characters.
+ONE_LINE_LIMIT = 240
+
+
+def one_line(exc: BaseException | str, limit: int = ONE_LINE_LIMIT, *, kind: bool = False, whole: bool = False) -> str:
+    """An exception (or a library's error text) as one line for a message: an OSError's reason
+    without its errno and path (FFmpeg's errors are OSErrors; the message names the path), else the
+    first non-empty line of its text (``whole``: every line, for a description spread over lines),
+    whitespace collapsed, else the exception's type; shortened to ``limit`` characters with "...".
+    ``kind``: "TypeName: text", for errors of unknown origin."""
+    text = str(exc if isinstance(exc, str) else (getattr(exc, "strerror", None) or str(exc)))
+    lines = [text] if whole else text.splitlines()
+    line = next((" ".join(ln.split()) for ln in lines if ln.strip()), "")
+    if not isinstance(exc, str) and (kind or not line):
+        line = f"{type(exc).__name__}: {line}" if line else type(exc).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
 #: errno values that mean "the disk (or this process's file size limit) is full".
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
@@ -72,5 +90,4 @@ def write_error(exc: BaseException, path: Path, what: str = "") -> OutputError:
                                "partial was kept")
         return OutputError(f"no space left on the device of '{folder}'{about}; free some space and run again "
                            "(nothing partial was kept)")
-    why = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-    return OutputError(f"cannot write '{path}'{about if what else ''}: {why}")
+    return OutputError(f"cannot write '{path}'{about if what else ''}: {one_line(exc)}")

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from p2v_fast.config import EditConfig
-from p2v_fast.errors import InputError
+from p2v_fast.errors import InputError, one_line
 from p2v_fast.files import write_json_atomic, write_text_atomic
 from p2v_fast.media import video
 from p2v_fast.progress import NullProgress, Progress
@@ -308,7 +308,7 @@ def run_ablation(
     try:  # once the models have loaded: a run that cannot start leaves no empty folder
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise InputError(f"cannot create output folder '{out}': {exc.strerror or exc}") from None
+        raise InputError(f"cannot create output folder '{out}': {one_line(exc)}") from None
 
     cols = sheet_indices(n_sel, sheet_frames)
     source_thumbs: dict[int, np.ndarray] = {}

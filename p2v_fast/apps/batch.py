@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from p2v_fast.config import EditConfig
-from p2v_fast.errors import InputError, P2VError, Terminated
+from p2v_fast.errors import InputError, P2VError, Terminated, one_line
 from p2v_fast.media import video
 
 if typing.TYPE_CHECKING:
@@ -224,7 +224,7 @@ def _parse_file(path: Path) -> Any:
     except FileNotFoundError:
         raise InputError(f"jobs file '{path}' does not exist") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"cannot read jobs file '{path}': {getattr(e, 'strerror', None) or e}") from None
+        raise InputError(f"cannot read jobs file '{path}': {one_line(e)}") from None
     deep = f"{path.name}: nested deeper than {MAX_JOBS_DEPTH} levels; a jobs file is a mapping of lists of mappings"
     if path.suffix.lower() == ".json":
         try:
@@ -242,7 +242,7 @@ def _parse_file(path: Path) -> Any:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        problem = getattr(e, "problem", None) or one_line(e)
         raise InputError(f"{path.name}: not valid YAML: {problem}{where}") from None
     except RecursionError:
         raise InputError(deep) from None
@@ -676,9 +676,8 @@ def failure_message(exc: BaseException) -> str:
     elif isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and is_out_of_memory(exc)):
         text = "out of memory; try a smaller size, dtype fp16 or latent_update detached"
     else:
-        text = f"{type(exc).__name__}: {exc}"
-    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(exc).__name__)
-    return line if len(line) <= 300 else line[:297] + "..."
+        return one_line(exc, kind=True)
+    return one_line(text)
 
 
 def skipped(job: Job) -> JobResult:

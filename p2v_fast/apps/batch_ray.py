@@ -42,7 +42,7 @@ from p2v_fast.apps.batch import (
     skipped,
     write_sidecar,
 )
-from p2v_fast.errors import BackendUnavailableError, InputError, P2VError, Terminated
+from p2v_fast.errors import BackendUnavailableError, InputError, P2VError, Terminated, one_line
 from p2v_fast.files import write_json_atomic
 from p2v_fast.media import video
 from p2v_fast.media.paths import check_output_file
@@ -376,8 +376,8 @@ class _Driver:
             self.idle.add(aid)
             self.dead.pop(aid, None)
         except RayError as e:
-            self.dead[aid] = f"a worker could not start ({_first_line(e)})"
-            self.reporter.log(f"Ray worker {aid} is gone: {_first_line(e)}")
+            self.dead[aid] = f"a worker could not start ({one_line(e)})"
+            self.reporter.log(f"Ray worker {aid} is gone: {one_line(e)}")
 
     def _polled(self, aid: int, ref: Any) -> None:
         import ray
@@ -409,7 +409,7 @@ class _Driver:
             self.dead[aid] = f"worker {name} died"
             result = _clean_after_death(job)
             if result is None and attempt < MAX_ATTEMPTS:
-                self.reporter.log(f"job {job.index}: worker {name} died ({_first_line(e)}); retrying on another worker")
+                self.reporter.log(f"job {job.index}: worker {name} died ({one_line(e)}); retrying on another worker")
                 sched.retry(job, attempt + 1, aid)
                 return True
             result = result or JobResult.of(job, "failed", f"its worker died on each of {attempt} attempts "
@@ -417,7 +417,7 @@ class _Driver:
             self._record(job, result, sched)
             return True
         except RayError as e:
-            result = JobResult.of(job, "failed", _first_line(e), worker=self.names.get(aid), attempts=attempt)
+            result = JobResult.of(job, "failed", one_line(e), worker=self.names.get(aid), attempts=attempt)
         self.idle.add(aid)
         self._record(job, result, sched)
         return False
@@ -426,11 +426,6 @@ class _Driver:
         self.results[job.index] = result
         sched.done(job)
         self.reporter.job_finished(job, result)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return next((ln.strip() for ln in text.splitlines() if ln.strip()), text)[:300]
 
 
 def run_jobs_file(jobs_file: str | Path, *, json_path: str | Path | None = None, ray: bool = False,

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from p2v_fast.apps.renders import Renderer, RenderJob, UISettings
 from p2v_fast.config import LATENT_UPDATES, RESIZES, SCHEDULES, EditConfig
-from p2v_fast.errors import InputError
+from p2v_fast.errors import InputError, one_line
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -222,7 +222,7 @@ def share_problem(server: tuple[str, int] = SHARE_SERVER, timeout: float = 5.0) 
         with socket.create_connection(server, timeout=timeout):
             return None
     except OSError as exc:
-        return f"{server[0]}:{server[1]}: {exc.strerror or type(exc).__name__}"
+        return f"{server[0]}:{server[1]}: {one_line(exc)}"
 
 
 def launch(settings: UISettings, *, host: str = "127.0.0.1", port: int = 7860, auth: tuple[str, str] | None = None,

@@ -9,7 +9,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from p2v_fast.errors import InputError
+from p2v_fast.errors import InputError, one_line
 from p2v_fast.media import video
 
 
@@ -59,7 +59,7 @@ def check_output_file(path: str | Path, *, extra_names: tuple[str, ...] = (), cr
     except FileNotFoundError:
         mode = None
     except OSError as e:
-        raise InputError(f"cannot use output '{out}': {e.strerror or e}") from None
+        raise InputError(f"cannot use output '{out}': {one_line(e)}") from None
     if mode is not None and not stat.S_ISREG(mode):
         raise InputError(f"output '{out}' exists and is not a regular file (a device, FIFO or socket); "
                          "give a file name")

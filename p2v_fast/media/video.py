@@ -38,7 +38,7 @@ import numpy as np
 from av.video.reformatter import ColorPrimaries, ColorRange, Colorspace, ColorTrc
 from PIL import Image, ImageOps
 
-from p2v_fast.errors import InputError, disk_full, write_error
+from p2v_fast.errors import InputError, disk_full, one_line, write_error
 from p2v_fast.files import write_bytes_atomic
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -128,7 +128,7 @@ def list_images(folder: Path) -> list[Path]:
     try:
         entries = list(folder.iterdir())
     except OSError as e:
-        raise InputError(f"cannot read folder '{folder}': {e.strerror or e}") from None
+        raise InputError(f"cannot read folder '{folder}': {one_line(e)}") from None
     images = [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()]
     return sorted(images, key=lambda p: _natural_key(p.name))
 
@@ -141,11 +141,6 @@ def _open_image(path: Path) -> Image.Image:
         raise InputError(f"cannot read image '{path}': {e}") from None
 
 
-def _why(e: Exception) -> str:
-    """The readable part of an FFmpeg/OS error (no errno numbers, no repeated path)."""
-    return str(getattr(e, "strerror", None) or e)
-
-
 def _open_video(path: Path) -> av.container.InputContainer:
     try:
         container = av.open(str(path), mode="r")
@@ -154,7 +149,7 @@ def _open_video(path: Path) -> av.container.InputContainer:
     except EOFError:
         raise InputError(f"video is empty or truncated: '{path}'") from None
     except (av.error.FFmpegError, OSError, ValueError) as e:
-        raise InputError(f"not a readable video: '{path}' ({_why(e)})") from None
+        raise InputError(f"not a readable video: '{path}' ({one_line(e)})") from None
     if not container.streams.video:
         container.close()
         raise InputError(f"no video stream in '{path}'")
@@ -209,7 +204,7 @@ def probe(path: str | Path, folder_fps: float = 24.0) -> VideoInfo:
                     break  # the container's count is trusted; one frame proves decodability
         except av.error.FFmpegError as e:
             if first is None:
-                raise InputError(f"not a readable video: '{p}' ({_why(e)})") from None
+                raise InputError(f"not a readable video: '{p}' ({one_line(e)})") from None
             # a damaged tail: keep what decoded
         if first is None:
             raise InputError(f"video has no frames: '{p}'")
@@ -412,7 +407,7 @@ def _read_video(info: VideoInfo, size: tuple[int, int] | None, wanted: range,
                     yield _to_size(arr, size, resize, (info.width, info.height))
                 index += 1
         except av.error.FFmpegError as e:
-            raise InputError(f"failed to decode '{info.path}' at frame {index}: {_why(e)}") from None
+            raise InputError(f"failed to decode '{info.path}' at frame {index}: {one_line(e)}") from None
 
 
 # --------------------------------------------------------------------------- timing
@@ -467,7 +462,7 @@ def _prepare_output(out_path: str | Path) -> Path:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise InputError(f"cannot create output folder '{out.parent}': {e.strerror or e}") from None
+        raise InputError(f"cannot create output folder '{out.parent}': {one_line(e)}") from None
     if out.is_dir():
         raise InputError(f"output path is a folder: '{out}'")
     if out.exists() and not out.is_file():
@@ -590,7 +585,7 @@ class _AudioTrack:
                 self._pending = next(self._chunks, None)
             except av.error.FFmpegError as e:
                 if not self._decoded:
-                    raise InputError(f"cannot decode audio of '{self._in.name}': {_why(e)}") from None
+                    raise InputError(f"cannot decode audio of '{self._in.name}': {one_line(e)}") from None
                 self._chunks = None  # a damaged tail (a truncated copy): the audio ends where it decoded
             self._decoded = self._decoded or self._pending is not None
         return self._pending
@@ -629,7 +624,7 @@ def _open_audio(source: Path) -> av.container.InputContainer:
     try:
         return av.open(str(source), mode="r")
     except (av.error.FFmpegError, OSError, ValueError) as e:
-        raise InputError(f"cannot read audio from '{source}' ({_why(e)})") from None
+        raise InputError(f"cannot read audio from '{source}' ({one_line(e)})") from None
 
 
 def _has_audio(source: Path, start: float) -> bool:
@@ -717,7 +712,7 @@ class VideoWriter:
         except (av.error.FFmpegError, OSError) as e:
             if disk_full(e):
                 raise write_error(e, self.out_path) from None
-            raise InputError(f"cannot write '{self.tmp_path}': {_why(e)}") from None
+            raise InputError(f"cannot write '{self.tmp_path}': {one_line(e)}") from None
         try:
             codec = next(c for c in self.format.video if c in av.codecs_available)
             self._stream = _video_stream(self._container, codec, self.rate, self.size, self.crf,

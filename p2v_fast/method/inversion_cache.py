@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load, load_file, save
 
 from p2v_fast.config import EditConfig
-from p2v_fast.errors import P2VError
+from p2v_fast.errors import P2VError, one_line
 from p2v_fast.files import FileLock, write_bytes_atomic
 from p2v_fast.media.clip_selection import ClipSelection
 from p2v_fast.progress import Progress
@@ -50,7 +50,7 @@ class InvertedClip:
         try:
             return load_file(path, device=str(device))
         except Exception as exc:  # deleted or damaged after the entry was checked
-            raise P2VError(f"inversion cache file '{path}' became unreadable during the edit ({_why(exc)}); "
+            raise P2VError(f"inversion cache file '{path}' became unreadable during the edit ({one_line(exc)}); "
                            "run again to recompute it") from None
 
 
@@ -94,11 +94,6 @@ def save_frame_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
     write_bytes_atomic(path, data, "the inversion cache")
 
 
-def _why(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
 #: Tensors of a finished frame file and of a pass-1 ``encoded_*`` file: name -> shape, with
 #: "h" and "w" the latent size.
 FRAME_TENSORS = {"x_T": (1, 4, "h", "w"), "depth": (1, 1, "h", "w"), "x_0": (1, 4, "h", "w")}
@@ -117,7 +112,7 @@ def file_problem(path: Path, latent_hw: tuple[int, int], spec: dict[str, tuple] 
     try:
         tensors = load_file(path) if data is None else load(data)
     except Exception as exc:
-        return f"unreadable ({_why(exc)})"
+        return f"unreadable ({one_line(exc)})"
     h, w = latent_hw
     for name, shape in spec.items():
         want = tuple(h if d == "h" else w if d == "w" else d for d in shape)
@@ -164,7 +159,7 @@ def entry_problems(root: Path, n: int, latent_hw: tuple[int, int]) -> tuple[str 
             return (f"it describes {meta['n_frames']} frames at latent size {meta['latent_hw']}, not {n} at "
                     f"{list(latent_hw)}"), []
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        return f"unreadable meta.json ({_why(exc)})", []
+        return f"unreadable meta.json ({one_line(exc)})", []
     damaged: list[tuple[Path, str]] = []
     for i in range(n):
         path = frame_file(root, i)

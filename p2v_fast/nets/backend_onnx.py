@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from p2v_fast.errors import BackendUnavailableError, EngineError
+from p2v_fast.errors import BackendUnavailableError, EngineError, one_line
 from p2v_fast.nets.graph_backend import GraphBackend, engines_folder, load_checked_manifest
 from p2v_fast.nets.manifest import check_files, rebuild_command
 from p2v_fast.nets.specs import Geometry, MinOptMax, NetworkSpec
@@ -105,8 +105,7 @@ class OnnxSession:
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers or providers_for(self.device))
         except Exception as exc:  # ORT raises its own exception types
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise EngineError(f"ONNX Runtime cannot load '{path}' (truncated or corrupt?): {first[:160]}") from None
+            raise EngineError(f"ONNX Runtime cannot load '{path}' (truncated or corrupt?): {one_line(exc)}") from None
         names_in = [i.name for i in self.session.get_inputs()]
         names_out = [o.name for o in self.session.get_outputs()]
         if sorted(names_in) != sorted(spec.input_names) or sorted(names_out) != sorted(spec.output_names):

@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from p2v_fast.errors import BackendUnavailableError, EngineError
+from p2v_fast.errors import BackendUnavailableError, EngineError, one_line
 from p2v_fast.nets.graph_backend import GraphBackend, engines_folder, load_checked_manifest
 from p2v_fast.nets.manifest import Machine, check_files, check_machine, rebuild_command, this_machine
 from p2v_fast.nets.specs import Geometry, MinOptMax, NetworkSpec, Shape
@@ -54,10 +54,6 @@ from p2v_fast.nets.system import require_tensorrt
 
 #: TensorRT requires every I/O address to be aligned to this many bytes.
 ALIGNMENT = 256
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 def _warn(message: str) -> None:
@@ -296,7 +292,7 @@ class EngineRunner:
             try:  # TensorRT raises on a refused profile (it never returns False); both are one line
                 ok = ctx.set_optimization_profile_async(profile, self.ops.handle(self.stream))
             except Exception as exc:
-                raise EngineError(f"{refused}: {_first_line(exc)}") from None
+                raise EngineError(f"{refused}: {one_line(exc)}") from None
             if not ok:
                 raise EngineError(refused)
             self.active_profile = profile
@@ -331,7 +327,7 @@ class EngineRunner:
             replay = self.ops.capture(self.stream, lambda: results.append(
                 bool(self.context.execute_async_v3(self.ops.handle(self.stream)))))
         except Exception as exc:  # the capture's end: invalidated, or an operation capture does not allow
-            replay, why = None, _first_line(exc) if all(results) else why
+            replay, why = None, one_line(exc) if all(results) else why
         if replay is not None and results == [True]:
             self._replay = replay
             return

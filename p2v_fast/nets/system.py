@@ -66,7 +66,9 @@ def _tensorrt_provider_problem() -> str | None:
             session = ort.InferenceSession(model.SerializeToString(), options,
                                            providers=["TensorrtExecutionProvider", "CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own types
-        return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        from p2v_fast.errors import one_line
+
+        return one_line(exc)
     if "TensorrtExecutionProvider" not in session.get_providers():
         return "it is listed but did not load (TensorRT's libraries are missing or of another version)"
     return None
@@ -100,8 +102,9 @@ def _tensorrt_problem() -> tuple[object | None, str | None]:
     except ModuleNotFoundError:
         return None, "the tensorrt Python package is not installed"
     except Exception as exc:  # missing libnvinfer, the placeholder's own error, ...
-        first = (str(exc).strip().splitlines() or [""])[0][:120]
-        return None, f"importing tensorrt failed ({type(exc).__name__}{': ' + first if first else ''})"
+        from p2v_fast.errors import one_line
+
+        return None, f"importing tensorrt failed ({one_line(exc, kind=True)})"
     return trt, None
 
 

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from p2v_fast.config import DEFAULT_CLIP_MODEL, FLOW_METHODS
-from p2v_fast.errors import InputError, ModelLoadError
+from p2v_fast.errors import InputError, ModelLoadError, one_line
 from p2v_fast.weights.tiny import ensure_tiny_clip
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -63,13 +63,6 @@ def mini_clip_dir() -> Path:
 
 # --------------------------------------------------------------------------------------------
 # CLIP scorer
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    if len(text) > 200:
-        text = text[:197] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _features(out: Any) -> torch.Tensor:
@@ -156,7 +149,7 @@ class ClipScorer:
             import torch
             from transformers import CLIPModel, CLIPProcessor
         except ImportError as exc:
-            raise ModelLoadError(f"cannot load CLIP: {_one_line(exc)}") from exc
+            raise ModelLoadError(f"cannot load CLIP: {one_line(exc, kind=True)}") from exc
         from p2v_fast.weights.hub import load_from_hub_or_folder, quiet_loading
 
         def load(source: str, local_only: bool) -> tuple[Any, Any]:
@@ -177,7 +170,7 @@ class ClipScorer:
         try:
             self.model = clip.to(device).eval()
         except Exception as exc:
-            raise ModelLoadError(f"cannot move CLIP model {model!r} to {device}: {_one_line(exc)}") from None
+            raise ModelLoadError(f"cannot move CLIP model {model!r} to {device}: {one_line(exc, kind=True)}") from None
         cfg = self.model.config
         self.image_size = int(cfg.vision_config.image_size)
         tok_max = int(getattr(self.processor.tokenizer, "model_max_length", 77) or 77)
@@ -294,7 +287,7 @@ class _RaftFlow:
         except ImportError as exc:
             raise ModelLoadError(
                 "flow 'raft' needs torchvision (not installed: "
-                f"{_one_line(exc)}); use --flow dis"
+                f"{one_line(exc, kind=True)}); use --flow dis"
             ) from exc
         import torch
 
@@ -309,7 +302,7 @@ class _RaftFlow:
             self._model = raft_large(weights=weights, progress=False).to(device).eval()
             self._transforms = weights.transforms()
         except Exception as exc:
-            raise ModelLoadError(f"cannot load RAFT weights ({_one_line(exc)}); use --flow dis") from None
+            raise ModelLoadError(f"cannot load RAFT weights ({one_line(exc, kind=True)}); use --flow dis") from None
         self._device = device
 
     def __call__(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:

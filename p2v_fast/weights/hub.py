@@ -13,17 +13,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from p2v_fast.errors import ModelLoadError
+from p2v_fast.errors import ModelLoadError, one_line
 
 #: Seconds to wait for the hub before declaring it unreachable.
 HUB_TIMEOUT_S = 10.0
-
-
-def one_line(exc: BaseException, limit: int = 240) -> str:
-    """First non-empty line of an exception's message, shortened."""
-    text = str(exc).strip() or type(exc).__name__
-    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), text)
-    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def looks_like_path(model: str) -> bool:

@@ -28,13 +28,12 @@ from typing import Any
 import torch
 
 from p2v_fast.config import DEFAULT_MODEL
-from p2v_fast.errors import BackendUnavailableError, ModelLoadError
+from p2v_fast.errors import BackendUnavailableError, ModelLoadError, one_line
 from p2v_fast.weights.hub import (
     from_hub,
     image_processor_class,
     looks_like_path,
     looks_like_repo_id,
-    one_line,
     quiet_loading,
 )
 
