@@ -42,7 +42,7 @@ from p2v_fast.errors import InputError, P2VError
 from p2v_fast.files import write_json_atomic
 from p2v_fast.media.clip_selection import frames_digest, select_clip
 from p2v_fast.media.paths import check_json_path
-from p2v_fast.media.video import make_sample_clip
+from p2v_fast.media.samples import make_sample_clip
 from p2v_fast.method.ddim import DDIMSchedule
 from p2v_fast.method.edit import (
     DEFAULT_WAVEFRONT_FRAMES,
@@ -165,7 +165,7 @@ def _verify(o: BenchOptions) -> None:
         raise InputError(f"--warmup must be >= 0; got {o.warmup}")
     check_threads(o.threads)
     o.edit_config()  # size, steps, update_steps, batch sizes
-    from p2v_fast.media.video import working_size
+    from p2v_fast.media.framing import working_size
 
     working_size(o.size, o.size, o.size)  # the working size's limit (--size over 2048 is refused)
     if o.json_path is not None:
@@ -629,7 +629,7 @@ def _run(opts: BenchOptions, progress: Progress) -> dict[str, Any]:
         selection = select_clip(clip, base)
         frames = list(selection.frames())
         report["clip"] = {"frames": len(frames), "size": list(selection.size), "latent_hw": list(selection.latent_hw),
-                          "source": "synthetic (p2v_fast.media.video.make_sample_clip)"}
+                          "source": "synthetic (p2v_fast.media.samples.make_sample_clip)"}
         report["attention"] = attention_kernels_used(models, selection.latent_hw)
         flops = count_unet_flops(models.unet, selection.latent_hw)
         report["unet_flops"] = flops.as_dict()

@@ -78,7 +78,7 @@ class ProtocolOptions:
         if self.workload["frames"] < 1:
             raise InputError(f"--frames must be >= 1; got {self.workload['frames']}")
         self.edit_config("off")  # size, steps, device, dtype, backend, invert dtype
-        from p2v_fast.media.video import working_size
+        from p2v_fast.media.framing import working_size
 
         working_size(self.workload["size"], self.workload["size"], self.workload["size"])  # the 2048-pixel limit
 
@@ -179,7 +179,7 @@ def run_protocol(opts: ProtocolOptions, log: Callable[[str], None] = print) -> d
     measurements reset the device's mark), per mode and over the whole run."""
     from benchmarks.hardware import device_info, machine_info, versions
     from benchmarks.timing import PeakMemory, load_average
-    from p2v_fast.media.video import make_sample_clip
+    from p2v_fast.media.samples import make_sample_clip
     from p2v_fast.nets.runtime import resolve_device, runtime_for
     from p2v_fast.pipeline import edit_video
 

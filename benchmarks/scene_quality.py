@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from p2v_fast.config import EditConfig
-    from p2v_fast.media import scenes, video
+    from p2v_fast.media import reader, scenes
     from p2v_fast.nets.runtime import load_runtime
     from p2v_fast.pipeline import edit_video
     from p2v_fast.quality.metrics import ClipScorer, clip_text_score, make_flow, pixel_mse
@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             t0 = time.perf_counter()
             out = edit_video(cfg, src_path, work / f"clip{i}_{key}.mp4", overwrite=True, runtime=rt)
             seconds = time.perf_counter() - t0
-            edited = np.stack(list(video.read_frames(out.output)))
+            edited = np.stack(list(reader.read_frames(out.output)))
             score = score_scene_edit(edited, clip.frames, clip.ids, clip.flow, clip.occluded, clip.depth, 1,
                                      case["source_colour"], case["target_colour"], case["others"], dfn)
             gain = float("nan")

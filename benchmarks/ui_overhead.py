@@ -46,7 +46,7 @@ def main() -> None:
     import psutil
     from gradio_client import Client, handle_file
 
-    from p2v_fast.media.video import make_sample_clip
+    from p2v_fast.media.samples import make_sample_clip
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     tmp = Path(tempfile.mkdtemp(prefix="p2v-ui-bench-"))

@@ -59,7 +59,7 @@ class EditConfig:
 
     # --- frames ---
     size: int = 512  # short side of the working size, a multiple of 64
-    # How a frame becomes a working frame (p2v_fast.media.video.frame_geometry): "crop" (short side
+    # How a frame becomes a working frame (p2v_fast.media.framing.frame_geometry): "crop" (short side
     # --size, long side the nearest multiple of 64 to the aspect ratio, centre-cropped), "stretch"
     # (squashed to --size x --size, as the paper and its code do), "pad" (fitted inside
     # --size x --size, letterboxed; the output is the frame without its padding)

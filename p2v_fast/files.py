@@ -3,7 +3,7 @@
 Every file p2v writes whole (reports, cache entries, manifests, engines, timing caches, images)
 goes through :func:`write_bytes_atomic`: a temporary file beside the target, renamed into place,
 removed on any failure; a full disk is one :class:`~p2v_fast.errors.OutputError` line. Videos
-stream through :class:`p2v_fast.media.video.VideoWriter`, which follows the same rule.
+stream through :class:`p2v_fast.media.writer.VideoWriter`, which follows the same rule.
 Caches (inversions, the tiny models) live under :func:`cache_root`.
 """
 

@@ -22,8 +22,9 @@ import torch
 from p2v_fast.config import EditConfig
 from p2v_fast.errors import InputError, P2VError
 from p2v_fast.files import OutputClaim
-from p2v_fast.media import video
+from p2v_fast.media import reader, writer
 from p2v_fast.media.clip_selection import ClipSelection, frames_digest, select_clip
+from p2v_fast.media.framing import side_by_side
 from p2v_fast.media.paths import EditPaths, check_report_path, side_paths
 from p2v_fast.method.ddim import DDIMSchedule
 from p2v_fast.method.edit import EditContext, EditStats, FeatureStore, FrameState, run_schedule
@@ -36,13 +37,13 @@ from p2v_fast.progress import NullProgress, Progress
 from p2v_fast.weights.prompts import check_prompt, encode_prompt, source_prompt_for, warn_if_truncated
 
 
-def probe_input(input_path: Path, cfg: EditConfig) -> video.VideoInfo:
+def probe_input(input_path: Path, cfg: EditConfig) -> reader.VideoInfo:
     """Probe the input (an image folder plays at ``cfg.fps``, 24 by default); --fps is refused for
     a video file, which keeps its own rate."""
-    info = video.probe(input_path, folder_fps=cfg.fps or 24.0)
+    info = reader.probe(input_path, folder_fps=cfg.fps or 24.0)
     if cfg.fps is not None and not info.is_folder:
         raise InputError(f"--fps is for an image-folder input; '{input_path}' is a video and keeps its own rate "
-                         f"({video.format_fps(info.fps)} fps)")
+                         f"({reader.format_fps(info.fps)} fps)")
     return info
 
 
@@ -80,7 +81,7 @@ class PreparedClip:
 
 
 def prepare(cfg: EditConfig, input_path: Path, rt: Runtime, progress: Progress,
-            info: video.VideoInfo | None = None) -> PreparedClip:
+            info: reader.VideoInfo | None = None) -> PreparedClip:
     """Select frames, resolve the source prompt, invert (or hit the cache)."""
     t0 = time.perf_counter()
     selection = select_clip(input_path, cfg, info)
@@ -236,7 +237,7 @@ def edit_video(
         claim.release()
 
 
-def _edit(cfg: EditConfig, input_path: Path, info: video.VideoInfo, prompt: str, out: Path, sbs_path: Path | None,
+def _edit(cfg: EditConfig, input_path: Path, info: reader.VideoInfo, prompt: str, out: Path, sbs_path: Path | None,
           strip: Path, *, preview: bool, progress: Progress, runtime: Runtime | None,
           json_path: str | Path | None) -> EditResult:
     """:func:`edit_video` once its options are checked and its output is claimed."""
@@ -271,7 +272,7 @@ def _edit(cfg: EditConfig, input_path: Path, info: video.VideoInfo, prompt: str,
     thumbs: list[tuple[np.ndarray, np.ndarray]] = []
     source_frames = sel.frames()
     finished = finite_frames(run_schedule(ctx, initial(), on_step=advance), cfg)
-    writers: list[video.VideoWriter] = []  # the edit, then the side-by-side
+    writers: list[writer.VideoWriter] = []  # the edit, then the side-by-side
 
     raw = hashlib.sha256()
 
@@ -282,11 +283,11 @@ def _edit(cfg: EditConfig, input_path: Path, info: video.VideoInfo, prompt: str,
         if index in thumbs_at:
             thumbs.append((src, frame))
         if preview:
-            video.save_png(out, frame)
+            writer.save_png(out, frame)
             return
         writers[0].write(frame)
         if len(writers) > 1:
-            writers[1].write(video.side_by_side(src, frame))
+            writers[1].write(side_by_side(src, frame))
 
     strip_path = None
     variable = False
@@ -294,12 +295,12 @@ def _edit(cfg: EditConfig, input_path: Path, info: video.VideoInfo, prompt: str,
         if not preview:
             audio = sel.info.path if sel.info.has_audio else None
             size = sel.output_size
-            timing = video.output_timing(sel.info, sel.start, sel.n_frames, sel.stride)  # source times if VFR
+            timing = reader.output_timing(sel.info, sel.start, sel.n_frames, sel.stride)  # source times if VFR
             variable = timing.variable
-            writers.append(stack.enter_context(video.VideoWriter(out, timing, size, audio_source=audio)))
+            writers.append(stack.enter_context(writer.VideoWriter(out, timing, size, audio_source=audio)))
             if sbs_path is not None:
                 sbs_size = (size[0] * 2, size[1])
-                writers.append(stack.enter_context(video.VideoWriter(sbs_path, timing, sbs_size, audio_source=audio)))
+                writers.append(stack.enter_context(writer.VideoWriter(sbs_path, timing, sbs_size, audio_source=audio)))
         # entered last, so it is drained (or cancelled) before the writers finish (or abort)
         sink = stack.enter_context(FrameSink(rt.backend, consume))
         for st in finished:
@@ -308,7 +309,7 @@ def _edit(cfg: EditConfig, input_path: Path, info: video.VideoInfo, prompt: str,
         strip_path = strip
         top = np.concatenate([s for s, _ in thumbs], axis=1)
         bottom = np.concatenate([e for _, e in thumbs], axis=1)
-        video.save_png(strip_path, np.concatenate([top, bottom], axis=0))
+        writer.save_png(strip_path, np.concatenate([top, bottom], axis=0))
     t_end = time.perf_counter()
     stats.unet_calls = sum(c.unet_calls for c in counters) - calls0[0]
     stats.unet_backward = sum(c.unet_backward for c in counters) - calls0[1]

@@ -59,7 +59,7 @@ def wide(console: Console) -> Console:
 
 def print_edit(console: Console, result: EditResult, cfg: EditConfig) -> None:
     """`p2v edit`: the files written, the frames, the source prompt, and the time per stage."""
-    from p2v_fast.media.video import format_fps
+    from p2v_fast.media.reader import format_fps
     from p2v_fast.method.inversion import describe_reconstruction
 
     rows = [("output", str(result.output))]

@@ -63,7 +63,7 @@ def digest(path: Path) -> str:
 
 
 def sample_clip(tmp: Path, n_frames: int = 6, size=(96, 64), audio: bool = True) -> Path:
-    from p2v_fast.media.video import make_sample_clip
+    from p2v_fast.media.samples import make_sample_clip
 
     return make_sample_clip(tmp / "clip.mp4", n_frames=n_frames, size=size, fps=12.0, with_audio=audio)
 

@@ -309,7 +309,7 @@ def test_every_refused_call_is_a_clear_error(tiny_models, onnx_folder, tmp_path,
 def test_cli_edit_on_tensorrt_says_first_that_tensorrt_is_not_usable_here(tmp_path) -> None:
     """Before: 'engine folder 'engines' does not exist; create it with `p2v
     export --out engines`', an export that then failed. Now: TensorRT is not usable here, and why."""
-    from p2v_fast.media.video import make_sample_clip
+    from p2v_fast.media.samples import make_sample_clip
     from p2v_fast.nets.system import tensorrt_status
 
     ok, status = tensorrt_status()

@@ -56,7 +56,7 @@ def models(tiny_dir):
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory) -> Path:
-    from p2v_fast.media.video import make_sample_clip
+    from p2v_fast.media.samples import make_sample_clip
 
     return make_sample_clip(tmp_path_factory.mktemp("clip") / "clip.mp4", n_frames=3, size=(SIZE, SIZE))
 
@@ -409,7 +409,7 @@ def test_default_export_then_edit_a_landscape_and_a_portrait_clip(engines, tmp_p
     only on this CPU) then `p2v edit` of an 854x480 and a 480x854 clip, no other flags: their
     default crops (128x64 and 64x128) are inside the engines' profile. Before, the engines took
     64x64 only and both edits were refused."""
-    from p2v_fast.media.video import make_sample_clip
+    from p2v_fast.media.samples import make_sample_clip
 
     folder = tmp_path / "eng"
     shutil.copytree(engines, folder)  # the session's graphs: the export finds them current

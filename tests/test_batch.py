@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from p2v_fast.media import video
+from p2v_fast.media import reader, samples
 from tests.helpers import no_model_loads, write_jobs
 from tests.helpers import p2v as _p2v
 
@@ -20,8 +20,8 @@ from tests.helpers import p2v as _p2v
 def clips(tmp_path_factory, tiny_dir) -> Path:
     """``a.mp4`` (3 frames) and ``frames/`` (2 images) in one folder."""
     root = tmp_path_factory.mktemp("clips")
-    video.make_sample_clip(root / "a.mp4", n_frames=3, size=(64, 64), with_audio=False)
-    video.make_sample_frames_folder(root / "frames", n=2, size=(96, 64))
+    samples.make_sample_clip(root / "a.mp4", n_frames=3, size=(64, 64), with_audio=False)
+    samples.make_sample_frames_folder(root / "frames", n=2, size=(96, 64))
     return root
 
 
@@ -57,7 +57,7 @@ def test_three_jobs_one_inversion_per_clip_then_nothing_recomputed(clips, tmp_pa
     rows = json.loads(summary.read_text())["jobs"]
     assert [row["status"] for row in rows] == ["done"] * 3
     assert [Path(row["output"]) for row in rows] == outs
-    assert [video.probe(o).n_frames for o in outs] == [3, 3, 2]
+    assert [reader.probe(o).n_frames for o in outs] == [3, 3, 2]
     assert sorted(row["inversion"] for row in rows[:2]) == ["cache hit", "inverted"]  # one inversion of a.mp4
     assert rows[2]["inversion"] == "inverted"
     assert len({row["worker"] for row in rows}) == 1

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from p2v_fast.media import video
+from p2v_fast.media import reader, samples, writer
 from tests.helpers import p2v, write_jobs
 
 ray = pytest.importorskip("ray", reason="Ray is the 'ray' extra: pip install -e '.[ray]'")
@@ -35,9 +35,9 @@ def ray_session(p2v_cache, tiny_dir):
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory, tiny_dir) -> Path:
     root = tmp_path_factory.mktemp("ray-clips")
-    video.make_sample_clip(root / "a.mp4", n_frames=3, size=(64, 64), with_audio=False)
-    video.make_sample_clip(root / "b.mp4", n_frames=2, size=(64, 64), with_audio=False)
-    video.make_sample_clip(root / "long.mp4", n_frames=16, size=(64, 64), with_audio=True)
+    samples.make_sample_clip(root / "a.mp4", n_frames=3, size=(64, 64), with_audio=False)
+    samples.make_sample_clip(root / "b.mp4", n_frames=2, size=(64, 64), with_audio=False)
+    samples.make_sample_clip(root / "long.mp4", n_frames=16, size=(64, 64), with_audio=True)
     return root
 
 
@@ -93,10 +93,10 @@ class KillMidWrite:
     def job_started(self, job, worker: str) -> None:
         self.lines.append(f"job {job.index} on {worker}")
         if job.index == self.index and self.killed is not None:  # the retry: the dead attempt's file is gone
-            self.partial_at_retry = video._partial_path(job.output).exists()
+            self.partial_at_retry = writer.partial_path(job.output).exists()
         if job.index == self.index and self.killed is None:
             pid = int(worker.split(":")[1].split()[0])
-            threading.Thread(target=self._watch, args=(video._partial_path(job.output), pid), daemon=True).start()
+            threading.Thread(target=self._watch, args=(writer.partial_path(job.output), pid), daemon=True).start()
 
     def _watch(self, partial: Path, pid: int) -> None:
         while not self.stop.wait(0.005):
@@ -133,7 +133,7 @@ def test_a_killed_worker_has_its_job_retried_elsewhere(ray_session, clips, tmp_p
     assert reporter.killed not in (long.worker or "")
     assert any("died" in line and "retrying" in line for line in reporter.lines)
     assert reporter.partial_at_retry is False
-    assert video.probe(tmp_path / "long.mp4").n_frames == 16
+    assert reader.probe(tmp_path / "long.mp4").n_frames == 16
     assert sidecar_path(tmp_path / "long.mp4").exists()
     assert not list(tmp_path.glob(".*partial*"))
 

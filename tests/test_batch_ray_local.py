@@ -34,7 +34,7 @@ def test_the_ray_extra_needs_a_release_that_authenticates_local_clusters():
 @pytest.mark.parametrize("mode", ["disabled", "DISABLED", "", "k8s"])
 def test_a_local_ray_without_authentication_is_refused(mode, monkeypatch, tmp_path):
     from p2v_fast.apps.batch_ray import connect
-    from p2v_fast.media import video
+    from p2v_fast.media import samples
 
     assert not ray.is_initialized()
     monkeypatch.setenv("RAY_AUTH_MODE", mode)
@@ -44,7 +44,7 @@ def test_a_local_ray_without_authentication_is_refused(mode, monkeypatch, tmp_pa
     assert not ray.is_initialized()
     if mode != "disabled":
         return
-    video.make_sample_clip(tmp_path / "a.mp4", n_frames=2, size=(64, 64), with_audio=False)
+    samples.make_sample_clip(tmp_path / "a.mp4", n_frames=2, size=(64, 64), with_audio=False)
     jobs = write_jobs(tmp_path, [{"input": "a.mp4", "prompt": "a cat"}], {"model": "tiny", "size": 64, "steps": 1})
     res = p2v("batch", str(jobs), "--ray")
     assert res.exit_code == 2 and one_line_error(res).startswith("error: RAY_AUTH_MODE=disabled turns off"), res.output

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from p2v_fast.media import video
+from p2v_fast.media import reader
 from tests.helpers import digest, p2v, sample_clip
 
 FAST = ["--model", "tiny", "--size", "64", "--steps", "4"]
@@ -29,12 +29,12 @@ def test_edit_preserves_frames_fps_and_audio_and_is_deterministic(clip, tmp_path
     r2 = p2v("edit", clip, "a crochet swan", "-o", out2, *FAST, "--source-prompt", "a clip")
     assert r2.exit_code == 0, r2.output
     assert "cache hit" in r2.output  # the second edit of the clip does no inversion work
-    src, info = video.probe(clip), video.probe(out1)
+    src, info = reader.probe(clip), reader.probe(out1)
     assert info.n_frames == src.n_frames == 6
     assert info.fps == pytest.approx(src.fps)
     assert info.has_audio and src.has_audio
     assert (info.width, info.height) == (128, 64)  # 96x64 -> short side 64, long side 96 -> 128
-    frames1, frames2 = list(video.read_frames(out1)), list(video.read_frames(out2))
+    frames1, frames2 = list(reader.read_frames(out1)), list(reader.read_frames(out2))
     assert all(np.array_equal(a, b) for a, b in zip(frames1, frames2, strict=True))
     assert (tmp_path / "a.side-by-side.mp4").exists() and (tmp_path / "a.strip.png").exists()
     assert digest(clip) == before  # the input is never touched
@@ -46,9 +46,9 @@ def test_stride_start_and_max_frames(clip, tmp_path) -> None:
     r = p2v("edit", clip, "x", "-o", out, *FAST, "--start", "1", "--stride", "2", "--max-frames", "2",
              "--source-prompt", "a clip", "--latent-update", "detached")
     assert r.exit_code == 0, r.output
-    info = video.probe(out)
+    info = reader.probe(out)
     assert info.n_frames == 2
-    assert info.fps == pytest.approx(video.probe(clip).fps / 2)
+    assert info.fps == pytest.approx(reader.probe(clip).fps / 2)
 
 
 def test_preview_writes_the_anchor_frame(clip, tmp_path) -> None:

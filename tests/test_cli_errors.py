@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from cli import app
-from p2v_fast.media import video
+from p2v_fast.media import reader, samples, writer
 from tests.helpers import digest as _digest
 from tests.helpers import one_line_error, sample_clip
 from tests.helpers import p2v as _p2v
@@ -72,7 +72,7 @@ def test_damaged_cache_entry_is_recomputed_with_a_notice(clip, cache, tmp_path, 
     assert r.exit_code == 0, r.output
     notices = [ln for ln in r.stderr.splitlines() if "is damaged" in ln]
     assert len(notices) == 1 and "frame 2" in notices[0] and "recomputing" in notices[0], r.stderr
-    assert video.probe(out).n_frames == 4
+    assert reader.probe(out).n_frames == 4
     x_t = load_file(entry / "frame_000002.safetensors")["x_T"]
     assert torch.isfinite(x_t).all()
     r = _p2v("invert", clip, *FAST)  # the repaired entry is whole again: a plain hit
@@ -82,13 +82,13 @@ def test_damaged_cache_entry_is_recomputed_with_a_notice(clip, cache, tmp_path, 
 def test_truncated_copy_of_a_video_is_one_line_and_max_frames_works(tmp_path, cache) -> None:
     full = tmp_path / "full.mp4"
     sound = sample_clip(tmp_path, n_frames=12, size=(96, 64))  # for its audio
-    with video.VideoWriter(full, 12.0, (96, 64), audio_source=sound) as w:  # faststart: the frame count is
+    with writer.VideoWriter(full, 12.0, (96, 64), audio_source=sound) as w:  # faststart: the frame count is
         for i in range(12):                                                  # at the front
-            w.write(video.sample_frame(i, (96, 64)))
+            w.write(samples.sample_frame(i, (96, 64)))
     cut = tmp_path / "cut.mp4"
     cut.write_bytes(full.read_bytes()[: full.stat().st_size * 6 // 10])
-    assert video.probe(cut).n_frames == 12  # the container still says 12
-    decodable = len(list(video.read_frames(cut)))
+    assert reader.probe(cut).n_frames == 12  # the container still says 12
+    decodable = len(list(reader.read_frames(cut)))
     assert 0 < decodable < 12
     before = _digest(cut)
     r = _p2v("edit", cut, "a swan", "-o", tmp_path / "o.mp4", *FAST)
@@ -97,7 +97,7 @@ def test_truncated_copy_of_a_video_is_one_line_and_max_frames_works(tmp_path, ca
     assert not (tmp_path / "o.mp4").exists() and _digest(cut) == before
     r = _p2v("edit", cut, "a swan", "-o", tmp_path / "o.mp4", *FAST, "--max-frames", decodable)
     assert r.exit_code == 0, r.output  # the audio's damaged tail too is cut, not fatal
-    assert video.probe(tmp_path / "o.mp4").has_audio
+    assert reader.probe(tmp_path / "o.mp4").has_audio
 
 
 def test_two_inversions_of_one_clip_at_once_share_the_work(tiny_models, clip, tmp_path) -> None:
@@ -210,7 +210,7 @@ def test_sigterm_while_writing_removes_the_partial_file(tmp_path, tiny_dir) -> N
 
 
 def test_ctrl_c_is_one_line_and_keeps_nothing_partial(clip, tmp_path, monkeypatch) -> None:
-    from p2v_fast.media.video import VideoWriter
+    from p2v_fast.media.writer import VideoWriter
 
     real = VideoWriter.write
 
@@ -230,7 +230,7 @@ def test_ctrl_c_is_one_line_and_keeps_nothing_partial(clip, tmp_path, monkeypatc
 def test_output_out_of_space_is_one_line_and_removes_the_partial_file(clip, tmp_path, monkeypatch) -> None:
     """ENOSPC injected where the writer hands packets to FFmpeg (the third frame): one line naming
     the folder, no partial file, nothing under the final name; a rerun works."""
-    from p2v_fast.media.video import VideoWriter
+    from p2v_fast.media.writer import VideoWriter
 
     real = VideoWriter._io
     calls = {"n": 0}
@@ -321,9 +321,9 @@ def test_bad_values_are_one_line_before_any_work(clip, tmp_path, args, message) 
 
 def test_working_size_of_an_extreme_aspect_ratio_is_refused(tmp_path, tiny_dir) -> None:
     tall = tmp_path / "tall.mp4"
-    with video.VideoWriter(tall, 12.0, (16, 1000)) as w:
+    with writer.VideoWriter(tall, 12.0, (16, 1000)) as w:
         for _ in range(2):
-            w.write(video.sample_frame(0, (16, 1000)))
+            w.write(samples.sample_frame(0, (16, 1000)))
     msg = one_line_error(_p2v("edit", tall, "a swan", "-o", tmp_path / "o.mp4", "--model", "tiny"))
     assert "512x32000" in msg and "no --size fits this 16x1000 source" in msg
 
@@ -340,7 +340,7 @@ def test_fifo_or_device_input_is_refused_at_once(tmp_path, tiny_dir, kind) -> No
 
 
 def test_output_inside_the_input_image_folder_is_refused(tmp_path, tiny_dir) -> None:
-    frames = video.make_sample_frames_folder(tmp_path / "frames", 3, (96, 64))
+    frames = samples.make_sample_frames_folder(tmp_path / "frames", 3, (96, 64))
     before = sorted(p.name for p in frames.iterdir())
     for extra in (["-o", frames / "out.mp4"], ["--preview", "-o", frames / "p.png"]):
         msg = one_line_error(_p2v("edit", frames, "a swan", *FAST, *extra))
@@ -435,7 +435,7 @@ def _vfr_clip(path: Path) -> list[float]:
         a = c.add_stream("aac", rate=rate)
         a.layout = "mono"
         for i, t in enumerate(times):
-            f = av.VideoFrame.from_ndarray(video.sample_frame(i, (64, 64)), format="rgb24").reformat(format="yuv420p")
+            f = av.VideoFrame.from_ndarray(samples.sample_frame(i, (64, 64)), format="rgb24").reformat(format="yuv420p")
             f.pts, f.time_base = round(t * 1000), Fraction(1, 1000)
             c.mux(vs.encode(f))
         c.mux(vs.encode(None))
@@ -626,13 +626,13 @@ def test_small_things(tmp_path, tiny_dir) -> None:
     assert "What to steer away from" in r.stdout  # --negative-prompt has help
     # 29.97 fps is printed as the source states it; one frame is "1 frame"
     ntsc = tmp_path / "ntsc.mp4"
-    with video.VideoWriter(ntsc, 30000 / 1001, (64, 64)) as w:
-        w.write(video.sample_frame(0, (64, 64)))
+    with writer.VideoWriter(ntsc, 30000 / 1001, (64, 64)) as w:
+        w.write(samples.sample_frame(0, (64, 64)))
     r = _p2v("edit", ntsc, "a swan", "-o", tmp_path / "o.mp4", *FAST)
     assert r.exit_code == 0, r.output
     assert "1 frame at 64x64, 29.97 fps" in r.stdout
     # an image folder plays at --fps
-    frames = video.make_sample_frames_folder(tmp_path / "frames", 2, (64, 64))
+    frames = samples.make_sample_frames_folder(tmp_path / "frames", 2, (64, 64))
     r = _p2v("edit", frames, "a swan", "-o", tmp_path / "f.mp4", *FAST, "--fps", "30")
     assert r.exit_code == 0, r.output
     with av.open(str(tmp_path / "f.mp4")) as c:
@@ -683,7 +683,7 @@ def test_options_that_cannot_work_are_refused_before_any_work(clip, tmp_path, ar
 
 
 def test_a_folder_frame_rate_too_small_to_write_is_refused(tmp_path) -> None:
-    from p2v_fast.media.video import make_sample_frames_folder
+    from p2v_fast.media.samples import make_sample_frames_folder
 
     folder = make_sample_frames_folder(tmp_path / "frames", n=2, size=(64, 64))
     r = _p2v("edit", folder, "x", *FAST, "--fps", "1e-10", "-o", tmp_path / "o.mp4")

@@ -27,7 +27,7 @@ from p2v_fast.apps.ablation import (
 )
 from p2v_fast.errors import InputError
 from p2v_fast.files import json_safe
-from p2v_fast.media import video
+from p2v_fast.media import reader, writer
 from tests.helpers import p2v
 
 EVAL_FIELDS = {
@@ -52,9 +52,9 @@ def panned_frames(n: int, size: tuple[int, int] = CLIP_SIZE, shift: int = 2) -> 
 
 
 def write_clip(path: Path, frames: list[np.ndarray]) -> Path:
-    with video.VideoWriter(path, 12.0, (frames[0].shape[1], frames[0].shape[0])) as writer:
+    with writer.VideoWriter(path, 12.0, (frames[0].shape[1], frames[0].shape[0])) as out:
         for f in frames:
-            writer.write(f)
+            out.write(f)
     return path
 
 
@@ -171,7 +171,7 @@ def test_ablate_tiny(clips: dict[str, Path], tmp_path: Path) -> None:
         assert header in r.stdout
 
     for key in DEFAULT_SETTINGS:
-        info = video.probe(out / f"{key}.mp4")
+        info = reader.probe(out / f"{key}.mp4")
         assert (info.n_frames, info.width, info.height) == (3, *CLIP_SIZE)
 
     table = json.loads((out / "table.json").read_text())

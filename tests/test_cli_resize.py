@@ -10,7 +10,7 @@ from PIL import Image
 
 from p2v_fast.config import EditConfig
 from p2v_fast.errors import InputError
-from p2v_fast.media import video
+from p2v_fast.media import framing, reader, samples
 from p2v_fast.media.clip_selection import select_clip
 from tests.helpers import p2v, sample_clip
 
@@ -24,17 +24,17 @@ def clip(tmp_path_factory, tiny_dir) -> Path:
 
 
 def test_frame_geometry_of_a_davis_clip() -> None:
-    assert video.frame_geometry(854, 480, 512, "crop") == ((896, 512), (0, 0, 896, 512))
-    assert video.frame_geometry(854, 480, 512, "stretch") == ((512, 512), (0, 0, 512, 512))  # the paper's
-    assert video.frame_geometry(854, 480, 512, "pad") == ((512, 512), (0, 112, 512, 288))
-    assert video.frame_geometry(480, 854, 512, "pad") == ((512, 512), (112, 0, 288, 512))
-    assert video.frame_geometry(96, 64, 64, "pad") == ((64, 64), (0, 11, 64, 42))  # even sides for H.264
+    assert framing.frame_geometry(854, 480, 512, "crop") == ((896, 512), (0, 0, 896, 512))
+    assert framing.frame_geometry(854, 480, 512, "stretch") == ((512, 512), (0, 0, 512, 512))  # the paper's
+    assert framing.frame_geometry(854, 480, 512, "pad") == ((512, 512), (0, 112, 512, 288))
+    assert framing.frame_geometry(480, 854, 512, "pad") == ((512, 512), (112, 0, 288, 512))
+    assert framing.frame_geometry(96, 64, 64, "pad") == ((64, 64), (0, 11, 64, 42))  # even sides for H.264
     with pytest.raises(InputError, match="--resize"):
-        video.frame_geometry(854, 480, 512, "squash")
+        framing.frame_geometry(854, 480, 512, "squash")
 
 
 def test_invert_stretch_gives_the_papers_512_square_for_a_davis_sized_clip(tmp_path, tiny_dir) -> None:
-    davis = video.make_sample_clip(tmp_path / "davis.mp4", n_frames=1, size=(854, 480), with_audio=False)
+    davis = samples.make_sample_clip(tmp_path / "davis.mp4", n_frames=1, size=(854, 480), with_audio=False)
     for resize, size in (("stretch", "512x512"), ("pad", "512x512")):  # crop: 896x512 (frame_geometry above)
         r = p2v("invert", davis, "--model", "tiny", "--size", "512", "--steps", "1", "--source-prompt", "a swan",
                  "--resize", resize)
@@ -49,25 +49,25 @@ def test_pad_working_frames_are_letterboxed_and_eval_sees_their_picture(clip) ->
     assert frame.shape == (64, 64, 3)
     assert not frame[:11].any() and not frame[53:].any() and frame[11:53].any()  # black bars, picture between
     # what `p2v eval --resize pad` compares the 64x42 output with: exactly the picture the edit saw
-    source = next(video.read_frames(clip, size=(64, 42), resize="crop"))
+    source = next(reader.read_frames(clip, size=(64, 42), resize="crop"))
     np.testing.assert_array_equal(sel.to_output(frame), source)
     stretched = next(select_clip(clip, EditConfig(size=64, resize="stretch")).frames())
-    squashed = Image.fromarray(next(video.read_frames(clip))).resize((64, 64), Image.Resampling.LANCZOS)
+    squashed = Image.fromarray(next(reader.read_frames(clip))).resize((64, 64), Image.Resampling.LANCZOS)
     np.testing.assert_array_equal(stretched, np.asarray(squashed))
 
 
 def test_edit_stretch_and_pad_outputs(clip, tmp_path) -> None:
     r = p2v("edit", clip, "a swan", "-o", tmp_path / "s.mp4", *FAST, "--resize", "stretch")
     assert r.exit_code == 0, r.output
-    info = video.probe(tmp_path / "s.mp4")
+    info = reader.probe(tmp_path / "s.mp4")
     assert (info.width, info.height, info.n_frames) == (64, 64, 3)
 
     r = p2v("edit", clip, "a swan", "-o", tmp_path / "p.mp4", *FAST, "--resize", "pad", "--side-by-side")
     assert r.exit_code == 0, r.output
     assert "output 64x42" in r.output.replace("\n", " ")
-    info = video.probe(tmp_path / "p.mp4")
+    info = reader.probe(tmp_path / "p.mp4")
     assert (info.width, info.height, info.n_frames) == (64, 42, 3)  # the bars are cut off
-    sbs = video.probe(tmp_path / "p.side-by-side.mp4")
+    sbs = reader.probe(tmp_path / "p.side-by-side.mp4")
     assert (sbs.width, sbs.height) == (128, 42)
     assert Image.open(tmp_path / "p.strip.png").size[1] == 2 * 42
 
@@ -87,7 +87,7 @@ def test_ablate_stretch(clip, tmp_path) -> None:
              "no-update,per-frame", "--clip-model", "tiny")
     assert r.exit_code == 0, r.output
     assert "3 frames at 64x64" in r.output.replace("\n", " ")
-    assert (video.probe(out / "no-update.mp4").width, video.probe(out / "per-frame.mp4").height) == (64, 64)
+    assert (reader.probe(out / "no-update.mp4").width, reader.probe(out / "per-frame.mp4").height) == (64, 64)
 
 
 @pytest.mark.parametrize("command", ["edit", "invert", "eval", "ablate"])

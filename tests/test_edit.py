@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from p2v_fast.config import EditConfig
-from p2v_fast.media import video
+from p2v_fast.media import reader, samples, writer
 from p2v_fast.method.edit import FeatureStore, run_schedule
 from p2v_fast.nets.attention import injected_layer_names
 from tests.helpers import make_context, p2v, random_frames
@@ -49,15 +49,15 @@ def _edit(models, cfg: EditConfig, frames, store: FeatureStore | None = None):
 def test_identical_frames_give_identical_edited_frames_end_to_end(tmp_path, tiny_dir) -> None:
     """`p2v edit` on a folder of 4 copies of one image: the 4 edited frames are the same."""
     folder = tmp_path / "same"
-    frame = video.sample_frame(3, (96, 64))
+    frame = samples.sample_frame(3, (96, 64))
     for i in range(4):
-        video.save_png(folder / f"{i}.png", frame)
+        writer.save_png(folder / f"{i}.png", frame)
     out = tmp_path / "same.mp4"
     r = p2v("edit", str(folder), "a crochet swan", "-o", str(out), "--model", "tiny",
             "--size", "64", "--steps", "6", "--source-prompt", "a clip", "--refs",
             "anchor+prev", catch_exceptions=False)
     assert r.exit_code == 0, r.output
-    frames = [f.astype(int) for f in video.read_frames(out)]
+    frames = [f.astype(int) for f in reader.read_frames(out)]
     assert len(frames) == 4 and frames[0].std() > 5  # not a blank picture
     assert max(int(np.abs(f - frames[0]).max()) for f in frames) <= 1  # H.264 may round, nothing more
 

@@ -367,7 +367,7 @@ def test_the_default_profile_serves_the_default_crop_of_landscape_and_portrait_c
     """Issue 17 item 7: at --size 512 the default engines take 512 to 896 a side (16:9 either way
     round): the crops p2v edit makes of 854x480, 1920x1080, 1080x1920 (phone) and 640x480 clips all
     fit; one shape with --static-batch (CUDA graphs) or --max-size 512."""
-    from p2v_fast.media.video import working_size
+    from p2v_fast.media.framing import working_size
 
     profile = ExportOptions().profile()
     assert profile.height == profile.width == (512, 512, 896) and profile.batch == (1, 8, 8)

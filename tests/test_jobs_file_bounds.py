@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from p2v_fast.media import video
+from p2v_fast.media import samples
 from tests.helpers import no_model_loads
 from tests.helpers import p2v as _p2v
 
@@ -19,7 +19,7 @@ from tests.helpers import p2v as _p2v
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory, tiny_dir) -> Path:
     root = tmp_path_factory.mktemp("jobclip")
-    return video.make_sample_clip(root / "a.mp4", n_frames=2, size=(64, 64), with_audio=False)
+    return samples.make_sample_clip(root / "a.mp4", n_frames=2, size=(64, 64), with_audio=False)
 
 
 def _one_line(r, message: str) -> None:

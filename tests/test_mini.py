@@ -61,7 +61,7 @@ def test_mini_edit_moves_the_colour(tmp_path):
     """A 3-frame scene clip, the caption with one object's colour word changed: the object's masked
     hue moves toward the target colour's."""
     from p2v_fast import EditConfig, edit_video
-    from p2v_fast.media.video import read_frames
+    from p2v_fast.media.reader import read_frames
 
     torch.manual_seed(0)
     clip = sc.render_clip(123, 3, (64, 64))

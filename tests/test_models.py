@@ -321,7 +321,8 @@ def test_the_real_model_loads_and_edits_identical_frames_identically(tmp_path) -
     import numpy as np
 
     from p2v_fast import EditConfig, edit_video, load_runtime
-    from p2v_fast.media.video import make_sample_frames_folder, read_frames
+    from p2v_fast.media.reader import read_frames
+    from p2v_fast.media.samples import make_sample_frames_folder
     from p2v_fast.nets.attention import injected_layer_names
     from tests.helpers import real_weights
 

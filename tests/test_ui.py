@@ -71,7 +71,7 @@ def outputs_in(folder: Path) -> set[str]:
 def test_render_is_the_library_edit_and_models_stay_loaded(ui, sample):
     from p2v_fast import edit_video
     from p2v_fast.apps.batch import sidecar_path
-    from p2v_fast.media.video import probe
+    from p2v_fast.media.reader import probe
 
     job = ui.client.submit(*form(sample), api_name="/render")
     status, video, sbs, strip, numbers, files = job.result(timeout=300)

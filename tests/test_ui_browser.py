@@ -54,7 +54,7 @@ def test_page_renders_a_held_clip(server, tmp_path):
     from PIL import Image
     from playwright.sync_api import sync_playwright
 
-    from p2v_fast.media.video import make_sample_clip
+    from p2v_fast.media.samples import make_sample_clip
 
     url, out = server
     clip = make_sample_clip(tmp_path / "held.mp4", n_frames=4, size=(128, 96), fps=12.0)

@@ -12,19 +12,10 @@ import numpy as np
 import pytest
 
 from p2v_fast.errors import InputError
-from p2v_fast.media.video import (
-    VideoInfo,
-    VideoWriter,
-    make_sample_clip,
-    make_sample_frames_folder,
-    probe,
-    read_frames,
-    sample_frame,
-    save_png,
-    selected_count,
-    side_by_side,
-    working_size,
-)
+from p2v_fast.media.framing import side_by_side, working_size
+from p2v_fast.media.reader import VideoInfo, probe, read_frames, selected_count
+from p2v_fast.media.samples import make_sample_clip, make_sample_frames_folder, sample_frame
+from p2v_fast.media.writer import VideoWriter, save_png
 
 N, SIZE, FPS = 24, (256, 192), 12.0
 
@@ -292,7 +283,7 @@ def test_save_png_and_side_by_side(tmp_path: Path) -> None:
 
 
 def test_output_timing_constant_and_variable(tmp_path: Path, clips: dict[str, Path]) -> None:
-    from p2v_fast.media.video import output_timing
+    from p2v_fast.media.reader import output_timing
 
     info = probe(clips["mp4"])
     t = output_timing(info, start=3, count=5, stride=2)
@@ -331,3 +322,22 @@ def test_working_size_limit() -> None:
         working_size(1920, 1080, 2048)
     with pytest.raises(InputError, match="no --size fits"):
         working_size(16, 1000, 64)
+
+
+def test_media_is_split_by_concept() -> None:
+    """Framing geometry, reading, writing and sample clips are four modules (once one file of 924
+    lines), each importing only the ones below it: framing <- reader <- writer <- samples."""
+    import ast
+
+    media = Path(__file__).resolve().parents[1] / "p2v_fast" / "media"
+    order = ["framing", "reader", "writer", "samples"]
+    for i, name in enumerate(order):
+        tree = ast.parse((media / f"{name}.py").read_text(encoding="utf-8"))
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        above = {f"p2v_fast.media.{m}" for m in order[i + 1:]} | {"p2v_fast.media.video"}
+        assert not imported & above, (name, imported & above)
+        assert len((media / f"{name}.py").read_text(encoding="utf-8").splitlines()) < 450, name
+    framing = ast.parse((media / "framing.py").read_text(encoding="utf-8"))
+    assert not [n for n in ast.walk(framing) if isinstance(n, ast.Import) and any(a.name == "av" for a in n.names)]
+    assert not (media / "video.py").exists()

@@ -298,7 +298,7 @@ def clip_edit(model: str, seed: int, n_frames: int = 4, steps: int = 20, workdir
     import tempfile
 
     from p2v_fast import EditConfig, edit_video
-    from p2v_fast.media.video import read_frames
+    from p2v_fast.media.reader import read_frames
 
     clip = sc.render_clip(seed, n_frames, (64, 64))
     scene = clip.scene

@@ -37,7 +37,7 @@ import numpy as np
 from p2v_fast.config import EditConfig
 from p2v_fast.errors import InputError, one_line
 from p2v_fast.files import write_json_atomic, write_text_atomic
-from p2v_fast.media import video
+from p2v_fast.media import reader, writer
 from p2v_fast.progress import NullProgress, Progress
 from p2v_fast.quality.evaluate import VideoEval, evaluate_video
 from p2v_fast.quality.metrics import DEFAULT_CLIP_MODEL, FLOW_METHODS, ClipScorer, make_flow
@@ -283,7 +283,7 @@ def run_ablation(
     if sheet_frames < 1:
         raise InputError(f"--sheet-frames must be >= 1; got {sheet_frames}")
     info = probe_input(input_path, cfg)
-    n_sel = video.selected_count(info, cfg.start, cfg.max_frames, cfg.stride)
+    n_sel = reader.selected_count(info, cfg.start, cfg.max_frames, cfg.stride)
     if n_sel < 2:
         raise InputError(f"an ablation needs at least 2 frames (temporal metrics); the selection has {n_sel}")
     out = Path(out_dir) if out_dir is not None else default_out_dir(input_path)
@@ -355,7 +355,7 @@ def run_ablation(
 
     assert result is not None  # keys is never empty
     sheet = contact_sheet([("source", [source_thumbs[i] for i in cols]), *rows_thumbs])
-    result.contact_sheet = video.save_png(paths["contact_sheet.png"], sheet)
+    result.contact_sheet = writer.save_png(paths["contact_sheet.png"], sheet)
     result.table_json = write_json_atomic(paths["table.json"], result.to_dict())
     result.table_md = write_text_atomic(paths["table.md"], markdown_table(result))
     return result

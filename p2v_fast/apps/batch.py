@@ -36,7 +36,7 @@ from typing import Any, Protocol
 
 from p2v_fast.config import EditConfig
 from p2v_fast.errors import InputError, P2VError, Terminated, one_line
-from p2v_fast.media import video
+from p2v_fast.media import reader
 
 if typing.TYPE_CHECKING:
     from p2v_fast.media.paths import EditPaths
@@ -315,7 +315,7 @@ def load_jobs(path: str | Path, local: bool = True) -> list[Job]:
     for k in defaults:
         if k not in keys:
             errors.append(f"{name}: defaults: {_unknown(k, keys)}")
-    probes: dict[tuple[Path, float | None], video.VideoInfo | str] = {}
+    probes: dict[tuple[Path, float | None], reader.VideoInfo | str] = {}
     drafts: list[_Draft] = []
     for i, raw in enumerate(raw_jobs, start=1):
         where = f"{name}: job {i}"
@@ -373,7 +373,7 @@ def _max_memory(value: Any) -> Any:
 
 
 def _draft(index: int, merged: dict[str, Any], keys: dict[str, Any], opt_names: set[str], base: Path,
-           probes: dict[tuple[Path, float | None], video.VideoInfo | str], local: bool = True) -> _Draft:
+           probes: dict[tuple[Path, float | None], reader.VideoInfo | str], local: bool = True) -> _Draft:
     """One job checked as ``p2v edit`` checks it before loading a model: values, prompt, the
     input's probe (``--fps`` included) and the frame selection (size, framing, stride)."""
     from p2v_fast.media.clip_selection import select_clip

@@ -44,7 +44,7 @@ from p2v_fast.apps.batch import (
 )
 from p2v_fast.errors import BackendUnavailableError, InputError, P2VError, Terminated, one_line
 from p2v_fast.files import write_json_atomic
-from p2v_fast.media import video
+from p2v_fast.media import writer
 from p2v_fast.media.paths import check_output_file
 
 #: Variables passed from where `p2v batch` runs to its workers, when set (never tokens).
@@ -241,7 +241,7 @@ def _clean_after_death(job: Job) -> JobResult | None:
     """A dead actor's job: remove its partial files; the result if its output was already
     complete (finished just before the actor died), else None (to be retried)."""
     for out in job.paths.all:
-        video._partial_path(out).unlink(missing_ok=True)
+        writer.partial_path(out).unlink(missing_ok=True)
     if job.output.exists() and not job.output_existed:
         result = JobResult.of(job, "done", "finished before its worker died", frames=job.n_frames)
         try:

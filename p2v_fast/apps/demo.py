@@ -38,9 +38,9 @@ def run_demo(out: Path, cfg: EditConfig, frames: int = 16, progress: Progress | 
     out.mkdir(parents=True, exist_ok=True)
     clip = out / "sample.mp4"
     if not clip.exists():
-        from p2v_fast.media import video
+        from p2v_fast.media import samples
         progress.log(f"writing the sample clip {clip} ({frames} frame{'' if frames == 1 else 's'}, with audio)")
-        video.make_sample_clip(clip, n_frames=frames, size=CLIP_SIZE, fps=CLIP_FPS, with_audio=True)
+        samples.make_sample_clip(clip, n_frames=frames, size=CLIP_SIZE, fps=CLIP_FPS, with_audio=True)
     progress.log(f"sample clip: {clip} ({frames} frame{'' if frames == 1 else 's'}, with audio)")
     return edit_video(cfg, clip, out / "sample.p2v.mp4", overwrite=True, side_by_side=True, progress=progress,
                       json_path=json_path)

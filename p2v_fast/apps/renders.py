@@ -243,7 +243,7 @@ class Renderer:
 
     def sample_clip(self) -> Path:
         """The sample clip (``p2v demo``'s), made once in ``inputs/``."""
-        from p2v_fast.media.video import make_sample_clip
+        from p2v_fast.media.samples import make_sample_clip
 
         path = self.out_dir / "inputs" / "sample.mp4"
         if not path.is_file():

@@ -12,7 +12,7 @@ import numpy as np
 
 from p2v_fast.config import EditConfig
 from p2v_fast.errors import InputError
-from p2v_fast.media import video
+from p2v_fast.media import framing, reader
 
 
 @dataclass(frozen=True)
@@ -20,13 +20,13 @@ class ClipSelection:
     """Which frames of which video, at which working size."""
 
     path: Path
-    info: video.VideoInfo
+    info: reader.VideoInfo
     size: tuple[int, int]  # (W, H) of the working frames, multiples of 64
     start: int
     max_frames: int | None
     stride: int
     n_frames: int
-    resize: str = "crop"  # how a source frame becomes a working frame (video.frame_geometry)
+    resize: str = "crop"  # how a source frame becomes a working frame (framing.frame_geometry)
     box: tuple[int, int, int, int] | None = None  # (x, y, w, h) of the picture; None: the whole frame
 
     @property
@@ -52,17 +52,17 @@ class ClipSelection:
 
     def frames(self) -> Iterator[np.ndarray]:
         """Stream the selected working frames, uint8 [H, W, 3]."""
-        return video.read_frames(  # the probed info, so no pass probes (for webm: decodes) again
+        return reader.read_frames(  # the probed info, so no pass probes (for webm: decodes) again
             self.info, size=self.size, start=self.start, max_frames=self.max_frames, stride=self.stride,
             resize=self.resize,
         )
 
 
-def select_clip(path: str | Path, cfg: EditConfig, info: video.VideoInfo | None = None) -> ClipSelection:
+def select_clip(path: str | Path, cfg: EditConfig, info: reader.VideoInfo | None = None) -> ClipSelection:
     """The frames ``cfg`` selects from ``path`` (``info``: its probe, if already done)."""
-    info = info or video.probe(path)
-    size, box = video.frame_geometry(info.width, info.height, cfg.size, cfg.resize)
-    n = video.selected_count(info, cfg.start, cfg.max_frames, cfg.stride)
+    info = info or reader.probe(path)
+    size, box = framing.frame_geometry(info.width, info.height, cfg.size, cfg.resize)
+    n = reader.selected_count(info, cfg.start, cfg.max_frames, cfg.stride)
     return ClipSelection(Path(path), info, size, cfg.start, cfg.max_frames, cfg.stride, n, cfg.resize,
                          None if box == (0, 0, *size) else box)
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from p2v_fast.errors import InputError, one_line
-from p2v_fast.media import video
+from p2v_fast.media import writer
 
 
 def name_max(folder: Path) -> int:
@@ -75,7 +75,7 @@ def check_output(input_path: Path, output: Path, overwrite: bool, kind: str | No
                  side_files: tuple[str, ...] = (), create_folder: bool = False, option: str = "-o") -> Path:
     """Validate the output path: not the input, not inside an input image folder, not an existing
     file (unless overwrite), writable, a name the file system takes (``side_files``: names that
-    will be written beside it). ``kind``: "video" (an extension :data:`video.OUTPUT_FORMATS`
+    will be written beside it). ``kind``: "video" (an extension :data:`writer.OUTPUT_FORMATS`
     knows) or "png". ``create_folder``: its folder may not exist yet (the caller creates it).
     ``option``: the option that names it, for the message."""
     output = check_name_length(output, side_files)
@@ -87,7 +87,7 @@ def check_output(input_path: Path, output: Path, overwrite: bool, kind: str | No
     if kind == "png" and output.suffix.lower() != ".png":
         raise InputError(f"--preview writes a PNG image; give -o a .png name, not '{output.name}'")
     if kind == "video":
-        video.output_format(output)
+        writer.output_format(output)
     if output.exists() and not output.is_dir() and not overwrite:
         raise InputError(f"output '{output}' exists; pass --overwrite to replace it")
     return check_output_file(output, extra_names=side_files, create_folder=create_folder)

@@ -521,7 +521,7 @@ def write_clip(clip: SceneClip, path: str | Path, fps: float = 12.0) -> Path:
     arrays: dict[str, Any] = dict(depth=clip.depth, ids=clip.ids, flow=clip.flow, occluded=clip.occluded)
     meta = json.dumps(ground_truth(clip), indent=2)
     if out.suffix.lower() in (".mp4", ".mkv", ".mov", ".webm"):
-        from p2v_fast.media.video import VideoWriter
+        from p2v_fast.media.writer import VideoWriter
         out.parent.mkdir(parents=True, exist_ok=True)
         h, w = clip.frames.shape[1:3]
         with VideoWriter(out, fps, (w, h)) as writer:

@@ -44,7 +44,7 @@ class ExportOptions:
     width: int = 512
     min_size: int | None = None  # smallest height/width the engines accept (None: height/width)
     # Largest. None: the long side of a 16:9 clip at the short side min(height, width) (896 at 512),
-    # so the default crop of a landscape or a portrait clip fits (p2v_fast.media.video.working_size);
+    # so the default crop of a landscape or a portrait clip fits (p2v_fast.media.framing.working_size);
     # height/width themselves with --static-batch or the dynamo exporter (one shape).
     max_size: int | None = None
     max_batch: int = 8  # samples per UNet call: frames in flight x 2 CFG branches
@@ -66,7 +66,7 @@ class ExportOptions:
         height and width itself (a fixed size: --static-batch and the dynamo exporter)."""
         if self.static_batch or self.exporter == "dynamo":
             return None
-        from p2v_fast.media.video import working_size
+        from p2v_fast.media.framing import working_size
 
         wide = working_size(*WIDEST_DEFAULT, min(self.height, self.width), SIZE_MULTIPLE, max_side=None)[0]
         return max(self.height, self.width, wide)

@@ -27,7 +27,7 @@ import numpy as np
 
 from p2v_fast.errors import InputError
 from p2v_fast.files import json_safe
-from p2v_fast.media import video
+from p2v_fast.media import framing, reader
 from p2v_fast.progress import NullProgress, Progress
 from p2v_fast.quality.metrics import DEFAULT_CLIP_MODEL, FLOW_METHODS, ClipScorer, StreamingEvaluator
 
@@ -57,13 +57,13 @@ class VideoEval:
         return json_safe(asdict(self))
 
 
-def comparison_size(info: video.VideoInfo, size: int | None) -> tuple[int, int]:
+def comparison_size(info: reader.VideoInfo, size: int | None) -> tuple[int, int]:
     """(W, H) of the comparison: the edited video's own size, or its short side scaled to ``size``."""
     if size is None:
         return info.width, info.height
     if size < 2:
         raise InputError(f"--size must be at least 2 pixels; got {size}")
-    return video.working_size(info.width, info.height, size, multiple=1)
+    return framing.working_size(info.width, info.height, size, multiple=1)
 
 
 def check_inputs(
@@ -73,14 +73,14 @@ def check_inputs(
     start: int = 0,
     max_frames: int | None = None,
     stride: int = 1,
-) -> tuple[video.VideoInfo, video.VideoInfo, int]:
+) -> tuple[reader.VideoInfo, reader.VideoInfo, int]:
     """Probe both videos and check that they have the same number of frames (before any model loads)."""
     for what, path in (("edited video", edited), ("source video", source)):
         if not Path(path).exists():
             raise InputError(f"{what} does not exist: '{path}'")
-    ed_info = video.probe(edited)
-    src_info = video.probe(source)
-    n_src = video.selected_count(src_info, start, max_frames, stride)
+    ed_info = reader.probe(edited)
+    src_info = reader.probe(source)
+    n_src = reader.selected_count(src_info, start, max_frames, stride)
     if ed_info.n_frames != n_src:
         if (start, max_frames, stride) == (0, None, 1):
             sel = f"source has {n_src}"
@@ -131,8 +131,8 @@ def evaluate_video(
     prompt = check_prompt(prompt, "edit prompt")
     if flow not in FLOW_METHODS:
         raise InputError(f"--flow must be one of {', '.join(FLOW_METHODS)}; got {flow!r}")
-    if resize not in video.RESIZE_MODES:
-        raise InputError(f"--resize must be one of {', '.join(video.RESIZE_MODES)}; got {resize!r}")
+    if resize not in framing.RESIZE_MODES:
+        raise InputError(f"--resize must be one of {', '.join(framing.RESIZE_MODES)}; got {resize!r}")
     ed_info, src_info, n = check_inputs(edited, source, start=start, max_frames=max_frames, stride=stride)
     wh = comparison_size(ed_info, size)
     if scorer is None:
@@ -140,8 +140,8 @@ def evaluate_video(
     progress = progress or NullProgress()
     ev = StreamingEvaluator(scorer, prompt, flow=flow, flow_fn=flow_fn)
     advance = progress.stage("evaluate", n)
-    ed_frames = video.read_frames(ed_info, size=None if wh == (ed_info.width, ed_info.height) else wh)
-    src_frames = video.read_frames(src_info, size=wh, start=start, max_frames=max_frames, stride=stride,
+    ed_frames = reader.read_frames(ed_info, size=None if wh == (ed_info.width, ed_info.height) else wh)
+    src_frames = reader.read_frames(src_info, size=wh, start=start, max_frames=max_frames, stride=stride,
                                    resize="stretch" if resize == "stretch" else "crop")  # pad: the edit cut its bars
     count = {"edited": 0, "source": 0}
     for i, (e, s) in enumerate(itertools.zip_longest(ed_frames, src_frames)):
