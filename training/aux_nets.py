@@ -719,7 +719,7 @@ def write_figure(model_dir: Path, png: Path, n: int = 6, scale: int = 3) -> Path
         return np.repeat((255 * x).astype(np.uint8)[..., None], 3, -1)
 
     s = IMAGE * scale
-    text_h = 64
+    text_h = 100
     sheet = Image.new("RGB", (n * (s + 8) + 8, 3 * (s + 8) + text_h + 8), "white")
     draw = ImageDraw.Draw(sheet)
     for k in range(n):
