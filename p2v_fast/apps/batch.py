@@ -161,20 +161,59 @@ def sidecar_path(output: Path) -> Path:
 
 
 def _read_sidecar(output: Path) -> dict[str, Any] | None:
+    """The job record beside ``output``, or None when it is missing or malformed (a record
+    whose values are not what :func:`write_sidecar` writes is no record)."""
     try:
         data = json.loads(sidecar_path(output).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
-    return data if isinstance(data, dict) and isinstance(data.get("spec"), dict) else None
+    if not (isinstance(data, dict) and isinstance(data.get("spec"), dict)):
+        return None
+    frames, sha, out = data.get("frames"), data.get("frames_sha256"), data.get("output")
+    if not (isinstance(frames, int) and not isinstance(frames, bool) and frames >= 0):
+        return None
+    if sha is not None and not isinstance(sha, str):
+        return None
+    if out is not None and not (isinstance(out, dict) and isinstance(out.get("bytes"), int)
+                                and isinstance(out.get("sha256"), str)):
+        return None
+    return data
+
+
+def _file_digest(path: Path) -> dict[str, Any]:
+    """Size and sha256 of ``path``, read in chunks (an output may be gigabytes)."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(2**20):
+            h.update(chunk)
+    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def _output_problem(job: Job, record: dict[str, Any]) -> str | None:
+    """Whether the output is still the one the record describes (a truncated or changed output
+    is not complete, whatever its record says). Records written before sizes were kept: None."""
+    want = record.get("output")
+    if want is None:
+        return None
+    try:
+        got = _file_digest(job.output)
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    if got["bytes"] != want["bytes"]:
+        return f"is {got['bytes']} bytes, but its job record says {want['bytes']} (truncated or changed since)"
+    if got["sha256"] != want["sha256"]:
+        return "differs from what its job record describes (changed since)"
+    return None
 
 
 def write_sidecar(job: Job, result: JobResult) -> None:
-    """Record, beside the output, which job made it (atomically)."""
+    """Record, beside the output, which job made it, with the output's size and sha256 (atomically)."""
     from p2v_fast.files import write_json_atomic
 
     write_json_atomic(sidecar_path(job.output), {
         "version": SIDECAR_VERSION, "spec": job.spec(), "frames": result.frames,
-        "frames_sha256": result.frames_sha256, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        "frames_sha256": result.frames_sha256, "output": _file_digest(job.output),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
 
 def _slug(text: str, limit: int = 40) -> str:
@@ -403,6 +442,8 @@ def _draft(index: int, merged: dict[str, Any], keys: dict[str, Any], opt_names: 
     output: Path | None = values.pop("output", None)
     options = {k: values.pop(k) for k in list(values) if k in opt_names}
     cfg = EditConfig(**values)
+    if cfg.cache_dir is not None and cfg.cache_dir.exists() and not cfg.cache_dir.is_dir():
+        raise InputError(f"cache_dir '{cfg.cache_dir}' is a file, not a folder")
     if local:  # the device and TF32 are this machine's question (p2v edit's checks); Ray workers' their own
         invert_precision(cfg.invert_dtype, resolve_device(cfg.device))
     EditPaths.of(input_path, output, preview=bool(options.get("preview")),  # options that exclude each other
@@ -479,7 +520,11 @@ def _existing(job: Job) -> tuple[Job, str | None]:
     record = _read_sidecar(job.output)
     spec = job.spec()
     if job.output.exists() and record is not None and record["spec"] == spec:
-        return dataclasses.replace(job, done=True, output_existed=True), None
+        damaged = _output_problem(job, record)
+        if damaged is None:
+            return dataclasses.replace(job, done=True, output_existed=True), None
+        if not job.options.get("overwrite"):
+            return job, f"output '{job.output}' {damaged}; delete it or set overwrite: true"
     if job.options.get("overwrite") or (record is not None and not job.output.exists()):
         return dataclasses.replace(job, output_existed=True), None
     if not job.output.exists():
@@ -682,7 +727,7 @@ def failure_message(exc: BaseException) -> str:
 
 def skipped(job: Job) -> JobResult:
     record = _read_sidecar(job.output) or {}
-    return JobResult.of(job, "skipped", "output complete (done earlier)", frames=int(record.get("frames") or 0),
+    return JobResult.of(job, "skipped", "output complete (done earlier)", frames=record.get("frames") or 0,
                         frames_sha256=record.get("frames_sha256"))
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import torch
 from safetensors.torch import load, load_file, save
 
 from p2v_fast.config import EditConfig
-from p2v_fast.errors import P2VError, one_line
+from p2v_fast.errors import OutputError, P2VError, one_line
 from p2v_fast.files import FileLock, write_bytes_atomic
 from p2v_fast.media.clip_selection import ClipSelection
 from p2v_fast.progress import Progress
@@ -131,10 +132,34 @@ def file_record(path: Path) -> dict[str, int | str]:
     return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
+def _meta_problem(meta: object, n: int, latent_hw: tuple[int, int]) -> str | None:
+    """What is wrong with a parsed ``meta.json`` (its shape, then whether it describes ``n``
+    frames at ``latent_hw``); None: usable. Every malformed value is a damaged entry, never an
+    exception (``[]``, ``"files": "x"``, ``"n_frames": 1e400``, ...)."""
+    if not isinstance(meta, dict):
+        return f"malformed meta.json (a {type(meta).__name__}, not an object)"
+    frames, hw, files = meta.get("n_frames"), meta.get("latent_hw"), meta.get("files")
+    if not isinstance(frames, int) or isinstance(frames, bool):
+        return f"malformed meta.json (n_frames is {frames!r:.40})"
+    if not (isinstance(hw, list) and len(hw) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in hw)):
+        return f"malformed meta.json (latent_hw is {hw!r:.40})"
+    if files is not None and not isinstance(files, dict):
+        return f"malformed meta.json (files is {files!r:.40})"
+    if frames != n or hw != list(latent_hw):
+        return f"it describes {frames} frames at latent size {hw}, not {n} at {list(latent_hw)}"
+    return None
+
+
 def _record_problem(path: Path, record: object, latent_hw: tuple[int, int]) -> str | None:
     """A recorded frame file against its record (size, sha256), then its contents: a record
     rewritten to match a damaged file (NaN in it) does not make the file usable."""
-    data = path.read_bytes()
+    if not (isinstance(record, dict) and isinstance(record.get("bytes"), int)
+            and isinstance(record.get("sha256"), str)):
+        return f"malformed record in meta.json ({record!r:.40})"
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return f"unreadable ({one_line(exc)})"
     got = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     if got != record:
         want = record.get("bytes") if isinstance(record, dict) else None
@@ -150,16 +175,18 @@ def entry_problems(root: Path, n: int, latent_hw: tuple[int, int]) -> tuple[str 
     the size and sha256 recorded there (entries without records: loads, shapes, finite values).
     """
     meta_path = root / "meta.json"
-    if not meta_path.is_file():
+    if root.exists() and not root.is_dir():
+        return "not a folder", []
+    if not meta_path.exists():
         return "missing", []
     try:
         meta = json.loads(meta_path.read_text())
-        records = meta.get("files") or {}
-        if int(meta["n_frames"]) != n or list(meta["latent_hw"]) != list(latent_hw):
-            return (f"it describes {meta['n_frames']} frames at latent size {meta['latent_hw']}, not {n} at "
-                    f"{list(latent_hw)}"), []
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError) as exc:  # a folder, unreadable, not JSON
         return f"unreadable meta.json ({one_line(exc)})", []
+    problem = _meta_problem(meta, n, latent_hw)
+    if problem is not None:
+        return problem, []
+    records = meta.get("files") or {}
     damaged: list[tuple[Path, str]] = []
     for i in range(n):
         path = frame_file(root, i)
@@ -167,7 +194,7 @@ def entry_problems(root: Path, n: int, latent_hw: tuple[int, int]) -> tuple[str 
         if record is None:
             why = file_problem(path, latent_hw)
         elif not path.is_file():
-            why = "missing"
+            why = "missing" if not path.exists() else "not a file"
         else:
             why = _record_problem(path, record, latent_hw)
         if why is not None:
@@ -185,7 +212,14 @@ def claim_entry(root: Path, n: int, latent_hw: tuple[int, int], progress: Progre
     problem, _ = entry_problems(root, n, latent_hw)
     if problem is None:
         return None
-    root.mkdir(parents=True, exist_ok=True)
+    if problem == "not a folder":  # in the cache's own namespace: debris, replaced
+        progress.log(f"inversion: cache entry {root.name} is not a folder; recomputing it")
+        _remove(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a read-only cache, a cache folder that is a file, ...
+        raise OutputError(f"cannot write the inversion cache under '{root.parent.parent}': {one_line(exc)}; set "
+                          "P2V_CACHE (or cache_dir) to a writable folder") from None
     lock = FileLock(root / ".lock")
     lock.acquire(on_wait=lambda: progress.log("inversion: waiting for another p2v run that is inverting this clip"))
     problem, damaged = entry_problems(root, n, latent_hw)
@@ -194,10 +228,21 @@ def claim_entry(root: Path, n: int, latent_hw: tuple[int, int], progress: Progre
         return None
     if problem != "missing":
         progress.log(f"inversion: cache entry {root.name} is damaged ({problem}); recomputing it")
-        (root / "meta.json").unlink(missing_ok=True)
-        for path in damaged:
-            path.unlink(missing_ok=True)
+        for path in (root / "meta.json", *damaged):
+            _remove(path)
     return lock
+
+
+def _remove(path: Path) -> None:
+    """Remove a damaged cache file, or a folder where a file belongs (and vice versa); a link is
+    removed, never followed."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot replace the damaged inversion cache file '{path}': {one_line(exc)}") from None
 
 
 def cache_key(cfg: EditConfig, models, digest: str, source_prompt: str, runtime: dict[str, str],

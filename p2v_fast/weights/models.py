@@ -217,7 +217,10 @@ def load_models(
             folder = tiny_model_dir()
         except Exception as exc:
             raise ModelLoadError(f"could not build the tiny model set: {one_line(exc)}") from None
-        parts = _load_pipeline_folder(folder, f"tiny model folder '{folder}'", dev, dtype)
+        try:
+            parts = _load_pipeline_folder(folder, f"tiny model folder '{folder}'", dev, dtype)
+        except ModelLoadError as exc:  # damaged in a way its build records cannot see (or built before them)
+            raise ModelLoadError(f"{exc}; delete that folder and p2v rebuilds it") from None
         return Models(**parts, source=TINY, local_dir=folder, device=dev, dtype=dtype)
     if model == MINI:
         folder = mini_model_dir()

@@ -15,6 +15,8 @@ reused.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -317,9 +319,40 @@ def build_tiny_model_dir(target: Path) -> None:
         model, processor = build_captioner(Path(src))
         model.save_pretrained(str(target / "captioner"), safe_serialization=True)
         processor.save_pretrained(str(target / "captioner"))
+    files = {str(f.relative_to(target)): _file_record(f) for f in sorted(target.rglob("*")) if f.is_file()}
     (target / "p2v_tiny.json").write_text(
-        json.dumps({"version": TINY_VERSION, "seeds": SEEDS}, indent=2), encoding="utf-8"
+        json.dumps({"version": TINY_VERSION, "seeds": SEEDS, "files": files}, indent=2), encoding="utf-8"
     )
+
+
+def _file_record(path: Path) -> dict[str, Any]:
+    data = path.read_bytes()
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def tiny_problem(target: Path) -> str | None:
+    """What is wrong with a built tiny set (None: whole): every file it recorded at build time
+    (``p2v_tiny.json``'s ``files``) has its size and sha256. A set built before the records
+    were kept is checked for its ``model_index.json`` only."""
+    if not (target / "model_index.json").is_file():
+        return "incomplete"
+    try:
+        info = json.loads((target / "p2v_tiny.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return f"p2v_tiny.json unreadable ({exc.__class__.__name__})"
+    files = info.get("files") if isinstance(info, dict) else None
+    if files is None:
+        return None
+    if not isinstance(files, dict):
+        return "p2v_tiny.json malformed"
+    for name, record in files.items():
+        path = target / name
+        try:
+            if not path.is_file() or path.stat().st_size != record["bytes"] or _file_record(path) != record:
+                return f"{name} damaged"
+        except (OSError, TypeError, KeyError):
+            return f"{name} damaged"
+    return None
 
 
 def tiny_model_dir(cache_dir: Path | None = None) -> Path:
@@ -331,19 +364,21 @@ def tiny_model_dir(cache_dir: Path | None = None) -> Path:
     """
     root = Path(cache_dir) if cache_dir is not None else cache_root()
     target = root / "models" / TINY_VERSION
-    if (target / "model_index.json").is_file():
+    problem = tiny_problem(target) if target.exists() or target.is_symlink() else "missing"
+    if problem is None:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_VERSION}-", dir=target.parent))
     try:
         build = tmp / "m"
         build_tiny_model_dir(build)
-        if target.exists() and not (target / "model_index.json").is_file():
-            shutil.rmtree(target, ignore_errors=True)  # debris, not a finished build
+        if problem != "missing" and tiny_problem(target) is not None:  # damaged or debris: moved aside, then dropped
+            with contextlib.suppress(FileNotFoundError):  # a racer moved it first
+                os.rename(target, tmp / "damaged")
         try:
             os.rename(build, target)  # atomic; fails if a racer's finished copy is there
         except OSError:
-            if not (target / "model_index.json").is_file():
+            if tiny_problem(target) is not None:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
