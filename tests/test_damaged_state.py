@@ -111,7 +111,7 @@ def test_a_cache_folder_that_is_a_file_is_one_line(clip, tmp_path) -> None:
     afile = tmp_path / "cache"
     afile.write_text("x")
     cfg = EditConfig(model="tiny", size=64, steps=2, source_prompt="a clip", cache_dir=afile)
-    with pytest.raises(OutputError, match="cannot write the inversion cache under .*set P2V_CACHE"):
+    with pytest.raises(OutputError, match=r"cannot write the inversion cache under .*set P2V_CACHE"):
         invert_video(cfg, clip)
 
 
