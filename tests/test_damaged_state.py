@@ -158,7 +158,7 @@ def _record(folder: Path, **changes) -> None:
 
 @pytest.mark.parametrize("frames", ["abc", "INF", [1]])
 def test_a_malformed_job_record_is_no_record(done_batch, tmp_path, monkeypatch, frames) -> None:
-    from tests.test_batch import no_model_loads
+    from tests.helpers import no_model_loads
 
     no_model_loads(monkeypatch)
     shutil.copytree(done_batch, tmp_path / "b")
@@ -169,7 +169,7 @@ def test_a_malformed_job_record_is_no_record(done_batch, tmp_path, monkeypatch, 
 
 
 def test_an_intact_record_is_skipped_and_a_truncated_output_is_not(done_batch, tmp_path, monkeypatch) -> None:
-    from tests.test_batch import no_model_loads
+    from tests.helpers import no_model_loads
 
     no_model_loads(monkeypatch)
     folder = tmp_path / "b"
@@ -222,7 +222,7 @@ def test_a_tiny_model_damaged_past_its_records_names_the_folder_to_delete(tmp_pa
 def test_a_batch_cache_dir_that_is_a_file_is_refused_at_validation(clip, tmp_path, monkeypatch) -> None:
     import yaml
 
-    from tests.test_batch import no_model_loads
+    from tests.helpers import no_model_loads
 
     no_model_loads(monkeypatch)
     (tmp_path / "afile").write_text("x")
