@@ -77,6 +77,17 @@ def tiny_dir(p2v_cache: Path) -> Path:
     return tiny_model_dir()
 
 
+@pytest.fixture
+def own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_dir: Path) -> Path:
+    """An empty ``P2V_CACHE`` of this test's own, the session's tiny model linked in (not rebuilt),
+    for tests that damage or count cache entries."""
+    root = tmp_path / "cache"
+    (root / "models").mkdir(parents=True)
+    (root / "models" / tiny_dir.name).symlink_to(tiny_dir)
+    monkeypatch.setenv("P2V_CACHE", str(root))
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tiny_dir: Path):
     """``load_models("tiny")``: fp32 on the CPU."""

@@ -12,15 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
-from cli import app
 from p2v_fast.media import reader, samples, writer
 from tests.helpers import digest as _digest
 from tests.helpers import one_line_error, sample_clip
 from tests.helpers import p2v as _p2v
 
-runner = CliRunner()
 FAST = ["--model", "tiny", "--size", "64", "--steps", "2", "--source-prompt", "a clip"]
 
 
@@ -31,13 +28,9 @@ def clip(tmp_path_factory, tiny_dir) -> Path:
 
 
 @pytest.fixture()
-def cache(tmp_path, monkeypatch, tiny_dir) -> Path:
-    """An empty P2V_CACHE of this test's own (the tiny model linked in, not rebuilt)."""
-    root = tmp_path / "cache"
-    (root / "models").mkdir(parents=True)
-    (root / "models" / tiny_dir.name).symlink_to(tiny_dir)
-    monkeypatch.setenv("P2V_CACHE", str(root))
-    return root
+def cache(own_cache: Path) -> Path:
+    """An empty P2V_CACHE of this test's own (conftest's own_cache: the tiny model linked in)."""
+    return own_cache
 
 
 def _entry(cache: Path) -> Path:
@@ -495,7 +488,7 @@ def test_variable_frame_rate_keeps_the_source_timestamps(tmp_path, tiny_dir, ext
     (["bogus"], "error: No such command 'bogus'."),
 ])
 def test_usage_errors_are_one_line(args, message) -> None:
-    r = runner.invoke(app, args)
+    r = _p2v(*args)
     assert r.exit_code == 2
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith(message), r.stderr
@@ -620,9 +613,9 @@ def test_edit_json_keeps_the_full_update_numbers(clip, tmp_path) -> None:
 def test_small_things(tmp_path, tiny_dir) -> None:
     import av
 
-    r = runner.invoke(app, ["--version"])
+    r = _p2v("--version")
     assert r.exit_code == 0 and r.stdout.startswith("p2v-fast ")
-    r = runner.invoke(app, ["edit", "--help"], env={"COLUMNS": "200"})
+    r = _p2v("edit", "--help", env={"COLUMNS": "200"})
     assert "What to steer away from" in r.stdout  # --negative-prompt has help
     # 29.97 fps is printed as the source states it; one frame is "1 frame"
     ntsc = tmp_path / "ntsc.mp4"
@@ -644,7 +637,7 @@ def test_small_things(tmp_path, tiny_dir) -> None:
 
 
 def test_demo_threads_must_be_positive() -> None:
-    assert "--threads must be >= 1" in one_line_error(runner.invoke(app, ["demo", "--threads", "0"]))
+    assert "--threads must be >= 1" in one_line_error(_p2v("demo", "--threads", "0"))
 
 
 # --------------------------------------------------------------------------- review: options refused before any work

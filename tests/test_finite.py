@@ -11,20 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
-from cli import app
 from p2v_fast.config import EditConfig
 from p2v_fast.errors import InputError, P2VError
 from p2v_fast.pipeline import edit_video
 from tests.helpers import one_line_error, sample_clip
+from tests.helpers import p2v as _p2v
 
-runner = CliRunner()
 FAST = ["--model", "tiny", "--size", "64", "--steps", "2", "--source-prompt", "a clip"]
-
-
-def _p2v(*args: object):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +27,8 @@ def clip(tmp_path_factory, tiny_dir) -> Path:
 
 
 @pytest.fixture()
-def cache(tmp_path, monkeypatch, tiny_dir) -> Path:
-    root = tmp_path / "cache"
-    (root / "models").mkdir(parents=True)
-    (root / "models" / tiny_dir.name).symlink_to(tiny_dir)
-    monkeypatch.setenv("P2V_CACHE", str(root))
-    return root
+def cache(own_cache: Path) -> Path:
+    return own_cache
 
 
 @pytest.mark.parametrize(("option", "value"), [("--guidance-scale", "1e308"), ("--guidance-scale", "101"),
