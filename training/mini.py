@@ -354,7 +354,7 @@ def assemble(out: Path, dest: Path, log=print, aux: Path | None = None) -> Path:
         if (aux / name).is_file():
             recipe["aux"] = json.loads((aux / name).read_text())
     recipe["placeholders"] = placeholders
-    recipe["rebuild"] = "python -m training.mini --out DIR --dest p2v_fast/weights/mini  (aux parts: see 'aux')"
+    recipe.setdefault("rebuild", "python -m training.mini --out DIR --aux AUX_DIR --dest p2v_fast/weights/mini")
     (tmp / "RECIPE.json").write_text(json.dumps(recipe, indent=2))
     for p in tmp.rglob("*"):
         if p.suffix in (".bin", ".pt", ".pkl", ".pth"):
@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vae-dec2-steps", type=int, default=950, help="then on whole frames (runs beside unet)")
     ap.add_argument("--vae-batch", type=int, default=16)
     ap.add_argument("--vae-crop", type=int, default=32)
-    ap.add_argument("--unet-steps", type=int, default=1500)
+    ap.add_argument("--unet-steps", type=int, default=1900)
     ap.add_argument("--unet-batch", type=int, default=64)
     ap.add_argument("--unet-lr", type=float, default=4e-4)
     ap.add_argument("--threads", type=int, default=1)
