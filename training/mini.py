@@ -346,6 +346,8 @@ def assemble(out: Path, dest: Path, log=print, aux: Path | None = None) -> Path:
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(str(tmp), safe_serialization=True)
+    for name in ("vocab.json", "merges.txt"):  # the slow tokenizer's files too (transformers 4 loads those)
+        shutil.copy(out / "tokenizer_src" / name, tmp / "tokenizer" / name)
     for extra in ("captioner", "clip"):
         if (aux / extra).is_dir():
             shutil.copytree(aux / extra, tmp / extra)
