@@ -16,14 +16,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from p2v_fast.text import clock
+
 #: Seconds between progress lines when the console is not a terminal (a log file, CI).
 PROGRESS_INTERVAL_S = 10.0
-
-
-def clock(seconds: float) -> str:
-    """``3725.4`` -> ``'1:02:05'``."""
-    s = round(seconds)
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
 class RichProgress:

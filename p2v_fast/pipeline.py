@@ -34,6 +34,7 @@ from p2v_fast.method.inversion_cache import InvertedClip
 from p2v_fast.nets.backends import TorchBackend
 from p2v_fast.nets.runtime import Runtime, inversion_runtime, invert_precision, load_runtime, torch_threads
 from p2v_fast.progress import NullProgress, Progress
+from p2v_fast.text import plural
 from p2v_fast.weights.prompts import check_prompt, encode_prompt, source_prompt_for, warn_if_truncated
 
 
@@ -92,7 +93,7 @@ def prepare(cfg: EditConfig, input_path: Path, rt: Runtime, progress: Progress,
         framing += f"; output {selection.output_size[0]}x{selection.output_size[1]}, the bars cut)" \
             if selection.box is not None else ")"
     n = selection.n_frames
-    progress.log(f"{n} frame{'' if n == 1 else 's'} at {w}x{h}{framing} from '{input_path}'")
+    progress.log(f"{plural(n, 'frame')} at {w}x{h}{framing} from '{input_path}'")
     warm_up(cfg, rt, selection, progress)
     if cfg.source_prompt is None:
         first = next(iter(selection.frames()))

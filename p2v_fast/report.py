@@ -15,6 +15,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from p2v_fast.text import plural
+
 if TYPE_CHECKING:
     from p2v_fast.apps.ablation import AblationResult
     from p2v_fast.apps.batch import BatchResult
@@ -24,11 +26,6 @@ if TYPE_CHECKING:
 
 #: The paper's numbers for "ours" (Table 2, DAVIS at 512x512), shown beside a score.
 PAPER_OURS = {"clip_text": "0.2891", "clip_image": "0.9767", "pixel_mse": "228.62"}
-
-
-def plural(count: int, noun: str) -> str:
-    """'1 frame', '2 frames'."""
-    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def line(console: Console, text: str) -> None:

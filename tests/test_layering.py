@@ -50,7 +50,7 @@ def import_graph() -> dict[str, set[str]]:
 #: on one level know nothing of each other. A module belongs to the longest name here that
 #: prefixes it ("p2v_fast" alone is the package's ``__init__``: the public API).
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("p2v_fast.errors",),
+    ("p2v_fast.errors", "p2v_fast.text"),  # one-line errors; plurals, clocks, slugs
     ("p2v_fast.config", "p2v_fast.files", "p2v_fast.progress"),
     ("p2v_fast.media", "p2v_fast.weights"),  # video in and out; the models and their loading
     ("p2v_fast.nets",),  # networks at run time: attention, backends, specs, manifests, memory

@@ -37,6 +37,7 @@ from typing import Any, Protocol
 from p2v_fast.config import EditConfig
 from p2v_fast.errors import InputError, P2VError, Terminated, one_line
 from p2v_fast.media import reader
+from p2v_fast.text import slug
 
 if typing.TYPE_CHECKING:
     from p2v_fast.media.paths import EditPaths
@@ -214,11 +215,6 @@ def write_sidecar(job: Job, result: JobResult) -> None:
         "version": SIDECAR_VERSION, "spec": job.spec(), "frames": result.frames,
         "frames_sha256": result.frames_sha256, "output": _file_digest(job.output),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-
-
-def _slug(text: str, limit: int = 40) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-    return slug[:limit].rstrip("-") or "edit"
 
 
 @dataclass
@@ -475,12 +471,12 @@ def _place_outputs(drafts: list[_Draft], name: str, errors: list[str]) -> list[J
         if len(group) == 1:
             group[0].output = default_output(clip, suffix)
             continue
-        slugs = [_slug(d.cfg.prompt) for d in group]
-        for d, slug in zip(group, slugs, strict=True):
-            if slugs.count(slug) > 1:  # one prompt, other settings: a short hash of the settings
+        slugs = [slug(d.cfg.prompt) for d in group]
+        for d, name in zip(group, slugs, strict=True):
+            if slugs.count(name) > 1:  # one prompt, other settings: a short hash of the settings
                 spec = json.dumps(Job(0, d.input, clip, d.cfg, d.options, 0).spec(), sort_keys=True)
-                slug += "-" + hashlib.sha256(spec.encode()).hexdigest()[:6]
-            d.output = default_output(clip, f".p2v.{slug}{suffix.removeprefix('.p2v')}")
+                name += "-" + hashlib.sha256(spec.encode()).hexdigest()[:6]
+            d.output = default_output(clip, f".p2v.{name}{suffix.removeprefix('.p2v')}")
 
     inputs = {d.input for d in drafts} | {d.input.resolve() for d in drafts}  # a link and what it names
     writers: dict[Path, int] = {}

@@ -8,6 +8,7 @@ from p2v_fast.config import EditConfig
 from p2v_fast.errors import InputError
 from p2v_fast.pipeline import EditResult, edit_video
 from p2v_fast.progress import NullProgress, Progress
+from p2v_fast.text import plural
 
 PROMPT = "a crochet swan on the lake"
 SOURCE_PROMPT = "a sample clip"
@@ -39,8 +40,8 @@ def run_demo(out: Path, cfg: EditConfig, frames: int = 16, progress: Progress | 
     clip = out / "sample.mp4"
     if not clip.exists():
         from p2v_fast.media import samples
-        progress.log(f"writing the sample clip {clip} ({frames} frame{'' if frames == 1 else 's'}, with audio)")
+        progress.log(f"writing the sample clip {clip} ({plural(frames, 'frame')}, with audio)")
         samples.make_sample_clip(clip, n_frames=frames, size=CLIP_SIZE, fps=CLIP_FPS, with_audio=True)
-    progress.log(f"sample clip: {clip} ({frames} frame{'' if frames == 1 else 's'}, with audio)")
+    progress.log(f"sample clip: {clip} ({plural(frames, 'frame')}, with audio)")
     return edit_video(cfg, clip, out / "sample.p2v.mp4", overwrite=True, side_by_side=True, progress=progress,
                       json_path=json_path)

@@ -31,6 +31,7 @@ from typing import Any
 
 from p2v_fast.config import DEFAULT_MODEL, EditConfig
 from p2v_fast.errors import InputError, P2VError
+from p2v_fast.text import clock, slug
 
 log = logging.getLogger(__name__)
 
@@ -43,16 +44,6 @@ CANCELLED = "cancelled; no partial output was kept, finished inversion frames ar
 class Cancelled(Exception):
     """Raised from the progress callback when the page's Cancel is pressed: the edit stops and
     its writers delete their partial files, as on Ctrl-C."""
-
-
-def _slug(text: str, limit: int = 32) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-    return slug[:limit].rstrip("-") or "edit"
-
-
-def _clock(seconds: float) -> str:
-    s = max(round(seconds), 0)
-    return f"{s // 60}:{s % 60:02d}" if s < 3600 else f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
 def release_memory() -> None:
@@ -128,14 +119,14 @@ class RenderProgress:
             st = self._stage
             done = 0 if st is None else st.done
         if st is None:
-            return f"loading the models and the clip, {_clock(self.clock() - self.started)} elapsed"
+            return f"loading the models and the clip, {clock(self.clock() - self.started)} elapsed"
         elapsed = self.clock() - st.started
         if not st.total:
-            return f"{st.name}: {done} done, {_clock(elapsed)} elapsed"
+            return f"{st.name}: {done} done, {clock(elapsed)} elapsed"
         frames = min(done * self.n_frames / st.total, self.n_frames)
-        text = f"{st.name}: {frames:g}/{self.n_frames} frames ({100 * done // st.total}%), {_clock(elapsed)} elapsed"
+        text = f"{st.name}: {frames:g}/{self.n_frames} frames ({100 * done // st.total}%), {clock(elapsed)} elapsed"
         if 0 < done < st.total:
-            text += f", about {_clock(elapsed * (st.total - done) / done)} left"
+            text += f", about {clock(elapsed * (st.total - done) / done)} left"
         return text
 
     def report(self, last: int = 6) -> str:
@@ -270,7 +261,7 @@ class Renderer:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
         suffix = src.suffix.lower() if re.fullmatch(r"\.[a-z0-9]{1,5}", src.suffix.lower()) else ""
-        dest = inputs / f"{digest.hexdigest()[:16]}-{_slug(src.stem, 40)}{suffix}"
+        dest = inputs / f"{digest.hexdigest()[:16]}-{slug(src.stem, 40)}{suffix}"
         if not dest.exists():
             tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}.part")
             try:
@@ -385,7 +376,7 @@ class Renderer:
         whose files (side files, report, job record) exist."""
         from p2v_fast.apps.batch import sidecar_path
 
-        stem = f"{_slug(input_path.stem.split('-', 1)[-1], 24)}.{_slug(prompt)}.{time.strftime('%Y%m%d-%H%M%S')}"
+        stem = f"{slug(input_path.stem.split('-', 1)[-1], 24)}.{slug(prompt, 32)}.{time.strftime('%Y%m%d-%H%M%S')}"
         with self._names:
             for n in range(1, 10_000):
                 out = self.out_dir / f"{stem}{'' if n == 1 else f'-{n}'}.mp4"
@@ -433,7 +424,7 @@ class Renderer:
         from p2v_fast import edit_video
 
         t0 = time.perf_counter()
-        name = f"{_slug(input_path.stem.split('-', 1)[-1], 24)}.{_slug(cfg.prompt)}.{time.strftime('%Y%m%d-%H%M%S')}"
+        name = f"{slug(input_path.stem.split('-', 1)[-1], 24)}.{slug(cfg.prompt, 32)}.{time.strftime('%Y%m%d-%H%M%S')}"
         with self._names:
             out = next(p for n in range(1, 10_000)
                        if not (p := self.out_dir / "previews" / f"{name}{'' if n == 1 else f'-{n}'}.png").exists())
