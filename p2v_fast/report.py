@@ -24,10 +24,6 @@ if TYPE_CHECKING:
     from p2v_fast.pipeline import EditResult, PreparedClip
     from p2v_fast.quality.evaluate import VideoEval
 
-#: The paper's numbers for "ours" (Table 2, DAVIS at 512x512), shown beside a score.
-PAPER_OURS = {"clip_text": "0.2891", "clip_image": "0.9767", "pixel_mse": "228.62"}
-
-
 def line(console: Console, text: str) -> None:
     """``text`` as typed: no markup, no highlighting, never cut to the console's width."""
     console.print(text, markup=False, highlight=False, soft_wrap=True)
@@ -121,6 +117,7 @@ def batch_table(result: BatchResult, jobs_file: Path) -> Table:
 def print_ablation(console: Console, result: AblationResult) -> None:
     """`p2v ablate`: the paper's Table 2 for this clip (best per metric in bold), and its files."""
     from p2v_fast.apps.ablation import METRICS, format_metric
+    from p2v_fast.quality.metrics import paper_scores
 
     best = result.best()
     table = Table(title=escape(f"Pix2Video ablation: {plural(result.n_frames, 'frame')} at "
@@ -134,22 +131,25 @@ def print_ablation(console: Console, result: AblationResult) -> None:
             text = format_metric(getattr(r, name), name)
             cells.append(f"[bold]{text}[/bold]" if best.get(name) == r.key else text)
         table.add_row(r.label, *cells)
-    paper = " / ".join(PAPER_OURS.values())
+    ours, no_update = (" / ".join(paper_scores(s)) for s in ("ours", "no-update"))
     table.caption = (f"CLIP {escape(result.clip_model)}, flow {result.flow}; s/frame excludes inversion. "
-                     f"Paper (DAVIS 512²): ours {paper}, w/o update 0.2893 / 0.9740 / 371.18")
+                     f"Paper (DAVIS 512²): ours {ours}, w/o update {no_update}")
     console.print(table)
     line(console, f"table: {result.table_md}\njson: {result.table_json}\ncontact sheet: {result.contact_sheet}")
 
 
 def print_eval(console: Console, result: VideoEval) -> None:
     """`p2v eval`: the three scores beside the paper's, and the occluded share of the pixels."""
+    from p2v_fast.quality.metrics import paper_scores
+
     table = Table(title=f"{plural(result.n_frames, 'frame')} at {result.size[0]}x{result.size[1]}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_column("paper (ours, DAVIS 512²)", justify="right", style="dim")
-    table.add_row("CLIP-Text ↑", f"{result.clip_text:.4f}", PAPER_OURS["clip_text"])
-    table.add_row("CLIP-Image ↑", f"{result.clip_image:.4f}", PAPER_OURS["clip_image"])
-    table.add_row("Pixel-MSE ↓ (0-255)", f"{result.pixel_mse:.2f}", PAPER_OURS["pixel_mse"])
+    paper = paper_scores("ours")
+    table.add_row("CLIP-Text ↑", f"{result.clip_text:.4f}", paper[0])
+    table.add_row("CLIP-Image ↑", f"{result.clip_image:.4f}", paper[1])
+    table.add_row("Pixel-MSE ↓ (0-255)", f"{result.pixel_mse:.2f}", paper[2])
     table.add_row("pixels masked (occluded)", f"{100 * result.masked_fraction:.1f} %", "")
     table.caption = escape(f"CLIP {result.clip_model}, flow {result.flow}")
     console.print(table)

@@ -312,3 +312,28 @@ def test_clip_load_failure_is_one_line(tmp_path):
         ClipScorer(str(tmp_path / "no-such-clip"))
     msg = _one_line(e)
     assert "--clip-model tiny" in msg and "no-such-clip" in msg
+
+
+def test_the_papers_table2_is_written_once() -> None:
+    """Table 2's numbers live in quality/metrics.py only; the eval table and the ablation's
+    report print them from there, as the paper prints them."""
+    import ast
+    from pathlib import Path
+
+    from p2v_fast.quality.metrics import PAPER_TABLE2, paper_scores
+
+    assert paper_scores() == ("0.2891", "0.9767", "228.62")
+    assert paper_scores("no-update") == ("0.2893", "0.9740", "371.18")
+    root = Path(__file__).resolve().parents[1]
+    numbers = {v for row in PAPER_TABLE2.values() for v in row.values()}
+    texts = {s for row in PAPER_TABLE2 for s in paper_scores(row)}
+    offenders = []
+    for pkg in ("p2v_fast", "benchmarks", "export"):
+        for path in sorted((root / pkg).rglob("*.py")):
+            if path == root / "p2v_fast" / "quality" / "metrics.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                value = node.value if isinstance(node, ast.Constant) else None
+                if value in numbers or (isinstance(value, str) and any(t in value for t in texts)):
+                    offenders.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert not offenders, offenders

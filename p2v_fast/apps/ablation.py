@@ -40,7 +40,14 @@ from p2v_fast.files import write_json_atomic, write_text_atomic
 from p2v_fast.media import reader, writer
 from p2v_fast.progress import NullProgress, Progress
 from p2v_fast.quality.evaluate import VideoEval, evaluate_video
-from p2v_fast.quality.metrics import DEFAULT_CLIP_MODEL, FLOW_METHODS, ClipScorer, make_flow
+from p2v_fast.quality.metrics import (
+    DEFAULT_CLIP_MODEL,
+    FLOW_METHODS,
+    PAPER_TABLE2,
+    ClipScorer,
+    make_flow,
+    paper_scores,
+)
 
 
 @dataclass(frozen=True)
@@ -63,12 +70,6 @@ SETTINGS: dict[str, Setting] = {
     )
 }
 DEFAULT_SETTINGS: tuple[str, ...] = ("ours", "no-update", "anchor", "prev", "per-frame")
-
-# Table 2 of the paper (DAVIS, 512x512, real SD2-depth weights, RAFT flow), for reference.
-PAPER_TABLE2: dict[str, dict[str, float]] = {
-    "ours": {"clip_text": 0.2891, "clip_image": 0.9767, "pixel_mse": 228.62},
-    "no-update": {"clip_text": 0.2893, "clip_image": 0.9740, "pixel_mse": 371.18},
-}
 
 # Contact sheet geometry: each row is a label band of LABEL_H pixels above its frames; frames
 # and rows are separated by GAP pixels.
@@ -226,8 +227,8 @@ def markdown_table(result: AblationResult) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
-        "Paper, Table 2 (DAVIS, 512x512, RAFT flow): ours 0.2891 / 0.9767 / 228.62; "
-        "w/o update 0.2893 / 0.9740 / 371.18 (CLIP-Text / CLIP-Image / Pixel-MSE).",
+        f"Paper, Table 2 (DAVIS, 512x512, RAFT flow): ours {' / '.join(paper_scores('ours'))}; "
+        f"w/o update {' / '.join(paper_scores('no-update'))} (CLIP-Text / CLIP-Image / Pixel-MSE).",
         "",
     ]
     return "\n".join(lines)
