@@ -37,7 +37,7 @@ from benchmarks.arch import ARCHS, build_arch, parameter_counts
 from benchmarks.flops import UNetFlops, count_unet_flops
 from benchmarks.hardware import device_info, machine_info, versions
 from benchmarks.timing import Clock, PeakMemory, load_average, summarize
-from p2v_fast.config import BACKENDS, DTYPES, LATENT_UPDATES, SCHEDULES, EditConfig, check_threads
+from p2v_fast.config import BACKENDS, DTYPES, LATENT_UPDATES, SCHEDULES, EditConfig, check_threads, resolve_device
 from p2v_fast.errors import InputError, P2VError
 from p2v_fast.files import write_json_atomic
 from p2v_fast.media.clip_selection import frames_digest, select_clip
@@ -61,7 +61,6 @@ from p2v_fast.nets.runtime import (
     inversion_runtime,
     invert_precision,
     make_backend,
-    resolve_device,
     resolve_dtype,
 )
 from p2v_fast.progress import NullProgress, Progress

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     from benchmarks.arch import build_arch
-    from p2v_fast.nets.runtime import resolve_device
+    from p2v_fast.config import resolve_device
     from p2v_fast.weights.models import load_models
 
     if a.threads:

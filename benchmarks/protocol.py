@@ -144,7 +144,8 @@ class StageClock:
 
 def _models(opts: ProtocolOptions):
     from benchmarks.arch import build_arch
-    from p2v_fast.nets.runtime import resolve_device, resolve_dtype
+    from p2v_fast.config import resolve_device
+    from p2v_fast.nets.runtime import resolve_dtype
     from p2v_fast.weights.models import load_models
 
     device = resolve_device(opts.device)
@@ -179,8 +180,9 @@ def run_protocol(opts: ProtocolOptions, log: Callable[[str], None] = print) -> d
     measurements reset the device's mark), per mode and over the whole run."""
     from benchmarks.hardware import device_info, machine_info, versions
     from benchmarks.timing import PeakMemory, load_average
+    from p2v_fast.config import resolve_device
     from p2v_fast.media.samples import make_sample_clip
-    from p2v_fast.nets.runtime import resolve_device, runtime_for
+    from p2v_fast.nets.runtime import runtime_for
     from p2v_fast.pipeline import edit_video
 
     w = opts.workload

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from p2v_fast.config import resolve_device
 from p2v_fast.errors import EngineError, InputError, one_line
 from p2v_fast.nets.export_options import ExportOptions
 from p2v_fast.nets.manifest import (
@@ -131,12 +132,12 @@ def _check_machine(options: ExportOptions, models) -> tuple[Any, Machine | None]
     """The device to export on, and for ``format="tensorrt"`` the GPU the engines are built on
     (TensorRT and a CUDA device are required before any work: say why not)."""
     if options.format != "tensorrt":
-        return (models.device if models is not None else _device(options.device)), None
+        return (models.device if models is not None else resolve_device(options.device)), None
     from p2v_fast.nets.manifest import this_machine
     from p2v_fast.nets.system import require_tensorrt
 
     require_tensorrt("use --format onnx")
-    device = models.device if models is not None else _device(options.device)
+    device = models.device if models is not None else resolve_device(options.device)
     machine = this_machine(device)
     if machine.gpu is None:
         raise InputError(f"TensorRT engines are built on a CUDA device, not --device {device}")
@@ -298,14 +299,6 @@ def _build_and_validate(run: _Export, name: str, entry: NetworkEntry, shapes,
                      f"profile's {', '.join(cases)} corners")
     artifact = Artifact(path.name, ekey, path.stat().st_size, round(seconds, 3))
     return artifact, worst, StageResult(name, "tensorrt", path, artifact.bytes, seconds, "built", detail)
-
-
-def _device(name: str):
-    import torch
-
-    from p2v_fast.nets.runtime import resolve_device
-
-    return resolve_device(name) if name != "auto" else torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _current(art: Artifact | None, key: str, folder: Path) -> bool:

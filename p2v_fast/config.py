@@ -6,8 +6,12 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from p2v_fast.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-depth"
 LATENT_UPDATES = ("autograd", "detached", "off")
@@ -188,3 +192,25 @@ def _verify(c: EditConfig) -> None:
         raise InputError(f"--fps must be a frame rate between {FPS_RANGE[0]:g} and {FPS_RANGE[1]:g}; got {c.fps}")
     if not c.model.strip():
         raise InputError("--model must not be empty")
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """The torch device ``--device`` names: "auto" (CUDA if available, else the CPU), "cpu",
+    "cuda" or "cuda:N" (or a ``torch.device``); InputError if it is none of them or this machine
+    lacks it."""
+    import torch
+
+    name = str(name)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise InputError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"--device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {name!r}: CUDA is not available on this machine (see `p2v info`)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise InputError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device

@@ -144,6 +144,24 @@ def test_the_tiny_builder_imports_nothing_from_media() -> None:
     assert not [m for m in seen if m.startswith("p2v_fast.media")]
 
 
+
+@pytest.mark.parametrize(("device", "message"), [
+    ("meta", "--device 'meta' is not supported; use auto, cpu, cuda or cuda:N"),
+    ("gpu0", "--device 'gpu0' is not a device; use auto, cpu, cuda or cuda:N"),
+])
+def test_load_models_resolves_a_device_as_the_cli_does(device: str, message: str) -> None:
+    """One device resolution (p2v_fast.config.resolve_device) for the runtime and load_models: a
+    device it refuses is the CLI's one line, before anything loads."""
+    from p2v_fast.config import resolve_device
+
+    with pytest.raises(InputError) as cli_err:
+        resolve_device(device)
+    with pytest.raises(InputError) as lib_err:
+        load_models("tiny", device=device)
+    assert str(cli_err.value) == str(lib_err.value) == message
+    assert load_models.__module__ == "p2v_fast.weights.models" and resolve_device(torch.device("cpu")).type == "cpu"
+
+
 # ------------------------------------------------------------------------------ loading
 
 

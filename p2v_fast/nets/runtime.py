@@ -17,25 +17,9 @@ from typing import Any
 
 import torch
 
-from p2v_fast.config import EditConfig
+from p2v_fast.config import EditConfig, resolve_device
 from p2v_fast.errors import EngineError, InputError
 from p2v_fast.nets.backends import Backend, TorchBackend, runtime_identity
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise InputError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise InputError(f"--device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {name!r}: CUDA is not available on this machine (see `p2v info`)")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise InputError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from p2v_fast.config import DEFAULT_MODEL
-from p2v_fast.errors import BackendUnavailableError, ModelLoadError, one_line
+from p2v_fast.config import DEFAULT_MODEL, resolve_device
+from p2v_fast.errors import ModelLoadError, one_line
 from p2v_fast.weights.hub import (
     from_hub,
     image_processor_class,
@@ -180,16 +180,6 @@ def _load_pipeline_folder(folder: Path, label: str, device: torch.device, dtype:
     return parts
 
 
-def _resolve_device(device: str | torch.device) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise BackendUnavailableError(f"device '{device}' is not valid: {one_line(exc)}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BackendUnavailableError(f"device '{device}' requested but CUDA is not available here")
-    return dev
-
-
 # --------------------------------------------------------------------------------------
 # public API
 
@@ -207,7 +197,7 @@ def load_models(
     downloaded if missing and the hub is reachable). Raises ``ModelLoadError`` with a
     one-line message on any failure.
     """
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     model = str(model)
 
     if model == TINY:
