@@ -3,8 +3,9 @@
 Speed does not depend on weight values, so ``p2v bench --arch sd2-depth`` measures what the real
 ``stabilityai/stable-diffusion-2-depth`` costs without downloading it: every component has the
 published shape (UNet 866 M parameters, VAE 84 M, OpenCLIP ViT-H text encoder 340 M, DPT-Hybrid
-MiDaS 123 M). The tokenizer is the offline byte-level CLIP tokenizer of :mod:`p2v_fast.weights.tiny`
-(token ids differ from the real vocabulary; the text encoder's cost does not).
+MiDaS 123 M; the configs are :mod:`p2v_fast.weights.sd2_depth`'s). The tokenizer is the offline
+byte-level CLIP tokenizer of :mod:`p2v_fast.weights.tiny` (token ids differ from the real
+vocabulary; the text encoder's cost does not).
 
 Construction is cheap: parameters are created on the meta device (buffers stay real, so
 position ids and batch-norm statistics are valid) and then materialised once, directly in the
@@ -20,100 +21,13 @@ from __future__ import annotations
 import math
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
+from p2v_fast.weights.sd2_depth import DPT_HYBRID_MIDAS, DPT_IMAGE_SIZE, OPENCLIP_VIT_H_TEXT, SD2_DEPTH_UNET, SD_VAE
+
 ARCHS = ("sd2-depth",)
-
-#: stabilityai/stable-diffusion-2-depth unet/config.json.
-SD2_DEPTH_UNET: dict[str, Any] = dict(
-    sample_size=96,
-    in_channels=5,  # 4 latent + 1 depth
-    out_channels=4,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    block_out_channels=(320, 640, 1280, 1280),
-    layers_per_block=2,
-    attention_head_dim=(5, 10, 20, 20),  # read by diffusers as heads per block (64 channels each)
-    cross_attention_dim=1024,
-    use_linear_projection=True,
-    upcast_attention=False,
-    norm_num_groups=32,
-    norm_eps=1e-5,
-    act_fn="silu",
-    center_input_sample=False,
-    downsample_padding=1,
-    flip_sin_to_cos=True,
-    freq_shift=0,
-    mid_block_scale_factor=1,
-    dual_cross_attention=False,
-)
-
-#: The Stable Diffusion (v1/v2) KL autoencoder, vae/config.json.
-SD_VAE: dict[str, Any] = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    act_fn="silu",
-    latent_channels=4,
-    norm_num_groups=32,
-    sample_size=768,
-    scaling_factor=0.18215,
-)
-
-#: OpenCLIP ViT-H/14 text tower as SD2 uses it (23 of its 24 layers; text_encoder/config.json).
-OPENCLIP_VIT_H_TEXT: dict[str, Any] = dict(
-    vocab_size=49408,
-    hidden_size=1024,
-    intermediate_size=4096,
-    num_hidden_layers=23,
-    num_attention_heads=16,
-    max_position_embeddings=77,
-    hidden_act="gelu",
-    layer_norm_eps=1e-5,
-    projection_dim=512,
-)
-
-#: Intel/dpt-hybrid-midas (SD2-depth's depth_estimator): ViT-B/16 on a BiT-R50 stem, 384x384.
-DPT_IMAGE_SIZE = 384
-DPT_HYBRID_MIDAS: dict[str, Any] = dict(
-    is_hybrid=True,
-    image_size=DPT_IMAGE_SIZE,
-    patch_size=16,
-    num_channels=3,
-    hidden_size=768,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    intermediate_size=3072,
-    hidden_act="gelu",
-    layer_norm_eps=1e-12,
-    qkv_bias=True,
-    backbone_out_indices=[2, 5, 8, 11],
-    readout_type="project",
-    reassemble_factors=[1, 1, 1, 0.5],
-    neck_hidden_sizes=[256, 512, 768, 768],
-    fusion_hidden_size=256,
-    head_in_index=-1,
-    use_batch_norm_in_fusion_residual=False,
-    use_auxiliary_head=False,
-    backbone_featmap_shape=[1, 1024, 24, 24],
-    neck_ignore_stages=[0, 1],
-    backbone_config={
-        "layer_type": "bottleneck",
-        "depths": [3, 4, 9],
-        "hidden_sizes": [256, 512, 1024, 2048],
-        "embedding_size": 64,
-        "out_features": ["stage1", "stage2", "stage3"],
-        "global_padding": "same",
-        "embedding_dynamic_padding": True,
-        "num_groups": 32,
-    },
-)
 
 
 def _pool(device: torch.device, dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -186,7 +100,8 @@ def build_sd2_depth(device: torch.device, dtype: torch.dtype, seed: int = 0):
 
     from p2v_fast.weights.hub import quiet_loading
     from p2v_fast.weights.models import Models
-    from p2v_fast.weights.tiny import SCHEDULER_CONFIG, build_clip_tokenizer, dpt_image_processor
+    from p2v_fast.weights.sd2_depth import SCHEDULER_CONFIG
+    from p2v_fast.weights.tiny import build_clip_tokenizer, dpt_image_processor
 
     with quiet_loading(), tempfile.TemporaryDirectory(prefix="p2v-arch-tok-") as work:
         tokenizer = build_clip_tokenizer(Path(work))

@@ -162,6 +162,27 @@ def test_load_models_resolves_a_device_as_the_cli_does(device: str, message: str
     assert load_models.__module__ == "p2v_fast.weights.models" and resolve_device(torch.device("cpu")).type == "cpu"
 
 
+
+def test_the_tiny_configs_are_the_real_ones_shrunk() -> None:
+    """Tiny has SD2-depth's architecture by construction: each tiny config holds every key of the
+    real one, with the same value except for widths, depths and sizes."""
+    from p2v_fast.weights import sd2_depth, tiny
+
+    sizes = {"sample_size", "block_out_channels", "layers_per_block", "norm_num_groups", "attention_head_dim",
+             "cross_attention_dim", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "projection_dim", "image_size", "backbone_out_indices", "neck_hidden_sizes", "fusion_hidden_size",
+             "backbone_featmap_shape", "depths", "hidden_sizes", "embedding_size", "num_groups"}
+    pairs = [(tiny.UNET_CONFIG, sd2_depth.SD2_DEPTH_UNET), (tiny.VAE_CONFIG, sd2_depth.SD_VAE),
+             (tiny.TEXT_CONFIG, sd2_depth.OPENCLIP_VIT_H_TEXT), (tiny.DPT_CONFIG, sd2_depth.DPT_HYBRID_MIDAS),
+             (tiny.DPT_CONFIG["backbone_config"], sd2_depth.DPT_HYBRID_MIDAS["backbone_config"])]
+    for small, full in pairs:
+        assert set(full) - {"vocab_size"} <= set(small), set(full) - set(small)  # the vocabulary: the tokenizer's
+        changed = {k for k in full if k in small and small[k] != full[k] and k != "backbone_config"}
+        assert changed <= sizes, changed - sizes
+    unet = tiny.UNET_CONFIG
+    assert unet["in_channels"] == 5 and unet["up_block_types"][1:] == ("CrossAttnUpBlock2D",) * 3
+
+
 # ------------------------------------------------------------------------------ loading
 
 

@@ -9,8 +9,9 @@ The UNet has the exact SD2 block layout (in_channels 5 = 4 latent + 1 depth, lin
 projections, 16 self-attention ``attn1`` layers of which 9 are in ``up_blocks.1-3``), so every
 code path that depends on the layer layout (the cross-frame attention, ONNX export, the
 engine specs) is exercised with the same names and counts as the real model; only the widths
-are small. Bump :data:`TINY_VERSION` whenever a config here changes so stale caches are not
-reused.
+are small. Every config here is :mod:`p2v_fast.weights.sd2_depth`'s real one with the widths and
+layer counts shrunk (:func:`_shrunk`), so the architecture is the real one by construction. Bump
+:data:`TINY_VERSION` whenever a config here changes so stale caches are not reused.
 """
 
 from __future__ import annotations
@@ -26,6 +27,13 @@ from typing import Any
 
 from p2v_fast.files import cache_root
 from p2v_fast.weights.hub import image_processor_class, quiet_loading
+from p2v_fast.weights.sd2_depth import (
+    DPT_HYBRID_MIDAS,
+    OPENCLIP_VIT_H_TEXT,
+    SCHEDULER_CONFIG,
+    SD2_DEPTH_UNET,
+    SD_VAE,
+)
 
 TINY_VERSION = "tiny-v1"
 
@@ -35,100 +43,67 @@ SEEDS = {"unet": 0, "vae": 1, "text_encoder": 2, "depth_estimator": 3, "captione
 TEXT_HIDDEN = 32
 MAX_TOKENS = 77
 
-UNET_CONFIG: dict[str, Any] = dict(
+def _shrunk(full: dict[str, Any], **small: Any) -> dict[str, Any]:
+    """``full`` (a real SD2-depth config) with the widths and layer counts in ``small``; every
+    other key, and so the architecture, is the real one's."""
+    unknown = set(small) - set(full)
+    assert not unknown, f"not keys of the full-size config: {sorted(unknown)}"
+    return {**full, **small}
+
+
+#: SD2-depth's UNet (same blocks, linear projections, 5 input channels), 32-64 channels wide:
+#: 2, 2, 4, 4 heads (diffusers reads `attention_head_dim` as heads per block, as SD2 sets it)
+#: -> 16 channels per head everywhere.
+UNET_CONFIG: dict[str, Any] = _shrunk(
+    SD2_DEPTH_UNET,
     sample_size=32,
-    in_channels=5,
-    out_channels=4,
-    down_block_types=(
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "DownBlock2D",
-    ),
-    up_block_types=(
-        "UpBlock2D",
-        "CrossAttnUpBlock2D",
-        "CrossAttnUpBlock2D",
-        "CrossAttnUpBlock2D",
-    ),
     block_out_channels=(32, 32, 64, 64),
-    layers_per_block=2,
     norm_num_groups=8,
-    # As in SD2's config, diffusers reads `attention_head_dim` as the number of heads per
-    # block: 2, 2, 4, 4 heads -> 16 channels per head everywhere.
     attention_head_dim=(2, 2, 4, 4),
     cross_attention_dim=TEXT_HIDDEN,
-    use_linear_projection=True,
-    upcast_attention=False,
 )
 
-#: SD2's scheduler settings (stabilityai/stable-diffusion-2-depth/scheduler).
-SCHEDULER_CONFIG: dict[str, Any] = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    clip_sample=False,
-    set_alpha_to_one=False,
-    steps_offset=1,
-    prediction_type="epsilon",
-)
-
-VAE_CONFIG: dict[str, Any] = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(16, 16, 32, 32),  # 4 entries -> 3 downsamples -> scale factor 8
+#: SD's KL autoencoder, 16-32 channels wide, one layer per block (4 entries -> 3 downsamples ->
+#: scale factor 8, as the real one).
+VAE_CONFIG: dict[str, Any] = _shrunk(
+    SD_VAE,
+    block_out_channels=(16, 16, 32, 32),
     layers_per_block=1,
-    latent_channels=4,
     norm_num_groups=8,
     sample_size=64,
-    scaling_factor=0.18215,
 )
 
-TEXT_CONFIG: dict[str, Any] = dict(
+#: The OpenCLIP ViT-H text tower, 32 wide and 2 layers deep; the vocabulary is the offline
+#: tokenizer's (set when the model is built).
+TEXT_CONFIG: dict[str, Any] = {k: v for k, v in _shrunk(
+    OPENCLIP_VIT_H_TEXT,
     hidden_size=TEXT_HIDDEN,
     intermediate_size=37,
     num_hidden_layers=2,
     num_attention_heads=4,
     max_position_embeddings=MAX_TOKENS,
     projection_dim=TEXT_HIDDEN,
-    hidden_act="gelu",
-    layer_norm_eps=1e-5,
-)
+).items() if k != "vocab_size"}
 
 DPT_IMAGE_SIZE = 32
 
-DPT_CONFIG: dict[str, Any] = dict(
-    is_hybrid=True,
+#: DPT-Hybrid MiDaS (ViT on a BiT stem), 32 wide, 4 layers, one bottleneck per stage, at 32x32.
+DPT_CONFIG: dict[str, Any] = _shrunk(
+    DPT_HYBRID_MIDAS,
     image_size=DPT_IMAGE_SIZE,
-    patch_size=16,
-    num_channels=3,
     hidden_size=32,
     num_hidden_layers=4,
     backbone_out_indices=[0, 1, 2, 3],
     num_attention_heads=4,
     intermediate_size=37,
-    hidden_act="gelu",
-    hidden_dropout_prob=0.0,
-    attention_probs_dropout_prob=0.0,
-    initializer_range=0.02,
-    readout_type="project",
-    reassemble_factors=[4, 2, 1, 0.5],
     neck_hidden_sizes=[16, 16, 32, 32],
     fusion_hidden_size=16,
-    head_in_index=-1,
-    use_auxiliary_head=False,
     backbone_featmap_shape=[1, 32, 2, 2],
     backbone_config={
-        "global_padding": "same",
-        "layer_type": "bottleneck",
+        **DPT_HYBRID_MIDAS["backbone_config"],
         "depths": [1, 1, 1],
         "hidden_sizes": [16, 16, 32, 32],
         "embedding_size": 16,
-        "out_features": ["stage1", "stage2", "stage3"],
-        "embedding_dynamic_padding": True,
         "num_groups": 2,
     },
 )
