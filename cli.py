@@ -193,7 +193,8 @@ def _choices(option: str, choices: Sequence[str]) -> dict[str, Any]:
 
 
 # Options shared by the commands: one spelling and one help each -----------------------------
-Model = Annotated[str, typer.Option(help="Hub id, local diffusers folder, or 'tiny' (random weights, offline).")]
+Model = Annotated[str, typer.Option(help="Hub id, local diffusers folder, 'mini' (small, trained on rendered scenes, "
+                                         "offline) or 'tiny' (random weights, for tests).")]
 Size = Annotated[int, typer.Option(help="Short side of the working size (multiple of 64).")]
 Start = Annotated[int, typer.Option(help="First source frame (0-based).")]
 MaxFrames = Annotated[int | None, typer.Option("--max-frames", help="Edit at most this many frames.")]
@@ -363,21 +364,23 @@ def edit(
 @app.command()
 @user_errors
 def demo(
-    out: Annotated[Path, typer.Option(help="Folder for the sample clip and the edit.")] = Path("samples"),
-    frames: Annotated[int, typer.Option(help="Frames in the sample clip.")] = 16,
-    size: Size = 128,
+    out: Annotated[Path, typer.Option(help="Folder for the scene clip and the edit.")] = Path("samples"),
+    frames: Annotated[int, typer.Option(help="Frames in the scene clip.")] = 16,
+    size: Size = 64,
     steps: Steps = _edit_default("steps"),
+    model: Model = "mini",
     json_path: Annotated[Path | None, _json("the edit's result (as p2v edit --json)")] = None,
     threads: Threads = None,
 ) -> None:
-    """Offline end-to-end run: make a sample clip and edit it with the tiny random-weight model.
+    """Offline end-to-end run: render a scene clip and recolour its object with 'mini'.
 
-    The output looks like noise (the weights are random); the run proves every stage works
-    without downloads. Use a real --model with `p2v edit` for real edits.
+    'mini' is this project's small SD2-depth-shaped model, trained on rendered scenes only
+    (shipped in the package, no downloads): it edits such scenes, not real footage. Use a real
+    --model with `p2v edit` for real clips.
     """
     from p2v_fast.apps.demo import demo_config, run_demo
 
-    cfg = demo_config(size=size, steps=steps, threads=threads)  # checked before the sample clip is made
+    cfg = demo_config(size=size, steps=steps, threads=threads, model=model)  # checked before the clip is made
     with _progress() as progress:
         result = run_demo(out, cfg, frames, progress, json_path=json_path)
     report.print_demo(out_console, result)

@@ -64,7 +64,7 @@ def test_help_shows_the_choices() -> None:
 def test_option_defaults_are_the_configs() -> None:
     """An option named after an EditConfig (export: ExportOptions) field defaults to that field's
     default, unless it is None (the command then chooses, as its help says) or listed here."""
-    own = {("demo", "size"), ("ui", "engines")}  # the demo runs the tiny model at 128; ui: a folder of engine folders
+    own = {("demo", "size"), ("demo", "model"), ("ui", "engines")}  # the demo: mini at 64; ui: a folder of engines
     renamed = {"engines": "out", "dtype": "precision", "overwrite": "force"}
     checked = 0
     for name, command in _commands().items():

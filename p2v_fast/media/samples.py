@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -65,8 +66,12 @@ def make_sample_clip(
     size: tuple[int, int] = (256, 192),
     fps: float = 12.0,
     with_audio: bool = True,
+    frames: Sequence[np.ndarray] | None = None,
 ) -> Path:
     """Write a deterministic synthetic clip (see :func:`sample_frame`) and return its path.
+
+    ``frames`` (uint8 RGB [H, W, 3], all of ``size``): write these instead of the synthetic
+    pattern (``n_frames`` is then their count).
 
     The container follows the suffix: .mp4/.mov (H.264 + AAC), .mkv (H.264 + AAC),
     .webm (VP9 or VP8 + Opus), .gif (no audio; ``with_audio`` is ignored). The audio is a
@@ -91,6 +96,10 @@ def make_sample_clip(
         vcodec, pix_fmt, acodec = "gif", "rgb8", None
     else:
         raise InputError(f"unsupported sample clip suffix '{suffix}' in '{out}'")
+    if frames is not None:
+        n_frames = len(frames)
+        if any(f.shape != (size[1], size[0], 3) or f.dtype != np.uint8 for f in frames):
+            raise InputError(f"sample clip frames must be uint8 [{size[1]}, {size[0]}, 3]")
     if n_frames < 1 or fps <= 0:
         raise InputError(f"sample clip needs n_frames >= 1 and fps > 0, got {n_frames}, {fps}")
 
@@ -111,7 +120,8 @@ def make_sample_clip(
                 aud = c.add_stream(acodec, rate=a_rate)
                 aud.layout = "mono"
             for i in range(n_frames):
-                c.mux(vs.encode(yuv_frame(sample_frame(i, size), i, pix_fmt)))
+                image = sample_frame(i, size) if frames is None else frames[i]
+                c.mux(vs.encode(yuv_frame(image, i, pix_fmt)))
             c.mux(vs.encode(None))
             if aud is not None:
                 samples = _sine(n_frames / float(rate), a_rate)

@@ -509,8 +509,8 @@ def ground_truth(clip: SceneClip) -> dict[str, Any]:
     }
 
 
-def write_clip(clip: SceneClip, path: str | Path, fps: float = 12.0) -> Path:
-    """Write the clip and its ground truth.
+def write_clip(clip: SceneClip, path: str | Path, fps: float = 12.0, with_audio: bool = False) -> Path:
+    """Write the clip and its ground truth (``with_audio``: a video gets a sine tone track).
 
     ``path`` ending in a video suffix (``.mp4``...): the video, plus ``NAME.npz`` (depth, ids,
     flow, occluded) and ``NAME.json`` (caption, objects, floor) beside it. Any other ``path``:
@@ -521,12 +521,18 @@ def write_clip(clip: SceneClip, path: str | Path, fps: float = 12.0) -> Path:
     arrays: dict[str, Any] = dict(depth=clip.depth, ids=clip.ids, flow=clip.flow, occluded=clip.occluded)
     meta = json.dumps(ground_truth(clip), indent=2)
     if out.suffix.lower() in (".mp4", ".mkv", ".mov", ".webm"):
-        from p2v_fast.media.writer import VideoWriter
         out.parent.mkdir(parents=True, exist_ok=True)
         h, w = clip.frames.shape[1:3]
-        with VideoWriter(out, fps, (w, h)) as writer:
-            for f in clip.frames:
-                writer.write(f)
+        if with_audio:
+            from p2v_fast.media.samples import make_sample_clip
+
+            make_sample_clip(out, size=(w, h), fps=fps, with_audio=True, frames=list(clip.frames))
+        else:
+            from p2v_fast.media.writer import VideoWriter
+
+            with VideoWriter(out, fps, (w, h)) as writer:
+                for f in clip.frames:
+                    writer.write(f)
         np.savez_compressed(out.with_suffix(".npz"), **arrays)
         out.with_suffix(".json").write_text(meta, encoding="utf-8")
         return out
