@@ -233,12 +233,14 @@ class Renderer:
     # ---------------------------------------------------------------- inputs and options
 
     def sample_clip(self) -> Path:
-        """The sample clip (``p2v demo``'s), made once in ``inputs/``."""
-        from p2v_fast.media.samples import make_sample_clip
+        """The sample clip (``p2v demo``'s held-out scene, 16 frames with audio), made once in ``inputs/``."""
+        from p2v_fast.apps.demo import CLIP_FPS, CLIP_SIZE, demo_scene
+        from p2v_fast.media import scenes
 
-        path = self.out_dir / "inputs" / "sample.mp4"
+        path = self.out_dir / "inputs" / "scene.mp4"
         if not path.is_file():
-            make_sample_clip(path, n_frames=16, size=(256, 192), fps=12.0, with_audio=True)
+            clip = scenes.render_scene_clip(demo_scene().scene, 16, CLIP_SIZE)
+            scenes.write_clip(clip, path, fps=CLIP_FPS, with_audio=True)
         return path
 
     def take_input(self, upload: str | Path | None) -> Path:
