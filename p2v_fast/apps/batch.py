@@ -199,7 +199,7 @@ def _output_problem(job: Job, record: dict[str, Any]) -> str | None:
     try:
         got = _file_digest(job.output)
     except OSError as e:
-        return f"cannot be read ({e.strerror or e})"
+        return f"cannot be read ({one_line(e)})"
     if got["bytes"] != want["bytes"]:
         return f"is {got['bytes']} bytes, but its job record says {want['bytes']} (truncated or changed since)"
     if got["sha256"] != want["sha256"]:
