@@ -18,7 +18,7 @@ with); their count must equal the edited video's frame count.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -124,6 +124,46 @@ def evaluate_video(
     ``json_path``: also write :meth:`VideoEval.to_dict` there (never over either video).
     Inputs are checked before CLIP is loaded; problems raise :class:`InputError`.
     """
+    # 1. Check inputs: options, paths and both videos' frame counts, before CLIP loads
+    prompt, ed_info, src_info, n, wh = _check(edited, source, prompt, flow, size, start, max_frames, stride, resize,
+                                              json_path)
+    # 2. Load CLIP, unless given
+    scorer = scorer if scorer is not None else ClipScorer(clip_model)
+    # 3. Compare: decode both videos a pair at a time, scored as they stream
+    progress = progress or NullProgress()
+    ev = StreamingEvaluator(scorer, prompt, flow=flow, flow_fn=flow_fn)
+    advance = progress.stage("evaluate", n)
+    for i, (e, s) in enumerate(_pairs(ed_info, src_info, wh, start, max_frames, stride, resize)):
+        ev.add(e, s)
+        if on_frame is not None:
+            on_frame(i, e, s)
+        advance(1)
+    # 4. Result, and its JSON
+    result = _result(ev, ed_info, src_info, prompt, scorer.name, flow, wh, start, stride)
+    if json_path is not None:
+        from p2v_fast.files import write_json_atomic
+
+        write_json_atomic(json_path, result.to_dict())
+    return result
+
+
+def _result(ev: StreamingEvaluator, ed_info: reader.VideoInfo, src_info: reader.VideoInfo, prompt: str,
+            clip_model: str, flow: str, wh: tuple[int, int], start: int, stride: int) -> VideoEval:
+    scores = ev.result()
+    return VideoEval(
+        edited=str(ed_info.path), source=str(src_info.path), prompt=prompt, clip_model=clip_model, flow=flow,
+        size=wh, n_frames=int(scores["n_frames"]), source_start=start, source_stride=stride,
+        clip_text=float(scores["clip_text"]), clip_image=float(scores["clip_image"]),
+        pixel_mse=float(scores["pixel_mse"]), masked_fraction=float(scores["masked_fraction"]),
+        per_pair_pixel_mse=tuple(ev.per_pair),
+    )
+
+
+def _check(edited: str | Path, source: str | Path, prompt: str, flow: str, size: int | None, start: int,
+           max_frames: int | None, stride: int, resize: str, json_path: str | Path | None,
+           ) -> tuple[str, reader.VideoInfo, reader.VideoInfo, int, tuple[int, int]]:
+    """:func:`evaluate_video`'s inputs checked: the prompt, both videos' infos, their frame count
+    and the comparison size (W, H)."""
     from p2v_fast.media.paths import check_report_path
     from p2v_fast.weights.prompts import check_prompt
 
@@ -134,47 +174,20 @@ def evaluate_video(
     if resize not in framing.RESIZE_MODES:
         raise InputError(f"--resize must be one of {', '.join(framing.RESIZE_MODES)}; got {resize!r}")
     ed_info, src_info, n = check_inputs(edited, source, start=start, max_frames=max_frames, stride=stride)
-    wh = comparison_size(ed_info, size)
-    if scorer is None:
-        scorer = ClipScorer(clip_model)
-    progress = progress or NullProgress()
-    ev = StreamingEvaluator(scorer, prompt, flow=flow, flow_fn=flow_fn)
-    advance = progress.stage("evaluate", n)
+    return prompt, ed_info, src_info, n, comparison_size(ed_info, size)
+
+
+def _pairs(ed_info: reader.VideoInfo, src_info: reader.VideoInfo, wh: tuple[int, int], start: int,
+           max_frames: int | None, stride: int, resize: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(edited, source) frames at the comparison size, one pair at a time; a length mismatch the
+    containers' stored counts hid is an :class:`InputError` that counts both videos' frames."""
     ed_frames = reader.read_frames(ed_info, size=None if wh == (ed_info.width, ed_info.height) else wh)
     src_frames = reader.read_frames(src_info, size=wh, start=start, max_frames=max_frames, stride=stride,
                                    resize="stretch" if resize == "stretch" else "crop")  # pad: the edit cut its bars
-    count = {"edited": 0, "source": 0}
     for i, (e, s) in enumerate(itertools.zip_longest(ed_frames, src_frames)):
         if e is None or s is None:  # a container's stored count was wrong: count the rest
-            count["edited"] = i + (e is not None) + sum(1 for _ in ed_frames)
-            count["source"] = i + (s is not None) + sum(1 for _ in src_frames)
-            raise InputError(
-                f"videos differ in length: edited '{ed_info.path}' decodes to {count['edited']} frames, "
-                f"source '{src_info.path}' to {count['source']}"
-            )
-        ev.add(e, s)
-        if on_frame is not None:
-            on_frame(i, e, s)
-        advance(1)
-    scores = ev.result()
-    result = VideoEval(
-        edited=str(ed_info.path),
-        source=str(src_info.path),
-        prompt=prompt,
-        clip_model=scorer.name,
-        flow=flow,
-        size=wh,
-        n_frames=int(scores["n_frames"]),
-        source_start=start,
-        source_stride=stride,
-        clip_text=float(scores["clip_text"]),
-        clip_image=float(scores["clip_image"]),
-        pixel_mse=float(scores["pixel_mse"]),
-        masked_fraction=float(scores["masked_fraction"]),
-        per_pair_pixel_mse=tuple(ev.per_pair),
-    )
-    if json_path is not None:
-        from p2v_fast.files import write_json_atomic
-
-        write_json_atomic(json_path, result.to_dict())
-    return result
+            n_edited = i + (e is not None) + sum(1 for _ in ed_frames)
+            n_source = i + (s is not None) + sum(1 for _ in src_frames)
+            raise InputError(f"videos differ in length: edited '{ed_info.path}' decodes to {n_edited} frames, "
+                             f"source '{src_info.path}' to {n_source}")
+        yield e, s
