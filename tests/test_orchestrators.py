@@ -16,6 +16,7 @@ ORCHESTRATORS = [
     ("export/engines.py", "export_engines"),
     ("p2v_fast/method/inversion.py", "invert_clip"),
     ("p2v_fast/quality/evaluate.py", "evaluate_video"),
+    ("p2v_fast/apps/ablation.py", "run_ablation"),
 ]
 
 

@@ -271,12 +271,49 @@ def run_ablation(
     Everything the user can get wrong is checked before any model loads; the CLIP model loads
     before the first edit, so a bad ``clip_model`` fails in seconds, not after the edits.
     """
-    from p2v_fast.nets.runtime import load_runtime
-    from p2v_fast.pipeline import edit_video, probe_input
-    from p2v_fast.weights.prompts import check_prompt
-
     progress = progress or NullProgress()
     input_path = Path(input_path)
+    # 1. Check inputs: everything the user can get wrong, before any model loads
+    plan = _check(cfg, input_path, out_dir, settings, flow, sheet_frames, overwrite)
+    # 2. Load CLIP and the flow: a bad --clip-model or an unusable --flow fails here, in seconds, before any edit
+    flow_fn = make_flow(flow)
+    scorer = scorer or ClipScorer(clip_model)
+    # 3. Load the models, once for every setting
+    if runtime is None:
+        runtime = _load_runtime(cfg, plan.settings)
+    # 4. Open the output folder: only now, so a run that cannot start leaves no empty folder
+    try:
+        plan.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create output folder '{plan.out}': {one_line(exc)}") from None
+    # 5. Per setting: edit, evaluate, one row of the table and one of the contact sheet
+    cols = sheet_indices(plan.n_frames, sheet_frames)
+    result, sheet_rows = _run_settings(cfg, input_path, plan, cols, scorer, flow, flow_fn, progress, runtime)
+    # 6. The contact sheet and the tables
+    result.contact_sheet = writer.save_png(plan.paths["contact_sheet.png"], contact_sheet(sheet_rows))
+    result.table_json = write_json_atomic(plan.paths["table.json"], result.to_dict())
+    result.table_md = write_text_atomic(plan.paths["table.md"], markdown_table(result))
+    return result
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """An ablation's checked inputs."""
+
+    prompt: str
+    settings: list[Setting]
+    n_frames: int  # frames the selection holds
+    out: Path
+    paths: dict[str, Path]  # key -> output file (see :func:`output_paths`)
+
+
+def _check(cfg: EditConfig, input_path: Path, out_dir: str | Path | None, settings: Sequence[str] | str | None,
+           flow: str, sheet_frames: int, overwrite: bool) -> _Plan:
+    """:func:`run_ablation`'s inputs checked (prompt, settings, flow, sheet, the input's
+    selection, the output folder and its files), before any model loads."""
+    from p2v_fast.pipeline import probe_input
+    from p2v_fast.weights.prompts import check_prompt
+
     prompt = check_prompt(cfg.prompt)
     keys = parse_settings(settings)
     if flow not in FLOW_METHODS:
@@ -298,65 +335,74 @@ def run_ablation(
         existing = [p for p in paths.values() if p.exists()]
         if existing:
             raise InputError(f"'{existing[0]}' exists; pass --overwrite to replace the ablation in '{out}'")
+    return _Plan(prompt, [SETTINGS[k] for k in keys], n_sel, out, paths)
 
-    # A bad --clip-model or an unusable --flow fails here, in seconds, before any edit.
-    flow_fn = make_flow(flow)
-    scorer = scorer or ClipScorer(clip_model)
-    settings_used = [SETTINGS[k] for k in keys]
-    if runtime is None:
-        needs_grad = any(s.latent_update == "autograd" for s in settings_used)
-        runtime = load_runtime(cfg.replace(latent_update="autograd" if needs_grad else "off"))
-    try:  # once the models have loaded: a run that cannot start leaves no empty folder
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"cannot create output folder '{out}': {one_line(exc)}") from None
 
-    cols = sheet_indices(n_sel, sheet_frames)
+def _load_runtime(cfg: EditConfig, settings: Sequence[Setting]) -> Any:
+    """The models every setting's edit reuses: with a differentiable path if any setting's
+    update is ``autograd``."""
+    from p2v_fast.nets.runtime import load_runtime
+
+    needs_grad = any(s.latent_update == "autograd" for s in settings)
+    return load_runtime(cfg.replace(latent_update="autograd" if needs_grad else "off"))
+
+
+def _run_settings(cfg: EditConfig, input_path: Path, plan: _Plan, cols: list[int], scorer: ClipScorer, flow: str,
+                  flow_fn: Any, progress: Progress,
+                  runtime: Any) -> tuple[AblationResult, list[tuple[str, list[np.ndarray]]]]:
+    """Every setting's edit, scored: the result with one row per setting, and the contact
+    sheet's rows (the source's frames at ``cols``, then each setting's)."""
     source_thumbs: dict[int, np.ndarray] = {}
     rows_thumbs: list[tuple[str, list[np.ndarray]]] = []
     result: AblationResult | None = None
     source_prompt = cfg.source_prompt
-    for n, s in enumerate(settings_used, 1):
-        progress.log(f"[{n}/{len(settings_used)}] {s.label}: refs {s.refs}, latent update {s.latent_update}")
+    for n, s in enumerate(plan.settings, 1):
+        progress.log(f"[{n}/{len(plan.settings)}] {s.label}: refs {s.refs}, latent update {s.latent_update}")
         scfg = cfg.replace(refs=s.refs, latent_update=s.latent_update, source_prompt=source_prompt)
-        res = edit_video(scfg, input_path, paths[s.key], overwrite=True, progress=progress, runtime=runtime)
+        res, row, thumbs = _run_setting(scfg, s, input_path, plan, cols, source_thumbs, scorer, flow, flow_fn,
+                                        progress, runtime)
         source_prompt = res.source_prompt  # caption once; later settings reuse it (same inversion key)
-        thumbs: dict[int, np.ndarray] = {}
-
-        def keep(i: int, edited: np.ndarray, source: np.ndarray, thumbs: dict = thumbs) -> None:
-            if i in cols:
-                thumbs[i] = edited
-                source_thumbs.setdefault(i, source)
-
-        ev: VideoEval = evaluate_video(
-            res.output, input_path, prompt, scorer=scorer, flow=flow, start=cfg.start,
-            max_frames=cfg.max_frames, stride=cfg.stride, resize=cfg.resize, progress=progress, on_frame=keep,
-            flow_fn=flow_fn,
-        )
         if result is None:
             result = AblationResult(
-                input=input_path, prompt=prompt, source_prompt=res.source_prompt, model=cfg.model,
+                input=input_path, prompt=plan.prompt, source_prompt=res.source_prompt, model=cfg.model,
                 size=res.size, n_frames=res.n_frames, steps=cfg.steps, clip_model=scorer.name, flow=flow,
-                out_dir=out,
-            )
-        row = AblationRow(
-            key=s.key, label=s.label, refs=s.refs, latent_update=s.latent_update, video=str(res.output),
-            clip_text=ev.clip_text, clip_image=ev.clip_image, pixel_mse=ev.pixel_mse,
-            masked_fraction=ev.masked_fraction, seconds_per_frame=res.seconds_per_frame,
-            unet_calls=res.stats.unet_calls, inversion_cache_hit=res.inversion_cache_hit,
-        )
+                out_dir=plan.out)
         result.rows.append(row)
-        progress.log(
-            f"{s.label}: CLIP-Text {format_metric(row.clip_text, 'clip_text')}, "
-            f"CLIP-Image {format_metric(row.clip_image, 'clip_image')}, "
-            f"Pixel-MSE {format_metric(row.pixel_mse, 'pixel_mse')}, "
-            f"{row.seconds_per_frame:.2f} s/frame"
-        )
-        rows_thumbs.append((s.label, [thumbs[i] for i in cols]))
-
+        rows_thumbs.append((s.label, thumbs))
     assert result is not None  # keys is never empty
-    sheet = contact_sheet([("source", [source_thumbs[i] for i in cols]), *rows_thumbs])
-    result.contact_sheet = writer.save_png(paths["contact_sheet.png"], sheet)
-    result.table_json = write_json_atomic(paths["table.json"], result.to_dict())
-    result.table_md = write_text_atomic(paths["table.md"], markdown_table(result))
-    return result
+    return result, [("source", [source_thumbs[i] for i in cols]), *rows_thumbs]
+
+
+def _run_setting(scfg: EditConfig, s: Setting, input_path: Path, plan: _Plan, cols: list[int],
+                 source_thumbs: dict[int, np.ndarray], scorer: ClipScorer, flow: str, flow_fn: Any,
+                 progress: Progress, runtime: Any) -> tuple[Any, AblationRow, list[np.ndarray]]:
+    """Edit with one setting's ``scfg`` and score the result: the edit, its row, and its
+    thumbnails at ``cols`` (the source's are kept in ``source_thumbs`` on first sight)."""
+    from p2v_fast.pipeline import edit_video
+
+    res = edit_video(scfg, input_path, plan.paths[s.key], overwrite=True, progress=progress, runtime=runtime)
+    thumbs: dict[int, np.ndarray] = {}
+
+    def keep(i: int, edited: np.ndarray, source: np.ndarray) -> None:
+        if i in cols:
+            thumbs[i] = edited
+            source_thumbs.setdefault(i, source)
+
+    ev: VideoEval = evaluate_video(
+        res.output, input_path, plan.prompt, scorer=scorer, flow=flow, start=scfg.start,
+        max_frames=scfg.max_frames, stride=scfg.stride, resize=scfg.resize, progress=progress, on_frame=keep,
+        flow_fn=flow_fn,
+    )
+    row = AblationRow(
+        key=s.key, label=s.label, refs=s.refs, latent_update=s.latent_update, video=str(res.output),
+        clip_text=ev.clip_text, clip_image=ev.clip_image, pixel_mse=ev.pixel_mse,
+        masked_fraction=ev.masked_fraction, seconds_per_frame=res.seconds_per_frame,
+        unet_calls=res.stats.unet_calls, inversion_cache_hit=res.inversion_cache_hit,
+    )
+    progress.log(
+        f"{s.label}: CLIP-Text {format_metric(row.clip_text, 'clip_text')}, "
+        f"CLIP-Image {format_metric(row.clip_image, 'clip_image')}, "
+        f"Pixel-MSE {format_metric(row.pixel_mse, 'pixel_mse')}, "
+        f"{row.seconds_per_frame:.2f} s/frame"
+    )
+    return res, row, [thumbs[i] for i in cols]
