@@ -243,85 +243,42 @@ def _edit(cfg: EditConfig, input_path: Path, info: reader.VideoInfo, prompt: str
           json_path: str | Path | None) -> EditResult:
     """:func:`edit_video` once its options are checked and its output is claimed."""
     t_start = time.perf_counter()
+    # 1. Load the models (or take the caller's runtime), seeded
     torch.manual_seed(cfg.seed)
     rt = runtime or load_runtime(cfg)
-    grad = "" if rt.grad_backend in (None, rt.backend) else f" (guided autograd steps on {rt.grad_backend.name})"
-    dtype = str(rt.backend.dtype).removeprefix("torch.")
-    progress.log(f"backend: {rt.backend.name} on {rt.backend.device}, {dtype}{grad}")
-    warn_if_truncated(rt.models, prompt, "target prompt", progress.log, rt.warned)
-    warn_if_truncated(rt.models, cfg.negative_prompt, "negative prompt", progress.log, rt.warned)
+    _announce(rt, cfg, prompt, progress)
+    # 2. Prepare: select the frames and invert them (or reuse the cached inversion)
     prep = prepare(cfg, input_path, rt, progress, info)
     sel, inv = prep.selection, prep.inverted
-
+    # 3. Context: the prompts' embeddings (negative, target), the schedule, the feature store, delta
     embeds = torch.cat([encode_prompt(rt.models, cfg.negative_prompt), encode_prompt(rt.models, prompt)])
-    schedule = DDIMSchedule(rt.models.scheduler, cfg.steps)
-    stats = EditStats()
-    ctx = EditContext(cfg, rt.backend, rt.grad_backend, schedule, embeds, FeatureStore(cfg, sel.n_frames),
-                      cfg.effective_delta(sel.latent_hw), stats)
-    device = rt.backend.device
-
-    def initial():
-        for i in range(sel.n_frames):
-            d = inv.load(i)  # on the host; pinned and copied without blocking the edit
-            yield FrameState(i, _to_device(d["x_T"], device), _to_device(d["depth"], device))
-
-    counters = [rt.backend.counter] + ([rt.grad_backend.counter] if rt.grad_backend not in (None, rt.backend) else [])
-    calls0 = sum(c.unet_calls for c in counters), sum(c.unet_backward for c in counters)
+    ctx = EditContext(cfg, rt.backend, rt.grad_backend, DDIMSchedule(rt.models.scheduler, cfg.steps), embeds,
+                      FeatureStore(cfg, sel.n_frames), cfg.effective_delta(sel.latent_hw), EditStats())
+    # 4. Edit: the schedule's finished frames, decoded by the sink and written as they come
+    calls0 = _unet_calls(rt)
     t_edit = time.perf_counter()
     advance = progress.stage("edit", sel.n_frames * cfg.steps)
-    thumbs_at = set(np.linspace(0, sel.n_frames - 1, min(4, sel.n_frames)).round().astype(int).tolist())
-    thumbs: list[tuple[np.ndarray, np.ndarray]] = []
-    source_frames = sel.frames()
-    finished = finite_frames(run_schedule(ctx, initial(), on_step=advance), cfg)
-    writers: list[writer.VideoWriter] = []  # the edit, then the side-by-side
-
-    raw = hashlib.sha256()
-
-    def consume(index: int, frame: np.ndarray) -> None:  # in the sink's writer thread, in order
-        frame = sel.to_output(frame)  # --resize pad: bars cut
-        raw.update(frame.tobytes())
-        src = sel.to_output(next(source_frames))
-        if index in thumbs_at:
-            thumbs.append((src, frame))
-        if preview:
-            writer.save_png(out, frame)
-            return
-        writers[0].write(frame)
-        if len(writers) > 1:
-            writers[1].write(side_by_side(src, frame))
-
-    strip_path = None
-    variable = False
+    outputs = _EditOutputs(sel, out, sbs_path, preview)
+    initial = _initial_frames(inv, sel.n_frames, rt.backend.device)
+    finished = finite_frames(run_schedule(ctx, initial, on_step=advance), cfg)  # checked before they are written
     with contextlib.ExitStack() as stack:
-        if not preview:
-            audio = sel.info.path if sel.info.has_audio else None
-            size = sel.output_size
-            timing = reader.output_timing(sel.info, sel.start, sel.n_frames, sel.stride)  # source times if VFR
-            variable = timing.variable
-            writers.append(stack.enter_context(writer.VideoWriter(out, timing, size, audio_source=audio)))
-            if sbs_path is not None:
-                sbs_size = (size[0] * 2, size[1])
-                writers.append(stack.enter_context(writer.VideoWriter(sbs_path, timing, sbs_size, audio_source=audio)))
+        outputs.open(stack)
         # entered last, so it is drained (or cancelled) before the writers finish (or abort)
-        sink = stack.enter_context(FrameSink(rt.backend, consume))
+        sink = stack.enter_context(FrameSink(rt.backend, outputs.consume))
         for st in finished:
             sink.submit(st.index, st.latent)
-    if not preview:
-        strip_path = strip
-        top = np.concatenate([s for s, _ in thumbs], axis=1)
-        bottom = np.concatenate([e for _, e in thumbs], axis=1)
-        writer.save_png(strip_path, np.concatenate([top, bottom], axis=0))
+    # 5. The strip: a few source frames above their edits
+    strip_path = None if preview else outputs.save_strip(strip)
     t_end = time.perf_counter()
-    stats.unet_calls = sum(c.unet_calls for c in counters) - calls0[0]
-    stats.unet_backward = sum(c.unet_backward for c in counters) - calls0[1]
-    progress.log(stats.describe_update(cfg.latent_update))
-    budget = ctx.budget
-    if budget is not None and (budget.splits or budget.ooms):
-        progress.log(f"{budget.splits} UNet calls split to fit in memory, {budget.ooms} retried after running out")
+    # 6. Result: the UNet calls this edit made, the update's size, the stages that overlapped it
+    stats = ctx.stats
+    calls, backward = _unet_calls(rt)
+    stats.unet_calls, stats.unet_backward = calls - calls0[0], backward - calls0[1]
+    _report_edit(ctx, progress)
     busy = {"decode_busy": sink.seconds["decode"], "encode_busy": sink.seconds["encode"]}
     result = EditResult(out, sel.n_frames, sel.fps, sel.output_size, t_end - t_start, prep.seconds, t_end - t_edit,
                         inv.cache_hit, inv.source_prompt, sbs_path, strip_path, stats, inv.runtime,
-                        inv.reconstruction, raw.hexdigest(), busy, variable_rate=variable)
+                        inv.reconstruction, outputs.raw.hexdigest(), busy, variable_rate=outputs.variable)
     if json_path is not None:
         from p2v_fast.files import write_json_atomic
 
@@ -329,3 +286,82 @@ def _edit(cfg: EditConfig, input_path: Path, info: reader.VideoInfo, prompt: str
     return result
 
 
+def _announce(rt: Runtime, cfg: EditConfig, prompt: str, progress: Progress) -> None:
+    """The backend the edit runs on, and the prompts that CLIP's 77 tokens cut."""
+    grad = "" if rt.grad_backend in (None, rt.backend) else f" (guided autograd steps on {rt.grad_backend.name})"
+    dtype = str(rt.backend.dtype).removeprefix("torch.")
+    progress.log(f"backend: {rt.backend.name} on {rt.backend.device}, {dtype}{grad}")
+    warn_if_truncated(rt.models, prompt, "target prompt", progress.log, rt.warned)
+    warn_if_truncated(rt.models, cfg.negative_prompt, "negative prompt", progress.log, rt.warned)
+
+
+def _unet_calls(rt: Runtime) -> tuple[int, int]:
+    """UNet calls and differentiable calls the runtime's backends have made so far."""
+    backends = [rt.backend] + ([rt.grad_backend] if rt.grad_backend not in (None, rt.backend) else [])
+    return sum(b.counter.unet_calls for b in backends), sum(b.counter.unet_backward for b in backends)
+
+
+def _initial_frames(inv: InvertedClip, n_frames: int, device: torch.device) -> Iterator[FrameState]:
+    """Each frame's x_T and depth from the inversion, as the schedule asks for them."""
+    for i in range(n_frames):
+        d = inv.load(i)  # on the host; pinned and copied without blocking the edit
+        yield FrameState(i, _to_device(d["x_T"], device), _to_device(d["depth"], device))
+
+
+class _EditOutputs:
+    """Where the edited frames go, in order, from the sink's writer thread: the video (and the
+    side-by-side), or with ``preview`` the anchor frame's PNG; thumbnails of up to 4 frames for
+    the strip; the sha256 of the raw frames."""
+
+    def __init__(self, sel: ClipSelection, out: Path, sbs_path: Path | None, preview: bool) -> None:
+        self.sel, self.out, self.sbs_path, self.preview = sel, out, sbs_path, preview
+        n = sel.n_frames
+        self.thumbs_at = set(np.linspace(0, n - 1, min(4, n)).round().astype(int).tolist())
+        self.thumbs: list[tuple[np.ndarray, np.ndarray]] = []
+        self.source_frames = sel.frames()
+        self.writers: list[writer.VideoWriter] = []  # the edit, then the side-by-side
+        self.raw = hashlib.sha256()
+        self.variable = False
+
+    def open(self, stack: contextlib.ExitStack) -> None:
+        """Open the writers (none for a preview) on ``stack``."""
+        if self.preview:
+            return
+        sel = self.sel
+        audio = sel.info.path if sel.info.has_audio else None
+        size = sel.output_size
+        timing = reader.output_timing(sel.info, sel.start, sel.n_frames, sel.stride)  # source times if VFR
+        self.variable = timing.variable
+        self.writers.append(stack.enter_context(writer.VideoWriter(self.out, timing, size, audio_source=audio)))
+        if self.sbs_path is not None:
+            sbs_size = (size[0] * 2, size[1])
+            self.writers.append(stack.enter_context(writer.VideoWriter(self.sbs_path, timing, sbs_size,
+                                                                      audio_source=audio)))
+
+    def consume(self, index: int, frame: np.ndarray) -> None:
+        """Frame ``index`` of the edit, uint8 [H, W, 3] at the working size (in the sink's writer thread)."""
+        frame = self.sel.to_output(frame)  # --resize pad: bars cut
+        self.raw.update(frame.tobytes())
+        src = self.sel.to_output(next(self.source_frames))
+        if index in self.thumbs_at:
+            self.thumbs.append((src, frame))
+        if self.preview:
+            writer.save_png(self.out, frame)
+            return
+        self.writers[0].write(frame)
+        if len(self.writers) > 1:
+            self.writers[1].write(side_by_side(src, frame))
+
+    def save_strip(self, path: Path) -> Path:
+        top = np.concatenate([s for s, _ in self.thumbs], axis=1)
+        bottom = np.concatenate([e for _, e in self.thumbs], axis=1)
+        writer.save_png(path, np.concatenate([top, bottom], axis=0))
+        return path
+
+
+def _report_edit(ctx: EditContext, progress: Progress) -> None:
+    """The guided update's size, and how the memory budget split the UNet calls."""
+    progress.log(ctx.stats.describe_update(ctx.cfg.latent_update))
+    budget = ctx.budget
+    if budget is not None and (budget.splits or budget.ooms):
+        progress.log(f"{budget.splits} UNet calls split to fit in memory, {budget.ooms} retried after running out")

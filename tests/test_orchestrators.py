@@ -15,6 +15,7 @@ LIMIT = 50  # lines, from ``def`` to the last line, docstring included
 ORCHESTRATORS = [
     ("export/engines.py", "export_engines"),
     ("p2v_fast/method/inversion.py", "invert_clip"),
+    ("p2v_fast/pipeline.py", "_edit"),
     ("p2v_fast/quality/evaluate.py", "evaluate_video"),
     ("p2v_fast/apps/ablation.py", "run_ablation"),
 ]
