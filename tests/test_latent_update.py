@@ -172,12 +172,13 @@ def test_fp16_gradient_matches_fp32_with_loss_scaling(tiny_dir, diff) -> None:
 def test_the_fp16_edit_scales_its_gradient(tiny_dir, monkeypatch) -> None:
     """An autograd step through an fp16 backend takes the scaled path (and an fp32 one does not)."""
     from p2v_fast.method import edit as edit_module
+    from p2v_fast.method import latent_update
     from p2v_fast.weights.models import load_models
     from tests.helpers import make_context, random_frames
 
     used: list[torch.dtype] = []
-    real = edit_module.loss_scale
-    monkeypatch.setattr(edit_module, "loss_scale", lambda *a: used.append(a[0].dtype) or real(*a))
+    real = latent_update.loss_scale
+    monkeypatch.setattr(latent_update, "loss_scale", lambda *a: used.append(a[0].dtype) or real(*a))
     cfg = EditConfig(prompt="a swan", model="tiny", steps=2, latent_update="autograd")
     for dtype in (torch.float32, torch.float16):
         ctx = make_context(cfg, load_models("tiny", dtype=dtype), 2)
@@ -251,3 +252,34 @@ def test_the_third_frame_is_guided_toward_the_previous_frames_x0_not_the_anchors
         assert float(ctx.stats.update_rms[0][-1]) == pytest.approx(rms["prev"], rel=1e-9)
     else:
         assert float(ctx.stats.detached_rms[0][-1]) == pytest.approx(rms["prev"], rel=1e-9)
+
+
+def test_guided_update_is_a_calls_whole_update() -> None:
+    """latent_update.guided_update holds which gradient, the fp16 loss scale and the record:
+    detached, x_{t-1} - delta 2 (x0 - x0_prev) / N; autograd, the gradient through what made x0
+    from x_t (here x0 = 2 x_t: twice the detached one), with the detached form's RMS beside it,
+    unchanged by the loss scale; the record keeps the guided frames only, per step."""
+    from p2v_fast.method.latent_update import guided_update
+
+    g = torch.Generator().manual_seed(3)
+    x_t = torch.randn(2, 4, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    x0_prev, x_prev = (torch.randn(2, 4, 3, 3, generator=g, dtype=torch.float64) for _ in range(2))
+    x0 = 2 * x_t
+    closed = detached_gradient(x0.detach(), x0_prev)
+    plain = guided_update(x_t, x0.detach(), x0_prev, x_prev, 10.0, through_unet=False)
+    torch.testing.assert_close(plain.x_prev, x_prev - 10.0 * closed)
+    assert plain.detached_rms is None
+    rms = (10.0 * closed).pow(2).flatten(1).mean(1).sqrt()
+    abar = torch.tensor([0.9, 0.5], dtype=torch.float64)
+    for half in (False, True):
+        up = guided_update(x_t, 2 * x_t, x0_prev, x_prev, 10.0, through_unet=True, half=half, guidance_scale=7.5,
+                           abar=abar)
+        torch.testing.assert_close(up.x_prev, x_prev - 10.0 * 2 * closed)
+        torch.testing.assert_close(up.rms, 2 * rms)
+        assert up.detached_rms is not None
+        torch.testing.assert_close(up.detached_rms, rms)
+    update_rms: dict[int, list[torch.Tensor]] = {}
+    detached_rms: dict[int, list[torch.Tensor]] = {}
+    up.record([4, 4], [False, True], update_rms, detached_rms)
+    assert list(update_rms) == [4] and len(update_rms[4]) == 1 and float(update_rms[4][0]) == float(2 * rms[1])
+    assert list(detached_rms) == [4] and float(detached_rms[4][0]) == float(rms[1])

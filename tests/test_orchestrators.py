@@ -18,6 +18,7 @@ ORCHESTRATORS = [
     ("p2v_fast/pipeline.py", "_edit"),
     ("p2v_fast/quality/evaluate.py", "evaluate_video"),
     ("p2v_fast/apps/ablation.py", "run_ablation"),
+    ("p2v_fast/method/edit.py", "_step_call"),
 ]
 
 

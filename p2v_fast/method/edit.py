@@ -22,7 +22,7 @@ import torch
 
 from p2v_fast.config import EditConfig
 from p2v_fast.method.ddim import DDIMSchedule
-from p2v_fast.method.latent_update import apply_update, autograd_gradient, detached_gradient, loss_scale
+from p2v_fast.method.latent_update import guided_update
 from p2v_fast.nets.backends import Backend
 from p2v_fast.nets.memory import CallBudget
 
@@ -57,6 +57,15 @@ class EditStats:
     samples_xframe: int = 0
     samples_plain: int = 0
     samples_backward: int = 0
+
+    def count_call(self, samples: int, xframe: bool, backward: bool) -> None:
+        """A UNet call's samples, by what they cost."""
+        if xframe:
+            self.samples_xframe += samples
+        else:
+            self.samples_plain += samples
+        if backward:
+            self.samples_backward += samples
 
     def mean_update_rms(self) -> dict[int, float]:
         """Mean RMS of the guided update per step (read from the device once)."""
@@ -296,63 +305,58 @@ def _references(frames: list[FrameState], store: FeatureStore,
 def _step_call(frames: list[FrameState], ctx: EditContext, backend: Backend, needs_grad: bool) -> None:
     """One UNet call for ``frames`` and their DDIM step (and guided update). Nothing here reads
     a value back from the device or copies one to it (tests/test_edit_cuda.py checks on CUDA)."""
-    sched, cfg, store = ctx.schedule, ctx.cfg, ctx.store
-    device = backend.device
-    idx = sched.index([st.step for st in frames], device)  # [F], made on the device
-    x = torch.cat([st.latent for st in frames]).to(device)  # [F,4,h,w] fp32
+    sched, cfg, store, device = ctx.schedule, ctx.cfg, ctx.store, backend.device
+    # 1. Inputs: x_t [F,4,h,w] fp32 (the leaf of a differentiable call), step indices made on the device
+    idx = sched.index([st.step for st in frames], device)  # [F]
+    x = torch.cat([st.latent for st in frames]).to(device)
     if needs_grad:
         x = x.detach().requires_grad_(True)
-    depth = torch.cat([st.depth for st in frames]).to(device)
-    sample = per_branch(torch.cat([x, depth], dim=1))  # [2F,5,h,w]
-    t = per_branch(sched.timesteps_at(idx))  # [2F]
-    ehs = ctx.embeddings.repeat(len(frames), 1, 1)  # [2F,77,D]
     refs, self_ref = _references(frames, store, device)
-
     with torch.set_grad_enabled(needs_grad):
-        if needs_grad:
-            out = backend.unet_forward(sample, t, ehs, refs, self_ref)  # type: ignore[attr-defined]
-            eps_all, feats = out[0].float(), list(out[1:])
-            backend.counter.unet_backward += 1
-        else:
-            eps_all, feats = backend.unet(sample, t, ehs, refs, self_ref)
+        # 2. UNet: both CFG branches of every frame in one call
+        eps_all, feats = _unet(frames, ctx, backend, x, idx, refs, self_ref, needs_grad)
+        # 3. Guidance: CFG, fp32
         eps_u, eps_c = eps_all[0::2], eps_all[1::2]
-        eps = eps_u + cfg.guidance_scale * (eps_c - eps_u)  # CFG, fp32
+        eps = eps_u + cfg.guidance_scale * (eps_c - eps_u)
+        # 4. DDIM step: x_{t-1} and x0-hat
         x_prev, x0 = sched.step(x, eps, idx)
+        # 5. Guided update (eq. 1) of the frames i > 1 within the first update steps
         guided = [_guided(cfg, st) for st in frames]
         if any(guided):
-            # Every row is updated; an unguided row compares x0 with itself: zero gradient, so the
-            # batch needs no row gather (whose indices would be a copy from the host).
-            x0_ref = torch.cat([store.x0_prev(st.index, st.step).to(device) if g else x0[i : i + 1].detach()
-                                for i, (st, g) in enumerate(zip(frames, guided, strict=True))])
-            if needs_grad:
-                scale = None
-                if backend.dtype == torch.float16:  # keep the backward pass out of fp16's subnormals
-                    gain = max(cfg.guidance_scale, abs(1.0 - cfg.guidance_scale))
-                    abar = sched.abar_at(idx)
-                    scale = loss_scale(x0, x0_ref, gain * ((1 - abar) / abar).sqrt())
-                grad = autograd_gradient(x, x0, x0_ref, scale)
-                same = ctx.delta * detached_gradient(x0.detach(), x0_ref)
-                same_rms = same.pow(2).flatten(1).mean(1).sqrt()  # [F], stays on the device
-                for i, st in enumerate(frames):
-                    if guided[i]:
-                        ctx.stats.detached_rms.setdefault(st.step, []).append(same_rms[i])
-            else:
-                grad = detached_gradient(x0, x0_ref)
-            x_prev, rms = apply_update(x_prev, grad, ctx.delta)
-            for i, st in enumerate(frames):
-                if guided[i]:
-                    ctx.stats.update_rms.setdefault(st.step, []).append(rms[i])
-
-    stats = ctx.stats
-    samples = 2 * len(frames)
-    if refs is None:
-        stats.samples_plain += samples
-    else:
-        stats.samples_xframe += samples
-    if needs_grad:
-        stats.samples_backward += samples
+            update = guided_update(x, x0, _previous_x0(frames, guided, x0, store, device), x_prev, ctx.delta,
+                                   through_unet=needs_grad, half=backend.dtype == torch.float16,
+                                   guidance_scale=cfg.guidance_scale, abar=sched.abar_at(idx) if needs_grad else None)
+            update.record([st.step for st in frames], guided, ctx.stats.update_rms, ctx.stats.detached_rms)
+            x_prev = update.x_prev
+    # 6. Commit: features, x0-hat and x_{t-1} into the store and the frames
+    ctx.stats.count_call(2 * len(frames), xframe=refs is not None, backward=needs_grad)
     commit(frames, store, feats, x0.detach(), x_prev.detach(), clone=backend.transient_outputs)
-    stats.peak_feature_bytes = store.peak_bytes
+    ctx.stats.peak_feature_bytes = store.peak_bytes
+
+
+def _unet(frames: list[FrameState], ctx: EditContext, backend: Backend, x: torch.Tensor, idx: torch.Tensor,
+          refs: Features | None, self_ref: torch.Tensor | None,
+          needs_grad: bool) -> tuple[torch.Tensor, Sequence[torch.Tensor]]:
+    """The call's 2F samples [uncond_1, cond_1, ...] through the UNet: eps [2F,4,h,w] fp32 and the
+    9 decoder features; differentiable (through ``unet_forward``) when ``needs_grad``."""
+    depth = torch.cat([st.depth for st in frames]).to(backend.device)
+    sample = per_branch(torch.cat([x, depth], dim=1))  # [2F,5,h,w]
+    t = per_branch(ctx.schedule.timesteps_at(idx))  # [2F]
+    ehs = ctx.embeddings.repeat(len(frames), 1, 1)  # [2F,77,D]
+    if not needs_grad:
+        return backend.unet(sample, t, ehs, refs, self_ref)
+    out = backend.unet_forward(sample, t, ehs, refs, self_ref)  # type: ignore[attr-defined]
+    backend.counter.unet_backward += 1
+    return out[0].float(), list(out[1:])
+
+
+def _previous_x0(frames: list[FrameState], guided: list[bool], x0: torch.Tensor, store: FeatureStore,
+                 device: torch.device) -> torch.Tensor:
+    """What each frame's x0-hat is compared with [F,4,h,w]: its predecessor's at the same step.
+    Every row is updated; an unguided row compares x0 with itself: zero gradient, so the batch
+    needs no row gather (whose indices would be a copy from the host)."""
+    return torch.cat([store.x0_prev(st.index, st.step).to(device) if g else x0[i : i + 1].detach()
+                      for i, (st, g) in enumerate(zip(frames, guided, strict=True))])
 
 
 def commit(frames: list[FrameState], store: FeatureStore, feats: Sequence[torch.Tensor], x0: torch.Tensor,

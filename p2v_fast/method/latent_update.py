@@ -18,9 +18,15 @@ less inside it, near fp16's subnormal range (6e-8..6e-5), where it loses its dig
 to zero. :func:`loss_scale` picks, per frame and on the device (no host sync), the power of two
 that brings the gradient at the UNet's output to ~1; :func:`autograd_gradient` multiplies g by
 it and divides the gradient by it in fp32, both exact (powers of two).
+
+:func:`guided_update` is the update of one batched call, from the DDIM step's x0-hat to the
+updated x_{t-1} and the per-frame sizes that :meth:`Update.record` keeps for logs and benchmarks.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -72,3 +78,45 @@ def apply_update(x_prev: torch.Tensor, grad: torch.Tensor, delta: float) -> tupl
     """x_{t-1} - delta * grad, and the RMS of the update per frame [F] (for logs and benchmarks)."""
     update = delta * grad
     return x_prev - update, update.pow(2).flatten(1).mean(1).sqrt()
+
+
+@dataclass
+class Update:
+    """A call's guided update: ``x_prev`` the updated x_{t-1} [F,4,h,w]; ``rms`` the RMS of
+    delta x grad per frame [F]; ``detached_rms`` (autograd only) the RMS of the detached form's
+    update at the same latents [F], so the two forms' strengths compare without their
+    trajectories diverging. All stay on the device."""
+
+    x_prev: torch.Tensor
+    rms: torch.Tensor
+    detached_rms: torch.Tensor | None = None
+
+    def record(self, steps: Sequence[int], guided: Sequence[bool], update_rms: dict[int, list[torch.Tensor]],
+               detached_rms: dict[int, list[torch.Tensor]]) -> None:
+        """Each guided frame's sizes into the per-step tables (step -> one device scalar per frame)."""
+        for i, (step, g) in enumerate(zip(steps, guided, strict=True)):
+            if g:
+                if self.detached_rms is not None:
+                    detached_rms.setdefault(step, []).append(self.detached_rms[i])
+                update_rms.setdefault(step, []).append(self.rms[i])
+
+
+def guided_update(x_t: torch.Tensor, x0: torch.Tensor, x0_prev: torch.Tensor, x_prev: torch.Tensor, delta: float,
+                  *, through_unet: bool, half: bool = False, guidance_scale: float = 1.0,
+                  abar: torch.Tensor | None = None) -> Update:
+    """Eq. 1 for a call's frames: x_{t-1} - delta x grad, ``grad`` :func:`autograd_gradient`
+    (``through_unet``: ``x0`` was computed from the leaf ``x_t`` through the UNet) or
+    :func:`detached_gradient`. ``x0``, ``x0_prev`` [F,4,h,w]: a row whose ``x0_prev`` is its own
+    x0 gets a zero gradient. ``half``: the UNet ran in fp16, so g is scaled by :func:`loss_scale`,
+    with ``abar`` [F] the frames' alpha-bar and ``guidance_scale`` the CFG weight (they bound
+    d x0 / d eps)."""
+    if not through_unet:
+        return Update(*apply_update(x_prev, detached_gradient(x0, x0_prev), delta))
+    scale = None
+    if half:  # keep the backward pass out of fp16's subnormals
+        assert abar is not None
+        gain = max(guidance_scale, abs(1.0 - guidance_scale))
+        scale = loss_scale(x0, x0_prev, gain * ((1 - abar) / abar).sqrt())
+    grad = autograd_gradient(x_t, x0, x0_prev, scale)
+    same = delta * detached_gradient(x0.detach(), x0_prev)
+    return Update(*apply_update(x_prev, grad, delta), same.pow(2).flatten(1).mean(1).sqrt())
