@@ -187,6 +187,23 @@ def test_the_fp16_edit_scales_its_gradient(tiny_dir, monkeypatch) -> None:
     assert used == [torch.float32]  # once: the fp16 edit's one guided step (x0 is fp32 either way)
 
 
+def test_alpha_bar_is_read_for_the_fp16_loss_scale_only(tiny_dir, monkeypatch) -> None:
+    """The guided update reads alpha-bar (an extra gather on the device) only where the fp16 loss
+    scale needs it: an fp32 autograd edit's steps read none, an fp16 one's guided step does."""
+    from p2v_fast.method import edit as edit_module
+    from p2v_fast.weights.models import load_models
+    from tests.helpers import make_context, random_frames
+
+    reads: list[torch.dtype] = []
+    real = DDIMSchedule.abar_at
+    monkeypatch.setattr(DDIMSchedule, "abar_at", lambda self, idx: reads.append(dtype) or real(self, idx))
+    cfg = EditConfig(prompt="a swan", model="tiny", steps=2, latent_update="autograd")
+    for dtype in (torch.float32, torch.float16):
+        ctx = make_context(cfg, load_models("tiny", dtype=dtype), 2)
+        list(edit_module.sequential(ctx, iter(random_frames(2))))
+    assert reads and set(reads) == {torch.float16}
+
+
 def test_the_autograd_step_follows_the_finite_difference_gradient_through_the_unet(schedule) -> None:
     """The edit's autograd step (run_step, fp64 tiny UNet) moves x_{t-1} by delta x dg/dx_t with
     g taken through the UNet: checked against central differences of g along random directions.

@@ -323,9 +323,10 @@ def _step_call(frames: list[FrameState], ctx: EditContext, backend: Backend, nee
         # 5. Guided update (eq. 1) of the frames i > 1 within the first update steps
         guided = [_guided(cfg, st) for st in frames]
         if any(guided):
+            half = needs_grad and backend.dtype == torch.float16  # its backward pass needs g scaled
             update = guided_update(x, x0, _previous_x0(frames, guided, x0, store, device), x_prev, ctx.delta,
-                                   through_unet=needs_grad, half=backend.dtype == torch.float16,
-                                   guidance_scale=cfg.guidance_scale, abar=sched.abar_at(idx) if needs_grad else None)
+                                   through_unet=needs_grad, half=half, guidance_scale=cfg.guidance_scale,
+                                   abar=sched.abar_at(idx) if half else None)
             update.record([st.step for st in frames], guided, ctx.stats.update_rms, ctx.stats.detached_rms)
             x_prev = update.x_prev
     # 6. Commit: features, x0-hat and x_{t-1} into the store and the frames
