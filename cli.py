@@ -392,7 +392,10 @@ def demo(
 def ui(
     host: Annotated[str, typer.Option(help="Address to serve on (default: this machine only).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to serve on.")] = 7860,
-    auth: Annotated[str | None, typer.Option(help="USER:PASS the page asks for.")] = None,
+    auth: Annotated[str | None, typer.Option(help="USER:PASS the page asks for (other users see a command line: "
+                                                  "prefer --auth-file or P2V_UI_AUTH).")] = None,
+    auth_file: Annotated[Path | None, typer.Option("--auth-file", help="A file whose first line is USER:PASS.")
+                         ] = None,
     share: Annotated[bool, typer.Option(help="Also a public link through Gradio's share server (needs internet).")
                      ] = False,
     out: Annotated[Path, typer.Option(help="Folder for uploads, outputs and their job records.")] = Path("p2v-ui"),
@@ -413,7 +416,7 @@ def ui(
     if importlib.util.find_spec("gradio") is None:
         raise BackendUnavailableError("p2v ui needs Gradio: pip install 'p2v-fast[ui]'")
     from p2v_fast.apps.renders import UISettings
-    from p2v_fast.apps.ui import launch, parse_auth
+    from p2v_fast.apps.ui import launch, read_auth
 
     check_threads(threads)
     if not 1 <= port <= 65535:
@@ -425,7 +428,7 @@ def ui(
     EditConfig(model=model, device=device, dtype=dtype)  # a bad value is one line before anything loads
     settings = UISettings(out_dir=out, model=model, device=device, dtype=dtype, engines_root=engines,
                           threads=threads, max_upload_mb=max_upload_mb)
-    launch(settings, host=host, port=port, auth=parse_auth(auth), share=share,
+    launch(settings, host=host, port=port, auth=read_auth(auth, auth_file), share=share,
            on_line=lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True))
 
 

@@ -5,6 +5,7 @@ line, a cancel that leaves no partial file, the upload limit and the CLI's optio
 from __future__ import annotations
 
 import json
+import socket
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -155,16 +156,15 @@ def test_a_pool_of_two_devices_runs_two_renders_at_once(ui, sample, tmp_path):
 
 
 def test_bad_inputs_are_the_clis_one_line(ui, sample, tmp_path):
-    before = outputs_in(ui.out)
+    before, inputs = outputs_in(ui.out), outputs_in(ui.out / "inputs")
     status, *rest = ui.client.predict(*form(None), api_name="/render")
     assert status == "error: no clip: upload a video or press 'Use the sample clip'" and rest == [None] * 5
 
     bad = tmp_path / "notes.mp4"
     bad.write_text("not a video\n")
     status, *_ = ui.client.predict(*form(bad), api_name="/render")
-    kept = next((ui.out / "inputs").glob("*-notes.mp4"))  # the upload, kept under its hash
-    cli = p2v("edit", str(kept), "a red car", "--model", "tiny", "--size", "64")
-    assert status == one_line_error(cli), (status, cli.stderr)
+    cli = p2v("edit", str(bad), "a red car", "--model", "tiny", "--size", "64")
+    assert status == one_line_error(cli).replace(str(bad), status.split("'")[1]), (status, cli.stderr)
 
     status, *_ = ui.client.predict(*form(sample, size=96), api_name="/render")
     cli = p2v("edit", str(sample), "a red car", "--model", "tiny", "--size", "96")
@@ -175,6 +175,7 @@ def test_bad_inputs_are_the_clis_one_line(ui, sample, tmp_path):
     status, *_ = ui.client.predict(*form(sample, engines="sd2-64", backend="onnxruntime"), api_name="/render")
     assert status.startswith("error: ") and "\n" not in status.split("\n")[0], status
     assert outputs_in(ui.out) == before  # nothing written by a refused request
+    assert outputs_in(ui.out / "inputs") == inputs  # nor its upload copied in
 
     with pytest.raises(gradio_client.exceptions.AppError, match=r"not in the list of choices"):
         ui.client.predict(*form(sample, engines="../sd2-65"), api_name="/render")  # Gradio: a folder it did not list
@@ -257,3 +258,224 @@ def test_share_problem_and_cli_option_checks(tmp_path):
     assert "--port must be between 1 and 65535" in one_line_error(p2v("ui", "--port", "0"))
     (tmp_path / "f").write_text("")
     assert "is a file, not a folder" in one_line_error(p2v("ui", "--out", str(tmp_path / "f")))
+
+
+def test_the_page_serves_only_what_it_handed_out(ui, sample):
+    """The outputs, previews and uploads it returned, as copies in Gradio's upload cache; nothing
+    of the output folder itself: not an output by its own path, its job record (absolute server
+    paths), a kept input, or a file someone else put there."""
+    import httpx
+
+    from p2v_fast.apps.batch import sidecar_path
+
+    status, video, _, _, numbers, files = ui.client.predict(*form(sample, prompt="a served car", frames=2),
+                                                             api_name="/render")
+    assert status.startswith("done: "), status
+    out = Path(numbers["output"])
+    assert Path(video).read_bytes() == out.read_bytes()  # fetched through the page
+    assert {Path(f).name for f in files} >= {out.name, f"{out.stem}.json"}
+    (ui.out / "secret.txt").write_text("not p2v's\n")
+    try:
+        kept = next(p for p in (ui.out / "inputs").iterdir() if p.is_file())
+        for path in (out, sidecar_path(out), out.with_suffix(".json"), kept, ui.out / "secret.txt",
+                     ui.out / ".p2v-ui"):
+            r = httpx.get(f"{ui.url.rstrip('/')}/gradio_api/file={path}")
+            assert r.status_code == 403, (path.name, r.status_code)
+    finally:
+        (ui.out / "secret.txt").unlink()
+
+
+def call_raw(ui, api: str, clip: Path, **raw: str) -> list:
+    """``api``'s final output for the form with ``raw`` fields given as JSON text (NaN, 1e400:
+    what gradio_client will not send), through Gradio's HTTP API."""
+    import httpx
+
+    base = ui.url.rstrip("/")
+    with open(clip, "rb") as f:
+        (path,) = httpx.post(f"{base}/gradio_api/upload", files={"files": (clip.name, f, "video/mp4")}).json()
+    fields = [json.dumps(v) for v in form(None)[1:]]
+    for name, text in raw.items():
+        fields[2 + list(DEFAULTS).index(name)] = text
+    clip_data = json.dumps({"path": path, "meta": {"_type": "gradio.FileData"}})
+    body = f'{{"data": [{clip_data}, {", ".join(fields)}]}}'
+    event = httpx.post(f"{base}/gradio_api/call{api}", content=body, headers={"content-type": "application/json"})
+    stream = httpx.get(f"{base}/gradio_api/call{api}/{event.json()['event_id']}", timeout=120).text
+    last = stream.split("event: ")[-1]
+    assert last.startswith("complete"), stream[-500:]
+    return json.loads(last.split("data: ", 1)[1])
+
+
+@pytest.mark.parametrize(("field", "raw", "line"), [
+    ("frames", '"abc"', "error: --max-frames must be a whole number; got 'abc'"),
+    ("frames", "NaN", "error: --max-frames must be a whole number; got nan"),
+    ("frames", "2.5", "error: --max-frames must be a whole number; got 2.5"),
+    ("seed", "1e400", "error: --seed must be a whole number; got inf"),
+    ("steps", "null", "error: --steps must be a whole number; got None"),
+    ("steps", "2.7", "error: --steps must be a whole number; got 2.7"),
+    ("steps", "101", "error: --steps is at most 100 on this page; got 101"),
+    ("size", '"64"', "error: --size must be a whole number; got '64'"),
+    ("guidance", '"x"', "error: --guidance-scale must be a number; got 'x'"),
+    ("guidance", "NaN", "error: --guidance-scale must be a finite number >= 1; got nan"),
+])
+def test_api_values_the_widgets_cannot_send_are_one_line(ui, sample, field, raw, line):
+    before, inputs = outputs_in(ui.out), outputs_in(ui.out / "inputs")
+    for api in ("/render", "/preview"):
+        status, *rest = call_raw(ui, api, sample, **{field: raw})
+        assert status == line, (api, status)
+        assert all(r is None for r in rest)
+    assert outputs_in(ui.out) == before and outputs_in(ui.out / "inputs") == inputs
+
+
+def test_status_does_not_echo_a_huge_prompt():
+    import threading
+
+    from p2v_fast.apps.renders import RenderProgress
+
+    progress = RenderProgress(3, threading.Event())
+    progress.log("warning: the target prompt is longer than CLIP's 77 tokens; this part is dropped: "
+                 + repr("a " * 500_000))
+    report = progress.report()
+    assert len(report) < 500 and report.endswith("(1,000,084 characters)"), report[-200:]
+
+
+def test_an_upload_is_copied_in_only_for_a_finished_render(tmp_path, sample):
+    """A render's clip is kept in inputs/ (its job record names it); a render that fails or is
+    cancelled takes its copy away again, unless a finished render or a running one uses it."""
+    from p2v_fast.apps.renders import Renderer
+
+    r = Renderer(UISettings(out_dir=tmp_path / "out", model="tiny"))
+    upload = tmp_path / "up.mp4"
+    upload.write_bytes(sample.read_bytes())
+    assert r.check_input(upload) == upload and outputs_in(r.out_dir / "inputs") == set()
+    with pytest.raises(RuntimeError), r._kept_input(upload) as kept:
+        assert kept.parent == r.out_dir / "inputs" and kept.is_file()
+        raise RuntimeError("the render failed")
+    assert not kept.exists()
+    with r._kept_input(upload) as first:  # two renders of one clip; the second fails, the first finishes
+        with pytest.raises(RuntimeError), r._kept_input(upload) as second:
+            assert second == first
+            raise RuntimeError("the render failed")
+        assert first.is_file()
+    with pytest.raises(RuntimeError), r._kept_input(upload):
+        raise RuntimeError("a later failure does not take a finished render's input")
+    assert first.is_file()
+
+
+def test_an_out_folder_with_other_files_is_refused(tmp_path):
+    from p2v_fast.apps.renders import MARKER, Renderer
+    from p2v_fast.errors import InputError
+
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "id_rsa").write_text("key\n")
+    (home / "notes.txt").write_text("mine\n")
+    with pytest.raises(InputError, match=r"^--out '.*home' holds files p2v ui did not make \('.ssh' and 1 more\); "):
+        Renderer(UISettings(out_dir=home, model="tiny"))
+    line = one_line_error(p2v("ui", "--out", str(home), "--model", "tiny",
+                                                   "--port", str(free_port())))
+    assert "holds files p2v ui did not make" in line
+    assert sorted(p.name for p in home.iterdir()) == [".ssh", "notes.txt"]  # nothing made there
+
+    # a folder an earlier p2v ui made (no marker yet) is taken, and marked; a new one is marked
+    old = tmp_path / "old"
+    for sub in ("inputs", "previews"):
+        (old / sub).mkdir(parents=True)
+    for name in ("a.cat.20260101-000000.mp4", ".a.cat.20260101-000000.mp4.p2v-job.json", "a.cat.json"):
+        (old / name).write_text("")
+    Renderer(UISettings(out_dir=old, model="tiny"))
+    assert (old / MARKER).is_file()
+    (old / "notes.txt").write_text("added later\n")
+    Renderer(UISettings(out_dir=old, model="tiny"))  # marked: the app's folder, whatever is added
+    new = Renderer(UISettings(out_dir=tmp_path / "new" / "out", model="tiny"))
+    assert (new.out_dir / MARKER).is_file()
+    new.discard()
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_refused_start_leaves_no_folder(tmp_path):
+    out = tmp_path / "a" / "out"
+    empty_model = tmp_path / "model"
+    empty_model.mkdir()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        line = one_line_error(p2v("ui", "--out", str(out), "--model", str(empty_model),
+                                                       "--port", str(port)))
+        assert line == f"error: port {port} on 127.0.0.1 is in use (another server, or another p2v ui); " \
+                       f"pick another with --port"
+    assert not (tmp_path / "a").exists()
+    res = p2v("ui", "--out", str(out), "--model", str(empty_model), "--port", str(free_port()))
+    one_line_error(res)  # the model does not load, after the folder was made
+    assert not (tmp_path / "a").exists()
+
+
+def test_hosts(tmp_path):
+    from p2v_fast.apps.ui import check_host, serve
+    from p2v_fast.errors import InputError
+
+    port = free_port()
+    assert check_host("127.0.0.1", port) == "127.0.0.1" and check_host("localhost", port) == "localhost"
+    assert check_host(" 0.0.0.0 ", port) == "0.0.0.0"
+    for host, message in (("", "--host is empty; give an address of this machine"),
+                          ("256.1.1.1", "--host '256.1.1.1' is not an IPv4 address"),
+                          ("1.2.3", "--host '1.2.3' is not an IPv4 address"),
+                          ("a b", "--host 'a b' is neither an IP address nor a host name"),
+                          ("192.0.2.123", "--host '192.0.2.123' is not an address of this machine")):
+        with pytest.raises(InputError, match=f"^{message}"):
+            check_host(host, port)
+        line = one_line_error(p2v("ui", "--host", host, "--out", str(tmp_path / "out"),
+                                                       "--model", str(tmp_path / "no-model"), "--port", str(port)))
+        assert line.startswith(f"error: {message}"), line
+        assert not (tmp_path / "out").exists()
+
+    try:
+        with socket.socket(socket.AF_INET6) as s6:
+            s6.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    import httpx
+
+    assert check_host("::1", port) == check_host("[::1]", port) == "[::1]" and check_host("::", port) == "[::]"
+    renderer = Renderer(UISettings(out_dir=tmp_path / "v6", model="tiny"))
+    app6, url = serve(renderer, host="::1", port=port, on_line=lambda m: None)
+    try:
+        assert url == f"http://[::1]:{port}/"
+        assert httpx.get(url).status_code == 200
+    finally:
+        app6.close()
+
+
+def test_auth_from_a_file_or_the_environment(tmp_path, monkeypatch):
+    import httpx
+
+    from p2v_fast.apps.ui import AUTH_ENV, read_auth, serve
+    from p2v_fast.errors import InputError
+
+    secret = tmp_path / "auth"
+    secret.write_text("me:s3cret pw\n")
+    monkeypatch.delenv(AUTH_ENV, raising=False)
+    assert read_auth(None, secret) == ("me", "s3cret pw") and read_auth() is None
+    assert read_auth(None, None, {AUTH_ENV: "you:pw"}) == ("you", "pw")
+    assert read_auth("cli:pw", None, {AUTH_ENV: "you:pw"}) == ("cli", "pw")
+    (tmp_path / "bad").write_text("nopass\n")
+    for args, message in (((None, tmp_path / "bad"), "the first line of --auth-file '.*bad' must be USER:PASS"),
+                          (("a:b", secret), "give --auth or --auth-file, not both"),
+                          ((None, tmp_path / "missing"), "--auth-file '.*missing': cannot read it")):
+        with pytest.raises(InputError, match=f"^{message}"):
+            read_auth(*args)
+    with pytest.raises(InputError, match=f"^{AUTH_ENV} must be USER:PASS"):
+        read_auth(None, None, {AUTH_ENV: "x"})
+    line = one_line_error(p2v("ui", "--auth-file", str(tmp_path / "missing")))
+    assert "cannot read it" in line
+    monkeypatch.setenv(AUTH_ENV, "nopass")
+    assert one_line_error(p2v("ui")) == f"error: {AUTH_ENV} must be USER:PASS (both non-empty)"
+
+    renderer = Renderer(UISettings(out_dir=tmp_path / "out", model="tiny"))
+    page, url = serve(renderer, port=free_port(), auth=read_auth(None, secret), on_line=lambda m: None)
+    try:
+        login = f"{url.rstrip('/')}/login"
+        assert httpx.post(login, data={"username": "me", "password": "wrong"}).status_code >= 400
+        assert httpx.post(login, data={"username": "me", "password": "s3cret pw"}).status_code == 200
+    finally:
+        page.close()

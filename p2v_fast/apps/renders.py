@@ -6,11 +6,13 @@ Nothing here imports Gradio: the page (:mod:`p2v_fast.apps.ui`) turns its form i
 entry point (:func:`~p2v_fast.pipeline.edit_video`) with a runtime loaded once per process and
 kept (:class:`~p2v_fast.apps.batch.BatchWorker`'s cache, keyed as a batch worker keys it).
 
-The output folder holds ``inputs/`` (uploads, copied in under a name made from their content),
-``previews/`` (anchor-frame PNGs) and every render: ``NAME.mp4``, ``NAME.side-by-side.mp4``,
-``NAME.strip.png``, ``NAME.json`` (the run's numbers) and the job record ``.NAME.mp4.p2v-job.json``
-that `p2v batch` writes beside its outputs. No text from the page becomes a path: outputs are
-named by the app, uploads by their hash, engines folders picked from those the app lists.
+The output folder holds ``inputs/`` (the clips of finished renders, copied in under a name made
+from their content), ``previews/`` (anchor-frame PNGs) and every render: ``NAME.mp4``,
+``NAME.side-by-side.mp4``, ``NAME.strip.png``, ``NAME.json`` (the run's numbers) and the job record
+``.NAME.mp4.p2v-job.json`` that `p2v batch` writes beside its outputs; the marker ``.p2v-ui`` says
+the app made the folder, which holds nothing else (:meth:`Renderer.__init__` refuses a folder with
+other files). No text from the page becomes a path: outputs are named by the app, uploads by their
+hash, engines folders picked from those the app lists.
 """
 
 from __future__ import annotations
@@ -18,13 +20,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import os
 import queue
 import re
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,11 +43,57 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_UPLOAD_MB = 200
 #: Cancelled renders and failed ones report this after "error:"/"cancelled" as the CLI does.
 CANCELLED = "cancelled; no partial output was kept, finished inversion frames are kept in the cache"
+#: The file that marks an output folder as the app's own (see :meth:`Renderer.__init__`).
+MARKER = ".p2v-ui"
+#: Longest log line the status box shows (a prompt's dropped part can be a million characters).
+MAX_LOG_CHARS = 300
+# what an output folder made by an earlier `p2v ui` (before the marker) holds
+_OWN_DIRS = ("inputs", "previews", ".uploads")
+_OWN_FILE = re.compile(r"\.?[^/]+\.(mp4|png|json)")
+# the page's whole-number fields (EditConfig name -> the CLI's option)
+_INTEGERS = {"steps": "--steps", "size": "--size"}
+_NUMBERS = {"guidance_scale": "--guidance-scale", "update_weight": "--update-weight"}
 
 
 class Cancelled(Exception):
     """Raised from the progress callback when the page's Cancel is pressed: the edit stops and
     its writers delete their partial files, as on Ctrl-C."""
+
+
+def _shorten(text: str, limit: int = MAX_LOG_CHARS) -> str:
+    return text if len(text) <= limit else f"{text[:limit - 40]}... ({len(text):,} characters)"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _whole(value: Any, option: str) -> int:
+    """``value`` (from the page or its API) as an int; InputError unless it is a whole number."""
+    if not _is_number(value) or not math.isfinite(value) or value != int(value):
+        raise InputError(f"{option} must be a whole number; got {_shorten(repr(value), 60)}")
+    return int(value)
+
+
+def foreign_entries(folder: Path) -> list[str]:
+    """The names in ``folder`` that `p2v ui` did not make: none if the folder is new or empty or
+    holds the marker, else (a folder an earlier `p2v ui` made: its subfolders and files named as
+    renders) anything else."""
+    if not folder.is_dir() or (folder / MARKER).is_file():
+        return []
+    names = sorted(p.name for p in folder.iterdir())
+    if not names:
+        return []
+    if not all((folder / d).is_dir() for d in _OWN_DIRS[:2]):
+        return names
+    return [n for n in names if not ((folder / n).is_dir() and n in _OWN_DIRS)
+            and not ((folder / n).is_file() and _OWN_FILE.fullmatch(n))]
+
+
+def _clip_name(path: Path) -> str:
+    """The clip's part of an output's name: its file's stem, less the hash of a copy in ``inputs/``."""
+    m = re.fullmatch(r"[0-9a-f]{16}-(.+)", path.stem)
+    return slug(m.group(1) if m else path.stem, 24)
 
 
 def release_memory() -> None:
@@ -109,7 +159,7 @@ class RenderProgress:
 
     def log(self, message: str) -> None:
         with self._lock:
-            self.logs.append(message)
+            self.logs.append(_shorten(message))
             if message.startswith("inversion: cache hit"):
                 self.cache_hit = True
 
@@ -213,12 +263,28 @@ class Renderer:
     which one job runs at a time (a job waits for a free one)."""
 
     def __init__(self, settings: UISettings) -> None:
+        """InputError (one line, nothing made) if the output folder holds files the app did not
+        make: the page's files are its only business there."""
         from p2v_fast.apps.batch import BatchWorker
 
         self.settings = settings
         self.out_dir = settings.out_dir.resolve()
-        for sub in ("", "inputs", "previews"):
-            (self.out_dir / sub).mkdir(parents=True, exist_ok=True)
+        foreign = foreign_entries(self.out_dir)
+        if foreign:
+            more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+            raise InputError(f"--out '{settings.out_dir}' holds files p2v ui did not make ('{foreign[0]}'{more}); "
+                             f"give a new or empty folder")
+        # what this process made, so a refused start can take it away again (discard)
+        self._made = [p for p in (*reversed(self.out_dir.parents), self.out_dir, self.out_dir / "inputs",
+                                  self.out_dir / "previews") if not p.exists()]
+        for p in self._made:
+            p.mkdir()
+        if not (self.out_dir / MARKER).exists():
+            (self.out_dir / MARKER).write_text("made by p2v ui: uploads, previews and renders\n")
+            self._made.append(self.out_dir / MARKER)
+        self._inputs_lock = threading.RLock()  # take_input takes it too, inside _kept_input
+        self._inputs_used: Counter[Path] = Counter()  # inputs/ copies -> running renders that use them
+        self._inputs_new: set[Path] = set()  # copies made here that no finished render names yet
         self.devices = settings.devices or devices_for(settings.device)
         # per device: its runtimes, one per model set, loaded on first use and kept
         self._workers = [BatchWorker() for _ in self.devices]
@@ -229,6 +295,16 @@ class Renderer:
         self._names = threading.Lock()
         self._active: dict[str, RenderJob] = {}
         self._jobs = 0
+
+    def discard(self) -> None:
+        """Take away what :meth:`__init__` made (the folder skeleton, if still empty): for a start
+        that was refused after it (a model that does not load, a port in use)."""
+        for p in reversed(self._made):
+            if p == self.out_dir:
+                with contextlib.suppress(OSError):
+                    (p / ".uploads").rmdir()  # Gradio's upload cache, if it made it already
+            with contextlib.suppress(OSError):
+                p.unlink() if p.name == MARKER else p.rmdir()
 
     # ---------------------------------------------------------------- inputs and options
 
@@ -243,9 +319,9 @@ class Renderer:
             scenes.write_clip(clip, path, fps=CLIP_FPS, with_audio=True)
         return path
 
-    def take_input(self, upload: str | Path | None) -> Path:
-        """The clip to edit: an upload copied into ``inputs/`` under its content's hash (the
-        upload's own name only as a slug), so a job record names a file the app keeps."""
+    def check_input(self, upload: str | Path | None) -> Path:
+        """The clip a request names (the upload where Gradio keeps it, or the sample clip), checked;
+        nothing is copied until a render starts (:meth:`take_input`)."""
         if upload is None or str(upload) == "":
             raise InputError("no clip: upload a video or press 'Use the sample clip'")
         src = Path(upload)
@@ -255,6 +331,12 @@ class Renderer:
         if src.stat().st_size > limit:
             raise InputError(f"the clip is {src.stat().st_size / 2**20:.0f} MB; this app takes at most "
                              f"{self.settings.max_upload_mb} MB (p2v ui --max-upload-mb)")
+        return src
+
+    def take_input(self, upload: str | Path | None) -> Path:
+        """The clip to edit: an upload copied into ``inputs/`` under its content's hash (the
+        upload's own name only as a slug), so a job record names a file the app keeps."""
+        src = self.check_input(upload)
         inputs = self.out_dir / "inputs"
         if src.resolve().parent == inputs:
             return src.resolve()
@@ -271,7 +353,29 @@ class Renderer:
                 os.replace(tmp, dest)
             finally:
                 tmp.unlink(missing_ok=True)
+            with self._inputs_lock:
+                self._inputs_new.add(dest)
         return dest
+
+    @contextlib.contextmanager
+    def _kept_input(self, upload: Path) -> Iterator[Path]:
+        """:meth:`take_input` for one render: the copy stays if a finished render names it (its job
+        record does), and is removed when the last render using a copy made here fails."""
+        with self._inputs_lock:
+            kept = self.take_input(upload)
+            self._inputs_used[kept] += 1
+        done = False
+        try:
+            yield kept
+            done = True
+        finally:
+            with self._inputs_lock:
+                self._inputs_used[kept] -= 1
+                if done:
+                    self._inputs_new.discard(kept)
+                elif self._inputs_used[kept] <= 0 and kept in self._inputs_new:
+                    self._inputs_new.discard(kept)
+                    kept.unlink(missing_ok=True)
 
     def engines_choices(self) -> list[str]:
         """The engines folders the page may pick: the engines root's subfolders (and the root
@@ -298,11 +402,21 @@ class Renderer:
         model, device, dtype and threads are the app's."""
         s = self.settings
         engines = self.engines_path(form.pop("engines", None))
+        for key in ("prompt", "source_prompt"):
+            if not isinstance(form.get(key) or "", str):
+                raise InputError(f"the {key.replace('_', ' ')} must be text; got {_shorten(repr(form[key]), 60)}")
         source = (form.pop("source_prompt", None) or "").strip() or None
-        frames = form.pop("max_frames", None)
-        ints = {k: int(form[k]) for k in ("steps", "size", "seed") if form.get(k) is not None}
+        # the whole numbers a widget sends; the API can send anything: refused as the CLI's parser does
+        # (an empty Frames field is every frame, an empty Seed field the default seed)
+        frames, seed = form.pop("max_frames", None), form.pop("seed", None)
+        ints: dict[str, int] = {k: _whole(form[k], option) for k, option in _INTEGERS.items() if k in form}
+        if seed is not None:
+            ints["seed"] = _whole(seed, "--seed")
+        for k, option in _NUMBERS.items():
+            if k in form and not _is_number(form[k]):
+                raise InputError(f"{option} must be a number; got {_shorten(repr(form[k]), 60)}")
         return EditConfig(**{**form, **ints}, source_prompt=source, engines=engines,
-                          max_frames=int(frames) if frames else None,
+                          max_frames=_whole(frames, "--max-frames") or None if frames is not None else None,
                           model=s.model, device=s.device, dtype=s.dtype, threads=s.threads)
 
     def frames_of(self, cfg: EditConfig, input_path: Path) -> int:
@@ -378,7 +492,7 @@ class Renderer:
         whose files (side files, report, job record) exist."""
         from p2v_fast.apps.batch import sidecar_path
 
-        stem = f"{slug(input_path.stem.split('-', 1)[-1], 24)}.{slug(prompt, 32)}.{time.strftime('%Y%m%d-%H%M%S')}"
+        stem = f"{_clip_name(input_path)}.{slug(prompt, 32)}.{time.strftime('%Y%m%d-%H%M%S')}"
         with self._names:
             for n in range(1, 10_000):
                 out = self.out_dir / f"{stem}{'' if n == 1 else f'-{n}'}.mp4"
@@ -398,17 +512,19 @@ class Renderer:
         cfg = self.on_device(cfg, slot)
         rt = self.runtime(cfg, slot)
         started = time.time()
-        out = self._names_for(input_path, cfg.prompt)
-        report = out.with_suffix(".json")
-        try:
-            res = edit_video(cfg, input_path, out, side_by_side=True, progress=progress, runtime=rt, json_path=report)
-        except BaseException:
-            report.unlink(missing_ok=True)  # the reservation
-            raise
-        self._jobs += 1
-        job = Job(self._jobs, input_path, out, cfg, {"side_by_side": True, "json_path": report}, res.n_frames)
-        write_sidecar(job, JobResult.of(job, "done", frames=res.n_frames, seconds=res.seconds_total,
-                                        frames_sha256=res.frames_sha256))
+        with self._kept_input(input_path) as input_path:  # the copy in inputs/ that the job record names
+            out = self._names_for(input_path, cfg.prompt)
+            report = out.with_suffix(".json")
+            try:
+                res = edit_video(cfg, input_path, out, side_by_side=True, progress=progress, runtime=rt,
+                                 json_path=report)
+            except BaseException:
+                report.unlink(missing_ok=True)  # the reservation
+                raise
+            self._jobs += 1
+            job = Job(self._jobs, input_path, out, cfg, {"side_by_side": True, "json_path": report}, res.n_frames)
+            write_sidecar(job, JobResult.of(job, "done", frames=res.n_frames, seconds=res.seconds_total,
+                                            frames_sha256=res.frames_sha256))
         numbers = {
             "seconds_per_frame": round(res.seconds_per_frame, 3), "unet_calls": res.stats.unet_calls,
             "unet_backward": res.stats.unet_backward, "inversion_cache_hit": res.inversion_cache_hit,
@@ -426,7 +542,7 @@ class Renderer:
         from p2v_fast import edit_video
 
         t0 = time.perf_counter()
-        name = f"{slug(input_path.stem.split('-', 1)[-1], 24)}.{slug(cfg.prompt, 32)}.{time.strftime('%Y%m%d-%H%M%S')}"
+        name = f"{_clip_name(input_path)}.{slug(cfg.prompt, 32)}.{time.strftime('%Y%m%d-%H%M%S')}"
         with self._names:
             out = next(p for n in range(1, 10_000)
                        if not (p := self.out_dir / "previews" / f"{name}{'' if n == 1 else f'-{n}'}.png").exists())
