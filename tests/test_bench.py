@@ -87,17 +87,16 @@ def test_json_is_the_report_and_has_every_field(bench_json) -> None:
             assert sorted(int(k) for k in e["update_rms_per_step"]) == list(range(GUIDED))
 
 
-def test_update_rms_of_both_modes_per_step_and_the_inversion(bench_json) -> None:
+def test_update_rms_of_both_modes_per_step_and_the_inversion(bench_json, tiny_models) -> None:
     """Both modes' update RMS per guided step in one run, and the autograd update against the
     detached form at the same latents. At step 0 no update has happened yet, so the detached
     run's frames are where the autograd run's are: the two detached columns agree there."""
     from p2v_fast.method.ddim import DDIMSchedule
-    from p2v_fast.weights.models import load_models
 
     run = _torch_run(bench_json[1])
     u = run["update_rms"]
     assert u["steps"] == list(range(GUIDED)) and u["delta"] == _edit(bench_json[1], "wavefront", "autograd")["delta"]
-    schedule = DDIMSchedule(load_models("tiny").scheduler, STEPS)
+    schedule = DDIMSchedule(tiny_models.scheduler, STEPS)
     assert u["timesteps"] == schedule.timesteps[:GUIDED].tolist()
     assert u["sqrt_abar"] == pytest.approx(schedule.abar[:GUIDED].sqrt().tolist())
     for key in ("autograd", "detached", "detached_at_autograd_latents"):

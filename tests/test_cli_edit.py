@@ -154,13 +154,12 @@ def test_out_of_memory_at_one_frame_is_one_line(clip, tmp_path, monkeypatch) -> 
     assert not out.exists()
 
 
-def test_prompts_past_clips_token_limit_warn_once_each_with_the_dropped_part(clip, tmp_path) -> None:
+def test_prompts_past_clips_token_limit_warn_once_each_with_the_dropped_part(clip, tmp_path, tiny_models) -> None:
     """Target, negative and source prompts past 77 tokens: one warning line each, naming the
     prompt and showing what CLIP cuts off (as diffusers does); a short prompt: no warning."""
-    from p2v_fast.weights.models import load_models
     from p2v_fast.weights.prompts import dropped_part
 
-    tok = load_models("tiny").tokenizer
+    tok = tiny_models.tokenizer
     long = {what: f"{what} " + "and ever more words " * 8 + f"tail of the {what}" for what in ("target", "negative",
                                                                                              "source")}
     models = type("M", (), {"tokenizer": tok})()
