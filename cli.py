@@ -345,15 +345,7 @@ def edit(
     """Edit INPUT so that it matches PROMPT, consistently across frames."""
     from p2v_fast.pipeline import edit_video
 
-    cfg = EditConfig(
-        prompt=prompt, source_prompt=source_prompt, negative_prompt=negative_prompt, model=model, device=device,
-        dtype=dtype, backend=backend, engines=engines, size=size, start=start, max_frames=max_frames, stride=stride,
-        steps=steps, guidance_scale=guidance_scale, seed=seed, depth_norm=depth_norm, refs=refs,
-        latent_update=latent_update, update_steps=update_steps, update_weight=update_weight,
-        schedule=schedule, batch_frames=batch_frames, invert_batch=invert_batch, compile=compile,
-        channels_last=channels_last, resize=resize, invert_dtype=invert_dtype, cuda_graph=cuda_graph, fps=fps,
-        threads=threads, max_memory=_bytes(max_memory),
-    )
+    cfg = EditConfig.from_options(locals(), max_memory=_bytes(max_memory))
     with _progress() as progress:
         result = edit_video(cfg, input, output, overwrite=overwrite, preview=preview, side_by_side=side_by_side,
                             progress=progress, json_path=json_path)
@@ -459,10 +451,7 @@ def invert(
     """DDIM-invert INPUT into the cache, so later edits of it skip inversion."""
     from p2v_fast.pipeline import invert_video
 
-    cfg = EditConfig(model=model, device=device, dtype=dtype, backend=backend, engines=engines, size=size,
-                     start=start, max_frames=max_frames, stride=stride, steps=steps, source_prompt=source_prompt,
-                     depth_norm=depth_norm, latent_update="off", invert_batch=invert_batch, resize=resize,
-                     invert_dtype=invert_dtype, fps=fps, threads=threads)
+    cfg = EditConfig.from_options(locals(), latent_update="off")
     with _progress() as progress:
         prep = invert_video(cfg, input, progress, json_path=json_path)
     report.print_invert(out_console, prep)
@@ -611,10 +600,7 @@ def ablate(
     from p2v_fast.apps.ablation import run_ablation
     from p2v_fast.media.paths import check_report_path
 
-    cfg = EditConfig(prompt=prompt, source_prompt=source_prompt, model=model, device=device, dtype=dtype,
-                     backend=backend, engines=engines, size=size, start=start, max_frames=max_frames, stride=stride,
-                     steps=steps, guidance_scale=guidance_scale, seed=seed, depth_norm=depth_norm,
-                     update_weight=update_weight, resize=resize, invert_dtype=invert_dtype, fps=fps, threads=threads)
+    cfg = EditConfig.from_options(locals())
     check_report_path(json_path, input)
     with _threads(threads), _progress() as progress:  # the metrics too, not only the edits
         result = run_ablation(cfg, input, out, settings=settings, clip_model=clip_model, flow=flow,

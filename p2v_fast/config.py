@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from p2v_fast.errors import InputError
 
@@ -114,6 +115,14 @@ class EditConfig:
 
     def replace(self, **changes: object) -> EditConfig:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any], **overrides: Any) -> EditConfig:
+        """The config a command's parameters describe, in one move: every entry of ``options``
+        (e.g. the command's ``locals()``) that names a field, the others (its input, output,
+        ``--json``, ...) left out; then ``overrides`` (a value the command converts or fixes)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{**{k: v for k, v in options.items() if k in fields}, **overrides})
 
     @property
     def guided_steps(self) -> int:

@@ -190,3 +190,43 @@ def test_cli_module_keeps_its_progress_names() -> None:
     from p2v_fast import display
 
     assert cli.LogProgress is display.LogProgress and cli.RichProgress is display.RichProgress
+
+
+def test_a_commands_parameters_become_its_config_in_one_move() -> None:
+    """EditConfig.from_options keeps the parameters that name a field, drops the command's own
+    (input, output, --json, ...), and applies the command's conversions last."""
+    cfg = EditConfig.from_options({"input": Path("x.mp4"), "prompt": "a swan", "size": 128, "json_path": None,
+                                   "max_memory": "1GB", "latent_update": "autograd"},
+                                  max_memory=2**30, latent_update="off")
+    assert cfg == EditConfig(prompt="a swan", size=128, max_memory=2**30, latent_update="off")
+
+
+@pytest.mark.parametrize("command", ["edit", "invert", "ablate"])
+def test_every_config_option_of_a_command_reaches_its_config(command: str, monkeypatch) -> None:
+    """Each field a command offers as an option arrives in the EditConfig it builds, unconverted
+    options as given (no hand mapping to forget one)."""
+    seen: list[EditConfig] = []
+
+    def capture(options, **overrides):
+        seen.append(original(options, **overrides))
+        raise SystemExit(0)
+
+    original = EditConfig.from_options
+    monkeypatch.setattr(EditConfig, "from_options", capture)
+    params = {p.name for p in _commands()[command].params}
+    given = {"model": "tiny", "size": 192, "start": 2, "stride": 3, "steps": 7, "seed": 5, "device": "cpu",
+             "dtype": "fp32", "resize": "pad", "depth_norm": "clip", "source_prompt": "a src", "fps": 12.5,
+             "invert_dtype": "same", "guidance_scale": 3.5, "update_weight": 42.0, "negative_prompt": "blur",
+             "refs": "anchor", "update_steps": 4, "threads": 1, "batch_frames": 3, "invert_batch": 2,
+             "max_frames": 9, "schedule": "sequential"}
+    args = [command, "in.mp4", *(["a swan"] if command != "invert" else [])]
+    for name, value in given.items():
+        if name in params:
+            args += [f"--{name.replace('_', '-')}", str(value)]
+    r = p2v(*args)
+    assert seen, r.output
+    cfg = seen[0]
+    fields = {f for f in EditConfig.__dataclass_fields__ if f in params}
+    assert fields >= {"model", "size", "steps", "device", "source_prompt"}
+    for name in fields & set(given):
+        assert getattr(cfg, name) == given[name], name
