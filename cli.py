@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
 
+from benchmarks.options import BenchRequest
 from p2v_fast import report
 from p2v_fast.config import (
     BACKENDS,
@@ -174,6 +175,11 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _edit_default(name: str) -> Any:
     """The default of EditConfig's field ``name``: an option's default is written once, there."""
     return EditConfig.__dataclass_fields__[name].default
+
+
+def _bench_default(name: str) -> Any:
+    """The default of BenchRequest's field ``name`` (`p2v bench`)."""
+    return BenchRequest.__dataclass_fields__[name].default
 
 
 def _export_default(name: str) -> Any:
@@ -634,13 +640,13 @@ def bench(
     ] = None,
     batch_frames: BatchFrames = None,
     invert_batch: InvertBatch = None,
-    invert_dtype: InvertDtype = _edit_default("invert_dtype"),
+    invert_dtype: InvertDtype = _bench_default("invert_dtype"),
     max_memory: MaxMemory = None,
-    dtype: Dtype = _edit_default("dtype"),
-    device: Device = _edit_default("device"),
+    dtype: Dtype = _bench_default("dtype"),
+    device: Device = _bench_default("device"),
     engines: Engines = None,
-    repeats: Annotated[int, typer.Option(help="Timed runs per stage.")] = 3,
-    warmup: Annotated[int, typer.Option(help="Untimed runs per stage first.")] = 1,
+    repeats: Annotated[int, typer.Option(help="Timed runs per stage.")] = _bench_default("repeats"),
+    warmup: Annotated[int, typer.Option(help="Untimed runs per stage first.")] = _bench_default("warmup"),
     threads: Threads = None,
     speedups: Annotated[list[str] | None, typer.Option(
         "--speedups", help="Repeatable: time eager, sdpa-math, channels-last, compile, fp16, bf16 UNet calls "
@@ -660,13 +666,8 @@ def bench(
     from benchmarks.command import render_bench, run_bench_command
 
     with _progress() as progress:
-        run = run_bench_command(
-            plan=plan, protocol=protocol, model=model, arch=arch, size=size, steps=steps, frames=frames,
-            backends=tuple(backend or ()), latent_updates=tuple(latent_update or ()), schedules=tuple(schedule or ()),
-            batch_frames=batch_frames, invert_batch=invert_batch, invert_dtype=invert_dtype,
-            max_memory=_bytes(max_memory), dtype=dtype, device=device, engines=engines, repeats=repeats,
-            warmup=warmup, threads=threads, speedups=tuple(speedups or ()), compile=compile, json_path=json_path,
-            progress=progress, log=lambda m: console.print(f"[dim]{escape(m)}[/dim]"))
+        request = BenchRequest.from_options(locals(), max_memory=_bytes(max_memory))
+        run = run_bench_command(request, progress, log=lambda m: console.print(f"[dim]{escape(m)}[/dim]"))
     render_bench(out_console, run)
 
 

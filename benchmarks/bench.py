@@ -36,6 +36,7 @@ import torch
 from benchmarks.arch import ARCHS, build_arch, parameter_counts
 from benchmarks.flops import UNetFlops, count_unet_flops
 from benchmarks.hardware import device_info, machine_info, versions
+from benchmarks.options import BenchRequest
 from benchmarks.timing import Clock, PeakMemory, load_average, summarize
 from p2v_fast.config import BACKENDS, DTYPES, LATENT_UPDATES, SCHEDULES, EditConfig, check_threads, resolve_device
 from p2v_fast.errors import InputError, P2VError
@@ -83,9 +84,9 @@ class BenchOptions:
     # --- model ---
     model: str | None = None  # hub id, local diffusers folder, or "tiny"
     arch: str | None = None  # "sd2-depth": full-size, random weights, built in code
-    dtype: str = "auto"
-    invert_dtype: str = "fp32"  # the inversion's precision, as `p2v edit --invert-dtype`
-    device: str = "auto"
+    dtype: str = BenchRequest.dtype
+    invert_dtype: str = BenchRequest.invert_dtype  # the inversion's precision, as `p2v edit --invert-dtype`
+    device: str = BenchRequest.device
     engines: Path | None = None  # exported graphs / engines for non-torch backends; None: export them
 
     # --- workload (paper: 512x512, 50 steps) ---
@@ -105,8 +106,8 @@ class BenchOptions:
     max_memory: int | None = None  # --max-memory: bytes UNet calls are split to stay under
 
     # --- timing ---
-    repeats: int = 3
-    warmup: int = 1
+    repeats: int = BenchRequest.repeats
+    warmup: int = BenchRequest.warmup
     threads: int | None = None  # CPU intra-op threads for the run (None: torch's default)
     seed: int = 0
     json_path: Path | None = None  # also write the report here (atomically)

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from rich.table import Table
 
+from benchmarks.options import BenchRequest
 from p2v_fast.config import LATENT_UPDATES, EditConfig
 from p2v_fast.errors import InputError
 from p2v_fast.nets import memory
@@ -53,13 +54,13 @@ class ProtocolOptions:
     name: str = "v2v120"
     model: str | None = None  # "tiny", a hub id or folder; None: --arch
     arch: str | None = None  # "sd2-depth" (default): the real architecture, random weights
-    device: str = "auto"
-    dtype: str = "auto"
+    device: str = BenchRequest.device
+    dtype: str = BenchRequest.dtype
     backend: str = "torch"
     engines: Path | None = None
     latent_updates: tuple[str, ...] = LATENT_UPDATES
     compile: bool = False
-    invert_dtype: str = "fp32"  # as `p2v edit --invert-dtype`
+    invert_dtype: str = BenchRequest.invert_dtype  # as `p2v edit --invert-dtype`
     max_memory: int | None = None  # as `p2v edit --max-memory` (bytes)
     overrides: dict[str, int] = field(default_factory=dict)  # frames / size / steps: then not the protocol
     seed: int = 0

@@ -230,3 +230,26 @@ def test_every_config_option_of_a_command_reaches_its_config(command: str, monke
     assert fields >= {"model", "size", "steps", "device", "source_prompt"}
     for name in fields & set(given):
         assert getattr(cfg, name) == given[name], name
+
+
+def test_the_bench_options_are_written_once() -> None:
+    """`p2v bench`'s parameters are BenchRequest's fields, with its defaults; the timed stages' and
+    the protocol's options take their defaults from it; and the command hands them over in one move."""
+    import dataclasses
+    import inspect
+
+    from benchmarks.bench import BenchOptions
+    from benchmarks.options import BenchRequest
+    from benchmarks.protocol import ProtocolOptions
+
+    fields = {f.name: f.default for f in dataclasses.fields(BenchRequest)}
+    params = {p.name: p.default for p in _commands()["bench"].params}
+    assert set(params) == set(fields)
+    assert params == {k: (None if v == () else v) for k, v in fields.items()}  # a repeatable option shows None
+    for other in (BenchOptions, ProtocolOptions):  # None in a request: the mode's own default
+        shared = {f.name: f.default for f in dataclasses.fields(other) if fields.get(f.name) not in (None, (), False)}
+        assert shared == {k: fields[k] for k in shared} and {"dtype", "device"} <= set(shared), other
+    assert "BenchRequest.from_options(locals()" in inspect.getsource(cli.bench)
+    request = BenchRequest.from_options({"backend": ["torch", "onnxruntime"], "speedups": None, "size": 64,
+                                         "progress": object()}, max_memory=2**20)
+    assert request == BenchRequest(backend=("torch", "onnxruntime"), size=64, max_memory=2**20)
