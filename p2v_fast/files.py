@@ -195,3 +195,82 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 
 def write_json_atomic(path: str | Path, obj: Any) -> Path:
     return write_text_atomic(path, json.dumps(json_safe(obj), indent=2, allow_nan=False, default=str) + "\n")
+
+
+class OutputSet:
+    """The files of one run (a video, its side-by-side, its strip, its JSON report), written under
+    temporary names beside their final ones and renamed into place together by :meth:`commit`.
+
+    Until then no final name is touched: a failure, Ctrl-C or SIGTERM (an exception leaving the
+    ``with`` block) removes every temporary file. A failure during :meth:`commit` itself undoes the
+    renames already made: a file that was new is removed, a file it replaced (``--overwrite``) is
+    put back, so a run leaves all of its files or none.
+    """
+
+    def __init__(self) -> None:
+        self._staged: list[tuple[Path, Path]] = []  # (temporary, final), in commit order
+
+    def stage(self, final: str | Path) -> Path:
+        """A new, empty temporary file beside ``final`` for the caller to fill (atomic writers may
+        replace it); it becomes ``final`` at :meth:`commit`."""
+        out = Path(final)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".staged", dir=out.parent if str(out.parent)
+                                       else ".")
+        except OSError as exc:
+            raise write_error(exc, out) from None
+        os.close(fd)
+        self._staged.append((Path(tmp), out))
+        return Path(tmp)
+
+    def adopt(self, tmp: Path, final: Path) -> None:
+        """A finished temporary file written by someone else (a video writer): renamed at :meth:`commit`."""
+        self._staged.append((Path(tmp), Path(final)))
+
+    def commit(self) -> list[Path]:
+        """Rename every staged file into place (all or none); returns the final paths."""
+        done: list[tuple[Path, Path | None]] = []  # (final, where the file it replaces was moved)
+        try:
+            for tmp, final in self._staged:
+                backup = None
+                if final.exists():
+                    backup = final.with_name(f".{final.name}.replaced")
+                    os.replace(final, backup)
+                done.append((final, backup))
+                os.replace(tmp, final)
+        except BaseException as exc:
+            self._undo(done)
+            self.abort()
+            if isinstance(exc, OSError):
+                raise write_error(exc, done[-1][0] if done else Path(".")) from None
+            raise
+        for _, backup in done:
+            if backup is not None:
+                with contextlib.suppress(OSError):
+                    backup.unlink()
+        finals = [final for _, final in self._staged]
+        self._staged = []
+        return finals
+
+    @staticmethod
+    def _undo(done: list[tuple[Path, Path | None]]) -> None:
+        for final, backup in reversed(done):
+            with contextlib.suppress(OSError):
+                if backup is not None:
+                    os.replace(backup, final)
+                else:
+                    final.unlink(missing_ok=True)
+
+    def abort(self) -> None:
+        """Remove every temporary file not yet renamed."""
+        for tmp, _ in self._staged:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+        self._staged = []
+
+    def __enter__(self) -> OutputSet:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.abort()  # after a commit there is nothing left to remove

@@ -21,7 +21,7 @@ import torch
 
 from p2v_fast.config import EditConfig
 from p2v_fast.errors import InputError, P2VError
-from p2v_fast.files import OutputClaim
+from p2v_fast.files import OutputClaim, OutputSet
 from p2v_fast.media import reader, writer
 from p2v_fast.media.clip_selection import ClipSelection, frames_digest, select_clip
 from p2v_fast.media.framing import side_by_side
@@ -217,8 +217,9 @@ def edit_video(
 ) -> EditResult:
     """Edit ``input_path`` with ``cfg.prompt``; write a video in the container ``output``'s
     extension names (or, with ``preview``, a PNG of the anchor frame), and with ``json_path``
-    the config and :meth:`EditResult.to_dict`. Outputs are written atomically; the input is only
-    read."""
+    the config and :meth:`EditResult.to_dict`. Outputs are written under temporary names and
+    renamed into place together at the end (:class:`~p2v_fast.files.OutputSet`): a failed or
+    interrupted edit leaves none of them. The input is only read."""
     progress = progress or NullProgress()
     input_path = Path(input_path)
     prompt = check_prompt(cfg.prompt)
@@ -231,16 +232,18 @@ def edit_video(
     out = paths.output
     claim = OutputClaim(out).acquire(overwrite)  # a second run writing `out` is refused
     try:
-        with torch_threads(cfg.threads):
-            return _edit(cfg, input_path, info, prompt, out, paths.side_by_side, side_paths(out)[1], preview=preview,
-                         progress=progress, runtime=runtime, json_path=json_path)
+        with torch_threads(cfg.threads), OutputSet() as files:
+            result = _edit(cfg, input_path, info, prompt, out, paths.side_by_side, side_paths(out)[1],
+                           preview=preview, progress=progress, runtime=runtime, json_path=json_path, files=files)
+            files.commit()  # every file of the edit, or none
+            return result
     finally:
         claim.release()
 
 
 def _edit(cfg: EditConfig, input_path: Path, info: reader.VideoInfo, prompt: str, out: Path, sbs_path: Path | None,
           strip: Path, *, preview: bool, progress: Progress, runtime: Runtime | None,
-          json_path: str | Path | None) -> EditResult:
+          json_path: str | Path | None, files: OutputSet) -> EditResult:
     """:func:`edit_video` once its options are checked and its output is claimed."""
     t_start = time.perf_counter()
     # 1. Load the models (or take the caller's runtime), seeded
@@ -258,7 +261,7 @@ def _edit(cfg: EditConfig, input_path: Path, info: reader.VideoInfo, prompt: str
     calls0 = _unet_calls(rt)
     t_edit = time.perf_counter()
     advance = progress.stage("edit", sel.n_frames * cfg.steps)
-    outputs = _EditOutputs(sel, out, sbs_path, preview)
+    outputs = _EditOutputs(sel, out, sbs_path, preview, files)
     initial = _initial_frames(inv, sel.n_frames, rt.backend.device)
     finished = finite_frames(run_schedule(ctx, initial, on_step=advance), cfg)  # checked before they are written
     with contextlib.ExitStack() as stack:
@@ -282,7 +285,7 @@ def _edit(cfg: EditConfig, input_path: Path, info: reader.VideoInfo, prompt: str
     if json_path is not None:
         from p2v_fast.files import write_json_atomic
 
-        write_json_atomic(json_path, {"config": dataclasses.asdict(cfg), **result.to_dict()})
+        write_json_atomic(files.stage(json_path), {"config": dataclasses.asdict(cfg), **result.to_dict()})
     return result
 
 
@@ -313,8 +316,9 @@ class _EditOutputs:
     side-by-side), or with ``preview`` the anchor frame's PNG; thumbnails of up to 4 frames for
     the strip; the sha256 of the raw frames."""
 
-    def __init__(self, sel: ClipSelection, out: Path, sbs_path: Path | None, preview: bool) -> None:
+    def __init__(self, sel: ClipSelection, out: Path, sbs_path: Path | None, preview: bool, files: OutputSet) -> None:
         self.sel, self.out, self.sbs_path, self.preview = sel, out, sbs_path, preview
+        self.files = files  # every file under a temporary name, renamed with the others by edit_video
         n = sel.n_frames
         self.thumbs_at = set(np.linspace(0, n - 1, min(4, n)).round().astype(int).tolist())
         self.thumbs: list[tuple[np.ndarray, np.ndarray]] = []
@@ -332,11 +336,12 @@ class _EditOutputs:
         size = sel.output_size
         timing = reader.output_timing(sel.info, sel.start, sel.n_frames, sel.stride)  # source times if VFR
         self.variable = timing.variable
-        self.writers.append(stack.enter_context(writer.VideoWriter(self.out, timing, size, audio_source=audio)))
+        self.writers.append(stack.enter_context(writer.VideoWriter(self.out, timing, size, audio_source=audio,
+                                                                  publish=self.files.adopt)))
         if self.sbs_path is not None:
             sbs_size = (size[0] * 2, size[1])
             self.writers.append(stack.enter_context(writer.VideoWriter(self.sbs_path, timing, sbs_size,
-                                                                      audio_source=audio)))
+                                                                      audio_source=audio, publish=self.files.adopt)))
 
     def consume(self, index: int, frame: np.ndarray) -> None:
         """Frame ``index`` of the edit, uint8 [H, W, 3] at the working size (in the sink's writer thread)."""
@@ -346,7 +351,7 @@ class _EditOutputs:
         if index in self.thumbs_at:
             self.thumbs.append((src, frame))
         if self.preview:
-            writer.save_png(self.out, frame)
+            writer.save_png(self.files.stage(self.out), frame)
             return
         self.writers[0].write(frame)
         if len(self.writers) > 1:
@@ -355,7 +360,7 @@ class _EditOutputs:
     def save_strip(self, path: Path) -> Path:
         top = np.concatenate([s for s, _ in self.thumbs], axis=1)
         bottom = np.concatenate([e for _, e in self.thumbs], axis=1)
-        writer.save_png(path, np.concatenate([top, bottom], axis=0))
+        writer.save_png(self.files.stage(path), np.concatenate([top, bottom], axis=0))
         return path
 
 

@@ -18,7 +18,7 @@ import contextlib
 import io
 import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -266,7 +266,9 @@ class VideoWriter:
 
     The container and codecs follow ``out_path``'s extension (:data:`OUTPUT_FORMATS`; others are
     refused). Frames go to ``.NAME.partial.SUFFIX`` next to ``out_path``, created on entry; a
-    clean ``with`` exit flushes the encoders and renames it to ``out_path`` (os.replace), an
+    clean ``with`` exit flushes the encoders and renames it to ``out_path`` (os.replace; with
+    ``publish``, hands it to ``publish(partial, out_path)`` instead, e.g.
+    :meth:`p2v_fast.files.OutputSet.adopt`, which renames it with the run's other files), an
     exception (Ctrl-C, SIGTERM, a full disk: :class:`OutputError`) deletes it. ``size`` is
     (W, H), both even.
 
@@ -286,7 +288,9 @@ class VideoWriter:
         audio_start: float = 0.0,
         audio_duration: float | None = None,
         crf: int = 18,
+        publish: Callable[[Path, Path], None] | None = None,
     ) -> None:
+        self.publish = publish  # given: the finished partial file is handed to it (partial, out), not renamed
         self.timing = fps if isinstance(fps, Timing) else None
         if self.timing is not None:
             fps, audio_start, audio_duration = self.timing.fps, self.timing.start, self.timing.duration
@@ -393,7 +397,10 @@ class VideoWriter:
             self._io("close", self._container.close)
             if self.out_path.exists() and not self.out_path.is_file():
                 raise InputError(f"output '{self.out_path}' is not a regular file; nothing was replaced")
-            self._io("rename", os.replace, self.tmp_path, self.out_path)
+            if self.publish is not None:  # renamed later, with the other files of the run
+                self.publish(self.tmp_path, self.out_path)
+            else:
+                self._io("rename", os.replace, self.tmp_path, self.out_path)
         except BaseException:
             self._abort()
             raise
