@@ -10,22 +10,16 @@ import shutil
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from cli import app
 from p2v_fast.config import EditConfig
 from p2v_fast.errors import OutputError
 from p2v_fast.method.inversion_cache import claim_entry, entry_problems
 from p2v_fast.progress import NullProgress
 from tests.helpers import one_line_error, sample_clip
+from tests.helpers import p2v as _p2v
 
-runner = CliRunner()
 FAST = ["--model", "tiny", "--size", "64", "--steps", "2", "--source-prompt", "a clip"]
 HW = (8, 8)
-
-
-def _p2v(*args: object):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")
@@ -91,12 +85,9 @@ def test_an_entry_that_is_a_file_is_replaced(pristine, tmp_path) -> None:
     lock.release()
 
 
-def test_a_damaged_meta_is_recomputed_end_to_end(clip, pristine, tmp_path, monkeypatch, tiny_dir) -> None:
-    cache = tmp_path / "cache"
-    (cache / "models").mkdir(parents=True)
-    (cache / "models" / tiny_dir.name).symlink_to(tiny_dir)
+def test_a_damaged_meta_is_recomputed_end_to_end(clip, pristine, own_cache) -> None:
+    cache = own_cache
     shutil.copytree(pristine, cache / "inversions" / pristine.name)
-    monkeypatch.setenv("P2V_CACHE", str(cache))
     _meta(cache / "inversions" / pristine.name, lambda m: {**m, "files": "x"})
     r = _p2v("invert", clip, *FAST)
     assert r.exit_code == 0, r.output
