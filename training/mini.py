@@ -39,7 +39,7 @@ import numpy as np
 from training import nets
 from training.data import TRAIN_SEED0, build_dataset, depth_condition
 
-STAGES = ("data", "vae", "unet", "vae-dec", "vae-dec2", "assemble")
+STAGES = ("data", "vae", "unet", "vae-dec", "vae-dec2", "unet2", "assemble")
 
 
 def _log_to(path: Path):
@@ -213,16 +213,24 @@ def make_tokenizer(out: Path):
 
 def train_unet(out: Path, data: dict[str, np.ndarray], latents, tokenizer, steps: int, batch: int = 64,
                lr: float = 4e-4, seed: int = 0, resume: bool = False, tiny: bool = False, log=print,
-               drop: float = 0.1, snr_gamma: float = 5.0, ckpt_every_s: float = 180.0):
+               drop: float = 0.1, snr_gamma: float = 5.0, ckpt_every_s: float = 180.0, init_from: Path | None = None):
+    """Train the text encoder and UNet jointly; with ``init_from`` (a finished ``unet/final``), a
+    further cosine cycle from those weights with a fresh optimizer."""
     import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     d = out / "unet"
     d.mkdir(parents=True, exist_ok=True)
-    ckpt = d / "ckpt.pt"
+    ckpt = d / ("ckpt2.pt" if init_from else "ckpt.pt")
     torch.manual_seed(seed + 2)
     text_encoder = nets.build_text_encoder(tokenizer, tiny)
     torch.manual_seed(seed + 3)
     unet = nets.build_unet(tiny)
+    if init_from is not None:
+        unet = UNet2DConditionModel.from_pretrained(str(init_from / "unet"))
+        text_encoder = CLIPTextModel.from_pretrained(str(init_from / "text_encoder"))
+        seed += 11
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     start, hist, wall = 0, [], 0.0
@@ -255,7 +263,7 @@ def train_unet(out: Path, data: dict[str, np.ndarray], latents, tokenizer, steps
     t_last = time.time()
     t0 = time.time() - wall
     for step in range(start, steps):
-        g = np.random.default_rng([seed, 2, step])
+        g = np.random.default_rng([seed, 2, step])  # (seed + 11 in a second cycle: new batches)
         idx = torch.from_numpy(g.integers(0, n, batch))
         flip = torch.from_numpy(g.random(batch) < 0.5)
         dropped = torch.from_numpy(g.random(batch) < drop)
@@ -277,7 +285,7 @@ def train_unet(out: Path, data: dict[str, np.ndarray], latents, tokenizer, steps
         a = abar[t][:, None, None, None]
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         for group in opt.param_groups:
-            group["lr"] = _cosine(step, steps, lr, warmup=min(200, steps // 10 + 1))
+            group["lr"] = _cosine(step, steps, lr, warmup=min(50 if init_from else 200, steps // 10 + 1))
         ehs = text_encoder(ids)[0]
         pred = unet(torch.cat([xt, dep], dim=1), t, encoder_hidden_states=ehs).sample
         per = (pred - noise).pow(2).mean(dim=(1, 2, 3))
@@ -328,9 +336,10 @@ def assemble(out: Path, dest: Path, log=print, aux: Path | None = None) -> Path:
     vae_dir = next(p for p in (out / "vae" / n for n in ("final_dec2", "final_dec", "final"))
                    if (p / "config.json").is_file() or p.name == "final")
     vae = AutoencoderKL.from_pretrained(str(vae_dir))
-    unet = UNet2DConditionModel.from_pretrained(str(out / "unet" / "final" / "unet"))
-    text_encoder = CLIPTextModel.from_pretrained(str(out / "unet" / "final" / "text_encoder"))
-    tokenizer = CLIPTokenizer.from_pretrained(str(out / "unet" / "final" / "tokenizer"))
+    un_dir = out / "unet" / ("final2" if (out / "unet" / "final2" / "unet" / "config.json").is_file() else "final")
+    unet = UNet2DConditionModel.from_pretrained(str(un_dir / "unet"))
+    text_encoder = CLIPTextModel.from_pretrained(str(un_dir / "text_encoder"))
+    tokenizer = CLIPTokenizer.from_pretrained(str(un_dir / "tokenizer"))
     aux = aux or out / "aux"
     placeholders = []
     if (aux / "depth_estimator").is_dir():
@@ -390,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vae-crop", type=int, default=32)
     ap.add_argument("--unet-steps", type=int, default=1900)
     ap.add_argument("--unet-batch", type=int, default=64)
+    ap.add_argument("--unet2-steps", type=int, default=0, help="a second cosine cycle from the UNet's final weights")
+    ap.add_argument("--unet2-lr", type=float, default=2e-4)
     ap.add_argument("--unet-lr", type=float, default=4e-4)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tiny", action="store_true", help="tiny configs (tests)")
@@ -495,6 +506,22 @@ def main(argv: list[str] | None = None) -> int:
             "optimizer": f"AdamW {args.unet_lr} cosine, grad clip 1", "final_eps_mse": float(np.mean(hist[-100:])),
             "wall_s": round(wall), "machine": _machine()})
         log(f"unet: done in {wall / 60:.1f} min")
+
+    final_unet2 = out / "unet" / "final2"
+    if "unet2" in stages and not (final_unet2 / "unet" / "config.json").is_file() and args.unet2_steps > 0:
+        latents = torch.load(out / "data" / "latents.pt")
+        tokenizer = make_tokenizer(out)
+        unet, text_encoder, hist, wall = train_unet(out, get_data(), latents, tokenizer, args.unet2_steps,
+                                                    args.unet_batch, args.unet2_lr, seed=args.seed,
+                                                    resume=args.resume, tiny=args.tiny, log=log, init_from=final_unet)
+        unet.save_pretrained(str(final_unet2 / "unet"), safe_serialization=True)
+        text_encoder.save_pretrained(str(final_unet2 / "text_encoder"), safe_serialization=True)
+        tokenizer.save_pretrained(str(final_unet2 / "tokenizer"))
+        _update_recipe(out, "unet+text_encoder_cycle2", {
+            "steps": args.unet2_steps, "batch": args.unet_batch, "from": "unet+text_encoder (its final weights)",
+            "optimizer": f"AdamW {args.unet2_lr} cosine (fresh), warmup 50, grad clip 1",
+            "final_eps_mse": float(np.mean(hist[-100:])), "wall_s": round(wall), "machine": _machine()})
+        log(f"unet2: done in {wall / 60:.1f} min")
 
     if "assemble" in stages:
         _update_recipe(out, "git_commit", _git_commit())
