@@ -45,6 +45,7 @@ from p2v_fast.nets.backends import Backend
 from p2v_fast.nets.memory import CallBudget
 from p2v_fast.nets.runtime import InversionRuntime
 from p2v_fast.progress import NullProgress, Progress
+from p2v_fast.text import plural
 from p2v_fast.weights.depth import DepthEstimator, normalize_per_frame, normalize_with
 from p2v_fast.weights.prompts import encode_prompt
 
@@ -92,7 +93,7 @@ def invert_clip(
     lock = claim_entry(root, n, latent_hw, progress)
     if lock is None:
         handle.reconstruction = recorded_reconstruction(root)
-        progress.log(f"inversion: cache hit ({n} frame{'' if n == 1 else 's'}, {root})")
+        progress.log(f"inversion: cache hit ({plural(n, 'frame')}, {root})")
         return handle
     try:
         handle.cache_hit = False
