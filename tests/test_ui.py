@@ -315,7 +315,7 @@ def call_raw(ui, api: str, clip: Path, **raw: str) -> list:
     ("steps", "101", "error: --steps is at most 100 on this page; got 101"),
     ("size", '"64"', "error: --size must be a whole number; got '64'"),
     ("guidance", '"x"', "error: --guidance-scale must be a number; got 'x'"),
-    ("guidance", "NaN", "error: --guidance-scale must be a finite number >= 1; got nan"),
+    ("guidance", "NaN", "error: --guidance-scale must be a finite number from 1 to 100; got nan"),  # EditConfig's
 ])
 def test_api_values_the_widgets_cannot_send_are_one_line(ui, sample, field, raw, line):
     before, inputs = outputs_in(ui.out), outputs_in(ui.out / "inputs")
