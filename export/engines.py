@@ -28,6 +28,7 @@ from p2v_fast.nets.manifest import (
     Machine,
     Manifest,
     NetworkEntry,
+    artifact_names,
     engine_key,
     onnx_key,
     read_manifest,
@@ -223,6 +224,12 @@ def _onnx_stage(run: _Export, name: str, entry: NetworkEntry, key: str) -> None:
                      f"max rel err {detail}")
 
 
+def stale_engine(folder: Path, network: str) -> Path:
+    """The engine file a graphs-only re-export removes when ``network``'s engine is stale: the one
+    this export's TensorRT stage writes (``<network>.plan``), never a name read from the manifest."""
+    return folder / artifact_names(network)["engine"]
+
+
 def _drop_stale_engine(run: _Export, entry: NetworkEntry, earlier_engine: Artifact | None, key: str) -> None:
     """Graphs only: an earlier engine stays while still current (same graph, profile and
     machine); otherwise its file is deleted, not left behind unlisted."""
@@ -230,7 +237,7 @@ def _drop_stale_engine(run: _Export, entry: NetworkEntry, earlier_engine: Artifa
         return
     shapes = entry.spec.profile_shapes(run.geometry, run.profile)
     if run.built_on is None or not _current(entry.engine, engine_key(key, shapes, run.built_on), run.folder):
-        (run.folder / earlier_engine.file).unlink(missing_ok=True)
+        stale_engine(run.folder, entry.spec.name).unlink(missing_ok=True)  # never a name read from the manifest
         entry.engine = None
 
 

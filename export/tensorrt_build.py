@@ -35,7 +35,7 @@ import torch
 
 from p2v_fast.errors import EngineError, one_line
 from p2v_fast.files import write_bytes_atomic
-from p2v_fast.nets.manifest import Machine
+from p2v_fast.nets.manifest import Machine, outside
 from p2v_fast.nets.specs import ExportProfile, Geometry, MinOptMax, NetworkSpec
 from p2v_fast.nets.system import import_tensorrt
 
@@ -116,7 +116,8 @@ def build_engine(
     if config.add_optimization_profile(trt_profile) < 0:
         raise EngineError(f"TensorRT refused the optimisation profile {dict(profile)} for '{onnx_path}'")
 
-    cache_bytes = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else b""
+    cache_bytes = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() and outside(
+        timing_cache.parent, timing_cache.name) is None else b""  # never read through a link out of the folder
     _set_timing_cache(config, cache_bytes, timing_cache, log)
 
     serialized = builder.build_serialized_network(network, config)

@@ -278,7 +278,7 @@ def test_engines_for_another_gpu_are_refused_with_the_rebuild_command(engines, m
     msg = one_line(str(err.value))
     assert "TensorRT 10.3.0" in msg and "compute capability 8.0" in msg and "compute capability 9.0" in msg
     assert f"p2v export --model tiny --height {SIZE} --width {SIZE}" in msg and "--format tensorrt" in msg
-    assert f"--out {folder} --force" in msg
+    assert f"--engines {folder} --overwrite" in msg  # the options' own names, not their aliases
     # Same GPU architecture, another GPU: refused too (TensorRT tunes for the exact GPU)
     with pytest.raises(EngineError, match="NVIDIA A30"):
         TensorRTBackend(models, folder, **_standin(machine=Machine("10.3.0", "8.0", "NVIDIA A30")))
@@ -434,8 +434,8 @@ def test_rebuild_command_and_machine_check() -> None:
                  machine=Machine("10.8.0", "9.0", "NVIDIA H100"))
     cmd = rebuild_command(m, Path("engines"))
     assert cmd == ("p2v export --model stabilityai/stable-diffusion-2-depth --height 512 --width 512 "
-                   "--min-size 256 --max-size 768 --max-batch 8 --opt-batch 2 --precision fp16 --format tensorrt "
-                   "--out engines --force")
+                   "--min-size 256 --max-size 768 --max-batch 8 --opt-batch 2 --dtype fp16 --format tensorrt "
+                   "--engines engines --overwrite")  # the options' own names (were --precision, --out, --force)
     assert "--height 1024 --width 512 --min-size 256 --max-size 1024" in rebuild_command(m, Path("e"), height=1024)
     with pytest.raises(EngineError, match="ONNX graphs only"):  # no engines listed yet
         check_machine(m, Machine("10.8.0", "9.0"), Path("engines"))

@@ -26,13 +26,36 @@ from pathlib import Path
 from p2v_fast.errors import EngineError
 from p2v_fast.files import write_bytes_atomic
 from p2v_fast.nets.export_options import DEFAULT_ENGINES as DEFAULT_ENGINES  # the engine folder's default
-from p2v_fast.nets.specs import ExportProfile, Geometry, NetworkSpec
+from p2v_fast.nets.specs import NETWORKS, ExportProfile, Geometry, NetworkSpec
 from p2v_fast.weights.models import ModelId
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2  # 2: one `unet` network (was unet_anchor + unet_xframe)
 #: Bump when a wrapper module or the export recipe changes the graphs.
 EXPORT_VERSION = 2  # 2: one unet graph with self_ref
+
+
+#: The largest manifest read (a real one is ~30 KB; a bigger file is not p2v's and is never parsed).
+MAX_MANIFEST_BYTES = 1 << 20
+
+
+def artifact_names(network: str) -> dict[str, str]:
+    """The only file names an engine folder's manifest may give ``network``'s artifacts (what
+    ``p2v export`` writes): the graph, its external weights and the TensorRT engine."""
+    return {"file": f"{network}.onnx", "data_file": f"{network}.onnx.data", "engine": f"{network}.plan"}
+
+
+def outside(folder: Path, name: str) -> str | None:
+    """Why ``folder/name`` is not a file of ``folder`` itself (None: it is): ``name`` must be a plain
+    file name (no separator, no ``..``, not absolute) and the path, links followed, must stay in
+    ``folder``. Nothing is read or stat'ed outside it."""
+    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
+        return f"{name!r} is not a plain file name"
+    root = Path(folder).resolve()
+    target = (root / name).resolve()
+    if target.parent != root:
+        return f"'{Path(folder) / name}' is a link that leads outside the folder (to '{target}')"
+    return None
 
 
 def _digest(fields: Mapping, n: int = 16) -> str:
@@ -124,7 +147,11 @@ class Artifact:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> Artifact:
-        return cls(**d)
+        art = cls(**d)
+        if not (isinstance(art.key, str) and type(art.bytes) is int and type(art.data_bytes) is int
+                and isinstance(art.seconds, int | float) and art.bytes >= 0 and art.data_bytes >= 0):
+            raise TypeError("an artifact's key, sizes or seconds")
+        return art
 
     def files(self) -> list[tuple[str, int]]:
         """(file name, recorded bytes) of the artifact and of its external weights."""
@@ -134,6 +161,9 @@ class Artifact:
         """Why the artifact's files in ``folder`` are not whole (None: each has its recorded size)."""
         for file, size in self.files():
             path = folder / file
+            away = outside(folder, file)
+            if away is not None:
+                return f"{away}; an engine folder's files stay in it"
             if not path.is_file():
                 return f"'{path}' is missing"
             actual = path.stat().st_size
@@ -231,30 +261,82 @@ def write_manifest(folder: Path, manifest: Manifest) -> Path:
                               "the engine manifest")
 
 
+def _export_hint(folder: Path) -> str:
+    """What to do about a folder that is not an engine folder: export into it only where that
+    writes nothing among someone else's files (it is missing or empty)."""
+    try:
+        empty = not folder.exists() or (folder.is_dir() and next(folder.iterdir(), None) is None)
+    except OSError:
+        empty = False
+    if empty:
+        return f"create it with `p2v export --engines {folder}`"
+    return "pass --engines a folder that `p2v export --engines DIR` made (a new or empty DIR)"
+
+
 def read_manifest(folder: str | Path) -> Manifest:
-    """Read ``folder/manifest.json``; one-line :class:`EngineError` if it is missing or unreadable."""
+    """Read ``folder/manifest.json``; one-line :class:`EngineError` if it is missing, unreadable,
+    larger than :data:`MAX_MANIFEST_BYTES`, a link out of the folder, lists a network p2v does not
+    know or names any file but the network's own (:func:`artifact_names`): an engine folder is
+    confined to itself."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise EngineError(f"engine folder '{folder}' is a file, not a folder; {_export_hint(folder)}")
     if not folder.is_dir():
-        raise EngineError(
-            f"engine folder '{folder}' does not exist; create it with `p2v export --out {folder}` "
-            "or pass --engines"
-        )
+        raise EngineError(f"engine folder '{folder}' does not exist; {_export_hint(folder)} or pass --engines")
     path = folder / MANIFEST
     if not path.is_file():
-        raise EngineError(f"'{folder}' has no {MANIFEST}; it is not an engine folder (create one with "
-                          f"`p2v export --out {folder}`)")
+        raise EngineError(f"'{folder}' has no {MANIFEST}; it is not an engine folder ({_export_hint(folder)})")
+    redo = f"re-export with `p2v export --engines {folder} --overwrite`"
+    away = outside(folder, MANIFEST)
+    if away is not None:
+        raise EngineError(f"{away}; an engine folder's files stay in it; {redo}")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        with path.open("rb") as f:
+            raw = f.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as e:
+        raise EngineError(f"cannot read '{path}': {e.strerror or e}") from None
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise EngineError(f"'{path}' is larger than any manifest p2v writes ({MAX_MANIFEST_BYTES // 1024} KB at "
+                          f"most), so it was not read; {redo}")
+    try:
+        data = json.loads(raw.decode("utf-8"))
         version = data.get("format_version")
         if version != FORMAT_VERSION:
-            raise EngineError(f"'{path}' has format version {version!r}, this p2v-fast reads {FORMAT_VERSION}; "
-                              f"re-export with `p2v export --out {folder} --force`")
-        return Manifest.from_dict(data)
+            raise EngineError(f"'{path}' has format version {version!r}, this p2v-fast reads {FORMAT_VERSION}; {redo}")
+        manifest = Manifest.from_dict(data)
     except EngineError:
         raise
     except Exception as exc:  # any parse failure is a corrupt manifest
-        raise EngineError(f"'{path}' is corrupt ({type(exc).__name__}); re-export with "
-                          f"`p2v export --out {folder} --force`") from None
+        raise EngineError(f"'{path}' is corrupt ({type(exc).__name__}); {redo}") from None
+    _check_confined(manifest, path, redo)
+    return manifest
+
+
+def _check_confined(manifest: Manifest, path: Path, redo: str) -> None:
+    """Only the networks p2v knows, each naming only its own files (nothing outside the folder,
+    nothing of another network's: cleaning a stale engine must never delete a graph)."""
+    unknown = [name for name in manifest.networks if name not in NETWORKS]
+    if unknown:
+        shown = ", ".join(repr(n[:40]) for n in unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3
+                                                                else "")
+        raise EngineError(f"'{path}' lists networks p2v does not know ({shown}; it knows {', '.join(NETWORKS)}); "
+                          f"{redo}")
+    for name, entry in manifest.networks.items():
+        own = artifact_names(name)
+        named: list[tuple[object, str | None, str]] = []  # (file named, the only name allowed, what it is)
+        if entry.onnx is not None:
+            named.append((entry.onnx.file, own["file"], "graph"))
+            if entry.onnx.data_file is not None:
+                named.append((entry.onnx.data_file, own["data_file"], "graph's weights"))
+        if entry.engine is not None:
+            named.append((entry.engine.file, own["engine"], "engine"))
+            if entry.engine.data_file is not None:
+                named.append((entry.engine.data_file, None, "engine's weights"))
+        for file, expected, what in named:
+            if file != expected:
+                where = f"'{expected}'" if expected else "no other file"
+                raise EngineError(f"'{path}' names {str(file)[:80]!r} as the {name} {what}, but an engine folder "
+                                  f"keeps it in {where} (p2v writes no other name); {redo}")
 
 
 # ----------------------------------------------------------------------------------- checks
@@ -285,10 +367,10 @@ def rebuild_command(manifest: Manifest, folder: Path, **changes: object) -> str:
         parts.append("--static-batch")
     elif p.batch[1] != p.batch[2]:
         parts.append(f"--opt-batch {p.batch[1]}")
-    parts.append(f"--precision {manifest.precision} --format {o.get('format', 'onnx')}")
+    parts.append(f"--dtype {manifest.precision} --format {o.get('format', 'onnx')}")
     if o.get("exporter", "torchscript") != "torchscript":
         parts.append(f"--exporter {o['exporter']}")
-    parts.append(f"--out {folder} --force")
+    parts.append(f"--engines {folder} --overwrite")
     return " ".join(parts)
 
 
@@ -384,9 +466,9 @@ def describe_folder(folder: Path, machine: Machine | None = None, model: str | N
         rows.append(("  TensorRT", f"engines built with {manifest.machine.describe()}; this machine: "
                                    f"{'the same' if same else machine.describe()}"))
 
-    def state(ok_file: bool, extra: str | None) -> str:
-        if not ok_file:
-            return "MISSING OR TRUNCATED"
+    def state(problem: str | None, extra: str | None) -> str:
+        if problem is not None:
+            return "NOT USABLE: leads outside the folder" if "outside" in problem else "MISSING OR TRUNCATED"
         if model_ok is False:
             return "not usable here: another model"
         if extra:
@@ -397,7 +479,7 @@ def describe_folder(folder: Path, machine: Machine | None = None, model: str | N
         parts = []
         if entry.onnx is not None:
             size = (entry.onnx.bytes + entry.onnx.data_bytes) / 2**20
-            parts.append(f"{entry.onnx.file} {size:.1f} MB {state(entry.onnx.problem(folder) is None, None)}")
+            parts.append(f"{entry.onnx.file} {size:.1f} MB {state(entry.onnx.problem(folder), None)}")
         if entry.engine is not None:
             why = None
             built = manifest.machine
@@ -408,6 +490,6 @@ def describe_folder(folder: Path, machine: Machine | None = None, model: str | N
                     entry.onnx.key, entry.spec.profile_shapes(manifest.geometry, manifest.profile), machine):
                 why = "stale (built from another graph or profile)"
             size = entry.engine.bytes / 2**20
-            parts.append(f"{entry.engine.file} {size:.1f} MB {state(entry.engine.problem(folder) is None, why)}")
+            parts.append(f"{entry.engine.file} {size:.1f} MB {state(entry.engine.problem(folder), why)}")
         rows.append((f"  {name}", "; ".join(parts) or "no artifacts"))
     return rows
