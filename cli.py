@@ -368,6 +368,8 @@ def demo(
     steps: Steps = _edit_default("steps"),
     model: Model = "mini",
     json_path: Annotated[Path | None, _json("the edit's result (as p2v edit --json)")] = None,
+    overwrite: Annotated[bool, _overwrite("an existing --json file (the edit's own files are replaced on every run)")
+                         ] = False,
     threads: Threads = None,
 ) -> None:
     """Offline end-to-end run: render a scene clip and recolour its object with 'mini'.
@@ -380,7 +382,7 @@ def demo(
 
     cfg = demo_config(size=size, steps=steps, threads=threads, model=model)  # checked before the clip is made
     with _progress() as progress:
-        result = run_demo(out, cfg, frames, progress, json_path=json_path)
+        result = run_demo(out, cfg, frames, progress, json_path=json_path, overwrite=overwrite)
     report.print_demo(out_console, result)
     report.print_wrote(out_console, json_path)
 
@@ -452,6 +454,7 @@ def invert(
     fps: Fps = None,
     json_path: Annotated[Path | None, _json(
         "the result (frames, cache entry, runtime, seconds, reconstruction error)")] = None,
+    overwrite: Annotated[bool, _overwrite("an existing --json file")] = False,
     threads: Threads = None,
 ) -> None:
     """DDIM-invert INPUT into the cache, so later edits of it skip inversion."""
@@ -459,7 +462,7 @@ def invert(
 
     cfg = EditConfig.from_options(locals(), latent_update="off")
     with _progress() as progress:
-        prep = invert_video(cfg, input, progress, json_path=json_path)
+        prep = invert_video(cfg, input, progress, json_path=json_path, overwrite=overwrite)
     report.print_invert(out_console, prep)
     report.print_wrote(out_console, json_path)
 
@@ -470,6 +473,8 @@ def batch(
     jobs: Annotated[Path, typer.Argument(help="Jobs file (YAML or JSON): 'defaults' and a list of 'jobs', each "
                                               "with `p2v edit` options under their long names with underscores.")],
     json_path: Annotated[Path | None, _json("the summary")] = None,
+    overwrite: Annotated[bool, _overwrite("an existing --json file (a job's own files: overwrite: true in the jobs "
+                                          "file)")] = False,
     ray: Annotated[bool, typer.Option("--ray", help="Run the jobs on Ray, one worker per GPU.")] = False,
     ray_address: Annotated[str | None, typer.Option(
         "--ray-address", help="Join this Ray cluster (e.g. auto, or HEAD_IP:6379); implies --ray. "
@@ -486,7 +491,7 @@ def batch(
     from p2v_fast.apps.batch_ray import run_jobs_file
 
     try:
-        result = run_jobs_file(jobs, json_path=json_path, ray=ray, ray_address=ray_address,
+        result = run_jobs_file(jobs, json_path=json_path, overwrite=overwrite, ray=ray, ray_address=ray_address,
                                ray_cpus_per_worker=ray_cpus_per_worker, workers=workers,
                                display=lambda: batch_display(console))
     except BatchFileError as e:
@@ -535,6 +540,7 @@ def eval_(
     prompt_option: Annotated[str | None, typer.Option(
         "--prompt", hidden=True, help="Older form: the target prompt.")] = None,
     json_path: Annotated[Path | None, _json("the scores")] = None,
+    overwrite: Annotated[bool, _overwrite("an existing --json file")] = False,
     clip_model: ClipModel = DEFAULT_CLIP_MODEL,
     flow: Flow = FLOW_METHODS[0],
     size: Annotated[
@@ -559,7 +565,7 @@ def eval_(
     with _threads(threads), _progress() as progress:
         result = evaluate_video(edited, src, text, clip_model=clip_model, flow=flow, size=size, start=start,
                                 max_frames=max_frames, stride=stride, resize=resize, progress=progress,
-                                json_path=json_path)
+                                json_path=json_path, overwrite=overwrite)
     report.print_eval(out_console, result)
     report.print_wrote(out_console, json_path)
 
@@ -607,7 +613,7 @@ def ablate(
     from p2v_fast.media.paths import check_report_path
 
     cfg = EditConfig.from_options(locals())
-    check_report_path(json_path, input)
+    check_report_path(json_path, input, overwrite=overwrite, engines=engines)
     with _threads(threads), _progress() as progress:  # the metrics too, not only the edits
         result = run_ablation(cfg, input, out, settings=settings, clip_model=clip_model, flow=flow,
                               overwrite=overwrite, sheet_frames=sheet_frames, progress=progress)
@@ -661,6 +667,7 @@ def bench(
         "--protocol", help="v2v120: 120 frames at 512x512, 50 steps, end to end per latent-update mode, against "
         "the peers' reported times. --frames/--size/--steps override it (labelled: not the protocol).")] = None,
     json_path: Annotated[Path | None, _json("the full report")] = None,
+    overwrite: Annotated[bool, _overwrite("an existing --json file")] = False,
 ) -> None:
     """Time depth, inversion, anchor and propagated frames and VAE decode, in seconds per frame."""
     from benchmarks.command import render_bench, run_bench_command
@@ -706,7 +713,8 @@ def export_(
     ] = _export_default("exporter"),
     device: Device = _export_default("device"),
     overwrite: Annotated[bool, typer.Option(
-        "--overwrite", "--force", help="Redo every stage, even when its artifact is current.")] = False,
+        "--overwrite", "--force", help="Redo every stage, even when its artifact is current, and replace an "
+        "existing --json file.")] = False,
     json_path: Annotated[Path | None, _json("the summary (per network: file, size, seconds, status, error)")] = None,
     threads: Threads = None,
 ) -> None:
@@ -719,7 +727,7 @@ def export_(
                             width=width or opt_w, min_size=min_size, max_size=max_size,
                             max_batch=max_batch, opt_batch=opt_batch, static_batch=static_batch, opset=opset,
                             exporter=exporter, workspace_gb=workspace, device=device, force=overwrite)
-    check_report_path(json_path)
+    check_report_path(json_path, overwrite=overwrite, engines=engines)
     with _threads(threads), _progress() as progress:
         export_report = export_engines(options, progress)
     _write_json(json_path, export_report.to_dict())
@@ -734,13 +742,15 @@ def info(
     model: Annotated[str | None, typer.Option(
         help="Check --engines against this model (default: the one they were exported from).")] = None,
     json_path: Annotated[Path | None, _json("the rows (component, status)")] = None,
+    overwrite: Annotated[bool, _overwrite("an existing --json file")] = False,
 ) -> None:
     """Versions, devices, which runtimes (CUDA, ONNX Runtime, TensorRT) are usable, and whether the
     engines found match this machine and model."""
     from p2v_fast.media.paths import check_report_path
+    from p2v_fast.nets.graph_backend import engines_folder
     from p2v_fast.nets.system import engines_report, system_report
 
-    check_report_path(json_path)
+    check_report_path(json_path, overwrite=overwrite, engines=engines_folder(engines))
     rows = system_report() + engines_report(engines, model)
     _write_json(json_path, [{"component": name, "status": status} for name, status in rows])
     report.print_info(out_console, rows)

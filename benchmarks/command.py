@@ -15,7 +15,7 @@ from benchmarks.options import DEFAULT_FRAMES, BenchRequest, default_size
 from p2v_fast.config import LATENT_UPDATES, SCHEDULES, EditConfig
 from p2v_fast.errors import InputError
 from p2v_fast.files import write_json_atomic
-from p2v_fast.media.paths import check_json_path
+from p2v_fast.media.paths import check_report_path
 from p2v_fast.progress import Progress
 
 
@@ -32,8 +32,7 @@ def run_bench_command(request: BenchRequest, progress: Progress,
     from benchmarks.bench import BenchOptions, run_bench
 
     r = request
-    if r.json_path is not None:
-        check_json_path(r.json_path)
+    check_report_path(r.json_path, overwrite=r.overwrite, engines=r.engines)  # an existing file only with --overwrite
     if r.plan and r.protocol is not None:
         raise InputError("--plan simulates the wavefront and --protocol runs the edit; give one of them")
     if r.protocol is not None:

@@ -50,6 +50,7 @@ class BenchRequest:
     threads: int | None = None
     compile: bool = False
     json_path: Path | None = None
+    overwrite: bool = False  # replace an existing --json file
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any], **overrides: Any) -> BenchRequest:

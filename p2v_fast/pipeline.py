@@ -25,13 +25,15 @@ from p2v_fast.files import OutputClaim, OutputSet
 from p2v_fast.media import reader, writer
 from p2v_fast.media.clip_selection import ClipSelection, frames_digest, select_clip
 from p2v_fast.media.framing import side_by_side
-from p2v_fast.media.paths import EditPaths, check_report_path, side_paths
+from p2v_fast.media.paths import EditPaths, check_not_in_folder, check_report_path, side_paths
 from p2v_fast.method.ddim import DDIMSchedule
 from p2v_fast.method.edit import EditContext, EditStats, FeatureStore, FrameState, run_schedule
 from p2v_fast.method.frame_sink import FrameSink
 from p2v_fast.method.inversion import invert_clip
 from p2v_fast.method.inversion_cache import InvertedClip
 from p2v_fast.nets.backends import TorchBackend
+from p2v_fast.nets.graph_backend import engines_folder
+from p2v_fast.nets.memory import budget_exceeded
 from p2v_fast.nets.runtime import Runtime, inversion_runtime, invert_precision, load_runtime, torch_threads
 from p2v_fast.progress import NullProgress, Progress
 from p2v_fast.text import plural
@@ -94,6 +96,9 @@ def prepare(cfg: EditConfig, input_path: Path, rt: Runtime, progress: Progress,
             if selection.box is not None else ")"
     n = selection.n_frames
     progress.log(f"{plural(n, 'frame')} at {w}x{h}{framing} from '{input_path}'")
+    spent = budget_exceeded(rt.backend.device, cfg.max_memory)
+    if spent is not None:
+        progress.log(spent)
     warm_up(cfg, rt, selection, progress)
     if cfg.source_prompt is None:
         first = next(iter(selection.frames()))
@@ -113,10 +118,11 @@ def prepare(cfg: EditConfig, input_path: Path, rt: Runtime, progress: Progress,
 
 
 def invert_video(cfg: EditConfig, input_path: Path, progress: Progress | None = None,
-                 runtime: Runtime | None = None, json_path: str | Path | None = None) -> PreparedClip:
+                 runtime: Runtime | None = None, json_path: str | Path | None = None,
+                 overwrite: bool = False) -> PreparedClip:
     """`p2v invert`: DDIM-invert the clip into the cache (and with ``json_path``, write
-    :meth:`PreparedClip.to_dict` there)."""
-    check_report_path(json_path, Path(input_path))
+    :meth:`PreparedClip.to_dict` there: an existing file only with ``overwrite``)."""
+    check_report_path(json_path, Path(input_path), overwrite=overwrite, engines=engines_folder(cfg.engines))
     info = probe_input(Path(input_path), cfg)
     select_clip(input_path, cfg, info)  # a bad size or frame selection fails before models load
     with torch_threads(cfg.threads):
@@ -229,6 +235,8 @@ def edit_video(
     select_clip(input_path, cfg, info)  # and on a bad size or frame selection
     paths = EditPaths.of(input_path, output, preview=preview, side_by_side=side_by_side, json_path=json_path)
     paths.check(input_path, overwrite)
+    if json_path is not None:  # nor over the engine folder's manifest or graphs
+        check_not_in_folder(json_path, engines_folder(cfg.engines))
     out = paths.output
     claim = OutputClaim(out).acquire(overwrite)  # a second run writing `out` is refused
     try:

@@ -693,3 +693,82 @@ def test_tf32_inversion_off_cuda_is_refused_before_any_model_loads(clip, tmp_pat
     r = _p2v("edit", clip, "x", *FAST, "--invert-dtype", "tf32", "-o", tmp_path / "o.mp4")
     assert r.exit_code == 2 and "--invert-dtype tf32" in one_line_error(r)
     assert not (tmp_path / "o.mp4").exists()
+
+
+# --------------------------------------------------------------------------- --json: the rule for outputs (issue 27)
+
+JSON_EXISTING = [
+    ["edit", "{clip}", "x", *FAST, "-o", "{tmp}/o.mp4"],
+    ["demo", "--out", "{tmp}/demo", "--frames", "2", "--size", "64", "--steps", "1"],
+    ["invert", "{clip}", *FAST],
+    ["batch", "{tmp}/jobs.yaml"],
+    ["eval", "{clip}", "x", "-o", "{tmp}/e.mp4"],
+    ["ablate", "{clip}", "x", *FAST, "--out", "{tmp}/abl"],
+    ["bench", "--plan"],
+    ["export", "--model", "tiny", "--format", "onnx", "--engines", "{tmp}/eng"],
+    ["info"],
+]
+
+
+@pytest.mark.parametrize("args", JSON_EXISTING, ids=[a[0] for a in JSON_EXISTING])
+def test_json_never_replaces_an_existing_file_without_overwrite(clip, tmp_path, args) -> None:
+    """Before: `p2v edit --json notes.txt` replaced the notes, on every command."""
+    (tmp_path / "notes.txt").write_text("my notes")
+    shutil.copy(clip, tmp_path / "e.mp4")
+    (tmp_path / "jobs.yaml").write_text(f"jobs: [{{input: {clip}, prompt: x, output: {tmp_path}/j.mp4}}]\n")
+    before = {p.name: _digest(p) for p in tmp_path.iterdir()}
+    r = _p2v(*[a.format(clip=clip, tmp=tmp_path) for a in args], "--json", tmp_path / "notes.txt")
+    assert r.exit_code == 2, r.output
+    assert f"--json '{tmp_path / 'notes.txt'}' exists; pass --overwrite to replace it" in one_line_error(r)
+    assert {p.name: _digest(p) for p in tmp_path.iterdir()} == before  # nothing written, nothing replaced
+
+
+def test_json_replaces_a_file_with_overwrite_but_never_a_video_or_a_manifest(clip, tmp_path) -> None:
+    """Before: `p2v bench --json clip.mp4` replaced a video and `p2v info --engines X --json
+    X/manifest.json` the manifest it had just checked."""
+    import json
+
+    (tmp_path / "notes.txt").write_text("old")
+    r = _p2v("bench", "--plan", "--frames", "2", "--steps", "2", "--json", tmp_path / "notes.txt", "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert isinstance(json.loads((tmp_path / "notes.txt").read_text()), dict)  # the plan's report
+    video_copy = shutil.copy(clip, tmp_path / "clip.mp4")
+    r = _p2v("bench", "--plan", "--json", video_copy)
+    assert r.exit_code == 2 and "exists; pass --overwrite" in one_line_error(r)
+    engines = tmp_path / "eng"
+    engines.mkdir()
+    (engines / "manifest.json").write_text('{"format_version": 2}')
+    for args in (["info", "--engines", engines], ["bench", "--plan", "--engines", engines],
+                 ["export", "--model", "tiny", "--format", "onnx", "--engines", engines]):
+        for name in ("manifest.json", "summary.json"):
+            r = _p2v(*args, "--json", engines / name, "--overwrite")
+            assert r.exit_code == 2, r.output
+            assert f"is in the engine folder '{engines}'" in one_line_error(r)
+    assert (engines / "manifest.json").read_text() == '{"format_version": 2}'
+    assert sorted(p.name for p in engines.iterdir()) == ["manifest.json"]
+
+
+@pytest.mark.parametrize(("json_path", "message"), [
+    ("jobs.yaml", "output '{tmp}/jobs.yaml' is the jobs file itself"),
+    ("notes.txt", "'{tmp}/notes.txt' exists and was not made by p2v batch; delete it or set overwrite: true"),
+    ("j.strip.png", "json_path '{tmp}/j.strip.png' is a file the job writes itself"),  # was "as job 1 does"
+])
+def test_a_jobs_json_path_is_an_output_like_the_others(clip, tmp_path, json_path, message) -> None:
+    """Before: a job's json_path replaced the jobs file itself, or any existing file."""
+    (tmp_path / "notes.txt").write_text("my notes")
+    jobs = tmp_path / "jobs.yaml"
+    jobs.write_text(f"jobs: [{{input: {clip}, prompt: x, output: j.mp4, json_path: {json_path}}}]\n")
+    before = {p.name: _digest(p) for p in tmp_path.iterdir()}
+    r = _p2v("batch", jobs)
+    assert r.exit_code == 2, r.output
+    assert message.format(tmp=tmp_path) in one_line_error(r)
+    assert {p.name: _digest(p) for p in tmp_path.iterdir()} == before
+
+
+def test_a_memory_budget_spent_before_the_edit_is_said(clip, tmp_path) -> None:
+    """Before: `--max-memory 2MB` on the CPU ran one frame per call without a word."""
+    r = _p2v("edit", clip, "x", *FAST, "--max-memory", "2MB", "-o", tmp_path / "o.mp4")
+    assert r.exit_code == 0, r.output
+    assert "--max-memory 2 MiB is already exceeded before the first UNet call" in r.stderr
+    r = _p2v("edit", clip, "x", *FAST, "--max-memory", "1TB", "-o", tmp_path / "p.mp4")
+    assert r.exit_code == 0 and "already exceeded" not in r.stderr

@@ -15,16 +15,15 @@ from typer.testing import CliRunner
 from p2v_fast.errors import EngineError
 from p2v_fast.nets.manifest import check_files, describe_folder, read_manifest
 from p2v_fast.nets.specs import NETWORKS
-from tests.test_export import export_tiny
+from tests.helpers import export_tiny
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="session")
-def engines(tiny_dir, tmp_path_factory) -> Path:
-    """The session's fp32 tiny export (tests/test_export.py's folder: cached there)."""
-    folder, _ = export_tiny(tmp_path_factory.getbasetemp())
-    return folder
+@pytest.fixture()
+def engines(tiny_engines) -> Path:
+    """The session's fp32 tiny export (conftest's tiny_engines)."""
+    return tiny_engines[0]
 
 
 def _tampered(engines: Path, folder: Path, edit) -> Path:

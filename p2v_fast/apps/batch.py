@@ -366,7 +366,7 @@ def load_jobs(path: str | Path, local: bool = True) -> list[Job]:
             drafts.append(_draft(i, merged, keys, opt_names, base, probes, local))
         except InputError as e:
             errors.append(f"{where}: {e}")
-    jobs = _place_outputs(drafts, name, errors)
+    jobs = _place_outputs(drafts, name, errors, path.resolve())
     if errors:  # in file order: the file's own problems, then job by job
         job_no = lambda line: int(m.group(1)) if (m := re.match(rf"{re.escape(name)}: job (\d+):", line)) else 0  # noqa: E731
         raise BatchFileError(sorted(errors, key=job_no))
@@ -457,9 +457,10 @@ def _draft(index: int, merged: dict[str, Any], keys: dict[str, Any], opt_names: 
     return _Draft(index, input_path, output, cfg, options, selection.n_frames)
 
 
-def _place_outputs(drafts: list[_Draft], name: str, errors: list[str]) -> list[Job]:
+def _place_outputs(drafts: list[_Draft], name: str, errors: list[str], jobs_file: Path | None = None) -> list[Job]:
     """Default outputs (unique per prompt when a clip has several jobs), then the checks that
-    need every job: no two jobs write one file, no job writes an input, existing outputs."""
+    need every job: no two jobs write one file, no job writes an input or the jobs file, existing
+    outputs."""
     from p2v_fast.media.paths import default_output
 
     by_clip: dict[tuple[Path, bool], list[_Draft]] = {}
@@ -487,10 +488,14 @@ def _place_outputs(drafts: list[_Draft], name: str, errors: list[str]) -> list[J
         job = Job(d.index, d.input, d.output, d.cfg, d.options, d.n_frames)
         problem = None
         for target in job.paths.all:
-            if problem is None and target in writers:
+            if problem is None and writers.get(target) == d.index:  # json_path is one of its own files
+                problem = f"json_path '{target}' is a file the job writes itself; choose another json_path"
+            elif problem is None and target in writers:
                 problem = f"writes '{target}', as job {writers[target]} does; give each job its own output"
             elif problem is None and target in inputs:
                 problem = f"output '{target}' is an input of this batch"
+            elif problem is None and jobs_file is not None and target.resolve() == jobs_file:
+                problem = f"output '{target}' is the jobs file itself"
             writers.setdefault(target, d.index)
         if problem is None:
             try:  # as p2v edit checks it; existing files are _existing's question
@@ -510,7 +515,7 @@ def _existing(job: Job) -> tuple[Job, str | None]:
     """A job some of whose files exist: done (its output made by this very job), to be redone
     (overwrite: true, or files left by an earlier batch run of this output whose output is gone),
     or a problem."""
-    present = [p for p in (job.output, *job.paths.sides) if p.exists()]
+    present = [p for p in job.paths.all if p.exists()]  # its json_path too: an output like the others
     if not present:
         return job, None
     record = _read_sidecar(job.output)

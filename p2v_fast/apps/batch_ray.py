@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import json
 import logging
 import os
 import threading
@@ -45,7 +46,7 @@ from p2v_fast.apps.batch import (
 from p2v_fast.errors import BackendUnavailableError, InputError, P2VError, Terminated, one_line
 from p2v_fast.files import write_json_atomic
 from p2v_fast.media import writer
-from p2v_fast.media.paths import check_output_file
+from p2v_fast.media.paths import check_report_path
 
 #: Variables passed from where `p2v batch` runs to its workers, when set (never tokens).
 FORWARDED_ENV = ("P2V_CACHE", "HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
@@ -428,23 +429,36 @@ class _Driver:
         self.reporter.job_finished(job, result)
 
 
-def run_jobs_file(jobs_file: str | Path, *, json_path: str | Path | None = None, ray: bool = False,
+def _own_summary(path: Path, jobs_file: Path) -> bool:
+    """Whether ``path`` is the summary an earlier ``p2v batch --json`` wrote for this jobs file (a
+    rerun replaces it without --overwrite, as it skips the jobs that are done)."""
+    try:
+        if not path.is_file() or path.stat().st_size > 64 * 2**20:
+            return False
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("jobs_file") == str(jobs_file.resolve()) and "jobs" in data
+
+
+def run_jobs_file(jobs_file: str | Path, *, json_path: str | Path | None = None, overwrite: bool = False,
+                  ray: bool = False,
                   ray_address: str | None = None, ray_cpus_per_worker: int | None = None, workers: int | None = None,
                   display: Callable[[], typing.ContextManager[BatchReporter]] | None = None) -> BatchResult:
     """`p2v batch`: check the options and the whole jobs file (and ``json_path``) before any work,
     run the jobs here or on Ray (``ray``, implied by ``ray_address`` or ``ray_cpus_per_worker``),
-    and write the summary to ``json_path``. ``display`` makes the reporter once the checks pass
-    (so a bad file prints no progress block)."""
+    and write the summary to ``json_path`` (an existing file only with ``overwrite``). ``display``
+    makes the reporter once the checks pass (so a bad file prints no progress block)."""
     ray = ray or ray_address is not None or ray_cpus_per_worker is not None
     if workers is not None and not ray:
         raise InputError("--workers needs --ray (without Ray the jobs run one after another in this process)")
     if ray_cpus_per_worker is not None and ray_cpus_per_worker < 1:
         raise InputError(f"--ray-cpus-per-worker must be >= 1; got {ray_cpus_per_worker}")
-    if json_path is not None:
-        check_output_file(Path(json_path))
+    check_report_path(json_path, Path(jobs_file), what="jobs file", overwrite=True)  # a file, not the jobs file
     jobs = load_jobs(jobs_file, local=not ray)
     if json_path is not None:
         check_summary_path(json_path, jobs_file, jobs)
+        check_report_path(json_path, overwrite=overwrite or _own_summary(Path(json_path), Path(jobs_file)))
     with (display or (lambda: contextlib.nullcontext(NullReporter())))() as reporter:
         if ray:
             result = run_batch_ray(jobs, reporter, address=ray_address, workers=workers,

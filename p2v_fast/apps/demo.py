@@ -18,6 +18,7 @@ import numpy as np
 from p2v_fast.config import EditConfig
 from p2v_fast.errors import InputError
 from p2v_fast.media import scenes
+from p2v_fast.media.paths import check_report_path
 from p2v_fast.pipeline import EditResult, edit_video
 from p2v_fast.progress import NullProgress, Progress
 from p2v_fast.text import plural
@@ -79,15 +80,17 @@ def check_frames(frames: int) -> None:
 
 
 def run_demo(out: Path, cfg: EditConfig, frames: int = 16, progress: Progress | None = None,
-             json_path: str | Path | None = None) -> EditResult:
+             json_path: str | Path | None = None, overwrite: bool = False) -> EditResult:
     """Write ``out/scene.mp4`` (``frames`` frames with audio, its ground truth beside it as
     ``scene.npz``/``scene.json``; kept when it exists) and edit it into ``out/scene.p2v.mp4`` with
-    its side-by-side and strip (replaced on every run); ``json_path`` as :func:`edit_video`'s."""
+    its side-by-side and strip (replaced on every run); ``json_path`` as :func:`edit_video`'s (an
+    existing file replaced only with ``overwrite``)."""
     progress = progress or NullProgress()
     check_frames(frames)
     n = plural(frames, "frame")
     if out.exists() and not out.is_dir():
         raise InputError(f"--out '{out}' is a file, not a folder")
+    check_report_path(json_path, out / "scene.mp4", overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)
     clip = out / "scene.mp4"
     ds = demo_scene()

@@ -517,7 +517,7 @@ class Renderer:
             report = out.with_suffix(".json")
             try:
                 res = edit_video(cfg, input_path, out, side_by_side=True, progress=progress, runtime=rt,
-                                 json_path=report)
+                                 json_path=report, overwrite=True)  # fresh names: only the report's reservation
             except BaseException:
                 report.unlink(missing_ok=True)  # the reservation
                 raise

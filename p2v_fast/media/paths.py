@@ -51,6 +51,11 @@ def check_output_file(path: str | Path, *, extra_names: tuple[str, ...] = (), cr
         while not parent.exists() and parent != parent.parent:
             parent = parent.parent
     if not parent.is_dir():
+        above = parent
+        while not above.exists() and above != above.parent:
+            above = above.parent
+        if above.exists() and not above.is_dir():  # out.mp4 under notes.txt: not "does not exist"
+            raise InputError(f"cannot write '{out}': '{above}' is a file, not a folder")
         raise InputError(f"output folder '{parent}' does not exist")
     if not os.access(parent, os.W_OK):
         raise InputError(f"output folder '{parent}' is not writable")
@@ -89,7 +94,7 @@ def check_output(input_path: Path, output: Path, overwrite: bool, kind: str | No
     if kind == "video":
         writer.output_format(output)
     if output.exists() and not output.is_dir() and not overwrite:
-        raise InputError(f"output '{output}' exists; pass --overwrite to replace it")
+        raise InputError(f"{'output' if option == '-o' else option} '{output}' exists; pass --overwrite to replace it")
     return check_output_file(output, extra_names=side_files, create_folder=create_folder)
 
 
@@ -133,7 +138,7 @@ class EditPaths:
     def check(self, input_path: Path, overwrite: bool, create_folders: bool = False) -> None:
         """InputError (one line) unless every file can be written: not the input, not in an
         input image folder, a container the extension names, a name the file system takes, and
-        not an existing file unless ``overwrite`` (the JSON report is always replaced)."""
+        not an existing file unless ``overwrite`` (the JSON report too)."""
         names = tuple(p.name for p in self.sides)
         check_output(input_path, self.output, overwrite, "png" if self.preview else "video", names, create_folders)
         for side in self.sides:
@@ -141,7 +146,7 @@ class EditPaths:
         if self.json is not None:  # a report: replaced if it exists, but never one of the edit's own files
             if self.json.resolve() in {p.resolve() for p in (self.output, *self.sides)}:
                 raise InputError(f"--json '{self.json}' is a file the edit writes; choose another --json path")
-            check_output(input_path, self.json, overwrite=True, create_folder=create_folders, option="--json")
+            check_output(input_path, self.json, overwrite, create_folder=create_folders, option="--json")
 
 
 def check_json_path(path: Path) -> None:
@@ -153,13 +158,26 @@ def check_json_path(path: Path) -> None:
         raise InputError(f"--json folder '{path.parent}' is not writable")
 
 
-def check_report_path(path: str | Path | None, *reads: Path, what: str = "input") -> Path | None:
-    """``--json PATH`` of a command, checked before its work: a file that can be written and none
-    of the files the command reads (``reads``; a report never replaces what it describes)."""
+def check_not_in_folder(path: str | Path, folder: str | Path | None, what: str = "the engine folder") -> None:
+    """InputError if the report ``path`` would land in ``folder`` (an engine folder a command reads:
+    its manifest and graphs are never replaced by a report)."""
+    if folder is not None and Path(path).resolve().parent == Path(folder).resolve():
+        raise InputError(f"--json '{path}' is in {what} '{folder}'; choose another --json path")
+
+
+def check_report_path(path: str | Path | None, *reads: Path, what: str = "input", overwrite: bool = False,
+                      engines: str | Path | None = None) -> Path | None:
+    """``--json PATH`` of a command, checked before its work: a file that can be written, none of
+    the files the command reads (``reads``; a report never replaces what it describes), not in the
+    engine folder ``engines`` it reads, and not an existing file unless ``overwrite`` (the rule
+    for every output)."""
     if path is None:
         return None
     out = check_output_file(path)
     for read in reads:
         if out.resolve() == Path(read).resolve():
             raise InputError(f"--json '{path}' is the {what} '{read}'; choose another --json path")
+    check_not_in_folder(out, engines)
+    if out.exists() and not overwrite:
+        raise InputError(f"--json '{path}' exists; pass --overwrite to replace it")
     return out

@@ -165,6 +165,21 @@ def headroom(device: torch.device, max_memory: int | None = None) -> int:
     return max(0, room)
 
 
+def budget_exceeded(device: torch.device, max_memory: int | None) -> str | None:
+    """A line saying that ``--max-memory`` is already spent before any UNet call (the loaded
+    models and the process itself: on CUDA the bytes tensors hold, on the CPU the resident set),
+    so every call will run one frame; None when there is room (or no budget)."""
+    if max_memory is None:
+        return None
+    used = int(torch.cuda.memory_allocated(device)) if device.type == "cuda" else resident_bytes()
+    if used < max_memory:
+        return None
+    where = "tensors on the GPU hold" if device.type == "cuda" else "this process already holds"
+    return (f"--max-memory {max_memory / 2**20:.0f} MiB is already exceeded before the first UNet call "
+            f"({where} {used / 2**20:.0f} MiB, the models included): every UNet call runs one frame; "
+            f"give a budget above {used / 2**20:.0f} MiB to batch frames")
+
+
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
           "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}
 

@@ -115,18 +115,20 @@ def evaluate_video(
     on_frame: FrameCallback | None = None,
     flow_fn: Any = None,
     json_path: str | Path | None = None,
+    overwrite: bool = False,
 ) -> VideoEval:
     """CLIP-Text, CLIP-Image and Pixel-MSE of ``edited`` (edit prompt ``prompt``) against ``source``.
 
     ``scorer``: a loaded :class:`ClipScorer` to reuse (else ``clip_model`` is loaded).
     ``on_frame(i, edited_frame, source_frame)`` sees every compared pair (e.g. to keep thumbnails).
     ``flow_fn``: a prebuilt :func:`p2v_fast.quality.metrics.make_flow` for ``flow``, to reuse across videos.
-    ``json_path``: also write :meth:`VideoEval.to_dict` there (never over either video).
+    ``json_path``: also write :meth:`VideoEval.to_dict` there (never over either video; an existing
+    file only with ``overwrite``).
     Inputs are checked before CLIP is loaded; problems raise :class:`InputError`.
     """
     # 1. Check inputs: options, paths and both videos' frame counts, before CLIP loads
     prompt, ed_info, src_info, n, wh = _check(edited, source, prompt, flow, size, start, max_frames, stride, resize,
-                                              json_path)
+                                              json_path, overwrite)
     # 2. Load CLIP, unless given
     scorer = scorer if scorer is not None else ClipScorer(clip_model)
     # 3. Compare: decode both videos a pair at a time, scored as they stream
@@ -161,13 +163,13 @@ def _result(ev: StreamingEvaluator, ed_info: reader.VideoInfo, src_info: reader.
 
 def _check(edited: str | Path, source: str | Path, prompt: str, flow: str, size: int | None, start: int,
            max_frames: int | None, stride: int, resize: str, json_path: str | Path | None,
-           ) -> tuple[str, reader.VideoInfo, reader.VideoInfo, int, tuple[int, int]]:
+           overwrite: bool = False) -> tuple[str, reader.VideoInfo, reader.VideoInfo, int, tuple[int, int]]:
     """:func:`evaluate_video`'s inputs checked: the prompt, both videos' infos, their frame count
     and the comparison size (W, H)."""
     from p2v_fast.media.paths import check_report_path
     from p2v_fast.weights.prompts import check_prompt
 
-    check_report_path(json_path, Path(edited), Path(source), what="video")
+    check_report_path(json_path, Path(edited), Path(source), what="video", overwrite=overwrite)
     prompt = check_prompt(prompt, "edit prompt")
     if flow not in FLOW_METHODS:
         raise InputError(f"--flow must be one of {', '.join(FLOW_METHODS)}; got {flow!r}")
