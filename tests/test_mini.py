@@ -23,7 +23,7 @@ def test_training_loop_runs_on_tiny_configs(tmp_path):
 
     out = tmp_path / "run"
     rc = main(["--out", str(out), "--tiny", "--n-data", "8", "--vae-steps", "2", "--vae-dec-steps", "1",
-               "--vae-batch", "2", "--unet-steps", "2", "--unet-batch", "2"])
+               "--vae-dec2-steps", "1", "--vae-batch", "2", "--unet-steps", "2", "--unet-batch", "2"])
     assert rc == 0
     folder = out / "mini"
     assert not [p for p in folder.rglob("*") if p.suffix in (".bin", ".pt", ".pkl")]
