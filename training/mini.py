@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from p2v_fast.weights.sd2_depth import SCHEDULER_CONFIG
 from training import nets
 from training.data import TRAIN_SEED0, build_dataset, depth_condition
 
@@ -349,7 +350,7 @@ def assemble(out: Path, dest: Path, log=print, aux: Path | None = None) -> Path:
         depth, fe = _placeholder_depth()
         placeholders.append("depth_estimator")
     pipe: Any = StableDiffusionDepth2ImgPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                            scheduler=DDIMScheduler(**nets.SCHEDULER_CONFIG),
+                                            scheduler=DDIMScheduler(**SCHEDULER_CONFIG),
                                             depth_estimator=depth, feature_extractor=fe)
     pipe.to(torch.float16)
     tmp = dest.with_name(dest.name + ".tmp")

@@ -51,17 +51,6 @@ UNET_CONFIG: dict[str, Any] = dict(
     upcast_attention=False,
 )
 
-#: SD2's scheduler (stabilityai/stable-diffusion-2-depth/scheduler/scheduler_config.json).
-SCHEDULER_CONFIG: dict[str, Any] = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    clip_sample=False,
-    set_alpha_to_one=False,
-    steps_offset=1,
-    prediction_type="epsilon",
-)
 
 #: Small configs for the test that the loops run (tests/test_mini.py).
 TINY_OVERRIDES: dict[str, dict[str, Any]] = {

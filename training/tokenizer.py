@@ -15,24 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from p2v_fast.media.scenes import GRAMMAR_WORDS
+from p2v_fast.weights.tiny import bytes_to_unicode
 
 MAX_TOKENS = 77
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]")
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible map from the 256 byte values to printable unicode chars."""
-    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("\u00a1"), ord("\u00ac") + 1))
-          + list(range(ord("\u00ae"), ord("\u00ff") + 1)))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs), strict=True))
 
 
 def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
@@ -86,7 +73,7 @@ def scene_merges(words: tuple[str, ...] = GRAMMAR_WORDS) -> list[tuple[str, str]
 
 
 def scene_clip_vocab(words: tuple[str, ...] = GRAMMAR_WORDS) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    chars = list(_bytes_to_unicode().values())
+    chars = list(bytes_to_unicode().values())
     vocab: dict[str, int] = {}
     for c in chars:
         vocab[c] = len(vocab)

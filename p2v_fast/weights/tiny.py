@@ -117,7 +117,7 @@ BLIP_WORDS = (
 ).split()
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP's reversible map from the 256 byte values to printable unicode chars."""
     bs = (
         list(range(ord("!"), ord("~") + 1))
@@ -140,7 +140,7 @@ def _byte_vocab() -> dict[str, int]:
     With an empty merges list BPE spells each word character by character, so this vocab
     covers any input text and the tokenizer never needs the real 49k-entry files.
     """
-    chars = list(_bytes_to_unicode().values())
+    chars = list(bytes_to_unicode().values())
     vocab: dict[str, int] = {}
     for c in chars:
         vocab[c] = len(vocab)
@@ -311,6 +311,8 @@ def tiny_problem(target: Path) -> str | None:
     were kept is checked for its ``model_index.json`` only."""
     if not (target / "model_index.json").is_file():
         return "incomplete"
+    if not (target / "p2v_tiny.json").exists() and not (target / "p2v_tiny.json").is_symlink():
+        return None  # built before the records were kept (or by another version's builder)
     try:
         info = json.loads((target / "p2v_tiny.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
