@@ -10,12 +10,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from p2v_fast.errors import EngineError
 from p2v_fast.nets.manifest import check_files, describe_folder, read_manifest
 from p2v_fast.nets.specs import NETWORKS
-from tests.helpers import export_tiny
+from tests.helpers import export_tiny, p2v
+from tests.helpers import one_line as _one_line
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -33,11 +33,6 @@ def _tampered(engines: Path, folder: Path, edit) -> Path:
     edit(data)
     (folder / "manifest.json").write_text(json.dumps(data))
     return folder
-
-
-def _one_line(msg: str) -> str:
-    assert msg and "\n" not in msg and "Traceback" not in msg, msg
-    return msg
 
 
 def _set(network: str, artifact: str, field: str, value):
@@ -146,8 +141,6 @@ def test_a_graph_that_links_out_of_the_folder_is_not_loaded_or_listed(engines, t
 def test_info_lists_no_file_outside_the_folder(engines, tmp_path) -> None:
     """Before: `p2v info` listed a graph the manifest named outside as usable, and an extra
     network naming /etc/hostname was stat'ed and its size printed."""
-    from cli import app
-
     outside_graph = tmp_path / "depth.onnx"
     shutil.copy(engines / "depth.onnx", outside_graph)
     a = _tampered(engines, tmp_path / "a", _set("depth", "onnx", "file", str(outside_graph)))
@@ -159,7 +152,7 @@ def test_info_lists_no_file_outside_the_folder(engines, tmp_path) -> None:
 
     b = _tampered(engines, tmp_path / "b", extra)
     for folder, needle in ((a, "depth graph"), (b, "networks p2v does not know ('hostname'")):
-        r = CliRunner().invoke(app, ["info", "--engines", str(folder)], catch_exceptions=False, terminal_width=400)
+        r = p2v("info", "--engines", str(folder), terminal_width=400)
         assert r.exit_code == 0, r.output
         assert needle in " ".join(r.output.split()), r.output
         assert "usable here" not in r.output and "hostname 0.0 MB" not in r.output
