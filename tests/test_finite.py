@@ -53,14 +53,14 @@ def _files(folder: Path) -> set[str]:
 
 
 def test_latents_going_non_finite_stop_the_edit_naming_the_update_weight(clip, cache, tmp_path, monkeypatch) -> None:
-    import p2v_fast.method.edit as edit
+    import p2v_fast.method.latent_update as latent_update
 
-    real = edit.apply_update
+    real = latent_update.apply_update
 
     def overflowing(x_prev, grad, delta):  # the guided update of frames 2.. overflows, as with delta 1e30
         return real(x_prev, grad, float("inf"))
 
-    monkeypatch.setattr(edit, "apply_update", overflowing)
+    monkeypatch.setattr(latent_update, "apply_update", overflowing)
     out = tmp_path / "out" / "o.mp4"
     out.parent.mkdir()
     cfg = EditConfig(prompt="a swan", model="tiny", size=64, steps=2, source_prompt="a clip", schedule="sequential")

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from p2v_fast.errors import EngineError
+from p2v_fast.errors import EngineError, one_line
 from p2v_fast.files import write_bytes_atomic
 from p2v_fast.nets.export_options import DEFAULT_ENGINES as DEFAULT_ENGINES  # the engine folder's default
 from p2v_fast.nets.specs import NETWORKS, ExportProfile, Geometry, NetworkSpec
@@ -294,7 +294,7 @@ def read_manifest(folder: str | Path) -> Manifest:
         with path.open("rb") as f:
             raw = f.read(MAX_MANIFEST_BYTES + 1)
     except OSError as e:
-        raise EngineError(f"cannot read '{path}': {e.strerror or e}") from None
+        raise EngineError(f"cannot read '{path}': {one_line(e)}") from None
     if len(raw) > MAX_MANIFEST_BYTES:
         raise EngineError(f"'{path}' is larger than any manifest p2v writes ({MAX_MANIFEST_BYTES // 1024} KB at "
                           f"most), so it was not read; {redo}")
