@@ -313,7 +313,7 @@ class Renderer:
         from p2v_fast.apps.demo import CLIP_FPS, CLIP_SIZE, demo_scene
         from p2v_fast.media import scenes
 
-        path = self.out_dir / "inputs" / "scene.mp4"
+        path = self.out_dir / "inputs" / "sample.mp4"
         if not path.is_file():
             clip = scenes.render_scene_clip(demo_scene().scene, 16, CLIP_SIZE)
             scenes.write_clip(clip, path, fps=CLIP_FPS, with_audio=True)
