@@ -236,3 +236,18 @@ def test_compiled_calls_are_sized_by_their_buckets() -> None:
     budget.headroom_fn = lambda: int(9 * GB / SAFETY)
     assert budget.frames_per_call(kind, 16) == 8  # 16 samples: 8 GB fit
     assert budget.frames_per_call(("edit", True), 4) == 1  # differentiable calls run eager: measured as usual
+
+
+def test_a_check_in_onnx_runtime_is_sliced_to_fit_its_budget() -> None:
+    """Issue 26 item 7: SD2-depth's UNet at 896x896 in fp16 holds ~6.3 GB of attention scores per
+    sample in ONNX Runtime (~50 GB at batch 8); an 8 GB budget runs it one sample at a time, a
+    slice never exceeds the batch, a sample is never split, and the budget never exceeds the cap."""
+    per = memory.attention_score_bytes(5, 112 * 112, 2 * 112 * 112, 2)
+    assert 6.2e9 < per < 6.4e9 and 49e9 < 8 * per < 51e9
+    assert memory.samples_per_slice(per, 8, memory.CHECK_BUDGET) == 1
+    assert memory.samples_per_slice(per // 4, 8, memory.CHECK_BUDGET) == 5
+    assert memory.samples_per_slice(per, 8, 100 * per) == 8
+    assert memory.samples_per_slice(per, 8, 1) == 1
+    assert memory.samples_per_slice(0, 8, 1) == 8
+    assert 1 <= memory.check_budget(CPU) <= memory.CHECK_BUDGET
+    assert memory.check_budget(CPU, cap=1000) == 1000

@@ -342,3 +342,34 @@ class CallBudget:
         self.ceiling[kind] = max(1, frames // 2)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------------
+# attention scores of a graph run in full (a check in ONNX Runtime)
+
+#: The most one slice of a check run in ONNX Runtime may plan to hold in attention scores, whatever
+#: the device has free: a check is not worth crowding out everything else on the machine.
+CHECK_BUDGET = 8 * 2**30
+
+
+def attention_score_bytes(heads: int, queries: int, keys: int, dtype_bytes: int, copies: int = 2) -> int:
+    """Bytes one sample's attention layer holds where attention runs as softmax(Q K^T) in full, as an
+    exported graph does in ONNX Runtime (PyTorch's and TensorRT's fused kernels never hold them):
+    ``copies`` tensors (the scores and their softmax) of heads x queries x keys elements. SD2-depth's
+    UNet at 896x896 in fp16: 5 heads x 12544 x 25088 (anchor || previous) x 2 bytes x 2 = 6.3 GB."""
+    return copies * heads * queries * keys * dtype_bytes
+
+
+def check_budget(device: torch.device, cap: int = CHECK_BUDGET) -> int:
+    """Bytes one slice of a check run in ONNX Runtime on ``device`` may plan to take: ``cap``, or
+    :data:`SAFETY` of what is free there (:func:`headroom`; the system's available memory on the
+    CPU), whichever is less."""
+    return max(1, min(cap, int(SAFETY * headroom(device))))
+
+
+def samples_per_slice(per_sample: int, batch: int, budget: int) -> int:
+    """Samples of a ``batch`` one run may take so that ``per_sample`` bytes each stay within
+    ``budget`` (at least one: a sample cannot be split; all where nothing is charged per sample)."""
+    if per_sample <= 0:
+        return batch
+    return max(1, min(batch, budget // per_sample))
