@@ -558,7 +558,8 @@ def eval_(
     """Score an edit of INPUT with PROMPT against INPUT: CLIP-Text, CLIP-Image, Pixel-MSE (the
     paper's Table 2). Takes what `p2v edit` took: `p2v eval INPUT PROMPT [-o EDITED]`.
 
-    The older form `p2v eval EDITED --source INPUT --prompt PROMPT` works too."""
+    The older form `p2v eval EDITED --source INPUT --prompt PROMPT` works too. A scene clip (p2v demo's)
+    is also scored against its ground truth: edit accuracy, true-flow warp error, mask IoU, depth."""
     from p2v_fast.quality.evaluate import evaluate_video
 
     edited, src, text = _eval_inputs(input, prompt, output, source, prompt_option)

@@ -68,17 +68,9 @@ def scene_edit_case(seed: int, n_frames: int, size: int) -> dict[str, Any]:
 
 def depth_fn(models: Any):
     """Frames [T, H, W, 3] -> the model's relative inverse depth at full resolution [T, H, W]."""
-    import torch
+    from p2v_fast.quality.scene_truth import dpt_depth_fn
 
-    def run(frames: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            pv = models.feature_extractor(images=list(frames), return_tensors="pt")["pixel_values"]
-            pred = models.depth_estimator(pixel_values=pv.to(models.device, torch.float32)).predicted_depth.float()
-            pred = torch.nn.functional.interpolate(pred[:, None], size=frames.shape[1:3], mode="bicubic",
-                                                   align_corners=False)[:, 0]
-        return pred.cpu().numpy()
-
-    return run
+    return dpt_depth_fn(models.depth_estimator, models.feature_extractor, models.device)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

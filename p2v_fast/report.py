@@ -153,6 +153,32 @@ def print_eval(console: Console, result: VideoEval) -> None:
     table.add_row("pixels masked (occluded)", f"{100 * result.masked_fraction:.1f} %", "")
     table.caption = escape(f"CLIP {result.clip_model}, flow {result.flow}")
     console.print(table)
+    if result.ground_truth is not None:
+        print_ground_truth(console, result.ground_truth)
+
+
+def print_ground_truth(console: Console, truth: dict[str, Any]) -> None:
+    """`p2v eval` on a scene clip: the scores its ground truth allows, and why any is missing."""
+    rows = (("edit accuracy ↑ (frames with the target colour)", "edit_accuracy", "{:.0%}"),
+            ("other objects keep their colour ↑", "others_kept", "{:.0%}"),
+            ("source judged as its own colour (the judge's check)", "source_accuracy", "{:.0%}"),
+            ("warp error, true flow ↓ (0-255 MSE)", "warp_error", "{:.2f}"),
+            ("  the source's own (shading, edges)", "source_warp_error", "{:.2f}"),
+            ("object mask IoU ↑", "object_iou", "{:.2f}"),
+            ("depth error ↓ (mini DPT, aligned AbsRel)", "depth_error", "{:.3f}"),
+            ("  on the source frames", "source_depth_error", "{:.3f}"))
+    edit = (f"{truth['source_colour']} -> {truth['target_colour']} (object {truth['object_id']})"
+            if truth.get("target_colour") else "no colour change read from the prompt")
+    table = Table(title=escape(f"ground truth of the scene clip: {edit}"))
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for label, key, fmt in rows:
+        value = truth.get(key)
+        if isinstance(value, float) and value == value:  # not nan
+            table.add_row(label, fmt.format(value))
+    console.print(table)
+    for note in truth.get("notes", []):
+        console.print(f"not scored: {note}", markup=False, soft_wrap=True)
 
 
 def print_export(console: Console, report: Any, profile: str, precision: str) -> None:

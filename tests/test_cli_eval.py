@@ -32,7 +32,7 @@ from tests.helpers import p2v
 
 EVAL_FIELDS = {
     "edited", "source", "prompt", "clip_model", "flow", "size", "n_frames", "source_start", "source_stride",
-    "clip_text", "clip_image", "pixel_mse", "masked_fraction", "per_pair_pixel_mse",
+    "clip_text", "clip_image", "pixel_mse", "masked_fraction", "per_pair_pixel_mse", "ground_truth",
 }
 CLIP_SIZE = (128, 64)  # (W, H): at --size 64 the working size is exactly this, no resampling
 

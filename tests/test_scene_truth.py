@@ -4,6 +4,9 @@ order), so a broken judge cannot pass."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -71,3 +74,70 @@ def test_held_out_seeds_are_below_the_training_seeds() -> None:
     from training.data import TRAIN_SEED0
 
     assert SEED < TRAIN_SEED0 and HELD_OUT_BASE + 10_000 <= TRAIN_SEED0
+
+
+# ------------------------------------------------------------------------------ p2v eval on a scene clip
+
+
+def test_colour_edit_reads_which_object_the_prompt_recolours() -> None:
+    meta = {"caption": "a red sphere and a blue cube on a checkered floor",
+            "objects": [{"shape": "cube", "colour": "blue"}, {"shape": "sphere", "colour": "red"}]}
+    edit = st.colour_edit(meta, "a red sphere and a green cube on a checkered floor")
+    assert edit == st.ColourEdit(object_id=1, source_colour="blue", target_colour="green", others={2: "red"})
+    assert st.colour_edit(meta, "a red sphere and a blue cube on a striped floor") is None  # the floor
+    assert st.colour_edit(meta, "a cyan sphere and a green cube on a checkered floor") is None  # two at once
+    assert st.colour_edit(meta, "a red cone and a green cube") is None  # another shape
+
+
+@pytest.fixture(scope="module")
+def scene_files(clip: scenes.SceneClip, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """The clip as an mp4 with its sidecar, and two 'edits': the true recolouring and the source itself."""
+    from p2v_fast.media.writer import VideoWriter
+
+    base = tmp_path_factory.mktemp("scene_eval")
+    src = scenes.write_clip(clip, base / "scene.mp4")
+    target = _target(clip.scene.objects[0].colour)
+    edits = {"true": scenes.render_scene_clip(scenes.with_colour(clip.scene, 0, target), 6).frames,
+             "none": clip.frames}
+    paths = {}
+    for name, frames in edits.items():
+        paths[name] = base / f"{name}.mp4"
+        with VideoWriter(paths[name], 12.0, (frames.shape[2], frames.shape[1])) as w:
+            for f in frames:
+                w.write(f)
+    prompt = scenes.caption_of(scenes.with_colour(clip.scene, 0, target))
+    return {"src": src, "prompt": prompt, **paths}
+
+
+def test_eval_scores_a_scene_clip_against_its_ground_truth(scene_files: dict, tmp_path: Path) -> None:
+    """`p2v eval` on a clip with a sidecar: the true recolouring scores full edit accuracy, the
+    unedited source none; the JSON holds the scores, the output names them."""
+    from tests.helpers import p2v
+
+    src, prompt = scene_files["src"], scene_files["prompt"]
+    scores = {}
+    for name in ("true", "none"):
+        out = tmp_path / f"{name}.json"
+        result = p2v("eval", src, prompt, "-o", scene_files[name], "--clip-model", "mini", "--json", out)
+        assert result.exit_code == 0, result.output
+        assert "ground truth of the scene clip" in result.stdout and "edit accuracy" in result.stdout
+        scores[name] = json.loads(out.read_text())["ground_truth"]
+    assert scores["true"]["edit_accuracy"] >= 0.8 and scores["none"]["edit_accuracy"] <= 0.2
+    assert scores["true"]["source_accuracy"] >= 0.8  # the judge reads the source's own colour
+    assert scores["none"]["warp_error"] == pytest.approx(scores["none"]["source_warp_error"])
+    assert scores["true"]["object_iou"] > 0.5 and np.isfinite(scores["true"]["depth_error"])
+
+
+def test_eval_without_a_sidecar_has_no_ground_truth(scene_files: dict, tmp_path: Path) -> None:
+    import shutil
+
+    from tests.helpers import p2v
+
+    plain = tmp_path / "plain.mp4"
+    shutil.copy(scene_files["src"], plain)  # the same video, no .npz/.json beside it
+    out = tmp_path / "s.json"
+    result = p2v("eval", plain, scene_files["prompt"], "-o", scene_files["true"], "--clip-model", "mini",
+                 "--json", out)
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["ground_truth"] is None
+    assert "ground truth" not in result.stdout

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,9 @@ class VideoEval:
     pixel_mse: float
     masked_fraction: float  # share of pixels excluded from Pixel-MSE (occluded, out of frame)
     per_pair_pixel_mse: tuple[float, ...]
+    #: a scene clip's ground-truth scores (:func:`p2v_fast.quality.scene_truth.score_against_truth`),
+    #: None for a clip without a ground-truth sidecar
+    ground_truth: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return json_safe(asdict(self))
@@ -140,8 +143,9 @@ def evaluate_video(
         if on_frame is not None:
             on_frame(i, e, s)
         advance(1)
-    # 4. Result, and its JSON
+    # 4. Result, with a scene clip's ground-truth scores, and its JSON
     result = _result(ev, ed_info, src_info, prompt, scorer.name, flow, wh, start, stride)
+    result = replace(result, ground_truth=_ground_truth(ed_info, src_info, prompt, start, max_frames, stride))
     if json_path is not None:
         from p2v_fast.files import write_json_atomic
 
@@ -159,6 +163,26 @@ def _result(ev: StreamingEvaluator, ed_info: reader.VideoInfo, src_info: reader.
         pixel_mse=float(scores["pixel_mse"]), masked_fraction=float(scores["masked_fraction"]),
         per_pair_pixel_mse=tuple(ev.per_pair),
     )
+
+
+def _ground_truth(ed_info: reader.VideoInfo, src_info: reader.VideoInfo, prompt: str, start: int,
+                  max_frames: int | None, stride: int) -> dict[str, Any] | None:
+    """A scene clip's (:mod:`p2v_fast.media.scenes`) ground-truth scores of the edit, at the clip's own
+    size; None for a source without a ground-truth sidecar."""
+    from p2v_fast.quality import scene_truth
+
+    truth = scene_truth.find_truth(src_info.path)
+    if truth is None:
+        return None
+    h, w = truth.depth.shape[1:]
+    if abs(ed_info.width * h - ed_info.height * w) > max(w, h):  # another aspect: no pixel-exact mask
+        return {"notes": [f"the edit is {ed_info.width}x{ed_info.height}, the scene {w}x{h}: ground truth needs "
+                          "the clip's aspect"]}
+    edited = np.stack(list(reader.read_frames(ed_info, size=(w, h), resize="stretch")))
+    source = np.stack(list(reader.read_frames(src_info, size=(w, h), start=start, max_frames=max_frames,
+                                              stride=stride, resize="stretch")))
+    return scene_truth.score_against_truth(edited, source, truth, prompt, start, stride,
+                                           depth_fn=scene_truth.mini_depth_fn())
 
 
 def _check(edited: str | Path, source: str | Path, prompt: str, flow: str, size: int | None, start: int,

@@ -21,12 +21,17 @@ Frames are uint8 RGB ``[T, H, W, 3]`` at the clip's size throughout.
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from p2v_fast.media.scenes import COLOURS
+from p2v_fast.errors import InputError, one_line
+from p2v_fast.media.scenes import COLOURS, SHAPES
 from p2v_fast.quality.metrics import warp_backward
 
 #: A pixel counts towards an object's colour when its saturation (HSV) is at least this; the
@@ -187,3 +192,152 @@ def score_scene_edit(
         depth_error=depth_error(edited),
         source_depth_error=depth_error(source),
     )
+
+
+# --------------------------------------------------------------------------------------
+# a scene clip's sidecar, read back (p2v eval)
+
+
+@dataclass(frozen=True)
+class SceneTruth:
+    """The ground truth that :func:`p2v_fast.media.scenes.write_clip` wrote beside a clip."""
+
+    meta: dict[str, Any]  # caption, objects (ids are 1 + their index), floor, size
+    depth: np.ndarray  # float32 [T, H, W], camera z
+    ids: np.ndarray  # int [T, H, W], 0 = floor/wall
+    flow: np.ndarray  # float32 [T-1, H, W, 2], forward
+    occluded: np.ndarray  # bool [T-1, H, W]
+    path: Path  # the .npz read
+
+
+def find_truth(source: str | Path) -> SceneTruth | None:
+    """The ground truth of a scene clip (``NAME.npz`` + ``NAME.json`` beside a video, or
+    ``ground_truth.npz`` + ``scene.json`` in a frames folder), or None for any other clip."""
+    src = Path(source)
+    arrays, meta = ((src / "ground_truth.npz", src / "scene.json") if src.is_dir()
+                    else (src.with_suffix(".npz"), src.with_suffix(".json")))
+    if not (arrays.is_file() and meta.is_file()):
+        return None
+    try:
+        info = json.loads(meta.read_text(encoding="utf-8"))
+        with np.load(arrays, allow_pickle=False) as z:
+            truth = SceneTruth(meta=info, depth=z["depth"], ids=z["ids"], flow=z["flow"], occluded=z["occluded"],
+                               path=arrays)
+        if not isinstance(info, dict) or not isinstance(info.get("objects"), list):
+            raise ValueError("no 'objects' list")
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"ground truth beside '{src}' is unreadable ({arrays.name}, {meta.name}): "
+                         f"{one_line(exc)}") from exc
+    t = len(truth.depth)
+    if truth.ids.shape != truth.depth.shape or truth.flow.shape[:3] != (t - 1, *truth.depth.shape[1:]) \
+            or truth.occluded.shape != truth.flow.shape[:3]:
+        raise InputError(f"ground truth '{arrays}' has arrays of mismatched shapes")
+    return truth
+
+
+@dataclass(frozen=True)
+class ColourEdit:
+    """A prompt that recolours one object of a scene's caption."""
+
+    object_id: int  # 1-based, as in the ids map
+    source_colour: str
+    target_colour: str
+    others: dict[int, str]  # every other object's id -> its colour
+
+
+_PAIR = re.compile(rf"\b({'|'.join(COLOURS)})\s+({'|'.join(SHAPES)})\b")
+
+
+def colour_edit(meta: dict[str, Any], prompt: str) -> ColourEdit | None:
+    """Which object ``prompt`` recolours, read against the caption: the caption's and the prompt's
+    "colour shape" pairs, in order, must name the same shapes, and exactly one colour differs.
+    None when the prompt is not such an edit (a material or floor change, two recolourings...)."""
+    src = _PAIR.findall(str(meta.get("caption", "")).lower())
+    tgt = _PAIR.findall(prompt.lower())
+    if not src or len(src) != len(tgt) or [s for _, s in src] != [s for _, s in tgt]:
+        return None
+    changed = [i for i, (a, b) in enumerate(zip(src, tgt, strict=True)) if a[0] != b[0]]
+    if len(changed) != 1:
+        return None
+    colour, shape = src[changed[0]]
+    objects = meta["objects"]
+    # the caption names objects left to right; find this one by its colour and shape (the first of
+    # identical twins: both look the same, so either is judged the same way)
+    matches = [i for i, o in enumerate(objects) if o.get("colour") == colour and o.get("shape") == shape]
+    if not matches:
+        return None
+    index = matches[0]
+    return ColourEdit(object_id=index + 1, source_colour=colour, target_colour=tgt[changed[0]][0],
+                      others={i + 1: str(o.get("colour")) for i, o in enumerate(objects) if i != index})
+
+
+def dpt_depth_fn(depth_estimator: Any, feature_extractor: Any, device: Any = "cpu"):
+    """Frames [T, H, W, 3] -> a DPT model's relative inverse depth at the frames' size [T, H, W]."""
+    import torch
+
+    def run(frames: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            pv = feature_extractor(images=list(frames), return_tensors="pt")["pixel_values"]
+            pred = depth_estimator(pixel_values=pv.to(device, torch.float32)).predicted_depth.float()
+            pred = torch.nn.functional.interpolate(pred[:, None], size=frames.shape[1:3], mode="bicubic",
+                                                   align_corners=False)[:, 0]
+        return pred.cpu().numpy()
+
+    return run
+
+
+def mini_depth_fn():
+    """:func:`dpt_depth_fn` of the trained ``mini`` DPT (p2v_fast/weights/mini): scene clips are its domain."""
+    import torch
+    from transformers import DPTForDepthEstimation
+
+    from p2v_fast.weights.hub import image_processor_class, quiet_loading
+    from p2v_fast.weights.models import mini_model_dir
+
+    folder = mini_model_dir()
+    with quiet_loading():
+        dpt = DPTForDepthEstimation.from_pretrained(str(folder / "depth_estimator"), dtype=torch.float32).eval()
+        fe = image_processor_class("DPTImageProcessor").from_pretrained(str(folder / "feature_extractor"))
+    return dpt_depth_fn(dpt, fe)
+
+
+def score_against_truth(edited: np.ndarray, source: np.ndarray, truth: SceneTruth, prompt: str, start: int = 0,
+                        stride: int = 1, depth_fn: Callable[[np.ndarray], np.ndarray] | None = None
+                        ) -> dict[str, Any]:
+    """``p2v eval``'s ground-truth scores of ``edited`` (the source's frames ``start, start + stride, ...``,
+    uint8 [T, H, W, 3] at the truth's size): the :class:`SceneEditScore` fields, the edit read from
+    ``prompt`` against the caption (edit accuracy only for a one-object colour change), and why
+    a score is missing. The true-flow warp error needs consecutive frames (``stride`` 1)."""
+    n = len(edited)
+    sel = np.arange(start, start + stride * n, stride)
+    if sel[-1] >= len(truth.depth):
+        raise InputError(f"ground truth '{truth.path}' has {len(truth.depth)} frames; the edit used frames up to "
+                         f"{sel[-1]}")
+    if edited.shape[1:3] != truth.depth.shape[1:]:
+        raise InputError(f"the edited frames are {edited.shape[2]}x{edited.shape[1]} and the ground truth "
+                         f"{truth.depth.shape[2]}x{truth.depth.shape[1]}: compare at the clip's own size")
+    ids, depth = truth.ids[sel], truth.depth[sel]
+    if stride == 1:
+        flow, occ = truth.flow[sel[:-1]], truth.occluded[sel[:-1]]
+    else:  # no flow between frames `stride` apart: keep the shapes, mask every pixel
+        flow = np.zeros((n - 1, *ids.shape[1:], 2), np.float32)
+        occ = np.ones((n - 1, *ids.shape[1:]), bool)
+    edit = colour_edit(truth.meta, prompt)
+    notes = []
+    if edit is None:
+        notes.append("edit accuracy: the prompt is not a colour change of one object of the caption "
+                     f"({truth.meta.get('caption')!r})")
+        edit = ColourEdit(object_id=0, source_colour="", target_colour="", others={})
+    if stride != 1:
+        notes.append("true-flow warp error: needs consecutive frames (--stride 1)")
+    score = score_scene_edit(edited, source, ids, flow, occ, depth, edit.object_id, edit.source_colour or "red",
+                             edit.target_colour or "red", edit.others, depth_fn)
+    out: dict[str, Any] = asdict(score)
+    if edit.object_id == 0:
+        for k in ("edit_accuracy", "others_kept", "source_accuracy"):
+            out[k] = float("nan")
+    if stride != 1:
+        out["warp_error"] = out["source_warp_error"] = float("nan")
+    out.update(object_id=edit.object_id, source_colour=edit.source_colour or None,
+               target_colour=edit.target_colour or None, caption=truth.meta.get("caption"), notes=notes)
+    return out
