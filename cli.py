@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
 
-from benchmarks.options import BenchRequest
+from benchmarks.options import DEFAULT_FRAMES, PLAN_FRAMES, BenchRequest
 from p2v_fast import report
 from p2v_fast.config import (
     BACKENDS,
@@ -636,7 +636,8 @@ def bench(
     steps: Annotated[int | None, typer.Option(
         help=f"DDIM steps (default {_edit_default('steps')}, the paper's).")] = None,
     frames: Annotated[int | None, typer.Option(
-        help="Frames in the synthetic clip (1 anchor + propagated; default 4).")] = None,
+        help=f"Frames in the synthetic clip (1 anchor + propagated; default {DEFAULT_FRAMES}, "
+        f"{PLAN_FRAMES} with --plan).")] = None,
     backend: Annotated[list[str] | None, typer.Option(
         "--backend", **_choices("--backend", BACKENDS), help="Repeatable (default: torch).")] = None,
     latent_update: Annotated[list[str] | None, typer.Option(

@@ -11,7 +11,7 @@ from typing import Any
 
 from rich.console import Console
 
-from benchmarks.options import DEFAULT_FRAMES, BenchRequest, default_size
+from benchmarks.options import DEFAULT_FRAMES, PLAN_FRAMES, BenchRequest, default_size
 from p2v_fast.config import LATENT_UPDATES, SCHEDULES, EditConfig
 from p2v_fast.errors import InputError
 from p2v_fast.files import write_json_atomic
@@ -39,7 +39,7 @@ def run_bench_command(request: BenchRequest, progress: Progress,
         return _protocol(r, log)
     size = default_size(r.model) if r.size is None else r.size
     steps = int(EditConfig.__dataclass_fields__["steps"].default) if r.steps is None else r.steps  # type: ignore[arg-type]
-    frames = DEFAULT_FRAMES if r.frames is None else r.frames
+    frames = (PLAN_FRAMES if r.plan else DEFAULT_FRAMES) if r.frames is None else r.frames
     opts = BenchOptions(
         model=r.model, arch=r.arch, size=size, steps=steps, frames=frames, compile=r.compile,
         backends=r.backend or (() if r.speedups else ("torch",)), latent_updates=r.latent_update or LATENT_UPDATES,

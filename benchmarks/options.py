@@ -14,6 +14,9 @@ from p2v_fast.config import EditConfig
 
 #: Frames of the synthetic clip when --frames is not given (1 anchor + 3 propagated).
 DEFAULT_FRAMES = 4
+#: Frames --plan simulates when --frames is not given (docs/performance.md's table): more than the
+#: largest cap compared (50), so that every cap's row differs (at 4 frames every cap held the whole clip).
+PLAN_FRAMES = 60
 
 
 def default_size(model: str | None) -> int:
@@ -25,7 +28,7 @@ def default_size(model: str | None) -> int:
 class BenchRequest:
     """``p2v bench``'s options as given: the command's parameters carry these names and defaults
     (:meth:`from_options`). None means "the mode's default" (--size: :func:`default_size`; --steps:
-    the edit's; --frames: :data:`DEFAULT_FRAMES`, or the protocol's workload)."""
+    the edit's; --frames: :data:`DEFAULT_FRAMES`, :data:`PLAN_FRAMES` with --plan, or the protocol's workload)."""
 
     plan: bool = False  # only simulate the wavefront
     protocol: str | None = None  # run the peers' end-to-end protocol (benchmarks.protocol)

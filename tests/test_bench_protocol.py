@@ -81,10 +81,18 @@ def test_protocol_refuses_what_it_cannot_run(tmp_path: Path) -> None:
 
 
 def test_bench_plan_simulates_without_weights(tmp_path: Path) -> None:
+    """`p2v bench --plan` alone is docs/performance.md's table. Before, it simulated the stages' 4
+    frames, which every cap (4 to 50) holds whole: ten rows, two distinct."""
+    from benchmarks.plan import CAPS
+
     out = tmp_path / "plan.json"
-    r = p2v("bench", "--plan", "--frames", 60, "--steps", 50, "--size", 512, "--dtype", "fp16", "--json", out)
+    r = p2v("bench", "--plan", "--json", out)
     assert r.exit_code == 0, r.output
     data = json.loads(out.read_text())
+    assert (data["frames"], data["steps"], data["size"], data["dtype"]) == (60, 50, 512, "float16")
+    for mode in ("detached", "autograd"):
+        rows = [p for p in data["plans"] if p["latent_update"] == mode]
+        assert len({(p["ticks"], p["calls"], p["largest_call"]) for p in rows}) == len(CAPS) == len(rows)
     plans = {(p["latent_update"], p["cap"]): p for p in data["plans"]}
     assert plans[("detached", 16)]["ticks"] == 211 and plans[("autograd", 16)]["calls"] == 336
     assert "wavefront plan" in r.output
