@@ -60,6 +60,14 @@ def test_preview_writes_the_anchor_frame(clip, tmp_path) -> None:
     assert Image.open(out).size == (128, 64)
 
 
+def test_invert_reports_the_reconstruction_once(clip, own_cache) -> None:
+    """Before: `p2v invert` logged the reconstruction error as it measured it, then printed it again."""
+    r = p2v("invert", clip, *FAST, "--max-frames", "2", "--source-prompt", "a clip")
+    assert r.exit_code == 0, r.output
+    assert "cache hit" not in r.output  # a miss: the reconstruction was measured in this run
+    assert r.output.count("regenerated from x_T") == 1, r.output
+
+
 @pytest.mark.parametrize(("schedule", "lengths"), [("sequential", (3, 8)), ("wavefront", (5, 8))])
 def test_feature_memory_is_constant_in_clip_length(tmp_path, tiny_dir, schedule, lengths) -> None:
     """Either schedule: the anchor's features for every step and about one frame's steps' worth

@@ -104,10 +104,9 @@ def invert_clip(
         # 4. Invert: DDIM, conditional branch only, frames batched as memory allows
         schedule, cond = _invert_pending(cfg, backend, root, n, latent_hw, (lo, hi), source_prompt,
                                          batch, budget, progress)
-        # 5. Check: frame 1 regenerated from its x_T
+        # 5. Check: frame 1 regenerated from its x_T (not logged: each command's report shows it once)
         if check:
             handle.reconstruction = reconstruction_error(backend, schedule, cond, handle.load(0, backend.device))
-            progress.log(f"inversion: {describe_reconstruction(handle.reconstruction)}")
         # 6. Record: meta.json last, so the entry is whole only once every frame is
         record_entry(handle, cfg, backend.models, selection)
     finally:
