@@ -28,6 +28,7 @@ from p2v_fast.config import (
     DEPTH_NORMS,
     DTYPES,
     FLOW_METHODS,
+    INJECTIONS,
     INVERT_DTYPES,
     LATENT_UPDATES,
     REFS,
@@ -328,6 +329,10 @@ def edit(
     refs: Annotated[str, typer.Option("--refs", **_choices("--refs", REFS),
                                       help="Attention references of the decoder's self-attention.")
                     ] = _edit_default("refs"),
+    inject: Annotated[str, typer.Option("--inject", **_choices("--inject", INJECTIONS),
+                                        help="Self-attention layers that attend to the references: the decoder's "
+                                        "(the paper's choice) or all, encoder and bottleneck too (its Table 3; "
+                                        "--backend torch).")] = _edit_default("inject"),
     seed: Seed = _edit_default("seed"),
     device: Device = _edit_default("device"),
     dtype: Dtype = _edit_default("dtype"),
@@ -581,7 +586,7 @@ def ablate(
     ),
     settings: Annotated[
         str | None,
-        typer.Option(help="Comma-separated subset of: ours, no-update, anchor, prev, per-frame, detached "
+        typer.Option(help="Comma-separated subset of: ours, no-update, anchor, prev, per-frame, detached, all-layers "
                           "(default: the first five, the paper's)."),
     ] = None,
     overwrite: Annotated[bool, _overwrite("the outputs of an earlier ablation in --out")] = False,

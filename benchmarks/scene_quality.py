@@ -43,7 +43,10 @@ SETTINGS: dict[str, tuple[str, str | None]] = {
     "no-update": ("anchor+prev", "off"),
     "detached": ("anchor+prev", "detached"),
     "autograd": ("anchor+prev", "autograd"),
+    "all-layers": ("anchor+prev", None),
 }
+#: settings whose references go to other self-attention layers than the decoder's (--inject)
+INJECT: dict[str, str] = {"all-layers": "all"}
 COLUMNS = ("edit_accuracy", "others_kept", "warp_error", "pixel_mse_dis", "object_iou", "depth_error", "clip_text_gain")
 
 
@@ -109,7 +112,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for key in keys:
             refs, update = SETTINGS[key]
             cfg = base.replace(prompt=case["target_prompt"], source_prompt=case["source_prompt"], refs=refs,
-                               latent_update=update or EditConfig.latent_update, seed=args.seed)
+                               latent_update=update or EditConfig.latent_update, seed=args.seed,
+                               inject=INJECT.get(key, "decoder"))
             t0 = time.perf_counter()
             out = edit_video(cfg, src_path, work / f"clip{i}_{key}.mp4", overwrite=True, runtime=rt)
             seconds = time.perf_counter() - t0

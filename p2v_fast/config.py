@@ -17,6 +17,9 @@ if TYPE_CHECKING:
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-depth"
 LATENT_UPDATES = ("autograd", "detached", "off")
 REFS = ("anchor+prev", "anchor", "prev", "none")
+#: Which self-attention layers get cross-frame attention: the decoder's 9 (the paper's choice) or
+#: every one, encoder and bottleneck too (the paper's Table 3 ablation; PyTorch backend only).
+INJECTIONS = ("decoder", "all")
 DEPTH_NORMS = ("frame", "clip")
 DTYPES = ("fp32", "fp16", "bf16")
 # "tf32": fp32 weights and tensors, TF32 tensor-core matmuls and convolutions (CUDA only);
@@ -103,6 +106,7 @@ class EditConfig:
 
     # --- Pix2Video (sec. 3.1, 3.2) ---
     refs: str = "anchor+prev"  # K/V source of the 9 decoder self-attention layers
+    inject: str = "decoder"  # those 9 layers, or "all" self-attention layers (Table 3; torch backend)
     latent_update: str = "autograd"  # "autograd" (eq. 1), "detached" (authors' code), "off"
     update_steps: int | None = None  # guided update on the first N steps; None: steps // 2 (paper: 25 of 50)
     # delta of eq. 1 at 512x512. g is a mean over the latent's elements, so its gradient shrinks
@@ -159,6 +163,9 @@ def _verify(c: EditConfig) -> None:
     """Raise InputError naming the first bad value."""
     _choice("latent-update", c.latent_update, LATENT_UPDATES)
     _choice("refs", c.refs, REFS)
+    _choice("inject", c.inject, INJECTIONS)
+    if c.inject != "decoder" and c.backend in ("onnxruntime", "tensorrt"):
+        raise InputError(f"--inject {c.inject} runs on --backend torch: the engines hold the decoder's 9 layers")
     _choice("depth-norm", c.depth_norm, DEPTH_NORMS)
     _choice("backend", c.backend, BACKENDS)
     _choice("schedule", c.schedule, SCHEDULES)

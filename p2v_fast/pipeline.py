@@ -34,7 +34,14 @@ from p2v_fast.method.inversion_cache import InvertedClip
 from p2v_fast.nets.backends import TorchBackend
 from p2v_fast.nets.graph_backend import engines_folder
 from p2v_fast.nets.memory import budget_exceeded
-from p2v_fast.nets.runtime import Runtime, inversion_runtime, invert_precision, load_runtime, torch_threads
+from p2v_fast.nets.runtime import (
+    Runtime,
+    inversion_runtime,
+    invert_precision,
+    load_runtime,
+    runtime_matching,
+    torch_threads,
+)
 from p2v_fast.progress import NullProgress, Progress
 from p2v_fast.text import plural
 from p2v_fast.weights.prompts import check_prompt, encode_prompt, source_prompt_for, warn_if_truncated
@@ -126,7 +133,7 @@ def invert_video(cfg: EditConfig, input_path: Path, progress: Progress | None = 
     info = probe_input(Path(input_path), cfg)
     select_clip(input_path, cfg, info)  # a bad size or frame selection fails before models load
     with torch_threads(cfg.threads):
-        rt = runtime or load_runtime(cfg)
+        rt = runtime_matching(runtime, cfg) if runtime is not None else load_runtime(cfg)
         prep = prepare(cfg, Path(input_path), rt, progress or NullProgress(), info)
     if json_path is not None:
         from p2v_fast.files import write_json_atomic
@@ -256,7 +263,7 @@ def _edit(cfg: EditConfig, input_path: Path, info: reader.VideoInfo, prompt: str
     t_start = time.perf_counter()
     # 1. Load the models (or take the caller's runtime), seeded
     torch.manual_seed(cfg.seed)
-    rt = runtime or load_runtime(cfg)
+    rt = runtime_matching(runtime, cfg) if runtime is not None else load_runtime(cfg)
     _announce(rt, cfg, prompt, progress)
     # 2. Prepare: select the frames and invert them (or reuse the cached inversion)
     prep = prepare(cfg, input_path, rt, progress, info)

@@ -116,7 +116,7 @@ def make_context(cfg: EditConfig, models, n_frames: int, backend=None) -> EditCo
     from p2v_fast.nets.backends import TorchBackend
     from p2v_fast.weights.prompts import encode_prompt
 
-    backend = backend or TorchBackend(models)
+    backend = backend or TorchBackend(models, cfg.inject)
     emb = torch.cat([encode_prompt(models, cfg.negative_prompt), encode_prompt(models, cfg.prompt)])
     return EditContext(cfg, backend, backend, DDIMSchedule(models.scheduler, cfg.steps), emb,
                        FeatureStore(cfg, n_frames), cfg.effective_delta((8, 8)), EditStats())

@@ -168,3 +168,58 @@ def test_fp16_cross_frame_calls_run_flash_attention_on_cuda(tiny_dir) -> None:
     used = attention_kernels_used(load_models("tiny", device=torch.device("cuda"), dtype=torch.float16), (8, 8))
     assert any("flash" in k for k in used["forward"]) and not any("cudnn" in k for k in used["forward"])
     assert any("flash" in k and "backward" in k for k in used["backward"]), used
+
+
+# ------------------------------------------------------------------------------ --inject all (Table 3)
+
+
+@torch.no_grad()
+def test_inject_all_takes_every_self_attention_with_shapes_that_match_its_features() -> None:
+    unet = _unet()
+    names = injected_layer_names(unet, "all")
+    assert names == [n for n, _ in unet.named_modules() if n.endswith("attn1")] and len(names) == 16
+    assert set(injected_layer_names(unet)) < set(names)
+    sample, t, ehs = _inputs(h=8, w=12)
+    expected = unet(sample, t, ehs).sample
+    wrapper = UNetWithFeatures(unet, "all")
+    noise, *feats = wrapper(sample, t, ehs)
+    torch.testing.assert_close(noise, expected, rtol=1e-5, atol=1e-5)  # no refs: plain self-attention
+    assert [tuple(f.shape) for f in feats] == [(2, n, c) for n, c in feature_shapes(unet, (8, 12), "all")]
+    # own/own references everywhere: still the plain UNet; another frame's: every layer takes part
+    same, *_ = wrapper(sample, t, ehs, *[torch.cat([f, f], dim=1) for f in feats])
+    torch.testing.assert_close(same, expected, rtol=1e-5, atol=1e-5)
+    other = [torch.cat([f.flip(0), f.flip(0)], dim=1) for f in feats]
+    enc_only = [r if n.startswith("down_blocks") else torch.cat([f, f], dim=1)
+                for r, f, n in zip(other, feats, names, strict=True)]
+    moved, *_ = wrapper(sample, t, ehs, *enc_only)
+    assert not torch.allclose(moved, expected, atol=1e-4)  # encoder layers inject too
+
+
+@torch.no_grad()
+def test_a_decoder_wrapper_after_an_all_layer_one_gives_back_the_encoder_layers() -> None:
+    """One UNet shared by an all-layer and a decoder-only wrapper (p2v ablate, the scene benchmark):
+    the decoder-only one must not leave the other's processors on the encoder."""
+    unet = _unet()
+    sample, t, ehs = _inputs()
+    decoder = UNetWithFeatures(unet)
+    _noise, *feats = decoder(sample, t, ehs)
+    refs = [torch.cat([f.flip(0), f.flip(0)], dim=1) for f in feats]
+    before, *_ = decoder(sample, t, ehs, *refs)
+    everywhere = UNetWithFeatures(unet, "all")
+    everywhere(sample, t, ehs)
+    after, *feats_after = decoder(sample, t, ehs, *refs)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    encoder = dict(unet.named_modules())["down_blocks.0.attentions.0.transformer_blocks.0.attn1"]
+    assert type(encoder.processor).__name__ != "CrossFrameAttnProcessor"
+    assert len(feats_after) == 9
+
+
+def test_inject_all_is_for_the_torch_backend() -> None:
+    from p2v_fast.config import EditConfig
+    from p2v_fast.errors import InputError
+
+    EditConfig(prompt="x", inject="all", backend="torch")
+    with pytest.raises(InputError, match="--inject all runs on --backend torch"):
+        EditConfig(prompt="x", inject="all", backend="onnxruntime")
+    with pytest.raises(InputError, match="--inject"):
+        EditConfig(prompt="x", inject="encoder")

@@ -96,6 +96,24 @@ def test_identical_frames_stay_identical_and_misaligned_references_would_show(mo
         assert float((bad - bad[:1]).abs().max()) > 1e-3 * float(bad.abs().max())  # the test can fail
 
 
+@pytest.mark.parametrize("schedule", ["sequential", "wavefront"])
+def test_inject_all_keeps_identical_frames_identical_and_edits_otherwise_than_the_decoder(models64, schedule) -> None:
+    """--inject all (the paper's Table 3): the method's invariant holds with references in every
+    self-attention layer, and the encoder's references change the edit of differing frames."""
+    cfg = EditConfig(prompt="a swan", model="tiny", steps=4, schedule=schedule, inject="all")
+    one = random_frames(1)[0]
+    frames = [copy.deepcopy(one) for _ in range(3)]
+    for i, st in enumerate(frames):
+        st.index = i
+    latents, _ = _edit(models64, cfg, frames)
+    assert float((latents - latents[:1]).abs().max()) <= 1e-9 * float(latents.abs().max())
+    differing = random_frames(3, seed=3)
+    every, _ = _edit(models64, cfg, differing)
+    decoder, _ = _edit(models64, cfg.replace(inject="decoder"), differing)
+    assert torch.allclose(every[:1], decoder[:1], atol=1e-9)  # the anchor attends to itself either way
+    assert float((every[1:] - decoder[1:]).abs().max()) > 1e-4 * float(decoder.abs().max())
+
+
 # ------------------------------------------------------------------------------ the guided update
 
 

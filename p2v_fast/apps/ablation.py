@@ -11,6 +11,9 @@ anchor         anchor only          anchor       autograd
 prev           previous only        prev         autograd
 per-frame      per-frame            none         off
 detached       ours (detached)      anchor+prev  detached (authors' code; not run by default)
+all-layers     ours, all layers     anchor+prev  autograd, references in every self-attention
+                                                 layer, not only the decoder's (Table 3; not
+                                                 run by default)
 =============  ===================  ===========  ==============
 
 All settings share one loaded runtime and the inversion cache: the clip is inverted once (by the
@@ -56,6 +59,7 @@ class Setting:
     label: str
     refs: str
     latent_update: str
+    inject: str = "decoder"  # config.INJECTIONS
 
 
 SETTINGS: dict[str, Setting] = {
@@ -67,6 +71,7 @@ SETTINGS: dict[str, Setting] = {
         Setting("prev", "previous only", "prev", "autograd"),
         Setting("per-frame", "per-frame", "none", "off"),
         Setting("detached", "ours (detached update)", "anchor+prev", "detached"),
+        Setting("all-layers", "ours, all layers", "anchor+prev", "autograd", "all"),
     )
 }
 DEFAULT_SETTINGS: tuple[str, ...] = ("ours", "no-update", "anchor", "prev", "per-frame")
@@ -358,7 +363,7 @@ def _run_settings(cfg: EditConfig, input_path: Path, plan: _Plan, cols: list[int
     source_prompt = cfg.source_prompt
     for n, s in enumerate(plan.settings, 1):
         progress.log(f"[{n}/{len(plan.settings)}] {s.label}: refs {s.refs}, latent update {s.latent_update}")
-        scfg = cfg.replace(refs=s.refs, latent_update=s.latent_update, source_prompt=source_prompt)
+        scfg = cfg.replace(refs=s.refs, latent_update=s.latent_update, inject=s.inject, source_prompt=source_prompt)
         res, row, thumbs = _run_setting(scfg, s, input_path, plan, cols, source_thumbs, scorer, flow, flow_fn,
                                         progress, runtime)
         source_prompt = res.source_prompt  # caption once; later settings reuse it (same inversion key)

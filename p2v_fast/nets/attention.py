@@ -30,13 +30,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from p2v_fast.config import INJECTIONS
+
 # The 9 injected layers in SD2 (3 transformer blocks in each of up_blocks.1, .2, .3).
 _INJECTED = re.compile(r"^up_blocks\.[123]\.attentions\.\d+\.transformer_blocks\.\d+\.attn1$")
+# Every self-attention layer: encoder, bottleneck and decoder (``--inject all``, the paper's Table 3).
+_SELF_ATTENTION = re.compile(r"^(down_blocks\.\d+|mid_block|up_blocks\.\d+)\.attentions\.\d+\.transformer_blocks\.\d+"
+                             r"\.attn1$")
 
 
-def injected_layer_names(unet: nn.Module) -> list[str]:
-    """Module paths of the decoder self-attention layers that get cross-frame attention."""
-    return [name for name, _ in unet.named_modules() if _INJECTED.match(name)]
+def injected_layer_names(unet: nn.Module, inject: str = "decoder") -> list[str]:
+    """Module paths of the self-attention layers that get cross-frame attention: the decoder's
+    (``inject="decoder"``, the paper's choice and the engines' contract) or all of them (``"all"``)."""
+    if inject not in INJECTIONS:
+        raise ValueError(f"inject must be one of {', '.join(INJECTIONS)}; got {inject!r}")
+    pattern = _INJECTED if inject == "decoder" else _SELF_ATTENTION
+    return [name for name, _ in unet.named_modules() if pattern.match(name)]
+
+
+def _downscale(unet: Any, name: str) -> int:
+    """How many times smaller than the latent the layer ``name`` runs: down_blocks.j at 2**j,
+    the bottleneck at the last down block's, up_blocks.j at 2**(n_up - 1 - j) (SD2: 3 downsamplings)."""
+    part, index = name.split(".")[:2]
+    if part == "up_blocks":
+        return 2 ** (len(unet.up_blocks) - 1 - int(index))
+    if part == "down_blocks":
+        return 2 ** int(index)
+    return 2 ** (len(unet.down_blocks) - 1)
 
 
 class _CallSlot:
@@ -113,10 +133,11 @@ class UNetWithFeatures(nn.Module):
         ``(noise_pred [B, 4, h, w], feat_0, ..., feat_8)`` with ``feat_k`` [B, N_k, C_k].
     """
 
-    def __init__(self, unet: Any) -> None:  # a diffusers UNet2DConditionModel
+    def __init__(self, unet: Any, inject: str = "decoder") -> None:  # a diffusers UNet2DConditionModel
         super().__init__()
         self.unet = unet
-        self.layer_names = injected_layer_names(unet)
+        self.inject = inject
+        self.layer_names = injected_layer_names(unet, inject)
         if len(self.layer_names) == 0:
             raise ValueError("the UNet has no decoder self-attention layers (up_blocks.1-3 attn1)")
         self._slot = _CallSlot(len(self.layer_names))
@@ -128,6 +149,31 @@ class UNetWithFeatures(nn.Module):
     def _install(self) -> None:
         for layer, proc in zip(self._layers, self._processors, strict=True):
             layer.set_processor(proc)
+        # a wrapper of another scope (--inject all) may have left its processors on layers that
+        # are not this one's: those go back to plain self-attention
+        mine = set(self.layer_names)
+        for name, module in self.unet.named_modules():
+            if (name not in mine and isinstance(getattr(module, "processor", None), CrossFrameAttnProcessor)
+                    and _SELF_ATTENTION.match(name)):
+                from diffusers.models.attention_processor import AttnProcessor2_0
+
+                module.set_processor(AttnProcessor2_0())
+
+    def _taken_over(self) -> bool:
+        """Another wrapper of the same UNet (a second backend, another --inject) installed its processors."""
+        if any(layer.processor is not proc for layer, proc in zip(self._layers, self._processors, strict=True)):
+            return True
+        if self.inject == "all":
+            return False
+        return any(isinstance(getattr(m, "processor", None), CrossFrameAttnProcessor) and m not in self._layers
+                   for m in self._others())
+
+    def _others(self) -> list[Any]:
+        if not hasattr(self, "_other_layers"):
+            mine = set(self.layer_names)
+            modules = dict(self.unet.named_modules())
+            self._other_layers = [modules[n] for n in injected_layer_names(self.unet, "all") if n not in mine]
+        return self._other_layers
 
     @property
     def n_layers(self) -> int:
@@ -146,7 +192,7 @@ class UNetWithFeatures(nn.Module):
         self._slot.refs = list(refs) if refs else None
         self._slot.self_ref = None if self_ref is None or not refs else (self_ref != 0).view(-1, 1, 1)
         self._slot.feats = [None] * self.n_layers
-        if any(layer.processor is not proc for layer, proc in zip(self._layers, self._processors, strict=True)):
+        if self._taken_over():
             self._install()  # another wrapper of the same UNet (a second backend) took the layers over
         try:
             noise = self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
@@ -182,18 +228,17 @@ def attention_kernels(device: torch.device) -> Any:
     return sdpa_kernel([getattr(SDPBackend, k) for k in CUDA_ATTENTION_KERNELS], set_priority=True)
 
 
-def feature_shapes(unet: Any, latent_hw: tuple[int, int]) -> list[tuple[int, int]]:
+def feature_shapes(unet: Any, latent_hw: tuple[int, int], inject: str = "decoder") -> list[tuple[int, int]]:
     """(N_k, C_k) of each injected layer for a latent of size (h, w).
 
-    up_blocks.j runs at latent / 2**(3-j) (SD2 has 3 downsamplings), with the channel count of
-    its attention blocks.
+    Each layer runs at latent / :func:`_downscale` (up_blocks.j at 2**(3-j) in SD2), with the
+    channel count of its attention block.
     """
     h, w = latent_hw
     shapes = []
     modules = dict(unet.named_modules())
-    for name in injected_layer_names(unet):
-        block = int(name.split(".")[1])
-        scale = 2 ** (len(unet.up_blocks) - 1 - block)
+    for name in injected_layer_names(unet, inject):
+        scale = _downscale(unet, name)
         channels = modules[name].to_q.in_features
         shapes.append((-(-h // scale) * -(-w // scale), channels))
     return shapes

@@ -141,10 +141,11 @@ class TorchBackend(Backend):
     name = "torch"
     supports_grad = True
 
-    def __init__(self, models) -> None:  # models: p2v_fast.weights.models.Models
+    def __init__(self, models, inject: str = "decoder") -> None:  # models: p2v_fast.weights.models.Models
         super().__init__(models.device, models.dtype)
         self.models = models
-        self.unet_module = UNetWithFeatures(models.unet)
+        self.inject = inject  # which self-attention layers take references (config.INJECTIONS)
+        self.unet_module = UNetWithFeatures(models.unet, inject)
         self.unet_call: Callable[..., tuple[torch.Tensor, ...]] = self.unet_module  # eager, or compiled
         # Calls with gradients run eager even when compiled: on torch 2.13 (CPU) inductor's
         # gradient of the UNet differs from eager's by ~5 % of its largest value while eager
@@ -206,7 +207,7 @@ class TorchBackend(Backend):
         if refs is None:
             hw = (int(sample.shape[-2]), int(sample.shape[-1]))
             if hw not in self._shapes:
-                self._shapes[hw] = feature_shapes(self.models.unet, hw)
+                self._shapes[hw] = feature_shapes(self.models.unet, hw, self.inject)
             refs, self_ref = self_attention_refs(self._shapes[hw], b, sample.dtype, sample.device)
         elif self_ref is None:
             self_ref = sample.new_zeros(b, dtype=torch.float32)

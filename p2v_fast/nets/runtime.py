@@ -52,11 +52,20 @@ def load_runtime(cfg: EditConfig) -> Runtime:
 
 def runtime_for(cfg: EditConfig, models) -> Runtime:
     """The backends ``cfg`` asks for, running ``models`` (already loaded or built)."""
-    backend = make_backend(cfg.backend, models, cfg.engines, cuda_graph=cfg.cuda_graph)
-    grad = backend if backend.supports_grad else (TorchBackend(models) if cfg.latent_update == "autograd" else None)
+    backend = make_backend(cfg.backend, models, cfg.engines, cuda_graph=cfg.cuda_graph, inject=cfg.inject)
+    grad = backend if backend.supports_grad else (TorchBackend(models, cfg.inject) if cfg.latent_update == "autograd"
+                                                  else None)
     for b in {id(x): x for x in (backend, grad) if isinstance(x, TorchBackend)}.values():
         b.optimize(compile=cfg.compile, channels_last=cfg.channels_last)
     return Runtime(models, backend, grad)
+
+
+def runtime_matching(rt: Runtime, cfg: EditConfig) -> Runtime:
+    """``rt`` if its backends inject where ``cfg`` asks (``--inject``), else new backends over the same
+    loaded models (an ablation that shares one runtime across decoder-only and all-layer edits)."""
+    if all(getattr(b, "inject", "decoder") == cfg.inject for b in (rt.backend, rt.grad_backend) if b is not None):
+        return rt
+    return runtime_for(cfg, rt.models)
 
 
 def invert_precision(name: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
@@ -152,7 +161,7 @@ def describe_runtime(identity: dict[str, str]) -> str:
     return f"{identity.get('backend')} {identity.get('dtype')} on {identity.get('device')}{extra}"
 
 
-def make_backend(name: str, models, engines=None, cuda_graph: bool = False) -> Backend:
+def make_backend(name: str, models, engines=None, cuda_graph: bool = False, inject: str = "decoder") -> Backend:
     """The backend called ``name`` for ``models``.
 
     ``engines``: the folder ``p2v export`` wrote (default ``./engines``) for ``onnxruntime`` and
@@ -168,8 +177,12 @@ def make_backend(name: str, models, engines=None, cuda_graph: bool = False) -> B
         from p2v_fast.errors import InputError
 
         raise InputError(f"--cuda-graph needs the tensorrt backend; {name} runs here (PyTorch: --compile)")
+    if inject != "decoder" and name != "torch":
+        from p2v_fast.errors import InputError
+
+        raise InputError(f"--inject {inject} runs on --backend torch: the {name} engines hold the decoder's 9 layers")
     if name == "torch":
-        return TorchBackend(models)
+        return TorchBackend(models, inject)
     if name == "onnxruntime":
         from p2v_fast.nets.backend_onnx import OnnxRuntimeBackend
 
