@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -36,6 +35,7 @@ from p2v_fast.config import (
     SCHEDULES,
     EditConfig,
     check_choice,
+    cpu_policy,
 )
 from p2v_fast.display import LogProgress, RichProgress, batch_display, progress_for
 from p2v_fast.errors import P2VError
@@ -273,8 +273,8 @@ def _write_json(path: Path | None, data: Any) -> None:
 def _threads(n: int | None) -> Iterator[None]:
     """PyTorch's CPU threads for a command that takes no EditConfig (whose ``threads`` the
     library applies itself): ``n``, or its default (one per physical core). Either way OpenMP's
-    idle threads sleep rather than spin (:func:`main` sets OMP_WAIT_POLICY=PASSIVE before torch
-    loads, unless the environment sets it)."""
+    idle threads sleep rather than spin (p2v_fast.config.cpu_policy, applied before torch loads,
+    unless the environment says otherwise)."""
     from p2v_fast.config import check_threads
     from p2v_fast.nets.runtime import torch_threads
 
@@ -773,11 +773,10 @@ def options_table() -> None:
 
 
 def main() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # the library's CPU thread policy, before torch loads (import p2v_fast applied it already; it
+    # is named here because OpenMP reads it only then: docs/performance.md, "CPU threads")
+    cpu_policy()
     signal.signal(signal.SIGTERM, _on_sigterm)  # clean up (partial files, locks) as on Ctrl-C
-    # OpenMP (libgomp) reads this once, when torch loads: idle threads sleep instead of spinning,
-    # which on a busy CPU made a tiny edit 6-27x slower (docs/performance.md, "CPU threads").
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     app()
 
 

@@ -13,12 +13,20 @@ The Python API, as the CLI uses it::
 preview=True)`` renders the anchor frame as a PNG. Every error a user can cause is a
 :class:`P2VError` with a one-line message. Names are imported on first use, so ``import
 p2v_fast`` stays light.
+
+Importing p2v_fast applies the CLI's CPU thread policy (:func:`p2v_fast.config.cpu_policy`:
+OpenMP's idle threads sleep instead of spinning), which OpenMP reads only when torch loads:
+import p2v_fast before torch, or set ``OMP_WAIT_POLICY=PASSIVE`` yourself.
 """
 
 from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING, Any
+
+from p2v_fast.config import cpu_policy
+
+cpu_policy()  # before anything imports torch (see above)
 
 __version__ = "0.1.0"
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import sys
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,7 +104,7 @@ class EditConfig:
     channels_last: bool = False  # channels-last memory format for the UNet
     cuda_graph: bool = False  # tensorrt backend: replay each engine as a CUDA graph (static-shape engines)
     # PyTorch's CPU threads for the run; None: its default, one per physical core (OpenMP's idle
-    # threads wait passively either way: cli.main sets OMP_WAIT_POLICY=PASSIVE; docs/performance.md, "CPU threads")
+    # threads wait passively either way: cpu_policy, applied by import p2v_fast; docs/performance.md, "CPU threads")
     threads: int | None = None
 
     # --- Pix2Video (sec. 3.1, 3.2) ---
@@ -138,6 +141,39 @@ class EditConfig:
     def effective_delta(self, latent_hw: tuple[int, int]) -> float:
         h, w = latent_hw
         return self.update_weight * (h * w) / REFERENCE_LATENT_PIXELS
+
+
+#: The environment of every run's CPU threads (:func:`cpu_policy`): OpenMP's idle threads sleep
+#: instead of spinning for CPU time that other threads, or other processes, need (on a busy CPU a
+#: tiny edit ran 6-27x slower without it: docs/performance.md, "CPU threads"); the tokenizers
+#: library starts no thread pool of its own.
+CPU_POLICY = {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
+_late: list[str] = []  # CPU_POLICY's variables that came after torch had loaded (too late for OpenMP)
+
+
+def cpu_policy() -> None:
+    """Set :data:`CPU_POLICY` in the environment where it is unset (a setting of the user's wins).
+
+    The one thread policy of the CLI and the library: ``import p2v_fast`` applies it (OpenMP reads
+    ``OMP_WAIT_POLICY`` once, when torch loads, so it must come before ``import torch``), and
+    ``cli.main`` calls it too. The thread count is each run's ``threads`` (None: PyTorch's
+    default, one per physical core), applied by ``edit_video``/``invert_video`` either way.
+    """
+    for name, value in CPU_POLICY.items():
+        if name not in os.environ:
+            if name == "OMP_WAIT_POLICY" and "torch" in sys.modules:
+                _late.append(name)
+            os.environ[name] = value
+
+
+def warn_if_policy_late() -> None:
+    """A RuntimeWarning (once) if torch was imported before p2v_fast with ``OMP_WAIT_POLICY``
+    unset: OpenMP's idle threads then spin, and the library cannot change that any more."""
+    if _late:
+        _late.clear()
+        warnings.warn("torch was imported before p2v_fast with OMP_WAIT_POLICY unset, so OpenMP's idle threads "
+                      "spin (several times slower on a busy CPU); import p2v_fast first, or set "
+                      "OMP_WAIT_POLICY=PASSIVE before starting Python", RuntimeWarning, stacklevel=3)
 
 
 def check_threads(n: int | None) -> None:

@@ -19,7 +19,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+# isort: off
+import p2v_fast  # noqa: F401  (its CPU thread policy, as a user's import applies it: before torch loads OpenMP)
 import torch
+# isort: on
 
 from tests.helpers import REAL_MODEL, chromium, export_tiny, playwright, real_weights
 

@@ -4,7 +4,6 @@ wavefront simulated without weights) and `--threads` on every command that compu
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -110,17 +109,3 @@ def test_threads_is_checked_on_every_command(tmp_path: Path, command) -> None:
     r = p2v(*[c.format(clip=clip, tmp=tmp_path / "demo") for c in command], "--threads", 0)
     assert r.exit_code == 2 and "--threads must be >= 1" in r.output
     assert not (tmp_path / "demo").exists()  # refused before any work
-
-
-def test_main_makes_openmp_wait_passively(monkeypatch) -> None:
-    """OpenMP reads OMP_WAIT_POLICY once, when torch loads: main sets it first (unless it is set)."""
-    import cli
-
-    monkeypatch.setattr(cli, "app", lambda: None)
-    monkeypatch.setattr(cli.signal, "signal", lambda *args: None)  # main's SIGTERM handler: not in pytest
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    cli.main()
-    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
-    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    cli.main()
-    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"

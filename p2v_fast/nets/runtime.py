@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from p2v_fast.config import EditConfig, resolve_device
+from p2v_fast.config import EditConfig, resolve_device, warn_if_policy_late
 from p2v_fast.errors import EngineError, InputError
 from p2v_fast.nets.backends import Backend, TorchBackend, runtime_identity
 
@@ -41,6 +41,7 @@ class Runtime:
 def load_runtime(cfg: EditConfig) -> Runtime:
     from p2v_fast.weights.models import load_models
 
+    warn_if_policy_late()  # torch loaded before p2v_fast: its OpenMP threads spin (a warning, once)
     if cfg.backend == "tensorrt":  # before loading anything: say why TensorRT cannot run here
         from p2v_fast.nets.system import require_tensorrt
 
