@@ -60,6 +60,18 @@ def test_preview_writes_the_anchor_frame(clip, tmp_path) -> None:
     assert Image.open(out).size == (128, 64)
 
 
+def test_the_edit_after_a_preview_reuses_its_inversion_of_frame_1(clip, tmp_path, own_cache) -> None:
+    """Before: the preview's inversion (frame 1 alone) had a key of its own, so the full edit
+    inverted frame 1 again."""
+    opts = [*FAST, "--max-frames", "3", "--source-prompt", "a clip"]
+    r = p2v("edit", clip, "a swan", "--preview", "-o", tmp_path / "p.png", *opts)
+    assert r.exit_code == 0, r.output
+    r = p2v("edit", clip, "a swan", "-o", tmp_path / "e.mp4", *opts)
+    assert r.exit_code == 0, r.output
+    assert "frame 1 from the preview's cache entry" in r.output.replace("\n", " "), r.output
+    assert len(list((own_cache / "inversions").iterdir())) == 2  # the preview's entry and the clip's
+
+
 def test_invert_reports_the_reconstruction_once(clip, own_cache) -> None:
     """Before: `p2v invert` logged the reconstruction error as it measured it, then printed it again."""
     r = p2v("invert", clip, *FAST, "--max-frames", "2", "--source-prompt", "a clip")

@@ -10,6 +10,7 @@ from p2v_fast.media.clip_selection import select_clip
 from p2v_fast.method.ddim import DDIMSchedule
 from p2v_fast.method.inversion import invert_clip
 from p2v_fast.nets.backends import TorchBackend
+from p2v_fast.progress import NullProgress
 from p2v_fast.weights.prompts import encode_prompt
 from tests.helpers import sample_clip
 
@@ -157,6 +158,37 @@ def test_reconstruction_error_is_measured_once_and_kept_in_the_cache(tiny_models
     assert rec["psnr_db"] is not None and rec["psnr_db"] > 0
     again, backend2, _ = _invert(tiny_models, clip, tmp_path / "cache", steps=6, check=True)
     assert again.cache_hit and again.reconstruction == rec and backend2.counter.unet_calls == 0
+
+
+@pytest.mark.parametrize("depth_norm", ["frame", "clip"])
+def test_the_full_inversion_takes_frame_1_from_the_previews_entry(tiny_models, tmp_path, depth_norm) -> None:
+    """Before: a preview's entry (frame 1 alone) never matched the full clip's key, so the edit
+    after a preview inverted frame 1 again. Now it takes it (and its reconstruction error) and
+    inverts the other frames, unless the depth is normalised over the clip, where frame 1's
+    depth differs; the frame is the one a full inversion computes."""
+    clip = sample_clip(tmp_path, n_frames=3)
+    preview, _, _ = _invert(tiny_models, clip, tmp_path / "cache", steps=4, check=True, max_frames=1,
+                            depth_norm=depth_norm)
+    assert preview.n_frames == 1 and preview.reconstruction is not None
+    logs: list[str] = []
+    progress = NullProgress()
+    progress.log = logs.append  # type: ignore[method-assign]
+    cfg = EditConfig(model="tiny", size=64, steps=4, source_prompt="a clip", cache_dir=tmp_path / "cache",
+                     depth_norm=depth_norm)
+    backend = TorchBackend(tiny_models)
+    full = invert_clip(cfg, select_clip(clip, cfg), tiny_models, backend, "a clip", batch=1, progress=progress)
+    assert full.n_frames == 3 and not full.cache_hit and full.root != preview.root
+    fresh, _, _ = _invert(tiny_models, clip, tmp_path / "fresh", steps=4, check=True, depth_norm=depth_norm)
+    assert all(torch.equal(full.load(i)[k], fresh.load(i)[k]) for i in range(3) for k in ("x_T", "depth", "x_0"))
+    if depth_norm == "frame":
+        assert backend.counter.unet_calls == 2 * 4  # frames 2 and 3; no check (the preview measured frame 1)
+        assert full.reconstruction == preview.reconstruction
+        assert any("frame 1 from the preview's cache entry" in m for m in logs), logs
+    else:
+        assert backend.counter.unet_calls == 3 * 4 + 4  # every frame, and the check
+        assert not any("preview" in m for m in logs), logs
+    again, backend2, _ = _invert(tiny_models, clip, tmp_path / "cache", steps=4, check=True, depth_norm=depth_norm)
+    assert again.cache_hit and again.root == full.root and backend2.counter.unet_calls == 0
 
 
 def test_cache_key_covers_the_runtime_and_the_framing(tiny_models, tmp_path) -> None:

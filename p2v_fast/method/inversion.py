@@ -5,7 +5,8 @@ inversion steps with the source prompt at guidance 1 (conditional branch only: b
 never an unconditional pass), depth-conditioned.
 
 The result is cached (:mod:`p2v_fast.method.inversion_cache`: the key, the entry's files, its lock
-and ``meta.json``), so every later edit of the same clip reuses it.
+and ``meta.json``), so every later edit of the same clip reuses it; the full edit after a preview
+reuses the preview's frame 1 (and its reconstruction error).
 
 Precision: the inversion runs in ``cfg.invert_dtype`` (fp32 by default): on the edit's backend
 when that computes in it, else on PyTorch in it (:func:`inversion_runtime`; a graph backend with
@@ -39,6 +40,7 @@ from p2v_fast.method.inversion_cache import (
     frame_file,
     record_entry,
     recorded_reconstruction,
+    reuse_preview_frame,
     save_frame_file,
 )
 from p2v_fast.nets.backends import Backend
@@ -76,12 +78,11 @@ def invert_clip(
     budget: CallBudget | None = None,
     check: bool = True,
 ) -> InvertedClip:
-    """Invert every selected frame (or reuse the cache). ``batch`` frames share a UNet call;
-    None: up to :data:`MAX_INVERT_BATCH`, as many as fit in memory (``budget``, measured on the
-    first frame's calls). Frames are independent here, so batching does not change the result
-    beyond float reassociation. ``backend``: the backend to run on, or an
-    :class:`InversionRuntime` that makes it on a cache miss. ``check``: on a miss, also measure
-    :func:`reconstruction_error` (``steps`` more batch-1 UNet calls) and record it."""
+    """Invert every selected frame (or reuse the cache). ``batch`` frames share a UNet call; None: up to
+    :data:`MAX_INVERT_BATCH`, as many as fit in memory (``budget``, measured on the first frame's calls).
+    Frames are independent here, so batching does not change the result beyond float reassociation.
+    ``backend``: the backend to run on, or an :class:`InversionRuntime` that makes it on a cache miss.
+    ``check``: on a miss, also measure :func:`reconstruction_error` (``steps`` more batch-1 UNet calls)."""
     progress = progress or NullProgress()
     runtime = backend if isinstance(backend, InversionRuntime) else InversionRuntime.of(backend)
     # 1. Hit: the entry of everything that changes the inverted latents, used as it is when whole
@@ -98,16 +99,18 @@ def invert_clip(
     try:
         handle.cache_hit = False
         progress.log(f"inversion: {runtime.describe()}")
+        # 3. Reuse: frame 1 from a preview's entry of this clip (its reconstruction error with it)
+        reuse_preview_frame(cfg, models, selection, handle, progress)
         backend = runtime.make()
-        # 3. Encode and depth: each frame's VAE latent and raw depth, kept on disk (not in memory)
+        # 4. Encode and depth: each frame's VAE latent and raw depth, kept on disk (not in memory)
         lo, hi = _encode_frames(selection, backend, root, batch, progress)
-        # 4. Invert: DDIM, conditional branch only, frames batched as memory allows
+        # 5. Invert: DDIM, conditional branch only, frames batched as memory allows (all but a reused frame 1)
         schedule, cond = _invert_pending(cfg, backend, root, n, latent_hw, (lo, hi), source_prompt,
                                          batch, budget, progress)
-        # 5. Check: frame 1 regenerated from its x_T (not logged: each command's report shows it once)
-        if check:
+        # 6. Check: frame 1 regenerated from its x_T, unless a reused preview's was (each report shows it once)
+        if check and handle.reconstruction is None:
             handle.reconstruction = reconstruction_error(backend, schedule, cond, handle.load(0, backend.device))
-        # 6. Record: meta.json last, so the entry is whole only once every frame is
+        # 7. Record: meta.json last, so the entry is whole only once every frame is
         record_entry(handle, cfg, backend.models, selection)
     finally:
         lock.release()

@@ -8,6 +8,13 @@ checksums; a resumed frame's shapes and finite values); a damaged one is recompu
 one-line notice, reusing its intact frames. One run at a time fills an entry (a lock file in
 it): a second run of the same clip waits, then uses the result. Non-finite values are never
 cached.
+
+A preview (``p2v edit --preview``, the UI's Preview) inverts frame 1 alone: an entry of one frame,
+whose key differs from the full clip's (the key holds the frames' digest). The full edit that
+follows takes frame 1 from it (:func:`reuse_preview_frame`) and inverts only the others: with
+``--depth-norm frame`` (the default) a frame's inversion depends on that frame alone. With
+``--depth-norm clip`` frame 1's depth is scaled by the whole clip's range, so the preview's frame
+is not the full edit's and is not reused.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -24,8 +31,9 @@ from safetensors.torch import load, load_file, save
 from p2v_fast.config import EditConfig
 from p2v_fast.errors import OutputError, P2VError, one_line
 from p2v_fast.files import FileLock, write_bytes_atomic
-from p2v_fast.media.clip_selection import ClipSelection
+from p2v_fast.media.clip_selection import ClipSelection, frames_digest
 from p2v_fast.progress import Progress
+from p2v_fast.text import plural
 from p2v_fast.weights.models import model_identity
 
 CACHE_VERSION = 2  # 2: keyed on the runtime (backend, dtype, device, graphs) and the framing
@@ -259,3 +267,22 @@ def cache_key(cfg: EditConfig, models, digest: str, source_prompt: str, runtime:
         "depth_norm": cfg.depth_norm,
     }
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def reuse_preview_frame(cfg: EditConfig, models, selection: ClipSelection, clip: InvertedClip,
+                        progress: Progress) -> None:
+    """Entry ``clip.root`` (locked, being filled for ``selection``) takes frame 1 from the entry of
+    frame 1 alone, as a preview of the same clip, size, framing, model, runtime, steps and source
+    prompt wrote it, when that entry is whole and the depth is normalised per frame; ``clip``
+    takes the preview's recorded reconstruction error with it (measured on frame 1: the same x_T)."""
+    first, n = frame_file(clip.root, 0), selection.n_frames
+    if n < 2 or cfg.depth_norm != "frame" or file_problem(first, selection.latent_hw) is None:
+        return
+    alone = replace(selection, max_frames=1, n_frames=1)
+    preview = clip.root.parent / cache_key(cfg, models, frames_digest(alone), clip.source_prompt, clip.runtime, alone)
+    if entry_problems(preview, 1, selection.latent_hw)[0] is not None:
+        return
+    write_bytes_atomic(first, frame_file(preview, 0).read_bytes(), "the inversion cache")
+    clip.reconstruction = recorded_reconstruction(preview)
+    progress.log(f"inversion: frame 1 from the preview's cache entry {preview.name}; inverting the other "
+                 f"{plural(n - 1, 'frame')}")
