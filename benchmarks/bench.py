@@ -65,6 +65,7 @@ from p2v_fast.nets.runtime import (
     resolve_dtype,
 )
 from p2v_fast.progress import NullProgress, Progress
+from p2v_fast.text import plural
 from p2v_fast.weights.prompts import encode_prompt
 
 SCHEMA = "p2v-bench/1"
@@ -491,7 +492,7 @@ def _bench_backend(name: str, opts: BenchOptions, base: EditConfig, models, sele
         return made[0]
 
     runtime = InversionRuntime(where.identity, inverter)
-    progress.log(f"{name}: inversion ({opts.steps} steps, cold cache) on {runtime.describe()}")
+    progress.log(f"{name}: inversion ({plural(opts.steps, 'step')}, cold cache) on {runtime.describe()}")
     digest = frames_digest(selection)
     handles: list[tuple[Path, Any]] = []  # (cache folder, InvertedClip)
 

@@ -18,6 +18,7 @@ from p2v_fast.config import EditConfig
 from p2v_fast.errors import InputError
 from p2v_fast.method.plan import simulate_wavefront
 from p2v_fast.nets.attention import feature_shapes
+from p2v_fast.text import plural
 
 #: Caps compared by default (frames in flight); the default cap is 16.
 CAPS = (4, 8, 16, 32, 50)
@@ -48,8 +49,8 @@ def plan_report(frames: int, steps: int, size: int, dtype: str = "fp16", caps: t
                 update_steps: int | None = None) -> dict[str, Any]:
     """Plans of a ``frames`` x ``steps`` edit at ``size`` x ``size`` for every cap and mode."""
     if not 1 <= frames <= MAX_PLAN_FRAMES or not caps or min(caps) < 1:
-        raise InputError(f"--plan needs --frames from 1 to {MAX_PLAN_FRAMES} and caps >= 1; got {frames} frames, "
-                         f"caps {caps}")
+        raise InputError(f"--plan needs --frames from 1 to {MAX_PLAN_FRAMES} and caps >= 1; got "
+                         f"{plural(frames, 'frame')}, caps {caps}")
     if dtype not in ("fp16", "bf16", "fp32", "auto"):
         raise InputError(f"--dtype must be auto, fp16, bf16 or fp32; got {dtype!r}")
     torch_dtype = {"fp16": torch.float16, "auto": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
@@ -67,7 +68,7 @@ def plan_report(frames: int, steps: int, size: int, dtype: str = "fp16", caps: t
 
 
 def plan_table(report: dict[str, Any]) -> Table:
-    table = Table(title=f"wavefront plan: {report['frames']} frames x {report['steps']} steps, "
+    table = Table(title=f"wavefront plan: {plural(report['frames'], 'frame')} x {plural(report['steps'], 'step')}, "
                         f"{report['size']}x{report['size']} {report['dtype']}, {report['model']}")
     for col in ("latent update", "cap", "ticks", "UNet calls", "frames/call (mean, most)", "peak features",
                 "of which anchor", "stored frame-steps"):

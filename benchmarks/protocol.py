@@ -34,6 +34,7 @@ from benchmarks.options import BenchRequest
 from p2v_fast.config import LATENT_UPDATES, EditConfig
 from p2v_fast.errors import InputError
 from p2v_fast.nets import memory
+from p2v_fast.text import plural
 
 PROTOCOLS: dict[str, dict[str, int]] = {"v2v120": {"frames": 120, "size": 512, "steps": 50}}
 
@@ -215,8 +216,8 @@ def run_protocol(opts: ProtocolOptions, log: Callable[[str], None] = print) -> d
         report["warmup_seconds"] = time.perf_counter() - t0
         report["setup_seconds"] = time.perf_counter() - t_setup
         for mode in opts.latent_updates:
-            log(f"{opts.name}: latent update {mode}, {w['frames']} frames at {w['size']}x{w['size']}, "
-                f"{w['steps']} steps, cold inversion cache")
+            log(f"{opts.name}: latent update {mode}, {plural(w['frames'], 'frame')} at {w['size']}x{w['size']}, "
+                f"{plural(w['steps'], 'step')}, cold inversion cache")
             clock = StageClock(device, log)
             peak = PeakMemory(device)
             peak.reset()
@@ -249,8 +250,8 @@ def protocol_table(report: dict[str, Any]) -> Table:
     w = report["workload"]
     label = "" if report["faithful"] else (f"  NOT THE PROTOCOL: overridden {report['overrides']} "
                                            f"(the protocol is {PROTOCOLS[report['protocol']]})")
-    table = Table(title=f"--protocol {report['protocol']}: {w['frames']} frames, {w['size']}x{w['size']}, "
-                        f"{w['steps']} steps, end to end, {report['model']} {report['dtype']} on "
+    table = Table(title=f"--protocol {report['protocol']}: {plural(w['frames'], 'frame')}, {w['size']}x{w['size']}, "
+                        f"{plural(w['steps'], 'step')}, end to end, {report['model']} {report['dtype']} on "
                         f"{report['device']['name']}{label}")
     names = sorted({k for r in report["runs"] for k in r["stages"]}, key=_stage_order)
     for col in ("method", "total s", "s/frame", *names, "decode busy", "encode busy"):

@@ -15,6 +15,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from p2v_fast.text import plural
+
 #: Columns of the printed tables when the output is not a terminal.
 WIDTH = 100
 COLUMNS = ("stage", "s/frame", "UNet calls", "TFLOP", "TFLOP/s", "peak mem", "vs paper")
@@ -71,8 +73,9 @@ def backend_rows(run: dict[str, Any]) -> list[list[str] | str]:
 
 def title(report: dict[str, Any], backend: str) -> str:
     o, dev = report["options"], report["device"]
-    return (f"p2v bench, {backend} backend: {report['model']['name']}, {o['size']}x{o['size']}, {o['steps']} steps, "
-            f"{report['clip']['frames']} frames, {report['dtype']} on {dev['name']}")
+    return (f"p2v bench, {backend} backend: {report['model']['name']}, {o['size']}x{o['size']}, "
+            f"{plural(o['steps'], 'step')}, {plural(report['clip']['frames'], 'frame')}, {report['dtype']} on "
+            f"{dev['name']}")
 
 
 def caption(report: dict[str, Any]) -> str:
@@ -80,7 +83,7 @@ def caption(report: dict[str, Any]) -> str:
     return (f"per frame: seconds (median of {o['repeats']} after {o['warmup']} warm-up; min-max and every repeat "
             "in --json), UNet calls (+ backward passes) and UNet TFLOP; TFLOP/s (share of the device's peak, "
             f"where known). vs paper: (edit + VAE decode) / {p['seconds_per_frame']:g} s/frame ({p['device']}, "
-            f"{p['size']}², {p['steps']} steps). Load average {report.get('load_average_start')} -> "
+            f"{p['size']}², {plural(p['steps'], 'step')}). Load average {report.get('load_average_start')} -> "
             f"{report.get('load_average_end')}.")
 
 

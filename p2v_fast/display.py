@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from p2v_fast.text import clock
+from p2v_fast.text import clock, plural
 
 #: Seconds between progress lines when the console is not a terminal (a log file, CI).
 PROGRESS_INTERVAL_S = 10.0
@@ -80,7 +80,7 @@ class LogProgress:
     def stage(self, description: str, total: int | None) -> Callable[[int], None]:
         t0 = self.clock()
         state = {"done": 0, "shown": t0}
-        self._line(f"{description}: started" + (f", {total} steps" if total else ""))
+        self._line(f"{description}: started" + (f", 0/{total}" if total else ""))  # the units vary: frames, steps...
 
         def advance(n: int = 1) -> None:
             state["done"] += n
@@ -130,7 +130,7 @@ class RichBatchReporter:
         todo = [j for j in jobs if not j.done]
         self.n_todo = len(todo)
         if len(jobs) > len(todo):
-            self.log(f"{len(jobs) - len(todo)} of {len(jobs)} jobs already done (outputs complete): skipped")
+            self.log(f"{len(jobs) - len(todo)} of {plural(len(jobs), 'job')} already done (outputs complete): skipped")
         self.overall = self.progress.add_task(f"jobs 0/{len(todo)}", total=max(sum(j.n_frames for j in todo), 1),
                                               visible=bool(todo))
 
@@ -180,8 +180,8 @@ class LogBatchReporter:
     def start(self, jobs: list) -> None:
         todo = [j for j in jobs if not j.done]
         if len(jobs) > len(todo):
-            self.log(f"{len(jobs) - len(todo)} of {len(jobs)} jobs already done (outputs complete): skipped")
-        self.log(f"{len(todo)} jobs to run, {sum(j.n_frames for j in todo)} frames")
+            self.log(f"{len(jobs) - len(todo)} of {plural(len(jobs), 'job')} already done (outputs complete): skipped")
+        self.log(f"{plural(len(todo), 'job')} to run, {plural(sum(j.n_frames for j in todo), 'frame')}")
 
     def job_started(self, job, worker: str) -> None:
         self.shown[job.index] = self.clock()
@@ -191,7 +191,7 @@ class LogBatchReporter:
         now = self.clock()
         if now - self.shown.get(job.index, now) >= PROGRESS_INTERVAL_S:
             self.shown[job.index] = now
-            self.log(f"job {job.index} {stage}: {frames:.0f}/{job.n_frames} frames")
+            self.log(f"job {job.index} {stage}: {frames:.0f}/{plural(job.n_frames, 'frame')}")
 
     def job_finished(self, job, result) -> None:
         what = result.output if result.status == "done" else result.detail

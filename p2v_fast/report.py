@@ -121,7 +121,7 @@ def print_ablation(console: Console, result: AblationResult) -> None:
 
     best = result.best()
     table = Table(title=escape(f"Pix2Video ablation: {plural(result.n_frames, 'frame')} at "
-                               f"{result.size[0]}x{result.size[1]}, {result.steps} steps, {result.model}"))
+                               f"{result.size[0]}x{result.size[1]}, {plural(result.steps, 'step')}, {result.model}"))
     table.add_column("setting", no_wrap=True)
     for _, header, _ in METRICS:
         table.add_column(header, justify="right")

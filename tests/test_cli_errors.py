@@ -569,7 +569,7 @@ def test_progress_in_a_log_is_plain_lines(clip, tmp_path) -> None:
     every PROGRESS_INTERVAL_S in between), no bars, no blank line before an error."""
     r = _p2v("edit", clip, "a swan", "-o", tmp_path / "o.mp4", *FAST, "--depth-norm", "clip")  # not cached yet
     assert r.exit_code == 0
-    for line in ("encode + depth: started, 4 steps", "inversion: 8/8 done in", "edit: started, 8 steps",
+    for line in ("encode + depth: started, 0/4", "inversion: 8/8 done in", "edit: started, 0/8",
                  "edit: 8/8 done in"):
         assert line in r.stderr, r.stderr
     assert "━" not in r.output
@@ -590,9 +590,11 @@ def test_log_progress_lines_at_an_interval() -> None:
         advance(1)
     now[0] += 0.5
     advance(1)
-    assert lines[0] == "edit: started, 100 steps"
+    assert lines[0] == "edit: started, 0/100"  # before: "100 steps", for a total of frames or frame-steps too
     assert lines[1] == "edit: 20/100 (20%), 0:00:10 elapsed, about 0:00:40 left"
     assert len(lines) == 1 + 4 + 1 and lines[-1] == "edit: 100/100 done in 0:00:50"
+    progress.stage("encode + depth", 1)(1)  # a preview's one frame: before, "started, 1 steps"
+    assert lines[-2:] == ["encode + depth: started, 0/1", "encode + depth: 1/1 done in 0:00:00"]
 
 
 def test_edit_json_keeps_the_full_update_numbers(clip, tmp_path) -> None:

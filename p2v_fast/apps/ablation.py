@@ -51,6 +51,7 @@ from p2v_fast.quality.metrics import (
     make_flow,
     paper_scores,
 )
+from p2v_fast.text import plural
 
 
 @dataclass(frozen=True)
@@ -217,7 +218,8 @@ def markdown_table(result: AblationResult) -> str:
         f"# Pix2Video ablation: {result.input.name}",
         "",
         f"prompt {result.prompt!r}, source prompt {result.source_prompt!r}; model {result.model}, "
-        f"{result.n_frames} frames at {result.size[0]}x{result.size[1]}, {result.steps} DDIM steps; "
+        f"{plural(result.n_frames, 'frame')} at {result.size[0]}x{result.size[1]}, "
+        f"{plural(result.steps, 'DDIM step')}; "
         f"CLIP {result.clip_model}, flow {result.flow}. Pixel-MSE on the 0-255 scale; "
         "s/frame is edit time per frame, inversion excluded.",
         "",

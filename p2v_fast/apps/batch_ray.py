@@ -47,6 +47,7 @@ from p2v_fast.errors import BackendUnavailableError, InputError, P2VError, Termi
 from p2v_fast.files import write_json_atomic
 from p2v_fast.media import writer
 from p2v_fast.media.paths import check_report_path
+from p2v_fast.text import plural
 
 #: Variables passed from where `p2v batch` runs to its workers, when set (never tokens).
 FORWARDED_ENV = ("P2V_CACHE", "HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
@@ -216,15 +217,16 @@ def actor_resources(cpus_per_worker: int | None, workers: int | None) -> tuple[d
     if cpus_per_worker is not None:
         if cpus_per_worker < 1:
             raise InputError(f"--ray-cpus-per-worker must be >= 1; got {cpus_per_worker}")
-        fit, what = int(res.get("CPU", 0) // cpus_per_worker), f"{int(res.get('CPU', 0))} CPUs"
+        fit, what = int(res.get("CPU", 0) // cpus_per_worker), plural(int(res.get("CPU", 0)), "CPU")
         options: dict[str, Any] = {"num_cpus": cpus_per_worker, "num_gpus": 0}
     else:
-        fit, what = int(res.get("GPU", 0)), f"{int(res.get('GPU', 0))} GPUs"
+        fit = int(res.get("GPU", 0))
+        what = plural(fit, "GPU")
         if fit == 0:
             raise InputError("the Ray cluster has no GPUs; pass --ray-cpus-per-worker N to run on CPUs")
         options = {"num_gpus": 1}
     if workers is not None and not 1 <= workers <= fit:
-        raise InputError(f"--workers {workers}: the Ray cluster has room for 1 to {fit} workers ({what})")
+        raise InputError(f"--workers {workers}: the Ray cluster has room for 1 to {plural(fit, 'worker')} ({what})")
     return options, workers or fit
 
 
@@ -284,10 +286,10 @@ def run_batch_ray(jobs: list[Job], reporter: BatchReporter | None = None, *, add
         actor_cls = ray.remote(RayWorker).options(
             **options, max_concurrency=2, max_restarts=1, runtime_env={"env_vars": env} if env else None)
         actors = {i: actor_cls.remote(cpus_per_worker) for i in range(min(n, len(todo)))}
-        each = f"{cpus_per_worker} CPUs" if cpus_per_worker else "1 GPU"
+        each = plural(cpus_per_worker, "CPU") if cpus_per_worker else "1 GPU"
         res = ray.cluster_resources()
-        reporter.log(f"Ray: {len(actors)} workers ({each} each); the cluster has {res.get('CPU', 0):.0f} CPUs, "
-                     f"{res.get('GPU', 0):.0f} GPUs")
+        reporter.log(f"Ray: {plural(len(actors), 'worker')} ({each} each); the cluster has "
+                     f"{plural(round(res.get('CPU', 0)), 'CPU')}, {plural(round(res.get('GPU', 0)), 'GPU')}")
         _Driver(actors, names, busy, results, reporter, poll_s, start_timeout_s).run(todo)
     except KeyboardInterrupt as exc:
         interrupted, terminated = True, isinstance(exc, Terminated)
@@ -413,7 +415,7 @@ class _Driver:
                 self.reporter.log(f"job {job.index}: worker {name} died ({one_line(e)}); retrying on another worker")
                 sched.retry(job, attempt + 1, aid)
                 return True
-            result = result or JobResult.of(job, "failed", f"its worker died on each of {attempt} attempts "
+            result = result or JobResult.of(job, "failed", f"its worker died on each of {plural(attempt, 'attempt')} "
                                                               f"(last: {name})", worker=name, attempts=attempt)
             self._record(job, result, sched)
             return True

@@ -35,7 +35,7 @@ from typing import Any
 
 from p2v_fast.config import DEFAULT_MODEL, EditConfig
 from p2v_fast.errors import InputError, P2VError
-from p2v_fast.text import clock, slug
+from p2v_fast.text import clock, plural, slug
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,8 @@ class RenderProgress:
         if not st.total:
             return f"{st.name}: {done} done, {clock(elapsed)} elapsed"
         frames = min(done * self.n_frames / st.total, self.n_frames)
-        text = f"{st.name}: {frames:g}/{self.n_frames} frames ({100 * done // st.total}%), {clock(elapsed)} elapsed"
+        text = (f"{st.name}: {frames:g}/{plural(self.n_frames, 'frame')} ({100 * done // st.total}%), "
+                f"{clock(elapsed)} elapsed")
         if 0 < done < st.total:
             text += f", about {clock(elapsed * (st.total - done) / done)} left"
         return text

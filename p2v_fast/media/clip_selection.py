@@ -13,6 +13,7 @@ import numpy as np
 from p2v_fast.config import EditConfig
 from p2v_fast.errors import InputError
 from p2v_fast.media import framing, reader
+from p2v_fast.text import plural
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,6 @@ def frames_digest(selection: ClipSelection) -> str:
 
 def short_clip_message(selection: ClipSelection, decoded: int) -> str:
     """The error for a clip whose container promises more frames than decode (a truncated copy)."""
-    return (f"'{selection.path}' should give {selection.n_frames} frames here but only {decoded} decode "
+    return (f"'{selection.path}' should give {plural(selection.n_frames, 'frame')} here but only {decoded} decode "
             f"(a truncated or damaged file?); pass --max-frames {decoded} to edit the frames it has"
             if decoded else f"no frame of '{selection.path}' decodes (a truncated or damaged file?)")

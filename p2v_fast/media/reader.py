@@ -28,6 +28,7 @@ from PIL import Image, ImageOps
 
 from p2v_fast.errors import InputError, one_line
 from p2v_fast.media.framing import check_resize, fit_array, fit_cover, fit_frame
+from p2v_fast.text import plural
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".gif", ".mkv", ".avi")
@@ -176,13 +177,13 @@ def selected_count(info: VideoInfo, start: int = 0, max_frames: int | None = Non
     if max_frames is not None and max_frames < 1:
         raise InputError(f"max frames must be >= 1, got {max_frames}")
     if stride > 1 and start < info.n_frames and stride > info.n_frames - start:
-        raise InputError(f"--stride {stride} is longer than the clip: '{info.path}' has {info.n_frames - start} "
-                         f"frames from frame {start}, so it would select one frame")
+        raise InputError(f"--stride {stride} is longer than the clip: '{info.path}' has "
+                         f"{plural(info.n_frames - start, 'frame')} from frame {start}, so it would select one frame")
     n = len(range(start, info.n_frames, stride))
     if max_frames is not None:
         n = min(n, max_frames)
     if n == 0:
-        raise InputError(f"start frame {start} is beyond the end of '{info.path}' ({info.n_frames} frames)")
+        raise InputError(f"start frame {start} is beyond the end of '{info.path}' ({plural(info.n_frames, 'frame')})")
     return n
 
 

@@ -154,7 +154,7 @@ def _meta_problem(meta: object, n: int, latent_hw: tuple[int, int]) -> str | Non
     if files is not None and not isinstance(files, dict):
         return f"malformed meta.json (files is {files!r:.40})"
     if frames != n or hw != list(latent_hw):
-        return f"it describes {frames} frames at latent size {hw}, not {n} at {list(latent_hw)}"
+        return f"it describes {plural(frames, 'frame')} at latent size {hw}, not {n} at {list(latent_hw)}"
     return None
 
 

@@ -30,6 +30,7 @@ from p2v_fast.files import json_safe
 from p2v_fast.media import framing, reader
 from p2v_fast.progress import NullProgress, Progress
 from p2v_fast.quality.metrics import DEFAULT_CLIP_MODEL, FLOW_METHODS, ClipScorer, StreamingEvaluator
+from p2v_fast.text import plural
 
 FrameCallback = Callable[[int, np.ndarray, np.ndarray], None]
 
@@ -93,7 +94,7 @@ def check_inputs(
         if ed_info.n_frames < n_src:
             hint = "; if the edit used --start/--stride/--max-frames, pass the same options to eval"
         raise InputError(
-            f"videos differ in length: edited '{ed_info.path}' has {ed_info.n_frames} frames, {sel} "
+            f"videos differ in length: edited '{ed_info.path}' has {plural(ed_info.n_frames, 'frame')}, {sel} "
             f"('{src_info.path}'){hint}"
         )
     if ed_info.n_frames < 2:
@@ -214,6 +215,6 @@ def _pairs(ed_info: reader.VideoInfo, src_info: reader.VideoInfo, wh: tuple[int,
         if e is None or s is None:  # a container's stored count was wrong: count the rest
             n_edited = i + (e is not None) + sum(1 for _ in ed_frames)
             n_source = i + (s is not None) + sum(1 for _ in src_frames)
-            raise InputError(f"videos differ in length: edited '{ed_info.path}' decodes to {n_edited} frames, "
-                             f"source '{src_info.path}' to {n_source}")
+            raise InputError(f"videos differ in length: edited '{ed_info.path}' decodes to "
+                             f"{plural(n_edited, 'frame')}, source '{src_info.path}' to {n_source}")
         yield e, s

@@ -33,6 +33,7 @@ import numpy as np
 from p2v_fast.errors import InputError, one_line
 from p2v_fast.media.scenes import COLOURS, SHAPES
 from p2v_fast.quality.metrics import warp_backward
+from p2v_fast.text import plural
 
 #: A pixel counts towards an object's colour when its saturation (HSV) is at least this; the
 #: floor and wall tones stay below it (their saturation is at most ~0.3).
@@ -311,8 +312,8 @@ def score_against_truth(edited: np.ndarray, source: np.ndarray, truth: SceneTrut
     n = len(edited)
     sel = np.arange(start, start + stride * n, stride)
     if sel[-1] >= len(truth.depth):
-        raise InputError(f"ground truth '{truth.path}' has {len(truth.depth)} frames; the edit used frames up to "
-                         f"{sel[-1]}")
+        raise InputError(f"ground truth '{truth.path}' has {plural(len(truth.depth), 'frame')}; the edit used "
+                         f"frames up to {sel[-1]}")
     if edited.shape[1:3] != truth.depth.shape[1:]:
         raise InputError(f"the edited frames are {edited.shape[2]}x{edited.shape[1]} and the ground truth "
                          f"{truth.depth.shape[2]}x{truth.depth.shape[1]}: compare at the clip's own size")
