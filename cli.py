@@ -30,6 +30,7 @@ from p2v_fast.config import (
     INJECTIONS,
     INVERT_DTYPES,
     LATENT_UPDATES,
+    OUTPUT_SIZES,
     REFS,
     RESIZES,
     SCHEDULES,
@@ -243,6 +244,10 @@ Resize = Annotated[str, typer.Option(
     "--resize", **_choices("--resize", RESIZES),
     help="Framing: crop (short side --size, aspect kept, centre-cropped), stretch (squashed to --size x --size, "
     "as the paper), pad (fitted in --size x --size, letterboxed; the output drops the bars).")]
+OutputSize = Annotated[str, typer.Option(
+    "--output-size", **_choices("--output-size", OUTPUT_SIZES),
+    help="Size the edit (and its side-by-side and strip) is written at: input (the clip's own, resampled from the "
+    "working size; crop: the cropped region at the clip's scale) or working (the working size, pad's bars cut).")]
 Threads = Annotated[int | None, typer.Option(
     help="CPU threads for PyTorch (default: one per core; OpenMP threads wait passively, see docs/performance.md).")]
 ClipModel = Annotated[str, typer.Option(
@@ -311,6 +316,7 @@ def edit(
     model: Model = _edit_default("model"),
     size: Size = _edit_default("size"),
     resize: Resize = _edit_default("resize"),
+    output_size: OutputSize = _edit_default("output_size"),
     start: Start = _edit_default("start"),
     max_frames: MaxFrames = None,
     stride: Stride = _edit_default("stride"),
@@ -372,6 +378,7 @@ def demo(
     size: Size = 64,
     steps: Steps = _edit_default("steps"),
     model: Model = "mini",
+    output_size: OutputSize = _edit_default("output_size"),
     json_path: Annotated[Path | None, _json("the edit's result (as p2v edit --json)")] = None,
     overwrite: Annotated[bool, _overwrite("an existing --json file (the edit's own files are replaced on every run)")
                          ] = False,
@@ -385,7 +392,8 @@ def demo(
     """
     from p2v_fast.apps.demo import demo_config, run_demo
 
-    cfg = demo_config(size=size, steps=steps, threads=threads, model=model)  # checked before the clip is made
+    # checked before the clip is made
+    cfg = demo_config(size=size, steps=steps, threads=threads, model=model, output_size=output_size)
     with _progress() as progress:
         result = run_demo(out, cfg, frames, progress, json_path=json_path, overwrite=overwrite)
     report.print_demo(out_console, result)
@@ -410,6 +418,7 @@ def ui(
     engines: Annotated[Path, typer.Option(help="Folder whose engine folders the page offers.")
                        ] = _export_default("out"),
     max_upload_mb: Annotated[int, typer.Option("--max-upload-mb", help="Largest upload, in MB.")] = 200,
+    output_size: OutputSize = _edit_default("output_size"),
     threads: Threads = None,
 ) -> None:
     """Open the web page to restyle a clip (Gradio; install the extra: pip install 'p2v-fast[ui]')."""
@@ -432,7 +441,7 @@ def ui(
         raise InputError(f"--out '{out}' is a file, not a folder")
     EditConfig(model=model, device=device, dtype=dtype)  # a bad value is one line before anything loads
     settings = UISettings(out_dir=out, model=model, device=device, dtype=dtype, engines_root=engines,
-                          threads=threads, max_upload_mb=max_upload_mb)
+                          threads=threads, max_upload_mb=max_upload_mb, output_size=output_size)
     launch(settings, host=host, port=port, auth=read_auth(auth, auth_file), share=share,
            on_line=lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True))
 
@@ -596,6 +605,7 @@ def ablate(
     model: Model = _edit_default("model"),
     size: Size = _edit_default("size"),
     resize: Resize = _edit_default("resize"),
+    output_size: OutputSize = _edit_default("output_size"),
     start: Start = _edit_default("start"),
     max_frames: MaxFrames = None,
     stride: Stride = _edit_default("stride"),

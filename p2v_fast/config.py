@@ -29,6 +29,8 @@ DTYPES = ("fp32", "fp16", "bf16")
 # "same": the edit's --dtype
 INVERT_DTYPES = (*DTYPES, "tf32", "same")
 RESIZES = ("crop", "stretch", "pad")
+#: --output-size: the edit written at the input's size (resampled from the working size) or at the working size.
+OUTPUT_SIZES = ("input", "working")
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "auto")
 SCHEDULES = ("sequential", "wavefront")
 #: The CLIP model and the optical flows of the paper's metrics (p2v_fast.quality.metrics; p2v eval, p2v ablate).
@@ -75,6 +77,9 @@ class EditConfig:
     # (squashed to --size x --size, as the paper and its code do), "pad" (fitted inside
     # --size x --size, letterboxed; the output is the frame without its padding)
     resize: str = "crop"
+    # The size the edit is written at (p2v_fast.media.framing.output_frame): "input" (the clip's own,
+    # resampled from the working size; crop: the cropped region at the clip's scale) or "working"
+    output_size: str = "input"
     start: int = 0  # first source frame
     max_frames: int | None = None  # at most this many frames (after stride)
     stride: int = 1  # take every stride-th frame
@@ -220,6 +225,7 @@ def _verify(c: EditConfig) -> None:
     if c.invert_dtype == "tf32" and c.device == "cpu":
         raise InputError("--invert-dtype tf32 is TF32 tensor-core math on a CUDA GPU; on the CPU use fp32")
     _choice("resize", c.resize, RESIZES)
+    _choice("output-size", c.output_size, OUTPUT_SIZES)
     if c.size <= 0 or c.size % 64:
         raise InputError(f"--size must be a positive multiple of 64; got {c.size}")
     if c.start < 0:

@@ -90,19 +90,30 @@ class PreparedClip:
                 "inversion_runtime": inv.runtime, "reconstruction": inv.reconstruction, "seconds": self.seconds}
 
 
+def describe_output(selection: ClipSelection) -> str:
+    """One line: the working size and the size the edit is written at, and why."""
+    (w, h), (ow, oh) = selection.size, selection.output_size
+    if selection.output == "working":
+        why = "--output-size working" + (", pad's bars cut" if selection.box is not None else "")
+    elif selection.resize == "crop" and (ow, oh) != (selection.info.width, selection.info.height):
+        why = "the cropped region at the input's scale"
+    else:
+        why = "the input's size" + ("; pad's bars cut" if selection.box is not None else "")
+    return f"working size {w}x{h}, output {ow}x{oh} ({why})"
+
+
 def prepare(cfg: EditConfig, input_path: Path, rt: Runtime, progress: Progress,
-            info: reader.VideoInfo | None = None) -> PreparedClip:
-    """Select frames, resolve the source prompt, invert (or hit the cache)."""
+            info: reader.VideoInfo | None = None, output: bool = False) -> PreparedClip:
+    """Select frames, resolve the source prompt, invert (or hit the cache); ``output``: also log
+    the size the edit is written at (:func:`describe_output`)."""
     t0 = time.perf_counter()
     selection = select_clip(input_path, cfg, info)
     rt.backend.check_frame_size(*selection.size)  # engines for another size: refused before any work
-    (w, h), framing = selection.size, ""
-    if selection.resize != "crop":
-        framing = f" ({selection.resize}"
-        framing += f"; output {selection.output_size[0]}x{selection.output_size[1]}, the bars cut)" \
-            if selection.box is not None else ")"
-    n = selection.n_frames
+    (w, h), n = selection.size, selection.n_frames
+    framing = "" if selection.resize == "crop" else f" ({selection.resize})"
     progress.log(f"{plural(n, 'frame')} at {w}x{h}{framing} from '{input_path}'")
+    if output:
+        progress.log(describe_output(selection))
     spent = budget_exceeded(rt.backend.device, cfg.max_memory)
     if spent is not None:
         progress.log(spent)
@@ -175,7 +186,7 @@ class EditResult:
     output: Path
     n_frames: int
     fps: float
-    size: tuple[int, int]  # (W, H) of the output frames (the working frame less --resize pad's bars)
+    size: tuple[int, int]  # (W, H) of the output frames (--output-size: the input's, or the working frame's)
     seconds_total: float
     seconds_inversion: float
     seconds_edit: float
@@ -186,11 +197,14 @@ class EditResult:
     stats: EditStats = field(default_factory=EditStats)
     inversion_runtime: dict[str, str] = field(default_factory=dict)  # Backend.identity() it ran on
     reconstruction: dict[str, float | None] | None = None  # inversion.reconstruction_error of the inversion
-    frames_sha256: str = ""  # of the edited uint8 frames before encoding (reproducibility checks)
+    # of the edited uint8 frames at the working size (less pad's bars) before any resampling or encoding
+    # (reproducibility checks; the same whatever --output-size)
+    frames_sha256: str = ""
     # busy seconds of the stages that overlap the edit (p2v_fast.output.FrameSink): VAE decode
     # (device time) and writing (encode + mux, writer thread)
     overlapped: dict[str, float] = field(default_factory=dict)
     variable_rate: bool = False  # the source's frame rate varies: its timestamps were kept
+    working_size: tuple[int, int] = (0, 0)  # (W, H) the frames were edited at
 
     @property
     def seconds_per_frame(self) -> float:
@@ -203,7 +217,8 @@ class EditResult:
         return {
             "output": str(self.output), "side_by_side": self.side_by_side and str(self.side_by_side),
             "strip": self.strip and str(self.strip), "n_frames": self.n_frames, "fps": self.fps,
-            "variable_rate": self.variable_rate, "size": list(self.size), "source_prompt": self.source_prompt,
+            "variable_rate": self.variable_rate, "size": list(self.size),
+            "working_size": list(self.working_size), "source_prompt": self.source_prompt,
             "inversion_cache_hit": self.inversion_cache_hit, "inversion_runtime": self.inversion_runtime,
             "reconstruction": self.reconstruction, "seconds_total": self.seconds_total,
             "seconds_inversion": self.seconds_inversion, "seconds_edit": self.seconds_edit,
@@ -266,7 +281,7 @@ def _edit(cfg: EditConfig, input_path: Path, info: reader.VideoInfo, prompt: str
     rt = runtime_matching(runtime, cfg) if runtime is not None else load_runtime(cfg)
     _announce(rt, cfg, prompt, progress)
     # 2. Prepare: select the frames and invert them (or reuse the cached inversion)
-    prep = prepare(cfg, input_path, rt, progress, info)
+    prep = prepare(cfg, input_path, rt, progress, info, output=True)
     sel, inv = prep.selection, prep.inverted
     # 3. Context: the prompts' embeddings (negative, target), the schedule, the feature store, delta
     embeds = torch.cat([encode_prompt(rt.models, cfg.negative_prompt), encode_prompt(rt.models, prompt)])
@@ -296,7 +311,8 @@ def _edit(cfg: EditConfig, input_path: Path, info: reader.VideoInfo, prompt: str
     busy = {"decode_busy": sink.seconds["decode"], "encode_busy": sink.seconds["encode"]}
     result = EditResult(out, sel.n_frames, sel.fps, sel.output_size, t_end - t_start, prep.seconds, t_end - t_edit,
                         inv.cache_hit, inv.source_prompt, sbs_path, strip_path, stats, inv.runtime,
-                        inv.reconstruction, outputs.raw.hexdigest(), busy, variable_rate=outputs.variable)
+                        inv.reconstruction, outputs.raw.hexdigest(), busy, variable_rate=outputs.variable,
+                        working_size=sel.size)
     if json_path is not None:
         from p2v_fast.files import write_json_atomic
 
@@ -337,7 +353,7 @@ class _EditOutputs:
         n = sel.n_frames
         self.thumbs_at = set(np.linspace(0, n - 1, min(4, n)).round().astype(int).tolist())
         self.thumbs: list[tuple[np.ndarray, np.ndarray]] = []
-        self.source_frames = sel.frames()
+        self.source_frames = sel.output_sources()
         self.writers: list[writer.VideoWriter] = []  # the edit, then the side-by-side
         self.raw = hashlib.sha256()
         self.variable = False
@@ -360,9 +376,9 @@ class _EditOutputs:
 
     def consume(self, index: int, frame: np.ndarray) -> None:
         """Frame ``index`` of the edit, uint8 [H, W, 3] at the working size (in the sink's writer thread)."""
-        frame = self.sel.to_output(frame)  # --resize pad: bars cut
-        self.raw.update(frame.tobytes())
-        src = self.sel.to_output(next(self.source_frames))
+        self.raw.update(self.sel.to_working_output(frame).tobytes())  # --resize pad: bars cut
+        frame = self.sel.to_output(frame)  # and at --output-size
+        src = next(self.source_frames)
         if index in self.thumbs_at:
             self.thumbs.append((src, frame))
         if self.preview:

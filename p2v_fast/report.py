@@ -61,7 +61,9 @@ def print_edit(console: Console, result: EditResult, cfg: EditConfig) -> None:
     if result.strip:
         rows.append(("strip", str(result.strip)))
     rate = "variable frame rate (the source's timestamps)" if result.variable_rate else f"{format_fps(result.fps)} fps"
-    rows.append(("frames", f"{plural(result.n_frames, 'frame')} at {result.size[0]}x{result.size[1]}, {rate}"))
+    (w, h), (ww, wh) = result.size, result.working_size
+    edited_at = f" (edited at {ww}x{wh})" if (ww, wh) != (w, h) else ""
+    rows.append(("frames", f"{plural(result.n_frames, 'frame')} at {w}x{h}{edited_at}, {rate}"))
     captioned = cfg.source_prompt is None
     caption = " (BLIP caption: random weights in the tiny model, so word salad)" if (
         captioned and cfg.model == "tiny") else " (BLIP caption)" if captioned else ""

@@ -33,7 +33,9 @@ def test_edit_preserves_frames_fps_and_audio_and_is_deterministic(clip, tmp_path
     assert info.n_frames == src.n_frames == 6
     assert info.fps == pytest.approx(src.fps)
     assert info.has_audio and src.has_audio
-    assert (info.width, info.height) == (128, 64)  # 96x64 -> short side 64, long side 96 -> 128
+    # 96x64 is edited at 128x64 (short side 64, long side 96 -> 128) and written back at the input's scale:
+    # the 96x48 region of it that 128x64 covers (--output-size input, crop)
+    assert (info.width, info.height) == (96, 48)
     frames1, frames2 = list(reader.read_frames(out1)), list(reader.read_frames(out2))
     assert all(np.array_equal(a, b) for a, b in zip(frames1, frames2, strict=True))
     assert (tmp_path / "a.side-by-side.mp4").exists() and (tmp_path / "a.strip.png").exists()
@@ -57,7 +59,7 @@ def test_preview_writes_the_anchor_frame(clip, tmp_path) -> None:
     assert r.exit_code == 0, r.output
     from PIL import Image
 
-    assert Image.open(out).size == (128, 64)
+    assert Image.open(out).size == (96, 48)  # edited at 128x64 (2:1): the 96x48 middle of the 96x64 clip
 
 
 def test_the_edit_after_a_preview_reuses_its_inversion_of_frame_1(clip, tmp_path, own_cache) -> None:

@@ -43,7 +43,7 @@ def test_invert_stretch_gives_the_papers_512_square_for_a_davis_sized_clip(tmp_p
 
 
 def test_pad_working_frames_are_letterboxed_and_eval_sees_their_picture(clip) -> None:
-    sel = select_clip(clip, EditConfig(size=64, resize="pad"))
+    sel = select_clip(clip, EditConfig(size=64, resize="pad", output_size="working"))
     assert sel.size == (64, 64) and sel.box == (0, 11, 64, 42) and sel.output_size == (64, 42)
     frame = next(sel.frames())
     assert frame.shape == (64, 64, 3)
@@ -57,12 +57,16 @@ def test_pad_working_frames_are_letterboxed_and_eval_sees_their_picture(clip) ->
 
 
 def test_edit_stretch_and_pad_outputs(clip, tmp_path) -> None:
-    r = p2v("edit", clip, "a swan", "-o", tmp_path / "s.mp4", *FAST, "--resize", "stretch")
+    """Working sizes 64x64 (stretch) and 64x64 holding a 64x42 picture (pad): at --output-size working
+    the output is that picture; by default the clip's own 96x64 (test_output_size.py)."""
+    r = p2v("edit", clip, "a swan", "-o", tmp_path / "s.mp4", *FAST, "--resize", "stretch", "--output-size",
+            "working")
     assert r.exit_code == 0, r.output
     info = reader.probe(tmp_path / "s.mp4")
     assert (info.width, info.height, info.n_frames) == (64, 64, 3)
 
-    r = p2v("edit", clip, "a swan", "-o", tmp_path / "p.mp4", *FAST, "--resize", "pad", "--side-by-side")
+    r = p2v("edit", clip, "a swan", "-o", tmp_path / "p.mp4", *FAST, "--resize", "pad", "--side-by-side",
+            "--output-size", "working")
     assert r.exit_code == 0, r.output
     assert "output 64x42" in r.output.replace("\n", " ")
     info = reader.probe(tmp_path / "p.mp4")
@@ -73,7 +77,7 @@ def test_edit_stretch_and_pad_outputs(clip, tmp_path) -> None:
 
     r = p2v("edit", clip, "a swan", "-o", tmp_path / "p.png", *FAST, "--resize", "pad", "--preview")
     assert r.exit_code == 0, r.output
-    assert Image.open(tmp_path / "p.png").size == (64, 42)
+    assert Image.open(tmp_path / "p.png").size == (96, 64)  # the input's size
 
     for out, resize in (("s.mp4", "stretch"), ("p.mp4", "pad")):
         r = p2v("eval", tmp_path / out, "--source", clip, "--prompt", "a swan", "--clip-model", "tiny",
@@ -87,7 +91,8 @@ def test_ablate_stretch(clip, tmp_path) -> None:
              "no-update,per-frame", "--clip-model", "tiny")
     assert r.exit_code == 0, r.output
     assert "3 frames at 64x64" in r.output.replace("\n", " ")
-    assert (reader.probe(out / "no-update.mp4").width, reader.probe(out / "per-frame.mp4").height) == (64, 64)
+    # edited at 64x64, written at the clip's 96x64 (--output-size input)
+    assert (reader.probe(out / "no-update.mp4").width, reader.probe(out / "per-frame.mp4").height) == (96, 64)
 
 
 @pytest.mark.parametrize("command", ["edit", "invert", "eval", "ablate"])

@@ -653,8 +653,8 @@ class BatchResult:
 # one runtime for every combination of them. Any other field (new ones included) keys it.
 _EDIT_ONLY = ("prompt", "source_prompt", "negative_prompt", "size", "start", "max_frames", "stride", "steps",
               "guidance_scale", "seed", "depth_norm", "schedule", "batch_frames", "invert_batch", "refs",
-              "latent_update", "update_steps", "update_weight", "cache_dir", "invert_dtype", "resize", "fps",
-              "threads")
+              "latent_update", "update_steps", "update_weight", "cache_dir", "invert_dtype", "resize", "output_size",
+              "fps", "threads")
 
 
 def runtime_config(cfg: EditConfig) -> EditConfig:

@@ -64,12 +64,13 @@ def demo_scene(seed: int = SCENE_SEED) -> DemoScene:
 
 
 def demo_config(size: int = CLIP_SIZE[0], steps: int = 50, threads: int | None = None,
-                model: str = MODEL) -> EditConfig:
+                model: str = MODEL, output_size: str = "input") -> EditConfig:
     """The demo's edit: ``mini`` (trained, shipped, no downloads), the scene's true caption as
-    the source prompt, one colour word changed in the target."""
+    the source prompt, one colour word changed in the target; written at the clip's size
+    (``output_size``: as ``p2v edit --output-size``)."""
     ds = demo_scene()
     return EditConfig(prompt=ds.prompt, model=model, size=size, steps=steps, source_prompt=ds.source_prompt,
-                      threads=threads)
+                      threads=threads, output_size=output_size)
 
 
 def check_frames(frames: int) -> None:

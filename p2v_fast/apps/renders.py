@@ -224,6 +224,7 @@ class UISettings:
     engines_root: Path = Path("engines")
     threads: int | None = None
     max_upload_mb: int = DEFAULT_MAX_UPLOAD_MB
+    output_size: str = "input"  # the size renders are written at (p2v ui --output-size, as p2v edit's)
     # the devices renders run on, one render at a time on each; None: every GPU for --device auto
     # or cuda on a machine with several, else --device itself (see devices_for)
     devices: tuple[str, ...] | None = None
@@ -400,7 +401,7 @@ class Renderer:
 
     def config(self, **form: Any) -> EditConfig:
         """The EditConfig of the page's form (checked by EditConfig, one-line errors); the
-        model, device, dtype and threads are the app's."""
+        model, device, dtype, threads and output size are the app's."""
         s = self.settings
         engines = self.engines_path(form.pop("engines", None))
         for key in ("prompt", "source_prompt"):
@@ -418,7 +419,8 @@ class Renderer:
                 raise InputError(f"{option} must be a number; got {_shorten(repr(form[k]), 60)}")
         return EditConfig(**{**form, **ints}, source_prompt=source, engines=engines,
                           max_frames=_whole(frames, "--max-frames") or None if frames is not None else None,
-                          model=s.model, device=s.device, dtype=s.dtype, threads=s.threads)
+                          model=s.model, device=s.device, dtype=s.dtype, threads=s.threads,
+                          output_size=s.output_size)
 
     def frames_of(self, cfg: EditConfig, input_path: Path) -> int:
         """How many frames ``cfg`` edits of ``input_path``; a bad clip or selection is one line here,
@@ -531,6 +533,7 @@ class Renderer:
             "unet_backward": res.stats.unet_backward, "inversion_cache_hit": res.inversion_cache_hit,
             "seconds_inversion": round(res.seconds_inversion, 3), "seconds_edit": round(res.seconds_edit, 3),
             "seconds_total": round(res.seconds_total, 3), "frames": res.n_frames, "size": list(res.size),
+            "working_size": list(res.working_size),
             "source_prompt": res.source_prompt, "output": str(out),
             "device": str(rt.backend.device),
             "started": _utc(started), "finished": _utc(time.time()),

@@ -1,5 +1,6 @@
 """Which frames of which video, at which working size (``--start``, ``--max-frames``,
-``--stride``, ``--size``, ``--resize``), and the digest of their content that keys the cache."""
+``--stride``, ``--size``, ``--resize``), written at which size (``--output-size``), and the digest
+of their content that keys the cache."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ class ClipSelection:
     n_frames: int
     resize: str = "crop"  # how a source frame becomes a working frame (framing.frame_geometry)
     box: tuple[int, int, int, int] | None = None  # (x, y, w, h) of the picture; None: the whole frame
+    output: str = "input"  # the size the edit is written at: the input's, or "working" (framing.output_frame)
 
     @property
     def fps(self) -> float:
@@ -41,15 +43,34 @@ class ClipSelection:
 
     @property
     def output_size(self) -> tuple[int, int]:
-        """(W, H) of the output frames: the working frame without padding."""
-        return self.size if self.box is None else (self.box[2], self.box[3])
+        """(W, H) of the output frames (:func:`framing.output_frame`)."""
+        return self._output()[1]
 
-    def to_output(self, frame: np.ndarray) -> np.ndarray:
-        """A working frame [H, W, 3] -> the output frame: ``--resize pad``'s bars cut off."""
+    def _output(self) -> tuple[tuple[int, int, int, int], tuple[int, int]]:
+        return framing.output_frame((self.info.width, self.info.height), self.size, self.resize, self.box, self.output)
+
+    def to_working_output(self, frame: np.ndarray) -> np.ndarray:
+        """A working frame [H, W, 3] as ``--output-size working`` writes it: ``--resize pad``'s bars cut off."""
         if self.box is None:
             return frame
         x, y, w, h = self.box
         return np.ascontiguousarray(frame[y : y + h, x : x + w])
+
+    def to_output(self, frame: np.ndarray) -> np.ndarray:
+        """A working frame [H, W, 3] -> the output frame: ``pad``'s bars cut off, resampled to
+        :attr:`output_size` (LANCZOS)."""
+        region, size = self._output()
+        return framing.resample(frame, region, size)
+
+    def output_sources(self) -> Iterator[np.ndarray]:
+        """The selected source frames framed as the output (the side-by-side's and the strip's
+        input half): the working frames less ``pad``'s bars at ``--output-size working``, else
+        read from the source straight at :attr:`output_size` (crop: the region the edit saw;
+        stretch and pad: the whole picture), so they are not blurred by the working size."""
+        if self.output == "working":
+            return (self.to_working_output(f) for f in self.frames())
+        return reader.read_frames(self.info, size=self.output_size, start=self.start, max_frames=self.max_frames,
+                                  stride=self.stride, resize="crop" if self.resize == "crop" else "stretch")
 
     def frames(self) -> Iterator[np.ndarray]:
         """Stream the selected working frames, uint8 [H, W, 3]."""
@@ -65,7 +86,7 @@ def select_clip(path: str | Path, cfg: EditConfig, info: reader.VideoInfo | None
     size, box = framing.frame_geometry(info.width, info.height, cfg.size, cfg.resize)
     n = reader.selected_count(info, cfg.start, cfg.max_frames, cfg.stride)
     return ClipSelection(Path(path), info, size, cfg.start, cfg.max_frames, cfg.stride, n, cfg.resize,
-                         None if box == (0, 0, *size) else box)
+                         None if box == (0, 0, *size) else box, cfg.output_size)
 
 
 def frames_digest(selection: ClipSelection) -> str:

@@ -3,6 +3,8 @@
 Frames are ``numpy.uint8`` arrays of shape ``[H, W, 3]`` (RGB, 0..255) or PIL images; sizes are
 always ``(W, H)``. :func:`frame_geometry` picks the working size and the picture's box for a
 ``--size`` and a ``--resize`` mode (crop, stretch, pad); :func:`fit_frame` makes one frame so.
+:func:`output_frame` says where the edit is written: at the input's size (the default; the
+working frame resampled back, ``pad``'s bars cut first) or at the working size.
 User-caused problems raise :class:`~p2v_fast.errors.InputError` with a one-line message.
 """
 
@@ -13,6 +15,7 @@ import math
 import numpy as np
 from PIL import Image
 
+from p2v_fast.config import OUTPUT_SIZES
 from p2v_fast.errors import InputError
 
 #: Largest working frame side in pixels (SD2 is trained at 512 and 768; 2048 is a 256x256 latent).
@@ -121,6 +124,44 @@ def fit_array(arr: np.ndarray, size: tuple[int, int] | None, resize: str = "crop
     if size is None or ((arr.shape[1], arr.shape[0]) == tuple(size) and resize != "pad"):
         return np.ascontiguousarray(arr)
     return np.asarray(fit_frame(Image.fromarray(arr), size, resize, source))
+
+
+def _even(n: int) -> int:
+    """``n`` rounded down to an even number, at least 2 (H.264's 4:2:0 needs even sides)."""
+    return max(2, n - n % 2)
+
+
+def output_frame(source: tuple[int, int], size: tuple[int, int], resize: str = "crop",
+                 box: tuple[int, int, int, int] | None = None,
+                 output: str = "input") -> tuple[tuple[int, int, int, int], tuple[int, int]]:
+    """Where a ``size`` = (W, H) working frame of a ``source`` = (W, H) clip framed by ``resize``
+    (``box``: the picture's box in it, None for the whole frame) is written: the region
+    ``(x, y, w, h)`` of the working frame kept, and the output's ``(W, H)``, both sides even.
+
+    - ``output="working"``: the working frame as it is, less ``pad``'s bars.
+    - ``output="input"``: ``stretch`` and ``pad`` (bars cut) at the source's size, its aspect
+      restored; ``crop`` at the cropped region's size in the source (the part of the source
+      the edit saw, at the source's scale: 200x120 edited at 128x64 -> 200x100). Odd source
+      sides are rounded down to even.
+    """
+    if output not in OUTPUT_SIZES:
+        raise InputError(f"--output-size must be one of {', '.join(OUTPUT_SIZES)}; got {output!r}")
+    region = box or (0, 0, *size)
+    if output == "working":
+        return region, (region[2], region[3])
+    (sw, sh), (tw, th) = source, size
+    if resize == "crop":  # fit_cover's box, in source pixels
+        sw, sh = (round(sh * tw / th), sh) if sw * th > tw * sh else (sw, round(sw * th / tw))
+    return region, (_even(sw), _even(sh))
+
+
+def resample(frame: np.ndarray, region: tuple[int, int, int, int], size: tuple[int, int]) -> np.ndarray:
+    """``frame``'s ``region`` (x, y, w, h) resized to ``size`` = (W, H) (LANCZOS): uint8 [H, W, 3]."""
+    x, y, w, h = region
+    if (w, h) == size:
+        return np.ascontiguousarray(frame[y : y + h, x : x + w])
+    image = Image.fromarray(frame).resize(size, Image.Resampling.LANCZOS, box=(x, y, x + w, y + h))
+    return np.asarray(image)
 
 
 def side_by_side(a: np.ndarray, b: np.ndarray) -> np.ndarray:

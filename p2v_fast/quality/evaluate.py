@@ -8,7 +8,9 @@ aspect kept). Source frames are mapped onto it the way ``p2v edit --resize`` fra
 edit and its source line up pixel for pixel: ``crop`` scales to cover and centre-crops;
 ``stretch`` resizes (the paper's squashed 512x512); ``pad`` is ``crop``'s mapping, since a padded
 edit's output is its picture without the bars, and the edit framed that picture by cover and crop
-at its own size (the aspect ratios differ by under a pixel). Frames are
+at its own size (the aspect ratios differ by under a pixel). Either ``--output-size`` compares like
+with like: at ``input`` the edit is the working frame resampled to the source's size (crop: to the
+cropped region at the source's scale), which this mapping gives the source too. Frames are
 decoded one at a time from both videos; only the previous pair and one CLIP batch are held.
 
 The source frames compared are ``start, start + stride, ...`` (the options the edit was made
