@@ -128,7 +128,8 @@ def test_pad_comes_back_at_the_inputs_size_without_its_bars(tmp_path, tiny_dir, 
     assert ev.size == (160, 120) and len(diffs) == 2 and max(diffs) < 4, diffs
 
 
-def test_batch_and_the_page_follow_the_option(wide, tmp_path) -> None:
+def test_batch_the_page_and_the_demo_follow_the_option(wide, tmp_path) -> None:
+    from p2v_fast.apps.demo import demo_config
     from p2v_fast.apps.renders import Renderer, UISettings
 
     jobs = write_jobs(tmp_path, [{"input": str(wide), "output": str(tmp_path / "in.mp4")},
@@ -140,3 +141,4 @@ def test_batch_and_the_page_follow_the_option(wide, tmp_path) -> None:
     page = Renderer(UISettings(out_dir=tmp_path / "ui", model="tiny", output_size="working"))
     assert page.config(prompt="a swan").output_size == "working"
     assert Renderer(UISettings(out_dir=tmp_path / "ui2", model="tiny")).config(prompt="a swan").output_size == "input"
+    assert (demo_config().output_size, demo_config(output_size="working").output_size) == ("input", "working")
