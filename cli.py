@@ -380,8 +380,8 @@ def demo(
     model: Model = "mini",
     output_size: OutputSize = _edit_default("output_size"),
     json_path: Annotated[Path | None, _json("the edit's result (as p2v edit --json)")] = None,
-    overwrite: Annotated[bool, _overwrite("an existing --json file (the edit's own files are replaced on every run)")
-                         ] = False,
+    overwrite: Annotated[bool, _overwrite("an existing edit (scene.p2v.mp4, its side-by-side and strip) and --json "
+                                          "file, as p2v edit does (the scene clip is kept)")] = False,
     threads: Threads = None,
 ) -> None:
     """Offline end-to-end run: render a scene clip and recolour its object with 'mini'.

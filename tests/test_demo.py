@@ -45,3 +45,21 @@ def test_the_demo_writes_the_scene_with_audio_and_truth_and_edits_it(tmp_path) -
     assert (tmp_path / "scene.json").exists()
     assert result.output == tmp_path / "scene.p2v.mp4" and result.output.exists() and result.n_frames == 3
     assert result.side_by_side is not None and result.side_by_side.exists()
+
+
+def test_the_demo_refuses_to_replace_its_edit_without_overwrite(tmp_path) -> None:
+    """Before: `p2v demo` replaced samples/scene.p2v.mp4 (and its side files) on every run, where
+    `p2v edit` refuses an existing output; now it follows the same rule."""
+    from tests.helpers import digest, one_line_error, p2v
+
+    args = ["demo", "--out", tmp_path, "--model", "tiny", "--frames", 2, "--steps", 1]
+    assert p2v(*args).exit_code == 0
+    before = {p.name: digest(p) for p in tmp_path.iterdir()}
+    assert {"scene.p2v.mp4", "scene.p2v.side-by-side.mp4", "scene.p2v.strip.png"} <= set(before)
+    (tmp_path / "scene.p2v.mp4").unlink()  # a side file alone is refused too
+    error = one_line_error(p2v(*args))
+    assert "scene.p2v.strip.png' exists; pass --overwrite to replace it" in error, error
+    assert not (tmp_path / "scene.p2v.mp4").exists()  # refused before any work
+    r = p2v(*args, "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "scene.p2v.mp4").exists() and digest(tmp_path / "scene.mp4") == before["scene.mp4"]

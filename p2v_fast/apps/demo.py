@@ -18,7 +18,7 @@ import numpy as np
 from p2v_fast.config import EditConfig
 from p2v_fast.errors import InputError
 from p2v_fast.media import scenes
-from p2v_fast.media.paths import check_report_path
+from p2v_fast.media.paths import EditPaths, check_report_path
 from p2v_fast.pipeline import EditResult, edit_video
 from p2v_fast.progress import NullProgress, Progress
 from p2v_fast.text import plural
@@ -84,16 +84,17 @@ def run_demo(out: Path, cfg: EditConfig, frames: int = 16, progress: Progress | 
              json_path: str | Path | None = None, overwrite: bool = False) -> EditResult:
     """Write ``out/scene.mp4`` (``frames`` frames with audio, its ground truth beside it as
     ``scene.npz``/``scene.json``; kept when it exists) and edit it into ``out/scene.p2v.mp4`` with
-    its side-by-side and strip (replaced on every run); ``json_path`` as :func:`edit_video`'s (an
-    existing file replaced only with ``overwrite``)."""
+    its side-by-side and strip, and ``json_path`` as :func:`edit_video`'s: as ``p2v edit``, an
+    existing edit or report is replaced only with ``overwrite`` (refused before any work)."""
     progress = progress or NullProgress()
     check_frames(frames)
     n = plural(frames, "frame")
     if out.exists() and not out.is_dir():
         raise InputError(f"--out '{out}' is a file, not a folder")
-    check_report_path(json_path, out / "scene.mp4", overwrite=overwrite)
+    clip, edit = out / "scene.mp4", out / "scene.p2v.mp4"
+    check_report_path(json_path, clip, overwrite=overwrite)
+    EditPaths.of(clip, edit, side_by_side=True, json_path=json_path).check(clip, overwrite, create_folders=True)
     out.mkdir(parents=True, exist_ok=True)
-    clip = out / "scene.mp4"
     ds = demo_scene()
     if not clip.exists():
         progress.log(f"rendering the scene clip {clip} ({n}, with audio)")
@@ -101,5 +102,5 @@ def run_demo(out: Path, cfg: EditConfig, frames: int = 16, progress: Progress | 
                           with_audio=True)
     progress.log(f"scene clip: {clip} ({n}, with audio; a held-out scene)")
     progress.log(f"edit on '{cfg.model}': '{ds.source_prompt}' -> '{ds.prompt}'")
-    return edit_video(cfg, clip, out / "scene.p2v.mp4", overwrite=True, side_by_side=True, progress=progress,
+    return edit_video(cfg, clip, edit, overwrite=overwrite, side_by_side=True, progress=progress,
                       json_path=json_path)
