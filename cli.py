@@ -42,6 +42,7 @@ from p2v_fast.display import LogProgress, RichProgress, batch_display, progress_
 from p2v_fast.errors import P2VError
 from p2v_fast.nets.export_options import EXPORTERS, FORMATS, ExportOptions
 from p2v_fast.nets.specs import PRECISIONS
+from p2v_fast.text import size_text
 
 try:  # typer >= 0.20 carries its own copy of click
     from typer._click import exceptions as click_errors
@@ -209,7 +210,12 @@ MaxFrames = Annotated[int | None, typer.Option("--max-frames", help="Edit at mos
 Stride = Annotated[int, typer.Option(help="Take every N-th frame.")]
 Steps = Annotated[int, typer.Option(help="DDIM steps (paper: 50).")]
 GuidanceScale = Annotated[float, typer.Option("--guidance-scale", help="Classifier-free guidance (1 to 100).")]
-SourcePrompt = Annotated[str | None, typer.Option("--source-prompt", help="Inversion prompt (default: BLIP caption).")]
+SourcePrompt = Annotated[str | None, typer.Option("--source-prompt", help="Inversion prompt (default: a caption of "
+                                                                            "the first frame, see --captioner).")]
+Captioner = Annotated[str | None, typer.Option(
+    "--captioner", help="What captions the first frame when --source-prompt is not given: a hub id or folder of a "
+    "BLIP captioner, or 'none' (then --source-prompt is required). Default: the model folder's own (mini, tiny), "
+    "else Salesforce/blip-image-captioning-base (990 MB; docs/models.md).")]
 DepthNorm = Annotated[str, typer.Option("--depth-norm", **_choices("--depth-norm", DEPTH_NORMS),
                                         help="Depth min-max per frame (paper) or per clip.")]
 LatentUpdate = Annotated[str, typer.Option("--latent-update", **_choices("--latent-update", LATENT_UPDATES),
@@ -326,6 +332,7 @@ def edit(
         "--negative-prompt", help="What to steer away from: replaces the empty prompt of classifier-free "
         "guidance (e.g. 'blurry, low quality').")] = _edit_default("negative_prompt"),
     source_prompt: SourcePrompt = None,
+    captioner: Captioner = None,
     depth_norm: DepthNorm = _edit_default("depth_norm"),
     latent_update: LatentUpdate = _edit_default("latent_update"),
     update_steps: Annotated[
@@ -458,6 +465,7 @@ def invert(
     stride: Stride = _edit_default("stride"),
     steps: Steps = _edit_default("steps"),
     source_prompt: SourcePrompt = None,
+    captioner: Captioner = None,
     depth_norm: DepthNorm = _edit_default("depth_norm"),
     device: Device = _edit_default("device"),
     dtype: Dtype = _edit_default("dtype"),
@@ -612,6 +620,7 @@ def ablate(
     steps: Steps = _edit_default("steps"),
     guidance_scale: GuidanceScale = _edit_default("guidance_scale"),
     source_prompt: SourcePrompt = None,
+    captioner: Captioner = None,
     depth_norm: DepthNorm = _edit_default("depth_norm"),
     update_weight: UpdateWeight = _edit_default("update_weight"),
     seed: Seed = _edit_default("seed"),
@@ -752,6 +761,26 @@ def export_(
     report.print_wrote(out_console, json_path)
 
 
+def _download_help() -> str:
+    from p2v_fast.weights.catalog import GROUPS, group_entries
+
+    parts = [f"{g} ({', '.join(f'{e.name} {size_text(e.size)}' for e in group_entries(g))})" for g in GROUPS[:-1]]
+    return "What to fetch: " + ", ".join(parts) + " or all (default). Repeatable."
+
+
+@app.command()
+@user_errors
+def download(
+    what: Annotated[list[str] | None, typer.Argument(help=_download_help(), show_default=False)] = None,
+) -> None:
+    """Fetch the model weights now (e.g. on a login node with internet, for GPU nodes without): only the files p2v
+    loads, resumable, with progress. docs/models.md lists them."""
+    from p2v_fast.weights.downloads import download as fetch
+
+    done = fetch(what or ["all"], log=lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True))
+    report.print_downloads(out_console, done)
+
+
 @app.command()
 @user_errors
 def info(
@@ -761,14 +790,15 @@ def info(
     json_path: Annotated[Path | None, _json("the rows (component, status)")] = None,
     overwrite: Annotated[bool, _overwrite("an existing --json file")] = False,
 ) -> None:
-    """Versions, devices, which runtimes (CUDA, ONNX Runtime, TensorRT) are usable, and whether the
-    engines found match this machine and model."""
+    """Versions, devices, which runtimes (CUDA, ONNX Runtime, TensorRT) are usable, whether the
+    engines found match this machine and model, and which weights are downloaded (size, path)."""
     from p2v_fast.media.paths import check_report_path
     from p2v_fast.nets.graph_backend import engines_folder
     from p2v_fast.nets.system import engines_report, system_report
+    from p2v_fast.weights.downloads import cache_rows
 
     check_report_path(json_path, overwrite=overwrite, engines=engines_folder(engines))
-    rows = system_report() + engines_report(engines, model)
+    rows = system_report() + engines_report(engines, model) + cache_rows()
     _write_json(json_path, [{"component": name, "status": status} for name, status in rows])
     report.print_info(out_console, rows)
     report.print_wrote(out_console, json_path)

@@ -35,6 +35,8 @@ BACKENDS = ("torch", "onnxruntime", "tensorrt", "auto")
 SCHEDULES = ("sequential", "wavefront")
 #: The CLIP model and the optical flows of the paper's metrics (p2v_fast.quality.metrics; p2v eval, p2v ablate).
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
+#: The captioner of a missing --source-prompt (--captioner; a model folder's own captioner/ first).
+DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-base"
 FLOW_METHODS = ("dis", "raft")
 #: Most CPU threads --threads takes (torch.set_num_threads overflows far above; more than the
 #: cores only oversubscribes them).
@@ -56,6 +58,9 @@ class EditConfig:
     # --- prompts ---
     prompt: str = ""  # target prompt P'
     source_prompt: str | None = None  # inversion prompt; None: BLIP caption of the first frame
+    # what captions it: a hub id or folder; None: the model folder's captioner/ (mini, tiny), else
+    # DEFAULT_CAPTIONER; "none": no captioner (then source_prompt is required)
+    captioner: str | None = None
     negative_prompt: str = ""  # replaces the empty unconditional prompt of CFG
 
     # --- model and runtime ---
@@ -203,6 +208,8 @@ def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 def _verify(c: EditConfig) -> None:
     """Raise InputError naming the first bad value."""
     _choice("latent-update", c.latent_update, LATENT_UPDATES)
+    if c.captioner == "none" and c.source_prompt is None:
+        raise InputError("--captioner none needs --source-prompt (the inversion prompt: what the input shows)")
     _choice("refs", c.refs, REFS)
     _choice("inject", c.inject, INJECTIONS)
     if c.inject != "decoder" and c.backend in ("onnxruntime", "tensorrt"):

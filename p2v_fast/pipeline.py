@@ -44,6 +44,7 @@ from p2v_fast.nets.runtime import (
 )
 from p2v_fast.progress import NullProgress, Progress
 from p2v_fast.text import plural
+from p2v_fast.weights.downloads import check_downloads
 from p2v_fast.weights.prompts import check_prompt, encode_prompt, source_prompt_for, warn_if_truncated
 
 
@@ -120,7 +121,7 @@ def prepare(cfg: EditConfig, input_path: Path, rt: Runtime, progress: Progress,
     warm_up(cfg, rt, selection, progress)
     if cfg.source_prompt is None:
         first = next(iter(selection.frames()))
-        source = source_prompt_for(rt.models, first, None)
+        source = source_prompt_for(rt.models, first, None, cfg.captioner)
         note = " (the tiny model's captioner has random weights: word salad by design)" \
             if rt.models.source == "tiny" else ""
         progress.log(f"source prompt (BLIP caption of frame 1): {source!r}{note}")
@@ -143,6 +144,7 @@ def invert_video(cfg: EditConfig, input_path: Path, progress: Progress | None = 
     check_report_path(json_path, Path(input_path), overwrite=overwrite, engines=engines_folder(cfg.engines))
     info = probe_input(Path(input_path), cfg)
     select_clip(input_path, cfg, info)  # a bad size or frame selection fails before models load
+    check_downloads(cfg.model, cfg.captioner, cfg.source_prompt)  # and weights that cannot be had
     with torch_threads(cfg.threads):
         rt = runtime_matching(runtime, cfg) if runtime is not None else load_runtime(cfg)
         prep = prepare(cfg, Path(input_path), rt, progress or NullProgress(), info)
@@ -255,6 +257,7 @@ def edit_video(
         cfg = cfg.replace(max_frames=1)
     info = probe_input(input_path, cfg)  # fail fast on a bad input, before loading models
     select_clip(input_path, cfg, info)  # and on a bad size or frame selection
+    check_downloads(cfg.model, cfg.captioner, cfg.source_prompt)  # missing weights: seconds, not an SD2 load
     paths = EditPaths.of(input_path, output, preview=preview, side_by_side=side_by_side, json_path=json_path)
     paths.check(input_path, overwrite)
     if json_path is not None:  # nor over the engine folder's manifest or graphs

@@ -206,3 +206,9 @@ def print_info(console: Console, rows: Iterable[tuple[str, str]]) -> None:
     for name, status in rows:
         table.add_row(escape(name), escape(status))
     console.print(table)
+
+
+def print_downloads(console: Console, done: Iterable[tuple[Any, Any]]) -> None:
+    """`p2v download`: where each download is now."""
+    for entry, where in done:
+        console.print(f"{escape(entry.source)}: {escape(str(where))}", highlight=False, soft_wrap=True)

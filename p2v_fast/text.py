@@ -21,3 +21,13 @@ def slug(text: str, limit: int = 40) -> str:
     ``limit`` characters, never empty ("edit"): 'A Swan, on the lake!' -> 'a-swan-on-the-lake'."""
     out = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
     return out[:limit].rstrip("-") or "edit"
+
+
+def size_text(n_bytes: float) -> str:
+    """A file or download size in decimal units, as the Hugging Face hub shows them:
+    ``5_650_000_000`` -> ``'5.65 GB'``, ``990e6`` -> ``'990 MB'``, ``20.1e6`` -> ``'20.1 MB'``."""
+    n = float(max(n_bytes, 0))
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{int(n)} B"

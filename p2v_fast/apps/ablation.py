@@ -319,6 +319,7 @@ def _check(cfg: EditConfig, input_path: Path, out_dir: str | Path | None, settin
     """:func:`run_ablation`'s inputs checked (prompt, settings, flow, sheet, the input's
     selection, the output folder and its files), before any model loads."""
     from p2v_fast.pipeline import probe_input
+    from p2v_fast.weights.downloads import check_downloads
     from p2v_fast.weights.prompts import check_prompt
 
     prompt = check_prompt(cfg.prompt)
@@ -328,6 +329,7 @@ def _check(cfg: EditConfig, input_path: Path, out_dir: str | Path | None, settin
     if sheet_frames < 1:
         raise InputError(f"--sheet-frames must be >= 1; got {sheet_frames}")
     info = probe_input(input_path, cfg)
+    check_downloads(cfg.model, cfg.captioner, cfg.source_prompt)  # before CLIP and SD2 load
     n_sel = reader.selected_count(info, cfg.start, cfg.max_frames, cfg.stride)
     if n_sel < 2:
         raise InputError(f"an ablation needs at least 2 frames (temporal metrics); the selection has {n_sel}")

@@ -654,7 +654,7 @@ class BatchResult:
 _EDIT_ONLY = ("prompt", "source_prompt", "negative_prompt", "size", "start", "max_frames", "stride", "steps",
               "guidance_scale", "seed", "depth_norm", "schedule", "batch_frames", "invert_batch", "refs",
               "latent_update", "update_steps", "update_weight", "cache_dir", "invert_dtype", "resize", "output_size",
-              "fps", "threads")
+              "fps", "threads", "captioner")
 
 
 def runtime_config(cfg: EditConfig) -> EditConfig:

@@ -31,7 +31,7 @@ from p2v_fast.errors import InputError
 from p2v_fast.files import json_safe
 from p2v_fast.media import framing, reader
 from p2v_fast.progress import NullProgress, Progress
-from p2v_fast.quality.metrics import DEFAULT_CLIP_MODEL, FLOW_METHODS, ClipScorer, StreamingEvaluator
+from p2v_fast.quality.metrics import DEFAULT_CLIP_MODEL, FLOW_METHODS, ClipScorer, StreamingEvaluator, make_flow
 from p2v_fast.text import plural
 
 FrameCallback = Callable[[int, np.ndarray, np.ndarray], None]
@@ -135,12 +135,12 @@ def evaluate_video(
     # 1. Check inputs: options, paths and both videos' frame counts, before CLIP loads
     prompt, ed_info, src_info, n, wh = _check(edited, source, prompt, flow, size, start, max_frames, stride, resize,
                                               json_path, overwrite)
-    # 2. Load CLIP, unless given
+    # 2. Load the flow, then CLIP, unless given (RAFT's torchvision is checked before CLIP's 1.7 GB)
+    flow_fn = flow_fn if flow_fn is not None else make_flow(flow)
     scorer = scorer if scorer is not None else ClipScorer(clip_model)
     # 3. Compare: decode both videos a pair at a time, scored as they stream
-    progress = progress or NullProgress()
     ev = StreamingEvaluator(scorer, prompt, flow=flow, flow_fn=flow_fn)
-    advance = progress.stage("evaluate", n)
+    advance = (progress or NullProgress()).stage("evaluate", n)
     for i, (e, s) in enumerate(_pairs(ed_info, src_info, wh, start, max_frames, stride, resize)):
         ev.add(e, s)
         if on_frame is not None:

@@ -294,25 +294,21 @@ class _DisFlow:
 class _RaftFlow:
     """torchvision's RAFT-large with its pretrained weights (the paper's flow)."""
 
-    def __init__(self, device: str = "cpu") -> None:
-        try:
-            from torchvision.models.optical_flow import Raft_Large_Weights, raft_large
-        except ImportError as exc:
-            raise ModelLoadError(
-                "flow 'raft' needs torchvision (not installed: "
-                f"{one_line(exc, kind=True)}); use --flow dis"
-            ) from exc
+    def __init__(self, device: str = "cpu", pretrained: bool = True) -> None:
+        """``pretrained=False``: random weights (tests; nothing is downloaded)."""
+        raft_large, Raft_Large_Weights = _torchvision_raft()
         import torch
 
         from p2v_fast.weights.hub import fetch_url_file
 
         weights = Raft_Large_Weights.DEFAULT
-        # torchvision downloads into torch hub's checkpoints folder without a timeout: fetch the
-        # file there first (offline: one line at once), so torchvision then finds it
-        fetch_url_file(weights.url, Path(torch.hub.get_dir()) / "checkpoints", "RAFT's weights",
-                       "use --flow dis (no weights needed)")
+        if pretrained:
+            # torchvision downloads into torch hub's checkpoints folder without a timeout: fetch the
+            # file there first (offline: one line at once), so torchvision then finds it
+            fetch_url_file(weights.url, Path(torch.hub.get_dir()) / "checkpoints", "RAFT's weights",
+                           "use --flow dis (no weights needed)")
         try:
-            self._model = raft_large(weights=weights, progress=False).to(device).eval()
+            self._model = raft_large(weights=weights if pretrained else None, progress=False).to(device).eval()
             self._transforms = weights.transforms()
         except Exception as exc:
             raise ModelLoadError(f"cannot load RAFT weights ({one_line(exc, kind=True)}); use --flow dis") from None
@@ -334,6 +330,36 @@ class _RaftFlow:
             flows = self._model(ta.to(self._device), tb.to(self._device))
         f = flows[-1][0, :, :h, :w].permute(1, 2, 0)
         return f.float().cpu().numpy()
+
+
+def torchvision_install_hint() -> str:
+    """What to install for --flow raft: the [eval] extra, and the torchvision build that matches
+    the installed torch (torchvision 0.N+15 pairs with torch 2.N; a +cpu or +cuXYZ torch takes its
+    torchvision from the same PyTorch index, PyPI's build does not load on a CPU-only torch)."""
+    import torch
+
+    version = torch.__version__
+    base, _, local = version.partition("+")
+    major, minor = [*base.split("."), "0", "0"][:2]
+    if major != "2" or not minor.isdigit():
+        return "pip install 'p2v-fast[eval]'"
+    index = f" --index-url https://download.pytorch.org/whl/{local}" if local else ""
+    return (f"pip install 'p2v-fast[eval]' (the build for this torch {version}: "
+            f"pip install 'torchvision==0.{int(minor) + 15}.*'{index})")
+
+
+def _torchvision_raft() -> tuple[Any, Any]:
+    """torchvision's ``raft_large`` and ``Raft_Large_Weights``, or one ModelLoadError line saying
+    exactly what to install (torchvision missing, or a build that does not load with this torch)."""
+    try:
+        from torchvision.models.optical_flow import Raft_Large_Weights, raft_large
+    except ImportError:
+        raise ModelLoadError(f"--flow raft (the paper's flow) needs torchvision, which is not installed: "
+                             f"{torchvision_install_hint()}; or use --flow dis") from None
+    except Exception as exc:  # e.g. PyPI's CUDA build on a CPU-only torch: "operator torchvision::nms does not exist"
+        raise ModelLoadError(f"--flow raft: torchvision is installed but does not load with this torch "
+                             f"({one_line(exc, kind=True)}); {torchvision_install_hint()}; or use --flow dis") from None
+    return raft_large, Raft_Large_Weights
 
 
 def make_flow(flow: str) -> Any:

@@ -10,8 +10,9 @@ from p2v_fast.weights.models import Models
 
 
 @torch.no_grad()
-def caption_frame(models: Models, frame: np.ndarray, max_new_tokens: int = 30) -> str:
-    """Caption one uint8 RGB frame ``[H, W, 3]`` with greedy BLIP decoding.
+def caption_frame(models: Models, frame: np.ndarray, max_new_tokens: int = 30, captioner: str | None = None) -> str:
+    """Caption one uint8 RGB frame ``[H, W, 3]`` with greedy BLIP decoding (``captioner``: see
+    :meth:`Models.load_captioner`).
 
     Returns the decoded text with special tokens removed and whitespace stripped. With the
     tiny random-weight captioner this is nonsense and may be empty; it is returned as is.
@@ -19,7 +20,7 @@ def caption_frame(models: Models, frame: np.ndarray, max_new_tokens: int = 30) -
     arr = np.asarray(frame)
     if arr.ndim != 3 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
         raise InputError(f"caption expects one uint8 RGB frame [H,W,3], got {arr.dtype} {tuple(arr.shape)}")
-    model, processor = models.load_captioner()
+    model, processor = models.load_captioner(captioner)
     inputs = processor(images=arr, return_tensors="pt")
     pixel_values = inputs["pixel_values"].to(device=model.device, dtype=model.dtype)
     ids = model.generate(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -50,16 +51,85 @@ def _hub_offline() -> bool:
         return False
 
 
-def _not_cached_message(repo_id: str, instead: str = "use --model tiny") -> str:
+def _not_cached_message(repo_id: str, instead: str = "use --model tiny", what: str = "model") -> str:
+    """One line: what is missing (with its size when the catalog knows it), why it cannot be
+    fetched now, and the ways around it."""
+    from p2v_fast.weights.catalog import fetch_hint, label
+
     why = "offline mode (HF_HUB_OFFLINE) is on" if _hub_offline() else "the hub cannot be reached"
     return (
-        f"model '{repo_id}' is not in the local Hugging Face cache and {why}; download it on a "
-        f"connected machine, pass a local folder, or {instead}"
+        f"{what} {label(repo_id)} is not in the local Hugging Face cache and {why}; {fetch_hint(repo_id)}, "
+        f"pass a local folder, or {instead}"
     )
 
 
-def _probe_hub(repo_id: str, instead: str = "use --model tiny") -> None:
-    """Fail fast, with one line, when the hub is unreachable or the repo does not exist."""
+def hub_cache() -> Path:
+    """The Hugging Face hub cache folder (HF_HUB_CACHE, or HF_HOME/hub, or ~/.cache/huggingface/hub)."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def cached_bytes(repo_id: str) -> int:
+    """Bytes of ``repo_id`` already in the hub cache (finished and partial files)."""
+    blobs = hub_cache() / ("models--" + repo_id.replace("/", "--")) / "blobs"
+    return sum(f.stat().st_size for f in blobs.glob("*") if f.is_file()) if blobs.is_dir() else 0
+
+
+def notify(line: str) -> None:
+    """A line for the user on stderr (what is about to be downloaded)."""
+    print(line, file=sys.stderr, flush=True)
+
+
+def check_disk(what: str, folder: Path, needed: int) -> None:
+    """ModelLoadError, one line, unless ``needed`` more bytes fit on ``folder``'s disk (with
+    1 % and 100 MB to spare)."""
+    import shutil
+
+    from p2v_fast.text import size_text
+
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if needed * 1.01 + 100e6 > free:
+        raise ModelLoadError(f"{what} does not fit: {size_text(needed)} to download into {folder}, "
+                             f"{size_text(free)} free there; free some space or set HF_HOME to a folder on a "
+                             "larger disk")
+
+
+def before_download(repo_id: str) -> None:
+    """Say what is about to be fetched and how big it is, after checking that it fits."""
+    from p2v_fast.text import size_text
+    from p2v_fast.weights.catalog import known, label
+
+    entry, cache, have = known(repo_id), hub_cache(), cached_bytes(repo_id)
+    if entry is not None:
+        check_disk(f"model {label(repo_id)}", cache, max(entry.size - have, 0))
+        there = f", {size_text(have)} of it already there" if have else ""
+        notify(f"downloading {label(repo_id)} into {cache}{there}, once (`p2v download {entry.group}` fetches it "
+               "ahead of time; docs/models.md)")
+    else:
+        notify(f"downloading model '{repo_id}' into {cache}, once")
+
+
+def snapshot(repo_id: str) -> Path:
+    """Fetch what p2v loads of ``repo_id`` into the hub cache (the catalog's files for a known
+    repo; huggingface_hub resumes an interrupted download, with progress bars) and return the
+    snapshot folder. The loaders fetch anything else they want themselves."""
+    from huggingface_hub import snapshot_download
+
+    from p2v_fast.weights.catalog import known
+
+    entry = known(repo_id)
+    patterns = list(entry.patterns) if entry is not None else None
+    return Path(snapshot_download(repo_id, allow_patterns=patterns, etag_timeout=HUB_TIMEOUT_S))
+
+
+def _probe_hub(repo_id: str, instead: str = "use --model tiny", what: str = "model",
+               unreachable: str | None = None) -> None:
+    """Fail fast, with one line, when the hub is unreachable (``unreachable``: that line instead of
+    "not in the cache") or the repo does not exist."""
     from huggingface_hub import model_info
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -82,7 +152,7 @@ def _probe_hub(repo_id: str, instead: str = "use --model tiny") -> None:
     except HFValidationError:
         raise ModelLoadError(f"model '{repo_id}' is neither a local folder nor a valid Hugging Face repo id") from None
     except Exception:
-        raise ModelLoadError(_not_cached_message(repo_id, instead)) from None
+        raise ModelLoadError(unreachable or _not_cached_message(repo_id, instead, what)) from None
 
 
 def from_hub(repo_id: str, load: Callable[[bool], Any], instead: str = "use --model tiny") -> Any:
@@ -103,7 +173,12 @@ def from_hub(repo_id: str, load: Callable[[bool], Any], instead: str = "use --mo
     if _hub_offline():
         raise ModelLoadError(_not_cached_message(repo_id, instead))
     _probe_hub(repo_id, instead)
+    before_download(repo_id)
     try:
+        from p2v_fast.weights.catalog import known
+
+        if known(repo_id) is not None:
+            snapshot(repo_id)  # only the files the catalog names, then the loader finds them cached
         return load(False)
     except ModelLoadError:
         raise
@@ -139,11 +214,18 @@ def fetch_url_file(url: str, folder: Path, what: str, instead: str, timeout: flo
         return target
     host = urlparse(url).netloc or url
     if _hub_offline():
-        raise ModelLoadError(f"{what} is not downloaded ({target} is missing) and offline mode (HF_HUB_OFFLINE) "
-                             f"is on; {instead}")
+        raise ModelLoadError(f"{what}{_sized(url)} is not downloaded ({target} is missing) and offline mode "
+                             f"(HF_HUB_OFFLINE) is on; {instead}")
+    from p2v_fast.weights.catalog import known
+
+    entry = known(url)
+    if entry is not None:
+        check_disk(f"{what} ({entry.label()})", folder, entry.size)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with urllib.request.urlopen(url, timeout=timeout) as response:
+            notify(f"downloading {entry.label() if entry else what} from {host} into {folder}, once"
+                   + (f" (`p2v download {entry.group}` fetches it ahead of time)" if entry else ""))
             fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=folder)
             try:
                 with open(fd, "wb") as f:
@@ -154,9 +236,18 @@ def fetch_url_file(url: str, folder: Path, what: str, instead: str, timeout: flo
                 raise
     except (TimeoutError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", None) or exc
-        raise ModelLoadError(f"{what} is not downloaded and {host} cannot be reached ({one_line(reason)}); "
-                             f"{instead}") from None
+        raise ModelLoadError(f"{what}{_sized(url)} is not downloaded and {host} cannot be reached "
+                             f"({one_line(reason)}); {instead}") from None
     return target
+
+
+def _sized(url: str) -> str:
+    """' (20.1 MB)' for a download the catalog knows, else ''."""
+    from p2v_fast.text import size_text
+    from p2v_fast.weights.catalog import known
+
+    entry = known(url)
+    return f" ({size_text(entry.size)})" if entry is not None else ""
 
 
 def image_processor_class(name: str):

@@ -27,8 +27,9 @@ from typing import Any
 
 import torch
 
-from p2v_fast.config import DEFAULT_MODEL, resolve_device
+from p2v_fast.config import DEFAULT_CAPTIONER, DEFAULT_MODEL, resolve_device
 from p2v_fast.errors import ModelLoadError, one_line
+from p2v_fast.weights.downloads import CAPTIONER_INSTEAD, own_captioner
 from p2v_fast.weights.hub import (
     from_hub,
     image_processor_class,
@@ -37,7 +38,6 @@ from p2v_fast.weights.hub import (
     quiet_loading,
 )
 
-DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-base"
 TINY = "tiny"
 MINI = "mini"
 
@@ -86,23 +86,23 @@ class Models:
     local_dir: Path | None
     device: torch.device
     dtype: torch.dtype
-    _captioner: tuple[Any, Any] | None = field(default=None, init=False, repr=False)
+    _captioners: dict[str | None, tuple[Any, Any]] = field(default_factory=dict, init=False, repr=False)
 
     @property
     def vae_scale_factor(self) -> int:
         """Pixels per latent cell along each axis (8 for SD2 and the tiny set)."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    def load_captioner(self) -> tuple[Any, Any]:
-        """The BLIP captioner ``(model, processor)``, loaded on first use and then kept.
+    def load_captioner(self, captioner: str | None = None) -> tuple[Any, Any]:
+        """The BLIP captioner ``(model, processor)`` (``--captioner``), loaded on first use and then kept.
 
-        For the tiny set, or a local folder with a ``captioner/`` subfolder, that subfolder;
-        otherwise ``Salesforce/blip-image-captioning-base`` from the hub cache (downloaded
-        if the hub is reachable). fp32 on the CPU, ``dtype`` on CUDA.
+        ``captioner``: a hub id or a local folder; None: the model folder's ``captioner/``
+        subfolder (tiny, mini) if it has one, else ``Salesforce/blip-image-captioning-base``
+        from the hub cache (downloaded if the hub is reachable). fp32 on the CPU, ``dtype`` on CUDA.
         """
-        if self._captioner is None:
-            self._captioner = _load_captioner(self.local_dir, self.device, self.dtype)
-        return self._captioner
+        if captioner not in self._captioners:
+            self._captioners[captioner] = _load_captioner(self.local_dir, self.device, self.dtype, captioner)
+        return self._captioners[captioner]
 
 
 # --------------------------------------------------------------------------------------
@@ -238,8 +238,11 @@ def load_models(
     return Models(**parts, source=model, local_dir=None, device=dev, dtype=dtype)
 
 
-def _load_captioner(local_dir: Path | None, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
+def _load_captioner(local_dir: Path | None, device: torch.device, dtype: torch.dtype,
+                    captioner: str | None = None) -> tuple[Any, Any]:
     from transformers import BlipForConditionalGeneration, BlipProcessor
+
+    from p2v_fast.weights.hub import load_from_hub_or_folder
 
     cap_dtype = dtype if device.type == "cuda" else torch.float32
 
@@ -250,15 +253,14 @@ def _load_captioner(local_dir: Path | None, device: torch.device, dtype: torch.d
             model = BlipForConditionalGeneration.from_pretrained(src, dtype=cap_dtype, local_files_only=local_only)
         return model, processor
 
-    if local_dir is not None and (Path(local_dir) / "captioner").is_dir():
-        src = Path(local_dir) / "captioner"
+    own = own_captioner(local_dir) if captioner is None else None
+    if own is not None:
         try:
-            model, processor = load(str(src), True)
+            model, processor = load(str(own), True)
         except Exception as exc:
-            raise ModelLoadError(f"could not load the captioner in '{src}': {one_line(exc)}") from None
+            raise ModelLoadError(f"could not load the captioner in '{own}': {one_line(exc)}") from None
     else:
-        model, processor = from_hub(DEFAULT_CAPTIONER, lambda lo: load(DEFAULT_CAPTIONER, lo),
-                                     "pass --source-prompt (then no captioner is needed)")
+        model, processor = load_from_hub_or_folder(captioner or DEFAULT_CAPTIONER, load, CAPTIONER_INSTEAD)
     try:
         model = model.to(device).eval()
     except Exception as exc:

@@ -53,10 +53,11 @@ def check_prompt(prompt: str, what: str = "prompt") -> str:
     return text
 
 
-def source_prompt_for(models, first_frame: np.ndarray, given: str | None) -> str:
-    """The inversion prompt: ``given`` if set, else a BLIP caption of the first frame."""
+def source_prompt_for(models, first_frame: np.ndarray, given: str | None, captioner: str | None = None) -> str:
+    """The inversion prompt: ``given`` if set, else a caption of the first frame by ``captioner``
+    (:meth:`~p2v_fast.weights.models.Models.load_captioner`)."""
     if given is not None:
         return given.strip()
     from p2v_fast.weights.caption import caption_frame
 
-    return caption_frame(models, first_frame)
+    return caption_frame(models, first_frame, captioner=captioner)
