@@ -152,7 +152,7 @@ def _load_models(options: ExportOptions, models, device, progress: Progress):
     dtype = torch.float16 if options.precision == "fp16" else torch.float32
     if models is not None:
         if models.dtype != dtype:
-            raise InputError(f"models are loaded in {models.dtype}, but --precision {options.precision} needs {dtype}")
+            raise InputError(f"models are loaded in {models.dtype}, but --dtype {options.precision} needs {dtype}")
         return models
     from p2v_fast.weights.models import load_models
 

@@ -6,6 +6,7 @@ own options, and docs/options.md generated from the app."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -183,6 +184,54 @@ def test_messages_name_only_the_commands_own_options(command, raised, present, a
         assert text in line, line
     for text in absent:
         assert text not in line, line
+
+
+OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9]*(?:-[a-z0-9]+)*")
+COMMAND = re.compile(r"p2v ([a-z][a-z-]*)((?: +[^\s`'\"()]+)*)")  # `p2v CMD ARGS...`: up to a quote or bracket
+
+
+def _message_strings(path: Path) -> list[tuple[int, str]]:
+    """Every string of ``path`` that a user may read (f-strings with each field as X), less
+    docstrings and bare option names (the CLI's declarations: ``"--overwrite", "--force"``)."""
+    import ast
+
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    docs = {id(n.body[0].value) for n in ast.walk(tree)
+            if isinstance(n, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef) and n.body
+            and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    parts = {id(v) for n in ast.walk(tree) if isinstance(n, ast.JoinedStr) for v in n.values}
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.JoinedStr):
+            out.append((node.lineno, "".join(v.value if isinstance(v, ast.Constant) else "X" for v in node.values)))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs | parts:
+            if not re.fullmatch(r"--[a-z0-9-]+", node.value):
+                out.append((node.lineno, node.value))
+    return out
+
+
+def test_every_option_a_message_names_is_the_commands_own_name() -> None:
+    """Before: export's messages said --precision, the old spelling that --dtype took over (and
+    issue 27 found --out and --force in the rebuild hints). Every --option in the code's messages
+    is an option's own name (the one --help and docs/options.md show first, not an alias kept for
+    old scripts), and within a `p2v CMD ...` command line, one of CMD's."""
+    own: dict[str, set[str]] = {}
+    for name, command in _commands().items():
+        longs = ([o for o in (*p.opts, *p.secondary_opts) if o.startswith("--")] for p in command.params)
+        own[name] = {names[0] for names in longs if names} | {"--help"}  # the first: the option's own name
+    names = set().union(*own.values())
+    files = [ROOT / "cli.py", *sorted((ROOT / "p2v_fast").rglob("*.py")), *sorted((ROOT / "export").glob("*.py")),
+             *(f for f in sorted((ROOT / "benchmarks").glob("*.py")) if "argparse" not in f.read_text())]
+    wrong = []
+    for path in files:
+        for line, text in _message_strings(path):
+            where = f"{path.relative_to(ROOT)}:{line}"
+            wrong += [f"{where} {o}" for o in OPTION.findall(text) if o not in names]
+            for m in COMMAND.finditer(text):
+                if m.group(1) in own:
+                    wrong += [f"{where} p2v {m.group(1)} {o}" for o in OPTION.findall(m.group(2))
+                              if o not in own[m.group(1)]]
+    assert not wrong, wrong
 
 
 def test_cli_module_keeps_its_progress_names() -> None:

@@ -420,7 +420,7 @@ def test_geometry_of_tiny_matches_feature_shapes(ref_models) -> None:
 @pytest.mark.parametrize(
     ("kw", "needle"),
     [
-        ({"precision": "int8"}, "--precision"),
+        ({"precision": "int8"}, "--dtype must be one of"),  # the option's own name (was its alias --precision)
         ({"format": "tflite"}, "--format"),
         ({"height": 500}, "500"),
         ({"min_size": 1024}, "--min-size 1024"),

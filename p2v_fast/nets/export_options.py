@@ -95,7 +95,7 @@ def _verify(o: ExportOptions) -> None:
     if o.format not in FORMATS:
         raise InputError(f"--format must be one of {', '.join(FORMATS)}; got {o.format!r}")
     if o.precision not in PRECISIONS:
-        raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}; got {o.precision!r}")
+        raise InputError(f"--dtype must be one of {', '.join(PRECISIONS)}; got {o.precision!r}")
     bad = [n for n in o.networks if n not in NETWORKS]
     if bad or not o.networks:
         raise InputError(f"unknown network {bad[0] if bad else '(none)'!r}; known: {', '.join(NETWORKS)}")

@@ -270,7 +270,7 @@ def _float(precision: str) -> str:
 def network_spec(name: str, geometry: Geometry, precision: str) -> NetworkSpec:
     """The spec of network ``name`` for a model of this geometry at this precision."""
     if precision not in PRECISIONS:
-        raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+        raise InputError(f"--dtype must be one of {', '.join(PRECISIONS)}; got {precision!r}")
     g, f = geometry, _float(precision)
     tol = TOLERANCE[precision]
     if name == "unet":  # one graph for every frame: the anchor's samples select their own features
