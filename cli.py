@@ -308,6 +308,19 @@ def _bytes(text: str | None) -> int | None:
         raise InputError(f"--max-memory: {e}") from None
 
 
+def _refuse_early(model: str | None = None, *inputs: Path) -> None:
+    """Refuse what the options and the file system alone show wrong (a --model that names no
+    folder nor hub id, a missing or unreadable input) before torch, diffusers and transformers
+    load: a second, not several (issue 28 item 1). The library checks the same again."""
+    from p2v_fast.media.reader import check_input
+    from p2v_fast.weights.hub import check_model_source
+
+    if model is not None:
+        check_model_source(model)
+    for path in inputs:
+        check_input(path)
+
+
 @app.command()
 @user_errors
 def edit(
@@ -367,9 +380,13 @@ def edit(
     threads: Threads = None,
 ) -> None:
     """Edit INPUT so that it matches PROMPT, consistently across frames."""
-    from p2v_fast.pipeline import edit_video
+    from p2v_fast.media.paths import EditPaths
 
     cfg = EditConfig.from_options(locals(), max_memory=_bytes(max_memory))
+    _refuse_early(cfg.model, input)
+    EditPaths.of(input, output, preview=preview, side_by_side=side_by_side, json_path=json_path).check(input, overwrite)
+    from p2v_fast.pipeline import edit_video
+
     with _progress() as progress:
         result = edit_video(cfg, input, output, overwrite=overwrite, preview=preview, side_by_side=side_by_side,
                             progress=progress, json_path=json_path)
@@ -397,6 +414,7 @@ def demo(
     (shipped in the package, no downloads): it edits such scenes, not real footage. Use a real
     --model with `p2v edit` for real clips.
     """
+    _refuse_early(model)  # before the scene clip is rendered
     from p2v_fast.apps.demo import demo_config, run_demo
 
     # checked before the clip is made
@@ -447,6 +465,7 @@ def ui(
     if out.exists() and not out.is_dir():
         raise InputError(f"--out '{out}' is a file, not a folder")
     EditConfig(model=model, device=device, dtype=dtype)  # a bad value is one line before anything loads
+    _refuse_early(model)
     settings = UISettings(out_dir=out, model=model, device=device, dtype=dtype, engines_root=engines,
                           threads=threads, max_upload_mb=max_upload_mb, output_size=output_size)
     launch(settings, host=host, port=port, auth=read_auth(auth, auth_file), share=share,
@@ -480,9 +499,10 @@ def invert(
     threads: Threads = None,
 ) -> None:
     """DDIM-invert INPUT into the cache, so later edits of it skip inversion."""
+    cfg = EditConfig.from_options(locals(), latent_update="off")
+    _refuse_early(cfg.model, input)
     from p2v_fast.pipeline import invert_video
 
-    cfg = EditConfig.from_options(locals(), latent_update="off")
     with _progress() as progress:
         prep = invert_video(cfg, input, progress, json_path=json_path, overwrite=overwrite)
     report.print_invert(out_console, prep)
@@ -582,9 +602,13 @@ def eval_(
 
     The older form `p2v eval EDITED --source INPUT --prompt PROMPT` works too. A scene clip (p2v demo's)
     is also scored against its ground truth: edit accuracy, true-flow warp error, mask IoU, depth."""
-    from p2v_fast.quality.evaluate import evaluate_video
+    from p2v_fast.media.reader import check_input
 
     edited, src, text = _eval_inputs(input, prompt, output, source, prompt_option)
+    check_input(edited, "edited video")  # before the metrics' libraries load
+    check_input(src, "source video")
+    from p2v_fast.quality.evaluate import evaluate_video
+
     with _threads(threads), _progress() as progress:
         result = evaluate_video(edited, src, text, clip_model=clip_model, flow=flow, size=size, start=start,
                                 max_frames=max_frames, stride=stride, resize=resize, progress=progress,
@@ -638,6 +662,7 @@ def ablate(
     from p2v_fast.media.paths import check_report_path
 
     cfg = EditConfig.from_options(locals())
+    _refuse_early(cfg.model, input)
     check_report_path(json_path, input, overwrite=overwrite, engines=engines)
     with _threads(threads), _progress() as progress:  # the metrics too, not only the edits
         result = run_ablation(cfg, input, out, settings=settings, clip_model=clip_model, flow=flow,
@@ -698,6 +723,7 @@ def bench(
     """Time depth, inversion, anchor and propagated frames and VAE decode, in seconds per frame."""
     from benchmarks.command import render_bench, run_bench_command
 
+    _refuse_early(model)
     with _progress() as progress:
         request = BenchRequest.from_options(locals(), max_memory=_bytes(max_memory))
         run = run_bench_command(request, progress, log=lambda m: console.print(f"[dim]{escape(m)}[/dim]"))
@@ -745,15 +771,17 @@ def export_(
     threads: Threads = None,
 ) -> None:
     """Export the networks to ONNX (validated against PyTorch) and build TensorRT engines."""
-    from export import export_engines
     from p2v_fast.media.paths import check_report_path
 
+    _refuse_early(model)
     opt_h, opt_w = (_export_default("height"), _export_default("width")) if size is None else (size, size)
     options = ExportOptions(model=model, out=engines, format=format, precision=dtype, height=height or opt_h,
                             width=width or opt_w, min_size=min_size, max_size=max_size,
                             max_batch=max_batch, opt_batch=opt_batch, static_batch=static_batch, opset=opset,
                             exporter=exporter, workspace_gb=workspace, device=device, force=overwrite)
     check_report_path(json_path, overwrite=overwrite, engines=engines)
+    from export import export_engines
+
     with _threads(threads), _progress() as progress:
         export_report = export_engines(options, progress)
     _write_json(json_path, export_report.to_dict())

@@ -111,6 +111,34 @@ def _rotation_k(frame: av.VideoFrame) -> int:
         return 0
 
 
+def _check_input_path(p: Path, what: str = "input") -> list[Path]:
+    """A folder's images (InputError if it has none); [] for a regular, readable file (InputError
+    if ``p``, the ``what``, is missing, a FIFO, a device or unreadable). Only the file system is asked."""
+    if not p.exists():
+        raise InputError(f"{what} does not exist: '{p}'")
+    if p.is_dir():
+        images = list_images(p)
+        if not images:
+            raise InputError(f"no {'/'.join(IMAGE_SUFFIXES)} images in folder '{p}'")
+        return images
+    if not p.is_file():  # a FIFO or a device would be read forever
+        raise InputError(f"{what} '{p}' is not a regular file or a folder (a FIFO, device or socket); "
+                         "give a video file or a folder of images")
+    if not os.access(p, os.R_OK):
+        raise InputError(f"cannot read '{p}': permission denied")
+    return []
+
+
+def check_input(path: str | Path, what: str = "input") -> None:
+    """InputError (one line, naming the ``what``) unless ``path`` is a folder with images or a file
+    whose container opens with a video stream (its header only: nothing is decoded). Cheap, and
+    free of the networks' libraries, so a command refuses a bad input before it loads them;
+    :func:`probe` checks the same and more."""
+    p = Path(path)
+    if not _check_input_path(p, what):
+        open_video(p).close()
+
+
 def probe(path: str | Path, folder_fps: float = 24.0) -> VideoInfo:
     """Describe a video file or an image folder; raise InputError if it cannot be read.
 
@@ -119,21 +147,12 @@ def probe(path: str | Path, folder_fps: float = 24.0) -> VideoInfo:
     decoded in full to count frames exactly. A folder's fps is ``folder_fps``.
     """
     p = Path(path)
-    if not p.exists():
-        raise InputError(f"input does not exist: '{p}'")
-    if p.is_dir():
+    images = _check_input_path(p)
+    if images:
         if folder_fps <= 0:
             raise InputError(f"folder fps must be positive, got {folder_fps}")
-        images = list_images(p)
-        if not images:
-            raise InputError(f"no {'/'.join(IMAGE_SUFFIXES)} images in folder '{p}'")
         w, h = _open_image(images[0]).size
         return VideoInfo(p, w, h, float(folder_fps), len(images), False, True)
-    if not p.is_file():  # a FIFO or a device would be read forever
-        raise InputError(f"input '{p}' is not a regular file or a folder (a FIFO, device or socket); "
-                         "give a video file or a folder of images")
-    if not os.access(p, os.R_OK):
-        raise InputError(f"cannot read '{p}': permission denied")
 
     with open_video(p) as container:
         stream = container.streams.video[0]

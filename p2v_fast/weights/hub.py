@@ -39,6 +39,25 @@ def looks_like_repo_id(model: str) -> bool:
     return re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*", model) is not None
 
 
+def check_model_source(model: str, named: tuple[str, ...] = ("tiny", "mini")) -> None:
+    """ModelLoadError (one line) unless ``model`` can name a model: one of ``named`` (the
+    package's own sets), an existing folder or a hub id (owner/name). Only the string and the
+    file system are asked (nothing loads, nothing is fetched), so a command refuses a bad
+    --model before it loads the networks' libraries."""
+    if model in named:
+        return
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return
+    if path.exists():
+        raise ModelLoadError(f"model '{model}' is a file, not a model folder or hub id")
+    if looks_like_path(model):
+        raise ModelLoadError(f"model folder '{model}' does not exist")
+    if not looks_like_repo_id(model):
+        raise ModelLoadError(f"model '{model}' is neither a local folder nor a Hugging Face repo id (owner/name); "
+                             f"pass a hub id, a local folder or {' or '.join(repr(n) for n in named)}")
+
+
 def _hub_offline() -> bool:
     val = os.environ.get("HF_HUB_OFFLINE", "").strip().upper()
     if val in {"1", "ON", "YES", "TRUE"}:

@@ -31,6 +31,7 @@ from p2v_fast.config import DEFAULT_CAPTIONER, DEFAULT_MODEL, resolve_device
 from p2v_fast.errors import ModelLoadError, one_line
 from p2v_fast.weights.downloads import CAPTIONER_INSTEAD, own_captioner
 from p2v_fast.weights.hub import (
+    check_model_source,
     from_hub,
     image_processor_class,
     looks_like_path,
@@ -217,15 +218,12 @@ def load_models(
         parts = _load_pipeline_folder(folder, f"mini model folder '{folder}'", dev, dtype)
         return Models(**parts, source=MINI, local_dir=folder, device=dev, dtype=dtype)
 
+    check_model_source(model, (TINY, MINI))  # a file, a missing folder, neither a folder nor a hub id
     path = Path(model).expanduser()
     if path.is_dir():
         folder = path.resolve()
         parts = _load_pipeline_folder(folder, f"model folder '{model}'", dev, dtype)
         return Models(**parts, source=model, local_dir=folder, device=dev, dtype=dtype)
-    if path.exists():
-        raise ModelLoadError(f"model '{model}' is a file, not a model folder or hub id")
-    if looks_like_path(model):
-        raise ModelLoadError(f"model folder '{model}' does not exist")
 
     with quiet_loading():
         from diffusers import StableDiffusionDepth2ImgPipeline
