@@ -67,6 +67,15 @@ def one_line(exc: BaseException | str, limit: int = ONE_LINE_LIMIT, *, kind: boo
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A CUDA out-of-memory error, or the CPU allocator failing to allocate."""
+    import torch  # here, not at the top: this module is imported before anything heavy
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+
+
 #: errno values that mean "the disk (or this process's file size limit) is full".
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 

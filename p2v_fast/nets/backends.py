@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from p2v_fast.nets.attention import UNetWithFeatures, attention_kernels, feature_shapes
+from p2v_fast.weights.models import first_call
 
 #: Batch sizes (samples; a frame is 2) the compiled UNet is specialised for. Every compiled call
 #: is padded up to one of them, and above the last to a multiple of it, so the wavefront's
@@ -197,7 +198,8 @@ class TorchBackend(Backend):
         with self._attention():  # the kernel chosen (p2v_fast.nets.attention.CUDA_ATTENTION_KERNELS), traced and run
             if self.compiled and (self.compile_grad or not torch.is_grad_enabled()):
                 return self._compiled(sample, timestep, encoder_hidden_states, refs, self_ref)
-            return self.unet_module(sample, timestep, encoder_hidden_states, *(refs or []), self_ref=self_ref)
+            with first_call(self.models, "unet"):  # a malformed model folder: one line, not a traceback
+                return self.unet_module(sample, timestep, encoder_hidden_states, *(refs or []), self_ref=self_ref)
 
     def _compiled(self, sample, timestep, ehs, refs, self_ref) -> tuple[torch.Tensor, ...]:
         """The compiled call in its one signature: references always (a sample without any
@@ -261,21 +263,23 @@ class TorchBackend(Backend):
     @torch.no_grad()
     def vae_encode(self, images):
         self.counter.vae_encode += images.shape[0]
-        with tf32_math(self.tf32):
-            dist = self.models.vae.encode(images.to(self.device, self.dtype)).latent_dist
+        vae = self.models.vae
+        with tf32_math(self.tf32), first_call(self.models, "vae", vae.encoder):
+            dist = vae.encode(images.to(self.device, self.dtype)).latent_dist
         return dist.mean.float() * self.scaling_factor
 
     @torch.no_grad()
     def vae_decode(self, latents):
         self.counter.vae_decode += latents.shape[0]
         vae = self.models.vae
-        with tf32_math(self.tf32):
+        with tf32_math(self.tf32), first_call(self.models, "vae", vae.decoder):
             return vae.decode((latents / self.scaling_factor).to(self.device, self.dtype)).sample.float()
 
     @torch.no_grad()
     def depth(self, pixel_values):
         self.counter.depth += pixel_values.shape[0]
         est = self.models.depth_estimator  # fp32 always (batch norms)
-        return est(pixel_values=pixel_values.to(self.device, torch.float32)).predicted_depth.float()
+        with first_call(self.models, "depth_estimator"):
+            return est(pixel_values=pixel_values.to(self.device, torch.float32)).predicted_depth.float()
 
 

@@ -23,6 +23,8 @@ from typing import TypeVar
 
 import torch
 
+from p2v_fast.errors import is_out_of_memory
+
 # ------------------------------------------------------------------------------------------
 # high-water marks
 
@@ -194,13 +196,6 @@ def parse_bytes(text: str) -> int:
     if n < 2**20:
         raise ValueError(f"{text!r} is below 1 MiB")
     return n
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """A CUDA out-of-memory error, or the CPU allocator failing to allocate."""
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
 
 
 # ------------------------------------------------------------------------------------------

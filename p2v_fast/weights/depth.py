@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from p2v_fast.errors import InputError
-from p2v_fast.weights.models import Models
+from p2v_fast.weights.models import Models, first_call
 
 
 class DepthEstimator:
@@ -29,7 +29,11 @@ class DepthEstimator:
         ``depth``); default: the model's own PyTorch module."""
         self.models = models
         self.batch_size = max(1, int(batch_size))
-        self.run = run or (lambda pv: models.depth_estimator(pixel_values=pv).predicted_depth)
+        self.run = run or self._own
+
+    def _own(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        with first_call(self.models, "depth_estimator"):
+            return self.models.depth_estimator(pixel_values=pixel_values).predicted_depth
 
     @torch.no_grad()
     def raw(self, frames: np.ndarray) -> torch.Tensor:
@@ -56,9 +60,9 @@ class DepthEstimator:
         out = []
         for start in range(0, arr.shape[0], self.batch_size):
             chunk = list(arr[start : start + self.batch_size])
-            pixel_values = self.models.feature_extractor(images=chunk, return_tensors="pt")["pixel_values"].to(
-                device=device, dtype=torch.float32
-            )
+            with first_call(self.models, "feature_extractor"):
+                pixel_values = self.models.feature_extractor(images=chunk, return_tensors="pt")["pixel_values"]
+            pixel_values = pixel_values.to(device=device, dtype=torch.float32)
             pred = self.run(pixel_values).float()
             pred = torch.nn.functional.interpolate(pred.unsqueeze(1), size=size, mode="bicubic", align_corners=False)
             out.append(pred[:, 0])

@@ -13,14 +13,18 @@ weights).
 Every failure is raised as :class:`p2v_fast.errors.ModelLoadError` (or
 :class:`~p2v_fast.errors.BackendUnavailableError` for a device this machine lacks) with a
 one-line message; nothing here prints a traceback, and nothing waits long on a network that
-is not there.
+is not there. A malformed folder is refused at load where the configs tell (:func:`_check_fit`,
+a scheduler that is not epsilon-predicting), and otherwise at the first call of the network that
+fails (:func:`first_call`, which the backends and the text and depth conditioning run through).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-from collections.abc import Mapping
+import weakref
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +32,7 @@ from typing import Any
 import torch
 
 from p2v_fast.config import DEFAULT_CAPTIONER, DEFAULT_MODEL, resolve_device
-from p2v_fast.errors import ModelLoadError, one_line
+from p2v_fast.errors import ModelLoadError, P2VError, is_out_of_memory, one_line
 from p2v_fast.weights.downloads import CAPTIONER_INSTEAD, own_captioner
 from p2v_fast.weights.hub import (
     check_model_source,
@@ -87,6 +91,7 @@ class Models:
     local_dir: Path | None
     device: torch.device
     dtype: torch.dtype
+    label: str = ""  # the model in messages: "model folder './x'", "model 'owner/name' (cached at ...)"
     _captioners: dict[str | None, tuple[Any, Any]] = field(default_factory=dict, init=False, repr=False)
 
     @property
@@ -104,6 +109,39 @@ class Models:
         if captioner not in self._captioners:
             self._captioners[captioner] = _load_captioner(self.local_dir, self.device, self.dtype, captioner)
         return self._captioners[captioner]
+
+
+#: The networks as messages name them.
+NETWORK_NAMES = {"unet": "UNet", "vae": "VAE", "text_encoder": "text encoder", "depth_estimator": "depth estimator",
+                 "feature_extractor": "depth estimator's image processor"}
+_proven: weakref.WeakSet[Any] = weakref.WeakSet()  # the networks (modules, processors) that ran once
+
+
+@contextlib.contextmanager
+def first_call(models: Any, network: str, part: Any = None) -> Iterator[None]:
+    """Run one call of ``models``' ``network`` (a key of :data:`NETWORK_NAMES`; ``part``: the object
+    that runs, default the network itself, e.g. the VAE's decoder for a decode).
+
+    Until that object has run once, an exception from inside it is what a malformed model folder
+    gives (a config its weights or the other networks do not fit): it is raised as one line,
+    "<model>: its UNet failed on its first call: <reason>", a :class:`ModelLoadError` with the
+    original exception chained as its ``__cause__``. Out of memory, interrupts and P2VErrors pass
+    unchanged, and so does every error once the object has run: that is not the folder's doing."""
+    key = part if part is not None else getattr(models, network)
+    if key in _proven:
+        yield
+        return
+    try:
+        yield
+    except P2VError:
+        raise
+    except Exception as exc:
+        if isinstance(exc, MemoryError) or is_out_of_memory(exc):
+            raise
+        label = getattr(models, "label", "") or f"model '{getattr(models, 'source', '?')}'"
+        raise ModelLoadError(f"{label}: its {NETWORK_NAMES[network]} failed on its first call: "
+                             f"{one_line(exc, kind=True)}") from exc
+    _proven.add(key)
 
 
 # --------------------------------------------------------------------------------------
@@ -132,6 +170,53 @@ def _check_pipeline_folder(folder: Path, label: str) -> None:
     if missing:
         raise ModelLoadError(
             f"{label} is not a complete Stable Diffusion depth pipeline: missing " + ", ".join(f"{c}/" for c in missing)
+        )
+    try:  # an unreadable scheduler config is diffusers' to report, as it loads it
+        scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        scheduler = {}
+    predicts = scheduler.get("prediction_type", "epsilon") if isinstance(scheduler, dict) else "epsilon"
+    if predicts != "epsilon":
+        raise ModelLoadError(
+            f"{label} predicts {predicts!r} (its scheduler's prediction_type; SD2's 768 models predict "
+            "'v_prediction'): p2v edits with noise-predicting ('epsilon') depth models, such as "
+            "stabilityai/stable-diffusion-2-depth"
+        )
+
+
+def _check_fit(parts: Mapping[str, Any], label: str) -> None:
+    """Raise a one-line ModelLoadError unless the networks' configs fit together as a depth model's:
+    every layer a config names has weights; the UNet takes the VAE's latent channels + 1 (depth) and
+    predicts the latent channels, attends to text as wide as the text encoder's hidden states, and the
+    tokenizer's length fits the text encoder's positions. Read from the configs: certain, and before
+    any call."""
+    for name in ("unet", "vae", "text_encoder", "depth_estimator"):  # left on the meta device by the loader
+        empty = next((n for n, t in (*parts[name].named_parameters(), *parts[name].named_buffers()) if t.is_meta), None)
+        if empty is not None:
+            raise ModelLoadError(f"{label}: its {NETWORK_NAMES[name]}'s config has layers its weights file lacks "
+                                 f"(e.g. {empty!r}): the config and the weights are of different models")
+    unet, vae, text = parts["unet"].config, parts["vae"].config, parts["text_encoder"].config
+    latent = int(vae.latent_channels)
+    if int(unet.in_channels) != latent + 1:
+        raise ModelLoadError(
+            f"{label}: its UNet takes {unet.in_channels} input channels; a depth model's takes {latent + 1} "
+            f"({latent} latent + 1 depth), as stabilityai/stable-diffusion-2-depth's"
+        )
+    if int(unet.out_channels) != latent:
+        raise ModelLoadError(f"{label}: its UNet predicts {unet.out_channels} channels; its VAE's latents have "
+                             f"{latent}")
+    cross = unet.cross_attention_dim
+    widths = set(cross) if isinstance(cross, list | tuple) else {cross}
+    if getattr(unet, "encoder_hid_dim", None) is None and widths != {int(text.hidden_size)}:
+        raise ModelLoadError(
+            f"{label}: its text encoder's hidden size is {text.hidden_size}, but its UNet attends to text "
+            f"{'/'.join(str(w) for w in sorted(widths))} wide (cross_attention_dim)"
+        )
+    length, positions = int(parts["tokenizer"].model_max_length), int(text.max_position_embeddings)
+    if length > positions:
+        raise ModelLoadError(
+            f"{label}: its tokenizer makes {length} tokens (model_max_length), more than its text encoder's "
+            f"{positions} positions"
         )
 
 
@@ -168,6 +253,7 @@ def _load_pipeline_folder(folder: Path, label: str, device: torch.device, dtype:
         "depth_estimator": pipe.depth_estimator,
         "feature_extractor": feature_extractor,
     }
+    _check_fit(parts, label)
     try:
         # dtypes were set at load (depth estimator fp32); move only, so diffusers' "keep
         # these modules in fp32" logic is not undone by a cast.
@@ -209,21 +295,24 @@ def load_models(
         except Exception as exc:
             raise ModelLoadError(f"could not build the tiny model set: {one_line(exc)}") from None
         try:
-            parts = _load_pipeline_folder(folder, f"tiny model folder '{folder}'", dev, dtype)
+            label = f"tiny model folder '{folder}'"
+            parts = _load_pipeline_folder(folder, label, dev, dtype)
         except ModelLoadError as exc:  # damaged in a way its build records cannot see (or built before them)
             raise ModelLoadError(f"{exc}; delete that folder and p2v rebuilds it") from None
-        return Models(**parts, source=TINY, local_dir=folder, device=dev, dtype=dtype)
+        return Models(**parts, source=TINY, local_dir=folder, device=dev, dtype=dtype, label=label)
     if model == MINI:
         folder = mini_model_dir()
-        parts = _load_pipeline_folder(folder, f"mini model folder '{folder}'", dev, dtype)
-        return Models(**parts, source=MINI, local_dir=folder, device=dev, dtype=dtype)
+        label = f"mini model folder '{folder}'"
+        parts = _load_pipeline_folder(folder, label, dev, dtype)
+        return Models(**parts, source=MINI, local_dir=folder, device=dev, dtype=dtype, label=label)
 
     check_model_source(model, (TINY, MINI))  # a file, a missing folder, neither a folder nor a hub id
     path = Path(model).expanduser()
     if path.is_dir():
         folder = path.resolve()
-        parts = _load_pipeline_folder(folder, f"model folder '{model}'", dev, dtype)
-        return Models(**parts, source=model, local_dir=folder, device=dev, dtype=dtype)
+        label = f"model folder '{model}'"
+        parts = _load_pipeline_folder(folder, label, dev, dtype)
+        return Models(**parts, source=model, local_dir=folder, device=dev, dtype=dtype, label=label)
 
     with quiet_loading():
         from diffusers import StableDiffusionDepth2ImgPipeline
@@ -232,8 +321,9 @@ def load_models(
         return Path(StableDiffusionDepth2ImgPipeline.download(model, local_files_only=local_only))
 
     snapshot = from_hub(model, fetch)
-    parts = _load_pipeline_folder(snapshot, f"model '{model}' (cached at {snapshot})", dev, dtype)
-    return Models(**parts, source=model, local_dir=None, device=dev, dtype=dtype)
+    label = f"model '{model}' (cached at {snapshot})"
+    parts = _load_pipeline_folder(snapshot, label, dev, dtype)
+    return Models(**parts, source=model, local_dir=None, device=dev, dtype=dtype, label=label)
 
 
 def _load_captioner(local_dir: Path | None, device: torch.device, dtype: torch.dtype,

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from p2v_fast.errors import InputError
+from p2v_fast.weights.models import first_call
 
 
 @torch.no_grad()
@@ -19,7 +20,8 @@ def encode_prompt(models, text: str) -> torch.Tensor:
         return_tensors="pt",
     )
     ids = tok.input_ids.to(models.device)
-    return models.text_encoder(ids)[0].to(models.dtype)
+    with first_call(models, "text_encoder"):  # [0]: the last hidden states, after the final layer norm
+        return models.text_encoder(ids)[0].to(models.dtype)
 
 
 def dropped_part(models, text: str) -> str | None:

@@ -110,3 +110,78 @@ SCHEDULER_CONFIG: dict[str, Any] = dict(
     steps_offset=1,
     prediction_type="epsilon",
 )
+
+
+# The files of stabilityai/stable-diffusion-2-depth that hold no weights, as they read: what a
+# real folder makes the loader go through (tests/test_model_folders.py writes them over tiny weights).
+
+#: model_index.json: the pipeline, and the class of each component.
+MODEL_INDEX: dict[str, Any] = {
+    "_class_name": "StableDiffusionDepth2ImgPipeline",
+    "_diffusers_version": "0.8.0.dev0",
+    "depth_estimator": ["transformers", "DPTForDepthEstimation"],
+    "feature_extractor": ["transformers", "DPTImageProcessor"],
+    "scheduler": ["diffusers", "PNDMScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+
+#: scheduler/scheduler_config.json: a PNDM scheduler (p2v runs DDIM from its config).
+SCHEDULER_FILE: dict[str, Any] = {
+    "_class_name": "PNDMScheduler",
+    "_diffusers_version": "0.8.0.dev0",
+    **SCHEDULER_CONFIG,
+    "skip_prk_steps": True,
+    "trained_betas": None,
+}
+
+#: feature_extractor/preprocessor_config.json: DPT's preprocessing, bilinear (resample 2) to
+#: 384 x 384, scaled to [0, 1], then normalised with mean and std 0.5 to [-1, 1].
+DPT_PREPROCESSOR: dict[str, Any] = {
+    "do_normalize": True,
+    "do_rescale": True,
+    "do_resize": True,
+    "ensure_multiple_of": 1,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_processor_type": "DPTImageProcessor",
+    "image_std": [0.5, 0.5, 0.5],
+    "keep_aspect_ratio": False,
+    "resample": 2,
+    "rescale_factor": 0.00392156862745098,
+    "size": {"height": DPT_IMAGE_SIZE, "width": DPT_IMAGE_SIZE},
+}
+
+
+def _token(content: str, typed: bool) -> dict[str, Any]:
+    token = {"content": content, "lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
+    return {"__type": "AddedToken", **token} if typed else token
+
+
+#: tokenizer/tokenizer_config.json (CLIP's BPE files, vocab.json and merges.txt, beside it). Its pad
+#: token is "<|endoftext|>"; special_tokens_map.json's, "!", is the one the tokenizer uses.
+TOKENIZER_CONFIG: dict[str, Any] = {
+    "add_prefix_space": False,
+    "bos_token": _token("<|startoftext|>", True),
+    "do_lower_case": True,
+    "eos_token": _token("<|endoftext|>", True),
+    "errors": "replace",
+    "model_max_length": 77,
+    "name_or_path": "openai/clip-vit-large-patch14",
+    "pad_token": "<|endoftext|>",
+    "special_tokens_map_file": "./special_tokens_map.json",
+    "tokenizer_class": "CLIPTokenizer",
+    "unk_token": _token("<|endoftext|>", True),
+}
+
+#: tokenizer/special_tokens_map.json: pads with "!" (id 0), as OpenCLIP's tokenizer pads with zeros.
+SPECIAL_TOKENS_MAP: dict[str, Any] = {
+    "bos_token": _token("<|startoftext|>", False),
+    "eos_token": _token("<|endoftext|>", False),
+    "pad_token": "!",
+    "unk_token": _token("<|endoftext|>", False),
+}
+
+#: text_encoder/config.json's token ids: CLIP's legacy defaults, not the tokenizer's ids.
+TEXT_ENCODER_TOKEN_IDS: dict[str, int] = {"bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
