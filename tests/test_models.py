@@ -227,16 +227,21 @@ def test_unknown_hub_id_online_fails_cleanly() -> None:
     a closed loopback port (in a subprocess: huggingface_hub reads it at import), so the test sends
     nothing off this machine."""
     code = (
+        "import time, diffusers, transformers\n"
         "from p2v_fast.weights.models import load_models\n"
         "from p2v_fast.errors import ModelLoadError\n"
+        "t0 = time.perf_counter()\n"
         "try:\n    load_models('p2v-test-no-such-owner/no-such-model')\n"
         "except ModelLoadError as e:\n    print('ERR', e)\n"
+        "print('SECONDS', time.perf_counter() - t0)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
     env["HF_ENDPOINT"] = "http://127.0.0.1:9"
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
-    assert time.perf_counter() - t0 < 60
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    # no retrying with back-off against a closed port: the call itself (imports done) is quick
+    # whatever the machine's load; the imports before it are not timed
+    seconds = [float(ln.split()[1]) for ln in proc.stdout.splitlines() if ln.startswith("SECONDS ")]
+    assert seconds and seconds[0] < 30, proc.stdout + proc.stderr
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("ERR ")]
     assert len(lines) == 1 and "p2v-test-no-such-owner/no-such-model" in lines[0], proc.stdout + proc.stderr
 
