@@ -295,6 +295,15 @@ def _threads(n: int | None) -> Iterator[None]:
         yield
 
 
+def _uptime() -> float:
+    """Seconds since this process started: what a user waits for, Python's start-up and imports too."""
+    import time
+
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
+
+
 def _bytes(text: str | None) -> int | None:
     """``--max-memory``'s value in bytes."""
     if text is None:
@@ -390,7 +399,7 @@ def edit(
     with _progress() as progress:
         result = edit_video(cfg, input, output, overwrite=overwrite, preview=preview, side_by_side=side_by_side,
                             progress=progress, json_path=json_path)
-    report.print_edit(out_console, result, cfg)
+    report.print_edit(out_console, result, cfg, _uptime())
     report.print_wrote(out_console, json_path)
 
 
@@ -421,7 +430,7 @@ def demo(
     cfg = demo_config(size=size, steps=steps, threads=threads, model=model, output_size=output_size)
     with _progress() as progress:
         result = run_demo(out, cfg, frames, progress, json_path=json_path, overwrite=overwrite)
-    report.print_demo(out_console, result)
+    report.print_demo(out_console, result, _uptime())
     report.print_wrote(out_console, json_path)
 
 
@@ -505,7 +514,7 @@ def invert(
 
     with _progress() as progress:
         prep = invert_video(cfg, input, progress, json_path=json_path, overwrite=overwrite)
-    report.print_invert(out_console, prep)
+    report.print_invert(out_console, prep, cfg.model)
     report.print_wrote(out_console, json_path)
 
 

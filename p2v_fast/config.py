@@ -158,7 +158,9 @@ class EditConfig:
 #: tiny edit ran 6-27x slower without it: docs/performance.md, "CPU threads"); the tokenizers
 #: library starts no thread pool of its own.
 CPU_POLICY = {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
-_late: list[str] = []  # CPU_POLICY's variables that came after torch had loaded (too late for OpenMP)
+#: What the first :func:`cpu_policy` call (``import p2v_fast``) found: "late" if torch had loaded
+#: OpenMP before, with OMP_WAIT_POLICY unset (a later call cannot tell: the variable is set by then).
+_state: dict[str, bool] = {}
 
 
 def cpu_policy() -> None:
@@ -169,18 +171,16 @@ def cpu_policy() -> None:
     ``cli.main`` calls it too. The thread count is each run's ``threads`` (None: PyTorch's
     default, one per physical core), applied by ``edit_video``/``invert_video`` either way.
     """
+    _state.setdefault("late", "torch" in sys.modules and "OMP_WAIT_POLICY" not in os.environ)
     for name, value in CPU_POLICY.items():
-        if name not in os.environ:
-            if name == "OMP_WAIT_POLICY" and "torch" in sys.modules:
-                _late.append(name)
-            os.environ[name] = value
+        os.environ.setdefault(name, value)
 
 
 def warn_if_policy_late() -> None:
     """A RuntimeWarning (once) if torch was imported before p2v_fast with ``OMP_WAIT_POLICY``
     unset: OpenMP's idle threads then spin, and the library cannot change that any more."""
-    if _late:
-        _late.clear()
+    if _state.get("late"):
+        _state["late"] = False
         warnings.warn("torch was imported before p2v_fast with OMP_WAIT_POLICY unset, so OpenMP's idle threads "
                       "spin (several times slower on a busy CPU); import p2v_fast first, or set "
                       "OMP_WAIT_POLICY=PASSIVE before starting Python", RuntimeWarning, stacklevel=3)

@@ -45,6 +45,7 @@ from p2v_fast.nets.runtime import (
 from p2v_fast.progress import NullProgress, Progress
 from p2v_fast.text import plural
 from p2v_fast.weights.downloads import check_downloads
+from p2v_fast.weights.models import random_weights
 from p2v_fast.weights.prompts import check_prompt, encode_prompt, source_prompt_for, warn_if_truncated
 
 
@@ -125,9 +126,9 @@ def prepare(cfg: EditConfig, input_path: Path, rt: Runtime, progress: Progress,
         note = " (the tiny model's captioner has random weights: word salad by design)" \
             if rt.models.source == "tiny" else ""
         progress.log(f"source prompt (BLIP caption of frame 1): {source!r}{note}")
-    else:
+    else:  # a prompt the user typed: say what CLIP cuts off (a caption's cut is no one's concern)
         source = cfg.source_prompt.strip()
-    warn_if_truncated(rt.models, source, "source prompt", progress.log, rt.warned)
+        warn_if_truncated(rt.models, source, "source prompt", progress.log, rt.warned)
     dtype, tf32 = invert_precision(cfg.invert_dtype, rt.models.device)
     where = inversion_runtime(rt.models, rt.backend, rt.grad_backend, dtype, tf32)
     # another process inverting the same entry: invert_clip waits for it (the entry's lock), then reuses it
@@ -210,7 +211,14 @@ class EditResult:
 
     @property
     def seconds_per_frame(self) -> float:
+        """The edit loop's seconds per frame (the paper's yardstick: inversion excluded)."""
         return self.seconds_edit / max(self.n_frames, 1)
+
+    @property
+    def seconds_per_frame_with_inversion(self) -> float:
+        """Seconds per frame of the edit and the inversion (frame selection, caption, encode and
+        depth, DDIM inversion and its check; next to nothing on a cache hit)."""
+        return (self.seconds_inversion + self.seconds_edit) / max(self.n_frames, 1)
 
     def to_dict(self) -> dict[str, Any]:
         """Everything, with the guided update's RMS per step (mean over frames) and per step and frame."""
@@ -224,7 +232,8 @@ class EditResult:
             "inversion_cache_hit": self.inversion_cache_hit, "inversion_runtime": self.inversion_runtime,
             "reconstruction": self.reconstruction, "seconds_total": self.seconds_total,
             "seconds_inversion": self.seconds_inversion, "seconds_edit": self.seconds_edit,
-            "seconds_per_frame": self.seconds_per_frame, "overlapped": self.overlapped,
+            "seconds_per_frame": self.seconds_per_frame,
+            "seconds_per_frame_with_inversion": self.seconds_per_frame_with_inversion, "overlapped": self.overlapped,
             "unet_calls": st.unet_calls, "unet_backward": st.unet_backward,
             "peak_feature_bytes": st.peak_feature_bytes, "frames_sha256": self.frames_sha256,
             "update_rms_per_step": {str(k): v for k, v in st.mean_update_rms().items()},
@@ -400,7 +409,8 @@ class _EditOutputs:
 
 def _report_edit(ctx: EditContext, progress: Progress) -> None:
     """The guided update's size, and how the memory budget split the UNet calls."""
-    progress.log(ctx.stats.describe_update(ctx.cfg.latent_update))
+    random = random_weights(ctx.backend.models.source)
+    progress.log(ctx.stats.describe_update(ctx.cfg.latent_update, ctx.cfg.steps, random))
     budget = ctx.budget
     if budget is not None and (budget.splits or budget.ooms):
         progress.log(f"{budget.splits} UNet calls split to fit in memory, {budget.ooms} retried after running out")

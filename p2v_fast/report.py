@@ -50,8 +50,9 @@ def wide(console: Console) -> Console:
     return Console(file=console.file, width=max(console.width, 200), color_system=None)
 
 
-def print_edit(console: Console, result: EditResult, cfg: EditConfig) -> None:
-    """`p2v edit`: the files written, the frames, the source prompt, and the time per stage."""
+def print_edit(console: Console, result: EditResult, cfg: EditConfig, uptime: float | None = None) -> None:
+    """`p2v edit`: the files written, the frames, the source prompt, and the time per stage
+    (``uptime``: the process's age, for the time in all)."""
     from p2v_fast.media.reader import format_fps
     from p2v_fast.method.inversion import describe_reconstruction
 
@@ -69,19 +70,35 @@ def print_edit(console: Console, result: EditResult, cfg: EditConfig) -> None:
         captioned and cfg.model == "tiny") else " (BLIP caption)" if captioned else ""
     rows.append(("source prompt", repr(result.source_prompt) + caption))
     inv = "cache hit (no inversion work)" if result.inversion_cache_hit else f"{result.seconds_inversion:.1f} s"
-    rows.append(("inversion", f"{inv}; {describe_reconstruction(result.reconstruction)}"))
-    rows.append(("edit", f"{result.seconds_edit:.1f} s, {result.seconds_per_frame:.2f} s/frame"))
-    rows.append(("total", f"{result.seconds_total:.1f} s"))
+    rows.append(("inversion", f"{inv}; {describe_reconstruction(result.reconstruction, cfg.model)}"))
+    rows.append(("edit", f"{result.seconds_edit:.1f} s: {per_frame(result)}"))
+    rows.append(("total", total_time(result, uptime)))
     print_rows(console, rows)
 
 
-def print_demo(console: Console, result: EditResult) -> None:
-    """`p2v demo`: one line, the edit's time and its three files."""
-    line(console, f"edited {plural(result.n_frames, 'frame')} in {result.seconds_total:.1f} s "
-                  f"({result.seconds_per_frame:.2f} s/frame): {result.output}, {result.side_by_side}, {result.strip}")
+def per_frame(result: EditResult) -> str:
+    """The per-frame figures and what they cover: the edit alone (the paper's yardstick) and with
+    the inversion (unless the cache held it)."""
+    text = f"{result.seconds_per_frame:.2f} s/frame editing"
+    if result.inversion_cache_hit:
+        return text + " (inversion cached)"
+    return text + f", {result.seconds_per_frame_with_inversion:.2f} s/frame with inversion"
 
 
-def print_invert(console: Console, prep: PreparedClip) -> None:
+def total_time(result: EditResult, uptime: float | None) -> str:
+    """The run's seconds from loading the models to the files written and, with ``uptime`` (the
+    process's age), in all with start-up (Python, imports, rendering a clip)."""
+    text = f"{result.seconds_total:.1f} s from loading the models to the files written"
+    return text + (f"; {uptime:.0f} s in all with start-up" if uptime is not None else "")
+
+
+def print_demo(console: Console, result: EditResult, uptime: float | None = None) -> None:
+    """`p2v demo`: one line, what the time per frame covers, and its three files."""
+    line(console, f"edited {plural(result.n_frames, 'frame')}: {per_frame(result)}; {total_time(result, uptime)}: "
+                  f"{result.output}, {result.side_by_side}, {result.strip}")
+
+
+def print_invert(console: Console, prep: PreparedClip, model: str | None = None) -> None:
     """`p2v invert`: what was inverted, on which runtime, and how well it reconstructs."""
     from p2v_fast.method.inversion import describe_reconstruction
     from p2v_fast.nets.runtime import describe_runtime
@@ -90,7 +107,7 @@ def print_invert(console: Console, prep: PreparedClip) -> None:
     state = "cache hit (nothing to do)" if inv.cache_hit else f"{prep.seconds:.1f} s"
     line(console, f"inverted {plural(sel.n_frames, 'frame')} at {sel.size[0]}x{sel.size[1]} ({sel.resize}) on "
                   f"{describe_runtime(inv.runtime)}: {state}; cache {inv.root}")
-    line(console, f"reconstruction: {describe_reconstruction(inv.reconstruction)}")
+    line(console, f"reconstruction: {describe_reconstruction(inv.reconstruction, model)}")
 
 
 def _short(path: str) -> str:

@@ -93,6 +93,21 @@ def own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_dir: Path) -
 
 
 @pytest.fixture(scope="session")
+def tiny_edit(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path):
+    """One ``p2v edit`` as a newcomer runs it on the tiny model (3 frames at 64x64, 4 steps, the
+    source prompt a BLIP caption, a fresh inversion, the guided update), made once: ``(Result,
+    folder)``, the folder holding ``clip.mp4`` and the edit ``out.mp4``. Read them; copy to change."""
+    from tests.helpers import p2v, sample_clip
+
+    folder = tmp_path_factory.mktemp("tiny-edit")
+    clip = sample_clip(folder, n_frames=3, size=(64, 64), audio=False)  # folder/clip.mp4
+    result = p2v("edit", clip, "a crochet swan", "-o", folder / "out.mp4", "--model", "tiny", "--size", "64",
+                 "--steps", "4")
+    assert result.exit_code == 0, result.output
+    return result, folder
+
+
+@pytest.fixture(scope="session")
 def tiny_models(tiny_dir: Path):
     """``load_models("tiny")``: fp32 on the CPU."""
     from p2v_fast.weights.models import load_models

@@ -53,14 +53,25 @@ def test_a_local_ray_without_authentication_is_refused(mode, monkeypatch, tmp_pa
 
 def test_a_local_ray_listens_on_the_loopback_only(monkeypatch):
     """Every listening socket of the driver, the GCS server, the raylet and the workers is on
-    127.0.0.1 (Ray's default gave the machine's address and listened on every interface)."""
+    127.0.0.1 (Ray's default gave the machine's address and listened on every interface). Ray
+    logs no warning on the way (it warned that it had turned token authentication on)."""
+    import logging
+
     import psutil
 
     from p2v_fast.apps.batch_ray import connect
 
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)  # Ray sets it to "token" in this process
-    assert connect(None)
+    warned: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warned.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("ray").addHandler(handler)  # its modules' loggers pass records up to it
     try:
+        assert connect(None)
+    finally:
+        logging.getLogger("ray").removeHandler(handler)
+    try:
+        assert warned == []
         @ray.remote(num_cpus=1)
         def pid() -> int:
             import os

@@ -116,7 +116,7 @@ def test_markdown_has_every_stage(bench_json) -> None:
     for label in ("depth", "VAE encode", "inversion", "anchor frame", "propagated frame", "mean over the clip",
                   "wavefront · off", "VAE decode", "tensorrt: not run", "sequential against wavefront",
                   "guided update RMS per step", "autograd / detached, same latents", "inversion on torch float32",
-                  "frame 1 regenerated from x_T"):
+                  "frame 1 regenerated from its inverted noise"):
         assert label in text
     for mode in MODES:
         assert f"| torch | {mode} |" in text

@@ -79,7 +79,7 @@ def test_invert_reports_the_reconstruction_once(clip, own_cache) -> None:
     r = p2v("invert", clip, *FAST, "--max-frames", "2", "--source-prompt", "a clip")
     assert r.exit_code == 0, r.output
     assert "cache hit" not in r.output  # a miss: the reconstruction was measured in this run
-    assert r.output.count("regenerated from x_T") == 1, r.output
+    assert r.output.count("regenerated from its inverted noise") == 1, r.output
 
 
 @pytest.mark.parametrize(("schedule", "lengths"), [("sequential", (3, 8)), ("wavefront", (5, 8))])

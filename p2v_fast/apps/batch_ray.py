@@ -186,6 +186,24 @@ def _loopback_node() -> typing.Iterator[None]:
         ray_constants.ENABLE_RAY_CLUSTER = before
 
 
+@contextlib.contextmanager
+def _no_token_notice() -> typing.Iterator[None]:
+    """Without Ray's warning that it turned token authentication on for a new local cluster: p2v
+    insists on it (:func:`check_local_auth`), so the line only interrupted the batch's output.
+    (Setting ``RAY_AUTH_MODE=token`` instead, which silences it too, made the GCS fail to start
+    when Ray had been imported before: its configuration is read at import.)"""
+    log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled")
+
+    log.addFilter(keep)
+    try:
+        yield
+    finally:
+        log.removeFilter(keep)
+
+
 def connect(address: str | None) -> bool:
     """Join the cluster at ``address`` or start a local Ray (token-authenticated, on the loopback
     address); False if Ray was already up."""
@@ -200,7 +218,7 @@ def connect(address: str | None) -> bool:
         if address:
             ray.init(address=address, **quiet)
         else:
-            with _loopback_node():
+            with _loopback_node(), _no_token_notice():
                 ray.init(include_dashboard=False, **quiet)
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = f"the Ray cluster at {address!r}" if address else "a local Ray"

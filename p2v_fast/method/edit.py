@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from p2v_fast.config import EditConfig
@@ -74,20 +73,21 @@ class EditStats:
     def mean_detached_rms(self) -> dict[int, float]:
         return _step_means(self.detached_rms)
 
-    def describe_update(self, mode: str) -> str:
-        """One line on the guided update's size, for the end of an edit."""
+    def describe_update(self, mode: str, steps: int, random: bool = False) -> str:
+        """One line on the guided update's size, for the end of an edit of ``steps`` steps;
+        ``random``: the model has random weights (its autograd/detached ratio means nothing)."""
         rms = self.mean_update_rms()
         if not rms:
             return "no guided latent update"
-        steps = list(rms)
-        line = (f"guided update RMS ({mode}, steps {steps[0]}-{steps[-1]}): first {rms[steps[0]]:.3g}, "
-                f"last {rms[steps[-1]]:.3g}, mean {np.mean(list(rms.values())):.3g}")
+        guided = list(rms)
+        line = (f"guided latent update ({mode}, steps {guided[0] + 1}-{guided[-1] + 1} of {steps}): moved the latents "
+                f"{rms[guided[0]]:.3g} RMS at the first step, {rms[guided[-1]]:.3g} at the last (latents: RMS ~1)")
         same = self.mean_detached_rms()
-        if same:
-            ratio = [rms[s] / same[s] for s in steps if same.get(s)]
-            line += (f"; the detached form at the same latents: mean {np.mean(list(same.values())):.3g}, "
-                     f"autograd/detached {ratio[0]:.3g} at the first step, {ratio[-1]:.3g} at the last"
-                     if ratio else "")
+        ratio = [rms[s] / same[s] for s in guided if same.get(s)]
+        if ratio:
+            line += (f"; {ratio[0]:.3g}x and {ratio[-1]:.3g}x the detached form's (the authors' code) at the same "
+                     "latents" + (", meaningless with random weights" if random else
+                                  " (choosing --update-weight from it: docs/method.md, section 6)"))
         return line
 
 

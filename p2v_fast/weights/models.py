@@ -47,6 +47,13 @@ TINY = "tiny"
 MINI = "mini"
 
 
+def random_weights(source: str) -> bool:
+    """Whether the model ``source`` names (--model, or :attr:`Models.source`) has random weights:
+    the tiny test set, or a benchmark's full-size architecture (``arch:...``). Its numbers (the
+    inversion's reconstruction error, the guided update's size) say nothing of a trained model's."""
+    return source == TINY or source.startswith("arch:")
+
+
 def mini_model_dir() -> Path:
     """The trained small pipeline shipped in the package (``p2v_fast/weights/mini``; issue 25):
     SD2-depth architectures, narrow, trained on rendered scenes (p2v_fast.media.scenes), not on

@@ -414,8 +414,9 @@ def _write_tiny_clip(out_dir: Path, seed: int = 0) -> None:
         model = CLIPModel(cfg).eval()
     finally:
         torch.random.set_rng_state(gen_state)
-    model.save_pretrained(str(out_dir))
-    processor.save_pretrained(str(out_dir))
+    with quiet_loading():  # transformers' "Writing model shards" bar, on a normal run's output
+        model.save_pretrained(str(out_dir))
+        processor.save_pretrained(str(out_dir))
     shutil.rmtree(out_dir / "_tokenizer_src")
 
 
