@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.markup import escape
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from benchmarks.options import DEFAULT_FRAMES, PLAN_FRAMES, BenchRequest
 from p2v_fast import report
@@ -50,7 +50,55 @@ except ImportError:  # pragma: no cover - older typer on click
     from click import exceptions as click_errors  # type: ignore[no-redef]
 
 
-class _Group(TyperGroup):
+#: --help's panels (issue 28 item 5), shown in this order after the options of none ("Options").
+PANELS = INPUT_PANEL, METHOD_PANEL, SPEED_PANEL, OUTPUT_PANEL = (
+    "Input and framing", "The method", "Precision and speed", "Output")
+
+
+def _as_flag(param: Any) -> Any:
+    """``param``, shown as a flag in --help if it is one: Typer's rich help gives a boolean flag a
+    ``<bool>`` type, as if it took a value (its plain help does not)."""
+    if getattr(param, "is_flag", False) and param.metavar is None:
+        param.metavar = ""
+    return param
+
+
+#: A command with fewer options shows them in one list: a few read best together.
+PANELS_FROM = 20
+
+
+class _HelpLayout:
+    """--help of a command or group: flags as flags; with :data:`PANELS_FROM` options or more, the
+    options grouped by panel in :data:`PANELS`' order."""
+
+    params: list[Any]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        order = {name: i for i, name in enumerate(PANELS, start=1)}
+        grouped = len(self.params) >= PANELS_FROM
+        for param in self.params:
+            _as_flag(param)
+            if not grouped and getattr(param, "rich_help_panel", None) in order:
+                param.rich_help_panel = None
+        self.params.sort(key=lambda p: order.get(getattr(p, "rich_help_panel", None) or "", 0))  # stable
+
+    def get_help_option(self, ctx: Any) -> Any:
+        return _as_flag(super().get_help_option(ctx))  # type: ignore[misc]
+
+
+class _Command(_HelpLayout, TyperCommand):
+    """A command of the app (its --help as :class:`_HelpLayout` lays it out)."""
+
+
+class _Typer(typer.Typer):
+    """The app: a command is a :class:`_Command` unless it names another class."""
+
+    def command(self, *args: Any, cls: type[TyperCommand] | None = None, **kwargs: Any) -> Any:
+        return super().command(*args, cls=cls or _Command, **kwargs)
+
+
+class _Group(_HelpLayout, TyperGroup):
     """The app's command group: usage errors from the option parser (a missing argument, an
     unknown option, a value of the wrong type) are one ``error:`` line, like every other error."""
 
@@ -79,7 +127,7 @@ class _Group(TyperGroup):
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
-app = typer.Typer(
+app = _Typer(
     name="p2v",
     cls=_Group,
     help="Edit a video from a text prompt with Pix2Video on Stable Diffusion 2 depth.",
@@ -201,61 +249,77 @@ def _choices(option: str, choices: Sequence[str]) -> dict[str, Any]:
     return {"parser": parse, "metavar": "[" + "|".join(options) + "]"}
 
 
-# Options shared by the commands: one spelling and one help each -----------------------------
-Model = Annotated[str, typer.Option(help="Hub id, local diffusers folder, 'mini' (small, trained on rendered scenes, "
-                                         "offline) or 'tiny' (random weights, for tests).")]
-Size = Annotated[int, typer.Option(help="Short side of the working size (multiple of 64).")]
-Start = Annotated[int, typer.Option(help="First source frame (0-based).")]
-MaxFrames = Annotated[int | None, typer.Option("--max-frames", help="Edit at most this many frames.")]
-Stride = Annotated[int, typer.Option(help="Take every N-th frame.")]
-Steps = Annotated[int, typer.Option(help="DDIM steps (paper: 50).")]
-GuidanceScale = Annotated[float, typer.Option("--guidance-scale", help="Classifier-free guidance (1 to 100).")]
-SourcePrompt = Annotated[str | None, typer.Option("--source-prompt", help="Inversion prompt (default: a caption of "
-                                                                            "the first frame, see --captioner).")]
+# Options shared by the commands: one spelling, one help and one --help panel each -------------
+Model = Annotated[str, typer.Option(
+    help="Hub id, local diffusers folder, 'mini' (small, trained on rendered scenes, offline) or 'tiny' (random "
+    "weights, for tests).", rich_help_panel=METHOD_PANEL)]
+Size = Annotated[int, typer.Option(help="Short side of the working size (multiple of 64).",
+                                   rich_help_panel=INPUT_PANEL)]
+Start = Annotated[int, typer.Option(help="First source frame (0-based).", rich_help_panel=INPUT_PANEL)]
+MaxFrames = Annotated[int | None, typer.Option("--max-frames", help="Edit at most this many frames.",
+                                               rich_help_panel=INPUT_PANEL)]
+Stride = Annotated[int, typer.Option(help="Take every N-th frame.", rich_help_panel=INPUT_PANEL)]
+Steps = Annotated[int, typer.Option(help="DDIM steps (paper: 50).", rich_help_panel=METHOD_PANEL)]
+GuidanceScale = Annotated[float, typer.Option("--guidance-scale", help="Classifier-free guidance (1 to 100).",
+                                              rich_help_panel=METHOD_PANEL)]
+SourcePrompt = Annotated[str | None, typer.Option(
+    "--source-prompt", help="Inversion prompt (default: a caption of the first frame, see --captioner).",
+    rich_help_panel=METHOD_PANEL)]
 Captioner = Annotated[str | None, typer.Option(
     "--captioner", help="What captions the first frame when --source-prompt is not given: a hub id or folder of a "
     "BLIP captioner, or 'none' (then --source-prompt is required). Default: the model folder's own (mini, tiny), "
-    "else Salesforce/blip-image-captioning-base (990 MB; docs/models.md).")]
+    "else Salesforce/blip-image-captioning-base (990 MB; docs/models.md).", rich_help_panel=METHOD_PANEL)]
 DepthNorm = Annotated[str, typer.Option("--depth-norm", **_choices("--depth-norm", DEPTH_NORMS),
-                                        help="Depth min-max per frame (paper) or per clip.")]
+                                        help="Depth min-max per frame (paper) or per clip.",
+                                        rich_help_panel=METHOD_PANEL)]
 LatentUpdate = Annotated[str, typer.Option("--latent-update", **_choices("--latent-update", LATENT_UPDATES),
-                                           help="autograd (paper eq. 1), detached (the authors' code) or off.")]
-UpdateWeight = Annotated[float, typer.Option("--update-weight", help="delta of eq. 1 at 512x512 (0 to 1e5).")]
-Seed = Annotated[int, typer.Option(help="Random seed.")]
-Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")]
+                                           help="autograd (paper eq. 1), detached (the authors' code) or off.",
+                                           rich_help_panel=METHOD_PANEL)]
+UpdateWeight = Annotated[float, typer.Option("--update-weight", help="delta of eq. 1 at 512x512 (0 to 1e5).",
+                                             rich_help_panel=METHOD_PANEL)]
+Seed = Annotated[int, typer.Option(help="Random seed.", rich_help_panel=METHOD_PANEL)]
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.", rich_help_panel=SPEED_PANEL)]
 Dtype = Annotated[str, typer.Option("--dtype", **_choices("--dtype", ("auto", *DTYPES)),
-                                    help="Precision of the networks (auto: fp16 on CUDA, fp32 on CPU).")]
+                                    help="Precision of the networks (auto: fp16 on CUDA, fp32 on CPU).",
+                                    rich_help_panel=SPEED_PANEL)]
 Backend = Annotated[str, typer.Option(
     "--backend", **_choices("--backend", BACKENDS),
     help="Runtime of the networks (auto: tensorrt if --engines holds engines usable here, else onnxruntime if it "
-    "holds graphs, else torch).")]
+    "holds graphs, else torch).", rich_help_panel=SPEED_PANEL)]
 Engines = Annotated[Path | None, typer.Option(
-    help="Folder of exported engines (non-torch backends; default ./engines).")]
+    help="Folder of exported engines (non-torch backends; default ./engines).", rich_help_panel=SPEED_PANEL)]
 Schedule = Annotated[str, typer.Option("--schedule", **_choices("--schedule", SCHEDULES),
-                                       help="wavefront (batched frames) or sequential (Algorithm 1); same result.")]
+                                       help="wavefront (batched frames) or sequential (Algorithm 1); same result.",
+                                       rich_help_panel=SPEED_PANEL)]
 BatchFrames = Annotated[int | None, typer.Option(
-    "--batch-frames", help="Wavefront: most frames in flight (default: up to 16, in calls that fit in memory).")]
+    "--batch-frames", help="Wavefront: most frames in flight (default: up to 16, in calls that fit in memory).",
+    rich_help_panel=SPEED_PANEL)]
 InvertBatch = Annotated[int | None, typer.Option(
-    "--invert-batch", help="Frames per UNet call during inversion (default: up to 16, as fit in memory).")]
+    "--invert-batch", help="Frames per UNet call during inversion (default: up to 16, as fit in memory).",
+    rich_help_panel=SPEED_PANEL)]
 MaxMemory = Annotated[str | None, typer.Option(
     "--max-memory", help="Memory budget, e.g. 12GB: UNet calls are split to stay under it (CUDA: tensor bytes; "
-    "CPU: resident set). Default: what the device has.")]
+    "CPU: resident set). Default: what the device has.", rich_help_panel=SPEED_PANEL)]
 Fps = Annotated[float | None, typer.Option(
-    help="Frame rate of an image-folder input (default 24); a video keeps its own.")]
+    help="Frame rate of an image-folder input (default 24); a video keeps its own.", rich_help_panel=INPUT_PANEL)]
 InvertDtype = Annotated[str, typer.Option(
     "--invert-dtype", **_choices("--invert-dtype", INVERT_DTYPES),
     help="Precision of the DDIM inversion: fp32 (default, whatever --dtype is; fp16 engines invert on PyTorch), "
-    "tf32 (fp32 with TF32 tensor-core math, CUDA), fp16, bf16, or 'same' (the edit's --dtype and backend).")]
+    "tf32 (fp32 with TF32 tensor-core math, CUDA), fp16, bf16, or 'same' (the edit's --dtype and backend).",
+    rich_help_panel=SPEED_PANEL)]
 Resize = Annotated[str, typer.Option(
     "--resize", **_choices("--resize", RESIZES),
     help="Framing: crop (short side --size, aspect kept, centre-cropped), stretch (squashed to --size x --size, "
-    "as the paper), pad (fitted in --size x --size, letterboxed; the output drops the bars).")]
+    "as the paper), pad (fitted in --size x --size, letterboxed; the output drops the bars).",
+    rich_help_panel=INPUT_PANEL)]
 OutputSize = Annotated[str, typer.Option(
     "--output-size", **_choices("--output-size", OUTPUT_SIZES),
     help="Size the edit (and its side-by-side and strip) is written at: input (the clip's own, resampled from the "
-    "working size; crop: the cropped region at the clip's scale) or working (the working size, pad's bars cut).")]
+    "working size; crop: the cropped region at the clip's scale) or working (the working size, pad's bars cut).",
+    rich_help_panel=OUTPUT_PANEL)]
 Threads = Annotated[int | None, typer.Option(
-    help="CPU threads for PyTorch (default: one per core; OpenMP threads wait passively, see docs/performance.md).")]
+    help="CPU threads for PyTorch (default: one per core; OpenMP threads wait passively, see docs/performance.md).",
+    rich_help_panel=SPEED_PANEL)]
 ClipModel = Annotated[str, typer.Option(
     "--clip-model", help="CLIP for the metrics: hub id, local folder, or 'tiny' (random, offline).")]
 Flow = Annotated[str, typer.Option("--flow", **_choices("--flow", FLOW_METHODS),
@@ -264,12 +328,12 @@ Flow = Annotated[str, typer.Option("--flow", **_choices("--flow", FLOW_METHODS),
 
 def _overwrite(what: str) -> Any:
     """``--overwrite`` (``--force`` its alias): replace ``what``."""
-    return typer.Option("--overwrite", "--force", help=f"Replace {what}.")
+    return typer.Option("--overwrite", "--force", help=f"Replace {what}.", rich_help_panel=OUTPUT_PANEL)
 
 
 def _json(what: str) -> Any:
     """``--json PATH``: also write ``what`` there (checked before the work)."""
-    return typer.Option("--json", help=f"Also write {what} to this JSON file.")
+    return typer.Option("--json", help=f"Also write {what} to this JSON file.", rich_help_panel=OUTPUT_PANEL)
 
 
 def _write_json(path: Path | None, data: Any) -> None:
@@ -337,10 +401,12 @@ def edit(
     prompt: Annotated[str, typer.Argument(help="Target prompt, e.g. 'a crochet swan on the lake'.")],
     output: Annotated[Path | None, typer.Option(
         "-o", "--output", help="Output video: .mp4, .mov, .mkv or .webm (default: INPUT.p2v.mp4 beside the input; "
-        "with --preview a .png).")] = None,
+        "with --preview a .png).", rich_help_panel=OUTPUT_PANEL)] = None,
     overwrite: Annotated[bool, _overwrite("an existing output file")] = False,
-    preview: Annotated[bool, typer.Option("--preview", help="Edit only the anchor frame and write a PNG.")] = False,
-    side_by_side: Annotated[bool, typer.Option("--side-by-side", help="Also write input|output video.")] = False,
+    preview: Annotated[bool, typer.Option("--preview", help="Edit only the anchor frame and write a PNG.",
+                                          rich_help_panel=OUTPUT_PANEL)] = False,
+    side_by_side: Annotated[bool, typer.Option("--side-by-side", help="Also write input|output video.",
+                                               rich_help_panel=OUTPUT_PANEL)] = False,
     model: Model = _edit_default("model"),
     size: Size = _edit_default("size"),
     resize: Resize = _edit_default("resize"),
@@ -352,22 +418,24 @@ def edit(
     guidance_scale: GuidanceScale = _edit_default("guidance_scale"),
     negative_prompt: Annotated[str, typer.Option(
         "--negative-prompt", help="What to steer away from: replaces the empty prompt of classifier-free "
-        "guidance (e.g. 'blurry, low quality').")] = _edit_default("negative_prompt"),
+        "guidance (e.g. 'blurry, low quality').", rich_help_panel=METHOD_PANEL)] = _edit_default("negative_prompt"),
     source_prompt: SourcePrompt = None,
     captioner: Captioner = None,
     depth_norm: DepthNorm = _edit_default("depth_norm"),
     latent_update: LatentUpdate = _edit_default("latent_update"),
     update_steps: Annotated[
-        int | None, typer.Option("--update-steps", help="Guided update on the first N steps (default: half).")
+        int | None, typer.Option("--update-steps", help="Guided update on the first N steps (default: half).",
+                                 rich_help_panel=METHOD_PANEL)
     ] = None,
     update_weight: UpdateWeight = _edit_default("update_weight"),
     refs: Annotated[str, typer.Option("--refs", **_choices("--refs", REFS),
-                                      help="Attention references of the decoder's self-attention.")
+                                      help="Attention references of the decoder's self-attention.",
+                                      rich_help_panel=METHOD_PANEL)
                     ] = _edit_default("refs"),
     inject: Annotated[str, typer.Option("--inject", **_choices("--inject", INJECTIONS),
                                         help="Self-attention layers that attend to the references: the decoder's "
                                         "(the paper's choice) or all, encoder and bottleneck too (its Table 3; "
-                                        "--backend torch).")] = _edit_default("inject"),
+                                        "--backend torch).", rich_help_panel=METHOD_PANEL)] = _edit_default("inject"),
     seed: Seed = _edit_default("seed"),
     device: Device = _edit_default("device"),
     dtype: Dtype = _edit_default("dtype"),
@@ -379,16 +447,22 @@ def edit(
     invert_dtype: InvertDtype = _edit_default("invert_dtype"),
     max_memory: MaxMemory = None,
     compile: Annotated[bool, typer.Option(
-        "--compile", help="torch.compile the UNet's calls without gradients (CUDA graphs on GPU).")] = False,
-    channels_last: Annotated[bool, typer.Option("--channels-last", help="Channels-last UNet memory format.")] = False,
+        "--compile", help="torch.compile the UNet's calls without gradients (CUDA graphs on GPU).",
+        rich_help_panel=SPEED_PANEL)] = False,
+    channels_last: Annotated[bool, typer.Option("--channels-last", help="Channels-last UNet memory format.",
+                                                rich_help_panel=SPEED_PANEL)] = False,
     cuda_graph: Annotated[bool, typer.Option(
-        "--cuda-graph", help="tensorrt: replay engines as CUDA graphs (export them with --static-batch).")] = False,
+        "--cuda-graph", help="tensorrt: replay engines as CUDA graphs (export them with --static-batch).",
+        rich_help_panel=SPEED_PANEL)] = False,
     fps: Fps = None,
     json_path: Annotated[Path | None, _json(
         "the result (paths, timings, UNet calls and the guided update's size per step and frame)")] = None,
     threads: Threads = None,
 ) -> None:
-    """Edit INPUT so that it matches PROMPT, consistently across frames."""
+    """Edit INPUT so that it matches PROMPT, consistently across frames.
+
+    Example: p2v edit clip.mp4 "a crochet swan on the lake" -o swan.mp4
+    """
     from p2v_fast.media.paths import EditPaths
 
     cfg = EditConfig.from_options(locals(), max_memory=_bytes(max_memory))
@@ -455,7 +529,7 @@ def ui(
     output_size: OutputSize = _edit_default("output_size"),
     threads: Threads = None,
 ) -> None:
-    """Open the web page to restyle a clip (Gradio; install the extra: pip install 'p2v-fast[ui]')."""
+    """Open the web page to restyle a clip (Gradio; install the extra: pip install 'p2v-fast\\[ui]')."""
     import importlib.util
 
     from p2v_fast.config import check_threads
