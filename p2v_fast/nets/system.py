@@ -48,12 +48,22 @@ def _installed(*names: str) -> set[str]:
     return found
 
 
-def _tensorrt_provider_problem() -> str | None:
-    """Why ONNX Runtime's TensorRT provider does not load here (a one-node session asks for it and
-    ONNX Runtime falls back silently), or None when it loads."""
-    import onnxruntime as ort
+#: What is missing where ONNX Runtime lists an execution provider that then does not load.
+_PROVIDER_LIBRARIES = {
+    "CUDAExecutionProvider": "the CUDA or cuDNN libraries onnxruntime-gpu was built for are missing or of another "
+                             "version; graphs run on the CPU",
+    "TensorrtExecutionProvider": "TensorRT's libraries are missing or of another version",
+}
+
+
+def provider_problem(provider: str, ort=None) -> str | None:
+    """Why ONNX Runtime's execution provider ``provider`` does not load here (a one-node session asks
+    for it, and ONNX Runtime falls back to the CPU silently where it cannot), or None when it loads.
+    ``ort``: the onnxruntime module (tests pass a stand-in)."""
     from onnx import TensorProto, helper
 
+    if ort is None:
+        import onnxruntime as ort
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
     model = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y]),
@@ -64,21 +74,31 @@ def _tensorrt_provider_problem() -> str | None:
         with warnings.catch_warnings():  # ORT warns when it falls back; the answer below says so
             warnings.simplefilter("ignore")
             session = ort.InferenceSession(model.SerializeToString(), options,
-                                           providers=["TensorrtExecutionProvider", "CPUExecutionProvider"])
+                                           providers=[provider, "CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own types
         from p2v_fast.errors import one_line
 
         return one_line(exc)
-    if "TensorrtExecutionProvider" not in session.get_providers():
-        return "it is listed but did not load (TensorRT's libraries are missing or of another version)"
+    if provider not in session.get_providers():
+        return f"it is listed but did not load ({_PROVIDER_LIBRARIES.get(provider, 'its libraries are missing')})"
     return None
 
 
+def _tensorrt_provider_problem() -> str | None:
+    return provider_problem("TensorrtExecutionProvider")
+
+
+def _cuda_provider_problem() -> str | None:
+    return provider_problem("CUDAExecutionProvider")
+
+
 def onnxruntime_problems(installed: set[str], providers: list[str], cuda: bool,
-                         tensorrt_provider: Callable[[], str | None] = _tensorrt_provider_problem) -> list[str]:
+                         tensorrt_provider: Callable[[], str | None] = _tensorrt_provider_problem,
+                         cuda_provider: Callable[[], str | None] = _cuda_provider_problem) -> list[str]:
     """What is wrong with this machine's ONNX Runtime, one line each: both packages installed (they
     share one module, and the CUDA provider silently disappears), a CUDA machine without the CUDA
-    provider (every graph then runs on the CPU), a TensorRT provider that fails to load."""
+    provider or with one that is listed but does not load (every graph then runs on the CPU), a
+    TensorRT provider that fails to load."""
     problems = []
     if {"onnxruntime", "onnxruntime-gpu"} <= installed:
         problems.append("both onnxruntime and onnxruntime-gpu are installed, and they overwrite each other: "
@@ -86,6 +106,10 @@ def onnxruntime_problems(installed: set[str], providers: list[str], cuda: bool,
     if cuda and "CUDAExecutionProvider" not in providers:
         problems.append("this machine has a CUDA GPU but ONNX Runtime has no CUDA provider (graphs run on the CPU): "
                         "install onnxruntime-gpu instead of onnxruntime (pip install 'p2v-fast[onnx-gpu]')")
+    elif cuda:
+        why = cuda_provider()
+        if why is not None:
+            problems.append(f"ONNX Runtime's CUDA provider fails to load: {why}")
     if cuda and "TensorrtExecutionProvider" in providers:
         why = tensorrt_provider()
         if why is not None:
