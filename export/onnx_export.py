@@ -203,9 +203,18 @@ def _initializer_bytes(model) -> int:
 
 
 
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent that fails to import, a module blocked in sys.modules
+        return False
+
+
 def default_cleaner() -> str:
-    """``polygraphy`` when onnx-graphsurgeon (which its constant folding needs) is installed, else ``onnxscript``."""
-    return "polygraphy" if importlib.util.find_spec("onnx_graphsurgeon") is not None else "onnxscript"
+    """``polygraphy`` when onnx-graphsurgeon and ONNX Runtime (its constant folding needs both: it
+    evaluates the foldable subgraphs in ONNX Runtime) are installed, else ``onnxscript``, which
+    needs neither: ``[tensorrt]`` alone installs no ONNX Runtime."""
+    return "polygraphy" if _installed("onnx_graphsurgeon") and _installed("onnxruntime") else "onnxscript"
 
 
 def clean_graph(src: Path, dst: Path, tool: str | None = None) -> str:
@@ -218,8 +227,9 @@ def clean_graph(src: Path, dst: Path, tool: str | None = None) -> str:
     constant folding with onnx_ir's common passes (common subexpressions, identities, unused
     nodes). onnxscript's full ``optimize`` also runs pattern rewrites that cost ~30x more and that
     TensorRT does itself, so it is not used. Graphs over protobuf's limit always take the
-    onnxscript path (Polygraphy folds a proto held in memory). Either way the caller checks the
-    result against the spec (:func:`check_contract`).
+    onnxscript path (Polygraphy folds a proto held in memory), and so does ``polygraphy`` where
+    ONNX Runtime is not installed (``[tensorrt]`` alone), saying so in the name returned. Either
+    way the caller checks the result against the spec (:func:`check_contract`).
     """
     import onnx_ir as ir
 
@@ -228,6 +238,8 @@ def clean_graph(src: Path, dst: Path, tool: str | None = None) -> str:
         raise ValueError(f"unknown cleaning tool {tool!r}")
     model = ir.load(src)
     large = _initializer_bytes(model) > EXTERNAL_DATA_BYTES
+    if tool == "polygraphy" and not _installed("onnxruntime"):
+        return f"{_clean_onnxscript(model, dst, large)} (polygraphy's folding needs ONNX Runtime, not installed)"
     if tool == "polygraphy" and not large:
         import onnx
         import onnxruntime
@@ -239,6 +251,12 @@ def clean_graph(src: Path, dst: Path, tool: str | None = None) -> str:
             proto = fold_constants(onnx.load(str(src)), allow_onnxruntime_shape_inference=False, error_ok=True)
         onnx.save(proto, str(dst))
         return "polygraphy"
+    return _clean_onnxscript(model, dst, large)
+
+
+def _clean_onnxscript(model, dst: Path, large: bool) -> str:
+    """onnxscript's constant folding with onnx_ir's common passes (:func:`clean_graph`)."""
+    import onnx_ir as ir
     import onnx_ir.passes.common as passes
     import onnxscript.optimizer
 
@@ -329,27 +347,60 @@ def check_graph(path: Path, network: str) -> None:
         raise EngineError(f"{network}: exported ONNX graph fails onnx.checker: {one_line(exc)}") from None
 
 
-def compare_outputs(spec: NetworkSpec, got: Mapping[str, torch.Tensor], want: Mapping[str, torch.Tensor]) -> dict:
-    """Worst output by max |got - want| / max |want|; :class:`ExportValidationError` beyond tolerance."""
-    worst_name, worst_abs, worst_rel = "", 0.0, -1.0
+#: What an export check compares: the graph in ONNX Runtime with the wrapper in PyTorch.
+VS_PYTORCH = ("ONNX Runtime", "PyTorch")
+
+
+def output_errors(spec: NetworkSpec, got: Mapping[str, torch.Tensor], want: Mapping[str, torch.Tensor],
+                  sides: tuple[str, str] = VS_PYTORCH) -> dict[str, tuple[float, float]]:
+    """Per output: (max |got - want|, max |want|). Errors of slices of one batch combine by
+    :func:`merge_errors` into exactly the whole batch's. ``sides``: what ``got`` and ``want``
+    come from, for the messages (:class:`ExportValidationError` on another shape or a
+    non-finite value)."""
+    errors = {}
     for name in spec.output_names:
         a, b = got[name].float().cpu(), want[name].float().cpu()
         if a.shape != b.shape:
-            raise ExportValidationError(f"{spec.name}: output '{name}' has shape {tuple(a.shape)} in ONNX Runtime, "
-                                        f"{tuple(b.shape)} in PyTorch")
+            raise ExportValidationError(f"{spec.name}: output '{name}' has shape {tuple(a.shape)} in {sides[0]}, "
+                                        f"{tuple(b.shape)} in {sides[1]}")
         if not torch.isfinite(a).all():
-            raise ExportValidationError(f"{spec.name}: output '{name}' has non-finite values in ONNX Runtime")
-        max_abs = float((a - b).abs().max())
-        rel = max_abs / max(float(b.abs().max()), 1e-6)
+            raise ExportValidationError(f"{spec.name}: output '{name}' has non-finite values in {sides[0]}")
+        errors[name] = (float((a - b).abs().max()), float(b.abs().max()))
+    return errors
+
+
+def merge_errors(*parts: Mapping[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+    """The errors of a batch from those of its slices (:func:`output_errors`): the largest of each."""
+    merged: dict[str, tuple[float, float]] = {}
+    for part in parts:
+        for name, (max_abs, max_ref) in part.items():
+            old = merged.get(name, (0.0, 0.0))
+            merged[name] = (max(old[0], max_abs), max(old[1], max_ref))
+    return merged
+
+
+def judge_errors(spec: NetworkSpec, errors: Mapping[str, tuple[float, float]],
+                 sides: tuple[str, str] = VS_PYTORCH) -> dict:
+    """The worst output by max |got - want| / max |want|; :class:`ExportValidationError` beyond the
+    spec's tolerance, naming both sides (e.g. "TensorRT vs ONNX Runtime max abs diff ...")."""
+    worst_name, worst_abs, worst_rel = "", 0.0, -1.0
+    for name in spec.output_names:
+        max_abs, max_ref = errors[name]
+        rel = max_abs / max(max_ref, 1e-6)
         if rel > worst_rel:
             worst_name, worst_abs, worst_rel = name, max_abs, rel
     if worst_rel > spec.tolerance:
         raise ExportValidationError(
-            f"{spec.name}: output '{worst_name}' differs from PyTorch by {worst_rel:.2e} of its range "
-            f"(max abs error {worst_abs:.3g}; tolerance {spec.tolerance:g})"
+            f"{spec.name}: output '{worst_name}' differs by {worst_rel:.2e} of its range: {sides[0]} vs {sides[1]} "
+            f"max abs diff {worst_abs:.3g} (tolerance {spec.tolerance:g})"
         )
-    worst = {"output": worst_name, "max_abs": worst_abs, "rel": worst_rel, "tolerance": spec.tolerance}
-    return worst
+    return {"output": worst_name, "max_abs": worst_abs, "rel": worst_rel, "tolerance": spec.tolerance}
+
+
+def compare_outputs(spec: NetworkSpec, got: Mapping[str, torch.Tensor], want: Mapping[str, torch.Tensor],
+                    sides: tuple[str, str] = VS_PYTORCH) -> dict:
+    """Worst output by max |got - want| / max |want|; :class:`ExportValidationError` beyond tolerance."""
+    return judge_errors(spec, output_errors(spec, got, want, sides), sides)
 
 
 @contextlib.contextmanager

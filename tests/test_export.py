@@ -338,6 +338,7 @@ def test_validation_error_names_network_output_and_size() -> None:
         compare_outputs(spec, got, want)
     msg = _one_line(str(err.value))
     assert "vae_decoder" in msg and "'images'" in msg and "1.00e-02" in msg
+    assert "ONNX Runtime vs PyTorch max abs diff 0.01" in msg  # what was compared with what
 
 
 # ------------------------------------------------------------------------------ specs and profiles
@@ -624,3 +625,35 @@ def test_export_bad_out_and_size_are_one_line(tmp_path, args, message) -> None:
     assert r.exit_code == 2, r.output
     assert _one_line(r.output.strip()).startswith("error:") and message in r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+
+
+def test_cleaning_needs_no_onnx_runtime(tmp_path, monkeypatch) -> None:
+    """Issue 26 item 7: ``[tensorrt]`` installs Polygraphy and onnx-graphsurgeon but no ONNX Runtime,
+    which Polygraphy's constant folding runs subgraphs in: without it the default cleaner is
+    onnxscript, and one asked for polygraphy falls back to onnxscript, saying why; the graph is
+    folded either way. (Before, both imported onnxruntime and failed.)"""
+    import sys
+
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export import onnx_export
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 4])
+    one = numpy_helper.from_array(np.ones(4, np.float32), "one")
+    nodes = [helper.make_node("Add", ["one", "one"], ["two"]), helper.make_node("Mul", ["x", "two"], ["y"])]
+    src = tmp_path / "raw.onnx"
+    onnx.save(helper.make_model(helper.make_graph(nodes, "g", [x], [y], [one]),
+                                opset_imports=[helper.make_opsetid("", 18)]), str(src))
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` raises ImportError
+    with pytest.raises(ImportError):
+        import onnxruntime  # noqa: F401
+    assert onnx_export.default_cleaner() == "onnxscript"
+    for tool in (None, "polygraphy"):
+        dst = tmp_path / f"{tool}.onnx"
+        used = onnx_export.clean_graph(src, dst, tool)
+        assert used == ("onnxscript" if tool is None else
+                        "onnxscript (polygraphy's folding needs ONNX Runtime, not installed)")
+        assert [n.op_type for n in onnx.load(str(dst)).graph.node] == ["Mul"]  # 1 + 1 folded
