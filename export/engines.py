@@ -15,6 +15,7 @@ what it finished.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +40,9 @@ from p2v_fast.progress import NullProgress, Progress
 from p2v_fast.weights.models import ModelId, model_id
 
 __all__ = ["ExportReport", "StageResult", "export_engines"]
+
+#: The prefix of an engine being built and checked, beside the folder's files (never listed).
+BUILDING = ".building-"
 
 
 @dataclass
@@ -217,11 +221,11 @@ def _onnx_stage(run: _Export, name: str, entry: NetworkEntry, key: str) -> None:
         data_bytes=result.data_path.stat().st_size if result.data_path else 0,
     )
     entry.validation = result.worst
-    detail = f"{result.worst['rel']:.1e} ({result.worst['output']})"
+    detail = f"{result.worst['rel']:.1e} ({result.worst['output']}) vs PyTorch"
     run.report.rows.append(StageResult(name, "onnx", result.path, entry.onnx.bytes + entry.onnx.data_bytes,
                                        result.seconds, "exported", detail))
     run.progress.log(f"{name}: ONNX exported ({result.cleaner}) and validated in {result.seconds:.1f} s, "
-                     f"max rel err {detail}")
+                     f"ONNX Runtime vs PyTorch max rel err {result.worst['rel']:.1e} ({result.worst['output']})")
 
 
 def stale_engine(folder: Path, network: str) -> Path:
@@ -279,33 +283,53 @@ def _settle_engines(run: _Export) -> None:
 def _build_and_validate(run: _Export, name: str, entry: NetworkEntry, shapes,
                         ekey: str) -> tuple[Artifact, dict, StageResult]:
     """Build ``name``'s engine on the run's device, then validate it against ONNX Runtime on the
-    spec's sample inputs at the profile's minimum, opt and maximum batch and size; only an engine
-    within the spec's tolerance at every corner is returned (to be recorded). A failing engine
-    file is deleted."""
+    spec's sample inputs at the profile's minimum, opt and maximum batch and size (ONNX Runtime in
+    batch slices within a memory budget); only an engine within the spec's tolerance at every
+    corner is returned (to be recorded). The engine is built under a temporary name and takes its
+    own only once validated; whatever fails (the build, the check, an interruption), neither file
+    is left: not the new engine, nor the earlier one the manifest no longer lists."""
     import torch
 
     from export import tensorrt_build
 
     assert entry.onnx is not None and run.machine is not None
-    path = run.folder / f"{name}.plan"
+    path = run.folder / artifact_names(name)["engine"]
+    building = run.folder / f"{BUILDING}{path.name}"
     onnx_path = run.folder / entry.onnx.file
     device = run.device
     pinned = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-    with pinned:  # TensorRT builds on the current CUDA device: pin it to --device
-        seconds = tensorrt_build.build_engine(onnx_path, path, shapes, workspace_gb=run.options.workspace_gb,
-                                              timing_cache=tensorrt_build.timing_cache_path(run.folder, run.machine),
-                                              log=run.progress.log, tf32=entry.spec.tf32)
-    cases = tensorrt_build.validation_cases(entry.spec, run.geometry, run.profile)  # every corner of the profile
+    building.unlink(missing_ok=True)  # left by a run that was killed
     try:
-        worst = tensorrt_build.validate_engine(path, onnx_path, entry.spec, run.geometry, cases, device)
-    except EngineError:
-        path.unlink(missing_ok=True)  # never leave an engine that failed its check under its name
+        with pinned:  # TensorRT builds on the current CUDA device: pin it to --device
+            seconds = tensorrt_build.build_engine(onnx_path, building, shapes, workspace_gb=run.options.workspace_gb,
+                                                  timing_cache=tensorrt_build.timing_cache_path(run.folder,
+                                                                                                run.machine),
+                                                  log=run.progress.log, tf32=entry.spec.tf32)
+        cases = tensorrt_build.validation_cases(entry.spec, run.geometry, run.profile)  # every corner of the profile
+        worst = tensorrt_build.validate_engine(building, onnx_path, entry.spec, run.geometry, cases, device,
+                                               heads=_heads(run.models) if name == "unet" else None)
+        os.replace(building, path)
+    except BaseException:
+        path.unlink(missing_ok=True)  # the earlier engine: no longer listed, so not left behind
         raise
-    detail = f"{worst['rel']:.1e} ({worst['output']})"
-    run.progress.log(f"{name}: TensorRT engine built in {seconds:.1f} s, equals ONNX Runtime to {detail} at the "
-                     f"profile's {', '.join(cases)} corners")
+    finally:
+        building.unlink(missing_ok=True)
+    detail = f"{worst['rel']:.1e} ({worst['output']}) vs ONNX Runtime"
+    run.progress.log(f"{name}: TensorRT engine built in {seconds:.1f} s; TensorRT vs ONNX Runtime max rel err "
+                     f"{worst['rel']:.1e} ({worst['output']}) at the profile's {', '.join(cases)} corners")
     artifact = Artifact(path.name, ekey, path.stat().st_size, round(seconds, 3))
     return artifact, worst, StageResult(name, "tensorrt", path, artifact.bytes, seconds, "built", detail)
+
+
+def _heads(models) -> list[int] | None:
+    """Attention heads of the UNet's injected layers (for the check's memory estimate), or None."""
+    from p2v_fast.nets.attention import injected_layer_names
+
+    unet = getattr(models, "unet", None)
+    if unet is None:
+        return None
+    modules = dict(unet.named_modules())
+    return [int(modules[n].heads) for n in injected_layer_names(unet)]
 
 
 def _current(art: Artifact | None, key: str, folder: Path) -> bool:

@@ -19,7 +19,8 @@ TensorRT 10 and 11 Python API:
 - The caller pins the build to the chosen ``--device`` (TensorRT builds on the current CUDA
   device).
 - :func:`validate_engine` runs the built engine and ONNX Runtime on the spec's sample inputs and
-  compares every output within the spec's tolerance, before the manifest records the engine.
+  compares every output within the spec's tolerance, before the manifest records the engine;
+  ONNX Runtime runs each batch in slices that keep its attention scores within a memory budget.
 
 TensorRT is imported lazily: nothing here is needed for ``--format onnx``.
 """
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -151,24 +152,59 @@ def validation_cases(spec: NetworkSpec, geometry: Geometry, profile: ExportProfi
     return cases
 
 
+#: What an engine check compares: the engine in TensorRT with its graph in ONNX Runtime.
+VS_ONNX_RUNTIME = ("TensorRT", "ONNX Runtime")
+
+#: Channels per attention head where a model's heads are not given (SD2's UNet: 64 throughout).
+HEAD_WIDTH = 64
+
+
+def score_bytes_per_sample(spec: NetworkSpec, dims: Mapping[str, int], heads: Sequence[int] | None = None) -> int:
+    """Attention-score bytes one sample of ``spec`` holds in ONNX Runtime at ``dims``
+    (:func:`~p2v_fast.nets.memory.attention_score_bytes`, in the graph's float type): the UNet's
+    largest injected self-attention (``heads`` per injected layer, default channels /
+    :data:`HEAD_WIDTH`; n_k queries, m_k = 2 n_k keys), the VAE's mid-block attention (one head over
+    the latent's cells); 0 for ``depth`` (a fixed, small size)."""
+    from p2v_fast.nets.memory import attention_score_bytes
+
+    size = 2 if spec.inputs[0].dtype == "float16" else 4
+    if spec.name == "unet":
+        channels = [int(t.shape[-1]) for t in spec.inputs if t.name.startswith("ref_")]
+        heads = heads or [max(1, c // HEAD_WIDTH) for c in channels]
+        return max(attention_score_bytes(n, dims[f"n{k}"], dims[f"m{k}"], size) for k, n in enumerate(heads))
+    if spec.name in ("vae_encoder", "vae_decoder"):
+        cells = dims["h"] * dims["w"]
+        return attention_score_bytes(1, cells, cells, size)
+    return 0
+
+
 def validate_engine(engine_path: Path, onnx_path: Path, spec: NetworkSpec, geometry: Geometry,
                     cases: Mapping[str, Mapping[str, torch.Tensor]], device: torch.device, *, trt=None,
-                    ops=None) -> dict:
+                    ops=None, budget: int | None = None, heads: Sequence[int] | None = None) -> dict:
     """Run the engine at ``engine_path`` and the ONNX graph it was built from (ONNX Runtime, TF32
     off) on every case of ``cases`` (label -> inputs: :func:`validation_cases`, the profile's
     corners) and compare every output within the spec's tolerance.
 
+    The engine runs each case's whole batch; ONNX Runtime, which holds every attention layer's
+    scores in full (~50 GB for SD2-depth's UNet at batch 8 and 896x896 in fp16), runs it in slices
+    of as many samples as keep :func:`score_bytes_per_sample` within ``budget`` bytes (default:
+    :func:`~p2v_fast.nets.memory.check_budget` where the reference runs), and each slice is
+    compared with the engine's samples; the errors combine into exactly the whole batch's.
+
     Returns the worst output over the cases (``compare_outputs``, with ``at``: its case); raises
     :class:`~p2v_fast.errors.ExportValidationError` naming the output, the case and the error
-    otherwise. ``trt`` and ``ops``: the TensorRT module and the CUDA side (tests pass stand-ins).
+    otherwise, and a one-line :class:`EngineError` when ONNX Runtime fails. ``trt`` and ``ops``:
+    the TensorRT module and the CUDA side (tests pass stand-ins).
     """
-    from export.onnx_export import compare_outputs, reference_session
+    from export.onnx_export import judge_errors, merge_errors, output_errors, reference_session
     from p2v_fast.errors import ExportValidationError
     from p2v_fast.nets.backend_tensorrt import EngineRunner, TorchCuda
+    from p2v_fast.nets.memory import check_budget, samples_per_slice
 
     trt = trt or import_tensorrt()
     ops = ops or TorchCuda(device)
     reference = reference_session(onnx_path, spec, geometry, device)
+    budget = check_budget(reference.device) if budget is None else budget
     worst: dict = {}
     with ops.on_device():
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
@@ -183,8 +219,19 @@ def validate_engine(engine_path: Path, onnx_path: Path, spec: NetworkSpec, geome
             ops.synchronize()
             dims = spec.bind(geometry, {n: tuple(x.shape) for n, x in feeds.items()})
             at = f"{label}: batch {dims['B']}" + (f" at {dims['H']}x{dims['W']}" if "H" in dims else "")
+            step = samples_per_slice(score_bytes_per_sample(spec, dims, heads), dims["B"], budget)
+            errors: dict = {}
+            for start in range(0, dims["B"], step):
+                part = slice(start, start + step)
+                try:
+                    want = reference.run({n: x[part] for n, x in feeds.items()})
+                except EngineError as exc:
+                    raise EngineError(f"{exc} (the reference for the engine at the profile's {at}, "
+                                      f"{step} sample(s) a run)") from None
+                errors = merge_errors(errors, output_errors(spec, {n: y[part] for n, y in got.items()}, want,
+                                                            VS_ONNX_RUNTIME))
             try:
-                result = compare_outputs(spec, got, reference.run(feeds))
+                result = judge_errors(spec, errors, VS_ONNX_RUNTIME)
             except ExportValidationError as exc:
                 raise ExportValidationError(f"{exc} (engine at the profile's {at})") from None
             if not worst or result["rel"] > worst["rel"]:

@@ -128,7 +128,12 @@ class OnnxSession:
             outputs[t.name] = y
         if kind == "cuda":
             torch.cuda.synchronize(self.device)  # inputs written by torch kernels on its stream
-        self.session.run_with_iobinding(binding)
+        try:
+            self.session.run_with_iobinding(binding)
+        except Exception as exc:  # ORT raises its own types, their text spread over lines
+            at = f"batch {dims['B']}" + (f" at {dims['H']}x{dims['W']}" if "H" in dims else "")
+            what = "ran out of memory running" if "failed to allocate" in str(exc).lower() else "failed to run"
+            raise EngineError(f"ONNX Runtime {what} {spec.name} on {at} ({self.device}): {one_line(exc)}") from None
         return outputs
 
 
