@@ -408,17 +408,29 @@ def _bench_edit(cfg: EditConfig, bench: _Bench, runtime: tuple[Backend, Backend 
 GRAPH_BACKENDS = {"onnxruntime": "onnx", "tensorrt": "tensorrt"}  # backend -> export format
 
 
+#: Samples in one inversion call when ``--invert-batch`` is not given, as the bench counts its calls.
+INVERT_BATCH = 16
+
+
+def most_frames(opts: BenchOptions, n: int) -> int:
+    """Most frames one UNet call of the bench's work over ``n`` frames takes: the wavefront's frames
+    in flight (``--batch-frames``, default :data:`DEFAULT_WAVEFRONT_FRAMES`), or half an inversion
+    call's samples (one CFG branch)."""
+    inversion = -(-min(n, opts.invert_batch or INVERT_BATCH) // 2)
+    return max(min(n, opts.batch_frames or DEFAULT_WAVEFRONT_FRAMES), inversion)
+
+
 def export_options(opts: BenchOptions, name: str, dtype: torch.dtype, folder: Path):
     """How the bench exports its own model for graph backend ``name`` when no ``--engines`` is
-    given: at the bench's size, with a batch profile up to every frame in flight (x 2 CFG
-    branches), so the wavefront's batches run unsplit (TensorRT tunes for that batch, the
-    profile's opt; ONNX Runtime's graphs take any batch)."""
+    given: for the bench's work only, one size (``--size``, square, as its clip) and a batch
+    profile up to the most samples one call takes (:func:`most_frames` x 2 CFG branches: 32 by
+    default, whatever ``--frames`` is), so no call is split and no engine is built, or checked,
+    for sizes and batches the bench never runs."""
     from export import ExportOptions
 
-    in_flight = min(opts.frames, opts.batch_frames or opts.frames)
     return ExportOptions(model=opts.model_label, out=folder, format=GRAPH_BACKENDS[name],
                          precision="fp16" if dtype == torch.float16 else "fp32", height=opts.size, width=opts.size,
-                         max_batch=2 * in_flight, device=opts.device)
+                         max_size=opts.size, max_batch=2 * most_frames(opts, opts.frames), device=opts.device)
 
 
 def _engines_for(name: str, opts: BenchOptions, models, work: Path, progress: Progress) -> tuple[Path | None, Any]:
@@ -456,7 +468,7 @@ def _bench_backend(name: str, opts: BenchOptions, base: EditConfig, models, sele
     if opts.compile and isinstance(backend, TorchBackend):
         backend.optimize(compile=True)
         t0 = time.perf_counter()
-        most = max(min(n, opts.batch_frames or DEFAULT_WAVEFRONT_FRAMES), -(-min(n, opts.invert_batch or 16) // 2))
+        most = most_frames(opts, n)
         buckets = backend.warm_up(latent_hw, most)
         compiled = {"buckets": buckets, "warm_up_seconds": time.perf_counter() - t0,
                     "mode": "reduce-overhead (CUDA graphs)" if backend.cuda_graphs else "default (inductor)"}

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.bench import BenchOptions, expected_unet_per_frame, run_bench
+from benchmarks.bench import BenchOptions, expected_unet_per_frame, export_options, run_bench
 from benchmarks.hardware import peak_tflops
 from benchmarks.timing import summarize
 from p2v_fast.config import EditConfig
@@ -134,12 +134,26 @@ def test_graph_backend_without_engines_exports_the_bench_model(tiny_dir, tmp_pat
     assert run["runs_as"] == "onnxruntime" and run["engines"] == "exported for this run"
     export = run["export"]
     assert export["format"] == "onnx" and export["precision"] == "fp32"
-    assert export["profile"] == f"batch 1-6 at {SIZE}-128 x {SIZE}-128"  # --size to the long side of a 16:9 crop
+    assert export["profile"] == f"batch 1-6 at {SIZE}x{SIZE}"  # the bench's size only
     assert {k.split("/")[0] for k in export["networks"]} == {"unet", "vae_encoder", "vae_decoder", "depth"}
     assert all(n["status"] == "exported" for n in export["networks"].values())
     seq, wav = (next(e for e in run["edits"] if e["schedule"] == s) for s in ("sequential", "wavefront"))
     assert wav["unet_per_frame"]["total"]["unet_samples"] == seq["unet_per_frame"]["total"]["unet_samples"]
     assert wav["unet_per_frame"]["total"]["unet_calls"] < seq["unet_per_frame"]["total"]["unet_calls"]
+
+
+@pytest.mark.parametrize(("kw", "profile"), [
+    ({"frames": 100}, "batch 1-32 at 512x512"),
+    ({"frames": 100, "size": 768, "batch_frames": 4}, "batch 1-16 at 768x768"),  # the inversion's 16 samples
+    ({"frames": 3, "size": 256}, "batch 1-6 at 256x256"),
+])
+def test_the_bench_exports_engines_for_its_own_work_only(kw, profile, tmp_path) -> None:
+    """Issue 26 item 7: the bench's own export covers its calls (at most 2 x 16 samples by default)
+    at its one size; before, 2 x --frames samples (200 for 100 frames) at 512 to 896 pixels a side,
+    whose check in ONNX Runtime alone needs hundreds of GB for SD2-depth."""
+    opts = BenchOptions(model="tiny", backends=("tensorrt",), **kw)
+    options = export_options(opts, "tensorrt", torch.float16, tmp_path)
+    assert options.profile().describe() == profile and options.precision == "fp16"
 
 
 def test_unavailable_backend_is_reported_not_fatal(bench_json) -> None:
