@@ -31,12 +31,15 @@ from p2v_fast.config import (
     INVERT_DTYPES,
     LATENT_UPDATES,
     OUTPUT_SIZES,
+    PAPER,
     REFS,
     RESIZES,
     SCHEDULES,
+    TIMESTEP_GRIDS,
     EditConfig,
     check_choice,
     cpu_policy,
+    paper_options,
 )
 from p2v_fast.display import LogProgress, RichProgress, batch_display, progress_for
 from p2v_fast.errors import P2VError
@@ -260,6 +263,10 @@ MaxFrames = Annotated[int | None, typer.Option("--max-frames", help="Edit at mos
                                                rich_help_panel=INPUT_PANEL)]
 Stride = Annotated[int, typer.Option(help="Take every N-th frame.", rich_help_panel=INPUT_PANEL)]
 Steps = Annotated[int, typer.Option(help="DDIM steps (paper: 50).", rich_help_panel=METHOD_PANEL)]
+TimestepGrid = Annotated[str, typer.Option(
+    "--timestep-grid", **_choices("--timestep-grid", TIMESTEP_GRIDS),
+    help="DDIM timesteps: the model's scheduler config (SD2: 981, 961, ..., 1) or the authors' code's "
+    "(980, 960, ..., 0).", rich_help_panel=METHOD_PANEL)]
 GuidanceScale = Annotated[float, typer.Option("--guidance-scale", help="Classifier-free guidance (1 to 100).",
                                               rich_help_panel=METHOD_PANEL)]
 SourcePrompt = Annotated[str | None, typer.Option(
@@ -368,6 +375,13 @@ def _uptime() -> float:
     return time.time() - psutil.Process().create_time()
 
 
+def _given(ctx: typer.Context) -> dict[str, Any]:
+    """The parameters of ``ctx``'s command that the user gave (on the command line), not
+    defaulted, with their values."""
+    return {name: value for name, value in ctx.params.items()
+            if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")}
+
+
 def _bytes(text: str | None) -> int | None:
     """``--max-memory``'s value in bytes."""
     if text is None:
@@ -397,6 +411,7 @@ def _refuse_early(model: str | None = None, *inputs: Path) -> None:
 @app.command()
 @user_errors
 def edit(
+    ctx: typer.Context,
     input: Annotated[Path, typer.Argument(help="Video (mp4, mov, webm, gif, ...) or folder of images.")],
     prompt: Annotated[str, typer.Argument(help="Target prompt, e.g. 'a crochet swan on the lake'.")],
     output: Annotated[Path | None, typer.Option(
@@ -415,6 +430,7 @@ def edit(
     max_frames: MaxFrames = None,
     stride: Stride = _edit_default("stride"),
     steps: Steps = _edit_default("steps"),
+    timestep_grid: TimestepGrid = _edit_default("timestep_grid"),
     guidance_scale: GuidanceScale = _edit_default("guidance_scale"),
     negative_prompt: Annotated[str, typer.Option(
         "--negative-prompt", help="What to steer away from: replaces the empty prompt of classifier-free "
@@ -458,6 +474,13 @@ def edit(
     json_path: Annotated[Path | None, _json(
         "the result (paths, timings, UNet calls and the guided update's size per step and frame)")] = None,
     threads: Threads = None,
+    paper: Annotated[bool, typer.Option(
+        "--paper", help="The paper's configuration (its Table 2, as the authors' code runs it): --latent-update "
+        "detached, --update-steps 26, --timestep-grid authors, --resize stretch, --size 512, --dtype fp32; options "
+        "given beside it win (README, 'The paper's configuration').")] = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Print the settings, working size, frames, UNet calls and the GPU memory the edit is "
+        "expected to need, without loading the model; then exit.")] = False,
 ) -> None:
     """Edit INPUT so that it matches PROMPT, consistently across frames.
 
@@ -465,8 +488,14 @@ def edit(
     """
     from p2v_fast.media.paths import EditPaths
 
-    cfg = EditConfig.from_options(locals(), max_memory=_bytes(max_memory))
+    preset = paper_options(_given(ctx)) if paper else None
+    cfg = EditConfig.from_options(locals(), max_memory=_bytes(max_memory), **(preset or {}))
     _refuse_early(cfg.model, input)
+    if dry_run:  # before the output's checks: a dry run writes nothing
+        from p2v_fast.method.estimate import plan_edit
+
+        report.print_plan(out_console, plan_edit(cfg, input, preview=preview), preset, set(_given(ctx)) & set(PAPER))
+        return
     EditPaths.of(input, output, preview=preview, side_by_side=side_by_side, json_path=json_path).check(input, overwrite)
     from p2v_fast.pipeline import edit_video
 
@@ -566,6 +595,7 @@ def invert(
     max_frames: MaxFrames = None,
     stride: Stride = _edit_default("stride"),
     steps: Steps = _edit_default("steps"),
+    timestep_grid: TimestepGrid = _edit_default("timestep_grid"),
     source_prompt: SourcePrompt = None,
     captioner: Captioner = None,
     depth_norm: DepthNorm = _edit_default("depth_norm"),

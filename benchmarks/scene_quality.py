@@ -12,7 +12,11 @@ the model's own CLIP where it has one).
 
 Settings (``--settings``, comma-separated): per-frame (``--refs none --latent-update off``),
 prev, anchor, ours (anchor+prev, the default update), no-update, detached, autograd. Timing is
-not the point here; the run uses one thread.
+secondary here (the run uses one thread), but each setting's edit seconds per clip are kept
+(``seconds_edit``: the edit alone; the clip's first setting also pays its inversion, in
+``seconds``), so one run compares the update forms on the same clips:
+
+    python -m benchmarks.scene_quality --settings autograd,detached --clips 6 --frames 16 --out X.json
 """
 
 from __future__ import annotations
@@ -47,7 +51,8 @@ SETTINGS: dict[str, tuple[str, str | None]] = {
 }
 #: settings whose references go to other self-attention layers than the decoder's (--inject)
 INJECT: dict[str, str] = {"all-layers": "all"}
-COLUMNS = ("edit_accuracy", "others_kept", "warp_error", "pixel_mse_dis", "object_iou", "depth_error", "clip_text_gain")
+COLUMNS = ("edit_accuracy", "others_kept", "warp_error", "pixel_mse_dis", "object_iou", "depth_error", "clip_text_gain",
+           "seconds_edit")
 
 
 def scene_edit_case(seed: int, n_frames: int, size: int) -> dict[str, Any]:
@@ -127,13 +132,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             row = {"clip": i, "seed": case["seed"], "setting": key, "refs": refs, "latent_update": cfg.latent_update,
                    "source_prompt": case["source_prompt"], "target_prompt": case["target_prompt"],
                    **asdict(score), "pixel_mse_dis": pixel_mse(list(edited), list(clip.frames), "dis").mse,
-                   "flow_epe_dis": epe, "clip_text_gain": gain, "seconds": seconds}
+                   "flow_epe_dis": epe, "clip_text_gain": gain, "seconds": seconds, "seconds_edit": out.seconds_edit}
             rows.append(row)
             print(f"clip {i} {key:10s} acc {score.edit_accuracy:.2f} kept {score.others_kept:.2f} "
-                  f"warp {score.warp_error:.1f} (source {score.source_warp_error:.1f}) {seconds:.1f} s", flush=True)
-    summary = {k: {c: _mean([r[c] for r in rows if r["setting"] == k]) for c in (*COLUMNS, "source_warp_error",
-                                                                               "source_depth_error", "flow_epe_dis")}
-               for k in keys}
+                  f"warp {score.warp_error:.1f} (source {score.source_warp_error:.1f}) {seconds:.1f} s "
+                  f"(edit {out.seconds_edit:.1f} s)", flush=True)
+    summary = summarize(rows, keys)
     return {
         "benchmark": "scene_quality",
         "model": args.model,
@@ -154,6 +158,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def summarize(rows: list[dict[str, Any]], keys: list[str]) -> dict[str, dict[str, float]]:
+    """Per setting, the mean over its clips of every column (edit seconds included)."""
+    columns = (*COLUMNS, "source_warp_error", "source_depth_error", "flow_epe_dis")
+    return {k: {c: _mean([r[c] for r in rows if r["setting"] == k]) for c in columns} for k in keys}
+
+
 def _mean(xs: list[float]) -> float:
     finite = [x for x in xs if isinstance(x, float | int) and math.isfinite(x)]
     return float(np.mean(finite)) if finite else float("nan")
@@ -169,12 +179,12 @@ def _commit() -> str:
 
 def markdown(result: dict[str, Any]) -> str:
     head = ("| setting | edit accuracy ↑ | others kept ↑ | warp error (true flow) ↓ | Pixel-MSE (DIS) ↓ "
-            "| object IoU ↑ | depth AbsRel ↓ | CLIP-Text gain ↑ |")
-    lines = [head, "|" + " --- |" * 8]
+            "| object IoU ↑ | depth AbsRel ↓ | CLIP-Text gain ↑ | edit s/clip |")
+    lines = [head, "|" + " --- |" * 9]
     for key, s in result["summary"].items():
         lines.append(f"| {key} | {s['edit_accuracy']:.3f} | {s['others_kept']:.3f} | {s['warp_error']:.1f} "
                      f"| {s['pixel_mse_dis']:.1f} | {s['object_iou']:.3f} | {s['depth_error']:.3f} "
-                     f"| {s['clip_text_gain']:.4f} |")
+                     f"| {s['clip_text_gain']:.4f} | {s.get('seconds_edit', float('nan')):.1f} |")
     return "\n".join(lines)
 
 

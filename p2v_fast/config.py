@@ -33,6 +33,10 @@ RESIZES = ("crop", "stretch", "pad")
 OUTPUT_SIZES = ("input", "working")
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "auto")
 SCHEDULES = ("sequential", "wavefront")
+#: DDIM's timestep grid: "model" (the model's scheduler config; SD2: "leading" spacing, steps_offset 1, so
+#: 981, 961, ..., 1 at 50 steps) or "authors" (the authors' code builds its DDIMScheduler with steps_offset 0:
+#: 980, 960, ..., 0; p2v_fast.method.ddim.DDIMSchedule)
+TIMESTEP_GRIDS = ("model", "authors")
 #: The CLIP model and the optical flows of the paper's metrics (p2v_fast.quality.metrics; p2v eval, p2v ablate).
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 #: The captioner of a missing --source-prompt (--captioner; a model folder's own captioner/ first).
@@ -43,6 +47,8 @@ FLOW_METHODS = ("dis", "raft")
 MAX_THREADS = 1024
 #: Frame rates an image folder may play at (--fps): below 0.01 fps the rate's fraction underflows.
 FPS_RANGE = (0.01, 1000.0)
+#: Most frames per inversion call when ``--invert-batch`` is not given (p2v_fast.method.inversion).
+MAX_INVERT_BATCH = 16
 # delta is given at 512x512 (a 64x64 latent); see EditConfig.update_weight.
 REFERENCE_LATENT_PIXELS = 64 * 64
 #: --guidance-scale's range: CFG past a few tens only saturates (the paper: 7.5); 1e308 made every
@@ -92,6 +98,7 @@ class EditConfig:
 
     # --- sampling (paper: 50 DDIM steps, CFG 7.5) ---
     steps: int = 50
+    timestep_grid: str = "model"  # TIMESTEP_GRIDS: the model's own (default) or the authors' code's
     guidance_scale: float = 7.5
     seed: int = 0
     depth_norm: str = "frame"  # "frame" (paper) or "clip" (one min/max for the whole clip)
@@ -186,6 +193,30 @@ def warn_if_policy_late() -> None:
                       "OMP_WAIT_POLICY=PASSIVE before starting Python", RuntimeWarning, stacklevel=3)
 
 
+#: ``--paper``: the configuration of the paper's Table 2 as the authors' public code runs it
+#: (github.com/duyguceylan/pix2video: code/test_cfg.py, video_model_cross_frame_attn.py, file_utils.py):
+#: fp32 pipeline, frames resized to 512x512 without keeping the aspect ratio, 50 DDIM steps on a
+#: scheduler built with steps_offset 0, CFG 7.5, the latent update on steps 0-25 (``if i > 25:
+#: weight = 0``, so 26 steps where the paper says 25) with delta 100 applied to x0-hat's gradient
+#: with eps held fixed (``detached``), anchor and previous frame as attention references, depth
+#: min-max per frame. Options given beside ``--paper`` win over these (README, "The paper's
+#: configuration").
+PAPER: dict[str, Any] = {
+    "latent_update": "detached", "update_steps": 26, "update_weight": 100.0, "timestep_grid": "authors",
+    "resize": "stretch", "size": 512, "dtype": "fp32", "invert_dtype": "fp32", "steps": 50, "guidance_scale": 7.5,
+    "refs": "anchor+prev", "depth_norm": "frame",
+}
+
+
+def paper_options(given: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """:data:`PAPER`'s settings but those in ``given`` (the options the user gave explicitly, by
+    field name, with their values), which win. The authors' code guides steps 0-25 whatever the
+    number of steps, so with fewer than 26 ``--steps`` every step is guided."""
+    given = given or {}
+    preset = {**PAPER, "update_steps": min(PAPER["update_steps"], given.get("steps", PAPER["steps"]))}
+    return {k: v for k, v in preset.items() if k not in given}
+
+
 def check_threads(n: int | None) -> None:
     """InputError unless ``n`` (--threads) is None or 1..MAX_THREADS."""
     if n is not None and n < 1:
@@ -217,6 +248,7 @@ def _verify(c: EditConfig) -> None:
     _choice("depth-norm", c.depth_norm, DEPTH_NORMS)
     _choice("backend", c.backend, BACKENDS)
     _choice("schedule", c.schedule, SCHEDULES)
+    _choice("timestep-grid", c.timestep_grid, TIMESTEP_GRIDS)
     check_threads(c.threads)
     if c.cuda_graph and c.backend not in ("tensorrt", "auto"):
         raise InputError(f"--cuda-graph is for --backend tensorrt, not {c.backend} (PyTorch: --compile)")

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from p2v_fast.config import EditConfig
-from p2v_fast.errors import InputError, P2VError
+from p2v_fast.errors import P2VError
 from p2v_fast.files import OutputClaim, OutputSet
 from p2v_fast.media import reader, writer
-from p2v_fast.media.clip_selection import ClipSelection, frames_digest, select_clip
+from p2v_fast.media.clip_selection import ClipSelection, frames_digest, probe_input, select_clip
 from p2v_fast.media.framing import side_by_side
 from p2v_fast.media.paths import EditPaths, check_not_in_folder, check_report_path, side_paths
 from p2v_fast.method.ddim import DDIMSchedule
@@ -47,16 +47,6 @@ from p2v_fast.text import plural
 from p2v_fast.weights.downloads import check_downloads
 from p2v_fast.weights.models import random_weights
 from p2v_fast.weights.prompts import check_prompt, encode_prompt, source_prompt_for, warn_if_truncated
-
-
-def probe_input(input_path: Path, cfg: EditConfig) -> reader.VideoInfo:
-    """Probe the input (an image folder plays at ``cfg.fps``, 24 by default); --fps is refused for
-    a video file, which keeps its own rate."""
-    info = reader.probe(input_path, folder_fps=cfg.fps or 24.0)
-    if cfg.fps is not None and not info.is_folder:
-        raise InputError(f"--fps is for an image-folder input; '{input_path}' is a video and keeps its own rate "
-                         f"({reader.format_fps(info.fps)} fps)")
-    return info
 
 
 def warm_up(cfg: EditConfig, rt: Runtime, selection: ClipSelection, progress: Progress) -> None:
@@ -297,8 +287,9 @@ def _edit(cfg: EditConfig, input_path: Path, info: reader.VideoInfo, prompt: str
     sel, inv = prep.selection, prep.inverted
     # 3. Context: the prompts' embeddings (negative, target), the schedule, the feature store, delta
     embeds = torch.cat([encode_prompt(rt.models, cfg.negative_prompt), encode_prompt(rt.models, prompt)])
-    ctx = EditContext(cfg, rt.backend, rt.grad_backend, DDIMSchedule(rt.models.scheduler, cfg.steps), embeds,
-                      FeatureStore(cfg, sel.n_frames), cfg.effective_delta(sel.latent_hw), EditStats())
+    schedule = DDIMSchedule(rt.models.scheduler, cfg.steps, cfg.timestep_grid)
+    ctx = EditContext(cfg, rt.backend, rt.grad_backend, schedule, embeds, FeatureStore(cfg, sel.n_frames),
+                      cfg.effective_delta(sel.latent_hw), EditStats())
     # 4. Edit: the schedule's finished frames, decoded by the sink and written as they come
     calls0 = _unet_calls(rt)
     t_edit = time.perf_counter()

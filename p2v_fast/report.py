@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from p2v_fast.apps.ablation import AblationResult
     from p2v_fast.apps.batch import BatchResult
     from p2v_fast.config import EditConfig
+    from p2v_fast.method.estimate import EditPlan
     from p2v_fast.pipeline import EditResult, PreparedClip
     from p2v_fast.quality.evaluate import VideoEval
 
@@ -34,6 +35,18 @@ def print_rows(console: Console, rows: list[tuple[str, str]]) -> None:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         line(console, f"{key:<{width}}  {value}")
+
+
+def print_plan(console: Console, plan: EditPlan, paper: dict[str, Any] | None = None,
+               kept: Iterable[str] = ()) -> None:
+    """`p2v edit --dry-run`: the plan's rows; with ``paper`` (the preset's settings that applied)
+    first the line saying so, and the options given beside ``--paper`` that won (``kept``)."""
+    if paper is not None:
+        given = ", ".join(f"--{k.replace('_', '-')}" for k in sorted(kept))
+        line(console, "--paper: " + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in paper.items())
+             + (f"; given beside it: {given}" if given else ""))
+    print_rows(console, plan.rows())
+    line(console, "dry run: nothing was loaded or written")
 
 
 def print_wrote(console: Console, path: Path | str | None) -> None:

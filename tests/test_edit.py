@@ -227,7 +227,8 @@ def test_the_store_keeps_only_its_own_bytes(tiny_models, mode) -> None:
     """Batched calls of 3-4 frames: what the store (and every frame's latent) keeps holds only
     its own bytes, by storage. A row kept as a view of the call's output keeps the whole batch
     tensor alive (at 512x512 fp16, cap 16: ~26 GB where the store counts 2.75 GB)."""
-    from p2v_fast.method.edit import storage_bytes, wavefront
+    from p2v_fast.method.edit import wavefront
+    from p2v_fast.method.wavefront import storage_bytes
     from p2v_fast.nets.memory import CallBudget
 
     cfg = EditConfig(prompt="a swan", model="tiny", steps=4, latent_update=mode)

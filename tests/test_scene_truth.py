@@ -141,3 +141,22 @@ def test_eval_without_a_sidecar_has_no_ground_truth(scene_files: dict, tmp_path:
     assert result.exit_code == 0, result.output
     assert json.loads(out.read_text())["ground_truth"] is None
     assert "ground truth" not in result.stdout
+
+
+def test_the_quality_benchmark_reports_each_update_form_with_its_edit_time() -> None:
+    """`--settings autograd,detached` compares the two forms on the same clips in one run: the
+    summary and its table hold each one's warp error, edit accuracy and edit seconds."""
+    from benchmarks.scene_quality import COLUMNS, markdown, summarize
+
+    def row(clip: int, setting: str, acc: float, warp: float, seconds: float) -> dict:
+        return {**dict.fromkeys((*COLUMNS, "source_warp_error", "source_depth_error", "flow_epe_dis"), 0.0),
+                "clip": clip, "setting": setting, "edit_accuracy": acc, "warp_error": warp, "seconds_edit": seconds}
+
+    rows = [row(0, "autograd", 0.5, 10.0, 30.0), row(0, "detached", 0.7, 12.0, 10.0),
+            row(1, "autograd", 0.7, 14.0, 50.0), row(1, "detached", 0.9, 16.0, 14.0)]
+    summary = summarize(rows, ["autograd", "detached"])
+    assert summary["autograd"]["seconds_edit"] == 40.0 and summary["detached"]["seconds_edit"] == 12.0
+    assert summary["detached"]["edit_accuracy"] == pytest.approx(0.8) and summary["autograd"]["warp_error"] == 12.0
+    table = markdown({"summary": summary}).splitlines()
+    assert table[0].endswith("| edit s/clip |") and table[2].startswith("| autograd | 0.600 |")
+    assert table[3].startswith("| detached |") and table[3].endswith("| 12.0 |")

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from p2v_fast.config import EditConfig
+from p2v_fast.config import EditConfig, paper_options
 from p2v_fast.errors import InputError, P2VError, Terminated, one_line
 from p2v_fast.media import reader
 from p2v_fast.text import slug
@@ -69,9 +69,9 @@ def edit_option_types() -> dict[str, Any]:
 
 
 def job_key_types() -> dict[str, Any]:
-    """Every key a job (or ``defaults``) may hold, with its type: ``input``, ``output``, the
-    fields of EditConfig and edit_video's keyword options."""
-    keys: dict[str, Any] = {"input": Path, "output": Path | None}
+    """Every key a job (or ``defaults``) may hold, with its type: ``input``, ``output``,
+    ``paper`` (`p2v edit --paper`), the fields of EditConfig and edit_video's keyword options."""
+    keys: dict[str, Any] = {"input": Path, "output": Path | None, "paper": bool}
     keys.update(typing.get_type_hints(EditConfig))
     keys.update(edit_option_types())
     return keys
@@ -437,6 +437,8 @@ def _draft(index: int, merged: dict[str, Any], keys: dict[str, Any], opt_names: 
     input_path: Path = values.pop("input")
     output: Path | None = values.pop("output", None)
     options = {k: values.pop(k) for k in list(values) if k in opt_names}
+    if values.pop("paper", False):  # the paper's configuration; the job's (and defaults') own keys win
+        values.update(paper_options(values))
     cfg = EditConfig(**values)
     if cfg.cache_dir is not None and cfg.cache_dir.exists() and not cfg.cache_dir.is_dir():
         raise InputError(f"cache_dir '{cfg.cache_dir}' is a file, not a folder")
@@ -652,9 +654,9 @@ class BatchResult:
 # EditConfig fields that only shape one edit, never which models load or how: a worker keeps
 # one runtime for every combination of them. Any other field (new ones included) keys it.
 _EDIT_ONLY = ("prompt", "source_prompt", "negative_prompt", "size", "start", "max_frames", "stride", "steps",
-              "guidance_scale", "seed", "depth_norm", "schedule", "batch_frames", "invert_batch", "refs",
-              "latent_update", "update_steps", "update_weight", "cache_dir", "invert_dtype", "resize", "output_size",
-              "fps", "threads", "captioner")
+              "timestep_grid", "guidance_scale", "seed", "depth_norm", "schedule", "batch_frames", "invert_batch",
+              "refs", "latent_update", "update_steps", "update_weight", "cache_dir", "invert_dtype", "resize",
+              "output_size", "fps", "threads", "captioner")
 
 
 def runtime_config(cfg: EditConfig) -> EditConfig:

@@ -80,6 +80,16 @@ class ClipSelection:
         )
 
 
+def probe_input(input_path: Path, cfg: EditConfig) -> reader.VideoInfo:
+    """Probe the input (an image folder plays at ``cfg.fps``, 24 by default); --fps is refused for
+    a video file, which keeps its own rate."""
+    info = reader.probe(input_path, folder_fps=cfg.fps or 24.0)
+    if cfg.fps is not None and not info.is_folder:
+        raise InputError(f"--fps is for an image-folder input; '{input_path}' is a video and keeps its own rate "
+                         f"({reader.format_fps(info.fps)} fps)")
+    return info
+
+
 def select_clip(path: str | Path, cfg: EditConfig, info: reader.VideoInfo | None = None) -> ClipSelection:
     """The frames ``cfg`` selects from ``path`` (``info``: its probe, if already done)."""
     info = info or reader.probe(path)

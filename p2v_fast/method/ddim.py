@@ -6,8 +6,10 @@ The sampling step from t to its predecessor p = t - T/steps (paper sec. 3.2):
 and the inversion step is the same map run backwards (x_p -> x_t, with eps predicted at x_p and
 timestep t, the usual DDIM-inversion approximation).
 
-Timesteps follow the scheduler's own ``set_timesteps`` (SD2: "leading" spacing, steps_offset 1);
-abar of the step before the first timestep is the scheduler's ``final_alpha_cumprod``.
+Timesteps follow the scheduler's own ``set_timesteps`` (SD2: "leading" spacing, steps_offset 1:
+981, 961, ..., 1 at 50 steps), or with ``grid="authors"`` the grid of the authors' code, whose
+DDIMScheduler is built with steps_offset 0 ("leading", 980, 960, ..., 0); abar of the step before
+the first timestep is the scheduler's ``final_alpha_cumprod``.
 
 The tables live on every device that uses them (copied once, by :meth:`DDIMSchedule.to`), and
 step indices are built there (:meth:`DDIMSchedule.index`), so a step makes no host-device copy.
@@ -32,8 +34,9 @@ def _canonical(device: torch.device | str) -> torch.device:
 class DDIMSchedule:
     """Timesteps and abar values of an ``steps``-step DDIM run. Index 0 = noisiest step."""
 
-    def __init__(self, scheduler: Any, steps: int) -> None:  # a DDIMScheduler (or any with its config)
-        sched = DDIMScheduler.from_config(scheduler.config)
+    def __init__(self, scheduler: Any, steps: int, grid: str = "model") -> None:  # a DDIMScheduler (or its like)
+        authors = {"steps_offset": 0, "timestep_spacing": "leading", "set_alpha_to_one": False}
+        sched = DDIMScheduler.from_config(scheduler.config, **(authors if grid == "authors" else {}))
         sched.set_timesteps(steps)
         self.steps = steps
         self.timesteps = sched.timesteps.clone().long()  # [steps], descending

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from p2v_fast.config import EditConfig
+from p2v_fast.config import MAX_INVERT_BATCH, EditConfig
 from p2v_fast.errors import InputError
 from p2v_fast.files import cache_root
 from p2v_fast.media.clip_selection import ClipSelection, frames_digest, short_clip_message
@@ -117,8 +117,6 @@ def invert_clip(
     return handle
 
 
-#: Most frames per inversion call when ``--invert-batch`` is not given.
-MAX_INVERT_BATCH = 16
 INVERT_KIND = ("inversion", False)
 
 
@@ -167,7 +165,7 @@ def _invert_pending(cfg: EditConfig, backend: Backend, root: Path, n: int, laten
     """Pass 2: DDIM-invert the frames without an intact file (resuming: intact frames are kept),
     ``batch`` or as many as ``budget`` lets share a call; returns the schedule and the source
     prompt's embedding, for the check."""
-    schedule = DDIMSchedule(backend.models.scheduler, cfg.steps)
+    schedule = DDIMSchedule(backend.models.scheduler, cfg.steps, cfg.timestep_grid)
     cond = encode_prompt(backend.models, source_prompt)
     advance = progress.stage("inversion", n * cfg.steps)
     pending = [i for i in range(n) if file_problem(frame_file(root, i), latent_hw)]

@@ -86,7 +86,8 @@ def record_entry(clip: InvertedClip, cfg: EditConfig, models, selection: ClipSel
     meta = {"n_frames": n, "latent_hw": list(clip.latent_hw), "source_prompt": clip.source_prompt,
             "steps": cfg.steps, "model": model_identity(models), "size": list(selection.size),
             "resize": selection.resize, "box": None if selection.box is None else list(selection.box),
-            "depth_norm": cfg.depth_norm, "runtime": clip.runtime, "reconstruction": clip.reconstruction}
+            "depth_norm": cfg.depth_norm, "timestep_grid": cfg.timestep_grid,
+            "runtime": clip.runtime, "reconstruction": clip.reconstruction}
     meta["files"] = {frame_file(root, i).name: file_record(frame_file(root, i)) for i in range(n)}
     write_bytes_atomic(root / "meta.json", json.dumps(meta, indent=2).encode(), "the inversion cache")
     for i in range(n):
@@ -266,6 +267,8 @@ def cache_key(cfg: EditConfig, models, digest: str, source_prompt: str, runtime:
         "source_prompt": source_prompt,
         "depth_norm": cfg.depth_norm,
     }
+    if cfg.timestep_grid != "model":  # keys of the default grid stay as they were
+        fields["timestep_grid"] = cfg.timestep_grid
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
 
 

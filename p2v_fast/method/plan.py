@@ -1,8 +1,8 @@
 """What a wavefront edit costs before it runs: ticks, UNet calls and peak stored features.
 
-:func:`simulate_wavefront` runs the edit loop's own code (:func:`p2v_fast.method.edit.wavefront_ticks`
-for admission and readiness, :func:`~p2v_fast.method.edit.call_groups` for the calls of a tick,
-:class:`~p2v_fast.method.edit.FeatureStore` and :func:`~p2v_fast.method.edit.commit` for what is kept) with
+:func:`simulate_wavefront` runs the edit loop's own code (:func:`p2v_fast.method.wavefront.wavefront_ticks`
+for admission and readiness, :func:`~p2v_fast.method.wavefront.call_groups` for the calls of a tick,
+:class:`~p2v_fast.method.wavefront.FeatureStore` and :func:`~p2v_fast.method.edit.commit` for what is kept) with
 shape-only tensors on the ``meta`` device in place of the UNet's outputs: no arithmetic and no
 memory, so a 120-frame, 50-step plan at SD2's 512x512 sizes takes a fraction of a second and
 its peak is the byte count the real store would reach. The one thing it leaves out is memory
@@ -61,14 +61,8 @@ def simulate_wavefront(cfg: EditConfig, n_frames: int, shapes: Sequence[tuple[in
     ``dtype`` and latents of ``latent_hw`` (h, w). ``storage``: also find the peak of what the
     store keeps alive by storage (meta tensors have storages of their full size), which is how a
     view kept in place of a copy shows."""
-    from p2v_fast.method.edit import (
-        DEFAULT_WAVEFRONT_FRAMES,
-        FeatureStore,
-        FrameState,
-        call_groups,
-        commit,
-        wavefront_ticks,
-    )
+    from p2v_fast.method.edit import FrameState, commit
+    from p2v_fast.method.wavefront import DEFAULT_WAVEFRONT_FRAMES, FeatureStore, call_groups, wavefront_ticks
 
     meta = torch.device("meta")
     h, w = latent_hw

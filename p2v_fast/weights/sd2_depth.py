@@ -185,3 +185,12 @@ SPECIAL_TOKENS_MAP: dict[str, Any] = {
 
 #: text_encoder/config.json's token ids: CLIP's legacy defaults, not the tokenizer's ids.
 TEXT_ENCODER_TOKEN_IDS: dict[str, int] = {"bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
+
+#: Parameters of each network built from the configs above (tests/test_estimate.py builds them on the
+#: meta device and counts): what `p2v edit --dry-run` weighs a hub model by, without downloading it.
+PARAMETERS: dict[str, int] = {
+    "unet": 865_913_604,
+    "vae": 83_653_863,
+    "text_encoder": 340_387_840,
+    "depth_estimator": 122_377_985,
+}
