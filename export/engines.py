@@ -136,6 +136,7 @@ def export_engines(options: ExportOptions, progress: Progress | None = None, mod
 def _check_machine(options: ExportOptions, models) -> tuple[Any, Machine | None]:
     """The device to export on, and for ``format="tensorrt"`` the GPU the engines are built on
     (TensorRT and a CUDA device are required before any work: say why not)."""
+    _require_onnxruntime(options)
     if options.format != "tensorrt":
         return (models.device if models is not None else resolve_device(options.device)), None
     from p2v_fast.nets.manifest import this_machine
@@ -147,6 +148,21 @@ def _check_machine(options: ExportOptions, models) -> tuple[Any, Machine | None]
     if machine.gpu is None:
         raise InputError(f"TensorRT engines are built on a CUDA device, not --device {device}")
     return device, machine
+
+
+def _require_onnxruntime(options: ExportOptions) -> None:
+    """Every graph is checked against PyTorch in ONNX Runtime, and every engine against its graph:
+    without ONNX Runtime (``[tensorrt]`` alone installs none) say so before any work."""
+    from p2v_fast.errors import BackendUnavailableError
+    from p2v_fast.nets.system import onnxruntime_status
+
+    if onnxruntime_status()[0]:
+        return
+    if options.format == "tensorrt":
+        what, install = "graph and engine", "pip install 'p2v-fast[onnx-gpu,tensorrt]'"
+    else:
+        what, install = "graph", "pip install 'p2v-fast[onnx]' (or '[onnx-gpu]' on a GPU machine)"
+    raise BackendUnavailableError(f"p2v export checks every {what} in ONNX Runtime, which is not installed: {install}")
 
 
 def _load_models(options: ExportOptions, models, device, progress: Progress):

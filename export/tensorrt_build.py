@@ -204,7 +204,6 @@ def validate_engine(engine_path: Path, onnx_path: Path, spec: NetworkSpec, geome
     trt = trt or import_tensorrt()
     ops = ops or TorchCuda(device)
     reference = reference_session(onnx_path, spec, geometry, device)
-    budget = check_budget(reference.device) if budget is None else budget
     worst: dict = {}
     with ops.on_device():
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
@@ -213,6 +212,7 @@ def validate_engine(engine_path: Path, onnx_path: Path, spec: NetworkSpec, geome
             raise EngineError(f"TensorRT cannot load the engine it just built, '{engine_path}'")
         runner = EngineRunner(trt, engine, spec, geometry, ops=ops, stream=ops.new_stream(), hint="")
         runner.activate(ops.zeros((max(runner.device_memory_size, 1),), torch.uint8))
+        budget = check_budget(reference.device) if budget is None else budget  # what the engine left free
         for label, inputs in cases.items():
             feeds = {n: x.to(device) for n, x in inputs.items()}
             got = runner.run(feeds)

@@ -657,3 +657,23 @@ def test_cleaning_needs_no_onnx_runtime(tmp_path, monkeypatch) -> None:
         assert used == ("onnxscript" if tool is None else
                         "onnxscript (polygraphy's folding needs ONNX Runtime, not installed)")
         assert [n.op_type for n in onnx.load(str(dst)).graph.node] == ["Mul"]  # 1 + 1 folded
+
+
+@pytest.mark.parametrize(("fmt", "install"), [("onnx", "pip install 'p2v-fast[onnx]'"),
+                                              ("tensorrt", "pip install 'p2v-fast[onnx-gpu,tensorrt]'")])
+def test_an_export_without_onnx_runtime_is_refused_before_any_work(tmp_path, monkeypatch, fmt, install) -> None:
+    """Issue 26 item 7: every graph (and engine) is checked in ONNX Runtime, which `[tensorrt]` alone
+    does not install: said in one line before the model loads and before the folder is made.
+    (Before: after loading and tracing, "ONNX Runtime is not installed ...; use --backend torch".)"""
+    import sys
+
+    from p2v_fast.errors import BackendUnavailableError
+    from p2v_fast.weights import models as models_mod
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` raises ImportError
+    monkeypatch.setattr(models_mod, "load_models", lambda *a, **kw: pytest.fail("the model was loaded"))
+    with pytest.raises(BackendUnavailableError) as err:
+        export_engines(ExportOptions(model="tiny", out=tmp_path / "e", format=fmt, precision="fp32"))
+    msg = str(err.value)
+    assert msg.startswith("p2v export checks every graph") and "ONNX Runtime, which is not installed" in msg
+    assert install in msg and "\n" not in msg and not (tmp_path / "e").exists()
