@@ -24,6 +24,7 @@ import datetime
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -122,6 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         for p in busy:
             p.kill()
             p.wait()
+        shutil.rmtree(folder, ignore_errors=True)
 
     median = {side: statistics.median(float(r["seconds_per_frame"]) for r in runs if r["side"] == side)  # type: ignore[arg-type]
               for side in ("api", "cli")}
