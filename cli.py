@@ -201,8 +201,11 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from p2v_fast.weights.hub import one_probe_per_repo
+
         try:
-            return fn(*args, **kwargs)
+            with one_probe_per_repo():  # the early check's probe, not again as the model loads
+                return fn(*args, **kwargs)
         except P2VError as exc:
             raise _error(str(exc), exc.exit_code) from None
         except KeyboardInterrupt as exc:
@@ -408,6 +411,16 @@ def _refuse_early(model: str | None = None, *inputs: Path) -> None:
         check_input(path)
 
 
+def _refuse_missing(cfg: EditConfig, caption: bool = True) -> None:
+    """Refuse, before torch loads, the weights ``cfg`` needs that cannot be had (not cached, and
+    the hub offline or unreachable: one line naming each download and its size, in seconds), and
+    a model folder whose scheduler does not predict noise (issue 26). The hub, when it answers,
+    is asked once: the loaders find it answered (:func:`user_errors`)."""
+    from p2v_fast.weights.downloads import check_downloads
+
+    check_downloads(cfg.model, cfg.captioner, cfg.source_prompt, caption)
+
+
 @app.command()
 @user_errors
 def edit(
@@ -497,6 +510,7 @@ def edit(
         report.print_plan(out_console, plan_edit(cfg, input, preview=preview), preset, set(_given(ctx)) & set(PAPER))
         return
     EditPaths.of(input, output, preview=preview, side_by_side=side_by_side, json_path=json_path).check(input, overwrite)
+    _refuse_missing(cfg)
     from p2v_fast.pipeline import edit_video
 
     with _progress() as progress:
@@ -576,8 +590,9 @@ def ui(
         raise InputError(f"--max-upload-mb must be >= 1; got {max_upload_mb}")
     if out.exists() and not out.is_dir():
         raise InputError(f"--out '{out}' is a file, not a folder")
-    EditConfig(model=model, device=device, dtype=dtype)  # a bad value is one line before anything loads
+    cfg = EditConfig(model=model, device=device, dtype=dtype)  # a bad value is one line before anything loads
     _refuse_early(model)
+    _refuse_missing(cfg, caption=False)  # its model; a captioner only when a clip comes without a source prompt
     settings = UISettings(out_dir=out, model=model, device=device, dtype=dtype, engines_root=engines,
                           threads=threads, max_upload_mb=max_upload_mb, output_size=output_size)
     launch(settings, host=host, port=port, auth=read_auth(auth, auth_file), share=share,
@@ -614,6 +629,7 @@ def invert(
     """DDIM-invert INPUT into the cache, so later edits of it skip inversion."""
     cfg = EditConfig.from_options(locals(), latent_update="off")
     _refuse_early(cfg.model, input)
+    _refuse_missing(cfg)
     from p2v_fast.pipeline import invert_video
 
     with _progress() as progress:
@@ -716,10 +732,12 @@ def eval_(
     The older form `p2v eval EDITED --source INPUT --prompt PROMPT` works too. A scene clip (p2v demo's)
     is also scored against its ground truth: edit accuracy, true-flow warp error, mask IoU, depth."""
     from p2v_fast.media.reader import check_input
+    from p2v_fast.weights.downloads import check_eval_downloads
 
     edited, src, text = _eval_inputs(input, prompt, output, source, prompt_option)
     check_input(edited, "edited video")  # before the metrics' libraries load
     check_input(src, "source video")
+    check_eval_downloads(clip_model, flow)
     from p2v_fast.quality.evaluate import evaluate_video
 
     with _threads(threads), _progress() as progress:
@@ -771,12 +789,16 @@ def ablate(
     threads: Threads = None,
 ) -> None:
     """Run the paper's ablations on INPUT and print one table like its Table 2."""
-    from p2v_fast.apps.ablation import run_ablation
     from p2v_fast.media.paths import check_report_path
+    from p2v_fast.weights.downloads import check_eval_downloads
 
     cfg = EditConfig.from_options(locals())
     _refuse_early(cfg.model, input)
     check_report_path(json_path, input, overwrite=overwrite, engines=engines)
+    _refuse_missing(cfg)
+    check_eval_downloads(clip_model, flow)
+    from p2v_fast.apps.ablation import run_ablation
+
     with _threads(threads), _progress() as progress:  # the metrics too, not only the edits
         result = run_ablation(cfg, input, out, settings=settings, clip_model=clip_model, flow=flow,
                               overwrite=overwrite, sheet_frames=sheet_frames, progress=progress)

@@ -308,3 +308,32 @@ def test_raft_flow_runs_with_random_weights() -> None:
 def test_catalog_errors_are_input_errors() -> None:
     with pytest.raises(InputError):
         downloads.download(["everything"])
+
+
+def test_the_hub_is_asked_once_per_run(empty_hub, clip, monkeypatch) -> None:
+    """Issue 26: `p2v invert` checks a hub model before torch loads, then its loader finds the hub
+    already answered: one probe per run (the download itself is stopped here), and the next run
+    asks again."""
+    import huggingface_hub
+
+    asked = []
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(huggingface_hub, "model_info", lambda repo, **kw: asked.append(repo))
+
+    def stop(repo: str) -> None:
+        raise ModelLoadError(f"stopped before downloading {repo}")
+
+    monkeypatch.setattr(hub, "before_download", stop)
+    for run in (1, 2):
+        r = p2v("invert", str(clip), "--model", "p2v-test/not-cached", "--source-prompt", "a ball", "--size", "64")
+        assert "stopped before downloading p2v-test/not-cached" in one_line_error(r)
+        assert asked == ["p2v-test/not-cached"] * run
+
+
+def test_a_folder_whose_scheduler_predicts_v_is_refused_from_its_config(tmp_path) -> None:
+    """Issue 26: the scheduler's prediction_type is read from scheduler_config.json before torch
+    loads, in the loader's words."""
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps({"prediction_type": "v_prediction"}))
+    with pytest.raises(ModelLoadError, match=r"model folder '.*' predicts 'v_prediction' \(its scheduler's"):
+        downloads.check_downloads(str(tmp_path), None, "a ball")

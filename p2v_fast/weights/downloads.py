@@ -60,12 +60,15 @@ def in_hub_cache(repo_id: str) -> bool:
     return _cached(repo_id, "config.json") and any(_cached(repo_id, f) for f in _WEIGHT_FILES)
 
 
-def check_downloads(model: str, captioner: str | None, source_prompt: str | None) -> None:
-    """Before any model loads: the hub models a run needs (``model``, and the captioner a missing
-    ``source_prompt`` needs) are in the hub cache, or the hub answers; else one line that names each
-    missing one with its size, the `p2v download` that fetches them and the options around them
-    (``--model``, ``--captioner``, ``--source-prompt``). Seconds, not an SD2 load."""
-    missing = [m for m in (_missing_model(model), _missing_captioner(model, captioner, source_prompt)) if m]
+def check_downloads(model: str, captioner: str | None, source_prompt: str | None, caption: bool = True) -> None:
+    """Before any model loads: the hub models a run needs (``model``, and, with ``caption``, the
+    captioner a missing ``source_prompt`` needs) are in the hub cache, or the hub answers; else one
+    line that names each missing one with its size, the `p2v download` that fetches them and the
+    options around them (``--model``, ``--captioner``, ``--source-prompt``). Seconds, not an SD2
+    load; imports neither torch nor the loaders, so the CLI runs it before they load."""
+    check_scheduler(model)
+    the_captioner = _missing_captioner(model, captioner, source_prompt) if caption else None
+    missing = [m for m in (_missing_model(model), the_captioner) if m]
     if not missing:
         return
     if len(missing) == 1:
@@ -86,6 +89,66 @@ def check_downloads(model: str, captioner: str | None, source_prompt: str | None
         raise ModelLoadError(both)
     for what, repo, instead in missing:  # a repo the hub does not have, or gates: its own line
         _probe_hub(repo, instead, what, unreachable=both)
+
+
+def check_predicts_noise(folder: Path, label: str) -> None:
+    """ModelLoadError, one line, when the pipeline in ``folder`` has a scheduler whose
+    ``prediction_type`` is not 'epsilon' (read from its scheduler_config.json: no torch)."""
+    import json
+
+    try:  # an unreadable scheduler config is diffusers' to report, as it loads it
+        scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        scheduler = {}
+    predicts = scheduler.get("prediction_type", "epsilon") if isinstance(scheduler, dict) else "epsilon"
+    if predicts != "epsilon":
+        raise ModelLoadError(
+            f"{label} predicts {predicts!r} (its scheduler's prediction_type; SD2's 768 models predict "
+            "'v_prediction'): p2v edits with noise-predicting ('epsilon') depth models, such as "
+            "stabilityai/stable-diffusion-2-depth"
+        )
+
+
+def check_scheduler(model: str) -> None:
+    """A --model folder whose scheduler does not predict noise: refused as the loader would (same words)."""
+    folder = Path(model).expanduser()
+    if model not in ("tiny", "mini") and folder.is_dir():
+        check_predicts_noise(folder, f"model folder '{model}'")
+
+
+#: The way around a CLIP model or RAFT's weights that cannot be had.
+CLIP_INSTEAD = "use --clip-model tiny (random weights, for testing only)"
+RAFT_INSTEAD = "use --flow dis (no weights needed)"
+
+
+def _installed(name: str) -> bool:
+    """True when ``name`` can be imported (found, not imported)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ValueError:  # in sys.modules as None: blocked
+        return False
+
+
+def check_eval_downloads(clip_model: str, flow: str) -> None:
+    """Before the metrics load: ``clip_model`` (a hub id) is in the hub cache or the hub answers,
+    and --flow raft's weights are downloaded or offline mode is off; else one line naming the
+    download and its size (as the loaders would say, seconds earlier)."""
+    from p2v_fast.weights.catalog import RAFT_LARGE
+    from p2v_fast.weights.hub import check_url_offline
+
+    if flow == "raft":
+        if not _installed("torchvision"):
+            return  # the loader says what to install (it knows torch's build), before CLIP's check
+        check_url_offline(RAFT_LARGE.source, torch_hub_checkpoints(), "RAFT's weights", RAFT_INSTEAD)
+    if clip_model in ("tiny", "mini") or Path(clip_model).expanduser().exists():
+        return
+    if not looks_like_repo_id(clip_model) or in_hub_cache(clip_model):
+        return  # a name the loader refuses in its own words, or nothing to fetch
+    if _hub_offline():
+        raise ModelLoadError(_not_cached_message(clip_model, CLIP_INSTEAD, "CLIP model"))
+    _probe_hub(clip_model, CLIP_INSTEAD, "CLIP model")
 
 
 def _missing_model(model: str) -> tuple[str, str, str] | None:

@@ -19,6 +19,20 @@ from p2v_fast.errors import ModelLoadError, one_line
 #: Seconds to wait for the hub before declaring it unreachable.
 HUB_TIMEOUT_S = 10.0
 
+#: Inside :func:`one_probe_per_repo`: the repos the hub has answered for (else None: every probe asks).
+_answered: set[str] | None = None
+
+
+@contextlib.contextmanager
+def one_probe_per_repo() -> Iterator[None]:
+    """Within: the hub is asked about a repo once (a command's early check, then its loader)."""
+    global _answered
+    outer, _answered = _answered, set() if _answered is None else _answered
+    try:
+        yield
+    finally:
+        _answered = outer
+
 
 def looks_like_path(model: str) -> bool:
     """True for strings meant as a folder: ``./x``, ``/x``, ``~/x``, ``a/b/c``, ``a\\b``.
@@ -149,6 +163,8 @@ def _probe_hub(repo_id: str, instead: str = "use --model tiny", what: str = "mod
                unreachable: str | None = None) -> None:
     """Fail fast, with one line, when the hub is unreachable (``unreachable``: that line instead of
     "not in the cache") or the repo does not exist."""
+    if _answered is not None and repo_id in _answered:
+        return
     from huggingface_hub import model_info
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -172,6 +188,8 @@ def _probe_hub(repo_id: str, instead: str = "use --model tiny", what: str = "mod
         raise ModelLoadError(f"model '{repo_id}' is neither a local folder nor a valid Hugging Face repo id") from None
     except Exception:
         raise ModelLoadError(unreachable or _not_cached_message(repo_id, instead, what)) from None
+    if _answered is not None:
+        _answered.add(repo_id)
 
 
 def from_hub(repo_id: str, load: Callable[[bool], Any], instead: str = "use --model tiny") -> Any:
@@ -228,13 +246,11 @@ def fetch_url_file(url: str, folder: Path, what: str, instead: str, timeout: flo
     import urllib.request
     from urllib.parse import urlparse
 
-    target = folder / Path(urlparse(url).path).name
+    target = url_target(url, folder)
     if target.is_file():
         return target
     host = urlparse(url).netloc or url
-    if _hub_offline():
-        raise ModelLoadError(f"{what}{_sized(url)} is not downloaded ({target} is missing) and offline mode "
-                             f"(HF_HUB_OFFLINE) is on; {instead}")
+    check_url_offline(url, folder, what, instead)
     from p2v_fast.weights.catalog import known
 
     entry = known(url)
@@ -258,6 +274,21 @@ def fetch_url_file(url: str, folder: Path, what: str, instead: str, timeout: flo
         raise ModelLoadError(f"{what}{_sized(url)} is not downloaded and {host} cannot be reached "
                              f"({one_line(reason)}); {instead}") from None
     return target
+
+
+def url_target(url: str, folder: Path) -> Path:
+    """Where :func:`fetch_url_file` keeps ``url``'s file in ``folder``."""
+    from urllib.parse import urlparse
+
+    return folder / Path(urlparse(url).path).name
+
+
+def check_url_offline(url: str, folder: Path, what: str, instead: str) -> None:
+    """ModelLoadError, one line, when ``url``'s file is not in ``folder`` and offline mode is on."""
+    target = url_target(url, folder)
+    if not target.is_file() and _hub_offline():
+        raise ModelLoadError(f"{what}{_sized(url)} is not downloaded ({target} is missing) and offline mode "
+                             f"(HF_HUB_OFFLINE) is on; {instead}")
 
 
 def _sized(url: str) -> str:

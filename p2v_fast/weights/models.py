@@ -33,7 +33,7 @@ import torch
 
 from p2v_fast.config import DEFAULT_CAPTIONER, DEFAULT_MODEL, resolve_device
 from p2v_fast.errors import ModelLoadError, P2VError, is_out_of_memory, one_line
-from p2v_fast.weights.downloads import CAPTIONER_INSTEAD, own_captioner
+from p2v_fast.weights.downloads import CAPTIONER_INSTEAD, check_predicts_noise, own_captioner
 from p2v_fast.weights.hub import (
     check_model_source,
     from_hub,
@@ -178,17 +178,7 @@ def _check_pipeline_folder(folder: Path, label: str) -> None:
         raise ModelLoadError(
             f"{label} is not a complete Stable Diffusion depth pipeline: missing " + ", ".join(f"{c}/" for c in missing)
         )
-    try:  # an unreadable scheduler config is diffusers' to report, as it loads it
-        scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        scheduler = {}
-    predicts = scheduler.get("prediction_type", "epsilon") if isinstance(scheduler, dict) else "epsilon"
-    if predicts != "epsilon":
-        raise ModelLoadError(
-            f"{label} predicts {predicts!r} (its scheduler's prediction_type; SD2's 768 models predict "
-            "'v_prediction'): p2v edits with noise-predicting ('epsilon') depth models, such as "
-            "stabilityai/stable-diffusion-2-depth"
-        )
+    check_predicts_noise(folder, label)
 
 
 def _check_fit(parts: Mapping[str, Any], label: str) -> None:
