@@ -390,7 +390,7 @@ def _bytes(text: str | None) -> int | None:
     if text is None:
         return None
     from p2v_fast.errors import InputError
-    from p2v_fast.nets.memory import parse_bytes
+    from p2v_fast.text import parse_bytes
 
     try:
         return parse_bytes(text)

@@ -1,4 +1,4 @@
-"""How counts, durations and names are written in messages and file names: one of each."""
+"""How counts, durations, names and sizes are written in messages and file names (and sizes read): one of each."""
 
 from __future__ import annotations
 
@@ -31,3 +31,19 @@ def size_text(n_bytes: float) -> str:
         if n >= scale:
             return f"{n / scale:.3g} {unit}"
     return f"{int(n)} B"
+
+
+_BYTE_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
+               "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """``--max-memory``'s value: "12GB", "12 GiB", "800M", "1.5g", "4096" (bytes); units are
+    binary (1 GB = 2**30 bytes). Raises ValueError on anything else or a value below 1 MiB."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _BYTE_UNITS:
+        raise ValueError(f"{text!r} is not a size; use e.g. 12GB, 800MB")
+    n = int(float(m.group(1)) * _BYTE_UNITS[m.group(2).lower()])
+    if n < 2**20:
+        raise ValueError(f"{text!r} is below 1 MiB")
+    return n

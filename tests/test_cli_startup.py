@@ -37,6 +37,9 @@ REFUSED = {
     "demo-bad-model-folder": ["demo", "--out", "{tmp}/demo", "--model", "./no/such/model"],
     "export-bad-model": ["export", "--model", "./no/such/model", "--engines", "{tmp}/engines"],
     "bench-bad-model": ["bench", "--model", "./no/such/model"],
+    "edit-bad-max-memory": ["edit", "{clip}", "a swan", "-o", "{tmp}/out.mp4", "--max-memory", "12 apples"],
+    "bench-bad-max-memory": ["bench", "--max-memory", "10k"],
+    "demo-bad-size": ["demo", "--out", "{tmp}/demo", "--size", "100"],
     "edit-v-prediction-model": ["edit", "{clip}", "a swan", "-o", "{tmp}/out.mp4", "--model", "{vpred}"],
 }
 HELP = {

@@ -13,6 +13,7 @@ from p2v_fast.method.edit import sequential, wavefront
 from p2v_fast.nets import memory
 from p2v_fast.nets.backends import TorchBackend
 from p2v_fast.nets.memory import SAFETY, CallBudget
+from p2v_fast.text import parse_bytes
 from tests.helpers import make_context, random_frames
 
 CPU = torch.device("cpu")
@@ -192,13 +193,13 @@ def test_cpu_headroom_respects_the_budget(monkeypatch) -> None:
 @pytest.mark.parametrize(("text", "n"), [("12GB", 12 * GB), ("12 GiB", 12 * GB), ("800M", 800 * MB),
                                          ("1.5g", int(1.5 * GB)), ("4194304", 4 * MB)])
 def test_max_memory_values(text, n) -> None:
-    assert memory.parse_bytes(text) == n
+    assert parse_bytes(text) == n
 
 
 @pytest.mark.parametrize("text", ["12 apples", "", "-1GB", "10k"])
 def test_bad_max_memory_values(text) -> None:
     with pytest.raises(ValueError):
-        memory.parse_bytes(text)
+        parse_bytes(text)
 
 
 def test_the_edit_budget_takes_max_memory_and_splits_differentiable_calls(monkeypatch) -> None:

@@ -399,7 +399,7 @@ def _max_memory(value: Any) -> Any:
     """``max_memory`` as the CLI takes it ("12GB", "512MiB") or a number of bytes."""
     if not isinstance(value, str):
         return value
-    from p2v_fast.nets.memory import parse_bytes
+    from p2v_fast.text import parse_bytes
 
     try:
         return parse_bytes(value)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,9 +20,11 @@ from p2v_fast.config import EditConfig
 from p2v_fast.errors import InputError
 from p2v_fast.media import scenes
 from p2v_fast.media.paths import EditPaths, check_report_path
-from p2v_fast.pipeline import EditResult, edit_video
 from p2v_fast.progress import NullProgress, Progress
 from p2v_fast.text import plural
+
+if TYPE_CHECKING:
+    from p2v_fast.pipeline import EditResult
 
 MODEL = "mini"
 #: The held-out scene (training renders seeds from 1,000,000 up): the first seed from 900,000 whose
@@ -102,5 +105,7 @@ def run_demo(out: Path, cfg: EditConfig, frames: int = 16, progress: Progress | 
                           with_audio=True)
     progress.log(f"scene clip: {clip} ({n}, with audio; a held-out scene)")
     progress.log(f"edit on '{cfg.model}': '{ds.source_prompt}' -> '{ds.prompt}'")
+    from p2v_fast.pipeline import edit_video  # torch: after the checks (`p2v demo --size 100` refuses at once)
+
     return edit_video(cfg, clip, edit, overwrite=overwrite, side_by_side=True, progress=progress,
                       json_path=json_path)

@@ -182,22 +182,6 @@ def budget_exceeded(device: torch.device, max_memory: int | None) -> str | None:
             f"give a budget above {used / 2**20:.0f} MiB to batch frames")
 
 
-_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
-          "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}
-
-
-def parse_bytes(text: str) -> int:
-    """``--max-memory``'s value: "12GB", "12 GiB", "800M", "1.5g", "4096" (bytes); units are
-    binary (1 GB = 2**30 bytes). Raises ValueError on anything else or a value below 1 MiB."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"{text!r} is not a size; use e.g. 12GB, 800MB")
-    n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    if n < 2**20:
-        raise ValueError(f"{text!r} is below 1 MiB")
-    return n
-
-
 # ------------------------------------------------------------------------------------------
 # frames per UNet call
 
