@@ -411,14 +411,16 @@ def _refuse_early(model: str | None = None, *inputs: Path) -> None:
         check_input(path)
 
 
-def _refuse_missing(cfg: EditConfig, caption: bool = True) -> None:
-    """Refuse, before torch loads, the weights ``cfg`` needs that cannot be had (not cached, and
-    the hub offline or unreachable: one line naming each download and its size, in seconds), and
-    a model folder whose scheduler does not predict noise (issue 26). The hub, when it answers,
-    is asked once: the loaders find it answered (:func:`user_errors`)."""
+def _refuse_missing(model: str, captioner: str | None = None, source_prompt: str | None = None,
+                    caption: bool = True) -> None:
+    """Refuse, before torch loads, the weights a run needs that cannot be had (``model``, and with
+    ``caption`` the captioner a missing ``source_prompt`` needs; not cached, and the hub offline or
+    unreachable: one line naming each download and its size, in seconds), and a model folder whose
+    scheduler does not predict noise (issue 26). The hub, when it answers, is asked once: the
+    loaders find it answered (:func:`user_errors`)."""
     from p2v_fast.weights.downloads import check_downloads
 
-    check_downloads(cfg.model, cfg.captioner, cfg.source_prompt, caption)
+    check_downloads(model, captioner, source_prompt, caption)
 
 
 @app.command()
@@ -510,7 +512,7 @@ def edit(
         report.print_plan(out_console, plan_edit(cfg, input, preview=preview), preset, set(_given(ctx)) & set(PAPER))
         return
     EditPaths.of(input, output, preview=preview, side_by_side=side_by_side, json_path=json_path).check(input, overwrite)
-    _refuse_missing(cfg)
+    _refuse_missing(cfg.model, cfg.captioner, cfg.source_prompt)
     from p2v_fast.pipeline import edit_video
 
     with _progress() as progress:
@@ -590,9 +592,9 @@ def ui(
         raise InputError(f"--max-upload-mb must be >= 1; got {max_upload_mb}")
     if out.exists() and not out.is_dir():
         raise InputError(f"--out '{out}' is a file, not a folder")
-    cfg = EditConfig(model=model, device=device, dtype=dtype)  # a bad value is one line before anything loads
+    EditConfig(model=model, device=device, dtype=dtype)  # a bad value is one line before anything loads
     _refuse_early(model)
-    _refuse_missing(cfg, caption=False)  # its model; a captioner only when a clip comes without a source prompt
+    _refuse_missing(model, caption=False)  # its model; a captioner only when a clip comes without a source prompt
     settings = UISettings(out_dir=out, model=model, device=device, dtype=dtype, engines_root=engines,
                           threads=threads, max_upload_mb=max_upload_mb, output_size=output_size)
     launch(settings, host=host, port=port, auth=read_auth(auth, auth_file), share=share,
@@ -629,7 +631,7 @@ def invert(
     """DDIM-invert INPUT into the cache, so later edits of it skip inversion."""
     cfg = EditConfig.from_options(locals(), latent_update="off")
     _refuse_early(cfg.model, input)
-    _refuse_missing(cfg)
+    _refuse_missing(cfg.model, cfg.captioner, cfg.source_prompt)
     from p2v_fast.pipeline import invert_video
 
     with _progress() as progress:
@@ -795,7 +797,7 @@ def ablate(
     cfg = EditConfig.from_options(locals())
     _refuse_early(cfg.model, input)
     check_report_path(json_path, input, overwrite=overwrite, engines=engines)
-    _refuse_missing(cfg)
+    _refuse_missing(cfg.model, cfg.captioner, cfg.source_prompt)
     check_eval_downloads(clip_model, flow)
     from p2v_fast.apps.ablation import run_ablation
 
@@ -915,6 +917,7 @@ def export_(
                             max_batch=max_batch, opt_batch=opt_batch, static_batch=static_batch, opset=opset,
                             exporter=exporter, workspace_gb=workspace, device=device, force=overwrite)
     check_report_path(json_path, overwrite=overwrite, engines=engines)
+    _refuse_missing(model, caption=False)
     from export import export_engines
 
     with _threads(threads), _progress() as progress:
