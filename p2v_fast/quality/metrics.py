@@ -163,6 +163,7 @@ class ClipScorer:
             from transformers import CLIPModel, CLIPProcessor
         except ImportError as exc:
             raise ModelLoadError(f"cannot load CLIP: {one_line(exc, kind=True)}") from exc
+        from p2v_fast.weights.downloads import CLIP_INSTEAD
         from p2v_fast.weights.hub import load_from_hub_or_folder, quiet_loading
 
         def load(source: str, local_only: bool) -> tuple[Any, Any]:
@@ -179,7 +180,7 @@ class ClipScorer:
         else:
             source = model
         clip, self.processor = load_from_hub_or_folder(
-            source, load, "use --clip-model tiny (random weights, for testing only)")
+            source, load, CLIP_INSTEAD)
         try:
             self.model = clip.to(device).eval()
         except Exception as exc:
@@ -299,6 +300,7 @@ class _RaftFlow:
         raft_large, Raft_Large_Weights = _torchvision_raft()
         import torch
 
+        from p2v_fast.weights.downloads import RAFT_INSTEAD
         from p2v_fast.weights.hub import fetch_url_file
 
         weights = Raft_Large_Weights.DEFAULT
@@ -306,7 +308,7 @@ class _RaftFlow:
             # torchvision downloads into torch hub's checkpoints folder without a timeout: fetch the
             # file there first (offline: one line at once), so torchvision then finds it
             fetch_url_file(weights.url, Path(torch.hub.get_dir()) / "checkpoints", "RAFT's weights",
-                           "use --flow dis (no weights needed)")
+                           RAFT_INSTEAD)
         try:
             self._model = raft_large(weights=weights if pretrained else None, progress=False).to(device).eval()
             self._transforms = weights.transforms()
