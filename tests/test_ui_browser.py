@@ -4,7 +4,8 @@ clip, caption it, preview the anchor frame, render, and check that the result vi
 (duration > 0) and shows in a screenshot; then render the sample clip (its button); and no
 request left this machine. Run:
 ``pytest tests/test_ui_browser.py`` (it runs wherever chromium is; ``P2V_UI_SCREENSHOT=docs/ui.png``
-also saves the page)."""
+also saves the page, and ``P2V_UI_MODEL=mini`` serves the trained small model instead of tiny:
+the README's picture is taken with both)."""
 
 from __future__ import annotations
 
@@ -26,10 +27,10 @@ pytestmark = pytest.mark.browser
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path):
-    """`p2v ui --model tiny` on a free port; yields (url, output folder)."""
+    """`p2v ui --model tiny` (or ``P2V_UI_MODEL``) on a free port; yields (url, output folder)."""
     root = tmp_path_factory.mktemp("ui-browser")
     port = free_port()
-    cmd = [sys.executable, "-c", "from cli import main; main()", "ui", "--model", "tiny", "--port", str(port),
+    cmd = [sys.executable, "-c", "from cli import main; main()", "ui", "--model", os.environ.get("P2V_UI_MODEL", "tiny"), "--port", str(port),
            "--out", str(root / "out"), "--threads", "1"]
     log = root / "ui.log"
     with open(log, "w") as f:
