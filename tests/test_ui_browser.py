@@ -30,7 +30,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path):
     """`p2v ui --model tiny` (or ``P2V_UI_MODEL``) on a free port; yields (url, output folder)."""
     root = tmp_path_factory.mktemp("ui-browser")
     port = free_port()
-    cmd = [sys.executable, "-c", "from cli import main; main()", "ui", "--model", os.environ.get("P2V_UI_MODEL", "tiny"), "--port", str(port),
+    model = os.environ.get("P2V_UI_MODEL", "tiny")
+    cmd = [sys.executable, "-c", "from cli import main; main()", "ui", "--model", model, "--port", str(port),
            "--out", str(root / "out"), "--threads", "1"]
     log = root / "ui.log"
     with open(log, "w") as f:
