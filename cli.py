@@ -592,12 +592,13 @@ def ui(
         raise InputError(f"--max-upload-mb must be >= 1; got {max_upload_mb}")
     if out.exists() and not out.is_dir():
         raise InputError(f"--out '{out}' is a file, not a folder")
+    login = read_auth(auth, auth_file)  # the options' own checks before the model's (a download's)
     EditConfig(model=model, device=device, dtype=dtype)  # a bad value is one line before anything loads
     _refuse_early(model)
     _refuse_missing(model, caption=False)  # its model; a captioner only when a clip comes without a source prompt
     settings = UISettings(out_dir=out, model=model, device=device, dtype=dtype, engines_root=engines,
                           threads=threads, max_upload_mb=max_upload_mb, output_size=output_size)
-    launch(settings, host=host, port=port, auth=read_auth(auth, auth_file), share=share,
+    launch(settings, host=host, port=port, auth=login, share=share,
            on_line=lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True))
 
 
