@@ -734,12 +734,16 @@ def eval_(
 
     The older form `p2v eval EDITED --source INPUT --prompt PROMPT` works too. A scene clip (p2v demo's)
     is also scored against its ground truth: edit accuracy, true-flow warp error, mask IoU, depth."""
+    from p2v_fast.config import check_threads
+    from p2v_fast.media.paths import check_report_path
     from p2v_fast.media.reader import check_input
     from p2v_fast.weights.downloads import check_eval_downloads
 
     edited, src, text = _eval_inputs(input, prompt, output, source, prompt_option)
     check_input(edited, "edited video")  # before the metrics' libraries load
     check_input(src, "source video")
+    check_threads(threads)  # the options' own checks before the downloads'
+    check_report_path(json_path, Path(edited), Path(src), what="video", overwrite=overwrite)
     check_eval_downloads(clip_model, flow)
     from p2v_fast.quality.evaluate import evaluate_video
 
