@@ -283,7 +283,8 @@ DepthNorm = Annotated[str, typer.Option("--depth-norm", **_choices("--depth-norm
                                         help="Depth min-max per frame (paper) or per clip.",
                                         rich_help_panel=METHOD_PANEL)]
 LatentUpdate = Annotated[str, typer.Option("--latent-update", **_choices("--latent-update", LATENT_UPDATES),
-                                           help="autograd (paper eq. 1), detached (the authors' code) or off.",
+                                           help="detached (the authors' code; the default: as good as autograd "
+                                           "at 2/3 of its time, docs/method.md), autograd (paper eq. 1) or off.",
                                            rich_help_panel=METHOD_PANEL)]
 UpdateWeight = Annotated[float, typer.Option("--update-weight", help="delta of eq. 1 at 512x512 (0 to 1e5).",
                                              rich_help_panel=METHOD_PANEL)]

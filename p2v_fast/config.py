@@ -127,7 +127,8 @@ class EditConfig:
     # --- Pix2Video (sec. 3.1, 3.2) ---
     refs: str = "anchor+prev"  # K/V source of the 9 decoder self-attention layers
     inject: str = "decoder"  # those 9 layers, or "all" self-attention layers (Table 3; torch backend)
-    latent_update: str = "autograd"  # "autograd" (eq. 1), "detached" (authors' code), "off"
+    # "detached" (the authors' code; as good as "autograd" at 2/3 of its time: docs/method.md), "autograd", "off"
+    latent_update: str = "detached"
     update_steps: int | None = None  # guided update on the first N steps; None: steps // 2 (paper: 25 of 50)
     # delta of eq. 1 at 512x512. g is a mean over the latent's elements, so its gradient shrinks
     # as 1/N; the delta applied is update_weight * N / (64*64) so that the per-element update does

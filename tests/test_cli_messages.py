@@ -19,9 +19,9 @@ def test_an_edit_says_what_each_number_is(tiny_edit) -> None:
     assert re.search(r"frame 1 regenerated from its inverted noise is [0-9.]+ % RMS off its latent", out), out
     assert "expected with random weights (a trained model's is a few %)" in out
     # the guided update: its size in latent units over which steps, the ratio named and qualified
-    assert re.search(r"guided latent update \(autograd, steps 1-2 of 4\): moved the latents \S+ RMS", out), out
-    assert re.search(r"[0-9.]+x and [0-9.]+x the detached form's \(the authors' code\) at the same latents", out), out
-    assert "meaningless with random weights" in out and "autograd/detached" not in out
+    # (the default, detached: no ratio to itself)
+    assert re.search(r"guided latent update \(detached, steps 1-2 of 4\): moved the latents \S+ RMS", out), out
+    assert "the detached form's" not in out and "autograd/detached" not in out
     # per frame: editing alone and with the inversion; the total's span, and the time in all
     assert re.search(r"edit +[0-9.]+ s: [0-9.]+ s/frame editing, [0-9.]+ s/frame with inversion", out), out
     assert re.search(r"total +[0-9.]+ s from loading the models to the files written; \d+ s in all with start-up",
@@ -65,3 +65,20 @@ def test_eval_builds_the_tiny_clip_quietly(tiny_edit, own_cache) -> None:
             "--clip-model", "tiny")
     assert r.exit_code == 0, r.output
     assert list((own_cache / "models").glob("clip-tiny*")) and not any(c in r.output for c in CHATTER), r.output
+
+
+def test_the_autograd_update_line_names_its_ratio_to_the_detached_form() -> None:
+    """--latent-update autograd: the ratio to the detached form at the same latents, named, and
+    qualified for a random-weight model."""
+    import torch
+
+    from p2v_fast.method.edit import EditStats
+
+    stats = EditStats()
+    for step, (full, detached) in enumerate(((0.02, 0.01), (0.006, 0.004))):
+        stats.update_rms[step] = [torch.tensor(full)]
+        stats.detached_rms[step] = [torch.tensor(detached)]
+    line = stats.describe_update("autograd", 4, random=True)
+    assert line.startswith("guided latent update (autograd, steps 1-2 of 4): moved the latents 0.02 RMS"), line
+    assert "2x and 1.5x the detached form's (the authors' code) at the same latents, meaningless with random" in line
+    assert "choosing --update-weight" in stats.describe_update("autograd", 4, random=False)

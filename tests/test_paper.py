@@ -33,7 +33,7 @@ def test_paper_sets_the_authors_configuration(clip) -> None:
     # without --paper: the defaults, which differ from it
     plain = _dry_run(clip, "a swan")
     assert "(crop)" in plain and "fp16 on the GPU" in plain and "model timestep grid" in plain
-    assert "latent update autograd on the first 25 steps" in plain
+    assert "latent update detached on the first 25 steps" in plain  # the form is the paper's; the steps are not
 
 
 def test_options_given_beside_paper_win(clip) -> None:
@@ -98,4 +98,4 @@ def test_a_jobs_file_takes_paper_and_its_own_keys_win(tmp_path, clip) -> None:
     assert (a.latent_update, a.timestep_grid, a.resize, a.dtype, a.size, a.steps, a.guided_steps) == (
         "detached", "authors", "stretch", "fp32", 64, 2, 2)
     assert b.dtype == "fp16" and b.timestep_grid == "authors"
-    assert (c.latent_update, c.timestep_grid) == ("autograd", "model")
+    assert (c.latent_update, c.timestep_grid, c.resize) == ("detached", "model", "crop")
