@@ -119,8 +119,9 @@ def architecture(model: str) -> Architecture:
         from p2v_fast.weights.tiny import UNET_CONFIG
 
         return Architecture("the random-weight test set: a few MB, not counted", {}, dict(UNET_CONFIG))
-    mini = Path(__file__).resolve().parent.parent / "weights" / "mini"  # p2v_fast.weights.models.mini_model_dir
-    folder = mini if model == "mini" else Path(model).expanduser()
+    from p2v_fast.weights.hub import MINI_FOLDER
+
+    folder = MINI_FOLDER if model == "mini" else Path(model).expanduser()
     if folder.is_dir():
         config = folder / "unet" / "config.json"
         if not config.is_file():

@@ -71,7 +71,9 @@ FB_BETA = 0.5
 
 def mini_clip_dir() -> Path:
     """The trained ``mini`` CLIP shipped in the package: ``p2v_fast/weights/mini/clip``."""
-    return Path(__file__).resolve().parents[1] / "weights" / "mini" / "clip"
+    from p2v_fast.weights.hub import MINI_FOLDER
+
+    return MINI_FOLDER / "clip"
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,6 +16,10 @@ from typing import Any
 
 from p2v_fast.errors import ModelLoadError, one_line
 
+#: Where the trained small pipeline ``mini`` ships in the package (the one place that says so;
+#: torch-free, for the start-up checks and the memory estimate too).
+MINI_FOLDER = Path(__file__).resolve().with_name("mini")
+
 #: Seconds to wait for the hub before declaring it unreachable.
 HUB_TIMEOUT_S = 10.0
 

@@ -35,6 +35,7 @@ from p2v_fast.config import DEFAULT_CAPTIONER, DEFAULT_MODEL, resolve_device
 from p2v_fast.errors import ModelLoadError, P2VError, is_out_of_memory, one_line
 from p2v_fast.weights.downloads import CAPTIONER_INSTEAD, check_predicts_noise, own_captioner
 from p2v_fast.weights.hub import (
+    MINI_FOLDER,
     check_model_source,
     from_hub,
     image_processor_class,
@@ -58,7 +59,7 @@ def mini_model_dir() -> Path:
     """The trained small pipeline shipped in the package (``p2v_fast/weights/mini``; issue 25):
     SD2-depth architectures, narrow, trained on rendered scenes (p2v_fast.media.scenes), not on
     real footage. Raises :class:`ModelLoadError` where this install lacks it."""
-    folder = Path(__file__).resolve().with_name(MINI)
+    folder = MINI_FOLDER
     if not (folder / "model_index.json").is_file():
         raise ModelLoadError(f"the 'mini' weights are not in this install (no {folder / 'model_index.json'})")
     return folder
